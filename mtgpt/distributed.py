@@ -1,0 +1,145 @@
+"""Distributed setup: the only module that reads RANK / LOCAL_RANK / WORLD_SIZE, starts the
+process group and picks the device.
+
+Launchers (`deepspeed`, `torchrun`, `srun` via slurm/train.sbatch) set RANK, LOCAL_RANK,
+WORLD_SIZE, MASTER_ADDR and MASTER_PORT. Run as a plain `python` process with none of them set,
+mtgpt is a world of one (it fills in a local master address and a free port).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import socket
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+# A rank that dies leaves the others blocked in a collective; this bounds how long they wait
+# before raising (gloo honours it directly; NCCL through TORCH_NCCL_ASYNC_ERROR_HANDLING).
+COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=int(os.environ.get("MTGPT_COLLECTIVE_TIMEOUT", "120")))
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+
+_dist: Dist | None = None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env_world() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) as the launcher set them; (0, 0, 1) outside a launcher."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
+            int(os.environ.get("WORLD_SIZE", 1)))
+
+
+def gpu_count() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def import_deepspeed():
+    """Import deepspeed, telling it up front when there is no GPU (otherwise it probes for one
+    and warns about it on every import)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    return deepspeed
+
+
+def init() -> Dist:
+    """Start the process group (nccl on GPUs, gloo on CPUs) through DeepSpeed, once."""
+    global _dist
+    if _dist is not None:
+        return _dist
+    rank, local_rank, world_size = env_world()
+    if "MASTER_ADDR" not in os.environ:  # a plain `python` run: a world of one
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world_size),
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+        if "OMP_NUM_THREADS" not in os.environ:  # share the cores between this machine's ranks
+            local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    deepspeed = import_deepspeed()
+    import deepspeed.ops
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.WARNING if rank == 0 else logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+
+    # DeepSpeed's CPU shared-memory all-reduce is JIT-compiled with g++ on first use (~30 s);
+    # gloo is fast enough for one machine's CPU ranks, so skip the build.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend=backend, timeout=COLLECTIVE_TIMEOUT,
+                               dist_init_required=True, verbose=False)
+    _dist = Dist(rank, local_rank, world_size, device)
+    return _dist
+
+
+def get() -> Dist:
+    """The current world; a world of one on CPU if `init` was not called."""
+    if _dist is not None:
+        return _dist
+    rank, local_rank, world_size = env_world()
+    return Dist(rank, local_rank, world_size, torch.device("cpu"))
+
+
+def is_rank0() -> bool:
+    return get().rank == 0
+
+
+def print0(*args, **kwargs) -> None:
+    if is_rank0():
+        print(*args, **kwargs, flush=True)
+
+
+def barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+    return t
+
+
+def all_gather_object(obj):
+    """Every rank's obj, in rank order."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [obj]
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj, src: int = 0):
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def destroy() -> None:
+    global _dist
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    _dist = None

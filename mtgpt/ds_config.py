@@ -1,0 +1,189 @@
+"""The DeepSpeed JSON: find it, fill its "auto" values from the mtgpt config, refuse conflicts.
+
+mtgpt's options are the one source of batch size, learning rate and schedule length. The JSONs in
+ds_configs/ say "auto" for those keys and mtgpt fills them in:
+
+    train_micro_batch_size_per_gpu = micro_batch
+    gradient_accumulation_steps    = grad_accum
+    train_batch_size               = micro_batch * grad_accum * world_size
+    optimizer.params.lr            = lr
+    scheduler.params.*             = warmup_steps, schedule steps, min_lr_ratio
+
+A JSON may also state those numbers; then they must agree with mtgpt's, or the run is refused
+before any process starts, with a message naming the number to change. Everything else
+(ZeRO stage, precision, AdamW betas and weight decay, gradient clipping) belongs to the JSON.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from mtgpt.config import ConfigError, TrainConfig, load_json
+from mtgpt.distributed import import_deepspeed
+
+# Top-level keys of DeepSpeed's config (https://www.deepspeed.ai/docs/config-json/); merged at
+# run time with the names DeepSpeed's own constants module knows.
+DS_TOP_LEVEL_KEYS = {
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+    "optimizer", "scheduler", "fp16", "bf16", "bfloat16", "amp", "torch_autocast", "zero_optimization",
+    "gradient_clipping", "prescale_gradients", "gradient_predivide_factor", "sparse_gradients",
+    "communication_data_type", "seq_parallel_communication_data_type", "data_types",
+    "steps_per_print", "wall_clock_breakdown", "dump_state", "memory_breakdown", "timers",
+    "tensorboard", "wandb", "csv_monitor", "comet", "flops_profiler", "comms_logger",
+    "activation_checkpointing", "aio", "autotuning", "elasticity", "checkpoint", "data_efficiency",
+    "curriculum_learning", "compression_training", "zero_allow_untested_optimizer",
+    "zero_force_ds_cpu_optimizer", "disable_allgather", "compile", "nebula", "pipeline",
+    "hybrid_engine", "tensor_parallel", "eigenvalue", "progressive_layer_drop", "quantize_training",
+    "sparse_attention", "use_node_local_storage", "load_universal_checkpoint", "graph_harvesting",
+    "dataloader_drop_last", "seed", "sequence_parallel_size", "weight_quantization",
+    "gradient_allreduce_op", "zenflow", "mics_shard_size",
+}
+
+def bundled_dir():
+    """ds_configs/: installed inside the package as mtgpt/ds_configs (setup.py maps it there);
+    in an editable install it is the checkout's top-level folder."""
+    try:
+        return resources.files("mtgpt.ds_configs")
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parent.parent / "ds_configs"
+
+
+def bundled_names() -> list[str]:
+    return sorted(p.name[:-5] for p in bundled_dir().iterdir() if p.name.endswith(".json"))
+
+
+def default_name(cuda: bool, bf16_ok: bool) -> str:
+    if not cuda:
+        return "zero1_fp32"
+    return "zero1_bf16" if bf16_ok else "zero1_fp16"
+
+
+def find(name_or_path: str) -> tuple[str, dict[str, Any]]:
+    """A path to a JSON file, or the name of a bundled config ("zero2_bf16" or "zero2_bf16.json")."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return str(path), load_json(path)
+    name = path.name[:-5] if path.name.endswith(".json") else path.name
+    if str(path.parent) == "." or path.parent.name == "ds_configs":
+        bundled = bundled_dir() / f"{name}.json"
+        if bundled.is_file():
+            return f"ds_configs/{name}.json", json.loads(bundled.read_text())
+    raise ConfigError(f"DeepSpeed config {name_or_path}: no such file, and not one of the bundled "
+                      f"configs ({', '.join(bundled_names())})")
+
+
+def _known_keys() -> set[str]:
+    keys = set(DS_TOP_LEVEL_KEYS)
+    import_deepspeed()
+    import deepspeed.runtime.constants as ds_constants
+
+    return keys | {v for k, v in vars(ds_constants).items() if k.isupper() and isinstance(v, str)}
+
+
+def _enabled(block: Any) -> bool:
+    return isinstance(block, dict) and bool(block.get("enabled", False))
+
+
+def precision(ds: dict[str, Any]) -> str:
+    if _enabled(ds.get("bf16")) or _enabled(ds.get("bfloat16")):
+        return "bf16"
+    return "fp16" if _enabled(ds.get("fp16")) else "fp32"
+
+
+def _fill(block: dict[str, Any], key: str, value: Any, where: str, source: str, fix: str,
+          name: str) -> None:
+    """Set block[key] to value when absent or "auto"; refuse a different concrete number."""
+    have = block.get(key, "auto")
+    if have == "auto":
+        block[key] = value
+    elif not isinstance(have, (int, float)) or abs(have - value) > 1e-12 * max(1.0, abs(value)):
+        raise ConfigError(f"{name}: {where}{key} is {have!r} but mtgpt's {source} gives {value}. "
+                          f"Set it to \"auto\" in the JSON (mtgpt fills it in), or {fix}.")
+
+
+def warmup_default(schedule_steps: int) -> int:
+    """5% of the schedule (at least one step)."""
+    return max(1, schedule_steps // 20)
+
+
+def resolve(cfg: TrainConfig, ds: dict[str, Any], world_size: int, schedule_steps: int,
+            name: str = "DeepSpeed config", cuda: bool = False) -> dict[str, Any]:
+    """The DeepSpeed dict actually used: a copy of `ds` with mtgpt's values filled in and checked."""
+    ds = copy.deepcopy(ds)
+    unknown = sorted(set(ds) - _known_keys())
+    if unknown:
+        hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, DS_TOP_LEVEL_KEYS, 1))
+                 else k for k in unknown]
+        raise ConfigError(f"{name}: unknown DeepSpeed key(s): {', '.join(hints)}")
+    prec = precision(ds)
+    if _enabled(ds.get("fp16")) and (_enabled(ds.get("bf16")) or _enabled(ds.get("bfloat16"))):
+        raise ConfigError(f"{name}: both fp16 and bf16 are enabled; enable one")
+    if prec == "fp16" and not cuda:
+        raise ConfigError(f"{name}: fp16 needs a GPU (DeepSpeed: 'Type fp16 is not supported' on "
+                          "CPU); on CPU use a _bf16 or _fp32 config, e.g. --ds-config zero1_bf16")
+    micro, accum = cfg.micro_batch, cfg.grad_accum
+    _fill(ds, "train_micro_batch_size_per_gpu", micro, "", "--micro-batch", f"pass --micro-batch {ds.get('train_micro_batch_size_per_gpu')}", name)
+    _fill(ds, "gradient_accumulation_steps", accum, "", "--grad-accum", f"pass --grad-accum {ds.get('gradient_accumulation_steps')}", name)
+    total = ds.get("train_batch_size", "auto")
+    if total != "auto" and total != micro * accum * world_size:
+        fits = total / (micro * world_size)
+        fix = (f"pass --grad-accum {int(fits)}" if fits == int(fits) and fits >= 1
+               else f"make it micro_batch x grad_accum x ranks = {micro * accum * world_size}")
+        raise ConfigError(f"{name}: train_batch_size is {total} but micro_batch {micro} x grad_accum "
+                          f"{accum} x {world_size} rank(s) = {micro * accum * world_size}. Set it to "
+                          f"\"auto\", or {fix}.")
+    ds["train_batch_size"] = micro * accum * world_size
+
+    opt = ds.get("optimizer")
+    if not isinstance(opt, dict) or "type" not in opt:
+        raise ConfigError(f"{name}: needs an \"optimizer\" block (DeepSpeed manages AdamW); copy the "
+                          "one in ds_configs/zero1_fp32.json")
+    params = opt.setdefault("params", {})
+    _fill(params, "lr", cfg.lr, "optimizer.params.", "--lr", f"pass --lr {params.get('lr')}", name)
+    sched = ds.get("scheduler")
+    if isinstance(sched, dict):
+        sp = sched.setdefault("params", {})
+        kind = sched.get("type")
+        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else warmup_default(schedule_steps)
+        fills = {"warmup_num_steps": (warmup, "--warmup-steps")}
+        if kind in ("WarmupCosineLR", "WarmupDecayLR"):
+            fills["total_num_steps"] = (schedule_steps, "schedule length (--max-steps, or --max-tokens/--max-epochs)")
+        if kind == "WarmupCosineLR":
+            fills["cos_min_ratio"] = (cfg.min_lr_ratio, "--min-lr-ratio")
+            sp.setdefault("warmup_min_ratio", 0.0)
+        if kind in ("WarmupLR", "WarmupDecayLR"):
+            fills["warmup_max_lr"] = (cfg.lr, "--lr")
+            sp.setdefault("warmup_min_lr", 0.0)
+        for key, (value, source) in fills.items():
+            _fill(sp, key, value, "scheduler.params.", source, f"pass the matching option ({source})", name)
+    leftover = [k for k, v in _walk(ds) if v == "auto"]
+    if leftover:
+        raise ConfigError(f"{name}: mtgpt cannot fill \"auto\" for {', '.join(leftover)}; give numbers")
+    _validate_with_deepspeed(ds, name)
+    return ds
+
+
+def _walk(d: Any, prefix: str = ""):
+    if isinstance(d, dict):
+        for k, v in d.items():
+            yield from _walk(v, f"{prefix}{k}.")
+    else:
+        yield prefix.rstrip("."), d
+
+
+def _validate_with_deepspeed(ds: dict[str, Any], name: str) -> None:
+    """Run DeepSpeed's own config parser on the result (without train_batch_size, which it would
+    check against a world of one outside a process group; mtgpt checked it above)."""
+    import_deepspeed()
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    probe = {k: v for k, v in ds.items() if k != "train_batch_size"}
+    try:
+        DeepSpeedConfig(probe)
+    except Exception as e:  # DeepSpeed raises assorted types (pydantic ValidationError, AssertionError)
+        raise ConfigError(f"{name}: DeepSpeed rejects this config: {e}") from None

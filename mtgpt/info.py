@@ -1,0 +1,104 @@
+"""`mtgpt info`: what a data folder or a run folder holds, as text."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from mtgpt import checkpoint, rundir
+from mtgpt.config import ModelConfig, TrainConfig, load_json
+from mtgpt.data.manifest import MANIFEST, load_manifest, verify as verify_shards
+from mtgpt.model import GPT
+from mtgpt.monitor import METRICS
+
+
+def param_count(config: ModelConfig) -> int:
+    """Parameters of a model of this shape, the tied wte/lm_head counted once (built on the meta
+    device: nothing is allocated)."""
+    with torch.device("meta"):
+        return GPT(config).num_params()
+
+
+def describe_model(config: ModelConfig) -> list[str]:
+    return [f"model: {config.n_layer} layers, {config.n_head} heads, {config.n_embd} wide, context "
+            f"{config.block_size}, vocab {config.vocab_size}, dropout {config.dropout}",
+            f"parameters: {param_count(config):,} (token embedding tied to the output layer, counted once)"]
+
+
+def describe_data(path: Path, verify: bool) -> tuple[list[str], bool]:
+    m = load_manifest(path)
+    lines = [f"data folder {path} (mtgpt {m['mtgpt_version']}, {m['created']})",
+             f"tokenizer: {m['tokenizer']['name']}, vocab {m['tokenizer']['vocab_size']}, "
+             f"sha256 {m['tokenizer']['sha256'][:16]}…",
+             f"block size: {m['block_size']} ({m['sample_tokens']} tokens per sequence)",
+             f"documents: {m['documents']:,}; tokens: {m['tokens']:,} "
+             f"({m['dropped_tail_tokens']} left over at the end, not used)"]
+    for split in ("train", "val"):
+        s = m["splits"][split]
+        lines.append(f"{split}: {s['samples']:,} sequences, {s['tokens']:,} tokens in {len(s['shards'])} shard(s)")
+    total = sum(src["bytes"] or 0 for src in m["sources"])
+    lines.append(f"sources: {len(m['sources'])} ({total / 1e6:.1f} MB)")
+    if m.get("replaced_bytes"):
+        lines.append(f"invalid UTF-8 bytes replaced: {m['replaced_bytes']}")
+    ok = True
+    if verify:
+        problems = verify_shards(path, m)
+        ok = not problems
+        lines += [f"verify: {p}" for p in problems] or [f"verify: all {sum(len(m['splits'][s]['shards']) for s in ('train', 'val'))} shard(s) match their sha256"]
+    return lines, ok
+
+
+def describe_run(path: Path) -> list[str]:
+    lines = [f"run folder {path}"]
+    vocab = ModelConfig().vocab_size
+    if (path / rundir.TRAIN_CONFIG).is_file():
+        cfg = TrainConfig.from_dict(load_json(path / rundir.TRAIN_CONFIG))
+        lines += describe_model(cfg.model)
+        lines.append(f"data: {cfg.data}; batch: micro {cfg.micro_batch} x accum {cfg.grad_accum}; lr {cfg.lr}")
+        vocab = cfg.model.vocab_size
+    elif (path / checkpoint.MODEL_CONFIG).is_file():
+        config = checkpoint.load_model_config(path)
+        lines += describe_model(config)
+        vocab = config.vocab_size
+    if (path / rundir.LAST_STOP).is_file():
+        stop = json.loads((path / rundir.LAST_STOP).read_text())
+        lines.append(f"last stop: {stop['reason']} at step {stop['step']} ({stop['tokens']:,} tokens)")
+    if (path / METRICS).is_file():
+        rows = [json.loads(line) for line in (path / METRICS).read_text().splitlines() if line.strip()]
+        train = [r for r in rows if "train/loss" in r]
+        val = [r for r in rows if "val/loss" in r]
+        if train:
+            lines.append(f"train loss: {train[-1]['train/loss']:.4f} at step {train[-1]['step']}")
+        if val:
+            best = min(val, key=lambda r: r["val/loss"])
+            lines.append(f"val loss: {val[-1]['val/loss']:.4f} at step {val[-1]['step']}; best "
+                         f"{best['val/loss']:.4f} at step {best['step']} (an untrained model scores "
+                         f"ln({vocab}) = {math.log(vocab):.2f})")
+    tags = checkpoint.complete_tags(path)
+    root = path / checkpoint.CKPT_DIR
+    torn = sorted(p.name for p in root.iterdir() if checkpoint.TAG_RE.match(p.name) and p.name not in tags) \
+        if root.is_dir() else []
+    lines.append(f"checkpoints: {', '.join(tags) or 'none'}" + (f" (incomplete, ignored: {', '.join(torn)})" if torn else ""))
+    for name, folder in (("model", path), ("best model", path / "best")):
+        if (folder / checkpoint.WEIGHTS).is_file():
+            lines.append(f"{name}: {folder / checkpoint.WEIGHTS}")
+    return lines
+
+
+def describe(path: str | None, verify: bool = False) -> tuple[str, bool]:
+    """(text, ok). No path: the default model. ok is False when --verify found a problem."""
+    if path is None:
+        return "\n".join(["default " + line for line in describe_model(ModelConfig())]), True
+    p = Path(path)
+    if (p / MANIFEST).is_file():
+        lines, ok = describe_data(p, verify)
+        return "\n".join(lines), ok
+    if rundir.has_run(p) or (p / checkpoint.MODEL_CONFIG).is_file():
+        return "\n".join(describe_run(p)), True
+    if not p.exists():
+        raise ValueError(f"{path}: no such file or folder")
+    raise ValueError(f"{path} is neither a data folder (no {MANIFEST}) nor a run folder "
+                     f"(no {rundir.TRAIN_CONFIG} or {checkpoint.WEIGHTS})")

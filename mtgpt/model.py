@@ -1,0 +1,195 @@
+"""The GPT: a pre-norm, GPT-2-shaped decoder-only transformer.
+
+Reads top to bottom: attention, MLP, block, GPT. Parameter names follow Hugging Face's GPT-2
+(`transformer.wte`, `transformer.h.N.attn.c_attn`, `lm_head`, ...) so weights map one to one
+(HF stores its Conv1D weights transposed; `mtgpt.hf` does that transpose).
+
+Notation used in shape comments:
+    B  batch size            T  sequence length (<= block_size)
+    C  n_embd (width)        nh n_head           hs head size = C // nh
+    V  vocab_size            P  tokens already in the KV cache
+
+This file never imports deepspeed or torch.distributed and never reads the environment.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mtgpt.config import ModelConfig
+
+
+@dataclass
+class KVCache:
+    """Keys and values of the tokens seen so far, one (k, v) pair per layer, each (B, nh, P, hs)."""
+
+    layers: list[tuple[torch.Tensor, torch.Tensor] | None]
+
+    @classmethod
+    def empty(cls, n_layer: int) -> "KVCache":
+        return cls([None] * n_layer)
+
+    @property
+    def length(self) -> int:
+        first = self.layers[0]
+        return 0 if first is None else first[0].size(2)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v at once
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if cache is not None:
+            past = cache.layers[layer]
+            if past is not None:
+                k = torch.cat([past[0], k], dim=2)  # (B, nh, P+T, hs)
+                v = torch.cat([past[1], v], dim=2)  # (B, nh, P+T, hs)
+            cache.layers[layer] = (k, v)
+        P = k.size(2) - T
+        if P == 0:
+            mask, is_causal = None, True
+        else:
+            # New query i sits at absolute position P+i and may see keys 0..P+i.
+            mask = torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(diagonal=P)
+            is_causal = False
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
+        )  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's "gelu_new", so HF export gives the same logits
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))  # (B, T, C) -> (B, T, 4C) -> (B, T, C)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embedding
+            wpe=nn.Embedding(config.block_size, config.n_embd),  # learned position embedding
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Weight tying (Press & Wolf 2017, as GPT-2): the output projection is the token embedding.
+        self.lm_head.weight = self.transformer.wte.weight
+        self.apply(self._init_weights)
+        self._init_residual_projections()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """GPT-2 initialisation (Radford et al. 2019), applied to every module:
+
+        - Linear weights and both embeddings: normal(0, 0.02); Linear biases: zero.
+        - LayerNorm: weight one, bias zero (PyTorch's default, left as is).
+        - c_proj weights (the two projections that write into the residual stream) are then
+          re-drawn with std 0.02 / sqrt(2 * n_layer) in `_init_residual_projections`: each block adds
+          two such contributions, so this keeps the residual stream's variance flat with depth.
+        """
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def _init_residual_projections(self) -> None:
+        std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                torch.nn.init.normal_(p, mean=0.0, std=std)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameters, the tied wte/lm_head matrix counted once (`parameters()` already dedups).
+        With non_embedding, position embeddings are left out too (as in the scaling-law papers)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx (B, T) token ids -> logits (B, T, V), and the mean cross-entropy if targets (B, T).
+
+        With a cache, idx holds only the new tokens; they sit at positions P..P+T-1.
+        """
+        B, T = idx.shape
+        start = 0 if cache is None else cache.length
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens is longer than block_size "
+                             f"{self.config.block_size}; crop the context first")
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C) + (T, C) -> (B, T, C)
+        x = self.transformer.drop(x)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, cache, i)  # (B, T, C)
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)  # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+        return logits, loss
+
+    def param_groups(self, weight_decay: float | None = None) -> list[dict]:
+        """Two optimizer groups: matrices decay, the rest (biases, LayerNorms, embeddings) do not.
+
+        Embeddings are left undecayed as in GPT-3-style recipes; the tied wte/lm_head matrix is one
+        parameter and lands in the no-decay group once. `weight_decay` None leaves the decay group's
+        value to the optimizer's configuration (DeepSpeed's JSON).
+        """
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():  # named_parameters() yields the tied matrix once
+            is_matrix = p.dim() >= 2 and not name.startswith(("transformer.wte", "transformer.wpe"))
+            (decay if is_matrix else no_decay).append(p)
+        decay_group: dict = {"params": decay}
+        if weight_decay is not None:
+            decay_group["weight_decay"] = weight_decay
+        return [decay_group, {"params": no_decay, "weight_decay": 0.0}]

@@ -1,0 +1,148 @@
+"""The run folder: may we write here, where do we resume from, and what we record about a run.
+
+Files written at each start (rank 0): train_config.json (the resolved mtgpt config),
+ds_config.json (the DeepSpeed dict actually used), run_info.json (command line, git commit,
+library versions, world size). See mtgpt.checkpoint for the rest of the folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tqdm import tqdm
+
+from mtgpt import __version__, checkpoint, distributed as dist
+from mtgpt.config import ConfigError, ModelConfig, TrainConfig, dump_json, load_json
+
+if TYPE_CHECKING:
+    from mtgpt.model import GPT
+    from mtgpt.train import Plan
+
+TRAIN_CONFIG = "train_config.json"
+DS_CONFIG = "ds_config.json"
+RUN_INFO = "run_info.json"
+LAST_STOP = "last_stop.json"  # rank 0, at the end of fit: why and where the run stopped
+COMMAND_ENV = "MTGPT_COMMAND"  # the user's command line, passed by `mtgpt train` to its ranks
+
+
+def has_run(out: str | Path) -> bool:
+    out = Path(out)
+    return out.is_dir() and any((out / name).exists() for name in
+                                (TRAIN_CONFIG, checkpoint.CKPT_DIR, checkpoint.WEIGHTS))
+
+
+def _checkpoint_for(resume: str, out: Path) -> Path | None:
+    if resume == "auto":
+        return checkpoint.latest_complete(out)
+    path = Path(resume)
+    if (path / checkpoint.COMPLETE).is_file():
+        return path
+    if path.is_dir() and (path / checkpoint.CKPT_DIR).is_dir():
+        found = checkpoint.latest_complete(path)
+        if found is None:
+            raise ConfigError(f"--resume {resume}: that run has no complete checkpoint yet")
+        return found
+    if checkpoint.TAG_RE.match(path.name) and path.is_dir():
+        raise ConfigError(f"--resume {resume}: this checkpoint is incomplete (a save that was cut "
+                          f"short); resume from {path.parent.parent} to take the latest complete one")
+    raise ConfigError(f"--resume {resume}: not a run folder or checkpoint folder; use "
+                      "--resume auto, --resume never, or the path of a run or checkpoint")
+
+
+def resume_point(cfg: TrainConfig) -> Path | None:
+    """The checkpoint folder to continue from, or None to start fresh. Refuses to start over a
+    run that is already in --out (unless resuming), and a resume with another model shape."""
+    out = Path(cfg.out)
+    if not cfg.out:
+        raise ConfigError("--out is required: the run folder for checkpoints, logs and the model")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a folder")
+    if cfg.resume == "never":
+        if has_run(out):
+            raise ConfigError(f"{out} already holds a run; pass --resume auto to continue it, or "
+                              "choose another --out (nothing was changed)")
+        return None
+    found = _checkpoint_for(cfg.resume, out)
+    if found is None:
+        return None
+    saved = found.parent.parent / TRAIN_CONFIG
+    if saved.is_file():
+        old = ModelConfig.from_dict(load_json(saved)["model"])
+        if old.shape() != cfg.model.shape():
+            diff = ", ".join(f"{k} {old.shape()[k]} -> {v}" for k, v in cfg.model.shape().items()
+                             if old.shape()[k] != v)
+            raise ConfigError(f"cannot resume {found}: it holds a model of another shape ({diff}); use "
+                              "the run's own model options, or start a new run with another --out")
+    return found
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"],
+                             capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def versions() -> dict[str, str]:
+    pkgs = ["torch", "deepspeed", "webdataset", "transformers", "tensorboard", "tiktoken", "safetensors", "numpy"]
+    found = {"python": platform.python_version(), "mtgpt": __version__}
+    for name in pkgs:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def write_run_files(p: "Plan", resumed: bool) -> None:
+    out = Path(p.cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dump_json(p.cfg.to_dict(), out / TRAIN_CONFIG)
+    dump_json(p.ds, out / DS_CONFIG)
+    dump_json({
+        "command": os.environ.get(COMMAND_ENV) or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "resumed_from": str(p.resume_from) if resumed else None,
+        "git_commit": git_commit(),
+        "versions": versions(),
+        "world_size": p.world_size,
+        "ds_config": p.ds_name,
+        "host": platform.node(),
+    }, out / RUN_INFO)
+
+
+def write_last_stop(out: str | Path, **info) -> None:
+    dump_json({**info, "time": time.time()}, Path(out) / LAST_STOP)
+
+
+def banner(p: "Plan", model: "GPT", step: int) -> str:
+    c, ds = p.cfg, p.ds
+    from mtgpt.ds_config import precision
+
+    lines = [
+        f"mtgpt {__version__}: {model.num_params():,} parameters ({c.model.n_layer} layers, "
+        f"{c.model.n_head} heads, {c.model.n_embd} wide, context {c.model.block_size})",
+        f"  {p.world_size} rank(s) on {dist.get().device.type}, {p.ds_name}: ZeRO-"
+        f"{ds.get('zero_optimization', {}).get('stage', 0)}, {precision(ds)}",
+        f"  batch {ds['train_batch_size']} sequences = micro {c.micro_batch} x accum {c.grad_accum} x "
+        f"{p.world_size} rank(s) = {p.tokens_per_step:,} tokens/step; schedule {p.schedule_steps} steps",
+        f"  data {c.data}: {p.manifest['splits']['train']['samples'] * c.model.block_size:,} train tokens",
+        f"  run {c.out}" + (f", resuming from {p.resume_from} (step {step})" if p.resume_from else ""),
+    ]
+    return "\n".join(lines)
+
+
+def progress_bar(p: "Plan", step: int) -> tqdm:
+    """Rank 0's bar (hidden on other ranks and when stderr is not a terminal)."""
+    return tqdm(total=p.schedule_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
+                disable=True if not dist.is_rank0() else None)

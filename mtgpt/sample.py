@@ -1,0 +1,181 @@
+"""Generation on one device, without DeepSpeed: KV cache, sliding window, top-k / top-p / temperature.
+
+The window. A GPT with learned positions sees at most block_size tokens, so once the text is
+longer the context must be cropped, as the seed does. Cropping to the last block_size tokens at
+every step (the seed's rule) shifts every position each step and would throw the KV cache away
+each time. Here the window start moves in strides of `slide` tokens (default block_size // 4):
+the context is always between block_size - slide + 1 and block_size tokens, and the cache is
+rebuilt once per stride. `slide=1` is exactly the seed's rule. With or without the cache the
+model sees the same window, so both give the same logits (tested).
+"""
+
+from __future__ import annotations
+
+import codecs
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from mtgpt import tokenizer
+from mtgpt.model import GPT, KVCache
+
+
+class SampleError(ValueError):
+    """A bad sampling option; the message says which and what is allowed."""
+
+
+@dataclass
+class SampleConfig:
+    max_new_tokens: int = 200  # tokens to generate per sample
+    temperature: float = 0.8  # 0 = greedy; higher = more random
+    top_k: int | None = 200  # keep the k most likely tokens (None: all)
+    top_p: float | None = None  # keep the smallest set of tokens with this much probability
+    seed: int | None = None  # same seed, same text
+    num_samples: int = 1  # independent continuations of the prompt
+    stop_at_eot: bool = True  # stop a sample at <|endoftext|>
+    slide: int | None = None  # window stride past block_size (None: block_size // 4)
+
+    def check(self, vocab_size: int) -> None:
+        if self.max_new_tokens < 0:
+            raise SampleError(f"--max-new-tokens must be >= 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise SampleError(f"--temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if self.top_k is not None and not 1 <= self.top_k <= vocab_size:
+            raise SampleError(f"--top-k must be between 1 and the vocabulary size {vocab_size}, "
+                              f"got {self.top_k} (leave it out to keep all tokens)")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise SampleError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.num_samples < 1:
+            raise SampleError(f"--num-samples must be >= 1, got {self.num_samples}")
+
+
+def window_start(n_tokens: int, block_size: int, slide: int) -> int:
+    """Index of the first token the model sees when n_tokens are known (see module docstring)."""
+    if n_tokens <= block_size:
+        return 0
+    return -(-(n_tokens - block_size) // slide) * slide  # ceil((n - block_size) / slide) * slide
+
+
+def pick(logits: torch.Tensor, cfg: SampleConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """logits (N, V) -> next token ids (N,)."""
+    logits = logits.float()
+    if cfg.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / cfg.temperature
+    if cfg.top_k is not None and cfg.top_k < logits.size(-1):
+        kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]  # (N, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p is not None and cfg.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative - sorted_logits.softmax(dim=-1) > cfg.top_p  # keep the token crossing top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def stream(model: GPT, prompt: list[int], cfg: SampleConfig, use_cache: bool = True
+           ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (next token ids (N,), logits (N, V)) one step at a time, for N = num_samples."""
+    block = model.config.block_size
+    slide = cfg.slide or max(1, block // 4)
+    device = next(model.parameters()).device
+    generator = None
+    if cfg.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    if not prompt:
+        prompt = [tokenizer.EOT]  # an empty prompt starts a new document
+    tokens = torch.tensor([prompt] * cfg.num_samples, dtype=torch.long, device=device)  # (N, T)
+    cache, cached_from = None, -1
+    for _ in range(cfg.max_new_tokens):
+        n = tokens.size(1)
+        start = window_start(n, block, slide)
+        if use_cache and cache is not None and start == cached_from:
+            logits, _ = model(tokens[:, -1:], cache=cache)  # only the newest token
+        elif use_cache:
+            cache, cached_from = KVCache.empty(model.config.n_layer), start
+            logits, _ = model(tokens[:, start:], cache=cache)  # (re)fill the cache with the window
+        else:
+            logits, _ = model(tokens[:, start:])
+        last = logits[:, -1, :]  # (N, V)
+        nxt = pick(last, cfg, generator)
+        yield nxt, last
+        tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+
+
+class TextStream:
+    """Token ids -> text pieces, holding back bytes of a UTF-8 character split across tokens."""
+
+    def __init__(self):
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.enc = tokenizer.get_tokenizer()
+
+    def add(self, token: int) -> str:
+        return self.decoder.decode(self.enc.decode_single_token_bytes(token))
+
+    def flush(self) -> str:
+        return self.decoder.decode(b"", final=True)
+
+
+def generate(model: GPT, prompt: str, cfg: SampleConfig, use_cache: bool = True) -> list[str]:
+    """Whole continuations of `prompt` (without the prompt), one per sample."""
+    cfg.check(model.config.vocab_size)
+    out: list[list[int]] = [[] for _ in range(cfg.num_samples)]
+    done = [False] * cfg.num_samples
+    for nxt, _ in stream(model, tokenizer.encode(prompt), cfg, use_cache):
+        for i, t in enumerate(nxt.tolist()):
+            if done[i]:
+                continue
+            if cfg.stop_at_eot and t == tokenizer.EOT:
+                done[i] = True
+            else:
+                out[i].append(t)
+        if all(done):
+            break
+    return [tokenizer.decode(ids) for ids in out]
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SampleError("--device cuda: no CUDA GPU is visible; use --device cpu")
+    return torch.device(name)
+
+
+def run_sample(run_dir: str, prompt: str, cfg: SampleConfig, best: bool = False, device: str = "auto",
+               write=print, warn=print) -> list[str]:
+    """`mtgpt sample`: load a run's model, continue `prompt`, write text as it comes.
+
+    One sample is streamed token by token; several are written one after another when done."""
+    from mtgpt.checkpoint import load_model
+
+    dev = pick_device(device)
+    model = load_model(run_dir, best=best, device=dev)
+    if dev.type == "cuda":
+        model = model.to(torch.bfloat16)
+    cfg.check(model.config.vocab_size)
+    ids = tokenizer.encode(prompt)
+    if len(ids) > model.config.block_size:
+        warn(f"warning: the prompt has {len(ids)} tokens, more than the context of "
+             f"{model.config.block_size}; the model sees its last {model.config.block_size}")
+    if cfg.num_samples > 1:
+        texts = generate(model, prompt, cfg)
+        for i, text in enumerate(texts):
+            write(f"--- sample {i + 1}\n{prompt}{text}\n")
+        return texts
+    text = TextStream()
+    write(prompt)
+    pieces = []
+    for nxt, _ in stream(model, ids, cfg):
+        token = int(nxt[0])
+        if cfg.stop_at_eot and token == tokenizer.EOT:
+            break
+        piece = text.add(token)
+        pieces.append(piece)
+        write(piece)
+    pieces.append(text.flush())
+    write(pieces[-1] + "\n")
+    return ["".join(pieces)]

@@ -1,0 +1,39 @@
+"""Shared fixtures: a tiny real corpus (Shakespeare's first 20 sonnets), tiny data folders, and a
+helper that runs the real `mtgpt` command in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+DATA = Path(__file__).parent / "data"
+SONNETS = DATA / "sonnets.txt"
+# A tiny model: every test that trains uses it (the real default is 6 x 384, context 512).
+TINY = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32}
+TINY_ARGS = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32"]
+
+
+def run_mtgpt(*args: str, check: bool = True, timeout: float = 300, env: dict | None = None,
+              cwd: str | Path | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m mtgpt ARGS` and return the finished process (stdout/stderr as text)."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "mtgpt", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env=full_env, cwd=cwd)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"mtgpt {' '.join(map(str, args))} exited {proc.returncode}\n"
+                             f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """The sonnets as block-32 shards, val 10%, several small train shards."""
+    from mtgpt.data.prepare import prepare
+
+    out = tmp_path_factory.mktemp("data") / "sonnets32"
+    prepare([str(SONNETS)], out, block_size=32, val_fraction=0.1, shard_size_mb=0.002, quiet=True)
+    return out

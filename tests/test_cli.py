@@ -1,0 +1,125 @@
+"""The `mtgpt` command: --help everywhere, and one clear error line for bad input, before any
+training process starts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from mtgpt.cli import main
+from mtgpt.config import ModelConfig, TrainConfig, dump_json
+from tests.conftest import SONNETS, TINY_ARGS, run_mtgpt
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.mark.parametrize("command", [[], ["prepare"], ["train"], ["sample"], ["info"], ["worker"]])
+def test_help(command):
+    result = invoke(*command, "--help")
+    assert result.exit_code == 0 and "Usage:" in result.output
+
+
+def test_prepare_list():
+    result = invoke("prepare", "--list")
+    assert result.exit_code == 0 and "shakespeare" in result.output and "pip install" in result.output
+
+
+def one_error_line(result, match):
+    assert result.exit_code != 0
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error:"), result.output
+    assert match in lines[0], lines[0]
+
+
+def test_prepare_errors(tmp_path):
+    one_error_line(invoke("prepare", tmp_path / "missing.txt", "--out", tmp_path / "d"), "no such file")
+    (tmp_path / "empty.txt").write_text("")
+    one_error_line(invoke("prepare", tmp_path / "empty.txt", "--out", tmp_path / "d"), "empty")
+    (tmp_path / "x.bin").write_bytes(b"\x00\x01" * 100)
+    one_error_line(invoke("prepare", tmp_path / "x.bin", "--out", tmp_path / "d"), "binary")
+    assert not (tmp_path / "d").exists()
+
+
+def test_prepare_and_info(tmp_path):
+    result = invoke("prepare", SONNETS, "--out", tmp_path / "d", "--block-size", "32", "--val-fraction", "0.1", "-q")
+    assert result.exit_code == 0, result.output
+    result = invoke("info", tmp_path / "d", "--verify")
+    assert result.exit_code == 0 and "block size: 32" in result.output and "match their sha256" in result.output
+
+
+def test_info_default_model():
+    result = invoke("info")
+    assert "30,142,848" in result.output
+
+
+def test_train_on_folder_that_is_not_data(tmp_path):
+    one_error_line(invoke("train", "--data", tmp_path, "--out", tmp_path / "run"), "not a prepared data folder")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--n-head", "3"], "does not divide"),
+    (["--ds-config", "zero2_fp16"], "fp16 needs a GPU"),
+    (["--ds-config", "nope"], "not one of the bundled"),
+    (["--max-time", "later"], "not a duration"),
+    (["--resume", "/no/such/run"], "not a run folder"),
+])
+def test_train_config_errors(tiny_data, tmp_path, args, match):
+    one_error_line(invoke("train", "--data", tiny_data, "--out", tmp_path / "run", *TINY_ARGS, *args), match)
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_batch_disagreement(tiny_data, tmp_path):
+    ds = json.loads((__import__("mtgpt.ds_config", fromlist=["x"]).bundled_dir() / "zero1_fp32.json").read_text())
+    ds["train_batch_size"] = 24
+    dump_json(ds, tmp_path / "ds.json")
+    one_error_line(invoke("train", "--data", tiny_data, "--out", tmp_path / "run", *TINY_ARGS,
+                          "--ds-config", tmp_path / "ds.json", "--micro-batch", "4", "--nproc", "2"),
+                   "train_batch_size is 24 but micro_batch 4 x grad_accum 1 x 2 rank(s) = 8")
+
+
+def _fake_run(run, n_layer):
+    """A run folder as training leaves it: its config and one complete checkpoint tag."""
+    cfg = TrainConfig(data="d", out=str(run), model=ModelConfig(n_layer=n_layer, n_head=2, n_embd=32, block_size=32))
+    run.mkdir()
+    dump_json(cfg.to_dict(), run / "train_config.json")
+    (run / "checkpoints" / "step_00000010").mkdir(parents=True)
+    (run / "checkpoints" / "step_00000010" / "COMPLETE").write_text("{}")
+
+
+def test_out_is_another_run(tiny_data, tmp_path):
+    _fake_run(tmp_path / "run", 2)
+    one_error_line(invoke("train", "--data", tiny_data, "--out", tmp_path / "run", *TINY_ARGS),
+                   "already holds a run; pass --resume auto")
+
+
+def test_resume_other_shape(tiny_data, tmp_path):
+    _fake_run(tmp_path / "run", 3)
+    one_error_line(invoke("train", "--data", tiny_data, "--out", tmp_path / "run", *TINY_ARGS, "--resume", "auto"),
+                   "another shape (n_layer 3 -> 2)")
+
+
+def test_sample_without_model(tmp_path):
+    one_error_line(invoke("sample", tmp_path, "--prompt", "hi"), "has no model")
+
+
+def test_sample_bad_prompt_file(tmp_path):
+    (tmp_path / "p.txt").write_bytes(b"\xff\xfe\xfa")
+    one_error_line(invoke("sample", tmp_path, "--prompt-file", tmp_path / "p.txt"), "not UTF-8")
+
+
+def test_info_not_a_folder_we_know(tmp_path):
+    one_error_line(invoke("info", tmp_path), "neither a data folder")
+
+
+def test_worker_error_printed_once(tiny_data, tmp_path):
+    """Started directly by a launcher with a bad option, only rank 0 prints the error."""
+    args = ["worker", "--data", tiny_data, "--out", tmp_path / "run", *TINY_ARGS, "--n-head", "3"]
+    rank0 = run_mtgpt(*args, check=False, env={"RANK": "0", "WORLD_SIZE": "2"})
+    rank1 = run_mtgpt(*args, check=False, env={"RANK": "1", "WORLD_SIZE": "2"})
+    assert rank0.returncode == rank1.returncode == 2
+    assert rank0.stderr.count("does not divide") == 1 and rank1.stderr.strip() == ""

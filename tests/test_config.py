@@ -1,0 +1,40 @@
+import json
+
+import pytest
+
+from mtgpt.config import ConfigError, ModelConfig, TrainConfig, dump_json, load_json, parse_duration
+
+
+def test_roundtrip(tmp_path):
+    cfg = TrainConfig(data="d", out="o", model=ModelConfig(n_layer=2), micro_batch=3, max_time="2h")
+    dump_json(cfg.to_dict(), tmp_path / "c.json")
+    again = TrainConfig.from_dict(load_json(tmp_path / "c.json"))
+    assert again == cfg and again.model.n_layer == 2
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"micro_batch": 0}, "micro_batch must be a positive integer"),
+    ({"lr": -1.0}, "lr must be positive"),
+    ({"max_time": "soon"}, "not a duration"),
+    ({"patience": 0}, "patience"),
+    ({"min_lr_ratio": 2.0}, "min_lr_ratio"),
+    ({"learning_rate": 1e-3}, "unknown key.*learning_rate"),
+    ({"model": {"n_head": 5, "n_embd": 64}}, "does not divide"),
+])
+def test_bad_values(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        TrainConfig.from_dict({"data": "d", "out": "o", **bad})
+
+
+@pytest.mark.parametrize("text, seconds", [("90", 90), ("90s", 90), ("30m", 1800), ("2h", 7200),
+                                           ("1d", 86400), ("1:30:00", 5400), ("05:00", 300)])
+def test_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+def test_load_json_errors(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        load_json(tmp_path / "missing.json")
+    (tmp_path / "list.json").write_text(json.dumps([1]))
+    with pytest.raises(ConfigError, match="expected a JSON object"):
+        load_json(tmp_path / "list.json")

@@ -1,0 +1,95 @@
+"""The DeepSpeed JSON: every bundled config passes DeepSpeed's own parser; batch size, lr and
+schedule come from mtgpt; conflicts are refused with a message naming the fix."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mtgpt import ds_config
+from mtgpt.config import ConfigError, ModelConfig, TrainConfig
+from tests.conftest import TINY
+
+
+def cfg(**kw) -> TrainConfig:
+    return TrainConfig(data="d", out="o", model=ModelConfig(**TINY), **kw)
+
+
+def test_twelve_bundled_configs():
+    names = ds_config.bundled_names()
+    assert names == sorted(f"zero{s}_{p}" for s in range(4) for p in ("bf16", "fp16", "fp32"))
+
+
+@pytest.mark.parametrize("name", ds_config.bundled_names())
+def test_bundled_configs_parse(name):
+    """Resolved and validated by DeepSpeed's config parser (fp16 included: it parses on CPU; it
+    only cannot run here)."""
+    path, raw = ds_config.find(name)
+    ds = ds_config.resolve(cfg(micro_batch=4, grad_accum=2), raw, world_size=2, schedule_steps=100,
+                           name=path, cuda=True)
+    assert ds["train_batch_size"] == 16
+    assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 2
+    assert ds["optimizer"]["type"] == "AdamW" and ds["optimizer"]["params"]["lr"] == 1e-3
+    assert ds["scheduler"]["params"]["total_num_steps"] == 100
+    assert ds["scheduler"]["params"]["warmup_num_steps"] == 5  # 5% of the schedule
+    assert ds["zero_optimization"]["stage"] == int(name[4])
+    assert ds_config.precision(ds) == name.split("_")[1]
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    parsed = DeepSpeedConfig({k: v for k, v in ds.items() if k != "train_batch_size"})
+    assert parsed.zero_optimization_stage == int(name[4])
+    assert parsed.float16_config.enabled == name.endswith("fp16")
+    assert parsed.bfloat16_config.enabled == name.endswith("bf16")
+    if name.endswith("fp16"):
+        assert parsed.float16_config.loss_scale == 0  # dynamic loss scaling
+
+
+def test_fp16_refused_on_cpu():
+    _, raw = ds_config.find("zero1_fp16")
+    with pytest.raises(ConfigError, match="fp16 needs a GPU"):
+        ds_config.resolve(cfg(), raw, 2, 100, cuda=False)
+
+
+def test_batch_disagreement_refused():
+    _, raw = ds_config.find("zero1_fp32")
+    raw = {**raw, "train_batch_size": 32}
+    with pytest.raises(ConfigError, match=r"train_batch_size is 32 .* --grad-accum 2"):
+        ds_config.resolve(cfg(micro_batch=8), raw, 2, 100)
+    raw = {**raw, "train_batch_size": "auto", "train_micro_batch_size_per_gpu": 4}
+    with pytest.raises(ConfigError, match="--micro-batch 4"):
+        ds_config.resolve(cfg(micro_batch=8), raw, 2, 100)
+    ds = ds_config.resolve(cfg(micro_batch=4), raw, 2, 100)  # agreeing numbers are fine
+    assert ds["train_batch_size"] == 8
+
+
+def test_lr_disagreement_refused():
+    _, raw = ds_config.find("zero1_fp32")
+    raw["optimizer"]["params"]["lr"] = 5e-5
+    with pytest.raises(ConfigError, match="--lr"):
+        ds_config.resolve(cfg(lr=1e-3), raw, 1, 100)
+
+
+def test_unknown_key_refused():
+    _, raw = ds_config.find("zero1_fp32")
+    with pytest.raises(ConfigError, match="zero_optimisation .*did you mean zero_optimization"):
+        ds_config.resolve(cfg(), {**raw, "zero_optimisation": {"stage": 2}}, 1, 100)
+
+
+def test_deepspeed_rejects_bad_value():
+    _, raw = ds_config.find("zero1_fp32")
+    with pytest.raises(ConfigError, match="DeepSpeed rejects"):
+        ds_config.resolve(cfg(), {**raw, "zero_optimization": {"stage": 2, "no_such_option": 1}}, 1, 100)
+
+
+def test_missing_file_and_optimizer(tmp_path):
+    with pytest.raises(ConfigError, match="not one of the bundled"):
+        ds_config.find("zero9_fp8")
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 1}}))
+    _, raw = ds_config.find(str(path))
+    with pytest.raises(ConfigError, match="optimizer"):
+        ds_config.resolve(cfg(), raw, 1, 100)
+    path.write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        ds_config.find(str(path))

@@ -1,0 +1,114 @@
+import math
+
+import pytest
+import torch
+
+from mtgpt.config import ConfigError, ModelConfig
+from mtgpt.info import param_count
+from mtgpt.model import GPT, KVCache
+from tests.conftest import TINY
+
+
+def tiny(**kw) -> GPT:
+    torch.manual_seed(0)
+    return GPT(ModelConfig(**{**TINY, **kw}))
+
+
+def test_shapes_and_loss():
+    model = tiny()
+    idx = torch.randint(0, 50257, (3, 17))
+    logits, loss = model(idx)
+    assert logits.shape == (3, 17, 50257) and loss is None
+    logits, loss = model(idx, idx)
+    assert loss.shape == ()
+
+
+def test_parameter_names_match_gpt2():
+    names = set(dict(tiny().named_parameters()))
+    for name in ["transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.ln_1.weight",
+                 "transformer.h.0.attn.c_attn.weight", "transformer.h.1.attn.c_proj.bias",
+                 "transformer.h.0.ln_2.weight", "transformer.h.0.mlp.c_fc.weight",
+                 "transformer.h.0.mlp.c_proj.weight", "transformer.ln_f.weight"]:
+        assert name in names, name
+    model = tiny()
+    assert model.lm_head.weight is model.transformer.wte.weight  # tied
+
+
+def test_causality():
+    """Changing token t never changes the logits at positions before t."""
+    model = tiny().eval()
+    idx = torch.randint(0, 50257, (1, 20))
+    changed = idx.clone()
+    changed[0, 12] = (idx[0, 12] + 1) % 50257
+    a, _ = model(idx)
+    b, _ = model(changed)
+    assert torch.allclose(a[:, :12], b[:, :12], atol=1e-6)
+    assert not torch.allclose(a[:, 12:], b[:, 12:], atol=1e-3)
+
+
+def test_initial_loss_is_uniform():
+    model = tiny(n_embd=64, n_head=4)
+    idx = torch.randint(0, 50257, (8, 32))
+    _, loss = model(idx[:, :-1], idx[:, 1:])
+    assert abs(loss.item() - math.log(50257)) < 0.3
+
+
+def test_init_scales():
+    model = tiny(n_layer=4, n_embd=128, n_head=4)
+    std = model.transformer.h[0].attn.c_proj.weight.std().item()
+    assert abs(std - 0.02 / math.sqrt(2 * 4)) < 0.002
+    assert abs(model.transformer.h[0].mlp.c_fc.weight.std().item() - 0.02) < 0.002
+    assert model.transformer.h[0].mlp.c_fc.bias.abs().max().item() == 0.0
+
+
+def test_overfits_one_batch():
+    model = tiny()
+    idx = torch.randint(0, 50257, (2, 17))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.1
+
+
+def test_default_parameter_count():
+    # 50257*384 (wte, = lm_head) + 512*384 (wpe) + 6 blocks * 1,774,464 + 768 (ln_f)
+    assert param_count(ModelConfig()) == 30_142_848
+    assert tiny().num_params() == param_count(ModelConfig(**TINY))
+
+
+def test_kv_cache_matches_full_forward():
+    model = tiny().eval()
+    idx = torch.randint(0, 50257, (2, 24))
+    full, _ = model(idx)
+    cache = KVCache.empty(2)
+    first, _ = model(idx[:, :10], cache=cache)
+    steps = [model(idx[:, t:t + 1], cache=cache)[0] for t in range(10, 24)]
+    cached = torch.cat([first, *steps], dim=1)
+    assert torch.allclose(full, cached, atol=1e-5)
+
+
+def test_too_long_is_refused():
+    with pytest.raises(ValueError, match="block_size"):
+        tiny()(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_config_validation():
+    with pytest.raises(ConfigError, match="does not divide"):
+        ModelConfig(n_head=5, n_embd=384)
+    with pytest.raises(ConfigError, match="dropout"):
+        ModelConfig(dropout=1.5)
+    with pytest.raises(ConfigError, match="unknown key"):
+        ModelConfig.from_dict({"n_layers": 3})
+
+
+def test_param_groups_split():
+    model = tiny()
+    decay, no_decay = model.param_groups()
+    assert no_decay["weight_decay"] == 0.0
+    decay_ids = {id(p) for p in decay["params"]}
+    assert id(model.transformer.h[0].attn.c_attn.weight) in decay_ids
+    assert id(model.transformer.wte.weight) not in decay_ids
+    assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == model.num_params()

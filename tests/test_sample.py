@@ -1,0 +1,84 @@
+"""Generation without DeepSpeed: determinism, the KV cache, the sliding window, bad options."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mtgpt import checkpoint, tokenizer
+from mtgpt.config import ModelConfig
+from mtgpt.model import GPT
+from mtgpt.sample import SampleConfig, SampleError, generate, run_sample, stream, window_start
+from tests.conftest import TINY
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny random model saved the way training saves it."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**{**TINY, "block_size": 16}))
+    folder = tmp_path_factory.mktemp("model")
+    weights = {k: v.detach() for k, v in model.named_parameters()}
+    checkpoint.save_weights(weights, model.config, folder)
+    return folder
+
+
+def test_same_seed_same_text(model_dir):
+    model = checkpoint.load_model(model_dir)
+    cfg = lambda seed: SampleConfig(max_new_tokens=20, seed=seed, stop_at_eot=False)  # noqa: E731
+    a = generate(model, "Shall I compare thee", cfg(1))
+    assert a == generate(model, "Shall I compare thee", cfg(1))
+    assert a != generate(model, "Shall I compare thee", cfg(2))
+
+
+def test_window_start():
+    assert [window_start(n, 8, 2) for n in (1, 8, 9, 10, 11, 12)] == [0, 0, 2, 2, 4, 4]
+    assert [window_start(n, 8, 1) for n in (9, 10)] == [1, 2]  # slide 1 = the seed's crop
+    assert all(n - window_start(n, 8, 3) <= 8 for n in range(1, 50))
+
+
+@pytest.mark.parametrize("slide", [1, 4])
+def test_cache_matches_no_cache_past_block_size(model_dir, slide):
+    """Greedy decoding for 40 tokens with a 16-token context: same tokens, logits within 1e-5."""
+    model = checkpoint.load_model(model_dir)
+    cfg = SampleConfig(max_new_tokens=40, temperature=0.0, stop_at_eot=False, slide=slide)
+    prompt = tokenizer.encode("From fairest creatures we desire increase")
+    with_cache = list(stream(model, prompt, cfg, use_cache=True))
+    without = list(stream(model, prompt, cfg, use_cache=False))
+    assert [int(t) for t, _ in with_cache] == [int(t) for t, _ in without]
+    for (_, a), (_, b) in zip(with_cache, without):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_top_k_one_is_greedy(model_dir):
+    model = checkpoint.load_model(model_dir)
+    greedy = generate(model, "Thy", SampleConfig(max_new_tokens=10, temperature=0, stop_at_eot=False))
+    top1 = generate(model, "Thy", SampleConfig(max_new_tokens=10, top_k=1, seed=3, stop_at_eot=False))
+    assert greedy == top1
+
+
+def test_long_prompt_is_cropped_with_warning(model_dir):
+    warnings, out = [], []
+    prompt = "word " * 40  # 40 tokens > block size 16
+    run_sample(str(model_dir), prompt, SampleConfig(max_new_tokens=5, seed=0), device="cpu",
+               write=out.append, warn=warnings.append)
+    assert "more than the context of 16" in warnings[0]
+    assert "".join(out).startswith(prompt)
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"top_k": 0}, "--top-k must be between 1"),
+    ({"top_k": 50258}, "--top-k must be between 1"),
+    ({"temperature": -0.5}, "--temperature must be >= 0"),
+    ({"top_p": 1.5}, "--top-p"),
+])
+def test_bad_options(kw, match):
+    with pytest.raises(SampleError, match=match):
+        SampleConfig(**kw).check(50257)
+
+
+def test_folder_without_model(tmp_path):
+    with pytest.raises(checkpoint.ModelFileError, match="has no model: .*model.safetensors is missing"):
+        checkpoint.load_model(tmp_path)
+    with pytest.raises(checkpoint.ModelFileError, match="no such folder"):
+        checkpoint.load_model(tmp_path / "missing")

@@ -1,0 +1,110 @@
+"""Training through the real DeepSpeed engine on 2 gloo CPU ranks (started by `mtgpt train`,
+which runs the DeepSpeed launcher), with a tiny model."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from mtgpt import checkpoint
+from tests.conftest import TINY_ARGS, run_mtgpt
+
+TRAIN = [*TINY_ARGS, "--micro-batch", "4", "--lr", "1e-2", "--eval-samples", "8", "--log-every", "5"]
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("runs") / "tiny"
+    run_mtgpt("train", "--data", tiny_data, "--out", run, "--nproc", "2", *TRAIN,
+              "--max-steps", "30", "--eval-every", "10", "--save-every", "10")
+    return run
+
+
+def test_loss_goes_down(trained):
+    rows = metrics(trained)
+    train = [r["train/loss"] for r in rows if "train/loss" in r]
+    val = [r["val/loss"] for r in rows if "val/loss" in r]
+    assert [r["step"] for r in rows if "val/loss" in r] == [10, 20, 30]
+    assert abs(train[0] - math.log(50257)) < 1.0
+    assert train[-1] < train[0] - 2.0 and val[-1] < val[0] - 1.0
+    assert all(set(r) >= {"step", "train/loss", "lr"} for r in rows if r["step"] % 5 == 0)
+
+
+def test_run_folder(trained):
+    for name in ["train_config.json", "ds_config.json", "run_info.json", "model.safetensors", "config.json",
+                 "best/model.safetensors", "metrics.jsonl", "last_stop.json"]:
+        assert (trained / name).is_file(), name
+    ds = json.loads((trained / "ds_config.json").read_text())
+    assert ds["train_batch_size"] == 8 and ds["optimizer"]["params"]["lr"] == 1e-2
+    assert checkpoint.complete_tags(trained) == ["step_00000020", "step_00000030"]  # keep_last 2
+    assert (trained / "checkpoints" / "latest").read_text() == "step_00000030"
+    info = json.loads((trained / "run_info.json").read_text())
+    assert info["world_size"] == 2 and "deepspeed" in info["versions"]
+    assert json.loads((trained / "last_stop.json").read_text())["reason"] == "max_steps"
+
+
+def test_tensorboard_events(trained):
+    acc = EventAccumulator(str(trained / "tb"))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    for tag in ["train/loss", "val/loss", "lr", "val/ppl", "perf/tokens_per_s"]:
+        assert tag in tags, tag
+    val = acc.Scalars("val/loss")
+    assert [e.step for e in val] == [10, 20, 30]
+    by_step = {r["step"]: r for r in metrics(trained)}
+    assert all(abs(e.value - by_step[e.step]["val/loss"]) < 1e-5 for e in val)
+
+
+def test_consolidated_model_loads(trained):
+    model = checkpoint.load_model(trained)
+    assert model.config.n_layer == 2 and model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_resume_continues(trained, tmp_path):
+    """--resume auto picks up the latest complete checkpoint and goes on from its step."""
+    import shutil
+
+    run = tmp_path / "again"
+    shutil.copytree(trained, run)
+    out = run_mtgpt("train", "--data", json.loads((run / "train_config.json").read_text())["data"],
+                    "--out", run, "--nproc", "2", *TRAIN, "--max-steps", "40", "--eval-every", "10",
+                    "--resume", "auto")
+    assert "resuming from" in out.stdout and "step 30" in out.stdout
+    rows = metrics(run)
+    assert [r["step"] for r in rows if "val/loss" in r] == [10, 20, 30, 40]
+    assert json.loads((run / "last_stop.json").read_text())["step"] == 40
+
+
+@pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
+def test_launch_script(tiny_data, tmp_path, launcher):
+    """launch/train.py under the `deepspeed` launcher (which adds --local_rank) and torchrun."""
+    import os
+    import subprocess
+    import sys
+
+    from mtgpt.distributed import free_port
+
+    repo = Path(__file__).parent.parent
+    bin_dir = Path(sys.executable).parent
+    port = str(free_port())
+    if launcher == "deepspeed":
+        cmd = [bin_dir / "deepspeed", "--num_gpus", "2", "--master_port", port]
+    else:
+        cmd = [bin_dir / "torchrun", "--nproc_per_node", "2", "--master_port", port]
+    cmd += [repo / "launch" / "train.py", "--ds_config", repo / "ds_configs" / "zero2_fp32.json",
+            "--data", tiny_data, "--out", tmp_path / "run", *TRAIN, "--max-steps", "6", "--eval-every", "3"]
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "DS_ACCELERATOR": "cpu"}, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "ZeRO-2" in proc.stdout
+    rows = metrics(tmp_path / "run")
+    assert [r["step"] for r in rows if "val/loss" in r] == [3, 6]
+    assert (tmp_path / "run" / "model.safetensors").is_file()
