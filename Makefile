@@ -12,7 +12,7 @@ STAMP := $(VENV)/.mtgpt-installed
 
 DEMO_DATA ?= data/shakespeare
 DEMO_RUN ?= runs/demo
-DEMO_STEPS ?= 250
+DEMO_STEPS ?= 300
 DEMO_NPROC ?=
 
 .PHONY: venv demo test clean
@@ -35,7 +35,7 @@ demo: $(STAMP) $(DEMO_DATA)/manifest.json
 	$(BIN)/mtgpt train --data $(DEMO_DATA) --out $(DEMO_RUN) $(if $(DEMO_NPROC),--nproc $(DEMO_NPROC)) \
 	  --n-layer 4 --n-head 4 --n-embd 256 --micro-batch 4 --lr 2e-3 --ds-config zero1_bf16 \
 	  --max-steps $(DEMO_STEPS) --eval-every 50 --eval-samples 256
-	$(BIN)/mtgpt sample $(DEMO_RUN) --prompt "ROMEO:" --max-new-tokens 100 --seed 1
+	$(BIN)/mtgpt sample $(DEMO_RUN) --prompt "ROMEO:" --max-new-tokens 80 --num-samples 2 --seed 1
 	$(BIN)/mtgpt info $(DEMO_RUN)
 
 test: $(STAMP)

@@ -82,6 +82,8 @@ def init() -> Dist:
     from deepspeed.utils import logger as ds_logger
 
     ds_logger.setLevel(logging.WARNING if rank == 0 else logging.ERROR)
+    # DeepSpeed asks its LR scheduler for the lr once before the first step and warns about it.
+    ds_logger.addFilter(lambda record: "before it has started" not in record.getMessage())
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
 
     # DeepSpeed's CPU shared-memory all-reduce is JIT-compiled with g++ on first use (~30 s);

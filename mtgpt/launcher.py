@@ -29,7 +29,7 @@ def default_nproc() -> int:
 
 def command(config_file: str, nproc: int, master_port: int) -> list[str]:
     return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
-            "--master_port", str(master_port), "--log_level", "warning", "--no_local_rank", "--module", "mtgpt", "worker",
+            "--master_port", str(master_port), "--log_level", "error", "--no_local_rank", "--module", "mtgpt", "worker",
             "--config", config_file]
 
 
