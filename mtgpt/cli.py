@@ -195,9 +195,12 @@ def run_worker(options: dict) -> None:
         sys.exit(2)
     try:
         fit(p)
-    except (TrainingDiverged, DataError) as e:
+    except TrainingDiverged as e:  # every rank sees the same (all-reduced) loss
         if rank == 0:
             click.echo(f"Error: {e}", err=True)
+        sys.exit(1)
+    except DataError as e:  # only the rank that read the bad shard knows
+        click.echo(f"Error (rank {rank}): {e}", err=True)
         sys.exit(1)
 
 

@@ -225,3 +225,157 @@ def test_not_a_data_folder(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"format": "other"}))
     with pytest.raises(DataError, match="not an mtgpt manifest"):
         load_manifest(tmp_path)
+
+
+def test_folder_without_text(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "notes.md").write_text("not a txt file")
+    with pytest.raises(DataError, match="no files matching"):
+        prepare([str(tmp_path / "src")], tmp_path / "d", quiet=True)
+    _nothing_written(tmp_path, tmp_path / "d")
+    m = prepare([str(tmp_path / "src")], tmp_path / "d", block_size=2, val_fraction=0.0, glob="*.md", quiet=True)
+    assert m["sources"][0]["name"].endswith("notes.md")
+
+
+def test_invalid_utf8_replaced_with_count_or_refused(tmp_path):
+    text = SONNETS.read_bytes()
+    bad = text[:5000] + b"\xff\xfe caf\xe9 " + text[5000:]  # three invalid bytes
+    (tmp_path / "latin.txt").write_bytes(bad)
+    warnings = []
+    m = prepare([str(tmp_path / "latin.txt")], tmp_path / "d", block_size=32, val_fraction=0.1, quiet=True,
+                warn=warnings.append)
+    assert m["replaced_bytes"] == 3
+    assert len(warnings) == 1 and "latin.txt: 3 invalid UTF-8 byte(s) replaced" in warnings[0]
+    with pytest.raises(DataError, match=r"latin.txt: invalid UTF-8 at byte 5000.*--strict"):
+        prepare([str(tmp_path / "latin.txt")], tmp_path / "e", block_size=32, quiet=True, strict=True)
+    _nothing_written(tmp_path, tmp_path / "e")
+
+
+def test_stdin_and_glob(tmp_path):
+    from tests.conftest import run_mtgpt
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "mtgpt", "prepare", "-", "--out", str(tmp_path / "d"),
+                           "--block-size", "32", "--val-fraction", "0.1"], input=SONNETS.read_bytes(),
+                          capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    m = load_manifest(tmp_path / "d")
+    assert m["sources"] == [{"name": "-", "bytes": None}]
+    assert m["tokens"] == len(tokenizer.encode(SONNETS.read_text())) + 1
+    assert b"B/s" not in proc.stderr  # no progress bar when stderr is not a terminal
+    run_mtgpt("info", tmp_path / "d", "--verify")
+
+
+def test_progress_bar_on_a_terminal(tmp_path):
+    """Through a pseudo-terminal the bar shows bytes done and a rate; --quiet hides it."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    def run(*extra):
+        leader, follower = pty.openpty()
+        fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a 100x24 terminal
+        proc = subprocess.Popen([sys.executable, "-m", "mtgpt", "prepare", str(SONNETS), "--block-size", "32",
+                                 "--val-fraction", "0.1", *extra], stdin=follower, stdout=follower,
+                                stderr=follower, close_fds=True)
+        os.close(follower)
+        out = b""
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+        proc.wait(timeout=60)
+        os.close(leader)
+        return out.decode(errors="replace")
+
+    shown = run("--out", str(tmp_path / "a"))
+    assert "prepare: 100%" in shown and "B/s" in shown
+    assert "prepare: " not in run("--out", str(tmp_path / "b"), "--quiet")
+
+
+def _disk_full_command(tmp_path: Path, text: Path) -> tuple[list[str], str]:
+    """A prepare that runs out of space: a 256 KB tmpfs in a private mount namespace (as root), or
+    else a 256 KB file-size limit (the kernel refuses the write with EFBIG)."""
+    import os
+    import shutil
+    import sys
+
+    target = tmp_path / "small"
+    target.mkdir()
+    prepare_cmd = f"{sys.executable} -m mtgpt prepare {text} --out {target}/data --block-size 32"
+    if os.geteuid() == 0 and shutil.which("unshare"):
+        script = (f"mount -t tmpfs -o size=256k tmpfs {target} && {prepare_cmd}; rc=$?; "
+                  f"echo LEFT:$(ls -A {target}); exit $rc")
+        return ["unshare", "-m", "sh", "-c", script], "No space left on device"
+    script = f"ulimit -f 256; trap '' XFSZ; {prepare_cmd}; rc=$?; echo LEFT:$(ls -A {target}); exit $rc"
+    return ["sh", "-c", script], "File too large"
+
+
+def test_disk_full_leaves_nothing(tmp_path):
+    import subprocess
+
+    text = tmp_path / "big.txt"
+    text.write_text(SONNETS.read_text() * 40)  # ~500 KB of text -> ~400 KB of shards
+    cmd, message = _disk_full_command(tmp_path, text)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert message in proc.stderr and "nothing was written" in proc.stderr, proc.stderr
+    assert "LEFT:\n" in proc.stdout or proc.stdout.strip().endswith("LEFT:"), proc.stdout  # no temp folder left
+
+
+def test_data_for_another_model_refused(tiny_data, tmp_path):
+    from mtgpt.data import check_compatible
+
+    m = load_manifest(tiny_data)
+    with pytest.raises(DataError, match="block_size 32 but the model's block_size is 64: pass --block-size 32"):
+        check_compatible(m, tiny_data, tokenizer.vocab_sha256(), 50257, 64)
+    other = json.loads(json.dumps(m))
+    other["tokenizer"] = {"name": "cl100k_base", "vocab_size": 100277, "sha256": "ab" * 32}
+    with pytest.raises(DataError, match="prepared with tokenizer 'cl100k_base'"):
+        check_compatible(other, tiny_data, tokenizer.vocab_sha256(), 50257, 32)
+
+
+def _uneven_ranks(rank: int, world: int, data_dir: str, port: int, steps: int, out) -> None:
+    import torch.distributed as tdist
+
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    batches = TrainBatches(data_dir, load_manifest(data_dir), micro_batch=2, rank=rank, world=world, seed=0)
+    for _ in range(steps):
+        x, _ = next(batches)
+        total = torch.tensor([float(x.sum())])
+        tdist.all_reduce(total)  # every step is a collective: a rank that ran dry would hang the rest
+    out.put((rank, batches.state_dict()["batches"]))
+    tdist.destroy_process_group()
+
+
+def test_three_ranks_over_four_shards_never_hang(tmp_path):
+    """Real gloo ranks, unequal shares (2, 1, 1 shards): many steps past the small ranks' epoch."""
+    import torch.multiprocessing as mp
+
+    from mtgpt.distributed import free_port
+
+    data = tmp_path / "d"
+    m = prepare([str(SONNETS)], data, block_size=32, val_fraction=0.0, shard_size_mb=0.002, quiet=True)
+    assert len(m["splits"]["train"]["shards"]) == 4
+    shares = [ConsumerStream(data, m, 0, r, 3).epoch_length(0) for r in range(3)]
+    steps = 3 * max(shares)  # micro-batch 2: six epochs of the largest share
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_uneven_ranks, args=(r, 3, str(data), port, steps, out)) for r in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    assert sorted(out.get(timeout=5) for _ in range(3)) == [(r, steps) for r in range(3)]
+    assert len(set(shares)) > 1  # the shares really were unequal

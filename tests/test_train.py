@@ -108,3 +108,27 @@ def test_launch_script(tiny_data, tmp_path, launcher):
     rows = metrics(tmp_path / "run")
     assert [r["step"] for r in rows if "val/loss" in r] == [3, 6]
     assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
+def test_corrupt_shard_during_training(tiny_data, tmp_path):
+    """A shard cut short after prepare: training stops with an error naming the shard."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    shards = json.loads((data / "manifest.json").read_text())["splits"]["train"]["shards"]
+    for shard in shards:  # every rank meets one
+        path = data / shard["file"]
+        path.write_bytes(path.read_bytes()[:1500])
+    proc = run_mtgpt("train", "--data", data, "--out", tmp_path / "run", "--nproc", "2", *TRAIN,
+                     "--max-steps", "50", check=False)
+    assert proc.returncode != 0
+    assert "is corrupt or truncated" in proc.stderr and "train-00000" in proc.stderr
+    assert "mtgpt info DATA_DIR --verify" in proc.stderr
+
+
+def test_data_block_size_mismatch(tiny_data, tmp_path):
+    proc = run_mtgpt("train", "--data", tiny_data, "--out", tmp_path / "run", "--n-layer", "2", "--n-head", "2",
+                     "--n-embd", "32", "--block-size", "64", check=False)
+    assert proc.returncode != 0 and "pass --block-size 32" in proc.stderr
+    assert not (tmp_path / "run").exists()

@@ -210,6 +210,7 @@ def _write_shards(sources, tmp, block_size, val_fraction, seed, shard_size_mb, s
     known = all(s.size is not None for s in sources)
     bar = tqdm(total=sum(s.size for s in sources) if known else None, unit="B", unit_scale=True,
                unit_divisor=1024, desc="prepare", disable=True if quiet else None, dynamic_ncols=True)
+    tokenizer.get_tokenizer()  # build it once here, not in every thread at the same time
     with ThreadPoolExecutor(workers) as pool:
         inflight: deque = deque()
         chunks = _chunks(sources)

