@@ -34,6 +34,7 @@ setup(
         "numpy>=1.24,<3",
         "matplotlib>=3.7,<4",
         "pyyaml>=6,<7",
+        "psutil>=5.9",
     ],
     extras_require={"dev": ["pytest>=8,<10"]},
     entry_points={"console_scripts": ["mtgpt=mtgpt.cli:main"]},

@@ -5,6 +5,8 @@ RUN_DIR/
   checkpoints/step_00001000/COMPLETE   written after every rank finished saving; without it the
                                folder is a torn save and is never resumed from
   checkpoints/latest           the newest complete tag (the file DeepSpeed's loader reads too)
+  checkpoints/universal/<tag>  a checkpoint converted to DeepSpeed's universal format, made when
+                               a run resumes on another number of ranks
   model.safetensors, config.json       the consolidated weights of the latest checkpoint
   best/model.safetensors, best/config.json   the weights at the lowest val loss so far, written
                                at each evaluation that improves it
@@ -19,6 +21,9 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -67,9 +72,37 @@ def latest_complete(run_dir: str | Path) -> Path | None:
     return Path(run_dir) / CKPT_DIR / tags[-1] if tags else None
 
 
-def read_pointer(run_dir: str | Path, name: str) -> str | None:
-    path = Path(run_dir) / CKPT_DIR / name
-    return path.read_text().strip() if path.is_file() else None
+def saved_info(tag_dir: Path) -> dict[str, Any]:
+    """What mark_complete recorded about a checkpoint (world size, ZeRO stage, ...)."""
+    return json.loads((tag_dir / COMPLETE).read_text())
+
+
+def needs_universal(tag_dir: Path, world_size: int) -> bool:
+    """True when the checkpoint's optimizer state is sharded over another number of ranks: it
+    must go through DeepSpeed's universal checkpoint. (ZeRO-0 in fp32 keeps the whole optimizer
+    state in one file and loads on any world size.)"""
+    saved = saved_info(tag_dir).get("world_size")
+    sharded = any(tag_dir.glob("*zero_pp_rank_*_optim_states.pt"))
+    return saved is not None and saved != world_size and sharded
+
+
+def universal(tag_dir: Path, is_writer: bool, timeout: float = 3600) -> Path:
+    """The universal form of a checkpoint, checkpoints/universal/<tag>, converted once with
+    DeepSpeed's ds_to_universal by the writer (rank 0); the other ranks wait for its marker."""
+    out = tag_dir.parent / "universal" / tag_dir.name
+    if is_writer and not (out / COMPLETE).is_file():
+        shutil.rmtree(out, ignore_errors=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                        str(tag_dir), "--output_folder", str(out), "--num_extract_workers", "1",
+                        "--num_merge_workers", "1"], check=True, capture_output=True)
+        _write_atomic(out / COMPLETE, (tag_dir / COMPLETE).read_text())
+    deadline = time.time() + timeout
+    while not (out / COMPLETE).is_file():
+        if time.time() > deadline:
+            raise TimeoutError(f"waited {timeout:.0f} s for rank 0 to write {out}")
+        time.sleep(1)
+    return out
 
 
 def mark_complete(run_dir: str | Path, tag: str, info: dict[str, Any], keep_last: int) -> None:
@@ -78,9 +111,10 @@ def mark_complete(run_dir: str | Path, tag: str, info: dict[str, Any], keep_last
     _write_atomic(root / tag / COMPLETE, json.dumps(info) + "\n")
     _write_atomic(root / "latest", tag)
     keep = set(complete_tags(run_dir)[-keep_last:])
-    for p in root.iterdir():
-        if TAG_RE.match(p.name) and p.name not in keep and p.name < tag:
-            shutil.rmtree(p, ignore_errors=True)  # older than the newest save: superseded or torn
+    for folder in (root, root / "universal"):
+        for p in folder.iterdir() if folder.is_dir() else []:
+            if TAG_RE.match(p.name) and p.name not in keep and p.name < tag:
+                shutil.rmtree(p, ignore_errors=True)  # older than the newest save: superseded or torn
 
 
 def gather_weights(module: torch.nn.Module, zero_stage: int, rank: int) -> dict[str, torch.Tensor] | None:

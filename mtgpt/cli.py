@@ -3,6 +3,9 @@
     mtgpt prepare TEXT... --out DATA_DIR      text -> webdataset shards      mtgpt.data.prepare
     mtgpt train --data DATA_DIR --out RUN     N local ranks via DeepSpeed     mtgpt.launcher / train
     mtgpt sample RUN --prompt TEXT            continue a prompt               mtgpt.sample
+    mtgpt chat RUN                            talk to a chat-tuned model      mtgpt.chat
+    mtgpt eval RUN TEXT...                    loss, ppl, bits/byte on text    mtgpt.evaluate
+    mtgpt export RUN --hf DIR                 a Hugging Face GPT-2 folder     mtgpt.hf
     mtgpt info [DATA_DIR | RUN_DIR]           what a folder holds             mtgpt.info
     mtgpt worker ...                          one rank (launchers start it)   mtgpt.train.fit
 """
@@ -56,10 +59,29 @@ def _train_options(f):
         click.option("--resume", help=f"{RESUME_HELP}. [default: never]"),
         click.option("--seed", type=int, help=f"Seed for init, data order, dropout. [default: {D.seed}]"),
         click.option("--num-workers", type=int, help=f"DataLoader workers per rank. [default: {D.num_workers}]"),
+        click.option("--compile/--no-compile", default=None, help="torch.compile the model. [default: on GPUs]"),
+        click.option("--init-from", type=click.Path(), help="Start from the weights of an mtgpt run (fine-tune it)."),
+        click.option("--init-from-hf", type=click.Path(), help="Start from a GPT-2-shaped Hugging Face folder."),
     ]
     for option in reversed(options):
         f = option(f)
     return f
+
+
+def _sampling_options(max_new_tokens: int):
+    def wrap(f):
+        for option in reversed([
+            click.option("--max-new-tokens", default=max_new_tokens, show_default=True, help="Tokens to generate."),
+            click.option("--temperature", default=0.8, show_default=True, help="0 is greedy; higher is more random."),
+            click.option("--top-k", default=200, show_default=True, help="Sample from the k most likely tokens."),
+            click.option("--top-p", type=float, help="Sample from the smallest set with this probability mass."),
+            click.option("--seed", type=int, help="Same seed, same text."),
+            click.option("--best", is_flag=True, help="Use the weights with the best val loss, not the latest."),
+            click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda."),
+        ]):
+            f = option(f)
+        return f
+    return wrap
 
 
 MODEL_KEYS = {"n_layer", "n_head", "n_embd", "block_size", "dropout"}
@@ -77,6 +99,15 @@ def build_config(options: dict) -> TrainConfig:
             base["model"][key] = value
         else:
             base[key] = value
+    if base.get("init_from") or base.get("init_from_hf"):  # the model's shape is the source's
+        from mtgpt.train import source_config
+
+        source = source_config(TrainConfig.from_dict({**base, "data": "-", "out": "-", "model": {}}))
+        for key, value in source.shape().items():
+            if base["model"].get(key, value) != value:
+                raise ConfigError(f"--{key.replace('_', '-')} {base['model'][key]} differs from the model you start "
+                                  f"from ({key} {value}); leave it out")
+            base["model"][key] = value
     if "block_size" not in base["model"] and base.get("data"):
         from mtgpt.data import load_manifest  # the data's block size is the natural default
 
@@ -109,14 +140,16 @@ def main() -> None:
 @click.option("--val-fraction", default=0.01, show_default=True, help="Share of sequences held out for validation.")
 @click.option("--seed", default=1337, show_default=True, help="Decides which sequences are val.")
 @click.option("--shard-size", default=100.0, show_default=True, help="Shard size in MB.")
-@click.option("--glob", default="**/*.txt", show_default=True, help="Files to take from folders.")
+@click.option("--glob", help="Files to take from folders. [default: **/*.txt; **/*.yml with --format chat]")
+@click.option("--format", "fmt", type=click.Choice(["text", "chat"]), default="text", show_default=True,
+              help="chat: dialogue files (chatterbot YAML, or JSONL of {\"messages\": [...]}) in the chat template.")
 @click.option("--doc-separator", metavar="LINE", help="A line equal to LINE ends a document (default: each file is one).")
 @click.option("--strict", is_flag=True, help="Refuse invalid UTF-8 instead of replacing it.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out (only once the new data is complete).")
 @click.option("--workers", type=int, help="Tokenizer threads. [default: all cores]")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--list", "list_corpora", is_flag=True, help="List the built-in corpora and exit.")
-def prepare(inputs, out, block_size, val_fraction, seed, shard_size, glob, doc_separator, strict,
+def prepare(inputs, out, block_size, val_fraction, seed, shard_size, glob, fmt, doc_separator, strict,
             overwrite, workers, quiet, list_corpora):
     """Tokenize text into webdataset shards for training.
 
@@ -136,7 +169,7 @@ def prepare(inputs, out, block_size, val_fraction, seed, shard_size, glob, doc_s
         m = run_prepare(list(inputs), out, block_size=block_size, val_fraction=val_fraction, seed=seed,
                         shard_size_mb=shard_size, overwrite=overwrite, strict=strict,
                         doc_separator=doc_separator, glob=glob, workers=workers, quiet=quiet,
-                        warn=lambda msg: click.echo(msg, err=True))
+                        warn=lambda msg: click.echo(msg, err=True), fmt=fmt)
     except DataError as e:
         _fail(e)
     tr, va = m["splits"]["train"], m["splits"]["val"]
@@ -208,21 +241,16 @@ def run_worker(options: dict) -> None:
 @click.argument("run_dir", type=click.Path())
 @click.option("--prompt", default="", help="Text to continue. [default: start a new document]")
 @click.option("--prompt-file", type=click.Path(dir_okay=False), help="Read the prompt from a UTF-8 file.")
-@click.option("--max-new-tokens", default=200, show_default=True, help="Tokens to generate.")
-@click.option("--temperature", default=0.8, show_default=True, help="0 is greedy; higher is more random.")
-@click.option("--top-k", default=200, show_default=True, help="Sample from the k most likely tokens.")
-@click.option("--top-p", type=float, help="Sample from the smallest set with this probability mass.")
 @click.option("--num-samples", default=1, show_default=True, help="Independent continuations.")
-@click.option("--seed", type=int, help="Same seed, same text.")
-@click.option("--best", is_flag=True, help="Use the weights with the best val loss, not the latest.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
-def sample(run_dir, prompt, prompt_file, max_new_tokens, temperature, top_k, top_p, num_samples, seed,
+@click.option("--stop", "stop_text", help="Stop a sample when it writes this text (it is not printed).")
+@_sampling_options(max_new_tokens=200)
+def sample(run_dir, prompt, prompt_file, num_samples, stop_text, max_new_tokens, temperature, top_k, top_p, seed,
            best, device):
-    """Continue a prompt with a trained model (top-k sampling, streamed as it comes)."""
+    """Continue a prompt with a trained model, streamed as it comes (KV cache, top-k/top-p)."""
     from mtgpt.sample import SampleConfig, SampleError, run_sample
 
     cfg = SampleConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                       seed=seed, num_samples=num_samples)
+                       seed=seed, num_samples=num_samples, stop_text=stop_text)
     try:
         if prompt_file:
             try:
@@ -235,6 +263,79 @@ def sample(run_dir, prompt, prompt_file, max_new_tokens, temperature, top_k, top
                    write=lambda s: click.echo(s, nl=False), warn=lambda s: click.echo(s, err=True))
     except (SampleError, ValueError) as e:
         _fail(e)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path())
+@click.option("--system", help="A system line put before the conversation.")
+@_sampling_options(max_new_tokens=64)
+def chat(run_dir, system, max_new_tokens, temperature, top_k, top_p, seed, best, device):
+    """Talk to a model in the terminal (/reset forgets, /quit or Ctrl-D ends).
+
+    The model answers well only if it was fine-tuned on dialogue in mtgpt's chat template:
+    `mtgpt prepare chatterbot --format chat --out data/chat` then
+    `mtgpt train --init-from RUN_DIR --data data/chat --out runs/chat`.
+    """
+    from mtgpt.chat import run_chat
+    from mtgpt.sample import SampleConfig, SampleError
+
+    cfg = SampleConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    try:
+        run_chat(run_dir, cfg, best=best, device=device, system=system, read=input,
+                 write=lambda s: click.echo(s, nl=False))
+    except (SampleError, ValueError) as e:
+        _fail(e)
+
+
+@main.command(name="eval")
+@click.argument("run_dir", type=click.Path())
+@click.argument("texts", nargs=-1, required=True, metavar="TEXT...")
+@click.option("--stride", type=int, help="Tokens between window starts. [default: half the context]")
+@click.option("--best", is_flag=True, help="Use the weights with the best val loss.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
+def eval_(run_dir, texts, stride, best, device, as_json):
+    """Loss, perplexity and bits per byte of a model on text files (sliding window)."""
+    import json as json_mod
+
+    from mtgpt.checkpoint import load_model
+    from mtgpt.evaluate import read_text, score_text, total
+    from mtgpt.sample import pick_device
+
+    try:
+        model = load_model(run_dir, best=best, device=pick_device(device))
+        scores = [score_text(model, read_text(path), path, stride) for path in texts]
+    except ValueError as e:
+        _fail(e)
+    rows = scores + ([total(scores)] if len(scores) > 1 else [])
+    if as_json:
+        click.echo(json_mod.dumps([r.as_dict() for r in rows], indent=2))
+        return
+    click.echo(f"{'text':30s} {'tokens':>9} {'loss':>8} {'ppl':>10} {'bits/byte':>10}")
+    for r in rows:
+        click.echo(f"{r.name[-30:]:30s} {r.tokens:>9,} {r.loss:>8.4f} {r.ppl:>10.2f} {r.bpb:>10.4f}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path())
+@click.option("--hf", "hf_dir", required=True, type=click.Path(file_okay=False),
+              help="Folder to write: transformers loads it with from_pretrained().")
+@click.option("--best", is_flag=True, help="Export the weights with the best val loss.")
+def export(run_dir, hf_dir, best):
+    """Write a run's model as a Hugging Face GPT-2 folder (config, safetensors, tokenizer)."""
+    from mtgpt import hf
+    from mtgpt.checkpoint import load_model
+
+    out = Path(hf_dir)
+    if out.exists() and any(out.iterdir()):
+        _fail(ValueError(f"{out} is not empty; choose another --hf folder"))
+    try:
+        model = load_model(run_dir, best=best)
+        hf.export(dict(model.named_parameters()), model.config, out)
+    except ValueError as e:
+        _fail(e)
+    click.echo(f"{out}: GPT2LMHeadModel + tokenizer; load with "
+               f"AutoModelForCausalLM.from_pretrained({str(out)!r}) and AutoTokenizer.from_pretrained({str(out)!r})")
 
 
 @main.command()

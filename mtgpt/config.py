@@ -78,6 +78,9 @@ class TrainConfig:
     resume: str = "never"  # see RESUME_HELP
     seed: int = 1337  # model init, data order, dropout
     num_workers: int = 0  # DataLoader worker processes per rank (0: load in the training process)
+    compile: bool | None = None  # torch.compile the model (None: on GPUs only)
+    init_from: str | None = None  # start from the weights of this mtgpt run (fine-tuning)
+    init_from_hf: str | None = None  # start from a GPT-2-shaped Hugging Face folder
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
@@ -93,8 +96,9 @@ class TrainConfig:
             raise ConfigError(f"lr must be positive, got {self.lr}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.warmup_steps is not None and self.warmup_steps < 0:
-            raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.warmup_steps is not None and self.warmup_steps < 1:
+            raise ConfigError(f"warmup_steps must be >= 1 (DeepSpeed's warmup schedules need a step; "
+                              f"1 is no warmup), got {self.warmup_steps}")
         if self.num_workers < 0:
             raise ConfigError(f"num_workers must be >= 0, got {self.num_workers}")
         if not self.resume:
@@ -107,6 +111,8 @@ class TrainConfig:
             raise ConfigError(f"max_epochs must be positive, got {self.max_epochs}")
         if self.max_time is not None:
             parse_duration(self.max_time)
+        if self.init_from and self.init_from_hf:
+            raise ConfigError("give --init-from or --init-from-hf, not both")
         if self.min_delta < 0:
             raise ConfigError(f"min_delta must be >= 0, got {self.min_delta}")
 

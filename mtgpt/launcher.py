@@ -2,9 +2,9 @@
 
 The launcher runs `python -m mtgpt worker --config FILE` in each process; FILE is the resolved
 train config written to a temporary file (nothing is written into the run folder before the
-ranks agree to start). SIGINT/SIGTERM reach the ranks, which save a checkpoint and exit 0; the
-DeepSpeed launcher itself exits 1 after forwarding a signal, so the exit code reported is 0 when
-rank 0 recorded a clean stop.
+ranks agree to start). SIGINT (Ctrl-C) and SIGTERM reach every process under the launcher; the
+ranks finish their step, save a checkpoint and exit 0. The DeepSpeed launcher itself
+exits 1 after a signal, so the exit code reported is 0 when rank 0 recorded a clean stop.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import psutil
 
 from mtgpt import distributed as dist, rundir
 from mtgpt.config import TrainConfig
@@ -45,15 +47,24 @@ def launch_local(cfg: TrainConfig, nproc: int) -> int:
     started = time.time()
     proc = subprocess.Popen(command(config_file, nproc, dist.free_port()), env=env)
     got_signal: list[int] = []
+    tree: list[psutil.Process] = []  # the processes under the launcher when a signal came
 
-    def forward(signum, frame):  # Ctrl-C reaches the whole process group anyway; SIGTERM may not
+    def forward(signum, frame):
+        # DeepSpeed's local runner dies on SIGTERM without passing it on, so every process under
+        # it (its launcher, the ranks) gets SIGTERM directly. Ctrl-C already reached them all.
         got_signal.append(signum)
+        tree[:] = _descendants(proc.pid)
         if signum == signal.SIGTERM:
-            proc.send_signal(signum)
+            for child in tree:
+                try:
+                    child.send_signal(signum)
+                except psutil.NoSuchProcess:
+                    pass
 
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         rc = proc.wait()
+        psutil.wait_procs(tree, timeout=600)  # after a signal, ranks may still be saving
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
@@ -61,6 +72,14 @@ def launch_local(cfg: TrainConfig, nproc: int) -> int:
     if rc != 0 and got_signal and clean_stop_since(cfg.out, started):
         return 0
     return rc
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
 
 
 def clean_stop_since(out: str, since: float) -> bool:

@@ -34,6 +34,7 @@ class SampleConfig:
     seed: int | None = None  # same seed, same text
     num_samples: int = 1  # independent continuations of the prompt
     stop_at_eot: bool = True  # stop a sample at <|endoftext|>
+    stop_text: str | None = None  # stop a sample when its text contains this (not part of the output)
     slide: int | None = None  # window stride past block_size (None: block_size // 4)
 
     def check(self, vocab_size: int) -> None:
@@ -48,6 +49,8 @@ class SampleConfig:
             raise SampleError(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.num_samples < 1:
             raise SampleError(f"--num-samples must be >= 1, got {self.num_samples}")
+        if self.stop_text == "":
+            raise SampleError("--stop must not be empty")
 
 
 def window_start(n_tokens: int, block_size: int, slide: int) -> int:
@@ -134,7 +137,8 @@ def generate(model: GPT, prompt: str, cfg: SampleConfig, use_cache: bool = True)
                 out[i].append(t)
         if all(done):
             break
-    return [tokenizer.decode(ids) for ids in out]
+    texts = [tokenizer.decode(ids) for ids in out]
+    return [t.split(cfg.stop_text)[0] for t in texts] if cfg.stop_text else texts
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -168,14 +172,20 @@ def run_sample(run_dir: str, prompt: str, cfg: SampleConfig, best: bool = False,
         return texts
     text = TextStream()
     write(prompt)
-    pieces = []
+    out, shown = "", 0  # text generated, and how much of it is printed
+    hold = len(cfg.stop_text) - 1 if cfg.stop_text else 0  # may be the start of the stop text
     for nxt, _ in stream(model, ids, cfg):
         token = int(nxt[0])
         if cfg.stop_at_eot and token == tokenizer.EOT:
             break
-        piece = text.add(token)
-        pieces.append(piece)
-        write(piece)
-    pieces.append(text.flush())
-    write(pieces[-1] + "\n")
-    return ["".join(pieces)]
+        out += text.add(token)
+        if cfg.stop_text and cfg.stop_text in out:
+            break
+        end = max(shown, len(out) - hold)
+        write(out[shown:end])
+        shown = end
+    out += text.flush()
+    if cfg.stop_text:
+        out = out.split(cfg.stop_text)[0]
+    write(out[shown:] + "\n")
+    return [out]

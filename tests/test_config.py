@@ -18,6 +18,7 @@ def test_roundtrip(tmp_path):
     ({"max_time": "soon"}, "not a duration"),
     ({"patience": 0}, "patience"),
     ({"min_lr_ratio": 2.0}, "min_lr_ratio"),
+    ({"warmup_steps": 0}, "warmup_steps must be >= 1"),
     ({"learning_rate": 1e-3}, "unknown key.*learning_rate"),
     ({"model": {"n_head": 5, "n_embd": 64}}, "does not divide"),
 ])

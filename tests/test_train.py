@@ -24,7 +24,7 @@ def metrics(run: Path) -> list[dict]:
 def trained(tiny_data, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("runs") / "tiny"
     run_mtgpt("train", "--data", tiny_data, "--out", run, "--nproc", "2", *TRAIN,
-              "--max-steps", "30", "--eval-every", "10", "--save-every", "10")
+              "--max-steps", "30", "--eval-every", "10", "--save-every", "10", env={"MTGPT_PEAK_FLOPS": "1e12"})
     return run
 
 
@@ -40,8 +40,9 @@ def test_loss_goes_down(trained):
 
 def test_run_folder(trained):
     for name in ["train_config.json", "ds_config.json", "run_info.json", "model.safetensors", "config.json",
-                 "best/model.safetensors", "metrics.jsonl", "last_stop.json"]:
+                 "best/model.safetensors", "metrics.jsonl", "last_stop.json", "loss.png"]:
         assert (trained / name).is_file(), name
+    assert (trained / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     ds = json.loads((trained / "ds_config.json").read_text())
     assert ds["train_batch_size"] == 8 and ds["optimizer"]["params"]["lr"] == 1e-2
     assert checkpoint.complete_tags(trained) == ["step_00000020", "step_00000030"]  # keep_last 2
@@ -55,8 +56,21 @@ def test_tensorboard_events(trained):
     acc = EventAccumulator(str(trained / "tb"))
     acc.Reload()
     tags = acc.Tags()["scalars"]
-    for tag in ["train/loss", "val/loss", "lr", "val/ppl", "perf/tokens_per_s"]:
+    for tag in ["train/loss", "val/loss", "lr", "val/ppl", "perf/tokens_per_s", "perf/mfu", "train/grad_norm",
+                "train/tokens"]:
         assert tag in tags, tag
+    # MFU = tokens/s x (6 N + 12 L C T) / (peak x ranks), with MTGPT_PEAK_FLOPS=1e12 and 2 ranks
+    from mtgpt.config import ModelConfig
+    from mtgpt.model import GPT
+
+    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32))
+    flops = 6 * model.num_params(non_embedding=True) + 12 * 2 * 32 * 32
+    for rate, mfu in zip(acc.Scalars("perf/tokens_per_s"), acc.Scalars("perf/mfu")):
+        assert abs(mfu.value - rate.value * flops / 2e12) < 1e-9
+    assert [e.value for e in acc.Scalars("train/tokens")][:2] == [5 * 256, 10 * 256]
+    samples = acc.Tensors("sample/text_summary")
+    assert [e.step for e in samples] == [10, 20, 30]
+    assert all(e.tensor_proto.string_val[0] for e in samples)  # a non-empty text sample at each evaluation
     val = acc.Scalars("val/loss")
     assert [e.step for e in val] == [10, 20, 30]
     by_step = {r["step"]: r for r in metrics(trained)}
@@ -132,3 +146,22 @@ def test_data_block_size_mismatch(tiny_data, tmp_path):
                      "--n-embd", "32", "--block-size", "64", check=False)
     assert proc.returncode != 0 and "pass --block-size 32" in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("args, reason, step", [
+    (["--max-tokens", "1000"], "max_tokens", 8),  # 128 tokens per step: ceil(1000 / 128)
+    (["--max-epochs", "0.5"], "max_epochs", 12),  # 93 samples x 32 tokens / 2 / 128, rounded up
+    (["--eval-every", "1", "--patience", "2", "--min-delta", "100"], "early_stopping", 3),
+    (["--max-time", "4s", "--max-steps", "100000"], "max_time", None),
+])
+def test_stop_conditions(tiny_data, tmp_path, args, reason, step):
+    run = tmp_path / "run"
+    run_mtgpt("train", "--data", tiny_data, "--out", run, "--nproc", "2", *TINY_ARGS, "--micro-batch", "2",
+              "--log-every", "1", "--eval-samples", "4", *args)
+    stop = json.loads((run / "last_stop.json").read_text())
+    assert stop["reason"] == reason
+    if step is not None:
+        assert stop["step"] == step
+    assert checkpoint.latest_complete(run).name == checkpoint.tag_for(stop["step"])  # saved at the stop
+    if reason == "max_tokens":
+        assert json.loads((run / "ds_config.json").read_text())["scheduler"]["params"]["total_num_steps"] == 8

@@ -166,27 +166,46 @@ def prepare(
     overwrite: bool = False,
     strict: bool = False,
     doc_separator: str | None = None,
-    glob: str = "**/*.txt",
+    glob: str | None = None,
     workers: int | None = None,
     quiet: bool = False,
     warn: Callable[[str], None] = print,
+    fmt: str = "text",
 ) -> dict[str, Any]:
-    """Tokenize `inputs` into shards under `out`; returns the manifest (also in out/manifest.json)."""
+    """Tokenize `inputs` into shards under `out`; returns the manifest (also in out/manifest.json).
+
+    fmt "chat": the inputs are dialogue files (chatterbot YAML, or JSONL of {"messages": [...]});
+    each conversation becomes one document in the chat template (see mtgpt.chat)."""
     if block_size < 1:
         raise DataError(f"--block-size must be positive, got {block_size}")
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if fmt not in ("text", "chat"):
+        raise DataError(f"--format must be text or chat, got {fmt!r}")
     out = Path(out)
     check_out(out, overwrite)
-    sources = resolve_sources(inputs, glob)
+    sources = resolve_sources(inputs, glob or ("**/*.yml" if fmt == "chat" else "**/*.txt"))
+    if fmt == "chat" and any(s.path is None for s in sources):
+        raise DataError("--format chat reads files (YAML or JSONL), not stdin")
     workers = workers or os.cpu_count() or 1
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        manifest = _write_shards(sources, tmp, block_size, val_fraction, seed, shard_size_mb, strict,
-                                 _separator_pattern(doc_separator), workers, quiet, warn)
+        read, extra = sources, {"content": fmt}
+        if fmt == "chat":
+            from mtgpt import chat
+
+            text = tmp / ".conversations.txt"
+            try:
+                extra["conversations"] = chat.to_template_file([s.path for s in sources], text)
+            except chat.ChatDataError as e:
+                raise DataError(str(e)) from None
+            read, doc_separator = [Source("conversations", text, text.stat().st_size)], chat.DOC_SEPARATOR
+        manifest = _write_shards(read, tmp, block_size, val_fraction, seed, shard_size_mb, strict,
+                                 _separator_pattern(doc_separator), workers, quiet, warn, sources, extra)
+        (tmp / ".conversations.txt").unlink(missing_ok=True)
         _replace_folder(tmp, out)
     except BaseException as e:  # nothing half-written survives: not a crash, not Ctrl-C, not ENOSPC
         shutil.rmtree(tmp, ignore_errors=True)
@@ -198,7 +217,7 @@ def prepare(
 
 
 def _write_shards(sources, tmp, block_size, val_fraction, seed, shard_size_mb, strict, sep,
-                  workers, quiet, warn) -> dict[str, Any]:
+                  workers, quiet, warn, listed, extra) -> dict[str, Any]:
     started = time.time()
     S = block_size + 1
     shard_bytes = int(shard_size_mb * 1e6)
@@ -281,7 +300,8 @@ def _write_shards(sources, tmp, block_size, val_fraction, seed, shard_size_mb, s
         "replaced_bytes": sum(replaced),
         "splits": {s: {"samples": w.samples, "tokens": w.samples * S, "shards": w.shards}
                    for s, w in writers.items()},
-        "sources": [{"name": s.name, "bytes": s.size} for s in sources],
+        **extra,
+        "sources": [{"name": s.name, "bytes": s.size} for s in listed],
         "seconds": round(time.time() - started, 2),
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

@@ -1,0 +1,141 @@
+"""Training throughput: mtgpt's DeepSpeed path against a plain PyTorch loop, same model, batch,
+precision and data, one process each. Prints tokens/s, peak memory and the ratio.
+
+    python benchmarks/train_throughput.py                       # CPU: seed model, batch 4, bf16
+    python benchmarks/train_throughput.py --batch 64 --steps 50 # GPU: the reference setting
+
+The DeepSpeed path is what `mtgpt train` runs: `mtgpt.train.build_engine` (model compiled in
+place before deepspeed.initialize on GPUs, DeepSpeed-managed AdamW, gradient clipping 1.0) and
+`mtgpt.train.train_step`. The plain loop is a hand-written step: autocast, loss.backward(),
+clip_grad_norm_, AdamW (fused on GPU), torch.compile on GPU. Both see the same random token batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def batches(batch: int, block: int, vocab: int, device: torch.device):
+    g = torch.Generator().manual_seed(0)
+    data = torch.randint(0, vocab, (8, batch, block + 1), generator=g)
+    i = 0
+    while True:
+        chunk = data[i % 8].to(device, non_blocking=True)
+        i += 1
+        yield chunk[:, :-1], chunk[:, 1:]
+
+
+def run_plain(args, cfg, device) -> float:
+    from mtgpt.model import GPT
+
+    torch.manual_seed(0)
+    model = GPT(cfg).to(device)
+    if args.compile:
+        model.compile()
+    opt = torch.optim.AdamW(model.param_groups(0.1), lr=1e-3, betas=(0.9, 0.95), fused=device.type == "cuda")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
+    it = batches(args.batch, cfg.block_size, cfg.vocab_size, device)
+
+    def step():
+        x, y = next(it)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            _, loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return timed(step, args, device)
+
+
+def run_deepspeed(args, cfg, device) -> float:
+    from mtgpt import distributed as dist, ds_config
+    from mtgpt.config import TrainConfig
+    from mtgpt.model import GPT
+    from mtgpt.train import Plan, build_engine, train_step
+
+    dist.init()
+    tc = TrainConfig(data="-", out="-", model=cfg, micro_batch=args.batch, compile=args.compile)
+    _, raw = ds_config.find(f"zero{args.zero}_{args.precision}")
+    ds = ds_config.resolve(tc, raw, 1, 10_000, cuda=device.type == "cuda")
+    torch.manual_seed(0)
+    engine = build_engine(Plan(tc, ds, "", {}, 1, 10_000, None), GPT(cfg))
+    it = batches(args.batch, cfg.block_size, cfg.vocab_size, device)
+    return timed(lambda: train_step(engine, it, 1), args, device)
+
+
+def timed(step, args, device) -> float:
+    for _ in range(args.warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def child(args) -> None:
+    from mtgpt.config import ModelConfig
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = ModelConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, block_size=args.block_size,
+                      vocab_size=args.vocab_size)
+    seconds = (run_deepspeed if args.mode == "deepspeed" else run_plain)(args, cfg, device)
+    memory = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+    print(json.dumps({"tokens_per_s": args.steps * args.batch * args.block_size / seconds, "gpu_memory": memory,
+                      "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                      "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mode", choices=["deepspeed", "plain"], help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="bf16")
+    p.add_argument("--zero", type=int, default=1)
+    p.add_argument("--n-layer", type=int, default=6)
+    p.add_argument("--n-head", type=int, default=6)
+    p.add_argument("--n-embd", type=int, default=384)
+    p.add_argument("--block-size", type=int, default=512)
+    p.add_argument("--vocab-size", type=int, default=50257)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile both (default: on GPUs)")
+    args = p.parse_args()
+    if args.compile is None:
+        args.compile = torch.cuda.is_available()
+    if args.mode:
+        return child(args)
+    results = {}
+    for mode in ("plain", "deepspeed"):
+        cmd = [sys.executable, __file__, "--mode", mode, *sys.argv[1:]]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        out, _ = proc.communicate()
+        if proc.returncode != 0:
+            raise SystemExit(f"{mode} failed")
+        results[mode] = json.loads(out.strip().splitlines()[-1])
+    device = results["plain"]["device"]
+    print(f"{device}: {args.n_layer} layers x {args.n_embd} wide, context {args.block_size}, batch {args.batch}, "
+          f"{args.precision}, compile {args.compile}, {args.steps} timed steps after {args.warmup}")
+    for mode, r in results.items():
+        mem = (f"peak GPU memory {r['gpu_memory'] / 2**30:.2f} GiB" if r["gpu_memory"]
+               else f"peak RSS {r['peak_rss'] / 2**30:.2f} GiB")
+        name = "plain PyTorch loop" if mode == "plain" else f"mtgpt DeepSpeed (ZeRO-{args.zero})"
+        print(f"  {name:28s} {r['tokens_per_s']:>12,.0f} tokens/s   {mem}")
+    print(f"  ratio deepspeed / plain: {results['deepspeed']['tokens_per_s'] / results['plain']['tokens_per_s']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""Chat: the template, turning dialogue data into training text, and the terminal loop.
+
+The GPT-2 vocabulary is fixed, so the template is written with plain-text markers, one turn per
+line, each conversation one document:
+
+    System: You are a helpful assistant.      (optional, from a "system" message)
+    User: Hello!
+    Bot: Hi, how are you?
+    User: Fine, thanks.
+    Bot: Good to hear.
+
+A reply is the text the model writes after "Bot: " up to the end of the line. Newlines inside a
+message are written as spaces, so a turn is always exactly one line.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from mtgpt import tokenizer
+
+USER, BOT, SYSTEM = "User: ", "Bot: ", "System: "
+ROLES = {"user": USER, "assistant": BOT, "bot": BOT, "system": SYSTEM}
+DOC_SEPARATOR = "\x1e"  # a line holding only ASCII "record separator" ends a conversation
+
+
+class ChatDataError(ValueError):
+    """Dialogue data mtgpt cannot read; the message names the file and the problem."""
+
+
+def _line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def render(turns: Iterable[tuple[str, str]]) -> str:
+    """[(role marker, text), ...] -> the template text, one line per turn."""
+    return "".join(f"{marker}{_line(text)}\n" for marker, text in turns)
+
+
+def prompt_for(history: list[tuple[str, str]], message: str, system: str | None = None) -> str:
+    """The text the model continues: past exchanges, the new user line, and "Bot:"."""
+    turns = [(SYSTEM, system)] if system else []
+    for user, bot in history:
+        turns += [(USER, user), (BOT, bot)]
+    return render(turns + [(USER, message)]) + BOT.rstrip()
+
+
+def conversations_from_yaml(path: Path) -> Iterator[list[tuple[str, str]]]:
+    """chatterbot-corpus YAML: `conversations:` lists of alternating user and bot lines."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ChatDataError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("conversations"), list):
+        raise ChatDataError(f"{path}: expected a chatterbot YAML file with a 'conversations' list")
+    for conv in data["conversations"]:
+        if isinstance(conv, list) and len(conv) >= 2:
+            yield [(USER if i % 2 == 0 else BOT, str(text)) for i, text in enumerate(conv)]
+
+
+def conversations_from_jsonl(path: Path) -> Iterator[list[tuple[str, str]]]:
+    """JSONL, one conversation per line: {"messages": [{"role": ..., "content": ...}, ...]}."""
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                messages = json.loads(line)["messages"]
+                turns = [(ROLES[m["role"]], m["content"]) for m in messages]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ChatDataError(f"{path}:{n}: expected {{\"messages\": [{{\"role\": \"user\"|\"assistant\"|"
+                                    f"\"system\", \"content\": ...}}]}} ({type(e).__name__}: {e})") from None
+            yield turns
+
+
+def to_template_file(inputs: list[Path], out: Path) -> int:
+    """Write every conversation of `inputs` (YAML or JSONL) as template text, conversations
+    separated by DOC_SEPARATOR lines. Returns the number of conversations."""
+    count = 0
+    with out.open("w", encoding="utf-8") as f:
+        for path in inputs:
+            read = conversations_from_jsonl if path.suffix == ".jsonl" else conversations_from_yaml
+            for turns in read(path):
+                f.write(render(turns) + DOC_SEPARATOR + "\n")
+                count += 1
+    if count == 0:
+        raise ChatDataError(f"no conversations found in {', '.join(map(str, inputs))}")
+    return count
+
+
+def fit_history(history: list[tuple[str, str]], message: str, block_size: int, reply_tokens: int,
+                system: str | None = None) -> tuple[list[tuple[str, str]], list[int]]:
+    """Drop the oldest exchanges until prompt + reply fit the context; returns (history kept,
+    prompt ids). If the message alone is too long, its start is cut off."""
+    history = list(history)
+    while True:
+        ids = tokenizer.encode(prompt_for(history, message, system))
+        if len(ids) + reply_tokens <= block_size or not history:
+            break
+        history.pop(0)
+    budget = max(1, block_size - reply_tokens)
+    return history, ids[-budget:]
+
+
+def reply_stream(model, prompt_ids: list[int], cfg) -> Iterator[str]:
+    """Text pieces of the model's reply, up to the end of the line (or <|endoftext|>)."""
+    from mtgpt.sample import TextStream, stream
+
+    text = TextStream()
+    for nxt, _ in stream(model, prompt_ids, cfg):
+        token = int(nxt[0])
+        if token == tokenizer.EOT:
+            break
+        piece = text.add(token)
+        if "\n" in piece:
+            yield piece.split("\n")[0]
+            return
+        yield piece
+    yield text.flush()
+
+
+HELP = "Type a message and press Enter. /reset forgets the conversation, /quit or Ctrl-D ends it."
+
+
+def run_chat(run_dir: str, cfg, best: bool = False, device: str = "auto", system: str | None = None,
+             read=input, write=print) -> None:
+    """The terminal loop of `mtgpt chat`."""
+    import torch
+
+    from mtgpt.checkpoint import load_model
+    from mtgpt.sample import pick_device
+
+    dev = pick_device(device)
+    model = load_model(run_dir, best=best, device=dev)
+    if dev.type == "cuda":
+        model = model.to(torch.bfloat16)
+    cfg.check(model.config.vocab_size)
+    cfg.num_samples, cfg.stop_at_eot = 1, True
+    write(f"mtgpt chat with {run_dir} (context {model.config.block_size} tokens). {HELP}\n")
+    history: list[tuple[str, str]] = []
+    while True:
+        try:
+            message = read("you> ")
+        except (EOFError, KeyboardInterrupt):
+            write("\n")
+            return
+        if message.strip() in ("/quit", "/exit"):
+            return
+        if message.strip() == "/reset":
+            history = []
+            write("(conversation forgotten)\n")
+            continue
+        if not message.strip():
+            continue
+        history, ids = fit_history(history, message, model.config.block_size, cfg.max_new_tokens, system)
+        write("bot> ")
+        pieces = []
+        for piece in reply_stream(model, ids, cfg):
+            pieces.append(piece)
+            write(piece)
+        write("\n")
+        history.append((message, "".join(pieces).strip()))

@@ -1,0 +1,92 @@
+"""`mtgpt eval`: loss, perplexity and bits per byte of a model on any text.
+
+Every token is scored once, with context: the text (after an <|endoftext|> that starts it, so
+its first token is scored too) is read in windows of block_size tokens that start `stride`
+tokens apart; each window scores only the tokens the previous one did not reach, so every token
+after the first window sees at least block_size - stride tokens of context.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from mtgpt import tokenizer
+from mtgpt.model import GPT
+
+
+@dataclass
+class Score:
+    name: str
+    tokens: int  # tokens scored
+    bytes: int  # UTF-8 bytes of the text
+    nll: float  # summed negative log-likelihood, nats
+
+    @property
+    def loss(self) -> float:
+        return self.nll / self.tokens
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(min(self.loss, 700.0))
+
+    @property
+    def bpb(self) -> float:
+        return self.nll / math.log(2) / self.bytes
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "loss": self.loss, "ppl": self.ppl, "bits_per_byte": self.bpb}
+
+
+def windows(n: int, block: int, stride: int):
+    """(begin, end, first scored index) for each window over n tokens; token 0 is never scored."""
+    begin, scored = 0, 1
+    while scored < n:
+        end = min(begin + block, n)
+        yield begin, end, scored
+        scored = end
+        begin += stride
+
+
+@torch.no_grad()
+def score_ids(model: GPT, ids: list[int], stride: int) -> tuple[float, int]:
+    """(summed NLL in nats, tokens scored) of ids[1:] given what precedes them."""
+    block = model.config.block_size
+    if not 1 <= stride <= block:
+        raise ValueError(f"--stride must be between 1 and the block size {block}, got {stride}")
+    device = next(model.parameters()).device
+    x = torch.tensor(ids, dtype=torch.long, device=device)
+    nll, count = 0.0, 0
+    for begin, end, first in windows(len(ids), block, stride):
+        logits, _ = model(x[begin:end][None])  # (1, end - begin, V)
+        # logits at position i predict token begin + i + 1; score tokens first..end-1
+        pred = logits[0, first - begin - 1: end - begin - 1].float()
+        nll += F.cross_entropy(pred, x[first:end], reduction="sum").item()
+        count += end - first
+    return nll, count
+
+
+def score_text(model: GPT, text: str, name: str, stride: int | None = None) -> Score:
+    ids = [tokenizer.EOT, *tokenizer.encode(text)]
+    nll, count = score_ids(model, ids, stride or max(1, model.config.block_size // 2))
+    return Score(name, count, len(text.encode("utf-8")), nll)
+
+
+def total(scores: list[Score]) -> Score:
+    return Score("total", sum(s.tokens for s in scores), sum(s.bytes for s in scores), sum(s.nll for s in scores))
+
+
+def read_text(path: str) -> str:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text") from None
+    if not text:
+        raise ValueError(f"{path}: the file is empty")
+    return text

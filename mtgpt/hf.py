@@ -1,0 +1,123 @@
+"""Hugging Face GPT-2 folders: export a run (`mtgpt export RUN --hf OUT`) and import one
+(`mtgpt train --init-from-hf DIR`).
+
+mtgpt's parameter names are GPT-2's, so the mapping is one to one; the only change is that HF's
+GPT-2 keeps its attention and MLP weights in `Conv1D` layers, stored transposed (in, out) where
+nn.Linear stores (out, in). The exported folder is a `GPT2LMHeadModel` written by transformers'
+own save_pretrained (config.json, model.safetensors) plus the GPT-2 tokenizer as tokenizer.json,
+built from the same vocabulary files mtgpt ships. Weights are read only from safetensors or with
+`torch.load(weights_only=True)`: a pickle that would run code is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import torch
+
+from mtgpt import tokenizer
+from mtgpt.config import ModelConfig
+
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+class HFError(ValueError):
+    """A folder that is not a GPT-2 mtgpt can use; the message says why."""
+
+
+def _transpose_conv1d(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: (v.t().contiguous() if k.endswith(CONV1D) else v) for k, v in weights.items()}
+
+
+def gpt2_config(config: ModelConfig):
+    from transformers import GPT2Config
+
+    return GPT2Config(vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd,
+                      n_layer=config.n_layer, n_head=config.n_head, n_inner=None,
+                      activation_function="gelu_new", resid_pdrop=config.dropout, embd_pdrop=config.dropout,
+                      attn_pdrop=config.dropout, layer_norm_epsilon=1e-5, bos_token_id=tokenizer.EOT,
+                      eos_token_id=tokenizer.EOT, tie_word_embeddings=True)
+
+
+def hf_tokenizer():
+    """transformers' GPT2TokenizerFast built from mtgpt's vocabulary files (50257 tokens).
+    (GPT2TokenizerFast(vocab_file=..., merges_file=...) builds an empty tokenizer in some
+    transformers versions, so the `tokenizers` BPE model is assembled directly.)"""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import GPT2TokenizerFast
+
+    vocab = json.loads(tokenizer.ENCODER_JSON.read_text(encoding="utf-8"))
+    merges = [tuple(line.split()) for line in tokenizer.VOCAB_BPE.read_text(encoding="utf-8").split("\n")[1:] if line]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2's regex, then bytes
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    fast = GPT2TokenizerFast(tokenizer_object=tok, bos_token=tokenizer.EOT_TEXT, eos_token=tokenizer.EOT_TEXT,
+                             unk_token=tokenizer.EOT_TEXT, model_max_length=None)
+    if len(fast) != tokenizer.VOCAB_SIZE:
+        raise RuntimeError(f"the Hugging Face tokenizer has {len(fast)} tokens, not {tokenizer.VOCAB_SIZE}")
+    return fast
+
+
+def export(weights: dict[str, torch.Tensor], config: ModelConfig, out: str | Path) -> Path:
+    """Write a GPT2LMHeadModel folder from mtgpt weights (names as GPT.named_parameters())."""
+    from transformers import GPT2LMHeadModel
+
+    if not config.bias:
+        raise HFError("Hugging Face's GPT-2 has biases everywhere; a model trained with bias=False cannot be exported")
+    out = Path(out)
+    model = GPT2LMHeadModel(gpt2_config(config))
+    missing, unexpected = model.load_state_dict(_transpose_conv1d(weights), strict=False)
+    missing = [k for k in missing if k != "lm_head.weight" and not k.endswith((".attn.bias", ".attn.masked_bias"))]
+    if missing or unexpected:
+        raise HFError(f"weights do not map onto GPT-2: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.tie_weights()
+    model.save_pretrained(out, safe_serialization=True)
+    hf_tokenizer().save_pretrained(out)
+    return out
+
+
+def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if (folder / "model.safetensors").is_file():
+        return load_file(str(folder / "model.safetensors"))
+    if (folder / "pytorch_model.bin").is_file():
+        try:
+            return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise HFError(f"{folder / 'pytorch_model.bin'} is a pickle that is not plain weights (it could run "
+                          f"code when loaded), so it was not loaded: {str(e).splitlines()[0]}") from None
+    raise HFError(f"{folder}: no model.safetensors or pytorch_model.bin")
+
+
+def read_config(folder: str | Path) -> ModelConfig:
+    """The mtgpt ModelConfig of a GPT-2-shaped Hugging Face folder (refuses other shapes)."""
+    folder = Path(folder)
+    try:
+        hf = json.loads((folder / "config.json").read_text())
+    except FileNotFoundError:
+        raise HFError(f"{folder}: no config.json; give a Hugging Face model folder") from None
+    if hf.get("model_type") != "gpt2":
+        raise HFError(f"{folder} holds a {hf.get('model_type')!r} model; mtgpt imports GPT-2 models only")
+    checks = {"activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "scale_attn_by_inverse_layer_idx": False,
+              "reorder_and_upcast_attn": False, "add_cross_attention": False}
+    for key, want in checks.items():
+        if hf.get(key, want) != want:
+            raise HFError(f"{folder}: {key} = {hf[key]!r}; mtgpt's GPT computes {key} = {want!r}")
+    if hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
+        raise HFError(f"{folder}: n_inner = {hf['n_inner']}; mtgpt's MLP is 4 x n_embd wide")
+    return ModelConfig(vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
+                       n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=0.0)
+
+
+def load(folder: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """(ModelConfig, mtgpt weights) from a GPT-2-shaped Hugging Face folder."""
+    folder = Path(folder)
+    config = read_config(folder)
+    weights = {k: v for k, v in _read_weights(folder).items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+    weights = {("transformer." + k if not k.startswith(("transformer.", "lm_head")) else k): v for k, v in weights.items()}
+    weights.pop("lm_head.weight", None)  # tied to transformer.wte.weight
+    return config, _transpose_conv1d(weights)

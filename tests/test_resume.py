@@ -1,0 +1,164 @@
+"""Checkpoints a user can trust: exact resume after SIGKILL for ZeRO 0-3, torn saves ignored,
+the same losses on every ZeRO stage, resume on another number of ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from mtgpt import checkpoint
+from tests.conftest import TINY_ARGS, run_mtgpt
+
+STEPS = 20
+ARGS = [*TINY_ARGS, "--micro-batch", "2", "--lr", "3e-3", "--eval-samples", "8", "--log-every", "1",
+        "--eval-every", "10", "--seed", "3"]
+
+
+def losses(run: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows]
+    assert len(steps) == len(set(steps)), "a step logged twice"
+    return {r["step"]: r["train/loss"] for r in rows}
+
+
+def start(*args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "mtgpt", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 180, poll: float = 0.01) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"exited early ({proc.returncode}): {proc.stderr.read().decode()[-3000:]}")
+        if time.time() > deadline:
+            raise AssertionError("timed out")
+        time.sleep(poll)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    time.sleep(0.5)  # the ranks are in the same group; give the kernel a moment to reap them
+
+
+@pytest.fixture(scope="module")
+def straight(tiny_data, tmp_path_factory) -> dict[int, Path]:
+    """20 uninterrupted steps on each ZeRO stage (fp32, 2 CPU ranks)."""
+    runs = {}
+    for stage in range(4):
+        run = tmp_path_factory.mktemp("straight") / f"zero{stage}"
+        run_mtgpt("train", "--data", tiny_data, "--out", run, "--nproc", "2", "--ds-config", f"zero{stage}_fp32",
+                  *ARGS, "--max-steps", STEPS, "--save-every", 100)
+        runs[stage] = run
+    return runs
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_sigkill_then_resume_is_bit_identical(tiny_data, tmp_path, straight, stage):
+    run = tmp_path / "run"
+    cmd = ["train", "--data", tiny_data, "--out", run, "--nproc", "2", "--ds-config", f"zero{stage}_fp32", *ARGS,
+           "--max-steps", STEPS, "--save-every", 5]
+    proc = start(*cmd)
+    wait_for(lambda: (run / "checkpoints" / "step_00000005" / checkpoint.COMPLETE).is_file(), proc)
+    kill_group(proc)  # a crash: no chance to save
+    killed_at = max(losses(run))
+    assert killed_at < STEPS
+    run_mtgpt(*cmd, "--resume", "auto")
+    want, got = losses(straight[stage]), losses(run)
+    assert list(got) == list(range(1, STEPS + 1))
+    assert got == want  # every step's loss, bit for bit
+    a, b = load_file(straight[stage] / "model.safetensors"), load_file(run / "model.safetensors")
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+def test_zero_stages_agree(straight):
+    base = losses(straight[0])
+    for stage in (1, 2, 3):
+        other = losses(straight[stage])
+        assert max(abs(base[s] - other[s]) for s in base) < 1e-5, stage
+
+
+def test_torn_save_is_never_resumed(tiny_data, tmp_path):
+    """SIGKILL while a checkpoint is being written (a wider model makes the save take a while):
+    the torn folder has no COMPLETE marker, `latest` still names the previous one, resume takes
+    that, and the run finishes."""
+    run = tmp_path / "run"
+    cmd = ["train", "--data", tiny_data, "--out", run, "--nproc", "2", "--n-layer", "2", "--n-head", "2",
+           "--n-embd", "256", "--block-size", "32", "--micro-batch", "2", "--log-every", "1", "--eval-every", "100",
+           "--eval-samples", "4", "--max-steps", "12", "--save-every", "4"]
+    proc = start(*cmd)
+    tag = run / "checkpoints" / "step_00000008"
+    wait_for(lambda: tag.is_dir(), proc, poll=0.002)  # the save of step 8 has begun
+    kill_group(proc)
+    assert not (tag / checkpoint.COMPLETE).exists(), "the save finished before the kill; cannot test a torn save"
+    assert (run / "checkpoints" / "latest").read_text() == "step_00000004"
+    assert checkpoint.latest_complete(run).name == "step_00000004"
+    assert "incomplete, ignored: step_00000008" in run_mtgpt("info", run).stdout
+    out = run_mtgpt(*cmd, "--resume", "auto")
+    assert "resuming from" in out.stdout and "step_00000004" in out.stdout
+    assert checkpoint.complete_tags(run)[-1] == "step_00000012"
+    assert list(losses(run)) == list(range(1, 13))
+
+
+def _continue(run: Path, data: Path, nproc: int, micro_batch: int, stage: int, steps: int):
+    return run_mtgpt("train", "--data", data, "--out", run, "--nproc", nproc, "--ds-config", f"zero{stage}_fp32",
+                     *TINY_ARGS, "--micro-batch", micro_batch, "--lr", "1e-2", "--eval-samples", "8",
+                     "--log-every", "1", "--eval-every", "100", "--max-steps", steps, "--save-every", "5",
+                     "--resume", "auto")
+
+
+@pytest.mark.parametrize("stage, before, after", [(1, 2, 1), (3, 1, 2), (0, 2, 1)])
+def test_resume_on_another_number_of_ranks(tiny_data, tmp_path, stage, before, after):
+    """Same global batch on 2 ranks x 2 or 1 rank x 4. The weights and the optimizer state carry
+    over (through DeepSpeed's universal checkpoint for ZeRO 1-3); the data stream starts a new
+    shuffle."""
+    run = tmp_path / "run"
+    _continue(run, tiny_data, before, 4 // before, stage, 5)
+    saved = load_file(run / "model.safetensors")
+    out = _continue(run, tiny_data, after, 4 // after, stage, 10)
+    assert "resuming from" in out.stdout and "starts a new shuffle" in out.stdout
+    if stage > 0:
+        assert "universal checkpoint" in out.stdout
+        assert (run / "checkpoints" / "universal" / "step_00000005" / checkpoint.COMPLETE).is_file()
+    rows = losses(run)
+    assert list(rows) == list(range(1, 11))
+    assert rows[6] < rows[1] - 0.25  # continued from trained weights, not from scratch (10.83)
+    # The universal form holds exactly the weights that were saved.
+    if stage > 0:
+        probe = subprocess.run([sys.executable, "-c", _PROBE, str(run), str(stage)], capture_output=True, text=True,
+                               timeout=300, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+        assert probe.returncode == 0, probe.stderr[-3000:]
+        loaded = load_file(Path(probe.stdout.strip().splitlines()[-1]))
+        assert all((loaded[k] == saved[k]).all() for k in saved)
+
+
+# Load checkpoints/universal/step_00000005 into a fresh 1-rank engine and write its weights out.
+_PROBE = """
+import sys
+from pathlib import Path
+from mtgpt import checkpoint, distributed as dist
+from mtgpt.config import TrainConfig, load_json
+from mtgpt.model import GPT
+from mtgpt.train import plan
+run, stage = Path(sys.argv[1]), int(sys.argv[2])
+cfg = TrainConfig.from_dict(load_json(run / "train_config.json")).replace(micro_batch=4, resume="never",
+                                                                         out=str(run / "probe"))
+p = plan(cfg, world_size=1)
+p.ds["checkpoint"] = {"load_universal": True}
+d = dist.init()
+model = GPT(cfg.model)
+engine, *_ = dist.import_deepspeed().initialize(model=model, model_parameters=model.param_groups(), config=p.ds)
+engine.load_checkpoint(str(run / "checkpoints" / "universal"), tag="step_00000005")
+weights = checkpoint.gather_weights(engine.module, stage, 0)
+checkpoint.save_weights(weights, cfg.model, run / "probe")
+print(run / "probe" / "model.safetensors")
+"""

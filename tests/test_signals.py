@@ -1,0 +1,100 @@
+"""What happens when things go wrong while training: SIGTERM/SIGINT (save, exit 0), a rank that
+dies (the others exit, bounded time), a loss that becomes NaN (stop, keep the last checkpoint)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from mtgpt import checkpoint
+from tests.conftest import TINY_ARGS, run_mtgpt
+from tests.test_resume import start, wait_for
+
+ARGS = [*TINY_ARGS, "--micro-batch", "2", "--eval-samples", "8", "--log-every", "2", "--eval-every", "1000",
+        "--save-every", "1000", "--max-steps", "100000"]
+
+
+def rows(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_and_exits_zero(tiny_data, tmp_path, sig):
+    run = tmp_path / "run"
+    proc = start("train", "--data", tiny_data, "--out", run, "--nproc", "2", *ARGS)
+    wait_for(lambda: len(rows(run)) >= 2, proc)
+    if sig == signal.SIGINT:  # Ctrl-C: the terminal signals the whole foreground process group
+        os.killpg(proc.pid, sig)
+    else:  # Slurm, systemd, kill: the process the user started
+        proc.send_signal(sig)
+    proc.wait(timeout=120)
+    assert proc.returncode == 0, proc.stderr.read().decode()[-3000:]
+    stop = json.loads((run / "last_stop.json").read_text())
+    assert stop["reason"] == "signal"
+    tag = checkpoint.latest_complete(run)
+    assert tag is not None and tag.name == checkpoint.tag_for(stop["step"])
+    assert not [p for p in psutil.process_iter(["cmdline"]) if str(run) in " ".join(p.info["cmdline"] or [])]
+    out = run_mtgpt("train", "--data", tiny_data, "--out", run, "--nproc", "2", *ARGS[:-2], "--max-steps",
+                    stop["step"] + 4, "--resume", "auto")
+    assert f"(step {stop['step']})" in out.stdout
+    assert json.loads((run / "last_stop.json").read_text())["step"] == stop["step"] + 4
+
+
+def test_dead_rank_stops_the_others(tiny_data, tmp_path):
+    """SIGKILL one rank: the launcher ends the other and `mtgpt train` exits non-zero quickly."""
+    run = tmp_path / "run"
+    proc = start("train", "--data", tiny_data, "--out", run, "--nproc", "2", *ARGS)
+    wait_for(lambda: len(rows(run)) >= 2, proc)
+    ranks = [p for p in psutil.Process(proc.pid).children(recursive=True)
+             if p.cmdline()[1:5] == ["-u", "-m", "mtgpt", "worker"]]
+    assert len(ranks) == 2
+    ranks[1].kill()
+    killed = time.time()
+    proc.wait(timeout=120)
+    assert proc.returncode != 0
+    assert time.time() - killed < 60
+    psutil.wait_procs(ranks, timeout=30)
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in ranks)
+
+
+def test_dead_peer_without_a_launcher(tiny_data, tmp_path):
+    """Ranks started one by one (as srun does, no launcher watching): when one dies the other
+    fails its next collective instead of hanging, within the collective timeout."""
+    from mtgpt.distributed import free_port
+
+    run = tmp_path / "run"
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2",
+           "MTGPT_COLLECTIVE_TIMEOUT": "20", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "mtgpt", "worker", "--data", str(tiny_data), "--out", str(run), *ARGS]
+    procs = [subprocess.Popen(cmd, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE) for r in range(2)]
+    wait_for(lambda: len(rows(run)) >= 2, procs[0])
+    procs[1].kill()
+    killed = time.time()
+    procs[0].wait(timeout=180)
+    assert procs[0].returncode != 0
+    assert time.time() - killed < 90
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    proc = run_mtgpt("train", "--data", tiny_data, "--out", run, "--nproc", "2", *TINY_ARGS, "--micro-batch", "2",
+                     "--lr", "1e9", "--warmup-steps", "1", "--log-every", "1", "--save-every", "1",
+                     "--eval-samples", "4", "--max-steps", "200", check=False)
+    assert proc.returncode == 1
+    assert "the training loss is nan" in proc.stderr or "the training loss is inf" in proc.stderr
+    assert proc.stderr.count("Error:") == 1  # once, not once per rank
+    last = checkpoint.latest_complete(run)
+    assert last is not None
+    steps = [r["step"] for r in rows(run) if "train/loss" in r]
+    assert int(last.name.split("_")[1]) == max(steps)  # saved only while the loss was finite
+    assert all(isinstance(r["train/loss"], float) for r in rows(run) if "train/loss" in r)
