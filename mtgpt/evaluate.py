@@ -49,7 +49,7 @@ def windows(n: int, block: int, stride: int):
         end = min(begin + block, n)
         yield begin, end, scored
         scored = end
-        begin += stride
+        begin = min(begin + stride, scored - 1)  # at least one token of context before the first new one
 
 
 @torch.no_grad()

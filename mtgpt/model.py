@@ -15,8 +15,6 @@ This file never imports deepspeed or torch.distributed and never reads the envir
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -24,26 +22,37 @@ import torch.nn.functional as F
 from mtgpt.config import ModelConfig
 
 
-@dataclass
 class KVCache:
-    """Keys and values of the tokens seen so far, one (k, v) pair per layer, each (B, nh, P, hs)."""
+    """Keys and values of the tokens seen so far, for generation. Per layer, one (B, nh,
+    block_size, hs) buffer each for k and v, allocated at first use and filled in place (no
+    re-allocation per token); `length` tokens of them are valid."""
 
-    layers: list[tuple[torch.Tensor, torch.Tensor] | None]
+    def __init__(self, n_layer: int):
+        self.k: list[torch.Tensor | None] = [None] * n_layer
+        self.v: list[torch.Tensor | None] = [None] * n_layer
+        self.length = 0  # P: tokens cached (advanced by GPT.forward after the last layer)
 
     @classmethod
     def empty(cls, n_layer: int) -> "KVCache":
-        return cls([None] * n_layer)
+        return cls(n_layer)
 
-    @property
-    def length(self) -> int:
-        first = self.layers[0]
-        return 0 if first is None else first[0].size(2)
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, nh, T, hs) after the cached ones; return all keys and values so far."""
+        B, nh, T, hs = k.shape
+        if self.k[layer] is None:
+            self.k[layer] = k.new_empty(B, nh, capacity, hs)
+            self.v[layer] = v.new_empty(B, nh, capacity, hs)
+        P = self.length
+        self.k[layer][:, :, P:P + T] = k
+        self.v[layer][:, :, P:P + T] = v
+        return self.k[layer][:, :, :P + T], self.v[layer][:, :, :P + T]  # (B, nh, P+T, hs) views
 
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.n_head = config.n_head
+        self.block_size = config.block_size
         self.dropout = config.dropout
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v at once
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
@@ -56,15 +65,10 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         if cache is not None:
-            past = cache.layers[layer]
-            if past is not None:
-                k = torch.cat([past[0], k], dim=2)  # (B, nh, P+T, hs)
-                v = torch.cat([past[1], v], dim=2)  # (B, nh, P+T, hs)
-            cache.layers[layer] = (k, v)
+            k, v = cache.append(layer, k, v, self.block_size)  # (B, nh, P+T, hs)
         P = k.size(2) - T
-        if P == 0:
-            mask, is_causal = None, True
-        else:
+        mask, is_causal = None, T > 1  # one new token may see every key: no mask at all
+        if P > 0 and T > 1:
             # New query i sits at absolute position P+i and may see keys 0..P+i.
             mask = torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(diagonal=P)
             is_causal = False
@@ -156,10 +160,12 @@ class GPT(nn.Module):
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        last_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) token ids -> logits (B, T, V), and the mean cross-entropy if targets (B, T).
 
         With a cache, idx holds only the new tokens; they sit at positions P..P+T-1.
+        last_only: logits of the last position only, (B, 1, V) (generation needs no more).
         """
         B, T = idx.shape
         start = 0 if cache is None else cache.length
@@ -171,8 +177,10 @@ class GPT(nn.Module):
         x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
             x = block(x, cache, i)  # (B, T, C)
-        x = self.transformer.ln_f(x)
-        logits = self.lm_head(x)  # (B, T, V)
+        if cache is not None:
+            cache.length += T
+        x = self.transformer.ln_f(x[:, -1:] if last_only else x)
+        logits = self.lm_head(x)  # (B, T, V), or (B, 1, V)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))

@@ -61,24 +61,26 @@ def window_start(n_tokens: int, block_size: int, slide: int) -> int:
 
 
 def pick(logits: torch.Tensor, cfg: SampleConfig, generator: torch.Generator | None) -> torch.Tensor:
-    """logits (N, V) -> next token ids (N,)."""
+    """logits (N, V) -> next token ids (N,).
+
+    With top-k, only the k best logits are kept (sorted, so top-p needs no second sort) and the
+    sample is drawn among them: no softmax over the whole vocabulary."""
     logits = logits.float()
     if cfg.temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits / cfg.temperature
     if cfg.top_k is not None and cfg.top_k < logits.size(-1):
-        kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]  # (N, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        values, index = torch.topk(logits, cfg.top_k, dim=-1)  # (N, k), sorted, descending
+    else:
+        values, index = logits.sort(dim=-1, descending=True)  # (N, V)
+    probs = (values / cfg.temperature).softmax(dim=-1)
     if cfg.top_p is not None and cfg.top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop = cumulative - sorted_logits.softmax(dim=-1) > cfg.top_p  # keep the token crossing top_p
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        drop = probs.cumsum(dim=-1) - probs > cfg.top_p  # keep the token that crosses top_p
+        probs = probs.masked_fill(drop, 0.0)
+    choice = torch.multinomial(probs, 1, generator=generator)  # (N, 1), an index into values
+    return index.gather(-1, choice).squeeze(-1)
 
 
-@torch.no_grad()
+@torch.no_grad()  # not inference_mode: training calls this on ZeRO-3 parameters it must not freeze
 def stream(model: GPT, prompt: list[int], cfg: SampleConfig, use_cache: bool = True
            ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (next token ids (N,), logits (N, V)) one step at a time, for N = num_samples."""
@@ -96,12 +98,12 @@ def stream(model: GPT, prompt: list[int], cfg: SampleConfig, use_cache: bool = T
         n = tokens.size(1)
         start = window_start(n, block, slide)
         if use_cache and cache is not None and start == cached_from:
-            logits, _ = model(tokens[:, -1:], cache=cache)  # only the newest token
+            logits, _ = model(tokens[:, -1:], cache=cache, last_only=True)  # only the newest token
         elif use_cache:
             cache, cached_from = KVCache.empty(model.config.n_layer), start
-            logits, _ = model(tokens[:, start:], cache=cache)  # (re)fill the cache with the window
+            logits, _ = model(tokens[:, start:], cache=cache, last_only=True)  # (re)fill the cache
         else:
-            logits, _ = model(tokens[:, start:])
+            logits, _ = model(tokens[:, start:], last_only=True)
         last = logits[:, -1, :]  # (N, V)
         nxt = pick(last, cfg, generator)
         yield nxt, last

@@ -79,6 +79,7 @@ def test_default_parameter_count():
     assert tiny().num_params() == param_count(ModelConfig(**TINY))
 
 
+@torch.no_grad()
 def test_kv_cache_matches_full_forward():
     model = tiny().eval()
     idx = torch.randint(0, 50257, (2, 24))
@@ -87,7 +88,10 @@ def test_kv_cache_matches_full_forward():
     first, _ = model(idx[:, :10], cache=cache)
     steps = [model(idx[:, t:t + 1], cache=cache)[0] for t in range(10, 24)]
     cached = torch.cat([first, *steps], dim=1)
+    assert cache.length == 24
     assert torch.allclose(full, cached, atol=1e-5)
+    last, _ = model(idx, last_only=True)
+    assert last.shape == (2, 1, 50257) and torch.allclose(last, full[:, -1:], atol=1e-6)
 
 
 def test_too_long_is_refused():

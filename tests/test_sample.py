@@ -82,3 +82,41 @@ def test_folder_without_model(tmp_path):
         checkpoint.load_model(tmp_path)
     with pytest.raises(checkpoint.ModelFileError, match="no such folder"):
         checkpoint.load_model(tmp_path / "missing")
+
+
+def test_pick_top_k_and_top_p():
+    from mtgpt.sample import pick
+
+    logits = torch.tensor([[0.0, 5.0, 4.0, 1.0, 3.0]])
+    g = torch.Generator().manual_seed(0)
+    draws = {int(pick(logits, SampleConfig(top_k=2, temperature=1.0), g)) for _ in range(200)}
+    assert draws == {1, 2}  # only the two most likely
+    assert {int(pick(logits, SampleConfig(top_k=None, top_p=1e-9), g)) for _ in range(50)} == {1}  # = greedy
+    # top-p 0.9 keeps 1, 2 and 4 (softmax: .64, .23, .09 -> the third crosses 0.9)
+    draws = {int(pick(logits, SampleConfig(top_k=None, top_p=0.9, temperature=1.0), g)) for _ in range(500)}
+    assert draws == {1, 2, 4}
+
+
+def test_stop_text(model_dir):
+    from mtgpt.sample import run_sample
+
+    cfg = SampleConfig(max_new_tokens=40, seed=5, stop_at_eot=False)
+    full = run_sample(str(model_dir), "a", cfg, device="cpu", write=lambda s: None)[0]
+    stop = full[5:8]
+    printed = []
+    cut = run_sample(str(model_dir), "a", SampleConfig(max_new_tokens=40, seed=5, stop_at_eot=False, stop_text=stop),
+                     device="cpu", write=printed.append)[0]
+    assert cut == full.split(stop)[0] and stop not in "".join(printed)
+    assert "".join(printed) == "a" + cut + "\n"
+
+
+def test_inference_needs_no_deepspeed(model_dir):
+    """`mtgpt sample` imports neither deepspeed nor torch.distributed's launcher machinery."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from click.testing import CliRunner; from mtgpt.cli import main; "
+            f"r = CliRunner().invoke(main, ['sample', {str(model_dir)!r}, '--max-new-tokens', '3', '--device', 'cpu']); "
+            "assert r.exit_code == 0, r.output; assert 'deepspeed' not in sys.modules, 'deepspeed imported'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]

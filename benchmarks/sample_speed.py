@@ -1,0 +1,90 @@
+"""Generation speed at batch 1: mtgpt's sampler (KV cache) against Hugging Face `generate()` on
+the exported model, same weights, same settings, one device.
+
+    python benchmarks/sample_speed.py                       # default model (6 x 384, ctx 512), CPU
+    python benchmarks/sample_speed.py --run runs/demo       # a trained run instead of random weights
+
+Both generate --new-tokens tokens after the same prompt with top-k 200, temperature 0.8 (and
+greedy, --greedy); the time of each is the median of --repeat runs after one warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", help="a run folder (default: the default model, random weights)")
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--greedy", action="store_true")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from transformers import AutoModelForCausalLM
+
+    from mtgpt import checkpoint, hf, tokenizer
+    from mtgpt.config import ModelConfig
+    from mtgpt.model import GPT
+    from mtgpt.sample import SampleConfig, stream
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.run:
+        model = checkpoint.load_model(args.run)
+    else:
+        torch.manual_seed(0)
+        model = GPT(ModelConfig()).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        hf.export(dict(model.named_parameters()), model.config, tmp)
+        theirs = AutoModelForCausalLM.from_pretrained(tmp).eval()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model, theirs = model.to(device, dtype), theirs.to(device, dtype)
+    prompt = tokenizer.encode("Shall I compare thee to a summer's day? Thou art more lovely and more temperate:")
+    temperature, top_k = (0.0, None) if args.greedy else (0.8, 200)
+    cfg = SampleConfig(max_new_tokens=args.new_tokens, temperature=temperature, top_k=top_k, seed=0,
+                       stop_at_eot=False)
+
+    def ours() -> int:
+        return sum(1 for _ in stream(model, prompt, cfg))
+
+    ids = torch.tensor([prompt], device=device)
+
+    @torch.inference_mode()
+    def hugging_face() -> int:
+        kw = dict(do_sample=False) if args.greedy else dict(do_sample=True, top_k=200, temperature=0.8)
+        out = theirs.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
+                              min_new_tokens=args.new_tokens, pad_token_id=tokenizer.EOT, **kw)
+        return out.shape[1] - ids.shape[1]
+
+    def timed(fn) -> float:
+        fn()  # warm-up
+        times = []
+        for _ in range(args.repeat):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            n = fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(n / (time.perf_counter() - start))
+        return statistics.median(times)
+
+    a, b = timed(ours), timed(hugging_face)
+    c = model.config
+    mode = "greedy" if args.greedy else "top-k 200, temperature 0.8"
+    print(f"{device.type}: {c.n_layer} x {c.n_embd}, context {c.block_size}, batch 1, {len(prompt)}-token prompt, "
+          f"{args.new_tokens} new tokens, {mode}, {torch.get_num_threads()} threads, median of {args.repeat}")
+    print(f"  mtgpt sample (KV cache)      {a:8.1f} tokens/s")
+    print(f"  Hugging Face generate()      {b:8.1f} tokens/s")
+    print(f"  ratio                        {a / b:8.2f}x")
+
+
+if __name__ == "__main__":
+    main()

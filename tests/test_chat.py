@@ -1,0 +1,136 @@
+"""Chat: the template, dialogue data to shards, the context window, and the terminal loop
+driven through a pseudo-terminal."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pty
+import struct
+import subprocess
+import sys
+import termios
+import time
+
+import pytest
+import torch
+
+from mtgpt import chat, checkpoint, tokenizer
+from mtgpt.config import ModelConfig
+from mtgpt.data import DataError, load_manifest
+from mtgpt.data.prepare import prepare
+from mtgpt.model import GPT
+from tests.conftest import TINY
+from tests.test_data import all_train_samples
+
+
+def test_template():
+    text = chat.prompt_for([("Hi there", "Hello!\nHow are you?")], "Fine", system="Be brief.")
+    assert text == "System: Be brief.\nUser: Hi there\nBot: Hello! How are you?\nUser: Fine\nBot:"
+
+
+def test_prepare_chat_formats(tmp_path):
+    (tmp_path / "talk.yml").write_text("categories: [test]\nconversations:\n- - Hello\n  - Hi there\n"
+                                       "- - What is your name?\n  - I am a bot.\n  - Nice.\n  - Thanks.\n")
+    (tmp_path / "talk.jsonl").write_text(json.dumps({"messages": [
+        {"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hey"},
+        {"role": "assistant", "content": "Hello, friend."}]}) + "\n")
+    out = tmp_path / "d"
+    m = prepare([str(tmp_path / "talk.yml"), str(tmp_path / "talk.jsonl")], out, block_size=8, val_fraction=0.0,
+                fmt="chat", quiet=True)
+    assert m["content"] == "chat" and m["conversations"] == 3 and m["documents"] == 3
+    text = tokenizer.decode([t for s in all_train_samples(out) for t in __import__("numpy").frombuffer(s, "<u2")])
+    assert text.startswith("User: Hello\nBot: Hi there\n<|endoftext|>User: What is your name?\nBot: I am a bot.\n")
+    assert "System: Be kind.\nUser: Hey\nBot: Hello, friend.\n" in text
+    assert [s["name"] for s in m["sources"]] == [str(tmp_path / "talk.yml"), str(tmp_path / "talk.jsonl")]
+
+
+def test_chatterbot_corpus(tmp_path):
+    m = prepare(["chatterbot"], tmp_path / "d", block_size=64, val_fraction=0.05, fmt="chat", quiet=True)
+    assert m["conversations"] > 1000 and load_manifest(tmp_path / "d")["splits"]["train"]["samples"] > 0
+
+
+def test_bad_dialogue_data(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"text": "oops"}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2: expected"):
+        prepare([str(tmp_path / "bad.jsonl")], tmp_path / "d", fmt="chat", quiet=True)
+    (tmp_path / "plain.yml").write_text("just: a mapping\n")
+    with pytest.raises(DataError, match="conversations"):
+        prepare([str(tmp_path / "plain.yml")], tmp_path / "e", fmt="chat", quiet=True)
+    assert not (tmp_path / "d").exists() and not (tmp_path / "e").exists()
+
+
+def test_history_drops_oldest_turns_first():
+    history = [(f"question {i} " + "word " * 10, f"answer {i} " + "word " * 10) for i in range(6)]
+    kept, ids = chat.fit_history(history, "latest question", block_size=96, reply_tokens=16)
+    assert kept == history[-len(kept):] and 0 < len(kept) < 6
+    assert len(ids) + 16 <= 96
+    assert tokenizer.decode(ids).endswith("User: latest question\nBot:")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**{**TINY, "block_size": 64}))
+    folder = tmp_path_factory.mktemp("chatmodel")
+    checkpoint.save_weights(dict(model.named_parameters()), model.config, folder)
+    return folder
+
+
+class Terminal:
+    """mtgpt chat on a pseudo-terminal: type lines, read what it prints."""
+
+    def __init__(self, *args):
+        self.leader, follower = pty.openpty()
+        fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+        self.proc = subprocess.Popen([sys.executable, "-m", "mtgpt", "chat", *map(str, args)], stdin=follower,
+                                     stdout=follower, stderr=follower, close_fds=True)
+        os.close(follower)
+        self.seen = ""
+
+    def read_until(self, text: str, timeout: float = 60) -> str:
+        deadline = time.time() + timeout
+        while text not in self.seen:
+            if time.time() > deadline:
+                raise AssertionError(f"never saw {text!r}; got {self.seen[-2000:]!r}")
+            try:
+                self.seen += os.read(self.leader, 4096).decode(errors="replace")
+            except OSError:
+                break
+        out, self.seen = self.seen.split(text, 1)
+        return out
+
+    def type(self, line: str) -> None:
+        os.write(self.leader, line.encode())
+
+    def close(self) -> int:
+        code = self.proc.wait(timeout=30)
+        os.close(self.leader)
+        return code
+
+
+def test_chat_in_a_terminal(model_dir):
+    term = Terminal(model_dir, "--seed", "1", "--max-new-tokens", "8")
+    assert "/reset" in term.read_until("you> ")
+    term.type("Hello, who are you?\n")
+    term.read_until("bot> ")
+    reply = term.read_until("you> ")
+    assert reply.strip()  # an untrained model says something, up to 8 tokens on one line
+    term.type("/reset\n")
+    assert "(conversation forgotten)" in term.read_until("you> ")
+    term.type("/quit\n")
+    assert term.close() == 0
+
+
+def test_chat_ends_on_ctrl_d(model_dir):
+    term = Terminal(model_dir)
+    term.read_until("you> ")
+    term.type("\x04")  # Ctrl-D at an empty prompt: end of input
+    assert term.close() == 0
+
+
+def test_chat_without_a_model(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "mtgpt", "chat", str(tmp_path)], capture_output=True, text=True,
+                          input="", timeout=60)
+    assert proc.returncode != 0 and "has no model" in proc.stderr

@@ -1,0 +1,69 @@
+"""mtgpt eval: every token scored once with context; the numbers against a hand computation."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from mtgpt import checkpoint, tokenizer
+from mtgpt.config import ModelConfig
+from mtgpt.evaluate import score_ids, score_text, windows
+from mtgpt.model import GPT
+from tests.conftest import SONNETS, TINY, run_mtgpt
+
+
+@pytest.mark.parametrize("n, block, stride", [(2, 16, 8), (16, 16, 8), (17, 16, 8), (100, 16, 8), (100, 16, 16),
+                                               (100, 16, 1), (53, 7, 3)])
+def test_windows_score_every_token_once(n, block, stride):
+    scored = []
+    for begin, end, first in windows(n, block, stride):
+        assert end - begin <= block and begin < first <= end
+        scored += range(first, end)
+    assert scored == list(range(1, n))
+
+
+def test_against_a_hand_computation():
+    """The windowed score equals scoring each token alone, from the start of the window the rule
+    gives it: windows of 16 tokens, 8 apart, so token t >= 16 sees the 8..15 tokens before it."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**{**TINY, "block_size": 16})).eval()
+    ids = tokenizer.encode(SONNETS.read_text())[:60]
+    nll, count = score_ids(model, ids, stride=8)
+    by_hand = 0.0
+    for t in range(1, len(ids)):
+        start = 0 if t < 16 else ((t - 16) // 8 + 1) * 8  # the window whose new tokens include t
+        with torch.no_grad():
+            logits, _ = model(torch.tensor([ids[start:t]]))
+        by_hand -= torch.log_softmax(logits[0, -1].double(), dim=-1)[ids[t]].item()
+    assert count == 59
+    assert abs(nll - by_hand) < 1e-4 * count
+
+
+def test_cli_json_and_bits_per_byte(tmp_path):
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**TINY))
+    checkpoint.save_weights(dict(model.named_parameters()), model.config, tmp_path / "run")
+    text = SONNETS.read_text()[:2000]
+    (tmp_path / "a.txt").write_text(text)
+    rows = json.loads(run_mtgpt("eval", tmp_path / "run", tmp_path / "a.txt", "--json", "--stride", "8").stdout)
+    row = rows[0]
+    direct = score_text(checkpoint.load_model(tmp_path / "run"), text, "a", stride=8)
+    assert row["tokens"] == len(tokenizer.encode(text)) == direct.tokens
+    assert abs(row["loss"] - direct.loss) < 1e-6
+    assert abs(row["bits_per_byte"] - row["nll"] / math.log(2) / len(text.encode())) < 1e-9
+    assert abs(row["ppl"] - math.exp(row["loss"])) < 1e-6 * row["ppl"]
+    assert abs(row["loss"] - math.log(50257)) < 0.5  # an untrained model
+
+
+def test_bad_input(tmp_path):
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**TINY))
+    checkpoint.save_weights(dict(model.named_parameters()), model.config, tmp_path / "run")
+    (tmp_path / "latin.txt").write_bytes(b"caf\xe9")
+    for args, message in [([tmp_path / "missing.txt"], "no such file"), ([tmp_path / "latin.txt"], "not UTF-8"),
+                          ([SONNETS, "--stride", "64"], "--stride must be between 1 and the block size 32")]:
+        proc = run_mtgpt("eval", tmp_path / "run", *args, check=False)
+        assert proc.returncode != 0 and message in proc.stderr

@@ -1,0 +1,114 @@
+"""Hugging Face export and import: the same logits, the same token ids, a lossless round trip,
+and no pickle that runs code."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mtgpt import checkpoint, hf, tokenizer
+from mtgpt.config import ModelConfig
+from mtgpt.model import GPT
+from tests.conftest import SONNETS, TINY, TINY_ARGS, run_mtgpt
+
+MIXED = ("Shall I compare thee to a summer's day? Café naïve 🎉 中文字符 — tabs\tand  spaces\n\n"
+         "numbers 1234567 and they'll've it's; CAPS and snake_case() {code: [1, 2]}  ")
+
+
+@pytest.fixture(scope="module")
+def trained_folder(tmp_path_factory) -> Path:
+    """A tiny model that has learned the sonnets a little (plain PyTorch, in-process), saved the
+    way `mtgpt train` saves its consolidated weights."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**TINY))
+    ids = torch.tensor(tokenizer.encode(SONNETS.read_text())[:33 * 90]).view(90, 33)  # all of it
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(80):
+        _, loss = model(ids[:, :-1], ids[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    folder = tmp_path_factory.mktemp("run")
+    checkpoint.save_weights({k: v.detach() for k, v in model.named_parameters()}, model.config, folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def exported(trained_folder, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("hf") / "model"
+    run_mtgpt("export", trained_folder, "--hf", out, env={"HF_HUB_OFFLINE": "1"})
+    return out
+
+
+def test_same_logits(trained_folder, exported):
+    from transformers import AutoModelForCausalLM
+
+    ours = checkpoint.load_model(trained_folder)
+    theirs = AutoModelForCausalLM.from_pretrained(exported).eval()
+    ids = torch.randint(0, 50257, (3, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, _ = ours(ids)
+        b = theirs(ids).logits
+    assert (a - b).abs().max().item() < 1e-4
+
+
+def test_same_token_ids(exported):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(exported)
+    assert len(tok) == 50257  # some transformers versions silently build an empty GPT-2 tokenizer
+    assert tok(MIXED)["input_ids"] == tokenizer.encode(MIXED)
+    assert tok.decode(tokenizer.encode(MIXED)) == MIXED
+    assert tok.eos_token_id == tokenizer.EOT
+
+
+def test_export_import_export_is_identical(exported, tmp_path):
+    config, weights = hf.load(exported)
+    assert config.shape() == ModelConfig(**TINY).shape()
+    model = GPT(config)
+    model.load_state_dict(weights, strict=False)
+    again = hf.export(dict(model.named_parameters()), config, tmp_path / "again")
+    a, b = load_file(exported / "model.safetensors"), load_file(again / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_train_from_hf_and_from_run(exported, trained_folder, tiny_data, tmp_path):
+    """--init-from-hf and --init-from start from those weights: the first loss is the trained
+    model's (well below ln 50257 = 10.8), and the model shape comes from the source."""
+    for flag, source in (("--init-from-hf", exported), ("--init-from", trained_folder)):
+        run = tmp_path / flag.strip("-")
+        run_mtgpt("train", "--data", tiny_data, "--out", run, "--nproc", "2", flag, source, "--micro-batch", "2",
+                  "--max-steps", "2", "--log-every", "1", "--eval-samples", "4", "--lr", "1e-4")
+        first = [line for line in (run / "metrics.jsonl").read_text().splitlines()][0]
+        assert __import__("json").loads(first)["train/loss"] < 8.0
+    proc = run_mtgpt("train", "--data", tiny_data, "--out", tmp_path / "bad", "--init-from", trained_folder,
+                     "--n-layer", "3", check=False)
+    assert proc.returncode != 0 and "--n-layer 3 differs from the model you start from" in proc.stderr
+
+
+def test_pickle_that_runs_code_is_refused(exported, tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    folder = tmp_path / "evil"
+    folder.mkdir()
+    (folder / "config.json").write_text((exported / "config.json").read_text())
+    torch.save({"transformer.wte.weight": Evil()}, folder / "pytorch_model.bin")
+    with pytest.raises(hf.HFError, match="not plain weights"):
+        hf.load(folder)
+    assert not marker.exists()
+
+
+def test_not_a_gpt2(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(hf.HFError, match="GPT-2 models only"):
+        hf.read_config(tmp_path)
+    with pytest.raises(hf.HFError, match="no config.json"):
+        hf.read_config(tmp_path / "nothing")
