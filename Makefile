@@ -15,7 +15,10 @@ DEMO_RUN ?= runs/demo
 DEMO_STEPS ?= 300
 DEMO_NPROC ?=
 
-.PHONY: venv demo test clean
+CHAT_DATA ?= data/chat
+CHAT_RUN ?= runs/chat
+
+.PHONY: venv demo chat-demo test clean
 
 venv: $(STAMP)
 
@@ -37,6 +40,15 @@ demo: $(STAMP) $(DEMO_DATA)/manifest.json
 	  --max-steps $(DEMO_STEPS) --eval-every 50 --eval-samples 256
 	$(BIN)/mtgpt sample $(DEMO_RUN) --prompt "ROMEO:" --max-new-tokens 80 --num-samples 2 --seed 1
 	$(BIN)/mtgpt info $(DEMO_RUN)
+
+# The second step after `make demo`: fine-tune the demo model on dialogue, then a scripted chat.
+chat-demo: $(STAMP)
+	@test -f $(DEMO_RUN)/model.safetensors || { echo "run make demo first"; exit 1; }
+	$(BIN)/mtgpt prepare chatterbot --format chat --out $(CHAT_DATA) --block-size 128 --val-fraction 0.05 --overwrite
+	rm -rf $(CHAT_RUN)
+	$(BIN)/mtgpt train --init-from $(DEMO_RUN) --data $(CHAT_DATA) --out $(CHAT_RUN) $(if $(DEMO_NPROC),--nproc $(DEMO_NPROC)) \
+	  --micro-batch 4 --lr 3e-4 --ds-config zero1_bf16 --max-steps 300 --eval-every 50 --eval-samples 64
+	printf 'Hello\nWhat is your name?\nDo you like music?\n/quit\n' | $(BIN)/mtgpt chat $(CHAT_RUN) --seed 1 --temperature 0.7
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

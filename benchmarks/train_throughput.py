@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -111,6 +112,7 @@ def main() -> None:
     p.add_argument("--n-embd", type=int, default=384)
     p.add_argument("--block-size", type=int, default=512)
     p.add_argument("--vocab-size", type=int, default=50257)
+    p.add_argument("--repeat", type=int, default=3, help="alternating runs of each (medians are printed)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile both (default: on GPUs)")
     args = p.parse_args()
@@ -118,23 +120,26 @@ def main() -> None:
         args.compile = torch.cuda.is_available()
     if args.mode:
         return child(args)
-    results = {}
-    for mode in ("plain", "deepspeed"):
-        cmd = [sys.executable, __file__, "--mode", mode, *sys.argv[1:]]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-        out, _ = proc.communicate()
-        if proc.returncode != 0:
-            raise SystemExit(f"{mode} failed")
-        results[mode] = json.loads(out.strip().splitlines()[-1])
-    device = results["plain"]["device"]
-    print(f"{device}: {args.n_layer} layers x {args.n_embd} wide, context {args.block_size}, batch {args.batch}, "
-          f"{args.precision}, compile {args.compile}, {args.steps} timed steps after {args.warmup}")
-    for mode, r in results.items():
-        mem = (f"peak GPU memory {r['gpu_memory'] / 2**30:.2f} GiB" if r["gpu_memory"]
-               else f"peak RSS {r['peak_rss'] / 2**30:.2f} GiB")
+    runs: dict[str, list[dict]] = {"plain": [], "deepspeed": []}
+    for _ in range(args.repeat):  # alternate the two, so a noisy machine hits both alike
+        for mode in runs:
+            proc = subprocess.run([sys.executable, __file__, "--mode", mode, *sys.argv[1:]], stdout=subprocess.PIPE,
+                                  text=True)
+            if proc.returncode != 0:
+                raise SystemExit(f"{mode} failed")
+            runs[mode].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    rate = {mode: statistics.median(r["tokens_per_s"] for r in rs) for mode, rs in runs.items()}
+    ratios = [d["tokens_per_s"] / p["tokens_per_s"] for d, p in zip(runs["deepspeed"], runs["plain"])]
+    print(f"{runs['plain'][0]['device']}: {args.n_layer} layers x {args.n_embd} wide, context {args.block_size}, "
+          f"batch {args.batch}, {args.precision}, compile {args.compile}, {args.steps} timed steps after "
+          f"{args.warmup}, median of {args.repeat} alternating runs")
+    for mode, rs in runs.items():
+        r = rs[0]
+        mem = (f"peak GPU memory {max(x['gpu_memory'] for x in rs) / 2**30:.2f} GiB" if r["gpu_memory"]
+               else f"peak RSS {max(x['peak_rss'] for x in rs) / 2**30:.2f} GiB")
         name = "plain PyTorch loop" if mode == "plain" else f"mtgpt DeepSpeed (ZeRO-{args.zero})"
-        print(f"  {name:28s} {r['tokens_per_s']:>12,.0f} tokens/s   {mem}")
-    print(f"  ratio deepspeed / plain: {results['deepspeed']['tokens_per_s'] / results['plain']['tokens_per_s']:.3f}")
+        print(f"  {name:28s} {rate[mode]:>12,.0f} tokens/s   {mem}")
+    print(f"  ratio deepspeed / plain: {statistics.median(ratios):.3f} (pairs: {', '.join(f'{x:.2f}' for x in ratios)})")
 
 
 if __name__ == "__main__":

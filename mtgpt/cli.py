@@ -281,10 +281,18 @@ def chat(run_dir, system, max_new_tokens, temperature, top_k, top_p, seed, best,
 
     cfg = SampleConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     try:
-        run_chat(run_dir, cfg, best=best, device=device, system=system, read=input,
+        run_chat(run_dir, cfg, best=best, device=device, system=system, read=_read_line,
                  write=lambda s: click.echo(s, nl=False))
     except (SampleError, ValueError) as e:
         _fail(e)
+
+
+def _read_line(prompt: str) -> str:
+    """input(), echoing the line when it comes from a pipe (so a scripted chat reads as one)."""
+    line = input(prompt)
+    if not sys.stdin.isatty():
+        click.echo(line)
+    return line
 
 
 @main.command(name="eval")

@@ -61,7 +61,7 @@ class TrainConfig:
     ds_config: str | None = None  # DeepSpeed JSON; None picks zero1_bf16 (GPU) or zero1_fp32 (CPU)
     micro_batch: int = 8  # sequences per rank per forward pass
     grad_accum: int = 1  # forward passes per optimizer step; batch = micro_batch * grad_accum * ranks
-    lr: float = 1e-3  # peak learning rate (after warmup)
+    lr: float = 6e-4  # peak learning rate after warmup (benchmarks/lr_sweep.py; the seed had 5e-5)
     min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio
     warmup_steps: int | None = None  # linear warmup from 0 to lr (None: 5% of the schedule)
     max_steps: int | None = None  # stop after N optimizer steps (also the cosine schedule's length)

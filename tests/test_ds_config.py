@@ -30,7 +30,7 @@ def test_bundled_configs_parse(name):
                            name=path, cuda=True)
     assert ds["train_batch_size"] == 16
     assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 2
-    assert ds["optimizer"]["type"] == "AdamW" and ds["optimizer"]["params"]["lr"] == 1e-3
+    assert ds["optimizer"]["type"] == "AdamW" and ds["optimizer"]["params"]["lr"] == 6e-4
     assert ds["scheduler"]["params"]["total_num_steps"] == 100
     assert ds["scheduler"]["params"]["warmup_num_steps"] == 5  # 5% of the schedule
     assert ds["zero_optimization"]["stage"] == int(name[4])
