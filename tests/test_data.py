@@ -159,6 +159,9 @@ def test_val_is_fixed_and_split(tiny_data):
     assert torch.equal(full, load_val(tiny_data, m, 6, 0, 1))
     parts = [load_val(tiny_data, m, 6, r, 2) for r in range(2)]
     assert torch.equal(torch.cat(parts).sort(0).values, full.sort(0).values)
+    parts = [load_val(tiny_data, m, 7, r, 3) for r in range(3)]  # equal shares: 7 -> 6
+    assert [len(p) for p in parts] == [2, 2, 2]
+    assert all(torch.equal(load_val(tiny_data, m, 1, r, 2), full[:1]) for r in range(2))  # fewer than ranks
 
 
 # ---------------------------------------------------------------- bad input

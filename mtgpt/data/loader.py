@@ -194,7 +194,9 @@ def load_val(data_dir: str | Path, manifest: dict[str, Any], n_samples: int, ran
              vocab_size: int = 50257) -> torch.Tensor:
     """The fixed val set: the first n_samples val samples in shard order, this rank's share
     (samples rank, rank + world, ...). Returns (n_local, block_size + 1) int64; the same tokens at
-    every evaluation."""
+    every evaluation. Every rank gets the same number of samples (ZeRO-3 needs the same number
+    of forward passes on every rank): n is rounded down to a multiple of world, and with fewer
+    samples than ranks each rank evaluates them all."""
     data_dir = Path(data_dir)
     rows: list[np.ndarray] = []
     have = 0
@@ -210,4 +212,6 @@ def load_val(data_dir: str | Path, manifest: dict[str, Any], n_samples: int, ran
     if not rows:
         return torch.zeros(0, manifest["sample_tokens"], dtype=torch.int64)
     val = np.concatenate(rows)[:n_samples]
-    return torch.from_numpy(val[rank::world].astype(np.int64))
+    if len(val) >= world:
+        val = val[: len(val) // world * world][rank::world]
+    return torch.from_numpy(val.astype(np.int64))
