@@ -25,6 +25,7 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--greedy", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], help="weights of both (default: bf16 on GPU, fp32 on CPU)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -44,7 +45,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         hf.export(dict(model.named_parameters()), model.config, tmp)
         theirs = AutoModelForCausalLM.from_pretrained(tmp).eval()
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     model, theirs = model.to(device, dtype), theirs.to(device, dtype)
     prompt = tokenizer.encode("Shall I compare thee to a summer's day? Thou art more lovely and more temperate:")
     temperature, top_k = (0.0, None) if args.greedy else (0.8, 200)
@@ -80,7 +81,7 @@ def main() -> None:
     c = model.config
     mode = "greedy" if args.greedy else "top-k 200, temperature 0.8"
     print(f"{device.type}: {c.n_layer} x {c.n_embd}, context {c.block_size}, batch 1, {len(prompt)}-token prompt, "
-          f"{args.new_tokens} new tokens, {mode}, {torch.get_num_threads()} threads, median of {args.repeat}")
+          f"{args.new_tokens} new tokens, {mode}, {dtype}, {torch.get_num_threads()} threads, median of {args.repeat}")
     print(f"  mtgpt sample (KV cache)      {a:8.1f} tokens/s")
     print(f"  Hugging Face generate()      {b:8.1f} tokens/s")
     print(f"  ratio                        {a / b:8.2f}x")

@@ -127,17 +127,11 @@ HELP = "Type a message and press Enter. /reset forgets the conversation, /quit o
 
 
 def run_chat(run_dir: str, cfg, best: bool = False, device: str = "auto", system: str | None = None,
-             read=input, write=print) -> None:
+             read=input, write=print, dtype: str = "auto") -> None:
     """The terminal loop of `mtgpt chat`."""
-    import torch
+    from mtgpt.sample import load_for_inference
 
-    from mtgpt.checkpoint import load_model
-    from mtgpt.sample import pick_device
-
-    dev = pick_device(device)
-    model = load_model(run_dir, best=best, device=dev)
-    if dev.type == "cuda":
-        model = model.to(torch.bfloat16)
+    model = load_for_inference(run_dir, best, device, dtype)
     cfg.check(model.config.vocab_size)
     cfg.num_samples, cfg.stop_at_eot = 1, True
     write(f"mtgpt chat with {run_dir} (context {model.config.block_size} tokens). {HELP}\n")

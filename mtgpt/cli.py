@@ -78,6 +78,8 @@ def _sampling_options(max_new_tokens: int):
             click.option("--seed", type=int, help="Same seed, same text."),
             click.option("--best", is_flag=True, help="Use the weights with the best val loss, not the latest."),
             click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda."),
+            click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+                         help="Weights' precision; auto is bf16 on a GPU, fp32 on a CPU."),
         ]):
             f = option(f)
         return f
@@ -245,7 +247,7 @@ def run_worker(options: dict) -> None:
 @click.option("--stop", "stop_text", help="Stop a sample when it writes this text (it is not printed).")
 @_sampling_options(max_new_tokens=200)
 def sample(run_dir, prompt, prompt_file, num_samples, stop_text, max_new_tokens, temperature, top_k, top_p, seed,
-           best, device):
+           best, device, dtype):
     """Continue a prompt with a trained model, streamed as it comes (KV cache, top-k/top-p)."""
     from mtgpt.sample import SampleConfig, SampleError, run_sample
 
@@ -259,7 +261,7 @@ def sample(run_dir, prompt, prompt_file, num_samples, stop_text, max_new_tokens,
                 raise SampleError(f"{prompt_file}: not UTF-8 text") from None
             except OSError as e:
                 raise SampleError(f"{prompt_file}: {e.strerror}") from None
-        run_sample(run_dir, prompt, cfg, best=best, device=device,
+        run_sample(run_dir, prompt, cfg, best=best, device=device, dtype=dtype,
                    write=lambda s: click.echo(s, nl=False), warn=lambda s: click.echo(s, err=True))
     except (SampleError, ValueError) as e:
         _fail(e)
@@ -269,7 +271,7 @@ def sample(run_dir, prompt, prompt_file, num_samples, stop_text, max_new_tokens,
 @click.argument("run_dir", type=click.Path())
 @click.option("--system", help="A system line put before the conversation.")
 @_sampling_options(max_new_tokens=64)
-def chat(run_dir, system, max_new_tokens, temperature, top_k, top_p, seed, best, device):
+def chat(run_dir, system, max_new_tokens, temperature, top_k, top_p, seed, best, device, dtype):
     """Talk to a model in the terminal (/reset forgets, /quit or Ctrl-D ends).
 
     The model answers well only if it was fine-tuned on dialogue in mtgpt's chat template:
@@ -282,7 +284,7 @@ def chat(run_dir, system, max_new_tokens, temperature, top_k, top_p, seed, best,
     cfg = SampleConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     try:
         run_chat(run_dir, cfg, best=best, device=device, system=system, read=_read_line,
-                 write=lambda s: click.echo(s, nl=False))
+                 write=lambda s: click.echo(s, nl=False), dtype=dtype)
     except (SampleError, ValueError) as e:
         _fail(e)
 

@@ -151,17 +151,26 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def load_for_inference(run_dir: str, best: bool, device: str, dtype: str = "auto") -> GPT:
+    """A run's model on one device. dtype auto: bf16 on a GPU, fp32 on a CPU (bf16 halves the
+    bytes read per token, which is what batch-1 generation waits on, where the CPU has fast bf16)."""
+    from mtgpt.checkpoint import load_model
+
+    if dtype not in ("auto", "fp32", "bf16"):
+        raise SampleError(f"--dtype must be auto, fp32 or bf16, got {dtype!r}")
+    dev = pick_device(device)
+    model = load_model(run_dir, best=best, device=dev)
+    if dtype == "bf16" or (dtype == "auto" and dev.type == "cuda"):
+        model = model.to(torch.bfloat16)
+    return model
+
+
 def run_sample(run_dir: str, prompt: str, cfg: SampleConfig, best: bool = False, device: str = "auto",
-               write=print, warn=print) -> list[str]:
+               write=print, warn=print, dtype: str = "auto") -> list[str]:
     """`mtgpt sample`: load a run's model, continue `prompt`, write text as it comes.
 
     One sample is streamed token by token; several are written one after another when done."""
-    from mtgpt.checkpoint import load_model
-
-    dev = pick_device(device)
-    model = load_model(run_dir, best=best, device=dev)
-    if dev.type == "cuda":
-        model = model.to(torch.bfloat16)
+    model = load_for_inference(run_dir, best, device, dtype)
     cfg.check(model.config.vocab_size)
     ids = tokenizer.encode(prompt)
     if len(ids) > model.config.block_size:
