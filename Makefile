@@ -47,8 +47,8 @@ chat-demo: $(STAMP)
 	$(BIN)/mtgpt prepare chatterbot --format chat --out $(CHAT_DATA) --block-size 128 --val-fraction 0.05 --overwrite
 	rm -rf $(CHAT_RUN)
 	$(BIN)/mtgpt train --init-from $(DEMO_RUN) --data $(CHAT_DATA) --out $(CHAT_RUN) $(if $(DEMO_NPROC),--nproc $(DEMO_NPROC)) \
-	  --micro-batch 4 --lr 3e-4 --ds-config zero1_bf16 --max-steps 300 --eval-every 50 --eval-samples 64
-	printf 'Hello\nWhat is your name?\nDo you like music?\n/quit\n' | $(BIN)/mtgpt chat $(CHAT_RUN) --seed 1 --temperature 0.7
+	  --micro-batch 4 --lr 1e-3 --ds-config zero1_bf16 --max-steps 400 --eval-every 100 --eval-samples 64
+	printf 'Hello\nWhat is your name?\nDo you like music?\nTell me a joke\n/quit\n' | $(BIN)/mtgpt chat $(CHAT_RUN) --seed 1 --temperature 0.7
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

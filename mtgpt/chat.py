@@ -111,11 +111,15 @@ def reply_stream(model, prompt_ids: list[int], cfg) -> Iterator[str]:
     from mtgpt.sample import TextStream, stream
 
     text = TextStream()
+    started = False  # the space after "Bot:" is the template's, not the reply's
     for nxt, _ in stream(model, prompt_ids, cfg):
         token = int(nxt[0])
         if token == tokenizer.EOT:
             break
         piece = text.add(token)
+        if not started:
+            piece = piece.lstrip(" ")
+            started = bool(piece)
         if "\n" in piece:
             yield piece.split("\n")[0]
             return
