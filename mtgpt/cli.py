@@ -12,14 +12,13 @@
 
 from __future__ import annotations
 
-import functools
 import sys
 from pathlib import Path
 
 import click
 
 from mtgpt import __version__
-from mtgpt.config import RESUME_HELP, ConfigError, ModelConfig, TrainConfig, load_json
+from mtgpt.config import RESUME_HELP, ConfigError, TrainConfig, load_json
 
 D = TrainConfig()  # defaults, shown in --help
 

@@ -78,7 +78,7 @@ def init() -> Dist:
             local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     deepspeed = import_deepspeed()
-    import deepspeed.ops
+    from deepspeed.ops import __compatible_ops__ as compatible_ops
     from deepspeed.utils import logger as ds_logger
 
     ds_logger.setLevel(logging.WARNING if rank == 0 else logging.ERROR)
@@ -88,7 +88,7 @@ def init() -> Dist:
 
     # DeepSpeed's CPU shared-memory all-reduce is JIT-compiled with g++ on first use (~30 s);
     # gloo is fast enough for one machine's CPU ranks, so skip the build.
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    compatible_ops["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend=backend, timeout=COLLECTIVE_TIMEOUT,
                                dist_init_required=True, verbose=False)
     _dist = Dist(rank, local_rank, world_size, device)

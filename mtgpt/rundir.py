@@ -7,7 +7,6 @@ library versions, world size). See mtgpt.checkpoint for the rest of the folder.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import subprocess

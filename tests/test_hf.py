@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from mtgpt import checkpoint, hf, tokenizer
 from mtgpt.config import ModelConfig
 from mtgpt.model import GPT
-from tests.conftest import SONNETS, TINY, TINY_ARGS, run_mtgpt
+from tests.conftest import SONNETS, TINY, run_mtgpt
 
 MIXED = ("Shall I compare thee to a summer's day? Café naïve 🎉 中文字符 — tabs\tand  spaces\n\n"
          "numbers 1234567 and they'll've it's; CAPS and snake_case() {code: [1, 2]}  ")
