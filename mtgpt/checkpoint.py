@@ -174,16 +174,25 @@ def model_folder(run_dir: str | Path, best: bool = False) -> Path:
     return folder
 
 
+def load_weights(model: GPT, weights: dict[str, torch.Tensor], source: str | Path) -> GPT:
+    """Copy `weights` (names as GPT.named_parameters(): the tied matrix once, as
+    transformer.wte.weight) into `model`; raises if they do not fit it."""
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing = [k for k in missing if k != "lm_head.weight"]  # tied to transformer.wte.weight
+    if missing or unexpected:
+        raise ModelFileError(f"the weights of {source} do not fit the model: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+    model.lm_head.weight = model.transformer.wte.weight  # re-tie (load_state_dict copied into wte)
+    return model
+
+
+def read_weights(run_dir: str | Path, best: bool = False) -> dict[str, torch.Tensor]:
+    """The consolidated weights of a run folder (safetensors: no code runs on load)."""
+    return load_file(str(model_folder(run_dir, best) / WEIGHTS))
+
+
 def load_model(run_dir: str | Path, best: bool = False, device: str | torch.device = "cpu") -> GPT:
     """A GPT from a run folder's consolidated safetensors (no DeepSpeed), in eval mode."""
     folder = model_folder(run_dir, best)
-    config = load_model_config(folder)
-    state = load_file(str(folder / WEIGHTS))
-    model = GPT(config)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k != "lm_head.weight"]  # tied to transformer.wte.weight
-    if missing or unexpected:
-        raise ModelFileError(f"{folder / WEIGHTS} does not match {folder / MODEL_CONFIG}: missing "
-                             f"{missing[:5]}, unexpected {unexpected[:5]}")
-    model.lm_head.weight = model.transformer.wte.weight  # re-tie (load_state_dict copied into wte)
-    return model.to(device).eval()
+    model = GPT(load_model_config(folder))
+    return load_weights(model, load_file(str(folder / WEIGHTS)), folder).to(device).eval()

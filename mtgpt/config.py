@@ -116,6 +116,15 @@ class TrainConfig:
         if self.min_delta < 0:
             raise ConfigError(f"min_delta must be >= 0, got {self.min_delta}")
 
+    def tokens_per_step(self, world_size: int) -> int:
+        """Training tokens per optimizer step, all ranks together (the one batch-size formula)."""
+        return self.micro_batch * self.grad_accum * world_size * self.model.block_size
+
+    @property
+    def epoch_limit(self) -> float | None:
+        """Passes over the train split to stop after: --max-epochs, or 1 when no --max-* is given."""
+        return self.max_epochs or (None if (self.max_steps or self.max_tokens) else 1.0)
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
         return _from_dict(cls, d, "train config")

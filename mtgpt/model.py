@@ -15,6 +15,7 @@ This file never imports deepspeed or torch.distributed and never reads the envir
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -31,10 +32,6 @@ class KVCache:
         self.k: list[torch.Tensor | None] = [None] * n_layer
         self.v: list[torch.Tensor | None] = [None] * n_layer
         self.length = 0  # P: tokens cached (advanced by GPT.forward after the last layer)
-
-    @classmethod
-    def empty(cls, n_layer: int) -> "KVCache":
-        return cls(n_layer)
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, nh, T, hs) after the cached ones; return all keys and values so far."""

@@ -135,7 +135,7 @@ def banner(p: "Plan", model: "GPT", step: int) -> str:
         f"{ds.get('zero_optimization', {}).get('stage', 0)}, {precision(ds)}",
         f"  batch {ds['train_batch_size']} sequences = micro {c.micro_batch} x accum {c.grad_accum} x "
         f"{p.world_size} rank(s) = {p.tokens_per_step:,} tokens/step; schedule {p.schedule_steps} steps",
-        f"  data {c.data}: {p.manifest['splits']['train']['samples'] * c.model.block_size:,} train tokens",
+        f"  data {c.data}: {p.train_tokens:,} train tokens",
         f"  run {c.out}" + (f", resuming from {p.resume_from} (step {step})" if p.resume_from else ""),
     ]
     return "\n".join(lines)

@@ -100,7 +100,7 @@ def stream(model: GPT, prompt: list[int], cfg: SampleConfig, use_cache: bool = T
         if use_cache and cache is not None and start == cached_from:
             logits, _ = model(tokens[:, -1:], cache=cache, last_only=True)  # only the newest token
         elif use_cache:
-            cache, cached_from = KVCache.empty(model.config.n_layer), start
+            cache, cached_from = KVCache(model.config.n_layer), start
             logits, _ = model(tokens[:, start:], cache=cache, last_only=True)  # (re)fill the cache
         else:
             logits, _ = model(tokens[:, start:], last_only=True)

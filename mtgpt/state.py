@@ -91,8 +91,7 @@ def planned_stop(cfg: TrainConfig, s: TrainState, train_tokens: int) -> str | No
         return "max_steps"
     if cfg.max_tokens is not None and s.tokens >= cfg.max_tokens:
         return "max_tokens"
-    epochs = cfg.max_epochs or (None if (cfg.max_steps or cfg.max_tokens) else 1.0)
-    if epochs is not None and s.tokens >= epochs * train_tokens:
+    if cfg.epoch_limit is not None and s.tokens >= cfg.epoch_limit * train_tokens:
         return "max_epochs"
     if cfg.patience is not None and s.evals_since_best >= cfg.patience:
         return "early_stopping"

@@ -49,26 +49,29 @@ class Plan:
 
     @property
     def tokens_per_step(self) -> int:
-        c = self.cfg
-        return c.micro_batch * c.grad_accum * self.world_size * c.model.block_size
+        return self.cfg.tokens_per_step(self.world_size)
 
     @property
     def train_tokens(self) -> int:
-        return self.manifest["splits"]["train"]["samples"] * self.cfg.model.block_size
+        return train_tokens(self.manifest, self.cfg.model.block_size)
+
+
+def train_tokens(manifest: dict[str, Any], block_size: int) -> int:
+    """Tokens in one epoch of the train split."""
+    return manifest["splits"]["train"]["samples"] * block_size
 
 
 def schedule_steps(cfg: TrainConfig, manifest: dict[str, Any], world_size: int) -> int:
     """Optimizer steps the run is planned for: the smallest of --max-steps, --max-tokens and
     --max-epochs (1 epoch when none is given). The cosine schedule spans exactly this."""
-    per_step = cfg.micro_batch * cfg.grad_accum * world_size * cfg.model.block_size
+    per_step = cfg.tokens_per_step(world_size)
     limits = []
     if cfg.max_steps:
         limits.append(cfg.max_steps)
     if cfg.max_tokens:
         limits.append(math.ceil(cfg.max_tokens / per_step))
-    if cfg.max_epochs or not limits:
-        train_tokens = manifest["splits"]["train"]["samples"] * cfg.model.block_size
-        limits.append(math.ceil((cfg.max_epochs or 1.0) * train_tokens / per_step))
+    if cfg.epoch_limit:
+        limits.append(math.ceil(cfg.epoch_limit * train_tokens(manifest, cfg.model.block_size) / per_step))
     return max(1, min(limits))
 
 
@@ -107,12 +110,9 @@ def source_config(cfg: TrainConfig) -> ModelConfig | None:
 def load_initial_weights(model: GPT, cfg: TrainConfig) -> None:
     """Copy the --init-from / --init-from-hf weights into a freshly built model."""
     if cfg.init_from:
-        weights = dict(checkpoint.load_model(cfg.init_from).named_parameters())
+        checkpoint.load_weights(model, checkpoint.read_weights(cfg.init_from), cfg.init_from)
     else:
-        weights = hf.load(cfg.init_from_hf)[1]
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if [k for k in missing if k != "lm_head.weight"] or unexpected:
-        raise ConfigError(f"the initial weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        checkpoint.load_weights(model, hf.load(cfg.init_from_hf)[1], cfg.init_from_hf)
 
 
 # ----------------------------------------------------------------------------- the step

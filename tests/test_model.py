@@ -84,7 +84,7 @@ def test_kv_cache_matches_full_forward():
     model = tiny().eval()
     idx = torch.randint(0, 50257, (2, 24))
     full, _ = model(idx)
-    cache = KVCache.empty(2)
+    cache = KVCache(2)
     first, _ = model(idx[:, :10], cache=cache)
     steps = [model(idx[:, t:t + 1], cache=cache)[0] for t in range(10, 24)]
     cached = torch.cat([first, *steps], dim=1)

@@ -194,18 +194,19 @@ def prepare(
     tmp.mkdir()
     try:
         read, extra = sources, {"content": fmt}
+        conversations = tmp / ".conversations.txt"  # chat: the dialogue in the template, read like text
         if fmt == "chat":
             from mtgpt import chat
 
-            text = tmp / ".conversations.txt"
             try:
-                extra["conversations"] = chat.to_template_file([s.path for s in sources], text)
+                extra["conversations"] = chat.to_template_file([s.path for s in sources], conversations)
             except chat.ChatDataError as e:
                 raise DataError(str(e)) from None
-            read, doc_separator = [Source("conversations", text, text.stat().st_size)], chat.DOC_SEPARATOR
+            read = [Source("conversations", conversations, conversations.stat().st_size)]
+            doc_separator = chat.DOC_SEPARATOR
         manifest = _write_shards(read, tmp, block_size, val_fraction, seed, shard_size_mb, strict,
                                  _separator_pattern(doc_separator), workers, quiet, warn, sources, extra)
-        (tmp / ".conversations.txt").unlink(missing_ok=True)
+        conversations.unlink(missing_ok=True)
         _replace_folder(tmp, out)
     except BaseException as e:  # nothing half-written survives: not a crash, not Ctrl-C, not ENOSPC
         shutil.rmtree(tmp, ignore_errors=True)
