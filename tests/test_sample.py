@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -82,6 +84,16 @@ def test_folder_without_model(tmp_path):
         checkpoint.load_model(tmp_path)
     with pytest.raises(checkpoint.ModelFileError, match="no such folder"):
         checkpoint.load_model(tmp_path / "missing")
+
+
+def test_weights_that_do_not_fit_their_config(model_dir, tmp_path):
+    """A config.json edited (or copied) from another model: a clear error, not a half-loaded model."""
+    (tmp_path / checkpoint.WEIGHTS).write_bytes((model_dir / checkpoint.WEIGHTS).read_bytes())
+    config = json.loads((model_dir / checkpoint.MODEL_CONFIG).read_text())
+    config["n_layer"] += 1
+    (tmp_path / checkpoint.MODEL_CONFIG).write_text(json.dumps(config))
+    with pytest.raises(checkpoint.ModelFileError, match=r"do not fit the model: missing \['transformer.h.2"):
+        checkpoint.load_model(tmp_path)
 
 
 def test_pick_top_k_and_top_p():
