@@ -4,7 +4,11 @@ RUN_DIR/
   checkpoints/step_00001000/   a DeepSpeed checkpoint (engine, optimizer, scheduler, client state)
   checkpoints/step_00001000/COMPLETE   written after every rank finished saving; without it the
                                folder is a torn save and is never resumed from
-  checkpoints/latest           the newest complete tag (the file DeepSpeed's loader reads too)
+  checkpoints/latest           the run's newest complete save (the file DeepSpeed's loader reads
+                               too); `--resume auto` continues from the tag it names
+  checkpoints/abandoned-<time>/  saves newer than a checkpoint the run was resumed from: that
+                               resume made the older point the run's history, and the saves of
+                               the branch it left are set aside here (never deleted)
   checkpoints/universal/<tag>  a checkpoint converted to DeepSpeed's universal format, made when
                                a run resumes on another number of ranks
   model.safetensors, config.json       the consolidated weights of the latest checkpoint
@@ -38,6 +42,7 @@ COMPLETE = "COMPLETE"
 TAG_RE = re.compile(r"^step_(\d{8})$")
 WEIGHTS = "model.safetensors"
 MODEL_CONFIG = "config.json"
+RUN_INFO = "run_info.json"  # written by mtgpt.rundir; read here for what a run lacks and why
 
 
 class ModelFileError(ValueError):
@@ -67,9 +72,65 @@ def complete_tags(run_dir: str | Path) -> list[str]:
 
 
 def latest_complete(run_dir: str | Path) -> Path | None:
-    """The newest checkpoint folder whose save finished on every rank, or None."""
+    """The checkpoint a run continues from: the one `latest` names when it is complete (after a
+    resume from an older point, that is the newest save of the run's history, not the highest
+    step on disk), else the newest complete one; None when there is none."""
+    root = Path(run_dir) / CKPT_DIR
+    try:
+        tag = (root / "latest").read_text().strip()
+    except OSError:
+        tag = ""
+    if TAG_RE.match(tag) and (root / tag / COMPLETE).is_file():
+        return root / tag
     tags = complete_tags(run_dir)
-    return Path(run_dir) / CKPT_DIR / tags[-1] if tags else None
+    return root / tags[-1] if tags else None
+
+
+def point_latest(run_dir: str | Path, tag: str) -> None:
+    _write_atomic(Path(run_dir) / CKPT_DIR / "latest", tag)
+
+
+def saves_after(run_dir: str | Path, step: int) -> list[str]:
+    """Checkpoint folders (complete or torn) of steps after `step`, oldest first."""
+    root = Path(run_dir) / CKPT_DIR
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if TAG_RE.match(p.name) and int(p.name[5:]) > step)
+
+
+def weights_step(folder: str | Path) -> int | None:
+    """The training step recorded in a folder's model.safetensors, or None."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(Path(folder) / WEIGHTS), "pt") as f:
+            return int((f.metadata() or {}).get("step", ""))
+    except (OSError, ValueError):
+        return None
+
+
+def set_aside_after(run_dir: str | Path, step: int) -> tuple[list[str], Path | None]:
+    """Rank 0, when a run continues from `step` although it holds later saves: they belong to the
+    branch the resume left. Complete ones (and best/ if it is from after `step`) move to
+    checkpoints/abandoned-<time>/; torn ones and their universal conversions are deleted.
+    Returns (the complete tags moved, the folder they went to)."""
+    root = Path(run_dir) / CKPT_DIR
+    later = saves_after(run_dir, step)
+    moved = [t for t in later if (root / t / COMPLETE).is_file()]
+    best = Path(run_dir) / "best"
+    best_later = (weights_step(best) or 0) > step
+    aside = None
+    if moved or best_later:
+        aside = root / time.strftime("abandoned-%Y%m%dT%H%M%SZ", time.gmtime())
+        aside.mkdir(parents=True, exist_ok=True)
+        for tag in moved:
+            (root / tag).rename(aside / tag)
+        if best_later:
+            best.rename(aside / "best")
+    for tag in later:
+        shutil.rmtree(root / tag, ignore_errors=True)  # torn saves (the complete ones moved)
+        shutil.rmtree(root / "universal" / tag, ignore_errors=True)
+    return moved, aside
 
 
 def saved_info(tag_dir: Path) -> dict[str, Any]:
@@ -109,7 +170,9 @@ def mark_complete(run_dir: str | Path, tag: str, info: dict[str, Any], keep_last
     """Rank 0, after all ranks saved `tag`: mark it complete, move `latest`, prune old tags."""
     root = Path(run_dir) / CKPT_DIR
     _write_atomic(root / tag / COMPLETE, json.dumps(info) + "\n")
-    _write_atomic(root / "latest", tag)
+    point_latest(run_dir, tag)
+    # Every tag here is of the run's history (a resume from an older point set the later ones
+    # aside), so the newest by name are the newest saves.
     keep = set(complete_tags(run_dir)[-keep_last:])
     for folder in (root, root / "universal"):
         for p in folder.iterdir() if folder.is_dir() else []:
@@ -167,11 +230,23 @@ def model_folder(run_dir: str | Path, best: bool = False) -> Path:
     if not run_dir.is_dir():
         raise ModelFileError(f"{run_dir}: no such folder; give a run folder written by `mtgpt train`")
     folder = run_dir / "best" if best else run_dir
+    if best and not (folder / WEIGHTS).is_file() and not has_val(run_dir):
+        raise ModelFileError(f"{run_dir} has no best model: its data has no val split (it was prepared "
+                             "with --val-fraction 0), so nothing is evaluated; leave out --best to use "
+                             "the latest weights")
     if not (folder / WEIGHTS).is_file():
         what = "best model (it is written at the first evaluation)" if best else "model"
         raise ModelFileError(f"{run_dir} has no {what}: {folder / WEIGHTS} is missing. Train one "
                              f"with `mtgpt train --data DATA_DIR --out {run_dir}`")
     return folder
+
+
+def has_val(run_dir: str | Path) -> bool:
+    """False when the run was trained on data without a val split (True when unknown)."""
+    try:
+        return json.loads((Path(run_dir) / RUN_INFO).read_text()).get("val_samples") != 0
+    except (OSError, ValueError):
+        return True
 
 
 def load_weights(model: GPT, weights: dict[str, torch.Tensor], source: str | Path) -> GPT:

@@ -102,8 +102,9 @@ def read_config(folder: str | Path) -> ModelConfig:
         raise HFError(f"{folder}: no config.json; give a Hugging Face model folder") from None
     if hf.get("model_type") != "gpt2":
         raise HFError(f"{folder} holds a {hf.get('model_type')!r} model; mtgpt imports GPT-2 models only")
-    checks = {"activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "scale_attn_by_inverse_layer_idx": False,
-              "reorder_and_upcast_attn": False, "add_cross_attention": False}
+    checks = {"activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "scale_attn_weights": True,
+              "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
+              "add_cross_attention": False}
     for key, want in checks.items():
         if hf.get(key, want) != want:
             raise HFError(f"{folder}: {key} = {hf[key]!r}; mtgpt's GPT computes {key} = {want!r}")
@@ -119,5 +120,15 @@ def load(folder: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     config = read_config(folder)
     weights = {k: v for k, v in _read_weights(folder).items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
     weights = {("transformer." + k if not k.startswith(("transformer.", "lm_head")) else k): v for k, v in weights.items()}
-    weights.pop("lm_head.weight", None)  # tied to transformer.wte.weight
+    head = weights.pop("lm_head.weight", None)
+    wte = weights.get("transformer.wte.weight")
+    untied = head is not None and wte is not None and not torch.equal(head, wte)
+    if untied or (head is None and not _tied(folder)):
+        raise HFError(f"{folder}: its output layer (lm_head) is not the token embedding (tie_word_embeddings "
+                      "false, or different lm_head weights); mtgpt's GPT ties them, so it cannot represent "
+                      "this model")
     return config, _transpose_conv1d(weights)
+
+
+def _tied(folder: Path) -> bool:
+    return json.loads((folder / "config.json").read_text()).get("tie_word_embeddings", True) is not False

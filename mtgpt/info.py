@@ -12,7 +12,7 @@ from mtgpt import checkpoint, rundir
 from mtgpt.config import ModelConfig, TrainConfig, load_json
 from mtgpt.data.manifest import MANIFEST, load_manifest, verify as verify_shards
 from mtgpt.model import GPT
-from mtgpt.monitor import METRICS
+from mtgpt.monitor import METRICS, read_metrics
 
 
 def param_count(config: ModelConfig) -> int:
@@ -67,9 +67,9 @@ def describe_run(path: Path) -> list[str]:
         stop = json.loads((path / rundir.LAST_STOP).read_text())
         lines.append(f"last stop: {stop['reason']} at step {stop['step']} ({stop['tokens']:,} tokens)")
     if (path / METRICS).is_file():
-        rows = [json.loads(line) for line in (path / METRICS).read_text().splitlines() if line.strip()]
-        train = [r for r in rows if "train/loss" in r]
-        val = [r for r in rows if "val/loss" in r]
+        rows = read_metrics(path / METRICS, warn=lines.append)
+        train = [r for r in rows if isinstance(r.get("train/loss"), float)]
+        val = [r for r in rows if isinstance(r.get("val/loss"), float)]
         if train:
             lines.append(f"train loss: {train[-1]['train/loss']:.4f} at step {train[-1]['step']}")
         if val:
@@ -77,6 +77,9 @@ def describe_run(path: Path) -> list[str]:
             lines.append(f"val loss: {val[-1]['val/loss']:.4f} at step {val[-1]['step']}; best "
                          f"{best['val/loss']:.4f} at step {best['step']} (an untrained model scores "
                          f"ln({vocab}) = {math.log(vocab):.2f})")
+    if not checkpoint.has_val(path):
+        lines.append("val loss: none (the data has no val split: it was prepared with --val-fraction 0), "
+                     "so no best model and no early stopping")
     tags = checkpoint.complete_tags(path)
     root = path / checkpoint.CKPT_DIR
     torn = sorted(p.name for p in root.iterdir() if checkpoint.TAG_RE.match(p.name) and p.name not in tags) \

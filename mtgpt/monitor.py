@@ -14,7 +14,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -32,7 +32,7 @@ class Monitor:
 
         path = self.run_dir / METRICS
         if path.exists():
-            self.history = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            self.history = read_metrics(path, warn=lambda msg: print(msg, flush=True))
             if resume_step is not None:
                 self.history = [m for m in self.history if m["step"] <= resume_step]
             else:
@@ -68,6 +68,30 @@ class Monitor:
             self.tb.close()
             self.file.close()
             self.enabled = False
+
+
+class MetricsError(ValueError):
+    """metrics.jsonl is damaged other than by a crash mid-write; the message says what to do."""
+
+
+def read_metrics(path: Path, warn: Callable[[str], None]) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl. A torn last line (the process died while writing it) is
+    dropped with a warning; a bad line elsewhere is refused, naming the file and line."""
+    lines = [(n, line) for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1) if line.strip()]
+    rows = []
+    for i, (n, line) in enumerate(lines):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError("no step")
+            rows.append(row)
+        except ValueError:
+            if i == len(lines) - 1:
+                warn(f"warning: {path}: line {n} is torn (the run stopped while writing it); it is dropped")
+                continue
+            raise MetricsError(f"{path}:{n}: not a metrics line ({line[:60]!r}); repair the line, or move the "
+                               "file aside to start the log afresh") from None
+    return rows
 
 
 def last(history: list[dict[str, Any]], key: str) -> float:

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 TRAIN_CONFIG = "train_config.json"
 DS_CONFIG = "ds_config.json"
-RUN_INFO = "run_info.json"
+RUN_INFO = checkpoint.RUN_INFO
 LAST_STOP = "last_stop.json"  # rank 0, at the end of fit: why and where the run stopped
 COMMAND_ENV = "MTGPT_COMMAND"  # the user's command line, passed by `mtgpt train` to its ranks
 
@@ -115,6 +115,7 @@ def write_run_files(p: "Plan", resumed: bool) -> None:
         "git_commit": git_commit(),
         "versions": versions(),
         "world_size": p.world_size,
+        "val_samples": p.manifest["splits"]["val"]["samples"],  # 0: no evaluation, no best/
         "ds_config": p.ds_name,
         "host": platform.node(),
     }, out / RUN_INFO)

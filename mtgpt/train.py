@@ -83,6 +83,10 @@ def plan(cfg: TrainConfig, world_size: int, cuda: bool | None = None) -> Plan:
     ds_name = cfg.ds_config or ds_config.default_name(cuda, cuda and torch.cuda.is_bf16_supported())
     ds_name, raw = ds_config.find(ds_name)
     steps = schedule_steps(cfg, manifest, world_size)
+    if cfg.patience is not None and manifest["splits"]["val"]["samples"] == 0:
+        raise ConfigError(f"--patience needs a val split, and {cfg.data} has none (it was prepared with "
+                          "--val-fraction 0); prepare it again with e.g. --val-fraction 0.01, or leave out "
+                          "--patience")
     source = source_config(cfg)
     if source is not None and source.shape() != cfg.model.shape():
         raise ConfigError(f"the model to start from has shape {source.shape()}, this run asks for "
@@ -101,7 +105,7 @@ def source_config(cfg: TrainConfig) -> ModelConfig | None:
         if cfg.init_from:
             return checkpoint.load_model_config(checkpoint.model_folder(cfg.init_from))
         if cfg.init_from_hf:
-            return hf.read_config(cfg.init_from_hf)
+            return hf.load(cfg.init_from_hf)[0]  # the weights too: an untied lm_head is refused here
     except (checkpoint.ModelFileError, hf.HFError) as e:
         raise ConfigError(f"cannot start from it: {e}") from None
     return None
@@ -175,6 +179,28 @@ def resume(engine, p: Plan) -> TrainState:
     return state
 
 
+def make_history(engine, p: Plan, state: TrainState) -> None:
+    """A run resumed from an older point than its newest saves continues from there: the later
+    saves (a branch it left) are set aside, `latest` names the resumed checkpoint and the run's
+    model.safetensors is the resumed weights again, so nothing of the left branch is taken for
+    this one's (not by `--resume auto`, not by pruning, not by `mtgpt sample`)."""
+    later = checkpoint.saves_after(p.cfg.out, state.step)  # every rank reads it before rank 0 moves
+    dist.barrier()
+    if not later:
+        return
+    if dist.is_rank0():
+        moved, aside = checkpoint.set_aside_after(p.cfg.out, state.step)
+        if moved:
+            dist.print0(f"resuming at step {state.step}, before this run's later saves "
+                        f"({', '.join(moved)}): they are set aside in {aside}, and the run goes on from "
+                        f"step {state.step}")
+        tag = checkpoint.tag_for(state.step)
+        if (Path(p.cfg.out) / checkpoint.CKPT_DIR / tag / checkpoint.COMPLETE).is_file():
+            checkpoint.point_latest(p.cfg.out, tag)
+    export(engine, p, state, Path(p.cfg.out))  # a collective under ZeRO-3
+    dist.barrier()
+
+
 def fit(p: Plan) -> dict[str, Any]:
     """Train as planned; returns a summary (rank 0's numbers)."""
     d = dist.init()
@@ -187,6 +213,8 @@ def fit(p: Plan) -> dict[str, Any]:
     engine = build_engine(p, model)
     seed_all(cfg.seed + d.rank)  # different dropout per rank
     state = resume(engine, p) if p.resume_from is not None else TrainState()
+    if p.resume_from is not None:
+        make_history(engine, p, state)
     saved_data = state.mine("data", d.world_size, d.rank)
     start, warning = resume_position(saved_data, d.world_size, cfg.num_workers, cfg.micro_batch, cfg.seed)
     if p.resume_from is not None and saved_data is None:
@@ -242,11 +270,14 @@ def fit(p: Plan) -> dict[str, Any]:
         save(engine, p, state, batches)
     val_loss = monitor.last(log.history, "val/loss")
     log.close()
+    finite = (lambda x: x if math.isfinite(x) else None)  # JSON has no NaN or inf
     if dist.is_rank0():
         rundir.write_last_stop(cfg.out, reason=reason, step=state.step, tokens=state.tokens,
-                               val_loss=val_loss, best_val=state.best_val)
-    dist.print0(f"stopped ({reason}) at step {state.step}, {state.tokens:,} tokens; val loss {val_loss:.4f}, "
-                f"best {state.best_val:.4f}; model: {Path(cfg.out) / checkpoint.WEIGHTS}")
+                               val_loss=finite(val_loss), best_val=finite(state.best_val))
+    val_text = (f"val loss {val_loss:.4f}, best {state.best_val:.4f}" if len(val) else
+                "no val split, so no val loss")
+    dist.print0(f"stopped ({reason}) at step {state.step}, {state.tokens:,} tokens; {val_text}; "
+                f"model: {Path(cfg.out) / checkpoint.WEIGHTS}")
     return {"step": state.step, "tokens": state.tokens, "val_loss": val_loss, "best_val": state.best_val,
             "reason": reason}
 
@@ -267,7 +298,10 @@ def train_metrics(engine, loss: torch.Tensor, state: TrainState) -> dict[str, fl
 
 def evaluate_and_track(engine, val: torch.Tensor, p: Plan, state: TrainState, log: monitor.Monitor) -> dict[str, float]:
     """Evaluate, update early stopping, export the best weights when the val loss improves, and
-    log a text sample and the loss plot."""
+    log a text sample and the loss plot. With no val split only the sample is logged."""
+    if len(val) == 0:  # the same on every rank: the val split is empty everywhere
+        log.text("sample", eval_sample(engine, p.cfg.seed + state.step), state.step)
+        return {}
     loss = evaluate(engine, val, p.cfg.micro_batch)
     if loss < state.best_val - p.cfg.min_delta:
         state.best_val, state.evals_since_best = loss, 0

@@ -4,6 +4,7 @@ and no pickle that runs code."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -112,3 +113,43 @@ def test_not_a_gpt2(tmp_path):
         hf.read_config(tmp_path)
     with pytest.raises(hf.HFError, match="no config.json"):
         hf.read_config(tmp_path / "nothing")
+
+
+def _hf_gpt2(folder: Path, **config) -> Path:
+    """A GPT-2 folder written by transformers itself, with some setting mtgpt's GPT does not have."""
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = hf.gpt2_config(ModelConfig(**TINY))
+    for key, value in config.items():
+        setattr(cfg, key, value)
+    GPT2LMHeadModel(cfg).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.mark.parametrize("setting, match", [({"tie_word_embeddings": False}, "lm_head.*not the token embedding"),
+                                             ({"scale_attn_weights": False}, "scale_attn_weights = False")])
+def test_what_mtgpt_cannot_represent_is_refused(tiny_data, tmp_path, setting, match):
+    folder = _hf_gpt2(tmp_path / "hf", **setting)
+    with pytest.raises(hf.HFError, match=match):
+        hf.load(folder)
+    proc = run_mtgpt("train", "--data", tiny_data, "--out", tmp_path / "run", "--init-from-hf", folder, check=False)
+    assert proc.returncode != 0 and "cannot start from it" in proc.stderr
+    assert re.search(match, proc.stderr) and "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
+
+
+def test_untied_head_in_the_weights_is_refused(exported, tmp_path):
+    """A config that says tied, with an lm_head.weight of its own in the file."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "untied"
+    folder.mkdir()
+    (folder / "config.json").write_text((exported / "config.json").read_text())
+    weights = load_file(exported / "model.safetensors")
+    weights["lm_head.weight"] = weights["transformer.wte.weight"] + 1
+    save_file(weights, folder / "model.safetensors")
+    with pytest.raises(hf.HFError, match="not the token embedding"):
+        hf.load(folder)
+    weights["lm_head.weight"] = weights["transformer.wte.weight"].clone()  # equal: the same model
+    save_file(weights, folder / "model.safetensors")
+    assert hf.load(folder)[0].n_embd == TINY["n_embd"]

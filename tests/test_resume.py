@@ -162,3 +162,24 @@ weights = checkpoint.gather_weights(engine.module, stage, 0)
 checkpoint.save_weights(weights, cfg.model, run / "probe")
 print(run / "probe" / "model.safetensors")
 """
+
+
+def test_resume_from_an_older_checkpoint_makes_it_the_history(tiny_data, tmp_path):
+    """Going back to step 15 of a 20-step run and training on from there: the saves of step 20
+    (the left branch) are set aside, not pruned into the new history or picked by --resume auto,
+    which follows `latest`; the run's model is always that of its last save."""
+    run = tmp_path / "run"
+    base = ["train", "--data", tiny_data, "--out", run, "--nproc", "1", *ARGS, "--keep-last", "2"]
+    run_mtgpt(*base, "--max-steps", 20, "--save-every", 5)
+    out = run_mtgpt(*base, "--max-steps", 17, "--save-every", 1,
+                    "--resume", run / "checkpoints" / "step_00000015")
+    assert "set aside" in out.stdout and "step_00000020" in out.stdout
+    aside = [p for p in (run / "checkpoints").iterdir() if p.name.startswith("abandoned-")]
+    assert len(aside) == 1 and (aside[0] / "step_00000020" / checkpoint.COMPLETE).is_file()
+    assert checkpoint.complete_tags(run) == ["step_00000016", "step_00000017"]
+    assert checkpoint.weights_step(run) == 17
+    run_mtgpt(*base, "--max-steps", 20, "--save-every", 5, "--resume", "auto")
+    stop = json.loads((run / "last_stop.json").read_text())
+    assert stop["step"] == 20 and checkpoint.weights_step(run) == 20
+    assert checkpoint.complete_tags(run) == ["step_00000017", "step_00000020"]
+    assert list(losses(run)) == list(range(1, 21))

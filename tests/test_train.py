@@ -165,3 +165,40 @@ def test_stop_conditions(tiny_data, tmp_path, args, reason, step):
     assert checkpoint.latest_complete(run).name == checkpoint.tag_for(stop["step"])  # saved at the stop
     if reason == "max_tokens":
         assert json.loads((run / "ds_config.json").read_text())["scheduler"]["params"]["total_num_steps"] == 8
+
+
+def test_data_without_val_split_and_a_torn_metrics_line(tmp_path):
+    """--val-fraction 0 (what prepare suggests for a tiny corpus): no evaluation, no early stopping
+    (refused), no best/ and `info` and `--best` say why. Then a crash mid-write of metrics.jsonl:
+    `info` and `--resume auto` drop the torn line with a warning and go on."""
+    from tests.conftest import SONNETS
+
+    data, run = tmp_path / "data", tmp_path / "run"
+    run_mtgpt("prepare", SONNETS, "--out", data, "--block-size", "32", "--val-fraction", "0")
+    base = ["train", "--data", data, "--out", run, "--nproc", "1", *TINY_ARGS, "--micro-batch", "2",
+            "--log-every", "1", "--eval-every", "2"]
+    proc = run_mtgpt(*base, "--max-steps", "4", "--patience", "2", check=False)
+    assert proc.returncode != 0 and "--patience needs a val split" in proc.stderr and not run.exists()
+    out = run_mtgpt(*base, "--max-steps", "4")
+    assert "no val split" in out.stdout
+    rows = metrics(run)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and not any("val/loss" in r for r in rows)
+    stop = json.loads((run / "last_stop.json").read_text())
+    assert stop["step"] == 4 and stop["val_loss"] is None and stop["best_val"] is None
+    assert not (run / "best").exists()
+    info = run_mtgpt("info", run).stdout
+    assert "val loss: none (the data has no val split" in info and "train loss:" in info
+    proc = run_mtgpt("sample", run, "--best", "--max-new-tokens", "2", check=False)
+    assert proc.returncode != 0 and "no val split" in proc.stderr and "Traceback" not in proc.stderr
+
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 5, "train/lo')  # the process died here
+    info = run_mtgpt("info", run)
+    assert "line 5 is torn" in info.stdout and "train loss: " in info.stdout
+    out = run_mtgpt(*base, "--max-steps", "6", "--resume", "auto")
+    assert "line 5 is torn" in out.stdout
+    assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4, 5, 6]
+
+    (run / "metrics.jsonl").write_text('{"step": 1}\nnot json\n{"step": 2}\n')  # damaged, not torn
+    proc = run_mtgpt("info", run, check=False)
+    assert proc.returncode != 0 and "metrics.jsonl:2: not a metrics line" in proc.stderr

@@ -1,0 +1,69 @@
+"""checkpoint.py in process: which save a run continues from, pruning, and setting a left branch aside."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from mtgpt import checkpoint
+from mtgpt.config import ModelConfig
+from mtgpt.model import GPT
+from tests.conftest import TINY
+
+
+def _save(run: Path, step: int, complete: bool = True, keep_last: int = 10) -> None:
+    (run / checkpoint.CKPT_DIR / checkpoint.tag_for(step)).mkdir(parents=True, exist_ok=True)
+    if complete:
+        checkpoint.mark_complete(run, checkpoint.tag_for(step), {"step": step}, keep_last=keep_last)
+
+
+def test_auto_follows_latest_not_the_highest_step(tmp_path):
+    for step in (5, 10, 20):
+        _save(tmp_path, step)
+    assert checkpoint.latest_complete(tmp_path).name == "step_00000020"
+    checkpoint.point_latest(tmp_path, "step_00000010")
+    assert checkpoint.latest_complete(tmp_path).name == "step_00000010"
+    checkpoint.point_latest(tmp_path, "step_00000030")  # names no complete save: the newest complete one
+    assert checkpoint.latest_complete(tmp_path).name == "step_00000020"
+    (tmp_path / checkpoint.CKPT_DIR / "latest").unlink()
+    assert checkpoint.latest_complete(tmp_path).name == "step_00000020"
+    assert checkpoint.latest_complete(tmp_path / "none") is None
+
+
+def test_prune_keeps_the_last_and_torn_newer(tmp_path):
+    for step in (1, 2, 3):
+        _save(tmp_path, step, keep_last=2)
+    _save(tmp_path, 4, complete=False)  # a save in progress is not pruned
+    assert checkpoint.complete_tags(tmp_path) == ["step_00000002", "step_00000003"]
+    assert (tmp_path / checkpoint.CKPT_DIR / "step_00000004").is_dir()
+    assert (tmp_path / checkpoint.CKPT_DIR / "latest").read_text() == "step_00000003"
+
+
+def test_set_aside_after(tmp_path):
+    model = GPT(ModelConfig(**TINY))
+    weights = dict(model.named_parameters())
+    for step in (5, 10, 15, 20):
+        _save(tmp_path, step)
+    _save(tmp_path, 25, complete=False)
+    (tmp_path / checkpoint.CKPT_DIR / "universal" / "step_00000020").mkdir(parents=True)
+    checkpoint.save_weights(weights, model.config, tmp_path / "best", {"step": "20"})
+    assert checkpoint.saves_after(tmp_path, 10) == ["step_00000015", "step_00000020", "step_00000025"]
+    moved, aside = checkpoint.set_aside_after(tmp_path, 10)
+    assert moved == ["step_00000015", "step_00000020"]
+    assert sorted(p.name for p in aside.iterdir()) == ["best", "step_00000015", "step_00000020"]
+    assert (aside / "step_00000020" / checkpoint.COMPLETE).is_file()  # kept whole, only moved
+    assert checkpoint.complete_tags(tmp_path) == ["step_00000005", "step_00000010"]
+    assert not (tmp_path / checkpoint.CKPT_DIR / "step_00000025").exists()  # torn: deleted
+    assert not (tmp_path / checkpoint.CKPT_DIR / "universal" / "step_00000020").exists()
+    assert checkpoint.set_aside_after(tmp_path, 10) == ([], None)  # nothing left to move
+
+
+def test_best_from_before_the_resume_stays(tmp_path):
+    model = GPT(ModelConfig(**TINY))
+    checkpoint.save_weights(dict(model.named_parameters()), model.config, tmp_path / "best", {"step": "8"})
+    assert checkpoint.weights_step(tmp_path / "best") == 8
+    assert checkpoint.set_aside_after(tmp_path, 10) == ([], None)
+    assert (tmp_path / "best" / checkpoint.WEIGHTS).is_file()
+    assert checkpoint.weights_step(tmp_path / "missing") is None
