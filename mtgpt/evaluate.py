@@ -1,9 +1,10 @@
 """`mtgpt eval`: loss, perplexity and bits per byte of a model on any text.
 
 Every token is scored once, with context: the text (after an <|endoftext|> that starts it, so
-its first token is scored too) is read in windows of block_size tokens that start `stride`
-tokens apart; each window scores only the tokens the previous one did not reach, so every token
-after the first window sees at least block_size - stride tokens of context.
+its first token is scored too) is read in windows of block_size + 1 tokens (block_size inputs and
+their targets, as in training) that start `stride` tokens apart; each window scores only the
+tokens the previous one did not reach, so every token after the first window sees at least
+block_size - stride + 1 tokens of context.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from mtgpt import tokenizer
+from mtgpt.data.sources import strip_bom
 from mtgpt.model import GPT
 
 
@@ -42,11 +44,12 @@ class Score:
         return {**asdict(self), "loss": self.loss, "ppl": self.ppl, "bits_per_byte": self.bpb}
 
 
-def windows(n: int, block: int, stride: int):
-    """(begin, end, first scored index) for each window over n tokens; token 0 is never scored."""
+def windows(n: int, span: int, stride: int):
+    """(begin, end, first scored index) for each window of at most `span` (>= 2) tokens over n
+    tokens; token 0 is never scored."""
     begin, scored = 0, 1
     while scored < n:
-        end = min(begin + block, n)
+        end = min(begin + span, n)
         yield begin, end, scored
         scored = end
         begin = min(begin + stride, scored - 1)  # at least one token of context before the first new one
@@ -61,8 +64,8 @@ def score_ids(model: GPT, ids: list[int], stride: int) -> tuple[float, int]:
     device = next(model.parameters()).device
     x = torch.tensor(ids, dtype=torch.long, device=device)
     nll, count = 0.0, 0
-    for begin, end, first in windows(len(ids), block, stride):
-        logits, _ = model(x[begin:end][None])  # (1, end - begin, V)
+    for begin, end, first in windows(len(ids), block + 1, stride):
+        logits, _ = model(x[begin:end - 1][None])  # (1, end - 1 - begin <= block, V)
         # logits at position i predict token begin + i + 1; score tokens first..end-1
         pred = logits[0, first - begin - 1: end - begin - 1].float()
         nll += F.cross_entropy(pred, x[first:end], reduction="sum").item()
@@ -72,7 +75,7 @@ def score_ids(model: GPT, ids: list[int], stride: int) -> tuple[float, int]:
 
 def score_text(model: GPT, text: str, name: str, stride: int | None = None) -> Score:
     ids = [tokenizer.EOT, *tokenizer.encode(text)]
-    nll, count = score_ids(model, ids, stride or max(1, model.config.block_size // 2))
+    nll, count = score_ids(model, ids, max(1, model.config.block_size // 2) if stride is None else stride)
     return Score(name, count, len(text.encode("utf-8")), nll)
 
 
@@ -81,12 +84,18 @@ def total(scores: list[Score]) -> Score:
 
 
 def read_text(path: str) -> str:
+    """The file's text as `mtgpt prepare` reads it: its bytes as they are (a CRLF stays CRLF),
+    without a leading byte-order mark."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        data = strip_bom(Path(path).read_bytes())
     except FileNotFoundError:
         raise ValueError(f"{path}: no such file") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}: not UTF-8 text") from None
-    if not text:
+    except OSError as e:
+        raise ValueError(f"{path}: {e.strerror}") from None
+    if not data:
         raise ValueError(f"{path}: the file is empty")
-    return text
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (invalid byte at {e.start}); convert it, e.g. with "
+                         "iconv -f latin1 -t utf-8") from None

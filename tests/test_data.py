@@ -382,3 +382,86 @@ def test_three_ranks_over_four_shards_never_hang(tmp_path):
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
     assert sorted(out.get(timeout=5) for _ in range(3)) == [(r, steps) for r in range(3)]
     assert len(set(shares)) > 1  # the shares really were unequal
+
+
+def _shapes() -> dict[str, str]:
+    """Shapes of text where a careless cut changes the token ids."""
+    words = SONNETS.read_text().split()
+    paragraphs = [" ".join(words[i:i + 120]) for i in range(0, len(words), 120)]
+    return {
+        "blank-line paragraphs": "\n\n".join(paragraphs) + "\n",  # every line break is "\n\n"
+        "one line": " ".join(words),
+        "nbsp indents": "".join(f"\u00a0\u00a0{line}\n" for line in SONNETS.read_text().splitlines()),
+        "crlf": SONNETS.read_text().replace("\n", "\r\n"),
+        "runs of spaces": "   ".join(words) + "\n",
+        "no spaces": "".join(words)[:20000],
+    }
+
+
+@pytest.mark.parametrize("shape", list(_shapes()))
+def test_chunks_never_change_token_ids(tmp_path, shape):
+    """Tokenizing the chunks one by one gives exactly the ids of tokenizing the file whole, for
+    every shape of text (the chunks here are 1 KB, so there are many cuts)."""
+    from mtgpt.data.sources import Source, read_chunks
+
+    text = _shapes()[shape]
+    path = tmp_path / "t.txt"
+    path.write_text(text)
+    chunks = [data for _, data in read_chunks(Source("t", path, path.stat().st_size), 1000)]
+    assert b"".join(chunks) == text.encode()
+    if shape != "no spaces":  # there is nowhere safe to cut a text without spaces or line breaks
+        assert len(chunks) > len(text) // 2000
+    ids = [i for data in chunks for i in tokenizer.encode(data.decode())]
+    assert ids == tokenizer.encode(text)
+
+
+def test_chunk_cut_after_a_line_break_before_a_non_ascii_space():
+    from mtgpt.data.sources import _cut
+
+    for after in ("\u00a0", "\u3000", "\u2003"):
+        buf = ("word\n" + after + "indented line of text").encode()
+        assert _cut(buf) == buf.index(b" of")  # the newline is not a safe cut; the last space is
+    buf = "DOC ONE\nsome text\nmore text".encode()
+    assert _cut(buf, "DOC ONE") == len("DOC ONE\nsome text\n")
+    assert _cut(b"text\nDOC ONE\nmore", None) == 8  # "DOC| ONE"
+    assert _cut(b"text\nDOC ONE\nmore", "DOC ONE") == 5  # a separator line is never cut in two
+
+
+def test_byte_order_mark_is_not_text(tmp_path):
+    text = "\n".join(SONNETS.read_text().splitlines()[:60]) + "\n"
+    (tmp_path / "plain.txt").write_bytes(text.encode())
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    for name in ("plain", "bom"):
+        prepare([str(tmp_path / f"{name}.txt")], tmp_path / name, block_size=8, val_fraction=0.0, quiet=True)
+    assert all_train_samples(tmp_path / "plain") == all_train_samples(tmp_path / "bom")
+    ids = np.frombuffer(all_train_samples(tmp_path / "bom")[0], "<u2").tolist()
+    assert ids == tokenizer.encode(text)[:9]
+
+
+@pytest.mark.parametrize("chunk", [1000, 16, 4 << 20])
+def test_document_separators_anywhere(tmp_path, monkeypatch, chunk):
+    """A separator at the start or end of a file, two in a row, or on both sides of a chunk
+    boundary: one <|endoftext|> after each document with text, never one before the first or
+    two in a row."""
+    monkeypatch.setattr(prepare_mod, "CHUNK_BYTES", chunk)
+    lines = SONNETS.read_text().splitlines()[:200]
+    docs = ["\n".join(lines[i:i + 17]) + "\n" for i in range(0, len(lines), 17)]
+    (tmp_path / "a.txt").write_text("DOC\n" + "DOC\nDOC\n".join(docs) + "DOC\n")
+    m = prepare([str(tmp_path / "a.txt")], tmp_path / "d", block_size=8, val_fraction=0.0,
+                doc_separator="DOC", quiet=True)
+    assert m["documents"] == len(docs)
+    stream = np.concatenate([np.frombuffer(s, "<u2") for s in all_train_samples(tmp_path / "d")]).tolist()
+    want = [i for doc in docs for i in [*tokenizer.encode(doc), tokenizer.EOT]]
+    assert stream == want[:len(stream)] and len(want) - len(stream) < 9
+
+
+def test_bad_shard_size_and_a_one_sample_corpus(tmp_path):
+    for size in (0, -1):
+        with pytest.raises(DataError, match="--shard-size must be a positive number of MB"):
+            prepare([str(SONNETS)], tmp_path / "d", shard_size_mb=size, quiet=True)
+    (tmp_path / "one.txt").write_text(" ".join(SONNETS.read_text().split()[:30]))
+    with pytest.raises(DataError, match="the val split is empty") as e:
+        prepare([str(tmp_path / "one.txt")], tmp_path / "d", block_size=32, quiet=True)
+    assert "raise --val-fraction" not in str(e.value) and "--val-fraction 0" in str(e.value)
+    prepare([str(tmp_path / "one.txt")], tmp_path / "d", block_size=32, val_fraction=0, quiet=True)  # as told
+    _nothing_written(tmp_path, tmp_path / "e")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import itertools
 import math
 
 import pytest
@@ -16,10 +17,10 @@ from tests.conftest import SONNETS, TINY, run_mtgpt
 
 
 @pytest.mark.parametrize("n, block, stride", [(2, 16, 8), (16, 16, 8), (17, 16, 8), (100, 16, 8), (100, 16, 16),
-                                               (100, 16, 1), (53, 7, 3)])
+                                               (100, 16, 1), (53, 7, 3), (20, 2, 1)])
 def test_windows_score_every_token_once(n, block, stride):
     scored = []
-    for begin, end, first in windows(n, block, stride):
+    for begin, end, first in itertools.islice(windows(n, block, stride), n):  # bounded: never hangs
         assert end - begin <= block and begin < first <= end
         scored += range(first, end)
     assert scored == list(range(1, n))
@@ -27,14 +28,14 @@ def test_windows_score_every_token_once(n, block, stride):
 
 def test_against_a_hand_computation():
     """The windowed score equals scoring each token alone, from the start of the window the rule
-    gives it: windows of 16 tokens, 8 apart, so token t >= 16 sees the 8..15 tokens before it."""
+    gives it: windows of 16 + 1 tokens, 8 apart, so token t >= 17 sees the 9..16 tokens before it."""
     torch.manual_seed(0)
     model = GPT(ModelConfig(**{**TINY, "block_size": 16})).eval()
     ids = tokenizer.encode(SONNETS.read_text())[:60]
     nll, count = score_ids(model, ids, stride=8)
     by_hand = 0.0
     for t in range(1, len(ids)):
-        start = 0 if t < 16 else ((t - 16) // 8 + 1) * 8  # the window whose new tokens include t
+        start = 0 if t < 17 else ((t - 17) // 8 + 1) * 8  # the window whose new tokens include t
         with torch.no_grad():
             logits, _ = model(torch.tensor([ids[start:t]]))
         by_hand -= torch.log_softmax(logits[0, -1].double(), dim=-1)[ids[t]].item()
@@ -64,6 +65,35 @@ def test_bad_input(tmp_path):
     checkpoint.save_weights(dict(model.named_parameters()), model.config, tmp_path / "run")
     (tmp_path / "latin.txt").write_bytes(b"caf\xe9")
     for args, message in [([tmp_path / "missing.txt"], "no such file"), ([tmp_path / "latin.txt"], "not UTF-8"),
-                          ([SONNETS, "--stride", "64"], "--stride must be between 1 and the block size 32")]:
+                          ([SONNETS, "--stride", "64"], "--stride must be between 1 and the block size 32"),
+                          ([SONNETS, "--stride", "0"], "--stride must be between 1 and the block size 32")]:
         proc = run_mtgpt("eval", tmp_path / "run", *args, check=False)
         assert proc.returncode != 0 and message in proc.stderr
+
+
+def test_block_size_one_is_a_bigram_model():
+    """A model with a context of 1 token scores every token from the one before it (and ends)."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**{**TINY, "block_size": 1})).eval()
+    ids = tokenizer.encode(SONNETS.read_text())[:30]
+    nll, count = score_ids(model, ids, stride=1)
+    with torch.no_grad():
+        logits, _ = model(torch.tensor(ids[:-1])[:, None])  # each token alone, a batch of 29
+    by_hand = -torch.log_softmax(logits[:, 0].double(), dim=-1).gather(1, torch.tensor(ids[1:])[:, None]).sum()
+    assert count == 29 and abs(nll - by_hand.item()) < 1e-4 * count
+
+
+def test_reads_the_bytes_as_prepare_does(tmp_path):
+    """CRLF stays CRLF (35 bytes and 15 tokens, where LF would be 32 and 12), and a leading
+    byte-order mark is not text."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**TINY))
+    checkpoint.save_weights(dict(model.named_parameters()), model.config, tmp_path / "run")
+    text = "Hello there.\r\nHow are you?\r\nFine.\r\n"
+    (tmp_path / "crlf.txt").write_bytes(text.encode())
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    rows = json.loads(run_mtgpt("eval", tmp_path / "run", tmp_path / "crlf.txt", tmp_path / "bom.txt",
+                                "--json").stdout)
+    assert rows[0]["bytes"] == 35 and rows[0]["tokens"] == len(tokenizer.encode(text)) == 15
+    assert len(tokenizer.encode(text.replace("\r\n", "\n"))) == 12
+    assert {k: rows[1][k] for k in ("bytes", "tokens", "nll")} == {k: rows[0][k] for k in ("bytes", "tokens", "nll")}

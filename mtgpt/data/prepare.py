@@ -106,30 +106,49 @@ def _separator_pattern(doc_separator: str | None) -> re.Pattern | None:
     return re.compile(r"^" + re.escape(doc_separator) + r"[ \t\r]*(?:\n|\Z)", re.MULTILINE)
 
 
-def _tokenize(data: bytes, where: str, offset: int, strict: bool, sep: re.Pattern | None,
-              end_of_doc: bool) -> tuple[np.ndarray, int, int]:
-    """One chunk -> (uint16 ids with <|endoftext|> after each finished document, bad bytes, docs)."""
+def _tokenize(data: bytes, where: str, offset: int, strict: bool, sep: re.Pattern | None
+              ) -> tuple[list[np.ndarray], int]:
+    """One chunk -> (the ids of each piece between document separator lines, bad bytes)."""
     text, replaced = decode_utf8(data, strict, where, offset)
     enc = tokenizer.get_tokenizer()
     pieces = sep.split(text) if sep else [text]
-    parts, docs = [], 0
-    for i, piece in enumerate(pieces):
-        if piece:
-            parts.append(enc.encode_to_numpy(piece, disallowed_special=()))
-        doc_ends = i < len(pieces) - 1 or end_of_doc
-        if doc_ends and (piece or i == 0):  # an empty first piece may end a document begun in
-            # the previous chunk; other empty pieces (consecutive separators) add nothing
+    return [enc.encode_to_numpy(piece, disallowed_special=()) for piece in pieces], replaced
+
+
+class Documents:
+    """Joins the tokenized pieces of the chunks, in input order, into one stream with
+    <|endoftext|> after each document. A document ends at a separator line and at the end of its
+    source; one with no text (before a separator that starts a file, between two separators in
+    a row, after one that ends a file) adds nothing, wherever the chunk boundaries fall."""
+
+    def __init__(self):
+        self.count = 0
+        self._open = False  # the current document has text
+
+    def join(self, pieces: list[np.ndarray], source_ends: bool) -> np.ndarray:
+        parts: list[np.ndarray] = []
+        for i, ids in enumerate(pieces):
+            if i > 0:  # a separator line stood between this piece and the one before
+                self._end(parts)
+            if len(ids):
+                parts.append(ids)
+                self._open = True
+        if source_ends:
+            self._end(parts)
+        return (np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint32)).astype(np.uint16)
+
+    def _end(self, parts: list[np.ndarray]) -> None:
+        if self._open:
             parts.append(np.array([tokenizer.EOT], dtype=np.uint32))
-            docs += 1
-    ids = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint32)
-    return ids.astype(np.uint16), replaced, docs
+            self.count += 1
+            self._open = False
 
 
-def _chunks(sources: list[Source]):
+def _chunks(sources: list[Source], separator: str | None):
     """(source index, offset, bytes, last chunk of its source?) in input order."""
     for i, src in enumerate(sources):
         last = None
-        for offset, data in read_chunks(src, CHUNK_BYTES):
+        for offset, data in read_chunks(src, CHUNK_BYTES, separator):
             if last is not None:
                 yield i, last[0], last[1], False
             last = (offset, data)
@@ -180,6 +199,8 @@ def prepare(
         raise DataError(f"--block-size must be positive, got {block_size}")
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if not shard_size_mb > 0:
+        raise DataError(f"--shard-size must be a positive number of MB, got {shard_size_mb}")
     if fmt not in ("text", "chat"):
         raise DataError(f"--format must be text or chat, got {fmt!r}")
     out = Path(out)
@@ -205,7 +226,7 @@ def prepare(
             read = [Source("conversations", conversations, conversations.stat().st_size)]
             doc_separator = chat.DOC_SEPARATOR
         manifest = _write_shards(read, tmp, block_size, val_fraction, seed, shard_size_mb, strict,
-                                 _separator_pattern(doc_separator), workers, quiet, warn, sources, extra)
+                                 doc_separator, workers, quiet, warn, sources, extra)
         conversations.unlink(missing_ok=True)
         _replace_folder(tmp, out)
     except BaseException as e:  # nothing half-written survives: not a crash, not Ctrl-C, not ENOSPC
@@ -217,7 +238,7 @@ def prepare(
     return manifest
 
 
-def _write_shards(sources, tmp, block_size, val_fraction, seed, shard_size_mb, strict, sep,
+def _write_shards(sources, tmp, block_size, val_fraction, seed, shard_size_mb, strict, separator,
                   workers, quiet, warn, listed, extra) -> dict[str, Any]:
     started = time.time()
     S = block_size + 1
@@ -225,7 +246,9 @@ def _write_shards(sources, tmp, block_size, val_fraction, seed, shard_size_mb, s
     writers = {s: SplitWriter(tmp, s, shard_bytes) for s in ("train", "val")}
     is_val = ValSelector(val_fraction, seed)
     carry = np.zeros(0, dtype=np.uint16)
-    total_tokens = docs = 0
+    total_tokens = 0
+    documents = Documents()
+    sep = _separator_pattern(separator)
     replaced = [0] * len(sources)
     known = all(s.size is not None for s in sources)
     bar = tqdm(total=sum(s.size for s in sources) if known else None, unit="B", unit_scale=True,
@@ -233,25 +256,25 @@ def _write_shards(sources, tmp, block_size, val_fraction, seed, shard_size_mb, s
     tokenizer.get_tokenizer()  # build it once here, not in every thread at the same time
     with ThreadPoolExecutor(workers) as pool:
         inflight: deque = deque()
-        chunks = _chunks(sources)
+        chunks = _chunks(sources, separator)
 
         def submit_next() -> bool:
             item = next(chunks, None)
             if item is None:
                 return False
             i, offset, data, last = item
-            fut = pool.submit(_tokenize, data, sources[i].name, offset, strict, sep, last)
-            inflight.append((i, len(data), fut))
+            fut = pool.submit(_tokenize, data, sources[i].name, offset, strict, sep)
+            inflight.append((i, len(data), last, fut))
             return True
 
         while len(inflight) < 2 * workers and submit_next():  # bounded read-ahead: flat memory
             pass
         while inflight:
-            i, nbytes, fut = inflight.popleft()
-            ids, bad, ndocs = fut.result()
+            i, nbytes, source_ends, fut = inflight.popleft()
+            pieces, bad = fut.result()
             submit_next()
             replaced[i] += bad
-            docs += ndocs
+            ids = documents.join(pieces, source_ends)
             total_tokens += len(ids)
             stream = np.concatenate([carry, ids])
             n = len(stream) // S
@@ -279,9 +302,10 @@ def _write_shards(sources, tmp, block_size, val_fraction, seed, shard_size_mb, s
                         "or give more text")
     if val_fraction > 0 and writers["val"].samples == 0:
         n = writers["train"].samples
+        raise_to = f"raise --val-fraction to at least {1 / n:.3g}, " if n > 1 else ""  # < 1, as allowed
         raise DataError(f"the val split is empty: {n} sample(s) of {S} tokens and --val-fraction "
-                        f"{val_fraction}; raise --val-fraction to at least {1 / n:.3g}, give more "
-                        "text, or pass --val-fraction 0 to train without validation")
+                        f"{val_fraction}; {raise_to}give more text, or pass --val-fraction 0 to train "
+                        "without validation")
 
     manifest = {
         "format": FORMAT,
@@ -295,7 +319,7 @@ def _write_shards(sources, tmp, block_size, val_fraction, seed, shard_size_mb, s
         "dtype": "uint16",
         "seed": seed,
         "val_fraction": val_fraction,
-        "documents": docs,
+        "documents": documents.count,
         "tokens": total_tokens,
         "dropped_tail_tokens": len(carry),
         "replaced_bytes": sum(replaced),

@@ -1,9 +1,9 @@
 """Text inputs for `mtgpt prepare`: files, folders, stdin and built-in corpora, read as chunks.
 
 Everything that can be checked before any output exists is checked in `resolve_sources`: a
-missing path, an empty file, a folder without text, a binary file. Chunks are cut at line
-boundaries chosen so that GPT-2's pre-tokenizer splits the text there anyway: tokenizing chunk
-by chunk gives the same ids as tokenizing the whole file.
+missing path, an empty file, a folder without text, a binary file. Chunks are cut only where
+GPT-2's pre-tokenizer splits the text anyway (see `_cut`): tokenizing chunk by chunk gives the
+same ids as tokenizing the whole file. A leading UTF-8 byte-order mark is not text and is dropped.
 """
 
 from __future__ import annotations
@@ -143,45 +143,93 @@ def decode_utf8(data: bytes, strict: bool, where: str, offset: int = 0) -> tuple
     return text, _counts.n
 
 
-def _is_space(b: int) -> bool:
-    return b in b" \t\n\r\x0b\x0c"
+BOM = b"\xef\xbb\xbf"  # a UTF-8 byte-order mark: an editor's marker, not text
 
 
-def _cut(buf: bytes | bytearray) -> int:
-    """Where to cut buf: just after a newline with non-space bytes on both sides, so the
-    pre-tokenizer would split there anyway. Falls back to any newline, then to the end
-    (moved back to a UTF-8 character boundary) for text without line breaks."""
-    end = len(buf)
-    pos = buf.rfind(b"\n", 0, end - 1)
-    tries = 0
-    while pos > 0 and tries < 1000:
-        if not _is_space(buf[pos - 1]) and not _is_space(buf[pos + 1]):
+def strip_bom(data: bytes) -> bytes:
+    return data[len(BOM):] if data.startswith(BOM) else data
+
+
+MAX_UNCUT = 64 << 20  # text with no safe cut for this long (no space or line break) is cut anyway
+
+
+def _space_before(buf: bytes, i: int) -> bool:
+    r"""Is the character that ends at byte i whitespace? (Python's isspace is a superset of the
+    tokenizer's \s, so this errs on the side of not cutting.)"""
+    return bytes(buf[max(0, i - 4):i]).decode("utf-8", errors="replace")[-1:].isspace()
+
+
+def _space_at(buf: bytes, i: int) -> bool:
+    return bytes(buf[i:i + 4]).decode("utf-8", errors="replace")[:1].isspace()
+
+
+def _on_separator_line(buf: bytes, i: int, separator: bytes) -> bool:
+    begin = buf.rfind(b"\n", 0, i) + 1
+    end = buf.find(b"\n", i)
+    return bytes(buf[begin:end if end >= 0 else len(buf)]).strip() == separator
+
+
+def _cut(buf: bytes | bytearray, separator: str | None = None) -> int | None:
+    r"""Where to cut buf so that tokenizing the two parts gives exactly the ids of tokenizing it
+    whole, or None if there is no such place. GPT-2's pre-tokenizer has no look-behind and
+    looks at most one character ahead, so two places are safe (X, Y not whitespace):
+      X \n | Y  the line break is a token of its own either way ("\n" before Y, "\n" at the end);
+      | ' 'Y     a space before a non-space starts a new piece (" Y...") either way, and the
+                 whitespace before it, if any, is one piece either way (all of it at the end of
+                 a chunk; all but the space that goes with Y when Y follows).
+    Anywhere else a cut can change ids: inside a run of whitespace ("\n\n" is one token at the
+    end of a chunk but two before a word), inside a word, before a non-ASCII space.
+    The last safe place is taken; a space inside a document separator line is never cut."""
+    sep = separator.strip().encode("utf-8") if separator and " " in separator.strip() else None
+    limit = len(buf) - 5  # the character after the cut must be whole in buf
+    best = None
+    pos = buf.rfind(b" ", 0, limit)
+    while pos > 0:
+        if not _space_at(buf, pos + 1) and not (sep and _on_separator_line(buf, pos, sep)):
+            best = pos
+            break
+        pos = buf.rfind(b" ", 0, pos)
+    pos = buf.rfind(b"\n", 0, limit)
+    while pos > 0 and (best is None or pos >= best):
+        if not _space_before(buf, pos) and not _space_at(buf, pos + 1):
             return pos + 1
         pos = buf.rfind(b"\n", 0, pos)
-        tries += 1
-    pos = buf.rfind(b"\n")
-    if pos >= 0:
-        return pos + 1
-    cut = end
+    return best
+
+
+def _char_boundary(buf: bytes | bytearray) -> int:
+    """The end of buf moved back to the start of a UTF-8 character."""
+    cut = len(buf)
     while cut > 0 and (buf[cut - 1] & 0xC0) == 0x80:  # inside a multi-byte character
         cut -= 1
     if cut > 0 and buf[cut - 1] >= 0xC0:  # the lead byte of a character cut short
         cut -= 1
-    return cut or end
+    return cut or len(buf)
 
 
-def read_chunks(src: Source, chunk_bytes: int) -> Iterator[tuple[int, bytes]]:
-    """Yield (byte offset, chunk) for one source; every chunk but the last ends at a line break."""
+def read_chunks(src: Source, chunk_bytes: int, separator: str | None = None) -> Iterator[tuple[int, bytes]]:
+    """Yield (byte offset, chunk) for one source, cut only where the token ids cannot change
+    (see _cut): tokenizing chunk by chunk gives the ids of tokenizing the file whole. A leading
+    byte-order mark is dropped."""
     stream: BinaryIO = sys.stdin.buffer if src.path is None else src.path.open("rb")
     try:
         carry = b""
         offset = 0
+        first = True
         while True:
             block = stream.read(chunk_bytes)
+            if first and block.startswith(BOM):
+                block, offset = block[len(BOM):], len(BOM)
+            first = False
             if not block:
                 break
             buf = carry + block
-            cut = _cut(buf)
+            cut = _cut(buf, separator)
+            if cut is None:
+                if len(buf) < MAX_UNCUT:
+                    carry = buf  # no safe place yet: read on
+                    continue
+                cut = _char_boundary(buf)
             yield offset, buf[:cut]
             offset += cut
             carry = buf[cut:]
