@@ -15,6 +15,7 @@ message are written as spaces, so a turn is always exactly one line.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -93,17 +94,31 @@ def to_template_file(inputs: list[Path], out: Path) -> int:
 
 
 def fit_history(history: list[tuple[str, str]], message: str, block_size: int, reply_tokens: int,
-                system: str | None = None) -> tuple[list[tuple[str, str]], list[int]]:
-    """Drop the oldest exchanges until prompt + reply fit the context; returns (history kept,
-    prompt ids). If the message alone is too long, its start is cut off."""
+                system: str | None = None) -> tuple[list[tuple[str, str]], list[int], int]:
+    """Fit a turn into the context; returns (history kept, prompt ids, reply budget).
+
+    The current turn ("User: message" and "Bot:") is always kept whole: the reply budget is
+    capped at what the context leaves after it, then the oldest exchanges are dropped until the
+    rest fits. Only a message too long for the context loses its beginning (its "User:" marker
+    and the "Bot:" after it stay), with a quarter of the context left for the reply."""
+    turn = tokenizer.encode(prompt_for([], message, system))
+    reply = max(1, min(reply_tokens, block_size - len(turn)))
+    if len(turn) + reply > block_size:
+        reply = max(1, min(reply_tokens, block_size // 4))
+        head = tokenizer.encode(render([(SYSTEM, system)]) if system else "") + tokenizer.encode(USER.rstrip())
+        tail = tokenizer.encode("\n" + BOT.rstrip())
+        if block_size - reply - len(head) - len(tail) < 1:  # no room beside the system line
+            head = tokenizer.encode(USER.rstrip())
+        body = tokenizer.encode(" " + _line(message))
+        room = max(1, block_size - reply - len(head) - len(tail))
+        ids = (head + body[-room:] + tail)[-(block_size - reply):]
+        return [], ids, reply
     history = list(history)
     while True:
         ids = tokenizer.encode(prompt_for(history, message, system))
-        if len(ids) + reply_tokens <= block_size or not history:
-            break
+        if len(ids) + reply <= block_size or not history:
+            return history, ids, reply
         history.pop(0)
-    budget = max(1, block_size - reply_tokens)
-    return history, ids[-budget:]
 
 
 def reply_stream(model, prompt_ids: list[int], cfg) -> Iterator[str]:
@@ -154,10 +169,10 @@ def run_chat(run_dir: str, cfg, best: bool = False, device: str = "auto", system
             continue
         if not message.strip():
             continue
-        history, ids = fit_history(history, message, model.config.block_size, cfg.max_new_tokens, system)
+        history, ids, reply = fit_history(history, message, model.config.block_size, cfg.max_new_tokens, system)
         write("bot> ")
         pieces = []
-        for piece in reply_stream(model, ids, cfg):
+        for piece in reply_stream(model, ids, dataclasses.replace(cfg, max_new_tokens=reply)):
             pieces.append(piece)
             write(piece)
         write("\n")

@@ -252,6 +252,13 @@ def has_val(run_dir: str | Path) -> bool:
 def load_weights(model: GPT, weights: dict[str, torch.Tensor], source: str | Path) -> GPT:
     """Copy `weights` (names as GPT.named_parameters(): the tied matrix once, as
     transformer.wte.weight) into `model`; raises if they do not fit it."""
+    own = model.state_dict()
+    wrong = [f"{k} is {tuple(v.shape)} there but {tuple(own[k].shape)} in the model"
+             for k, v in weights.items() if k in own and own[k].shape != v.shape]
+    if wrong:
+        raise ModelFileError(f"the weights of {source} do not fit the model its config describes: "
+                             f"{'; '.join(wrong[:3])}. Was config.json edited or copied from another "
+                             "model? Restore the one written with these weights")
     missing, unexpected = model.load_state_dict(weights, strict=False)
     missing = [k for k in missing if k != "lm_head.weight"]  # tied to transformer.wte.weight
     if missing or unexpected:

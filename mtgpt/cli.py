@@ -72,7 +72,8 @@ def _sampling_options(max_new_tokens: int):
         for option in reversed([
             click.option("--max-new-tokens", default=max_new_tokens, show_default=True, help="Tokens to generate."),
             click.option("--temperature", default=0.8, show_default=True, help="0 is greedy; higher is more random."),
-            click.option("--top-k", default=200, show_default=True, help="Sample from the k most likely tokens."),
+            click.option("--top-k", default=200, show_default=True,
+                         help="Sample from the k most likely tokens; 0 keeps all tokens."),
             click.option("--top-p", type=float, help="Sample from the smallest set with this probability mass."),
             click.option("--seed", type=int, help="Same seed, same text."),
             click.option("--best", is_flag=True, help="Use the weights with the best val loss, not the latest."),
@@ -106,8 +107,10 @@ def build_config(options: dict) -> TrainConfig:
         source = source_config(TrainConfig.from_dict({**base, "data": "-", "out": "-", "model": {}}))
         for key, value in source.shape().items():
             if base["model"].get(key, value) != value:
+                why = (f" (its context, which --init-from cannot change: prepare the data with --block-size "
+                       f"{value} if it differs)" if key == "block_size" else "")
                 raise ConfigError(f"--{key.replace('_', '-')} {base['model'][key]} differs from the model you start "
-                                  f"from ({key} {value}); leave it out")
+                                  f"from ({key} {value}); leave it out{why}")
             base["model"][key] = value
     if "block_size" not in base["model"] and base.get("data"):
         from mtgpt.data import load_manifest  # the data's block size is the natural default

@@ -41,8 +41,9 @@ def gpt2_config(config: ModelConfig):
                       eos_token_id=tokenizer.EOT, tie_word_embeddings=True)
 
 
-def hf_tokenizer():
-    """transformers' GPT2TokenizerFast built from mtgpt's vocabulary files (50257 tokens).
+def hf_tokenizer(model_max_length: int | None = None):
+    """transformers' GPT2TokenizerFast built from mtgpt's vocabulary files (50257 tokens), that
+    truncates to `model_max_length` (the model's context) when asked to.
     (GPT2TokenizerFast(vocab_file=..., merges_file=...) builds an empty tokenizer in some
     transformers versions, so the `tokenizers` BPE model is assembled directly.)"""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
@@ -55,7 +56,7 @@ def hf_tokenizer():
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     fast = GPT2TokenizerFast(tokenizer_object=tok, bos_token=tokenizer.EOT_TEXT, eos_token=tokenizer.EOT_TEXT,
-                             unk_token=tokenizer.EOT_TEXT, model_max_length=None)
+                             unk_token=tokenizer.EOT_TEXT, model_max_length=model_max_length)
     if len(fast) != tokenizer.VOCAB_SIZE:
         raise RuntimeError(f"the Hugging Face tokenizer has {len(fast)} tokens, not {tokenizer.VOCAB_SIZE}")
     return fast
@@ -75,7 +76,7 @@ def export(weights: dict[str, torch.Tensor], config: ModelConfig, out: str | Pat
         raise HFError(f"weights do not map onto GPT-2: missing {missing[:5]}, unexpected {unexpected[:5]}")
     model.tie_weights()
     model.save_pretrained(out, safe_serialization=True)
-    hf_tokenizer().save_pretrained(out)
+    hf_tokenizer(model_max_length=config.block_size).save_pretrained(out)
     return out
 
 

@@ -12,6 +12,7 @@ model sees the same window, so both give the same logits (tested).
 from __future__ import annotations
 
 import codecs
+import math
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -29,7 +30,7 @@ class SampleError(ValueError):
 class SampleConfig:
     max_new_tokens: int = 200  # tokens to generate per sample
     temperature: float = 0.8  # 0 = greedy; higher = more random
-    top_k: int | None = 200  # keep the k most likely tokens (None: all)
+    top_k: int | None = 200  # keep the k most likely tokens (None or 0: all)
     top_p: float | None = None  # keep the smallest set of tokens with this much probability
     seed: int | None = None  # same seed, same text
     num_samples: int = 1  # independent continuations of the prompt
@@ -40,11 +41,11 @@ class SampleConfig:
     def check(self, vocab_size: int) -> None:
         if self.max_new_tokens < 0:
             raise SampleError(f"--max-new-tokens must be >= 0, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise SampleError(f"--temperature must be >= 0 (0 is greedy), got {self.temperature}")
-        if self.top_k is not None and not 1 <= self.top_k <= vocab_size:
-            raise SampleError(f"--top-k must be between 1 and the vocabulary size {vocab_size}, "
-                              f"got {self.top_k} (leave it out to keep all tokens)")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise SampleError(f"--temperature must be a number >= 0 (0 is greedy), got {self.temperature}")
+        if self.top_k is not None and not 0 <= self.top_k <= vocab_size:
+            raise SampleError(f"--top-k must be between 0 (all tokens) and {vocab_size} (the vocabulary "
+                              f"size), got {self.top_k}")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise SampleError(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.num_samples < 1:
@@ -68,11 +69,13 @@ def pick(logits: torch.Tensor, cfg: SampleConfig, generator: torch.Generator | N
     logits = logits.float()
     if cfg.temperature == 0:
         return logits.argmax(dim=-1)
-    if cfg.top_k is not None and cfg.top_k < logits.size(-1):
+    if cfg.top_k and cfg.top_k < logits.size(-1):
         values, index = torch.topk(logits, cfg.top_k, dim=-1)  # (N, k), sorted, descending
     else:
         values, index = logits.sort(dim=-1, descending=True)  # (N, V)
-    probs = (values / cfg.temperature).softmax(dim=-1)
+    # The best logit is subtracted before dividing: a tiny temperature makes the others -inf
+    # (probability 0) instead of overflowing every logit to inf.
+    probs = ((values - values[:, :1]) / cfg.temperature).softmax(dim=-1)
     if cfg.top_p is not None and cfg.top_p < 1.0:
         drop = probs.cumsum(dim=-1) - probs > cfg.top_p  # keep the token that crosses top_p
         probs = probs.masked_fill(drop, 0.0)

@@ -79,6 +79,11 @@ def plan(cfg: TrainConfig, world_size: int, cuda: bool | None = None) -> Plan:
     """Check everything that can be checked before training; raise with a fix on failure."""
     cuda = torch.cuda.is_available() if cuda is None else cuda
     manifest = load_manifest(cfg.data)
+    source = source_config(cfg)
+    if source is not None and manifest["block_size"] != source.block_size:
+        raise ConfigError(f"{cfg.data} holds samples of block size {manifest['block_size']}, but the model you "
+                          f"start from has a context of {source.block_size}, which --init-from cannot change: "
+                          f"prepare the data again with --block-size {source.block_size}")
     check_compatible(manifest, cfg.data, tokenizer.vocab_sha256(), cfg.model.vocab_size, cfg.model.block_size)
     ds_name = cfg.ds_config or ds_config.default_name(cuda, cuda and torch.cuda.is_bf16_supported())
     ds_name, raw = ds_config.find(ds_name)
@@ -87,7 +92,6 @@ def plan(cfg: TrainConfig, world_size: int, cuda: bool | None = None) -> Plan:
         raise ConfigError(f"--patience needs a val split, and {cfg.data} has none (it was prepared with "
                           "--val-fraction 0); prepare it again with e.g. --val-fraction 0.01, or leave out "
                           "--patience")
-    source = source_config(cfg)
     if source is not None and source.shape() != cfg.model.shape():
         raise ConfigError(f"the model to start from has shape {source.shape()}, this run asks for "
                           f"{cfg.model.shape()}; leave the model options out to take the source's")

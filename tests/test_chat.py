@@ -63,10 +63,29 @@ def test_bad_dialogue_data(tmp_path):
 
 def test_history_drops_oldest_turns_first():
     history = [(f"question {i} " + "word " * 10, f"answer {i} " + "word " * 10) for i in range(6)]
-    kept, ids = chat.fit_history(history, "latest question", block_size=96, reply_tokens=16)
+    kept, ids, reply = chat.fit_history(history, "latest question", block_size=96, reply_tokens=16)
     assert kept == history[-len(kept):] and 0 < len(kept) < 6
-    assert len(ids) + 16 <= 96
+    assert reply == 16 and len(ids) + 16 <= 96
     assert tokenizer.decode(ids).endswith("User: latest question\nBot:")
+
+
+@pytest.mark.parametrize("reply_tokens", [128, 120, 500])
+def test_the_current_turn_is_kept_whole(reply_tokens):
+    """A reply budget as large as the context used to crop the prompt to ":" (so the model never
+    saw the question); the budget is capped instead."""
+    history = [("hello", "hi there")] * 3
+    kept, ids, reply = chat.fit_history(history, "What is your name?", block_size=128, reply_tokens=reply_tokens,
+                                        system="Be brief.")
+    assert tokenizer.decode(ids) == "System: Be brief.\nUser: What is your name?\nBot:"
+    assert kept == [] and len(ids) + reply == 128
+
+
+def test_a_message_longer_than_the_context_keeps_its_end():
+    message = " ".join(f"word{i}" for i in range(200))
+    kept, ids, reply = chat.fit_history([], message, block_size=64, reply_tokens=32, system="Be brief.")
+    text = tokenizer.decode(ids)
+    assert text.startswith("System: Be brief.\nUser:") and text.endswith("word199\nBot:")
+    assert reply == 16 and len(ids) + reply <= 64 and "word0 " not in text
 
 
 @pytest.fixture(scope="module")

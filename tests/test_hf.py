@@ -67,6 +67,18 @@ def test_same_token_ids(exported):
     assert tok.eos_token_id == tokenizer.EOT
 
 
+def test_tokenizer_truncates_to_the_context(exported):
+    """A long input with truncation=True fits the exported model (whose context is 32 tokens)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(exported)
+    assert tok.model_max_length == TINY["block_size"]
+    batch = tok(SONNETS.read_text()[:5000], truncation=True, return_tensors="pt")
+    assert batch["input_ids"].shape == (1, TINY["block_size"])
+    with torch.no_grad():
+        assert AutoModelForCausalLM.from_pretrained(exported)(**batch).logits.shape == (1, 32, 50257)
+
+
 def test_export_import_export_is_identical(exported, tmp_path):
     config, weights = hf.load(exported)
     assert config.shape() == ModelConfig(**TINY).shape()
@@ -153,3 +165,15 @@ def test_untied_head_in_the_weights_is_refused(exported, tmp_path):
     weights["lm_head.weight"] = weights["transformer.wte.weight"].clone()  # equal: the same model
     save_file(weights, folder / "model.safetensors")
     assert hf.load(folder)[0].n_embd == TINY["n_embd"]
+
+
+def test_init_from_with_data_of_another_block_size(trained_folder, tmp_path):
+    """One answer whichever way it is asked: the context cannot change on --init-from, so the
+    data must be prepared with the model's block size (32)."""
+    data = tmp_path / "data16"
+    run_mtgpt("prepare", SONNETS, "--out", data, "--block-size", "16", "--val-fraction", "0.1")
+    for extra in ([], ["--block-size", "16"]):
+        proc = run_mtgpt("train", "--data", data, "--out", tmp_path / "run", "--init-from", trained_folder, *extra,
+                         check=False)
+        assert proc.returncode != 0 and "--block-size 32" in proc.stderr, proc.stderr
+        assert "cannot change" in proc.stderr and "pass --block-size 16" not in proc.stderr

@@ -11,7 +11,7 @@ from mtgpt import checkpoint, tokenizer
 from mtgpt.config import ModelConfig
 from mtgpt.model import GPT
 from mtgpt.sample import SampleConfig, SampleError, generate, run_sample, stream, window_start
-from tests.conftest import TINY
+from tests.conftest import TINY, run_mtgpt
 
 
 @pytest.fixture(scope="module")
@@ -69,10 +69,13 @@ def test_long_prompt_is_cropped_with_warning(model_dir):
 
 
 @pytest.mark.parametrize("kw, match", [
-    ({"top_k": 0}, "--top-k must be between 1"),
-    ({"top_k": 50258}, "--top-k must be between 1"),
-    ({"temperature": -0.5}, "--temperature must be >= 0"),
+    ({"top_k": -1}, r"--top-k must be between 0 \(all tokens\) and 50257"),
+    ({"top_k": 50258}, r"--top-k must be between 0 \(all tokens\) and 50257"),
+    ({"temperature": -0.5}, "--temperature must be a number >= 0"),
+    ({"temperature": float("nan")}, "--temperature must be a number >= 0"),
+    ({"temperature": float("inf")}, "--temperature must be a number >= 0"),
     ({"top_p": 1.5}, "--top-p"),
+    ({"top_p": float("nan")}, "--top-p"),
 ])
 def test_bad_options(kw, match):
     with pytest.raises(SampleError, match=match):
@@ -94,6 +97,13 @@ def test_weights_that_do_not_fit_their_config(model_dir, tmp_path):
     (tmp_path / checkpoint.MODEL_CONFIG).write_text(json.dumps(config))
     with pytest.raises(checkpoint.ModelFileError, match=r"do not fit the model: missing \['transformer.h.2"):
         checkpoint.load_model(tmp_path)
+    config["n_layer"] -= 1
+    config["block_size"] += 8  # the same tensors, one of another shape
+    (tmp_path / checkpoint.MODEL_CONFIG).write_text(json.dumps(config))
+    with pytest.raises(checkpoint.ModelFileError, match=r"transformer.wpe.weight is \(16, 32\) there but \(24, 32\)"):
+        checkpoint.load_model(tmp_path)
+    proc = run_mtgpt("sample", tmp_path, "--max-new-tokens", "2", check=False)
+    assert proc.returncode != 0 and "config.json edited" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_pick_top_k_and_top_p():
@@ -132,3 +142,27 @@ def test_inference_needs_no_deepspeed(model_dir):
             "assert r.exit_code == 0, r.output; assert 'deepspeed' not in sys.modules, 'deepspeed imported'")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_tiny_temperature_is_greedy_and_top_k_zero_keeps_all():
+    """A temperature of 1e-38 divides the logits into inf; the softmax must stay finite (greedy)."""
+    from mtgpt.sample import pick
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50257) * 5
+    for temperature in (1e-38, 1e-30, 1e-6):
+        cfg = SampleConfig(temperature=temperature, top_k=None)
+        assert pick(logits, cfg, None).tolist() == logits.argmax(-1).tolist()
+    cfg = SampleConfig(temperature=1.0, top_k=0)  # every token may be drawn
+    cfg.check(50257)
+    g = torch.Generator().manual_seed(0)
+    drawn = {int(t) for _ in range(200) for t in pick(torch.zeros(1, 50257), cfg, g)}
+    assert len(drawn) > 150 and max(drawn) > 200  # not only the 200 of the old default
+
+
+def test_cli_temperature_nan_is_refused(model_dir):
+    proc = run_mtgpt("sample", model_dir, "--temperature", "nan", "--max-new-tokens", "2", check=False)
+    assert proc.returncode != 0 and "--temperature must be a number >= 0" in proc.stderr
+    out = run_mtgpt("sample", model_dir, "--temperature", "1e-38", "--max-new-tokens", "4", "--seed", "1")
+    greedy = run_mtgpt("sample", model_dir, "--temperature", "0", "--max-new-tokens", "4")
+    assert out.stdout == greedy.stdout
