@@ -57,12 +57,12 @@ def run_plain(args, cfg, device) -> float:
 
 
 def run_deepspeed(args, cfg, device) -> float:
-    from mtgpt import distributed as dist, ds_config
+    from mtgpt import ds_config, world
     from mtgpt.config import TrainConfig
     from mtgpt.model import GPT
     from mtgpt.train import Plan, build_engine, train_step
 
-    dist.init()
+    world.init()
     tc = TrainConfig(data="-", out="-", model=cfg, micro_batch=args.batch, compile=args.compile)
     _, raw = ds_config.find(f"zero{args.zero}_{args.precision}")
     ds = ds_config.resolve(tc, raw, 1, 10_000, cuda=device.type == "cuda")

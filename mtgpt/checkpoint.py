@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from mtgpt import hf
 from mtgpt.config import ConfigError, ModelConfig
 from mtgpt.model import GPT
 
@@ -190,7 +191,7 @@ def gather_weights(module: torch.nn.Module, zero_stage: int, rank: int) -> dict[
 
     if zero_stage != 3:
         return copy()
-    from mtgpt.distributed import import_deepspeed
+    from mtgpt.world import import_deepspeed
 
     with import_deepspeed().zero.GatheredParameters(list(params.values()), modifier_rank=None):
         return copy()
@@ -271,6 +272,22 @@ def load_weights(model: GPT, weights: dict[str, torch.Tensor], source: str | Pat
 def read_weights(run_dir: str | Path, best: bool = False) -> dict[str, torch.Tensor]:
     """The consolidated weights of a run folder (safetensors: no code runs on load)."""
     return load_file(str(model_folder(run_dir, best) / WEIGHTS))
+
+
+def source_config(init_from: str | None, init_from_hf: str | None) -> ModelConfig | None:
+    """The shape of the model a fine-tune starts from: an mtgpt run (--init-from) or a Hugging
+    Face GPT-2 folder (--init-from-hf); None for neither. An HF folder's weights are read too, so
+    what mtgpt's GPT cannot compute is refused before anything starts (ModelFileError, HFError)."""
+    if init_from:
+        return load_model_config(model_folder(init_from))
+    if init_from_hf:
+        return hf.load(init_from_hf)[0]
+    return None
+
+
+def source_weights(init_from: str | None, init_from_hf: str | None) -> dict[str, torch.Tensor]:
+    """The weights of the model source_config describes."""
+    return read_weights(init_from) if init_from else hf.load(init_from_hf)[1]
 
 
 def load_model(run_dir: str | Path, best: bool = False, device: str | torch.device = "cpu") -> GPT:

@@ -12,56 +12,49 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
 import click
 
 from mtgpt import __version__
-from mtgpt.config import RESUME_HELP, ConfigError, TrainConfig, load_json
+from mtgpt.config import ConfigError, ModelConfig, TrainConfig, load_json
 
-D = TrainConfig()  # defaults, shown in --help
+def config_fields() -> list[tuple[str, dataclasses.Field]]:
+    """("model" or "train", field) for each field declared with config.option, in declaration
+    order, the model's where TrainConfig has its `model`."""
+    out = []
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "model":
+            out += [("model", m) for m in dataclasses.fields(ModelConfig) if m.metadata]
+        elif f.metadata:
+            out.append(("train", f))
+    return out
+
+
+MODEL_KEYS = {f.name for section, f in config_fields() if section == "model"}
+TYPES = {"int": int, "float": float, "str": str}  # the fields' annotations are strings
+
+
+def _config_option(f: dataclasses.Field):
+    meta = f.metadata
+    shown = meta["default_help"] if meta["default_help"] is not None else f.default
+    help_text = meta["help"] + (f" [default: {shown}]" if shown not in (None, "") else "")
+    if meta["flag"]:
+        return click.option(meta["flag"], f.name, default=None, help=help_text)
+    return click.option("--" + f.name.replace("_", "-"), *meta["click"].get("aliases", []), f.name,
+                        type=TYPES[f.type.split(" | ")[0]], default=None, help=help_text)
 
 
 def _train_options(f):
-    """Options shared by `mtgpt train` and `mtgpt worker` (= launch/train.py). All default to None
-    so that only options given on the command line override --config / the defaults."""
-    options = [
-        click.option("--config", "config_file", type=click.Path(dir_okay=False),
-                     help="A train_config.json to start from (e.g. a run's own); options given here override it."),
-        click.option("--data", help="Data folder written by `mtgpt prepare`."),
-        click.option("--out", help="Run folder: checkpoints, model.safetensors, tb/, metrics.jsonl."),
-        click.option("--ds-config", "--ds_config", "ds_config",
-                     help="DeepSpeed JSON: a path or a bundled name (zero0..3 x fp32/bf16/fp16, e.g. "
-                          "zero2_bf16). Default: zero1_bf16 on a GPU, zero1_fp32 on CPU."),
-        click.option("--n-layer", type=int, help=f"Transformer blocks. [default: {D.model.n_layer}]"),
-        click.option("--n-head", type=int, help=f"Attention heads. [default: {D.model.n_head}]"),
-        click.option("--n-embd", type=int, help=f"Model width. [default: {D.model.n_embd}]"),
-        click.option("--block-size", type=int, help="Context length. [default: the data's block size]"),
-        click.option("--dropout", type=float, help=f"Dropout. [default: {D.model.dropout}]"),
-        click.option("--micro-batch", type=int, help=f"Sequences per rank per forward pass. [default: {D.micro_batch}]"),
-        click.option("--grad-accum", type=int, help=f"Forward passes per optimizer step. [default: {D.grad_accum}]"),
-        click.option("--lr", type=float, help=f"Peak learning rate. [default: {D.lr}]"),
-        click.option("--min-lr-ratio", type=float, help=f"Final lr as a fraction of --lr. [default: {D.min_lr_ratio}]"),
-        click.option("--warmup-steps", type=int, help="Linear warmup steps. [default: 5% of the schedule]"),
-        click.option("--max-steps", type=int, help="Stop after N optimizer steps (also the schedule's length)."),
-        click.option("--max-tokens", type=int, help="Stop after N training tokens."),
-        click.option("--max-epochs", type=float, help="Stop after N passes over the data. [default: 1 if no --max-*]"),
-        click.option("--max-time", help="Stop cleanly after this long: 90s, 30m, 2h, 1d, 1:30:00."),
-        click.option("--patience", type=int, help="Early stopping: evaluations without improvement. [default: off]"),
-        click.option("--min-delta", type=float, help=f"Early stopping: smallest improvement. [default: {D.min_delta}]"),
-        click.option("--eval-every", type=int, help=f"Evaluate every N steps. [default: {D.eval_every}]"),
-        click.option("--eval-samples", type=int, help=f"Val sequences per evaluation. [default: {D.eval_samples}]"),
-        click.option("--save-every", type=int, help=f"Checkpoint every N steps. [default: {D.save_every}]"),
-        click.option("--keep-last", type=int, help=f"Checkpoints kept. [default: {D.keep_last}]"),
-        click.option("--log-every", type=int, help=f"Log train loss every N steps. [default: {D.log_every}]"),
-        click.option("--resume", help=f"{RESUME_HELP}. [default: never]"),
-        click.option("--seed", type=int, help=f"Seed for init, data order, dropout. [default: {D.seed}]"),
-        click.option("--num-workers", type=int, help=f"DataLoader workers per rank. [default: {D.num_workers}]"),
-        click.option("--compile/--no-compile", default=None, help="torch.compile the model. [default: on GPUs]"),
-        click.option("--init-from", type=click.Path(), help="Start from the weights of an mtgpt run (fine-tune it)."),
-        click.option("--init-from-hf", type=click.Path(), help="Start from a GPT-2-shaped Hugging Face folder."),
-    ]
+    """Options of `mtgpt train` and `mtgpt worker` (= launch/train.py), built from the config's
+    fields. All default to None so that only options given on the command line override
+    --config and the defaults."""
+    options = [click.option("--config", "config_file", type=click.Path(dir_okay=False),
+                            help="A train_config.json to start from (e.g. a run's own); options given here "
+                                 "override it.")]
+    options += [_config_option(field) for _, field in config_fields()]
     for option in reversed(options):
         f = option(f)
     return f
@@ -86,9 +79,6 @@ def _sampling_options(max_new_tokens: int):
     return wrap
 
 
-MODEL_KEYS = {"n_layer", "n_head", "n_embd", "block_size", "dropout"}
-
-
 def build_config(options: dict) -> TrainConfig:
     """TrainConfig from --config (if given) and the options given on the command line."""
     config_file = options.pop("config_file", None)
@@ -102,16 +92,13 @@ def build_config(options: dict) -> TrainConfig:
         else:
             base[key] = value
     if base.get("init_from") or base.get("init_from_hf"):  # the model's shape is the source's
-        from mtgpt.train import source_config
+        from mtgpt import checkpoint  # (make_plan refuses a shape given here that differs from it)
 
-        source = source_config(TrainConfig.from_dict({**base, "data": "-", "out": "-", "model": {}}))
-        for key, value in source.shape().items():
-            if base["model"].get(key, value) != value:
-                why = (f" (its context, which --init-from cannot change: prepare the data with --block-size "
-                       f"{value} if it differs)" if key == "block_size" else "")
-                raise ConfigError(f"--{key.replace('_', '-')} {base['model'][key]} differs from the model you start "
-                                  f"from ({key} {value}); leave it out{why}")
-            base["model"][key] = value
+        try:
+            source = checkpoint.source_config(base.get("init_from"), base.get("init_from_hf"))
+        except ValueError as e:
+            raise ConfigError(f"cannot start from it: {e}") from None
+        base["model"] = {**source.shape(), **base["model"]}
     if "block_size" not in base["model"] and base.get("data"):
         from mtgpt.data import load_manifest  # the data's block size is the natural default
 
@@ -195,14 +182,14 @@ def train(nproc, **options):
     """
     from mtgpt import launcher
     from mtgpt.data import DataError
-    from mtgpt.train import plan
+    from mtgpt.train import make_plan
 
     nproc = nproc or launcher.default_nproc()
     if nproc < 1:
         raise click.UsageError("--nproc must be >= 1")
     try:
         cfg = build_config(options)
-        plan(cfg, world_size=nproc)  # every check, once, before any process starts
+        make_plan(cfg, world_size=nproc)  # every check, once, before any process starts
     except (ConfigError, DataError) as e:
         _fail(e)
     sys.exit(launcher.launch_local(cfg, nproc))
@@ -218,20 +205,20 @@ def worker(local_rank, **options):
 
 def run_worker(options: dict) -> None:
     """Plan and fit on this rank. Errors are printed once (by rank 0); every rank exits non-zero."""
-    from mtgpt import distributed as dist
+    from mtgpt import world
     from mtgpt.data import DataError
-    from mtgpt.train import TrainingDiverged, fit, plan
+    from mtgpt.train import TrainingDiverged, fit, make_plan
 
-    rank, _, world_size = dist.env_world()
+    rank, _, world_size = world.env_world()
     try:
         cfg = build_config(options)
-        p = plan(cfg, world_size=world_size)
+        plan = make_plan(cfg, world_size=world_size)
     except (ConfigError, DataError) as e:
         if rank == 0:
             click.echo(f"Error: {e}", err=True)
         sys.exit(2)
     try:
-        fit(p)
+        fit(plan)
     except TrainingDiverged as e:  # every rank sees the same (all-reduced) loss
         if rank == 0:
             click.echo(f"Error: {e}", err=True)

@@ -4,7 +4,9 @@
 `TrainConfig` is one training run: data, model, batch, schedule, stop conditions, checkpoints.
 Batch size lives here and only here: `micro_batch` (sequences per rank per forward pass) and
 `grad_accum` (forward passes per optimizer step). The DeepSpeed JSON is filled from them
-(see `mtgpt.ds_config`).
+(see `mtgpt.ds_config`). Every training option is declared here once, with `option(...)`: the
+field, its help and its default are what `mtgpt train --help` shows and what
+train_config.json holds (the CLI is built from these fields).
 """
 
 from __future__ import annotations
@@ -20,14 +22,26 @@ class ConfigError(ValueError):
     """A configuration that cannot work. The message says what is wrong and how to fix it."""
 
 
+def option(default: Any = None, help: str = "", default_help: str | None = None, factory=None,
+           flag: str | None = None, **click: Any) -> Any:
+    """A config field that is also a command-line option of `mtgpt train` (and of
+    launch/train.py): the option, its help and the default it shows are declared here, once;
+    the CLI is built from them (mtgpt.cli). `default_help` says the default in words where the
+    value alone would not; `flag` names a --x/--no-x pair; other keys go to click.option."""
+    meta = {"help": help, "default_help": default_help, "flag": flag, "click": click}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 50257  # GPT-2 BPE vocabulary (50256 = <|endoftext|>)
-    block_size: int = 512  # context length in tokens
-    n_layer: int = 6  # transformer blocks
-    n_head: int = 6  # attention heads per block; must divide n_embd
-    n_embd: int = 384  # width of the residual stream
-    dropout: float = 0.0  # dropout on embeddings, attention and residual branches (0 for pretraining)
+    block_size: int = option(512, "Context length in tokens.", default_help="the data's block size")
+    n_layer: int = option(6, "Transformer blocks.")
+    n_head: int = option(6, "Attention heads per block; must divide --n-embd.")
+    n_embd: int = option(384, "Model width (the residual stream).")
+    dropout: float = option(0.0, "Dropout on embeddings, attention and residual branches (0 for pretraining).")
     bias: bool = True  # biases in Linear and LayerNorm, as GPT-2 (needed for a 1:1 HF export)
 
     def __post_init__(self) -> None:
@@ -50,37 +64,41 @@ class ModelConfig:
         return {k: getattr(self, k) for k in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd")}
 
 
-RESUME_HELP = "auto (latest complete checkpoint in --out, or start fresh), never, or a checkpoint folder"
+RESUME_HELP = ("auto (the checkpoint `latest` names in --out, or start fresh), never, or a run or "
+               "checkpoint folder")
 
 
 @dataclass
 class TrainConfig:
-    data: str = ""  # folder written by `mtgpt prepare`
-    out: str = ""  # run folder: checkpoints, model.safetensors, tb/, metrics.jsonl
-    model: ModelConfig = field(default_factory=ModelConfig)
-    ds_config: str | None = None  # DeepSpeed JSON; None picks zero1_bf16 (GPU) or zero1_fp32 (CPU)
-    micro_batch: int = 8  # sequences per rank per forward pass
-    grad_accum: int = 1  # forward passes per optimizer step; batch = micro_batch * grad_accum * ranks
-    lr: float = 6e-4  # peak learning rate after warmup (benchmarks/lr_sweep.py; the seed had 5e-5)
-    min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio
-    warmup_steps: int | None = None  # linear warmup from 0 to lr (None: 5% of the schedule)
-    max_steps: int | None = None  # stop after N optimizer steps (also the cosine schedule's length)
-    max_tokens: int | None = None  # stop after N training tokens (all ranks together)
-    max_epochs: float | None = None  # stop after N passes over the train split (default 1 if no max_*)
-    max_time: str | None = None  # stop (with a checkpoint) after this long: 90s, 30m, 2h, 1d, 1:30:00
-    patience: int | None = None  # early stopping: stop after N evaluations without a better val loss
-    min_delta: float = 0.0  # an improvement is a val loss below best - min_delta
-    eval_every: int = 200  # evaluate the val loss every N steps (and at the end)
-    eval_samples: int = 256  # val sequences per evaluation (the same ones every time)
-    save_every: int = 1000  # DeepSpeed checkpoint every N steps (and at the end)
-    keep_last: int = 2  # checkpoints to keep besides the best
-    log_every: int = 10  # train loss / lr to TensorBoard and metrics.jsonl every N steps
-    resume: str = "never"  # see RESUME_HELP
-    seed: int = 1337  # model init, data order, dropout
-    num_workers: int = 0  # DataLoader worker processes per rank (0: load in the training process)
-    compile: bool | None = None  # torch.compile the model (None: on GPUs only)
-    init_from: str | None = None  # start from the weights of this mtgpt run (fine-tuning)
-    init_from_hf: str | None = None  # start from a GPT-2-shaped Hugging Face folder
+    data: str = option("", "Data folder written by `mtgpt prepare`.", default_help="")
+    out: str = option("", "Run folder: checkpoints, model.safetensors, tb/, metrics.jsonl.", default_help="")
+    model: ModelConfig = field(default_factory=ModelConfig)  # its options are listed here, in its place
+    ds_config: str | None = option(None, "DeepSpeed JSON: a path or a bundled name (zero0..3 x fp32/bf16/fp16, "
+                                   "e.g. zero2_bf16).", default_help="zero1_bf16 on a GPU, zero1_fp32 on CPU",
+                                   aliases=["--ds_config"])
+    micro_batch: int = option(8, "Sequences per rank per forward pass.")
+    grad_accum: int = option(1, "Forward passes per optimizer step; batch = micro x accum x ranks.")
+    lr: float = option(6e-4, "Peak learning rate after warmup (benchmarks/lr_sweep.py; the seed had 5e-5).")
+    min_lr_ratio: float = option(0.1, "The cosine ends at --lr x this.")
+    warmup_steps: int | None = option(None, "Linear warmup steps from 0 to --lr.", default_help="5% of the schedule")
+    max_steps: int | None = option(None, "Stop after N optimizer steps (also the cosine schedule's length).")
+    max_tokens: int | None = option(None, "Stop after N training tokens (all ranks together).")
+    max_epochs: float | None = option(None, "Stop after N passes over the train split.",
+                                      default_help="1 if no --max-*")
+    max_time: str | None = option(None, "Stop cleanly (with a checkpoint) after this long: 90s, 30m, 2h, 1d, 1:30:00.")
+    patience: int | None = option(None, "Early stopping: evaluations without a better val loss.", default_help="off")
+    min_delta: float = option(0.0, "Early stopping: an improvement is a val loss below best - this.")
+    eval_every: int = option(200, "Evaluate the val loss every N steps (and at the end).")
+    eval_samples: int = option(256, "Val sequences per evaluation (the same ones every time).")
+    save_every: int = option(1000, "Checkpoint every N steps (and at the end).")
+    keep_last: int = option(2, "Checkpoints kept (besides best/).")
+    log_every: int = option(10, "Log the train loss and lr every N steps.")
+    resume: str = option("never", RESUME_HELP + ".")
+    seed: int = option(1337, "Seed for init, data order, dropout.")
+    num_workers: int = option(0, "DataLoader worker processes per rank (0: load in the training process).")
+    compile: bool | None = option(None, "torch.compile the model.", default_help="on GPUs", flag="--compile/--no-compile")
+    init_from: str | None = option(None, "Start from the weights of an mtgpt run (fine-tune it).")
+    init_from_hf: str | None = option(None, "Start from a GPT-2-shaped Hugging Face folder.")
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):

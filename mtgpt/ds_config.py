@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from mtgpt.config import ConfigError, TrainConfig, load_json
-from mtgpt.distributed import import_deepspeed
+from mtgpt.world import import_deepspeed
 
 # Top-level keys of DeepSpeed's config (https://www.deepspeed.ai/docs/config-json/); merged at
 # run time with the names DeepSpeed's own constants module knows.

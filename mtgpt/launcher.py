@@ -21,12 +21,12 @@ from pathlib import Path
 
 import psutil
 
-from mtgpt import distributed as dist, rundir
+from mtgpt import rundir, world
 from mtgpt.config import TrainConfig
 
 def default_nproc() -> int:
     """All GPUs, or 2 CPU ranks without a GPU."""
-    return dist.gpu_count() or 2
+    return world.gpu_count() or 2
 
 
 def command(config_file: str, nproc: int, master_port: int) -> list[str]:
@@ -42,10 +42,10 @@ def launch_local(cfg: TrainConfig, nproc: int) -> int:
         config_file = f.name
     env = dict(os.environ)
     env[rundir.COMMAND_ENV] = shlex.join(["mtgpt", *sys.argv[1:]])
-    if not dist.gpu_count():
+    if not world.gpu_count():
         env.setdefault("DS_ACCELERATOR", "cpu")
     started = time.time()
-    proc = subprocess.Popen(command(config_file, nproc, dist.free_port()), env=env)
+    proc = subprocess.Popen(command(config_file, nproc, world.free_port()), env=env)
     got_signal: list[int] = []
     tree: list[psutil.Process] = []  # the processes under the launcher when a signal came
 

@@ -14,16 +14,10 @@ import sys
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
-from tqdm import tqdm
-
-from mtgpt import __version__, checkpoint, distributed as dist
+from mtgpt import __version__, checkpoint
 from mtgpt.config import ConfigError, ModelConfig, TrainConfig, dump_json, load_json
-
-if TYPE_CHECKING:
-    from mtgpt.model import GPT
-    from mtgpt.train import Plan
 
 TRAIN_CONFIG = "train_config.json"
 DS_CONFIG = "ds_config.json"
@@ -103,46 +97,24 @@ def versions() -> dict[str, str]:
     return found
 
 
-def write_run_files(p: "Plan", resumed: bool) -> None:
-    out = Path(p.cfg.out)
+def write_run_files(out: str | Path, train_config: dict[str, Any], ds: dict[str, Any], ds_name: str,
+                    world_size: int, val_samples: int, resumed_from: Path | None) -> None:
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    dump_json(p.cfg.to_dict(), out / TRAIN_CONFIG)
-    dump_json(p.ds, out / DS_CONFIG)
+    dump_json(train_config, out / TRAIN_CONFIG)
+    dump_json(ds, out / DS_CONFIG)
     dump_json({
         "command": os.environ.get(COMMAND_ENV) or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "resumed_from": str(p.resume_from) if resumed else None,
+        "resumed_from": str(resumed_from) if resumed_from else None,
         "git_commit": git_commit(),
         "versions": versions(),
-        "world_size": p.world_size,
-        "val_samples": p.manifest["splits"]["val"]["samples"],  # 0: no evaluation, no best/
-        "ds_config": p.ds_name,
+        "world_size": world_size,
+        "val_samples": val_samples,  # 0: no evaluation, no best/
+        "ds_config": ds_name,
         "host": platform.node(),
     }, out / RUN_INFO)
 
 
 def write_last_stop(out: str | Path, **info) -> None:
     dump_json({**info, "time": time.time()}, Path(out) / LAST_STOP)
-
-
-def banner(p: "Plan", model: "GPT", step: int) -> str:
-    c, ds = p.cfg, p.ds
-    from mtgpt.ds_config import precision
-
-    lines = [
-        f"mtgpt {__version__}: {model.num_params():,} parameters ({c.model.n_layer} layers, "
-        f"{c.model.n_head} heads, {c.model.n_embd} wide, context {c.model.block_size})",
-        f"  {p.world_size} rank(s) on {dist.get().device.type}, {p.ds_name}: ZeRO-"
-        f"{ds.get('zero_optimization', {}).get('stage', 0)}, {precision(ds)}",
-        f"  batch {ds['train_batch_size']} sequences = micro {c.micro_batch} x accum {c.grad_accum} x "
-        f"{p.world_size} rank(s) = {p.tokens_per_step:,} tokens/step; schedule {p.schedule_steps} steps",
-        f"  data {c.data}: {p.train_tokens:,} train tokens",
-        f"  run {c.out}" + (f", resuming from {p.resume_from} (step {step})" if p.resume_from else ""),
-    ]
-    return "\n".join(lines)
-
-
-def progress_bar(p: "Plan", step: int) -> tqdm:
-    """Rank 0's bar (hidden on other ranks and when stderr is not a terminal)."""
-    return tqdm(total=p.schedule_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
-                disable=True if not dist.is_rank0() else None)

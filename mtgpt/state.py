@@ -2,8 +2,9 @@
 
 `TrainState` plus DeepSpeed's own engine checkpoint (weights, optimizer, LR schedule) is all the
 state there is. It goes into the checkpoint as one client-state dict: step, tokens seen, the
-early-stopping state, the training seconds so far, and per rank the RNG states and the data
-loader's position (gathered to every rank, so a checkpoint written by rank 0 carries them all).
+early-stopping state, the training seconds so far, and per rank the RNG states, the data
+loader's position and the running train-loss mean since the last log step (gathered to every
+rank, so a checkpoint written by rank 0 carries them all).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mtgpt import distributed as dist
+from mtgpt import world
 from mtgpt.config import TrainConfig, parse_duration
 
 # DeepSpeed's universal-checkpoint converter wants this in the client state (Megatron-DeepSpeed
@@ -31,11 +32,12 @@ class TrainState:
     best_val: float = float("inf")  # early stopping: the best val loss so far
     evals_since_best: int = 0  # early stopping: evaluations without improvement
     elapsed: float = 0.0  # training seconds before this process started
-    ranks: list[dict[str, Any]] = field(default_factory=list)  # per rank: RNG states, data position
+    ranks: list[dict[str, Any]] = field(default_factory=list)  # per rank: RNG states, data position, loss
 
-    def client_state(self, data_state: dict[str, Any]) -> dict[str, Any]:
-        """The checkpoint's client state (a collective: every rank calls it)."""
-        ranks = dist.all_gather_object({"rng": rng_state(), "data": data_state})
+    def client_state(self, mine: dict[str, Any]) -> dict[str, Any]:
+        """The checkpoint's client state, with `mine` (this rank's own state) and this rank's RNG
+        states for every rank (a collective: every rank calls it)."""
+        ranks = world.all_gather_object({"rng": rng_state(), **mine})
         return {"mtgpt": {"step": self.step, "tokens": self.tokens, "best_val": self.best_val,
                           "evals_since_best": self.evals_since_best, "elapsed": self.elapsed,
                           "ranks": ranks}, **UNIVERSAL_INFO}
@@ -45,9 +47,38 @@ class TrainState:
         s = client["mtgpt"]
         return cls(s["step"], s["tokens"], s["best_val"], s["evals_since_best"], s["elapsed"], s["ranks"])
 
-    def mine(self, key: str, world_size: int, rank: int) -> Any:
-        """This rank's saved `key` ("rng" or "data"), or None when the world size changed."""
-        return self.ranks[rank][key] if len(self.ranks) == world_size else None
+    def of_rank(self, world_size: int, rank: int) -> dict[str, Any] | None:
+        """What this rank saved, or None when the run was saved by another number of ranks."""
+        return self.ranks[rank] if len(self.ranks) == world_size else None
+
+
+class RunningLoss:
+    """The mean train loss since the last log step, summed on the device (no host sync per
+    step). It is saved with every checkpoint, so a run resumed between two log steps logs the
+    same mean as one that was never stopped."""
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.sum = torch.zeros((), dtype=torch.float32, device=device)
+        self.n = 0
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.sum += loss
+        self.n += 1
+
+    def take(self) -> torch.Tensor:
+        """The mean so far; starts a new one."""
+        mean = self.sum / self.n
+        self.sum = torch.zeros_like(self.sum)
+        self.n = 0
+        return mean
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sum": float(self.sum), "n": self.n}  # a host sync: at saves only; float32 -> float is exact
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        if state:  # absent in checkpoints written before it was saved
+            self.sum.fill_(state["sum"])
+            self.n = state["n"]
 
 
 def rng_state() -> dict[str, Any]:
@@ -103,6 +134,6 @@ def agreed_stop(cfg: TrainConfig, elapsed: float, flag: StopFlag, device: torch.
     stops at the same step. A collective and a host sync: called at log steps only."""
     hits = torch.tensor([float(cfg.max_time is not None and elapsed >= parse_duration(cfg.max_time)),
                          float(flag.signal is not None)], device=device)
-    dist.all_reduce_sum(hits)
+    world.all_reduce_sum(hits)
     time_up, signalled = hits.tolist()
     return "signal" if signalled else "max_time" if time_up else None

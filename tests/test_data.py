@@ -364,7 +364,7 @@ def test_three_ranks_over_four_shards_never_hang(tmp_path):
     """Real gloo ranks, unequal shares (2, 1, 1 shards): many steps past the small ranks' epoch."""
     import torch.multiprocessing as mp
 
-    from mtgpt.distributed import free_port
+    from mtgpt.world import free_port
 
     data = tmp_path / "d"
     m = prepare([str(SONNETS)], data, block_size=32, val_fraction=0.0, shard_size_mb=0.002, quiet=True)

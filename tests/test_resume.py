@@ -145,18 +145,18 @@ def test_resume_on_another_number_of_ranks(tiny_data, tmp_path, stage, before, a
 _PROBE = """
 import sys
 from pathlib import Path
-from mtgpt import checkpoint, distributed as dist
+from mtgpt import checkpoint, world
 from mtgpt.config import TrainConfig, load_json
 from mtgpt.model import GPT
-from mtgpt.train import plan
+from mtgpt.train import make_plan
 run, stage = Path(sys.argv[1]), int(sys.argv[2])
 cfg = TrainConfig.from_dict(load_json(run / "train_config.json")).replace(micro_batch=4, resume="never",
                                                                          out=str(run / "probe"))
-p = plan(cfg, world_size=1)
-p.ds["checkpoint"] = {"load_universal": True}
-d = dist.init()
+plan = make_plan(cfg, world_size=1)
+plan.ds["checkpoint"] = {"load_universal": True}
+world.init()
 model = GPT(cfg.model)
-engine, *_ = dist.import_deepspeed().initialize(model=model, model_parameters=model.param_groups(), config=p.ds)
+engine, *_ = world.import_deepspeed().initialize(model=model, model_parameters=model.param_groups(), config=plan.ds)
 engine.load_checkpoint(str(run / "checkpoints" / "universal"), tag="step_00000005")
 weights = checkpoint.gather_weights(engine.module, stage, 0)
 checkpoint.save_weights(weights, cfg.model, run / "probe")

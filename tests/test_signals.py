@@ -69,7 +69,7 @@ def test_dead_rank_stops_the_others(tiny_data, tmp_path):
 def test_dead_peer_without_a_launcher(tiny_data, tmp_path):
     """Ranks started one by one (as srun does, no launcher watching): when one dies the other
     fails its next collective instead of hanging, within the collective timeout."""
-    from mtgpt.distributed import free_port
+    from mtgpt.world import free_port
 
     run = tmp_path / "run"
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2",

@@ -104,7 +104,7 @@ def test_launch_script(tiny_data, tmp_path, launcher):
     import subprocess
     import sys
 
-    from mtgpt.distributed import free_port
+    from mtgpt.world import free_port
 
     repo = Path(__file__).parent.parent
     bin_dir = Path(sys.executable).parent

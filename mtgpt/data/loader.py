@@ -174,20 +174,13 @@ class TrainBatches:
                 "micro_batch": self.micro_batch, "seed": self.seed}
 
 
-def resume_position(state: dict[str, int] | None, world: int, num_workers: int, micro_batch: int,
-                    seed: int) -> tuple[int, str | None]:
-    """Where to start the stream after a resume: (batches to skip, warning or None).
-
-    The exact position only carries over when the stream's shape is the same; otherwise the data
-    order starts over (a new shuffle) and the caller warns."""
-    if not state:
-        return 0, None
+def resume_position(state: dict[str, int], world: int, num_workers: int, micro_batch: int,
+                    seed: int) -> int | None:
+    """Batches to skip to continue a saved stream (`TrainBatches.state_dict()`), or None when
+    the stream now has another shape (then the data order starts over, a new shuffle)."""
     same = (state["world"], state["num_workers"], state["micro_batch"], state["seed"]) == \
         (world, num_workers, micro_batch, seed)
-    if same:
-        return state["batches"], None
-    return 0, ("the data stream was saved with world={world} num_workers={num_workers} "
-               "micro_batch={micro_batch} seed={seed}; it starts a new shuffle now").format(**state)
+    return state["batches"] if same else None
 
 
 def load_val(data_dir: str | Path, manifest: dict[str, Any], n_samples: int, rank: int, world: int,

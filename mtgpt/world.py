@@ -1,5 +1,5 @@
-"""Distributed setup: the only module that reads RANK / LOCAL_RANK / WORLD_SIZE, starts the
-process group and picks the device.
+"""This process's place in the world of ranks: the only module that reads RANK / LOCAL_RANK /
+WORLD_SIZE, starts the process group, picks the device and calls torch.distributed.
 
 Launchers (`deepspeed`, `torchrun`, `srun` via slurm/train.sbatch) set RANK, LOCAL_RANK,
 WORLD_SIZE, MASTER_ADDR and MASTER_PORT. Run as a plain `python` process with none of them set,
@@ -23,14 +23,16 @@ COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=int(os.environ.get("MTGPT_COLLEC
 
 
 @dataclass(frozen=True)
-class Dist:
+class Rank:
+    """Who this process is: `me = world.init()`, then me.rank, me.world_size, me.device."""
+
     rank: int
     local_rank: int
     world_size: int
     device: torch.device
 
 
-_dist: Dist | None = None
+_me: Rank | None = None
 
 
 def free_port() -> int:
@@ -59,11 +61,11 @@ def import_deepspeed():
     return deepspeed
 
 
-def init() -> Dist:
+def init() -> Rank:
     """Start the process group (nccl on GPUs, gloo on CPUs) through DeepSpeed, once."""
-    global _dist
-    if _dist is not None:
-        return _dist
+    global _me
+    if _me is not None:
+        return _me
     rank, local_rank, world_size = env_world()
     if "MASTER_ADDR" not in os.environ:  # a plain `python` run: a world of one
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world_size),
@@ -91,16 +93,16 @@ def init() -> Dist:
     compatible_ops["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend=backend, timeout=COLLECTIVE_TIMEOUT,
                                dist_init_required=True, verbose=False)
-    _dist = Dist(rank, local_rank, world_size, device)
-    return _dist
+    _me = Rank(rank, local_rank, world_size, device)
+    return _me
 
 
-def get() -> Dist:
+def get() -> Rank:
     """The current world; a world of one on CPU if `init` was not called."""
-    if _dist is not None:
-        return _dist
+    if _me is not None:
+        return _me
     rank, local_rank, world_size = env_world()
-    return Dist(rank, local_rank, world_size, torch.device("cpu"))
+    return Rank(rank, local_rank, world_size, torch.device("cpu"))
 
 
 def is_rank0() -> bool:
@@ -141,7 +143,7 @@ def broadcast_object(obj, src: int = 0):
 
 
 def destroy() -> None:
-    global _dist
+    global _me
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-    _dist = None
+    _me = None
