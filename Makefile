@@ -1,6 +1,7 @@
-# mtgpt's two commands:
-#   make demo   set up .venv, prepare Shakespeare, train a small GPT with DeepSpeed, sample from it
-#   make test   set up .venv, run the test suite
+# mtgpt's commands:
+#   make demo       set up .venv, prepare Shakespeare, train a small GPT with DeepSpeed, sample from it
+#   make test       set up .venv, the quick loop: every module in process + one real 2-rank run (~3 min)
+#   make test-all   set up .venv, everything: multi-rank resume and signals, Slurm, container (CI)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -18,7 +19,7 @@ DEMO_NPROC ?=
 CHAT_DATA ?= data/chat
 CHAT_RUN ?= runs/chat
 
-.PHONY: venv demo chat-demo test clean
+.PHONY: venv demo chat-demo test test-all clean
 
 venv: $(STAMP)
 
@@ -51,6 +52,9 @@ chat-demo: $(STAMP)
 	printf 'Hello\nWhat is your name?\nDo you like music?\nTell me a joke\n/quit\n' | $(BIN)/mtgpt chat $(CHAT_RUN) --seed 1 --temperature 0.7
 
 test: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+test-all: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
 clean:

@@ -37,3 +37,26 @@ def tiny_data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "sonnets32"
     prepare([str(SONNETS)], out, block_size=32, val_fraction=0.1, shard_size_mb=0.002, quiet=True)
     return out
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: starts training processes (several DeepSpeed ranks, Slurm, a "
+                                       "container); `make test-all` runs these, `make test` does not")
+
+
+@pytest.fixture(scope="module")
+def world_of_one():
+    """This pytest process as a world of one rank (gloo), for training in process; torn down at
+    the end of the module with the environment it changed, so later subprocesses do not inherit it."""
+    import signal
+
+    from mtgpt import world
+
+    env = dict(os.environ)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield world.init()
+    world.destroy()
+    os.environ.clear()
+    os.environ.update(env)
+    for s, handler in handlers.items():  # fit() installs its stop-flag handlers
+        signal.signal(s, handler)

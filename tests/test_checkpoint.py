@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-
-import torch
 
 from mtgpt import checkpoint
 from mtgpt.config import ModelConfig
@@ -67,3 +64,14 @@ def test_best_from_before_the_resume_stays(tmp_path):
     assert checkpoint.set_aside_after(tmp_path, 10) == ([], None)
     assert (tmp_path / "best" / checkpoint.WEIGHTS).is_file()
     assert checkpoint.weights_step(tmp_path / "missing") is None
+
+
+def test_needs_universal(tmp_path):
+    """Only optimizer state sharded over another number of ranks needs DeepSpeed's universal form."""
+    tag = tmp_path / checkpoint.CKPT_DIR / "step_00000005"
+    tag.mkdir(parents=True)
+    checkpoint.mark_complete(tmp_path, tag.name, {"step": 5, "world_size": 2}, keep_last=2)
+    assert not checkpoint.needs_universal(tag, 1)  # ZeRO-0 fp32: one optimizer file loads anywhere
+    (tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
+    assert checkpoint.needs_universal(tag, 1) and checkpoint.needs_universal(tag, 4)
+    assert not checkpoint.needs_universal(tag, 2)  # the same world size

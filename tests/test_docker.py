@@ -24,6 +24,8 @@ import pytest
 from mtgpt import checkpoint
 from tests.conftest import TINY_ARGS
 
+pytestmark = pytest.mark.slow  # DeepSpeed ranks, Slurm or a container: `make test-all`
+
 REPO = Path(__file__).resolve().parents[1]
 BASE = "localhost/mtgpt-test-base:bookworm-python3"
 IMAGE = "localhost/mtgpt:test"

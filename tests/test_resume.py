@@ -17,6 +17,8 @@ from safetensors.torch import load_file
 from mtgpt import checkpoint
 from tests.conftest import TINY_ARGS, run_mtgpt
 
+pytestmark = pytest.mark.slow  # DeepSpeed ranks, Slurm or a container: `make test-all`
+
 STEPS = 20
 ARGS = [*TINY_ARGS, "--micro-batch", "2", "--lr", "3e-3", "--eval-samples", "8", "--log-every", "1",
         "--eval-every", "10", "--seed", "3"]
@@ -183,3 +185,26 @@ def test_resume_from_an_older_checkpoint_makes_it_the_history(tiny_data, tmp_pat
     assert stop["step"] == 20 and checkpoint.weights_step(run) == 20
     assert checkpoint.complete_tags(run) == ["step_00000017", "step_00000020"]
     assert list(losses(run)) == list(range(1, 21))
+
+
+def test_logged_losses_survive_a_kill_between_log_steps(tiny_data, tmp_path):
+    """Saves every 5 steps, logs every 3: the checkpoint of step 5 falls between log steps 3 and 6.
+    After SIGKILL and resume, the train loss logged at step 6 (and every later one) is the mean of
+    the same steps as in a run that was never stopped, bit for bit."""
+    args = ["--nproc", "2", "--ds-config", "zero1_fp32", *ARGS, "--log-every", "3", "--max-steps", STEPS]
+    straight = tmp_path / "straight"
+    run_mtgpt("train", "--data", tiny_data, "--out", straight, *args, "--save-every", 100)
+    run = tmp_path / "run"
+    cmd = ["train", "--data", tiny_data, "--out", run, *args, "--save-every", 5]
+    proc = start(*cmd)
+    wait_for(lambda: (run / "checkpoints" / "step_00000005" / checkpoint.COMPLETE).is_file(), proc)
+    kill_group(proc)
+    run_mtgpt(*cmd, "--resume", "auto")
+
+    def logged(r: Path) -> dict[int, float]:
+        rows = [json.loads(line) for line in (r / "metrics.jsonl").read_text().splitlines()]
+        return {row["step"]: row["train/loss"] for row in rows if "train/loss" in row}
+
+    want, got = logged(straight), logged(run)
+    assert list(got) == [3, 6, 9, 12, 15, 18, 20]
+    assert got == want

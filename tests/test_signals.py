@@ -18,6 +18,8 @@ from mtgpt import checkpoint
 from tests.conftest import TINY_ARGS, run_mtgpt
 from tests.test_resume import start, wait_for
 
+pytestmark = pytest.mark.slow  # DeepSpeed ranks, Slurm or a container: `make test-all`
+
 ARGS = [*TINY_ARGS, "--micro-batch", "2", "--eval-samples", "8", "--log-every", "2", "--eval-every", "1000",
         "--save-every", "1000", "--max-steps", "100000"]
 

@@ -23,6 +23,8 @@ import pytest
 from mtgpt import checkpoint
 from tests.conftest import SONNETS, TINY_ARGS
 
+pytestmark = pytest.mark.slow  # DeepSpeed ranks, Slurm or a container: `make test-all`
+
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "tests" / "slurm" / "cluster.sh"
 STEPS = 60

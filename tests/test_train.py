@@ -1,5 +1,6 @@
-"""Training through the real DeepSpeed engine on 2 gloo CPU ranks (started by `mtgpt train`,
-which runs the DeepSpeed launcher), with a tiny model."""
+"""Training through the real DeepSpeed engine with a tiny model: in this process as a world of
+one (make_plan, fit, resume, going back), and on 2 gloo CPU ranks started by `mtgpt train`
+(which runs the DeepSpeed launcher): one such run in the quick loop, the rest marked slow."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mtgpt import checkpoint
-from tests.conftest import TINY_ARGS, run_mtgpt
+from mtgpt.config import TrainConfig
+from tests.conftest import TINY, TINY_ARGS, run_mtgpt
 
 TRAIN = [*TINY_ARGS, "--micro-batch", "4", "--lr", "1e-2", "--eval-samples", "8", "--log-every", "5"]
 
@@ -82,6 +84,7 @@ def test_consolidated_model_loads(trained):
     assert model.config.n_layer == 2 and model.lm_head.weight is model.transformer.wte.weight
 
 
+@pytest.mark.slow
 def test_resume_continues(trained, tmp_path):
     """--resume auto picks up the latest complete checkpoint and goes on from its step."""
     import shutil
@@ -97,6 +100,7 @@ def test_resume_continues(trained, tmp_path):
     assert json.loads((run / "last_stop.json").read_text())["step"] == 40
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
 def test_launch_script(tiny_data, tmp_path, launcher):
     """launch/train.py under the `deepspeed` launcher (which adds --local_rank) and torchrun."""
@@ -124,6 +128,7 @@ def test_launch_script(tiny_data, tmp_path, launcher):
     assert (tmp_path / "run" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_corrupt_shard_during_training(tiny_data, tmp_path):
     """A shard cut short after prepare: training stops with an error naming the shard."""
     import shutil
@@ -148,6 +153,7 @@ def test_data_block_size_mismatch(tiny_data, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, reason, step", [
     (["--max-tokens", "1000"], "max_tokens", 8),  # 128 tokens per step: ceil(1000 / 128)
     (["--max-epochs", "0.5"], "max_epochs", 12),  # 93 samples x 32 tokens / 2 / 128, rounded up
@@ -167,6 +173,7 @@ def test_stop_conditions(tiny_data, tmp_path, args, reason, step):
         assert json.loads((run / "ds_config.json").read_text())["scheduler"]["params"]["total_num_steps"] == 8
 
 
+@pytest.mark.slow
 def test_data_without_val_split_and_a_torn_metrics_line(tmp_path):
     """--val-fraction 0 (what prepare suggests for a tiny corpus): no evaluation, no early stopping
     (refused), no best/ and `info` and `--best` say why. Then a crash mid-write of metrics.jsonl:
@@ -202,3 +209,75 @@ def test_data_without_val_split_and_a_torn_metrics_line(tmp_path):
     (run / "metrics.jsonl").write_text('{"step": 1}\nnot json\n{"step": 2}\n')  # damaged, not torn
     proc = run_mtgpt("info", run, check=False)
     assert proc.returncode != 0 and "metrics.jsonl:2: not a metrics line" in proc.stderr
+
+
+
+# ----------------------------------------------------------------------------- in this process
+
+
+def test_schedule_steps(tiny_data):
+    from mtgpt.data import load_manifest
+    from mtgpt.train import schedule_steps
+
+    m = load_manifest(tiny_data)  # 93 train samples of 32 tokens
+    cfg = TrainConfig(data=str(tiny_data), model=dict(TINY), micro_batch=2)
+    assert schedule_steps(cfg.replace(max_steps=7), m, 2) == 7
+    assert schedule_steps(cfg.replace(max_tokens=1000), m, 2) == 8  # ceil(1000 / 128)
+    assert schedule_steps(cfg, m, 2) == 24  # one epoch by default: ceil(93 x 32 / 128)
+    assert schedule_steps(cfg.replace(max_epochs=0.5), m, 1) == 24  # ceil(0.5 x 93 x 32 / 64)
+    assert schedule_steps(cfg.replace(max_steps=100, max_tokens=1000), m, 2) == 8  # the smallest
+
+
+def test_make_plan_checks(tiny_data, tmp_path):
+    from mtgpt.config import ConfigError
+    from mtgpt.train import make_plan
+
+    cfg = TrainConfig(data=str(tiny_data), out=str(tmp_path / "run"), model=dict(TINY), micro_batch=2, max_steps=5)
+    plan = make_plan(cfg, world_size=2, cuda=False)
+    assert plan.ds_name.endswith("zero1_fp32.json") and plan.ds["train_batch_size"] == 4 and plan.schedule_steps == 5
+    assert plan.resume_from is None and not plan.universal and plan.tokens_per_step == 128
+    with pytest.raises(ConfigError, match="fp16 needs a GPU"):
+        make_plan(cfg.replace(ds_config="zero1_fp16"), world_size=1, cuda=False)
+
+
+def _fit(cfg):
+    from mtgpt.train import fit, make_plan
+
+    return fit(make_plan(cfg, world_size=1))
+
+
+def test_fit_resume_and_go_back_in_process(tiny_data, tmp_path, world_of_one, capsys):
+    """A world of one trains, saves, resumes exactly where it stopped, and goes back to an older
+    checkpoint (the later saves set aside), all in this process."""
+    run = tmp_path / "run"
+    cfg = TrainConfig(data=str(tiny_data), out=str(run), model=dict(TINY), micro_batch=2, lr=3e-3,
+                      eval_samples=4, log_every=2, eval_every=3, save_every=3, max_steps=6, ds_config="zero0_fp32")
+    summary = _fit(cfg)
+    assert summary["step"] == 6 and summary["reason"] == "max_steps"
+    assert checkpoint.complete_tags(run) == ["step_00000003", "step_00000006"]
+    rows = metrics(run)
+    assert [r["step"] for r in rows if "train/loss" in r] == [2, 4, 6]
+    assert [r["step"] for r in rows if "val/loss" in r] == [3, 6] and (run / "best" / "model.safetensors").is_file()
+
+    assert _fit(cfg.replace(resume="auto", max_steps=8))["step"] == 8
+    assert "resuming from" in capsys.readouterr().out
+    assert [r["step"] for r in metrics(run) if "train/loss" in r] == [2, 4, 6, 8]
+
+    summary = _fit(cfg.replace(resume=str(run / "checkpoints" / "step_00000006"), max_steps=7, save_every=1))
+    assert summary["step"] == 7 and "set aside" in capsys.readouterr().out
+    assert checkpoint.complete_tags(run) == ["step_00000006", "step_00000007"]
+    assert checkpoint.weights_step(run) == 7
+    assert [r["step"] for r in metrics(run) if "train/loss" in r] == [2, 4, 6, 7]
+
+
+def test_fit_without_a_val_split_in_process(tmp_path, world_of_one):
+    from mtgpt.data.prepare import prepare
+    from tests.conftest import SONNETS
+
+    prepare([str(SONNETS)], tmp_path / "data", block_size=32, val_fraction=0.0, quiet=True)
+    cfg = TrainConfig(data=str(tmp_path / "data"), out=str(tmp_path / "run"), model=dict(TINY), micro_batch=2,
+                      log_every=1, eval_every=2, max_steps=3)
+    summary = _fit(cfg)
+    assert summary["step"] == 3 and summary["val_loss"] != summary["val_loss"]  # nan: nothing evaluated
+    assert not any("val/loss" in r for r in metrics(tmp_path / "run"))
+    assert json.loads((tmp_path / "run" / "last_stop.json").read_text())["val_loss"] is None

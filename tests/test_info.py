@@ -1,0 +1,49 @@
+"""info.py in process: what `mtgpt info` says about a data folder, a run folder and the default model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mtgpt import checkpoint, info, rundir
+from mtgpt.config import ModelConfig, TrainConfig
+from mtgpt.model import GPT
+from tests.conftest import TINY
+
+
+def test_default_model():
+    text, ok = info.describe(None)
+    assert ok and "default parameters: 30," in text  # the seed's 6 x 384 model, 30.1 M
+
+
+def test_data_folder(tiny_data):
+    text, ok = info.describe(str(tiny_data), verify=True)
+    assert ok and "block size: 32" in text and "match their sha256" in text
+
+
+def test_run_folder(tmp_path):
+    run = tmp_path / "run"
+    model = GPT(ModelConfig(**TINY))
+    checkpoint.save_weights({k: v.detach() for k, v in model.named_parameters()}, model.config, run)
+    (run / rundir.TRAIN_CONFIG).write_text(json.dumps(TrainConfig(data="d", out=str(run), model=dict(TINY)).to_dict()))
+    rows = [{"step": 10, "train/loss": 5.0}, {"step": 10, "val/loss": 5.5}, {"step": 20, "train/loss": 4.0},
+            {"step": 20, "val/loss": 4.75}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rundir.write_last_stop(run, reason="max_steps", step=20, tokens=1280)
+    (run / checkpoint.CKPT_DIR / "step_00000020").mkdir(parents=True)
+    checkpoint.mark_complete(run, "step_00000020", {"step": 20}, keep_last=2)
+    (run / checkpoint.CKPT_DIR / "step_00000030").mkdir()  # torn
+    text, _ = info.describe(str(run))
+    assert "2 layers, 2 heads, 32 wide, context 32" in text
+    assert "last stop: max_steps at step 20 (1,280 tokens)" in text
+    assert "train loss: 4.0000 at step 20" in text and "best 4.7500 at step 20" in text
+    assert "checkpoints: step_00000020 (incomplete, ignored: step_00000030)" in text
+    assert "val loss: none" not in text  # unknown whether the data had val: say nothing
+
+
+def test_not_a_known_folder(tmp_path):
+    with pytest.raises(ValueError, match="neither a data folder"):
+        info.describe(str(tmp_path))
+    with pytest.raises(ValueError, match="no such file or folder"):
+        info.describe(str(tmp_path / "missing"))

@@ -1,0 +1,34 @@
+"""launcher.py in process: the command it starts and how it reads a clean stop. (It starts real
+ranks in tests/test_train.py and tests/test_signals.py.)"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from mtgpt import launcher, rundir
+
+
+def test_command_runs_the_worker_under_deepspeeds_runner():
+    cmd = launcher.command("/tmp/cfg.json", 2, 29555)
+    assert cmd[:3] == [sys.executable, "-m", "deepspeed.launcher.runner"]
+    assert cmd[cmd.index("--num_gpus") + 1] == "2" and cmd[cmd.index("--master_port") + 1] == "29555"
+    assert cmd[-4:] == ["mtgpt", "worker", "--config", "/tmp/cfg.json"]
+
+
+def test_default_nproc():
+    import torch
+
+    assert launcher.default_nproc() == (torch.cuda.device_count() if torch.cuda.is_available() else 2)
+
+
+def test_clean_stop_since(tmp_path):
+    started = time.time()
+    assert not launcher.clean_stop_since(str(tmp_path), started)  # no last_stop.json
+    (tmp_path / rundir.LAST_STOP).write_text(json.dumps({"reason": "signal", "time": started - 60}))
+    assert not launcher.clean_stop_since(str(tmp_path), started)  # an older run's stop
+    rundir.write_last_stop(tmp_path, reason="signal", step=4)
+    assert launcher.clean_stop_since(str(tmp_path), started)
+    (tmp_path / rundir.LAST_STOP).write_text("{torn")
+    assert not launcher.clean_stop_since(str(tmp_path), started)

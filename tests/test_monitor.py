@@ -1,0 +1,82 @@
+"""monitor.py in process: metrics.jsonl and TensorBoard (read back with TensorBoard's own reader),
+the purge on resume, a torn last line, MFU."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from mtgpt import monitor
+from mtgpt.config import ModelConfig
+from mtgpt.model import GPT
+from tests.conftest import TINY
+
+
+def _scalars(run, tag):
+    acc = EventAccumulator(str(run / "tb"))
+    acc.Reload()
+    return [(e.step, round(e.value, 6)) for e in acc.Scalars(tag)]
+
+
+def test_log_then_resume_drops_the_later_steps(tmp_path):
+    log = monitor.Monitor(tmp_path, enabled=True)
+    for step in range(1, 7):
+        log.log({"train/loss": 10.0 - step}, step)
+    log.log({"val/loss": 4.5}, 6)
+    log.text("sample", "some text", 6)
+    log.close()
+    assert (tmp_path / "loss.png").is_file()
+    assert [r["step"] for r in monitor.read_metrics(tmp_path / monitor.METRICS, print)] == [1, 2, 3, 4, 5, 6, 6]
+
+    log = monitor.Monitor(tmp_path, enabled=True, resume_step=4)  # resumed from the step-4 checkpoint
+    assert [r["step"] for r in log.history] == [1, 2, 3, 4]
+    for step in (5, 6):
+        log.log({"train/loss": 20.0 + step}, step)
+    log.close()
+    rows = monitor.read_metrics(tmp_path / monitor.METRICS, print)
+    assert [(r["step"], r["train/loss"]) for r in rows][-3:] == [(4, 6.0), (5, 25.0), (6, 26.0)]
+    assert _scalars(tmp_path, "train/loss") == [(1, 9.0), (2, 8.0), (3, 7.0), (4, 6.0), (5, 25.0), (6, 26.0)]
+
+    log = monitor.Monitor(tmp_path, enabled=True)  # a fresh start over an old log: it is emptied
+    assert log.history == [] and (tmp_path / monitor.METRICS).read_text() == ""
+    log.close()
+
+
+def test_non_finite_values_and_other_ranks(tmp_path):
+    log = monitor.Monitor(tmp_path, enabled=True)
+    log.log({"train/loss": float("nan"), "lr": 1e-3}, 1)
+    log.close()
+    row = json.loads((tmp_path / monitor.METRICS).read_text())
+    assert row == {"step": 1, "train/loss": "nan", "lr": 1e-3}  # JSON has no NaN
+    assert monitor.last([row], "train/loss") != monitor.last([row], "train/loss")  # nan: no float logged
+    quiet = monitor.Monitor(tmp_path / "rank1", enabled=False)
+    quiet.log({"train/loss": 1.0}, 1)
+    assert not (tmp_path / "rank1").exists()
+
+
+def test_torn_last_line(tmp_path):
+    path = tmp_path / monitor.METRICS
+    path.write_text('{"step": 1, "train/loss": 2.0}\n{"step": 2, "train/lo')
+    warnings = []
+    assert monitor.read_metrics(path, warnings.append) == [{"step": 1, "train/loss": 2.0}]
+    assert "line 2 is torn" in warnings[0]
+    path.write_text('{"step": 1}\n[1, 2]\n{"step": 3}\n')
+    with pytest.raises(monitor.MetricsError, match="metrics.jsonl:2: not a metrics line"):
+        monitor.read_metrics(path, warnings.append)
+
+
+def test_throughput_and_mfu(monkeypatch):
+    monkeypatch.setenv("MTGPT_PEAK_FLOPS", "1e12")
+    model = GPT(ModelConfig(**TINY))
+    perf = monitor.Throughput(model, torch.device("cpu"), world_size=2)
+    c = model.config
+    assert perf.flops_per_token == 6 * model.num_params(non_embedding=True) + 12 * c.n_layer * c.n_embd * c.block_size
+    perf.add(1000)
+    m = perf.metrics()
+    assert m["perf/tokens_per_s"] > 0
+    assert m["perf/mfu"] == pytest.approx(m["perf/tokens_per_s"] * perf.flops_per_token / 2e12)
+    monkeypatch.delenv("MTGPT_PEAK_FLOPS")
+    assert monitor.peak_flops(torch.device("cpu")) is None

@@ -1,0 +1,71 @@
+"""rundir.py in process: may a run write here, where does it resume from, what it records."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mtgpt import checkpoint, rundir
+from mtgpt.config import ConfigError, TrainConfig
+from tests.conftest import TINY
+
+
+def _cfg(out, **kw) -> TrainConfig:
+    return TrainConfig(data="d", out=str(out), model=dict(TINY), **kw)
+
+
+def _complete(run, step, world_size=1):
+    folder = run / checkpoint.CKPT_DIR / checkpoint.tag_for(step)
+    folder.mkdir(parents=True)
+    checkpoint.mark_complete(run, folder.name, {"step": step, "world_size": world_size}, keep_last=5)
+    return folder
+
+
+def test_fresh_and_refused(tmp_path):
+    assert rundir.resume_point(_cfg(tmp_path / "new")) is None
+    assert rundir.resume_point(_cfg(tmp_path / "new", resume="auto")) is None  # nothing to resume: fresh
+    run = tmp_path / "run"
+    _complete(run, 5)
+    with pytest.raises(ConfigError, match="already holds a run; pass --resume auto"):
+        rundir.resume_point(_cfg(run))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="exists and is not a folder"):
+        rundir.resume_point(_cfg(tmp_path / "file"))
+    with pytest.raises(ConfigError, match="--out is required"):
+        rundir.resume_point(TrainConfig(data="d"))
+
+
+def test_where_a_run_resumes_from(tmp_path):
+    run = tmp_path / "run"
+    five, ten = _complete(run, 5), _complete(run, 10)
+    assert rundir.resume_point(_cfg(run, resume="auto")) == ten
+    assert rundir.resume_point(_cfg(tmp_path / "other", resume=str(run))) == ten  # a run folder
+    assert rundir.resume_point(_cfg(run, resume=str(five))) == five  # one checkpoint
+    torn = run / checkpoint.CKPT_DIR / checkpoint.tag_for(15)
+    torn.mkdir()
+    with pytest.raises(ConfigError, match="incomplete"):
+        rundir.resume_point(_cfg(run, resume=str(torn)))
+    with pytest.raises(ConfigError, match="not a run folder or checkpoint folder"):
+        rundir.resume_point(_cfg(run, resume=str(tmp_path)))
+
+
+def test_resume_with_another_shape_is_refused(tmp_path):
+    run = tmp_path / "run"
+    _complete(run, 5)
+    (run / rundir.TRAIN_CONFIG).write_text(json.dumps(_cfg(run).to_dict()))
+    with pytest.raises(ConfigError, match="n_layer 2 -> 3"):
+        rundir.resume_point(_cfg(run, resume="auto").replace(model={"n_layer": 3}))
+
+
+def test_run_files(tmp_path, monkeypatch):
+    monkeypatch.setenv(rundir.COMMAND_ENV, "mtgpt train --data d")
+    cfg = _cfg(tmp_path / "run")
+    rundir.write_run_files(cfg.out, cfg.to_dict(), {"train_batch_size": 8}, "zero1_fp32", 2, 0, None)
+    info = json.loads((tmp_path / "run" / rundir.RUN_INFO).read_text())
+    assert info["command"] == "mtgpt train --data d" and info["world_size"] == 2 and info["val_samples"] == 0
+    assert info["versions"]["torch"] and info["ds_config"] == "zero1_fp32"
+    assert TrainConfig.from_dict(json.loads((tmp_path / "run" / rundir.TRAIN_CONFIG).read_text())) == cfg
+    assert rundir.has_run(tmp_path / "run") and not checkpoint.has_val(tmp_path / "run")
+    rundir.write_last_stop(tmp_path / "run", reason="max_steps", step=3)
+    assert json.loads((tmp_path / "run" / rundir.LAST_STOP).read_text())["reason"] == "max_steps"

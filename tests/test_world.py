@@ -1,0 +1,49 @@
+"""world.py in process: who this process is outside a launcher, and the collectives in a world of one."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from mtgpt import world
+
+
+def test_outside_a_launcher_is_a_world_of_one(monkeypatch):
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert world.env_world() == (0, 0, 1)
+    me = world.get()
+    assert (me.rank, me.world_size, me.device.type) == (0, 1, "cpu") and world.is_rank0()
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert world.env_world() == (3, 1, 4) and not world.is_rank0()
+
+
+def test_collectives_without_a_process_group():
+    t = torch.tensor([1.0, 2.0])
+    assert world.all_reduce_sum(t) is t and t.tolist() == [1.0, 2.0]
+    assert world.all_gather_object({"a": 1}) == [{"a": 1}]
+    assert world.broadcast_object("x") == "x"
+    world.barrier()
+
+
+def test_a_real_process_group_of_one(world_of_one):
+    """init() starts gloo through DeepSpeed, as a launcher's rank would, and the collectives run."""
+    assert torch.distributed.is_initialized() and torch.distributed.get_backend() == "gloo"
+    assert world_of_one.world_size == 1 and world.get() is world_of_one and world.init() is world_of_one
+    assert os.environ["MASTER_ADDR"] == "127.0.0.1"
+    t = torch.tensor([1.0, 2.0])
+    assert world.all_reduce_sum(t).tolist() == [1.0, 2.0]
+    assert world.all_gather_object({"a": 1}) == [{"a": 1}]
+    assert world.broadcast_object("x") == "x"
+    world.barrier()
+
+
+def test_free_port_is_free():
+    import socket
+
+    port = world.free_port()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
