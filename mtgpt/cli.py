@@ -21,6 +21,7 @@ import click
 from mtgpt import __version__
 from mtgpt.config import ConfigError, ModelConfig, TrainConfig, load_json
 
+
 def config_fields() -> list[tuple[str, dataclasses.Field]]:
     """("model" or "train", field) for each field declared with config.option, in declaration
     order, the model's where TrainConfig has its `model`."""

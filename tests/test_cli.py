@@ -123,3 +123,28 @@ def test_worker_error_printed_once(tiny_data, tmp_path):
     rank1 = run_mtgpt(*args, check=False, env={"RANK": "1", "WORLD_SIZE": "2"})
     assert rank0.returncode == rank1.returncode == 2
     assert rank0.stderr.count("does not divide") == 1 and rank1.stderr.strip() == ""
+
+
+def test_every_training_option_is_declared_once(tiny_data):
+    """`mtgpt train --help` and build_config come from the config's fields: every field a run
+    records in train_config.json (but the vocabulary and biases, which follow the tokenizer and
+    GPT-2) is an option, with the field's help and default, and sets exactly that field."""
+    import dataclasses
+
+    from mtgpt.cli import build_config, config_fields
+
+    declared = {f.name for _, f in config_fields()}
+    recorded = set(TrainConfig().to_dict()) - {"model"} | set(ModelConfig().__dict__) - {"vocab_size", "bias"}
+    assert declared == recorded
+    help_text = "".join(invoke("train", "--help").output.split())  # whitespace aside (lines wrap)
+    for _, f in config_fields():
+        assert "--" + f.name.replace("_", "-") in help_text
+        assert "".join(f.metadata["help"].split()) in help_text
+    assert "".join("Checkpoint every N steps (and at the end). [default: 1000]".split()) in help_text
+    values = {"n_layer": 3, "dropout": 0.25, "lr": 1e-3, "max_time": "30m", "compile": False,
+              "init_from": None, "keep_last": 5}
+    cfg = build_config({"data": str(tiny_data), "out": "o", **values})
+    assert (cfg.model.n_layer, cfg.model.dropout, cfg.lr, cfg.max_time, cfg.compile, cfg.keep_last) == \
+        (3, 0.25, 1e-3, "30m", False, 5)
+    assert cfg.model.block_size == 32  # not given: the data's
+    assert dataclasses.replace(cfg, lr=TrainConfig.lr).lr == 6e-4
