@@ -22,16 +22,13 @@ class ConfigError(ValueError):
     """A configuration that cannot work. The message says what is wrong and how to fix it."""
 
 
-def option(default: Any = None, help: str = "", default_help: str | None = None, factory=None,
-           flag: str | None = None, **click: Any) -> Any:
+def option(default: Any = None, help: str = "", default_help: str | None = None, flag: str | None = None,
+           **click: Any) -> Any:
     """A config field that is also a command-line option of `mtgpt train` (and of
     launch/train.py): the option, its help and the default it shows are declared here, once;
     the CLI is built from them (mtgpt.cli). `default_help` says the default in words where the
     value alone would not; `flag` names a --x/--no-x pair; other keys go to click.option."""
-    meta = {"help": help, "default_help": default_help, "flag": flag, "click": click}
-    if factory is not None:
-        return field(default_factory=factory, metadata=meta)
-    return field(default=default, metadata=meta)
+    return field(default=default, metadata={"help": help, "default_help": default_help, "flag": flag, "click": click})
 
 
 @dataclass

@@ -35,8 +35,8 @@ class TrainState:
     ranks: list[dict[str, Any]] = field(default_factory=list)  # per rank: RNG states, data position, loss
 
     def client_state(self, mine: dict[str, Any]) -> dict[str, Any]:
-        """The checkpoint's client state, with `mine` (this rank's own state) and this rank's RNG
-        states for every rank (a collective: every rank calls it)."""
+        """The checkpoint's client state. `mine` is this rank's own state (data position, running
+        loss); it and the rank's RNG states are gathered from every rank (a collective)."""
         ranks = world.all_gather_object({"rng": rng_state(), **mine})
         return {"mtgpt": {"step": self.step, "tokens": self.tokens, "best_val": self.best_val,
                           "evals_since_best": self.evals_since_best, "elapsed": self.elapsed,

@@ -300,14 +300,12 @@ def fit(plan: Plan) -> dict[str, Any]:
 
 def banner(plan: Plan, model: GPT, step: int) -> str:
     """What rank 0 prints before the first step."""
-    from mtgpt.ds_config import precision
-
     cfg, ds = plan.cfg, plan.ds
     lines = [
         f"mtgpt {__version__}: {model.num_params():,} parameters ({cfg.model.n_layer} layers, "
         f"{cfg.model.n_head} heads, {cfg.model.n_embd} wide, context {cfg.model.block_size})",
         f"  {plan.world_size} rank(s) on {world.get().device.type}, {plan.ds_name}: ZeRO-"
-        f"{ds.get('zero_optimization', {}).get('stage', 0)}, {precision(ds)}",
+        f"{ds.get('zero_optimization', {}).get('stage', 0)}, {ds_config.precision(ds)}",
         f"  batch {ds['train_batch_size']} sequences = micro {cfg.micro_batch} x accum {cfg.grad_accum} x "
         f"{plan.world_size} rank(s) = {plan.tokens_per_step:,} tokens/step; schedule {plan.schedule_steps} steps",
         f"  data {cfg.data}: {plan.train_tokens:,} train tokens",
