@@ -161,7 +161,25 @@ def test_val_is_fixed_and_split(tiny_data):
     assert torch.equal(torch.cat(parts).sort(0).values, full.sort(0).values)
     parts = [load_val(tiny_data, m, 7, r, 3) for r in range(3)]  # equal shares: 7 -> 6
     assert [len(p) for p in parts] == [2, 2, 2]
-    assert all(torch.equal(load_val(tiny_data, m, 1, r, 2), full[:1]) for r in range(2))  # fewer than ranks
+    one = load_val(tiny_data, m, 1, 0, 1)
+    assert all(torch.equal(load_val(tiny_data, m, 1, r, 2), one) for r in range(2))  # fewer than ranks
+
+
+def test_val_set_is_spread_over_the_whole_split(tmp_path):
+    """Two files: the samples evaluated during training come from all of the val split (they used
+    to be the first --eval-samples, all from the first file)."""
+    lines = SONNETS.read_text().splitlines()
+    (tmp_path / "a.txt").write_text("\n".join(lines[: len(lines) // 2]))
+    (tmp_path / "b.txt").write_text("\n".join(lines[len(lines) // 2:]))
+    m = prepare([str(tmp_path / "a.txt"), str(tmp_path / "b.txt")], tmp_path / "d", block_size=8,
+                val_fraction=0.2, quiet=True)
+    every = load_val(tmp_path / "d", m, 10**6, 0, 1)  # the whole val split, in order
+    assert len(every) == m["splits"]["val"]["samples"]
+    picked = load_val(tmp_path / "d", m, 16, 0, 1)
+    position = [next(i for i, row in enumerate(every) if torch.equal(row, p)) for p in picked]
+    assert position == sorted(position) and len(set(position)) == 16
+    assert abs(sum(position) / 16 / len(every) - 0.5) < 0.05  # centred on the middle of the split
+    assert position[0] < len(every) * 0.1 and position[-1] > len(every) * 0.9
 
 
 # ---------------------------------------------------------------- bad input

@@ -185,26 +185,33 @@ def resume_position(state: dict[str, int], world: int, num_workers: int, micro_b
 
 def load_val(data_dir: str | Path, manifest: dict[str, Any], n_samples: int, rank: int, world: int,
              vocab_size: int = 50257) -> torch.Tensor:
-    """The fixed val set: the first n_samples val samples in shard order, this rank's share
-    (samples rank, rank + world, ...). Returns (n_local, block_size + 1) int64; the same tokens at
-    every evaluation. Every rank gets the same number of samples (ZeRO-3 needs the same number
-    of forward passes on every rank): n is rounded down to a multiple of world, and with fewer
+    """The fixed val set: n_samples val samples spread evenly over the whole val split (so every
+    part of the corpus, every file, is evaluated, not just the first), this rank's share (every
+    world-th of them). Returns (n_local, block_size + 1) int64; the same tokens at every
+    evaluation. Every rank gets the same number of samples (ZeRO-3 needs the same number of
+    forward passes on every rank): n is rounded down to a multiple of world, and with fewer
     samples than ranks each rank evaluates them all."""
     data_dir = Path(data_dir)
+    total = manifest["splits"]["val"]["samples"]
+    n = min(n_samples, total)
+    if n >= world:
+        n = n // world * world
+    if n == 0:
+        return torch.zeros(0, manifest["sample_tokens"], dtype=torch.int64)
+    wanted = ((np.arange(n) + 0.5) * total / n).astype(np.int64)  # evenly spaced, distinct
     rows: list[np.ndarray] = []
-    have = 0
+    seen = 0
     for shard in manifest["splits"]["val"]["shards"]:
         for record in _records(data_dir / shard["file"], manifest["sample_tokens"], vocab_size,
                                shard["samples"]):
-            rows.append(record)
-            have += len(record)
-            if have >= n_samples:
+            lo, hi = np.searchsorted(wanted, [seen, seen + len(record)])
+            rows.append(record[wanted[lo:hi] - seen])
+            seen += len(record)
+            if seen > wanted[-1]:
                 break
-        if have >= n_samples:
+        if seen > wanted[-1]:
             break
-    if not rows:
-        return torch.zeros(0, manifest["sample_tokens"], dtype=torch.int64)
-    val = np.concatenate(rows)[:n_samples]
+    val = np.concatenate(rows)
     if len(val) >= world:
-        val = val[: len(val) // world * world][rank::world]
+        val = val[rank::world]
     return torch.from_numpy(val.astype(np.int64))
