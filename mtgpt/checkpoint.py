@@ -276,12 +276,12 @@ def read_weights(run_dir: str | Path, best: bool = False) -> dict[str, torch.Ten
 
 def source_config(init_from: str | None, init_from_hf: str | None) -> ModelConfig | None:
     """The shape of the model a fine-tune starts from: an mtgpt run (--init-from) or a Hugging
-    Face GPT-2 folder (--init-from-hf); None for neither. An HF folder's weights are read too, so
-    what mtgpt's GPT cannot compute is refused before anything starts (ModelFileError, HFError)."""
+    Face GPT-2 folder (--init-from-hf); None for neither. What mtgpt's GPT cannot compute is
+    refused here, before anything starts (ModelFileError, HFError)."""
     if init_from:
         return load_model_config(model_folder(init_from))
     if init_from_hf:
-        return hf.load(init_from_hf)[0]
+        return hf.check(init_from_hf)
     return None
 
 

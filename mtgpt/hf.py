@@ -115,21 +115,36 @@ def read_config(folder: str | Path) -> ModelConfig:
                        n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=0.0)
 
 
-def load(folder: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """(ModelConfig, mtgpt weights) from a GPT-2-shaped Hugging Face folder."""
+def check(folder: str | Path) -> ModelConfig:
+    """read_config, and refuse an output layer that is not the token embedding (mtgpt's GPT ties
+    them): `tie_word_embeddings: false` with no lm_head of the same values, or an lm_head.weight
+    that differs. Reads only those two tensors from a model.safetensors."""
     folder = Path(folder)
     config = read_config(folder)
-    weights = {k: v for k, v in _read_weights(folder).items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
-    weights = {("transformer." + k if not k.startswith(("transformer.", "lm_head")) else k): v for k, v in weights.items()}
-    head = weights.pop("lm_head.weight", None)
-    wte = weights.get("transformer.wte.weight")
-    untied = head is not None and wte is not None and not torch.equal(head, wte)
-    if untied or (head is None and not _tied(folder)):
+    path = folder / "model.safetensors"
+    if path.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            keys = set(f.keys())
+            head = f.get_tensor("lm_head.weight") if "lm_head.weight" in keys else None
+            wte = next((f.get_tensor(k) for k in ("transformer.wte.weight", "wte.weight") if k in keys), None)
+    else:
+        weights = _read_weights(folder)
+        head, wte = weights.get("lm_head.weight"), weights.get("transformer.wte.weight", weights.get("wte.weight"))
+    tied = json.loads((folder / "config.json").read_text()).get("tie_word_embeddings", True) is not False
+    if (head is not None and wte is not None and not torch.equal(head, wte)) or (head is None and not tied):
         raise HFError(f"{folder}: its output layer (lm_head) is not the token embedding (tie_word_embeddings "
                       "false, or different lm_head weights); mtgpt's GPT ties them, so it cannot represent "
                       "this model")
+    return config
+
+
+def load(folder: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """(ModelConfig, mtgpt weights) from a GPT-2-shaped Hugging Face folder (see `check`)."""
+    folder = Path(folder)
+    config = check(folder)
+    weights = {k: v for k, v in _read_weights(folder).items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+    weights = {("transformer." + k if not k.startswith(("transformer.", "lm_head")) else k): v for k, v in weights.items()}
+    weights.pop("lm_head.weight", None)  # the same values as transformer.wte.weight (checked)
     return config, _transpose_conv1d(weights)
-
-
-def _tied(folder: Path) -> bool:
-    return json.loads((folder / "config.json").read_text()).get("tie_word_embeddings", True) is not False
