@@ -1,31 +1,61 @@
-"""Benchmark the training loader: tokens/s one rank reads from shards (webdataset tar reading,
-decoding, shuffle buffer, batching, int64 tensors), the way the training loop draws them.
+"""Benchmark the training loader: tokens/s one rank reads (its share of the global shuffled
+order, random reads through memory maps, batching, int64 tensors), the way the training loop
+draws them, from a local folder and from the same folder behind an HTTP server on 127.0.0.1.
 
     python benchmarks/loader.py                     # prepares ~50 MB of Shakespeare first
     python benchmarks/loader.py --data data/books   # or reads an existing data folder
 
-Prints tokens/s for 0 DataLoader workers (all in the training process) and for 1 and 2 workers.
+Prints tokens/s for 0 DataLoader workers (all in the training process) and for 1 and 2 workers;
+then, over HTTP, the fetch into the local cache (tokens/s, once per machine) and the loader
+reading that copy.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import tempfile
+import threading
 import time
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from mtgpt.data import load_manifest  # noqa: E402
-from mtgpt.data.loader import TrainBatches  # noqa: E402
+from mtgpt.data import remote  # noqa: E402
+from mtgpt.data.loader import Split, TrainBatches  # noqa: E402
+
+
+def over_http(data: Path, cache: Path, args) -> None:
+    """Serve the folder on 127.0.0.1, fetch it as training does, then read the copy."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(data.parent)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/{data.name}"
+    m = load_manifest(data)
+    tokens = sum(m["splits"][s]["samples"] for s in ("train", "val")) * m["sample_tokens"]
+    began = time.perf_counter()
+    copy = remote.local_copy(url, cache, progress=False)
+    seconds = time.perf_counter() - began
+    server.shutdown()
+    print(f"  HTTP ({url}): fetched {tokens:,} tokens into the cache in {seconds:.2f} s = "
+          f"{tokens / seconds / 1e6:.0f} M tokens/s (once per machine)")
+    runs = [measure(copy, 0, args.micro_batch, args.tokens) for _ in range(args.repeat)]
+    print(f"  HTTP, then reading the cached copy, 0 workers: median {statistics.median(runs) / 1e6:.1f} M tokens/s "
+          f"(min {min(runs) / 1e6:.1f}, max {max(runs) / 1e6:.1f}, {args.repeat} runs)")
+
+
+class Handler(SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
 
 
 def measure(data: Path, workers: int, micro_batch: int, tokens: int) -> float:
     m = load_manifest(data)
-    batches = TrainBatches(data, m, micro_batch, rank=0, world=1, seed=0, num_workers=workers)
-    next(batches)  # start-up (worker processes, first shuffle buffer fill) is not throughput
+    batches = TrainBatches(Split(data, m, "train"), micro_batch, rank=0, world=1, seed=0, num_workers=workers)
+    next(batches)  # start-up (worker processes, the first epoch's permutation) is not throughput
     per_batch = micro_batch * m["block_size"]
     n = max(1, tokens // per_batch)
     start = time.perf_counter()
@@ -59,6 +89,7 @@ def main() -> None:
             runs = [measure(data, workers, args.micro_batch, args.tokens) for _ in range(args.repeat)]
             print(f"  {workers} workers: median {statistics.median(runs) / 1e6:.1f} M tokens/s "
                   f"(min {min(runs) / 1e6:.1f}, max {max(runs) / 1e6:.1f}, {args.repeat} runs)")
+        over_http(data.resolve(), Path(tmp) / "cache", args)
 
 
 if __name__ == "__main__":

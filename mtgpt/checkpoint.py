@@ -148,6 +148,24 @@ def needs_universal(tag_dir: Path, world_size: int) -> bool:
     return saved is not None and saved != world_size and sharded
 
 
+def load_engine(engine, tag_dir: Path) -> dict[str, Any]:
+    """Load a DeepSpeed checkpoint folder (or its universal form) into the engine; returns the
+    client state. Two repairs for DeepSpeed 0.19's ZeRO-3 universal load, which (1) gives every
+    optimizer group the first group's hyperparameters, so the no-decay group (biases, LayerNorms,
+    embeddings) would be decayed, and (2) gives all groups one shared `step` tensor, which each
+    group's update then increments, so Adam's bias correction runs ahead. Both would change every
+    step after a resume on another number of ranks (tests/test_resume.py)."""
+    decay = [group["weight_decay"] for group in engine.optimizer.param_groups]
+    _, client = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    for group, value in zip(engine.optimizer.param_groups, decay):
+        group["weight_decay"] = value
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    for state in inner.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+    return client
+
+
 def universal(tag_dir: Path, is_writer: bool, timeout: float = 3600) -> Path:
     """The universal form of a checkpoint, checkpoints/universal/<tag>, converted once with
     DeepSpeed's ds_to_universal by the writer (rank 0); the other ranks wait for its marker."""

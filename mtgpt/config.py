@@ -67,7 +67,11 @@ RESUME_HELP = ("auto (the checkpoint `latest` names in --out, or start fresh), n
 
 @dataclass
 class TrainConfig:
-    data: str = option("", "Data folder written by `mtgpt prepare`.", default_help="")
+    data: str = option("", "Data folder written by `mtgpt prepare`, or its URL: http(s)://HOST/PATH, or "
+                       "pipe:COMMAND printing the file {shard} names (e.g. 'pipe:aws s3 cp s3://b/data/{shard} -').",
+                       default_help="")
+    data_cache: str | None = option(None, "Where the shards of a --data URL are copied (fetched once, then read "
+                                    "locally).", default_help="~/.cache/mtgpt/data")
     out: str = option("", "Run folder: checkpoints, model.safetensors, tb/, metrics.jsonl.", default_help="")
     model: ModelConfig = field(default_factory=ModelConfig)  # its options are listed here, in its place
     ds_config: str | None = option(None, "DeepSpeed JSON: a path or a bundled name (zero0..3 x fp32/bf16/fp16, "

@@ -24,8 +24,8 @@ from tqdm import tqdm
 
 from mtgpt import __version__, checkpoint, ds_config, monitor, rundir, tokenizer, world
 from mtgpt.config import ConfigError, TrainConfig
-from mtgpt.data import check_compatible, load_manifest
-from mtgpt.data.loader import TrainBatches, load_val, resume_position
+from mtgpt.data import check_compatible, load_manifest, remote
+from mtgpt.data.loader import Split, TrainBatches, load_val, resume_position
 from mtgpt.model import GPT
 from mtgpt.sample import SampleConfig, generate
 from mtgpt.state import (RunningLoss, StopFlag, TrainState, agreed_stop, planned_stop, seed_all,
@@ -172,11 +172,13 @@ def build_engine(plan: Plan, model: GPT):
     return engine
 
 
-def resume(engine, plan: Plan, running: RunningLoss) -> tuple[TrainState, int]:
-    """Everything a run continues from: load the checkpoint into the engine and restore this
-    rank's RNG states and running train-loss mean; returns the training state and the number of
-    batches this rank's data stream has already given. The one warning about what could not
-    carry over is printed here. A fresh run: (TrainState(), 0)."""
+def resume(engine, plan: Plan, running: RunningLoss, train_samples: int) -> tuple[TrainState, int]:
+    """Everything a run continues from: load the checkpoint into the engine, restore this rank's
+    RNG states and running train-loss mean, and find where the data order goes on; returns the
+    training state and that global data position. The data order continues on any number of
+    ranks (see mtgpt.data.loader); RNG states are per rank and start afresh when the number of
+    ranks changed. The warnings about what could not carry over are printed here. A fresh run:
+    (TrainState(), 0)."""
     me = world.get()
     if plan.resume_from is None:
         return TrainState(), 0
@@ -184,23 +186,21 @@ def resume(engine, plan: Plan, running: RunningLoss) -> tuple[TrainState, int]:
     if plan.universal:
         path = checkpoint.universal(path, is_writer=me.rank == 0)
         world.print0(f"world size changed: resuming through DeepSpeed's universal checkpoint {path}")
-    _, client = engine.load_checkpoint(str(path.parent), tag=path.name)
-    state = TrainState.from_client_state(client)
+    state = TrainState.from_client_state(checkpoint.load_engine(engine, path))
     mine = state.of_rank(me.world_size, me.rank)
     if mine is None:  # saved by another number of ranks: per-rank state cannot carry over
         seed_all(plan.cfg.seed + me.rank + 7919 * state.step)
-        world.print0(f"warning: the data stream and RNG states were saved by {len(state.ranks)} rank(s) and "
-                     f"now {me.world_size} read; the data order starts a new shuffle")
-        start = 0
+        world.print0(f"note: the RNG states were saved by {len(state.ranks)} rank(s) and now {me.world_size} "
+                     "run, so dropout draws start afresh; the data order goes on where it was")
     else:
         set_rng_state(mine["rng"])
         running.load_state_dict(mine.get("loss"))
-        start = resume_position(mine["data"], me.world_size, plan.cfg.num_workers, plan.cfg.micro_batch,
-                                plan.cfg.seed)
-        if start is None:
-            world.print0("warning: the data stream was saved with world={world} num_workers={num_workers} "
-                         "micro_batch={micro_batch} seed={seed}; it starts a new shuffle now".format(**mine["data"]))
-            start = 0
+    saved = state.ranks[0]["data"]  # the same on every rank
+    start = resume_position(saved, plan.cfg.seed, train_samples)
+    if start is None:
+        world.print0("warning: the data order was saved for another seed or train split (or by an older "
+                     "mtgpt): it starts a new shuffle now")
+        start = 0
     make_history(engine, plan, state)
     return state, start
 
@@ -232,6 +232,8 @@ def fit(plan: Plan) -> dict[str, Any]:
     me = world.init()
     cfg = plan.cfg
     flag = StopFlag()
+    data_dir = (remote.local_copy(cfg.data, cfg.data_cache, me.rank, progress=world.is_rank0())
+                if remote.is_url(cfg.data) else Path(cfg.data))
     seed_all(cfg.seed)  # the same initial weights on every rank
     model = GPT(cfg.model)
     if plan.resume_from is None and (cfg.init_from or cfg.init_from_hf):
@@ -240,13 +242,14 @@ def fit(plan: Plan) -> dict[str, Any]:
     engine = build_engine(plan, model)
     seed_all(cfg.seed + me.rank)  # different dropout per rank
     running = RunningLoss(me.device)
-    state, start = resume(engine, plan, running)
+    train_split = Split(data_dir, plan.manifest, "train", cfg.model.vocab_size)
+    state, start = resume(engine, plan, running, len(train_split))
     if world.is_rank0():
         rundir.write_run_files(cfg.out, cfg.to_dict(), plan.ds, plan.ds_name, plan.world_size, plan.val_samples,
                                plan.resume_from)
-    batches = TrainBatches(cfg.data, plan.manifest, cfg.micro_batch, me.rank, me.world_size, cfg.seed,
-                           cfg.num_workers, start=start, device=me.device, vocab_size=cfg.model.vocab_size)
-    val = load_val(cfg.data, plan.manifest, cfg.eval_samples, me.rank, me.world_size, cfg.model.vocab_size)
+    batches = TrainBatches(train_split, cfg.micro_batch, me.rank, me.world_size, cfg.seed, cfg.num_workers,
+                           start=start, device=me.device)
+    val = load_val(data_dir, plan.manifest, cfg.eval_samples, me.rank, me.world_size, cfg.model.vocab_size)
     log = monitor.Monitor(cfg.out, enabled=world.is_rank0(),
                           resume_step=state.step if plan.resume_from is not None else None)
     perf = monitor.Throughput(model, me.device, me.world_size)

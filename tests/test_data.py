@@ -3,29 +3,23 @@
 from __future__ import annotations
 
 import json
-import shutil
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from mtgpt import tokenizer
 from mtgpt.data import DataError, load_manifest, verify
 from mtgpt.data import prepare as prepare_mod
-from mtgpt.data.loader import ConsumerStream, TrainBatches, _records, load_val
+from mtgpt.data.loader import Split
 from mtgpt.data.prepare import prepare
 from tests.conftest import SONNETS
 
 
 def all_train_samples(data_dir: Path) -> list[bytes]:
-    m = load_manifest(data_dir)
-    out = []
-    for shard in m["splits"]["train"]["shards"]:
-        for record in _records(data_dir / shard["file"], m["sample_tokens"], 50257, shard["samples"]):
-            out += [row.tobytes() for row in record]
-    return out
+    """Every train sample, in the order prepare wrote them."""
+    split = Split(data_dir, load_manifest(data_dir), "train")
+    return [row.tobytes() for row in split.read(np.arange(len(split)))]
 
 
 def test_manifest_and_shards(tiny_data):
@@ -73,115 +67,6 @@ def test_val_split_is_deterministic(tmp_path):
     assert sha(a) == sha(b) and sha(a) != sha(c)
 
 
-def _consumer_epoch(data_dir, k, n, seed=0):
-    m = load_manifest(data_dir)
-    stream = ConsumerStream(data_dir, m, seed, k, n)
-    samples = stream.samples()
-    return [next(samples).tobytes() for _ in range(stream.epoch_length(0))]
-
-
-@pytest.mark.parametrize("ranks", [1, 2, 3])
-@pytest.mark.parametrize("workers", [0, 2])
-def test_ranks_disjoint_and_cover_epoch(tiny_data, ranks, workers):
-    """Through the real DataLoader: rank r's batches come round-robin from its workers; over one
-    epoch the ranks see disjoint samples that together are every train sample once."""
-    m = load_manifest(tiny_data)
-    seen: list[bytes] = []
-    for rank in range(ranks):
-        batches = TrainBatches(tiny_data, m, micro_batch=1, rank=rank, world=ranks, seed=0, num_workers=workers)
-        w_count = max(1, workers)
-        lengths = [ConsumerStream(tiny_data, m, 0, rank * w_count + w, ranks * w_count).epoch_length(0)
-                   for w in range(w_count)]
-        per_worker: list[list[bytes]] = [[] for _ in range(w_count)]
-        for j in range(max(lengths) * w_count):
-            x, y = next(batches)
-            per_worker[j % w_count].append(torch.cat([x[0], y[0, -1:]]).numpy().astype("<u2").tobytes())
-        for w in range(w_count):
-            seen += per_worker[w][: lengths[w]]
-    assert Counter(seen) == Counter(all_train_samples(tiny_data))
-
-
-def test_small_corpus_splits_by_sample(tiny_data):
-    """More readers than shards: every reader reads all shards and keeps every n-th sample."""
-    m = load_manifest(tiny_data)
-    n = len(m["splits"]["train"]["shards"]) + 2
-    seen = [s for k in range(n) for s in _consumer_epoch(tiny_data, k, n)]
-    assert Counter(seen) == Counter(all_train_samples(tiny_data))
-
-
-def test_too_few_samples_for_readers(tiny_data):
-    m = load_manifest(tiny_data)
-    with pytest.raises(DataError, match="fewer than the"):
-        ConsumerStream(tiny_data, m, 0, 0, m["splits"]["train"]["samples"] + 1)
-
-
-def test_targets_are_inputs_shifted(tiny_data):
-    x, y = next(TrainBatches(tiny_data, load_manifest(tiny_data), micro_batch=4, rank=0, world=1, seed=0))
-    assert x.shape == y.shape == (4, 32) and x.dtype == torch.int64
-    assert torch.equal(x[:, 1:], y[:, :-1])
-
-
-def _take(batches, n):
-    return [torch.cat([x, y[:, -1:]], 1) for x, y in (next(batches) for _ in range(n))]
-
-
-@pytest.mark.parametrize("workers", [0, 2])
-def test_deterministic_and_resumable(tiny_data, workers):
-    m = load_manifest(tiny_data)
-    make = lambda seed, start=0: TrainBatches(tiny_data, m, 3, rank=1, world=2, seed=seed,  # noqa: E731
-                                              num_workers=workers, start=start)
-    first = _take(make(5), 40)  # 40 batches of 3 > one epoch of a rank's ~37 samples
-    assert all(torch.equal(a, b) for a, b in zip(first, _take(make(5), 40)))
-    assert not all(torch.equal(a, b) for a, b in zip(first, _take(make(6), 40)))
-    for start in (1, 7, 13, 30):  # inside the first epoch, and in the second
-        resumed = make(5, start)
-        assert resumed.state_dict()["batches"] == start
-        assert all(torch.equal(a, b) for a, b in zip(first[start:], _take(resumed, 40 - start)))
-
-
-def test_endless_on_uneven_shards(tiny_data):
-    """3 ranks over unequal shares: every rank can draw batches well past its first epoch."""
-    m = load_manifest(tiny_data)
-    lengths = []
-    for rank in range(3):
-        stream = ConsumerStream(tiny_data, m, 0, rank, 3)
-        lengths.append(stream.epoch_length(0))
-        samples = stream.samples()
-        for _ in range(3 * max(lengths)):
-            assert next(samples).shape == (33,)
-    assert len(set(lengths)) > 1 or True  # shares may be equal; the stream must not end either way
-
-
-def test_val_is_fixed_and_split(tiny_data):
-    m = load_manifest(tiny_data)
-    full = load_val(tiny_data, m, 6, 0, 1)
-    assert full.shape == (6, 33)
-    assert torch.equal(full, load_val(tiny_data, m, 6, 0, 1))
-    parts = [load_val(tiny_data, m, 6, r, 2) for r in range(2)]
-    assert torch.equal(torch.cat(parts).sort(0).values, full.sort(0).values)
-    parts = [load_val(tiny_data, m, 7, r, 3) for r in range(3)]  # equal shares: 7 -> 6
-    assert [len(p) for p in parts] == [2, 2, 2]
-    one = load_val(tiny_data, m, 1, 0, 1)
-    assert all(torch.equal(load_val(tiny_data, m, 1, r, 2), one) for r in range(2))  # fewer than ranks
-
-
-def test_val_set_is_spread_over_the_whole_split(tmp_path):
-    """Two files: the samples evaluated during training come from all of the val split (they used
-    to be the first --eval-samples, all from the first file)."""
-    lines = SONNETS.read_text().splitlines()
-    (tmp_path / "a.txt").write_text("\n".join(lines[: len(lines) // 2]))
-    (tmp_path / "b.txt").write_text("\n".join(lines[len(lines) // 2:]))
-    m = prepare([str(tmp_path / "a.txt"), str(tmp_path / "b.txt")], tmp_path / "d", block_size=8,
-                val_fraction=0.2, quiet=True)
-    every = load_val(tmp_path / "d", m, 10**6, 0, 1)  # the whole val split, in order
-    assert len(every) == m["splits"]["val"]["samples"]
-    picked = load_val(tmp_path / "d", m, 16, 0, 1)
-    position = [next(i for i, row in enumerate(every) if torch.equal(row, p)) for p in picked]
-    assert position == sorted(position) and len(set(position)) == 16
-    assert abs(sum(position) / 16 / len(every) - 0.5) < 0.05  # centred on the middle of the split
-    assert position[0] < len(every) * 0.1 and position[-1] > len(every) * 0.9
-
-
 # ---------------------------------------------------------------- bad input
 
 
@@ -226,18 +111,6 @@ def test_existing_out_refused_then_overwritten(tmp_path):
     assert (out / "precious.txt").read_text() == "keep me"
     prepare([str(SONNETS)], out, block_size=32, val_fraction=0.1, quiet=True, overwrite=True)
     assert (out / "manifest.json").is_file() and not (out / "precious.txt").exists()
-
-
-def test_truncated_shard_is_named(tiny_data, tmp_path):
-    data = tmp_path / "copy"
-    shutil.copytree(tiny_data, data)
-    m = load_manifest(data)
-    shard = data / m["splits"]["train"]["shards"][0]["file"]
-    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    assert verify(data)
-    with pytest.raises(DataError, match=shard.name):
-        for _ in range(200):
-            next(TrainBatches(data, m, micro_batch=1, rank=0, world=1, seed=0))
 
 
 def test_not_a_data_folder(tmp_path):
@@ -363,43 +236,6 @@ def test_data_for_another_model_refused(tiny_data, tmp_path):
     other["tokenizer"] = {"name": "cl100k_base", "vocab_size": 100277, "sha256": "ab" * 32}
     with pytest.raises(DataError, match="prepared with tokenizer 'cl100k_base'"):
         check_compatible(other, tiny_data, tokenizer.vocab_sha256(), 50257, 32)
-
-
-def _uneven_ranks(rank: int, world: int, data_dir: str, port: int, steps: int, out) -> None:
-    import torch.distributed as tdist
-
-    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    batches = TrainBatches(data_dir, load_manifest(data_dir), micro_batch=2, rank=rank, world=world, seed=0)
-    for _ in range(steps):
-        x, _ = next(batches)
-        total = torch.tensor([float(x.sum())])
-        tdist.all_reduce(total)  # every step is a collective: a rank that ran dry would hang the rest
-    out.put((rank, batches.state_dict()["batches"]))
-    tdist.destroy_process_group()
-
-
-def test_three_ranks_over_four_shards_never_hang(tmp_path):
-    """Real gloo ranks, unequal shares (2, 1, 1 shards): many steps past the small ranks' epoch."""
-    import torch.multiprocessing as mp
-
-    from mtgpt.world import free_port
-
-    data = tmp_path / "d"
-    m = prepare([str(SONNETS)], data, block_size=32, val_fraction=0.0, shard_size_mb=0.002, quiet=True)
-    assert len(m["splits"]["train"]["shards"]) == 4
-    shares = [ConsumerStream(data, m, 0, r, 3).epoch_length(0) for r in range(3)]
-    steps = 3 * max(shares)  # micro-batch 2: six epochs of the largest share
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_uneven_ranks, args=(r, 3, str(data), port, steps, out)) for r in range(3)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
-    assert sorted(out.get(timeout=5) for _ in range(3)) == [(r, steps) for r in range(3)]
-    assert len(set(shares)) > 1  # the shares really were unequal
 
 
 def _shapes() -> dict[str, str]:

@@ -1,159 +1,166 @@
-"""Shards -> batches: an endless, deterministic, resumable stream per rank, and a fixed val set.
+"""Shards -> batches: one global, shuffled, resumable order of training samples, and a fixed val set.
 
-Who reads what. Every data reader is a *consumer*: DataLoader worker w of rank r is consumer
-k = r * W + w of N = world * W (W = max(1, num_workers)). Each epoch, the train shards are
-shuffled with (seed, epoch) and then
-  - with at least N shards, consumer k reads shards[k::N] (what webdataset's `split_by_node`
-    followed by `split_by_worker` does, with rank and worker passed in explicitly);
-  - with fewer shards than consumers (small corpora), every consumer reads all shards and keeps
-    sample i when i % N == k.
-Either way the consumers read disjoint samples and together cover the epoch once. Within its
-share a consumer shuffles samples in a buffer seeded with (seed, epoch, k).
+One order for every world size. Each epoch e is a uniform random permutation of the whole train
+split, seeded with (seed, e): every batch is a fair sample of the corpus, however it was sharded
+and whatever its size, and every epoch visits every sample exactly once. Global position g (all
+ranks together, counted from the start of the run) is sample perm_{g // N}[g % N].
 
-No hang on an uneven tail. Consumers never run dry: each one goes on to its next epoch, so every
-rank can draw as many batches as the training loop asks for. An "epoch" of the run is counted in
-tokens (tokens seen / train tokens), not by any rank reaching its end.
+Rank r's share. Micro-batch j of rank r (j counted from the run's start position P) holds the
+samples at positions P + j * micro * world + r * micro + [0, micro). An optimizer step of
+grad_accum micro-batches on each of `world` ranks so covers one contiguous run of global
+positions: global batch k holds the same samples for 1, 2 or 8 ranks and any number of
+DataLoader workers (worker w of W makes micro-batches j = w, w + W, ...; the DataLoader takes
+them round-robin, so the rank sees them in order). Resume is the position alone: a run that has
+trained on P samples continues at P, on any number of ranks.
 
-Resume. The stream is a pure function of (seed, world, W, micro_batch): the state to save is the
-number of batches this rank has consumed. On resume each consumer skips whole epochs by
-arithmetic and replays the rest of the current one, so the next batch is exactly the one that
-would have come.
+Random access. Shards are webdataset tars written by `mtgpt prepare`; the tar headers are read
+once to find each record's bytes, and samples are read through memory maps (the page cache does
+the rest). A data folder at a URL is fetched into a local cache first (`mtgpt.data.remote`).
 """
 
 from __future__ import annotations
 
-import itertools
-import random
+import mmap
 import tarfile
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mtgpt.data.sources import DataError
 
-SHUFFLE_BUFFER = 2048  # samples (~2 MB at block_size 512)
+VERIFY_HINT = "check the folder with `mtgpt info DATA_DIR --verify` and prepare it again"
 
 
-def _records(path: Path, sample_tokens: int, vocab_size: int, expected: int) -> Iterator[np.ndarray]:
-    """Yield each record of one shard as a (n, sample_tokens) uint16 array. A truncated or
-    corrupt shard raises DataError naming it."""
-    seen = 0
-    try:
-        for sample in wds.DataPipeline(wds.SimpleShardList([str(path)]), wds.tarfile_to_samples()):
-            data = sample["tokens.u16"]
-            if len(data) % (2 * sample_tokens):
-                raise ValueError(f"record {sample['__key__']} holds {len(data)} bytes, not a whole "
-                                 f"number of {sample_tokens}-token samples")
-            record = np.frombuffer(data, dtype="<u2").reshape(-1, sample_tokens)
-            if record.max(initial=0) >= vocab_size:
-                raise ValueError(f"record {sample['__key__']} holds token ids >= vocab size {vocab_size}")
-            seen += len(record)
-            yield record
-    except (ValueError, KeyError, OSError, tarfile.TarError) as e:
-        raise DataError(f"shard {path} is corrupt or truncated ({e}); check the folder with "
-                        "`mtgpt info DATA_DIR --verify` and prepare it again") from e
-    if seen != expected:
-        raise DataError(f"shard {path} is truncated: {seen} samples, the manifest says {expected}; "
-                        "check with `mtgpt info DATA_DIR --verify` and prepare it again")
+class Split:
+    """Random access to the samples of one split of a local data folder, by index in the order
+    `prepare` wrote them. Shards are checked against the manifest (size, sample count) when
+    indexed; token ids are checked when read."""
 
-
-class ConsumerStream:
-    """The endless sample stream of consumer k of N (see the module docstring)."""
-
-    def __init__(self, data_dir: str | Path, manifest: dict[str, Any], seed: int, k: int, n: int,
-                 vocab_size: int = 50257):
-        self.data_dir = Path(data_dir)
-        self.shards = manifest["splits"]["train"]["shards"]
-        self.sample_tokens = manifest["sample_tokens"]
+    def __init__(self, data_dir: str | Path, manifest: dict[str, Any], split: str, vocab_size: int = 50257):
+        self.paths = [Path(data_dir) / s["file"] for s in manifest["splits"][split]["shards"]]
+        self.sample_bytes = 2 * manifest["sample_tokens"]
         self.vocab_size = vocab_size
-        self.seed, self.k, self.n = seed, k, n
-        total = sum(s["samples"] for s in self.shards)
-        if len(self.shards) < n and total < n:
-            raise DataError(f"{data_dir} has {total} training samples, fewer than the {n} data readers "
-                            "(ranks x max(1, num_workers)); use fewer ranks or workers, a smaller "
-                            "--block-size, or more text")
+        shard_of, offsets, counts = [], [], []
+        for k, (path, shard) in enumerate(zip(self.paths, manifest["splits"][split]["shards"])):
+            records = _index_shard(path, shard, self.sample_bytes)
+            shard_of += [k] * len(records)
+            offsets += [offset for offset, _ in records]
+            counts += [n for _, n in records]
+        self.record_shard = np.array(shard_of, dtype=np.int64)
+        self.record_offset = np.array(offsets, dtype=np.int64)
+        self.record_first = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])  # first sample of each
+        self._maps: list[mmap.mmap | None] = [None] * len(self.paths)  # opened on first use, per process
 
-    def _epoch_shards(self, epoch: int) -> list[dict[str, Any]]:
-        order = list(self.shards)
-        random.Random(f"shards-{self.seed}-{epoch}").shuffle(order)
-        return order[self.k::self.n] if len(order) >= self.n else order
+    def __len__(self) -> int:
+        return int(self.record_first[-1])
 
-    def epoch_length(self, epoch: int) -> int:
-        """Samples this consumer reads in `epoch` (known from the manifest, nothing read)."""
-        if len(self.shards) >= self.n:
-            return sum(s["samples"] for s in self._epoch_shards(epoch))
-        total = sum(s["samples"] for s in self.shards)
-        return (total - self.k + self.n - 1) // self.n
+    def __getstate__(self) -> dict[str, Any]:  # to DataLoader workers: indexes, not open maps
+        return {**self.__dict__, "_maps": [None] * len(self.paths)}
 
-    def _epoch_samples(self, epoch: int) -> Iterator[np.ndarray]:
-        strided = len(self.shards) < self.n
-        index = 0
-        for shard in self._epoch_shards(epoch):
-            for record in _records(self.data_dir / shard["file"], self.sample_tokens,
-                                   self.vocab_size, shard["samples"]):
-                if strided:  # keep global sample indices i with i % n == k
-                    first = (self.k - index) % self.n
-                    yield from record[first::self.n]
-                else:
-                    yield from record
-                index += len(record)
+    def read(self, indices: np.ndarray) -> np.ndarray:
+        """Samples `indices` as a (len(indices), sample_tokens) uint16 array."""
+        record = np.searchsorted(self.record_first, indices, side="right") - 1
+        start = self.record_offset[record] + (indices - self.record_first[record]) * self.sample_bytes
+        out = np.empty((len(indices), self.sample_bytes // 2), dtype="<u2")
+        for row, (k, at) in enumerate(zip(self.record_shard[record].tolist(), start.tolist())):
+            out[row] = np.frombuffer(self._map(k), dtype="<u2", count=self.sample_bytes // 2, offset=at)
+        if len(out) and out.max() >= self.vocab_size:
+            bad = self.paths[self.record_shard[record][np.argmax(out.max(1) >= self.vocab_size)]]
+            raise DataError(f"shard {bad} holds token ids >= the vocab size {self.vocab_size}; {VERIFY_HINT}")
+        return out
 
-    def samples(self, skip: int = 0) -> Iterator[np.ndarray]:
-        """Endless: epoch after epoch, each shuffled in a buffer; the first `skip` samples dropped."""
-        epoch = 0
-        while skip >= self.epoch_length(epoch) > 0:  # whole epochs: skipped by arithmetic
-            skip -= self.epoch_length(epoch)
-            epoch += 1
-        while True:
-            rng = random.Random(f"samples-{self.seed}-{epoch}-{self.k}")
-            stream = wds.shuffle(SHUFFLE_BUFFER, initial=SHUFFLE_BUFFER, rng=rng)(self._epoch_samples(epoch))
-            yield from itertools.islice(stream, skip, None)
-            skip = 0
-            epoch += 1
+    def _map(self, k: int) -> mmap.mmap:
+        if self._maps[k] is None:
+            with self.paths[k].open("rb") as f:
+                self._maps[k] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return self._maps[k]
+
+
+def _index_shard(path: Path, shard: dict[str, Any], sample_bytes: int) -> list[tuple[int, int]]:
+    """(byte offset, samples) of each record of one shard, from its tar headers."""
+    size = path.stat().st_size if path.is_file() else None
+    if size != shard["bytes"]:
+        raise DataError(f"shard {path} is truncated or replaced: {size} bytes, the manifest says "
+                        f"{shard['bytes']}; {VERIFY_HINT}")
+    try:
+        with tarfile.open(path) as tar:
+            members = tar.getmembers()
+    except (tarfile.TarError, OSError) as e:
+        raise DataError(f"shard {path} is corrupt ({e}); {VERIFY_HINT}") from e
+    records = []
+    for m in members:
+        if not m.name.endswith(".tokens.u16") or m.size % sample_bytes or m.offset_data + m.size > size:
+            raise DataError(f"shard {path}: member {m.name} is not a record of {sample_bytes // 2}-token "
+                            f"samples; {VERIFY_HINT}")
+        records.append((m.offset_data, m.size // sample_bytes))
+    if sum(n for _, n in records) != shard["samples"]:
+        raise DataError(f"shard {path} holds {sum(n for _, n in records)} samples, the manifest says "
+                        f"{shard['samples']}; {VERIFY_HINT}")
+    return records
+
+
+class Order:
+    """Global position -> train sample index: epoch after epoch, each a fresh permutation."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+        self._epoch, self._perm = -1, np.zeros(0, dtype=np.int64)
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            self._epoch, self._perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        return self._perm
+
+    def __getitem__(self, positions: np.ndarray) -> np.ndarray:
+        epochs = positions // self.n
+        out = np.empty_like(positions)
+        for e in np.unique(epochs).tolist():  # a batch spans at most two epochs
+            here = epochs == e
+            out[here] = self.permutation(e)[positions[here] % self.n]
+        return out
+
+
+def rank_positions(start: int, j: int, micro_batch: int, rank: int, world: int) -> np.ndarray:
+    """The global positions of micro-batch j of `rank` (see the module docstring)."""
+    first = start + j * micro_batch * world + rank * micro_batch
+    return np.arange(first, first + micro_batch, dtype=np.int64)
 
 
 class _RankDataset(IterableDataset):
     """What each DataLoader worker (or the main process, with 0 workers) iterates: batches."""
 
-    def __init__(self, data_dir, manifest, micro_batch, rank, world, seed, num_workers, start, vocab_size):
-        self.args = (data_dir, manifest, seed)
-        self.micro_batch, self.rank, self.world = micro_batch, rank, world
-        self.workers, self.start, self.vocab_size = max(1, num_workers), start, vocab_size
+    def __init__(self, split: Split, micro_batch: int, rank: int, world: int, seed: int, workers: int,
+                 start: int):
+        self.split, self.micro_batch, self.rank, self.world = split, micro_batch, rank, world
+        self.seed, self.workers, self.start = seed, max(1, workers), start
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         info = get_worker_info()
-        w = 0 if info is None else info.id
-        # The DataLoader takes batches round-robin from its workers, starting with worker 0. Batch
-        # j of the whole stream belongs to reader j % W, so after `start` batches worker w plays
-        # reader (w + start) % W, which has already produced ceil((start - reader) / W) batches.
-        reader = (w + self.start) % self.workers
-        done = max(0, -(-(self.start - reader) // self.workers))
-        data_dir, manifest, seed = self.args
-        stream = ConsumerStream(data_dir, manifest, seed, self.rank * self.workers + reader,
-                                self.world * self.workers, self.vocab_size)
-        samples = stream.samples(skip=done * self.micro_batch)
+        order = Order(len(self.split), self.seed)
+        j = 0 if info is None else info.id
         while True:
-            batch = np.stack(list(itertools.islice(samples, self.micro_batch)))  # (B, T+1) uint16
-            yield torch.from_numpy(batch.astype(np.int64))
+            positions = rank_positions(self.start, j, self.micro_batch, self.rank, self.world)
+            yield torch.from_numpy(self.split.read(order[positions]).astype(np.int64))  # (B, T + 1)
+            j += self.workers
 
 
 class TrainBatches:
-    """(x, y) batches for one rank, each (micro_batch, block_size) int64, endless.
+    """(x, y) batches for one rank from the train `Split`, each (micro_batch, block_size) int64,
+    endless. `start` is the global position to begin at (samples the run has trained on, all
+    ranks together).
 
-    `state_dict()` is what a checkpoint needs to continue the stream exactly."""
+    `state_dict()` is what a checkpoint needs to continue the order, on any number of ranks."""
 
-    def __init__(self, data_dir: str | Path, manifest: dict[str, Any], micro_batch: int, rank: int,
-                 world: int, seed: int, num_workers: int = 0, start: int = 0,
-                 device: torch.device | str = "cpu", vocab_size: int = 50257):
-        self.micro_batch, self.world, self.seed, self.num_workers = micro_batch, world, seed, num_workers
-        self.consumed = start
+    def __init__(self, split: Split, micro_batch: int, rank: int, world: int, seed: int,
+                 num_workers: int = 0, start: int = 0, device: torch.device | str = "cpu"):
+        self.micro_batch, self.world, self.seed, self.start = micro_batch, world, seed, start
+        self.consumed = 0  # micro-batches this rank has taken
         self.device = torch.device(device)
-        dataset = _RankDataset(data_dir, manifest, micro_batch, rank, world, seed, num_workers, start,
-                               vocab_size)
+        self.train_samples = len(split)
+        dataset = _RankDataset(split, micro_batch, rank, world, seed, num_workers, start)
         self.loader = DataLoader(dataset, batch_size=None, num_workers=num_workers,
                                  pin_memory=self.device.type == "cuda",
                                  prefetch_factor=4 if num_workers else None)
@@ -169,18 +176,23 @@ class TrainBatches:
         self.consumed += 1
         return batch[:, :-1], batch[:, 1:]  # inputs, targets shifted by one
 
+    @property
+    def position(self) -> int:
+        """The global position after the micro-batches every rank has taken so far (ranks take
+        them in step, so this is the same on every rank)."""
+        return self.start + self.consumed * self.micro_batch * self.world
+
     def state_dict(self) -> dict[str, int]:
-        return {"batches": self.consumed, "world": self.world, "num_workers": self.num_workers,
-                "micro_batch": self.micro_batch, "seed": self.seed}
+        return {"samples": self.position, "seed": self.seed, "train_samples": self.train_samples}
 
 
-def resume_position(state: dict[str, int], world: int, num_workers: int, micro_batch: int,
-                    seed: int) -> int | None:
-    """Batches to skip to continue a saved stream (`TrainBatches.state_dict()`), or None when
-    the stream now has another shape (then the data order starts over, a new shuffle)."""
-    same = (state["world"], state["num_workers"], state["micro_batch"], state["seed"]) == \
-        (world, num_workers, micro_batch, seed)
-    return state["batches"] if same else None
+def resume_position(state: dict[str, Any], seed: int, train_samples: int) -> int | None:
+    """The global position to continue a saved order (`TrainBatches.state_dict()`), or None when
+    it cannot continue: another seed, another train split, or a checkpoint from before the global
+    order (then the data order starts over, a new shuffle)."""
+    if "samples" not in state or (state["seed"], state["train_samples"]) != (seed, train_samples):
+        return None
+    return state["samples"]
 
 
 def load_val(data_dir: str | Path, manifest: dict[str, Any], n_samples: int, rank: int, world: int,
@@ -191,7 +203,6 @@ def load_val(data_dir: str | Path, manifest: dict[str, Any], n_samples: int, ran
     evaluation. Every rank gets the same number of samples (ZeRO-3 needs the same number of
     forward passes on every rank): n is rounded down to a multiple of world, and with fewer
     samples than ranks each rank evaluates them all."""
-    data_dir = Path(data_dir)
     total = manifest["splits"]["val"]["samples"]
     n = min(n_samples, total)
     if n >= world:
@@ -199,19 +210,6 @@ def load_val(data_dir: str | Path, manifest: dict[str, Any], n_samples: int, ran
     if n == 0:
         return torch.zeros(0, manifest["sample_tokens"], dtype=torch.int64)
     wanted = ((np.arange(n) + 0.5) * total / n).astype(np.int64)  # evenly spaced, distinct
-    rows: list[np.ndarray] = []
-    seen = 0
-    for shard in manifest["splits"]["val"]["shards"]:
-        for record in _records(data_dir / shard["file"], manifest["sample_tokens"], vocab_size,
-                               shard["samples"]):
-            lo, hi = np.searchsorted(wanted, [seen, seen + len(record)])
-            rows.append(record[wanted[lo:hi] - seen])
-            seen += len(record)
-            if seen > wanted[-1]:
-                break
-        if seen > wanted[-1]:
-            break
-    val = np.concatenate(rows)
-    if len(val) >= world:
-        val = val[rank::world]
-    return torch.from_numpy(val.astype(np.int64))
+    if n >= world:
+        wanted = wanted[rank::world]
+    return torch.from_numpy(Split(data_dir, manifest, "val", vocab_size).read(wanted).astype(np.int64))

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from mtgpt.data import remote
 from mtgpt.data.sources import DataError
 
 FORMAT = "mtgpt-shards/1"
@@ -28,7 +29,10 @@ def sha256_file(path: Path, bufsize: int = 1 << 20) -> str:
 
 
 def load_manifest(data_dir: str | Path) -> dict[str, Any]:
-    """Read and sanity-check a data folder's manifest; DataError says what to run if it is not one."""
+    """Read and sanity-check a data folder's manifest; DataError says what to run if it is not one.
+    `data_dir` may be a URL (mtgpt.data.remote): its manifest is fetched and checked alike."""
+    if remote.is_url(data_dir):
+        return _checked(remote.read_manifest(str(data_dir))[0], str(data_dir))
     data_dir = Path(data_dir)
     path = data_dir / MANIFEST
     if not data_dir.is_dir():
@@ -37,17 +41,21 @@ def load_manifest(data_dir: str | Path) -> dict[str, Any]:
         raise DataError(f"{data_dir} is not a prepared data folder (no {MANIFEST}); "
                         f"create it with `mtgpt prepare TEXT... --out {data_dir}`")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = _checked(json.loads(path.read_text()), path)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON ({e}); prepare the data again") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise DataError(f"{path}: not an mtgpt manifest of format {FORMAT}; prepare the data again "
-                        "with this version of mtgpt")
     for split in ("train", "val"):
         for shard in manifest["splits"][split]["shards"]:
             if not (data_dir / shard["file"]).is_file():
                 raise DataError(f"{data_dir / shard['file']}: shard listed in {MANIFEST} is missing; "
                                 "prepare the data again")
+    return manifest
+
+
+def _checked(manifest: Any, where: str | Path) -> dict[str, Any]:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise DataError(f"{where}: not an mtgpt manifest of format {FORMAT}; prepare the data again "
+                        "with this version of mtgpt")
     return manifest
 
 
