@@ -32,7 +32,7 @@ class Handler(SimpleHTTPRequestHandler):
             self.send_error(503, "busy")
             return
         if name == server.cut:  # the server stops in the middle of this file
-            data = (Path(self.directory) / name).read_bytes()
+            data = (Path(self.directory) / self.path.lstrip("/")).read_bytes()
             self.send_response(200)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()

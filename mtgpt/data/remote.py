@@ -145,22 +145,24 @@ def local_copy(data: str, cache: str | Path | None, rank: int | None = None, pro
                 bar.update(shard["bytes"])
                 continue
             tmp = folder / f".{shard['file']}.part-{os.getpid()}"
-            with open(tmp, "wb") as f:
-                def write(block: bytes) -> None:
-                    f.write(block)
-                    bar.update(len(block))
+            try:
+                with open(tmp, "wb") as f:
+                    def write(block: bytes) -> None:
+                        f.write(block)
+                        bar.update(len(block))
 
-                def restart() -> None:
-                    bar.update(-f.tell())
-                    f.seek(0)
-                    f.truncate()
+                    def restart() -> None:
+                        bar.update(-f.tell())
+                        f.seek(0)
+                        f.truncate()
 
-                _fetch(file_url(data, shard["file"]), write, restart, shard["bytes"], rank)
-            if sha256_file(tmp) != shard["sha256"]:
-                tmp.unlink()
-                raise DataError(f"rank {rank}: {file_url(data, shard['file'])} differs from its manifest "
-                                "(sha256); upload the data folder again")
-            tmp.replace(dest)
+                    _fetch(file_url(data, shard["file"]), write, restart, shard["bytes"], rank)
+                if sha256_file(tmp) != shard["sha256"]:
+                    raise DataError(f"rank {rank}: {file_url(data, shard['file'])} differs from its manifest "
+                                    "(sha256); upload the data folder again")
+                tmp.replace(dest)
+            finally:
+                tmp.unlink(missing_ok=True)  # a failed or interrupted fetch leaves nothing half-written
     bar.close()
     tmp_manifest = folder / f".{MANIFEST}.{os.getpid()}"
     tmp_manifest.write_bytes(raw)
