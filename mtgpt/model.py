@@ -198,3 +198,17 @@ class GPT(nn.Module):
         if weight_decay is not None:
             decay_group["weight_decay"] = weight_decay
         return [decay_group, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def param_count(config: ModelConfig, non_embedding: bool = False) -> int:
+    """`GPT(config).num_params(non_embedding)` without allocating anything (built on the meta
+    device), and right whatever has become of a live model's tensors (ZeRO-3 partitions them)."""
+    with torch.device("meta"):
+        return GPT(config).num_params(non_embedding)
+
+
+def flops_per_token(config: ModelConfig) -> int:
+    """Training FLOPs per token, forward + backward: 6 N + 12 L C T (PaLM, Chowdhery et al. 2022,
+    appendix B): N parameters without the position embedding (so the tied output layer counts),
+    L layers, C width, T context (attention included)."""
+    return 6 * param_count(config, non_embedding=True) + 12 * config.n_layer * config.n_embd * config.block_size

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -125,32 +126,53 @@ def plot_losses(history: list[dict[str, Any]], path: Path) -> None:
     tmp.replace(path)
 
 
-# Dense bf16/fp16 tensor-core peaks (FLOP/s) for MFU; MTGPT_PEAK_FLOPS overrides (e.g. on CPU).
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
-              "L4": 121e12, "V100": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
+# Dense (no sparsity) peak FLOP/s per GPU, from NVIDIA's datasheets, per precision: "bf16" (bf16 or
+# fp16 tensor cores, fp32 accumulate), "tf32" (fp32 matmuls on tensor cores) and "fp32" (CUDA
+# cores). Matched against torch.cuda.get_device_name() by whole-word patterns, most specific first,
+# so "L4" never matches "L40" and the H100's SXM, PCIe and NVL versions are told apart. An unknown
+# GPU gets no MFU; MTGPT_PEAK_FLOPS overrides the table (e.g. on CPU).
+PEAK_FLOPS: list[tuple[str, dict[str, float]]] = [
+    (r"\bH100\b.*\bNVL\b", {"bf16": 835e12, "tf32": 418e12, "fp32": 60e12}),
+    (r"\bH100\b.*\bPCIe\b", {"bf16": 756e12, "tf32": 378e12, "fp32": 51e12}),
+    (r"\bH100\b", {"bf16": 989e12, "tf32": 495e12, "fp32": 67e12}),  # SXM ("H100 80GB HBM3")
+    (r"\bH200\b.*\bNVL\b", {"bf16": 835e12, "tf32": 418e12, "fp32": 60e12}),
+    (r"\bH200\b", {"bf16": 989e12, "tf32": 495e12, "fp32": 67e12}),
+    (r"\bA100\b", {"bf16": 312e12, "tf32": 156e12, "fp32": 19.5e12}),
+    (r"\bL40S\b", {"bf16": 362e12, "tf32": 183e12, "fp32": 91.6e12}),
+    (r"\bL40\b", {"bf16": 181e12, "tf32": 90.5e12, "fp32": 90.5e12}),
+    (r"\bL4\b", {"bf16": 121e12, "tf32": 60e12, "fp32": 30.3e12}),
+    (r"\bA10\b", {"bf16": 125e12, "tf32": 62.5e12, "fp32": 31.2e12}),
+    (r"\bV100\b", {"bf16": 125e12, "tf32": 15.7e12, "fp32": 15.7e12}),  # fp16 only; no TF32
+    (r"\bRTX 4090\b", {"bf16": 165e12, "tf32": 82.6e12, "fp32": 82.6e12}),
+    (r"\bRTX 3090\b", {"bf16": 71e12, "tf32": 35.6e12, "fp32": 35.6e12}),
+]
 
 
-def peak_flops(device: torch.device) -> float | None:
+def peak_flops(device: torch.device, precision: str = "bf16") -> float | None:
+    """The device's peak FLOP/s for a run in `precision` ("bf16", "fp16" or "fp32"; fp32 counts
+    tensor-core TF32 when PyTorch allows it for matmuls), or None when unknown."""
     if os.environ.get("MTGPT_PEAK_FLOPS"):
         return float(os.environ["MTGPT_PEAK_FLOPS"])
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    return peak_for_name(torch.cuda.get_device_name(device), precision,
+                         tf32=torch.backends.cuda.matmul.allow_tf32)
+
+
+def peak_for_name(name: str, precision: str, tf32: bool) -> float | None:
+    key = "bf16" if precision in ("bf16", "fp16") else "tf32" if tf32 else "fp32"
+    return next((peaks[key] for pattern, peaks in PEAK_FLOPS if re.search(pattern, name)), None)
 
 
 class Throughput:
     """perf/ scalars over the steps since the last call: tokens/s, MFU, GPU memory.
 
-    MFU = achieved FLOP/s / (peak FLOP/s x ranks), with FLOPs per token = 6 N + 12 L C T (PaLM,
-    Chowdhery et al. 2022, appendix B): N parameters without the position embedding (so the tied
-    output layer counts), L layers, C width, T context; forward + backward, attention included."""
+    MFU = achieved FLOP/s / (peak FLOP/s in the run's precision x ranks)."""
 
-    def __init__(self, model, device: torch.device, world_size: int):
-        c = model.config
-        self.flops_per_token = 6 * model.num_params(non_embedding=True) + 12 * c.n_layer * c.n_embd * c.block_size
+    def __init__(self, flops_per_token: int, device: torch.device, world_size: int, precision: str = "bf16"):
+        self.flops_per_token = flops_per_token  # model.flops_per_token(config)
         self.device, self.world_size = device, world_size
-        self.peak = peak_flops(device)
+        self.peak = peak_flops(device, precision)
         self.reset()
 
     def reset(self) -> None:

@@ -26,7 +26,7 @@ from mtgpt import __version__, checkpoint, ds_config, monitor, rundir, tokenizer
 from mtgpt.config import ConfigError, TrainConfig
 from mtgpt.data import check_compatible, load_manifest, remote
 from mtgpt.data.loader import Split, TrainBatches, load_val, resume_position
-from mtgpt.model import GPT
+from mtgpt.model import GPT, flops_per_token, param_count
 from mtgpt.sample import SampleConfig, generate
 from mtgpt.state import (RunningLoss, StopFlag, TrainState, agreed_stop, planned_stop, seed_all,
                          set_rng_state)
@@ -252,8 +252,8 @@ def fit(plan: Plan) -> dict[str, Any]:
     val = load_val(data_dir, plan.manifest, cfg.eval_samples, me.rank, me.world_size, cfg.model.vocab_size)
     log = monitor.Monitor(cfg.out, enabled=world.is_rank0(),
                           resume_step=state.step if plan.resume_from is not None else None)
-    perf = monitor.Throughput(model, me.device, me.world_size)
-    world.print0(banner(plan, model, state.step))
+    perf = monitor.Throughput(flops_per_token(cfg.model), me.device, me.world_size, ds_config.precision(plan.ds))
+    world.print0(banner(plan, state.step))
     bar = progress_bar(plan, state.step)
 
     began = time.time() - state.elapsed
@@ -301,11 +301,11 @@ def fit(plan: Plan) -> dict[str, Any]:
             "reason": reason}
 
 
-def banner(plan: Plan, model: GPT, step: int) -> str:
+def banner(plan: Plan, step: int) -> str:
     """What rank 0 prints before the first step."""
     cfg, ds = plan.cfg, plan.ds
     lines = [
-        f"mtgpt {__version__}: {model.num_params():,} parameters ({cfg.model.n_layer} layers, "
+        f"mtgpt {__version__}: {param_count(cfg.model):,} parameters ({cfg.model.n_layer} layers, "
         f"{cfg.model.n_head} heads, {cfg.model.n_embd} wide, context {cfg.model.block_size})",
         f"  {plan.world_size} rank(s) on {world.get().device.type}, {plan.ds_name}: ZeRO-"
         f"{ds.get('zero_optimization', {}).get('stage', 0)}, {ds_config.precision(ds)}",

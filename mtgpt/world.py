@@ -18,8 +18,11 @@ from dataclasses import dataclass
 import torch
 
 # A rank that dies leaves the others blocked in a collective; this bounds how long they wait
-# before raising (gloo honours it directly; NCCL through TORCH_NCCL_ASYNC_ERROR_HANDLING).
-COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=int(os.environ.get("MTGPT_COLLECTIVE_TIMEOUT", "120")))
+# before raising (gloo honours it directly; NCCL through TORCH_NCCL_ASYNC_ERROR_HANDLING). It must
+# outlast the longest legitimate wait: a first-step torch.compile on 8 ranks, a save to a slow
+# shared filesystem, a universal-checkpoint conversion. 30 minutes, DeepSpeed's own default; the
+# tests set 120 s.
+COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=int(os.environ.get("MTGPT_COLLECTIVE_TIMEOUT", "1800")))
 
 
 @dataclass(frozen=True)

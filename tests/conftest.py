@@ -10,6 +10,10 @@ from pathlib import Path
 
 import pytest
 
+# A rank that dies must not keep the others waiting 30 minutes (mtgpt.world) in a test; set here so
+# the subprocesses the tests start inherit it.
+os.environ.setdefault("MTGPT_COLLECTIVE_TIMEOUT", "120")
+
 DATA = Path(__file__).parent / "data"
 SONNETS = DATA / "sonnets.txt"
 # A tiny model: every test that trains uses it (the real default is 6 x 384, context 512).

@@ -43,6 +43,22 @@ def test_bundled_configs_parse(name):
     assert parsed.bfloat16_config.enabled == name.endswith("bf16")
     if name.endswith("fp16"):
         assert parsed.float16_config.loss_scale == 0  # dynamic loss scaling
+    assert parsed.timers_config.enabled is False  # no device sync per micro-step
+
+
+def test_throughput_timer_off_unless_the_json_asks():
+    """DeepSpeed's throughput timer synchronizes the device twice per micro-step: off in a JSON
+    of the user's that does not mention it, kept on where it asks for it."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    _, raw = ds_config.find("zero1_fp32")
+    mine = {k: v for k, v in raw.items() if k != "timers"}
+    parse = lambda ds: DeepSpeedConfig({k: v for k, v in ds.items() if k != "train_batch_size"})  # noqa: E731
+    filled = {k: v for k, v in ds_config.resolve(cfg(), raw, 1, 10).items() if k != "timers"}
+    assert parse(filled).timers_config.enabled is True  # DeepSpeed's own default
+    assert parse(ds_config.resolve(cfg(), mine, 1, 10)).timers_config.enabled is False
+    asked = {**mine, "timers": {"throughput": {"enabled": True, "synchronized": False}}}
+    assert parse(ds_config.resolve(cfg(), asked, 1, 10)).timers_config.enabled is True
 
 
 def test_fp16_refused_on_cpu():

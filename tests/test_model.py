@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mtgpt.config import ConfigError, ModelConfig
-from mtgpt.info import param_count
+from mtgpt.model import param_count
 from mtgpt.model import GPT, KVCache
 from tests.conftest import TINY
 

@@ -11,7 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from mtgpt import monitor
 from mtgpt.config import ModelConfig
-from mtgpt.model import GPT
+from mtgpt.model import GPT, flops_per_token
 from tests.conftest import TINY
 
 
@@ -70,8 +70,9 @@ def test_torn_last_line(tmp_path):
 
 def test_throughput_and_mfu(monkeypatch):
     monkeypatch.setenv("MTGPT_PEAK_FLOPS", "1e12")
-    model = GPT(ModelConfig(**TINY))
-    perf = monitor.Throughput(model, torch.device("cpu"), world_size=2)
+    config = ModelConfig(**TINY)
+    model = GPT(config)
+    perf = monitor.Throughput(flops_per_token(config), torch.device("cpu"), world_size=2)
     c = model.config
     assert perf.flops_per_token == 6 * model.num_params(non_embedding=True) + 12 * c.n_layer * c.n_embd * c.block_size
     perf.add(1000)
@@ -80,3 +81,25 @@ def test_throughput_and_mfu(monkeypatch):
     assert m["perf/mfu"] == pytest.approx(m["perf/tokens_per_s"] * perf.flops_per_token / 2e12)
     monkeypatch.delenv("MTGPT_PEAK_FLOPS")
     assert monitor.peak_flops(torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("name, precision, tf32, peak", [
+    ("NVIDIA H100 80GB HBM3", "bf16", False, 989e12),  # SXM
+    ("NVIDIA H100 PCIe", "bf16", False, 756e12),
+    ("NVIDIA H100 NVL", "fp16", False, 835e12),
+    ("NVIDIA H100 80GB HBM3", "fp32", True, 495e12),  # TF32 tensor cores
+    ("NVIDIA H100 80GB HBM3", "fp32", False, 67e12),  # plain fp32: not the bf16 peak
+    ("NVIDIA H200", "bf16", False, 989e12),
+    ("NVIDIA A100-SXM4-80GB", "bf16", False, 312e12),
+    ("NVIDIA A100 80GB PCIe", "fp32", True, 156e12),
+    ("NVIDIA L40S", "bf16", False, 362e12),
+    ("NVIDIA L40", "bf16", False, 181e12),  # not the L4's, not the L40S's
+    ("NVIDIA L4", "bf16", False, 121e12),
+    ("NVIDIA A10", "bf16", False, 125e12),
+    ("Tesla V100-SXM2-16GB", "fp16", False, 125e12),
+    ("NVIDIA GeForce RTX 4090", "bf16", False, 165e12),
+    ("NVIDIA A10G", "bf16", False, None),  # not in the table: no MFU rather than a wrong one
+    ("NVIDIA B200", "bf16", False, None),
+])
+def test_peak_flops_per_exact_product_and_precision(name, precision, tf32, peak):
+    assert monitor.peak_for_name(name, precision, tf32) == peak

@@ -281,3 +281,23 @@ def test_fit_without_a_val_split_in_process(tmp_path, world_of_one):
     assert summary["step"] == 3 and summary["val_loss"] != summary["val_loss"]  # nan: nothing evaluated
     assert not any("val/loss" in r for r in metrics(tmp_path / "run"))
     assert json.loads((tmp_path / "run" / "last_stop.json").read_text())["val_loss"] is None
+
+
+def test_zero3_reports_the_same_parameters_and_flops_as_zero1(tiny_data, tmp_path, world_of_one, capsys,
+                                                              monkeypatch):
+    """ZeRO-3 partitions the parameters at deepspeed.initialize; the banner and MFU count the
+    model's shape, not what is left on the rank (it used to print 0 parameters)."""
+    from mtgpt.model import flops_per_token, param_count
+
+    monkeypatch.setenv("MTGPT_PEAK_FLOPS", "1e12")
+    seen = {}
+    for stage in (1, 3):
+        cfg = TrainConfig(data=str(tiny_data), out=str(tmp_path / f"z{stage}"), model=dict(TINY), micro_batch=2,
+                          log_every=1, eval_every=100, max_steps=2, ds_config=f"zero{stage}_fp32")
+        _fit(cfg)
+        banner = next(line for line in capsys.readouterr().out.splitlines() if " parameters (" in line)
+        row = next(r for r in metrics(tmp_path / f"z{stage}") if "perf/mfu" in r)
+        seen[stage] = (banner.split(":")[1].split(" parameters")[0].strip(),
+                       round(row["perf/mfu"] * 1e12 / row["perf/tokens_per_s"]))
+    model = TrainConfig(data="", out="", model=dict(TINY)).model
+    assert seen[1] == seen[3] == (f"{param_count(model):,}", flops_per_token(model))

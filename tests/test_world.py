@@ -47,3 +47,15 @@ def test_free_port_is_free():
     port = world.free_port()
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))
+
+
+def test_collective_timeout_is_long_by_default_and_short_in_tests():
+    """30 minutes for real runs (a first-step compile on 8 ranks must not abort them); the test
+    suite sets 120 s for the processes it starts."""
+    import subprocess
+    import sys
+
+    code = "import mtgpt.world as w; print(w.COLLECTIVE_TIMEOUT.total_seconds())"
+    env = {k: v for k, v in os.environ.items() if k != "MTGPT_COLLECTIVE_TIMEOUT"}
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout.strip() == "1800.0"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "120.0"
