@@ -200,18 +200,24 @@ def mark_complete(run_dir: str | Path, tag: str, info: dict[str, Any], keep_last
 
 
 def gather_weights(module: torch.nn.Module, zero_stage: int, rank: int) -> dict[str, torch.Tensor] | None:
-    """Full fp32 weights on rank 0 (None elsewhere). Under ZeRO-3 every rank must call this: the
-    partitioned parameters are gathered with a collective."""
+    """Full fp32 weights on rank 0 (None elsewhere): the optimizer's fp32 master copy where there
+    is one (bf16/fp16 under ZeRO 1-3: DeepSpeed's `safe_get_full_fp32_param`, what its own
+    zero-to-fp32 reader gets), else the parameters. Every rank must call this: the master copy
+    and ZeRO-3's partitioned parameters are gathered with collectives."""
+    from mtgpt.world import import_deepspeed
+
+    deepspeed = import_deepspeed()
     params = dict(module.named_parameters())  # the tied matrix appears once
+    masters = {k: deepspeed.utils.safe_get_full_fp32_param(p) for k, p in params.items()}
+    if all(m is not None for m in masters.values()):
+        return {k: m.detach().float().cpu().clone() for k, m in masters.items()} if rank == 0 else None
 
     def copy() -> dict[str, torch.Tensor] | None:
         return {k: v.detach().float().cpu().clone() for k, v in params.items()} if rank == 0 else None
 
     if zero_stage != 3:
         return copy()
-    from mtgpt.world import import_deepspeed
-
-    with import_deepspeed().zero.GatheredParameters(list(params.values()), modifier_rank=None):
+    with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
         return copy()
 
 

@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mtgpt import checkpoint
@@ -301,3 +302,21 @@ def test_zero3_reports_the_same_parameters_and_flops_as_zero1(tiny_data, tmp_pat
                        round(row["perf/mfu"] * 1e12 / row["perf/tokens_per_s"]))
     model = TrainConfig(data="", out="", model=dict(TINY)).model
     assert seen[1] == seen[3] == (f"{param_count(model):,}", flops_per_token(model))
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_bf16_runs_export_the_fp32_master_weights(tiny_data, tmp_path, world_of_one, stage):
+    """model.safetensors of a bf16 run holds DeepSpeed's fp32 master weights, bit for bit what its
+    own zero-to-fp32 reader gets from the checkpoint (not the bf16 working copy upcast)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    cfg = TrainConfig(data=str(tiny_data), out=str(run), model=dict(TINY), micro_batch=2, lr=3e-3, log_every=1,
+                      eval_every=100, max_steps=3, ds_config=f"zero{stage}_bf16")
+    _fit(cfg)
+    exported = load_file(run / "model.safetensors")
+    reference = get_fp32_state_dict_from_zero_checkpoint(str(run / "checkpoints"), tag="step_00000003")
+    assert set(exported) <= set(reference)
+    assert all(torch.equal(exported[k], reference[k].float()) for k in exported)
+    assert any((exported[k] != exported[k].bfloat16().float()).any() for k in exported)  # not bf16 values
