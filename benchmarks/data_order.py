@@ -7,7 +7,7 @@ tokens, the same text, scored on held-out text that neither trained on. Mean ove
 
 The text is cut at a line break into its first 95% (training) and last 5% (held out). mtgpt
 prepares the training part with its defaults (one shard, in reading order, --val-fraction 0) and
-trains with `mtgpt train`; the plain loop tokenizes the same part and trains mtgpt's GPT class
+trains with `mtgpt train` on one rank (the same batch as the plain loop's); the plain loop tokenizes the same part and trains mtgpt's GPT class
 with torch.optim.AdamW on random windows (the textbook baseline, e.g. nanoGPT's get_batch). Both
 are scored with `mtgpt eval`'s scorer (every held-out token, windows of the context length).
 """
@@ -76,7 +76,7 @@ def plain(train_text: str, cfg: ModelConfig, args, seed: int, out: Path) -> floa
 
 def mtgpt(data: Path, cfg: ModelConfig, args, seed: int, out: Path) -> float:
     began = time.time()
-    subprocess.run([sys.executable, "-m", "mtgpt", "train", "--data", str(data), "--out", str(out),
+    subprocess.run([sys.executable, "-m", "mtgpt", "train", "--data", str(data), "--out", str(out), "--nproc", "1",
                     "--n-layer", str(cfg.n_layer), "--n-head", str(cfg.n_head), "--n-embd", str(cfg.n_embd),
                     "--micro-batch", str(args.batch), "--lr", str(args.lr), "--max-steps", str(args.steps),
                     "--ds-config", f"zero1_{args.precision}", "--seed", str(seed), "--eval-every", "1000000",
