@@ -68,8 +68,8 @@ RESUME_HELP = ("auto (the checkpoint `latest` names in --out, or start fresh), n
 @dataclass
 class TrainConfig:
     data: str = option("", "Data folder written by `mtgpt prepare`, or its URL: http(s)://HOST/PATH, or "
-                       "pipe:COMMAND that writes the file named {shard} to stdout (e.g. 'pipe:aws s3 cp s3://b/data/{shard} -').",
-                       default_help="")
+                       "pipe:COMMAND that writes the file named {shard} to stdout "
+                       "(e.g. 'pipe:aws s3 cp s3://b/data/{shard} -').", default_help="")
     data_cache: str | None = option(None, "Where the shards of a --data URL are copied (fetched once, then read "
                                     "locally).", default_help="~/.cache/mtgpt/data")
     out: str = option("", "Run folder: checkpoints, model.safetensors, tb/, metrics.jsonl.", default_help="")
