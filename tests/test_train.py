@@ -143,7 +143,7 @@ def test_corrupt_shard_during_training(tiny_data, tmp_path):
     proc = run_mtgpt("train", "--data", data, "--out", tmp_path / "run", "--nproc", "2", *TRAIN,
                      "--max-steps", "50", check=False)
     assert proc.returncode != 0
-    assert "is corrupt or truncated" in proc.stderr and "train-00000" in proc.stderr
+    assert "is truncated or replaced" in proc.stderr and "train-00000" in proc.stderr
     assert "mtgpt info DATA_DIR --verify" in proc.stderr
 
 
