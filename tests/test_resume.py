@@ -53,16 +53,20 @@ def kill_group(proc: subprocess.Popen) -> None:
     time.sleep(0.5)  # the ranks are in the same group; give the kernel a moment to reap them
 
 
-@pytest.fixture(scope="module")
-def straight(tiny_data, tmp_path_factory) -> dict[int, Path]:
-    """20 uninterrupted steps on each ZeRO stage (fp32, 2 CPU ranks)."""
+def uninterrupted(data: Path, root: Path, nproc: int) -> dict[int, Path]:
+    """20 uninterrupted steps on each ZeRO stage (fp32) on `nproc` CPU ranks, global batch 4."""
     runs = {}
     for stage in range(4):
-        run = tmp_path_factory.mktemp("straight") / f"zero{stage}"
-        run_mtgpt("train", "--data", tiny_data, "--out", run, "--nproc", "2", "--ds-config", f"zero{stage}_fp32",
-                  *ARGS, "--max-steps", STEPS, "--save-every", 100)
-        runs[stage] = run
+        runs[stage] = root / f"zero{stage}"
+        run_mtgpt("train", "--data", data, "--out", runs[stage], "--nproc", nproc, "--ds-config", f"zero{stage}_fp32",
+                  *ARGS, "--micro-batch", 4 // nproc, "--max-steps", STEPS, "--save-every", 100)
     return runs
+
+
+@pytest.fixture(scope="module")
+def straight(tiny_data, tmp_path_factory) -> dict[int, Path]:
+    """2 ranks x micro-batch 2."""
+    return uninterrupted(tiny_data, tmp_path_factory.mktemp("straight"), 2)
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
@@ -115,13 +119,7 @@ def test_torn_save_is_never_resumed(tiny_data, tmp_path):
 @pytest.fixture(scope="module")
 def one_rank(tiny_data, tmp_path_factory) -> dict[int, Path]:
     """The same 20 steps on one rank: micro-batch 4 = the same global batch as 2 ranks x 2."""
-    runs = {}
-    for stage in range(4):
-        run = tmp_path_factory.mktemp("one_rank") / f"zero{stage}"
-        run_mtgpt("train", "--data", tiny_data, "--out", run, "--nproc", "1", "--ds-config", f"zero{stage}_fp32",
-                  *ARGS, "--micro-batch", "4", "--max-steps", STEPS, "--save-every", 100)
-        runs[stage] = run
-    return runs
+    return uninterrupted(tiny_data, tmp_path_factory.mktemp("one_rank"), 1)
 
 
 def close(a: dict[int, float], b: dict[int, float]) -> float:
