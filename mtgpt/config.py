@@ -2,8 +2,9 @@
 
 `ModelConfig` is the shape of the network (it is also written next to every saved model).
 `TrainConfig` is one training run: data, model, batch, schedule, stop conditions, checkpoints.
-Batch size lives here and only here: `micro_batch` (sequences per rank per forward pass) and
-`grad_accum` (forward passes per optimizer step). The DeepSpeed JSON is filled from them
+Batch size lives here and only here: `batch_size` (sequences per optimizer step, all ranks
+together), `micro_batch` (sequences per rank per forward pass) and `grad_accum` (forward passes
+per optimizer step), tied by `TrainConfig.for_world`. The DeepSpeed JSON is filled from them
 (see `mtgpt.ds_config`). Every training option is declared here once, with `option(...)`: the
 field, its help and its default are what `mtgpt train --help` shows and what
 train_config.json holds (the CLI is built from these fields).
@@ -77,8 +78,13 @@ class TrainConfig:
     ds_config: str | None = option(None, "DeepSpeed JSON: a path or a bundled name (zero0..3 x fp32/bf16/fp16, "
                                    "e.g. zero2_bf16).", default_help="zero1_bf16 on a GPU, zero1_fp32 on CPU",
                                    aliases=["--ds_config"])
+    batch_size: int | None = option(None, "Sequences per optimizer step, all ranks together. --grad-accum is "
+                                    "derived from it, so 1 or 8 GPUs, or a resume on another number of ranks, train "
+                                    "with the same batch, schedule and learning rate.",
+                                    default_help="micro-batch x grad-accum x ranks; a resumed run keeps its own")
     micro_batch: int = option(8, "Sequences per rank per forward pass.")
-    grad_accum: int = option(1, "Forward passes per optimizer step; batch = micro x accum x ranks.")
+    grad_accum: int = option(1, "Forward passes per optimizer step; batch = micro x accum x ranks.",
+                             default_help="1, or --batch-size / (micro-batch x ranks)")
     lr: float = option(6e-4, "Peak learning rate after warmup (benchmarks/lr_sweep.py; the seed had 5e-5).")
     min_lr_ratio: float = option(0.1, "The cosine ends at --lr x this.")
     warmup_steps: int | None = option(None, "Linear warmup steps from 0 to --lr.", default_help="5% of the schedule")
@@ -98,6 +104,8 @@ class TrainConfig:
     seed: int = option(1337, "Seed for init, data order, dropout.")
     num_workers: int = option(0, "DataLoader worker processes per rank (0: load in the training process).")
     compile: bool | None = option(None, "torch.compile the model.", default_help="on GPUs", flag="--compile/--no-compile")
+    tf32: bool = option(True, "On CUDA GPUs, fp32 matmuls use TF32 tensor cores (Ampere and newer; about "
+                        "8x faster, 10-bit mantissa inputs, fp32 accumulation).", flag="--tf32/--no-tf32")
     init_from: str | None = option(None, "Start from the weights of an mtgpt run (fine-tune it).")
     init_from_hf: str | None = option(None, "Start from a GPT-2-shaped Hugging Face folder.")
 
@@ -109,6 +117,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
+            raise ConfigError(f"batch_size must be a positive integer, got {self.batch_size!r}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"max_steps must be a positive integer, got {self.max_steps}")
         if not self.lr > 0:
@@ -134,6 +144,25 @@ class TrainConfig:
             raise ConfigError("give --init-from or --init-from-hf, not both")
         if self.min_delta < 0:
             raise ConfigError(f"min_delta must be >= 0, got {self.min_delta}")
+
+    def for_world(self, world_size: int) -> "TrainConfig":
+        """This run on `world_size` ranks, its batch settled: with --batch-size, --grad-accum is
+        derived from it (refused, with the nearest sizes that work, when it does not divide);
+        without, the batch is micro-batch x grad-accum x ranks and is recorded as --batch-size."""
+        per_pass = self.micro_batch * world_size
+        if self.batch_size is None:
+            return self.replace(batch_size=per_pass * self.grad_accum)
+        accum, left = divmod(self.batch_size, per_pass)
+        if left or not accum:
+            near = sorted({max(1, accum) * per_pass, (accum + 1) * per_pass})
+            raise ConfigError(f"--batch-size {self.batch_size} is not a multiple of micro-batch {self.micro_batch} "
+                              f"x {world_size} rank(s) = {per_pass}: use --batch-size "
+                              f"{' or '.join(map(str, near))}, or a --micro-batch that divides it")
+        if self.grad_accum not in (1, accum):
+            raise ConfigError(f"--grad-accum {self.grad_accum} disagrees with --batch-size {self.batch_size} = "
+                              f"micro-batch {self.micro_batch} x {world_size} rank(s) x {accum}: leave out "
+                              "--grad-accum, it is derived from --batch-size")
+        return self.replace(grad_accum=accum)
 
     def tokens_per_step(self, world_size: int) -> int:
         """Training tokens per optimizer step, all ranks together (the one batch-size formula)."""

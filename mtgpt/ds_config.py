@@ -15,6 +15,7 @@ before any process starts, with a message naming the number to change. Everythin
 
 One default differs from DeepSpeed's: its throughput timer (on unless a JSON says otherwise)
 synchronizes the device twice per micro-step, so it is off unless the JSON has a "timers" block.
+Top-level keys that start with "_" (e.g. "_comment") are notes for people and are dropped.
 """
 
 from __future__ import annotations
@@ -92,6 +93,10 @@ def _enabled(block: Any) -> bool:
     return isinstance(block, dict) and bool(block.get("enabled", False))
 
 
+def zero_stage(ds: dict[str, Any]) -> int:
+    return int((ds.get("zero_optimization") or {}).get("stage", 0))
+
+
 def precision(ds: dict[str, Any]) -> str:
     if _enabled(ds.get("bf16")) or _enabled(ds.get("bfloat16")):
         return "bf16"
@@ -117,7 +122,7 @@ def warmup_default(schedule_steps: int) -> int:
 def resolve(cfg: TrainConfig, ds: dict[str, Any], world_size: int, schedule_steps: int,
             name: str = "DeepSpeed config", cuda: bool = False) -> dict[str, Any]:
     """The DeepSpeed dict actually used: a copy of `ds` with mtgpt's values filled in and checked."""
-    ds = copy.deepcopy(ds)
+    ds = {k: v for k, v in copy.deepcopy(ds).items() if not k.startswith("_")}  # "_comment" etc.: notes
     unknown = sorted(set(ds) - _known_keys())
     if unknown:
         hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, DS_TOP_LEVEL_KEYS, 1))

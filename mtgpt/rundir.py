@@ -77,6 +77,19 @@ def resume_point(cfg: TrainConfig) -> Path | None:
     return found
 
 
+def saved_batch_size(found: Path) -> int | None:
+    """The global batch (sequences per step) of the run that saved checkpoint folder `found`;
+    None when its run folder does not say (then the batch follows the options)."""
+    out = found.parent.parent
+    try:
+        saved = load_json(out / TRAIN_CONFIG)
+        if saved.get("batch_size"):
+            return int(saved["batch_size"])
+        return int(saved["micro_batch"]) * int(saved["grad_accum"]) * int(load_json(out / RUN_INFO)["world_size"])
+    except (OSError, ValueError, KeyError, TypeError, ConfigError):
+        return None
+
+
 def git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"],

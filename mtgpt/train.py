@@ -89,12 +89,15 @@ def make_plan(cfg: TrainConfig, world_size: int, cuda: bool | None = None) -> Pl
     check_compatible(manifest, cfg.data, tokenizer.vocab_sha256(), cfg.model.vocab_size, cfg.model.block_size)
     ds_name = cfg.ds_config or ds_config.default_name(cuda, cuda and torch.cuda.is_bf16_supported())
     ds_name, raw = ds_config.find(ds_name)
+    resume_from = rundir.resume_point(cfg)
+    if cfg.batch_size is None and resume_from is not None:  # a resumed run keeps its batch
+        cfg = cfg.replace(batch_size=rundir.saved_batch_size(resume_from))
+    cfg = cfg.for_world(world_size)
     steps = schedule_steps(cfg, manifest, world_size)
     if cfg.patience is not None and manifest["splits"]["val"]["samples"] == 0:
         raise ConfigError(f"--patience needs a val split, and {cfg.data} has none (it was prepared with "
                           "--val-fraction 0); prepare it again with e.g. --val-fraction 0.01, or leave out "
                           "--patience")
-    resume_from = rundir.resume_point(cfg)
     universal = resume_from is not None and checkpoint.needs_universal(resume_from, world_size)
     if universal:  # optimizer state saved in shards of another world size
         raw = {**raw, "checkpoint": {**raw.get("checkpoint", {}), "load_universal": True}}
@@ -166,7 +169,13 @@ def evaluate(engine, val: torch.Tensor, micro_batch: int) -> float:
 
 def build_engine(plan: Plan, model: GPT):
     if plan.cfg.compile if plan.cfg.compile is not None else torch.cuda.is_available():
-        model.compile()  # in place: parameter names (and so checkpoints) stay the same
+        if ds_config.zero_stage(plan.ds) == 3:
+            # ZeRO-3 gathers each layer's parameters in hooks that torch.compile cannot trace:
+            # the graph breaks at every submodule and runs no faster (DeepSpeed #6719)
+            world.print0("note: torch.compile is off at ZeRO stage 3 (DeepSpeed's parameter hooks break "
+                         "the graph at every layer, so it would not run faster); stages 0-2 compile")
+        else:
+            model.compile()  # in place: parameter names (and so checkpoints) stay the same
     engine, _, _, _ = world.import_deepspeed().initialize(model=model, model_parameters=model.param_groups(),
                                                           config=plan.ds)
     return engine
@@ -227,10 +236,20 @@ def make_history(engine, plan: Plan, state: TrainState) -> None:
     world.barrier()
 
 
+def matmul_precision(tf32: bool, device: torch.device) -> str | None:
+    """torch's float32 matmul precision for a run on this device: on CUDA "high" (TF32) unless
+    --no-tf32, "highest" with it; None elsewhere (CPU matmuls are left as they are)."""
+    if device.type != "cuda":
+        return None
+    return "high" if tf32 else "highest"
+
+
 def fit(plan: Plan) -> dict[str, Any]:
     """Train as planned; returns a summary (rank 0's numbers)."""
     me = world.init()
     cfg = plan.cfg
+    if (precision := matmul_precision(cfg.tf32, me.device)) is not None:
+        torch.set_float32_matmul_precision(precision)
     flag = StopFlag()
     data_dir = (remote.local_copy(cfg.data, cfg.data_cache, me.rank, progress=world.is_rank0())
                 if remote.is_url(cfg.data) else Path(cfg.data))

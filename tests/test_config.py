@@ -39,3 +39,21 @@ def test_load_json_errors(tmp_path):
     (tmp_path / "list.json").write_text(json.dumps([1]))
     with pytest.raises(ConfigError, match="expected a JSON object"):
         load_json(tmp_path / "list.json")
+
+
+def test_batch_size_derives_grad_accum_for_any_number_of_ranks():
+    cfg = TrainConfig(data="d", out="o", batch_size=16, micro_batch=2)
+    assert [(cfg.for_world(n).grad_accum, cfg.for_world(n).batch_size) for n in (1, 2, 4, 8)] == \
+        [(8, 16), (4, 16), (2, 16), (1, 16)]
+    assert {cfg.for_world(n).tokens_per_step(n) for n in (1, 2, 4, 8)} == {16 * cfg.model.block_size}
+    # without --batch-size the batch is micro x accum x ranks, and is recorded
+    assert TrainConfig(data="d", out="o", micro_batch=2, grad_accum=3).for_world(2).batch_size == 12
+    with pytest.raises(ConfigError, match=r"--batch-size 20 is not a multiple of micro-batch 2 x 4 rank\(s\) = 8: "
+                                          r"use --batch-size 16 or 24"):
+        TrainConfig(data="d", out="o", batch_size=20, micro_batch=2).for_world(4)
+    with pytest.raises(ConfigError, match="use --batch-size 8, or a --micro-batch"):
+        TrainConfig(data="d", out="o", batch_size=4, micro_batch=4).for_world(2)
+    with pytest.raises(ConfigError, match="--grad-accum 3 disagrees with --batch-size 16"):
+        TrainConfig(data="d", out="o", batch_size=16, micro_batch=2, grad_accum=3).for_world(2)
+    with pytest.raises(ConfigError, match="batch_size must be a positive integer"):
+        TrainConfig(data="d", out="o", batch_size=0)

@@ -2,7 +2,7 @@
 install needs; the image builds with podman (image registries are unreachable here, so the base
 is a Debian bookworm with python3 built by mmdebstrap, and torch is this machine's CPU wheel), runs
 as a non-root user, prints `mtgpt --help`, and trains the tiny model on 2 CPU ranks on data
-mounted from the host.
+mounted from the host, with torch.compile, as a uid that has no account in the image.
 
 Needs root, podman and mmdebstrap (installed with apt-get if missing). Skipped where that is not
 possible, except under CI (CI=true), where it fails instead. The base image is kept in podman's
@@ -136,16 +136,22 @@ def test_image_is_non_root_and_prints_help(image):
     assert all(command in out for command in ("prepare", "train", "sample", "info"))
 
 
-def test_image_trains_on_two_cpu_ranks(image, tiny_data, tmp_path):
+def test_image_trains_on_two_cpu_ranks_with_compile(image, tiny_data, tmp_path):
     """As docker/README.md says to run it: data read-only, the run folder the user's, as that
-    user; and with no network (nothing is downloaded at run time)."""
-    runs = tmp_path / "runs"
-    runs.mkdir()
-    os.chown(runs, UID, UID)
+    user (a uid with no account in the image), with no network (nothing is downloaded at run
+    time), and with torch.compile, whose inductor kernels need the image's C++ compiler and a
+    cache folder the nameless user can write (here mounted, to see what was built)."""
+    runs, cache = tmp_path / "runs", tmp_path / "cache"
+    for folder in (runs, cache):
+        folder.mkdir()
+        os.chown(folder, UID, UID)
     proc = run(*podman_run("--network", "none", "--user", f"{UID}:{UID}", "-v", f"{tiny_data}:/data:ro",
-                           "-v", f"{runs}:/runs", image, "train", "--data", "/data", "--out", "/runs/tiny",
+                           "-v", f"{runs}:/runs", "-v", f"{cache}:/home/mtgpt/.cache", image,
+                           "train", "--data", "/data", "--out", "/runs/tiny", "--compile",
                            "--nproc", "2", *TINY_ARGS, "--micro-batch", "2", "--max-steps", "4", "--log-every", "1",
-                           "--eval-samples", "8", "--ds-config", "zero1_fp32"), timeout=600)
+                           "--eval-samples", "8", "--ds-config", "zero1_fp32"), timeout=900)
+    built = list((cache / "torchinductor").rglob("*.so"))
+    assert built, f"inductor compiled no kernels\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     run_dir = runs / "tiny"
     assert "stopped (max_steps) at step 4" in proc.stdout, proc.stdout + proc.stderr
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

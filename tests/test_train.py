@@ -320,3 +320,62 @@ def test_bf16_runs_export_the_fp32_master_weights(tiny_data, tmp_path, world_of_
     assert set(exported) <= set(reference)
     assert all(torch.equal(exported[k], reference[k].float()) for k in exported)
     assert any((exported[k] != exported[k].bfloat16().float()).any() for k in exported)  # not bf16 values
+
+
+@pytest.mark.slow
+def test_compile_through_deepspeed_at_every_stage(tiny_data, tmp_path, world_of_one, capsys):
+    """--compile through the real DeepSpeed engine: ZeRO 0-2 train a compiled model with no graph
+    break; at ZeRO-3, whose parameter hooks would break the graph at every layer, mtgpt trains
+    uncompiled and says so once."""
+    from torch._dynamo.utils import counters
+
+    for stage in range(4):
+        torch._dynamo.reset()
+        counters.clear()
+        cfg = TrainConfig(data=str(tiny_data), out=str(tmp_path / f"z{stage}"), model=dict(TINY), micro_batch=2,
+                          log_every=1, eval_every=100, max_steps=2, ds_config=f"zero{stage}_fp32", compile=True)
+        assert _fit(cfg)["step"] == 2
+        out = capsys.readouterr().out
+        graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+        if stage < 3:
+            assert (graphs >= 1, breaks, "torch.compile is off" in out) == (True, 0, False), dict(counters["graph_break"])
+        else:
+            assert (graphs, out.count("torch.compile is off at ZeRO stage 3")) == (0, 1)
+
+
+def test_tf32_for_fp32_matmuls_on_cuda_only():
+    from mtgpt.train import matmul_precision
+
+    assert matmul_precision(True, torch.device("cuda", 0)) == "high"
+    assert matmul_precision(False, torch.device("cuda", 0)) == "highest"
+    assert matmul_precision(True, torch.device("cpu")) is None
+    assert TrainConfig(data="", out="").tf32 and not TrainConfig(data="", out="", tf32=False).tf32
+
+
+def test_a_run_resumed_on_another_number_of_ranks_keeps_its_batch(tiny_data, tmp_path, world_of_one):
+    """A 1-rank run of batch 8 (micro 2 x accum 4), planned again on 2 and 4 ranks with the same
+    options: accum 2 and 1, the same tokens per step and schedule; unless --batch-size says otherwise."""
+    from mtgpt.train import make_plan
+
+    cfg = TrainConfig(data=str(tiny_data), out=str(tmp_path / "run"), model=dict(TINY), micro_batch=2, grad_accum=4,
+                      log_every=1, eval_every=100, max_steps=2, ds_config="zero0_fp32")
+    first = make_plan(cfg, world_size=1)
+    _fit(cfg)
+    assert json.loads((tmp_path / "run" / "train_config.json").read_text())["batch_size"] == 8
+    again = cfg.replace(grad_accum=1, resume="auto", max_steps=4)
+    plans = {n: make_plan(again, world_size=n) for n in (2, 4)}
+    assert [(p.cfg.grad_accum, p.tokens_per_step, p.schedule_steps) for p in plans.values()] == \
+        [(2, first.tokens_per_step, 4), (1, first.tokens_per_step, 4)]
+    assert make_plan(again.replace(batch_size=16), world_size=2).cfg.grad_accum == 4
+
+
+@pytest.mark.slow
+def test_one_and_two_ranks_with_the_same_batch_size_train_the_same_tokens(tiny_data, tmp_path):
+    logged = {}
+    for n in (1, 2):
+        run = tmp_path / f"n{n}"
+        run_mtgpt("train", "--data", tiny_data, "--out", run, "--nproc", n, *TINY_ARGS, "--batch-size", "8",
+                  "--micro-batch", "2", "--max-steps", "4", "--log-every", "1", "--eval-every", "100")
+        logged[n] = [(r["step"], r["train/tokens"]) for r in metrics(run) if "train/loss" in r]
+        assert json.loads((run / "ds_config.json").read_text())["gradient_accumulation_steps"] == 4 // n
+    assert logged[1] == logged[2] == [(s, s * 8 * TINY["block_size"]) for s in (1, 2, 3, 4)]
