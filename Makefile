@@ -2,6 +2,8 @@
 #   make demo       set up .venv, prepare Shakespeare, train a small GPT with DeepSpeed, sample from it
 #   make test       set up .venv, the quick loop: every module in process + one real 2-rank run (~3 min)
 #   make test-all   set up .venv, everything: multi-rank resume and signals, Slurm, container (CI)
+#   make gpu-check  on a GPU: throughput vs a plain loop, all 12 configs, compile, resume, sampling,
+#                   HF export; writes gpu_report.json and gpu_report.md (benchmarks/gpu_check.py)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -19,7 +21,7 @@ DEMO_NPROC ?=
 CHAT_DATA ?= data/chat
 CHAT_RUN ?= runs/chat
 
-.PHONY: venv demo chat-demo test test-all clean
+.PHONY: venv demo chat-demo test test-all gpu-check clean
 
 venv: $(STAMP)
 
@@ -56,6 +58,9 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+gpu-check: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

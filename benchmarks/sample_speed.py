@@ -11,9 +11,11 @@ greedy, --greedy); the time of each is the median of --repeat runs after one war
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -26,6 +28,8 @@ def main() -> None:
     p.add_argument("--greedy", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="weights of both (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--json", help="also write the numbers to this JSON file")
+    p.add_argument("--tiny", action="store_true", help="a tiny random model (a quick check, not a benchmark)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -41,7 +45,8 @@ def main() -> None:
         model = checkpoint.load_model(args.run)
     else:
         torch.manual_seed(0)
-        model = GPT(ModelConfig()).eval()
+        shape = dict(n_layer=2, n_head=2, n_embd=64, block_size=128) if args.tiny else {}
+        model = GPT(ModelConfig(**shape)).eval()
     with tempfile.TemporaryDirectory() as tmp:
         hf.export(dict(model.named_parameters()), model.config, tmp)
         theirs = AutoModelForCausalLM.from_pretrained(tmp).eval()
@@ -85,6 +90,11 @@ def main() -> None:
     print(f"  mtgpt sample (KV cache)      {a:8.1f} tokens/s")
     print(f"  Hugging Face generate()      {b:8.1f} tokens/s")
     print(f"  ratio                        {a / b:8.2f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "dtype": str(dtype),
+            "mode": mode, "new_tokens": args.new_tokens, "mtgpt_tokens_per_s": a, "hf_tokens_per_s": b,
+            "ratio": a / b}, indent=1))
 
 
 if __name__ == "__main__":

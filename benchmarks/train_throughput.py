@@ -19,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -114,6 +115,7 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3, help="alternating runs of each (medians are printed)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile both (default: on GPUs)")
+    p.add_argument("--json", help="also write the numbers to this JSON file")
     args = p.parse_args()
     if args.compile is None:
         args.compile = torch.cuda.is_available()
@@ -139,6 +141,14 @@ def main() -> None:
         name = "plain PyTorch loop" if mode == "plain" else f"mtgpt DeepSpeed (ZeRO-{args.zero})"
         print(f"  {name:28s} {rate[mode]:>12,.0f} tokens/s   {mem}")
     print(f"  ratio deepspeed / plain: {statistics.median(ratios):.3f} (pairs: {', '.join(f'{x:.2f}' for x in ratios)})")
+    if args.json:
+        memory = {mode: max((x["gpu_memory"] or x["peak_rss"]) for x in rs) for mode, rs in runs.items()}
+        Path(args.json).write_text(json.dumps({
+            "device": runs["plain"][0]["device"], "batch": args.batch, "precision": args.precision,
+            "zero": args.zero, "compile": args.compile, "tokens_per_s": rate, "memory_bytes": memory,
+            "memory_kind": "gpu" if runs["plain"][0]["gpu_memory"] else "rss", "ratio": statistics.median(ratios),
+            "model": {"n_layer": args.n_layer, "n_head": args.n_head, "n_embd": args.n_embd,
+                      "block_size": args.block_size, "vocab_size": args.vocab_size}}, indent=1))
 
 
 if __name__ == "__main__":

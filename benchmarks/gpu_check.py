@@ -1,0 +1,293 @@
+"""One command on a lent GPU: does mtgpt train, resume, sample and export there, and how fast?
+
+    make gpu-check                          # = python benchmarks/gpu_check.py (one GPU, ~10 minutes)
+    python benchmarks/gpu_check.py --tiny   # the same checks, tiny model, on CPU (the test suite runs it)
+
+Writes gpu_report.json and gpu_report.md (a Markdown table headed by the device's name) into
+--out, and prints the table. Each check runs on its own; one that fails is reported as failed
+(with its error) and the others still run; the exit status is 1 if any failed.
+
+  throughput  the seed model (6 x 384, context 512, batch 64, bf16) through mtgpt's DeepSpeed
+              path against the plain compiled PyTorch loop (benchmarks/train_throughput.py):
+              tokens/s, MFU, peak memory, ratio
+  configs     20 steps of each of the 12 bundled DeepSpeed configs on real shards (`mtgpt
+              prepare` of --text), loss going down (fp16 needs a GPU: not run on CPU)
+  compile     graph breaks of the compiled model through DeepSpeed at ZeRO 1 and 3
+  resume      SIGKILL after a save, `--resume auto`: the same losses as an uninterrupted run (fp32)
+  sampling    mtgpt's sampler against Hugging Face generate() on the exported model
+              (benchmarks/sample_speed.py), batch 1
+  hf_export   logits of the exported Hugging Face model against mtgpt's, on the device
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+TINY = {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64}
+SEED_MODEL = {"n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 512}
+CONFIGS = [f"zero{stage}_{precision}" for stage in range(4) for precision in ("fp32", "bf16", "fp16")]
+
+
+def model_args(shape: dict) -> list[str]:
+    return [f"--{k.replace('_', '-')}={v}" for k, v in shape.items()]
+
+
+def mtgpt(*args, timeout: float = 900) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "mtgpt", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"mtgpt {' '.join(map(str, args))} exited {proc.returncode}: {proc.stderr[-2000:]}")
+    return proc
+
+
+def losses(run: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+
+# --- the checks: each returns a dict of numbers with "ok" ------------------------------------
+
+def throughput(args, work: Path) -> dict:
+    shape = TINY if args.tiny else SEED_MODEL
+    out = work / "throughput.json"
+    cmd = [sys.executable, str(HERE / "train_throughput.py"), "--json", str(out), *model_args(shape),
+           "--batch", "4" if args.tiny else "64", "--precision", "fp32" if args.tiny else "bf16",
+           "--steps", "3" if args.tiny else "30", "--warmup", "1" if args.tiny else "10",
+           "--repeat", "1"]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=900)
+    r = json.loads(out.read_text())
+    import torch
+
+    from mtgpt import monitor
+    from mtgpt.config import ModelConfig
+    from mtgpt.model import flops_per_token
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    peak = monitor.peak_flops(device, r["precision"])
+    per_token = flops_per_token(ModelConfig(**shape))
+    mfu = {mode: rate * per_token / peak for mode, rate in r["tokens_per_s"].items()} if peak else None
+    goal = r["ratio"] >= 0.97 and ("H100" not in r["device"] or r["tokens_per_s"]["deepspeed"] >= 1.8e6)
+    return {"ok": r["ratio"] > 0, **r, "mfu": mfu, "meets_goal": None if args.tiny else goal,
+            "goal": "ratio >= 0.97; >= 1.8 M tokens/s on an H100"}
+
+
+def configs(args, work: Path, data: Path) -> dict:
+    out = work / "configs.json"
+    subprocess.run([sys.executable, __file__, "--child", "configs", "--data", str(data), "--child-out", str(out),
+                    *(["--tiny"] if args.tiny else [])], check=True, capture_output=True, text=True, timeout=1200)
+    found = json.loads(out.read_text())
+    ran = {k: v for k, v in found.items() if "first" in v}
+    return {"ok": bool(ran) and all(v["last"] < v["first"] for v in ran.values()), "runs": found}
+
+
+def compile_breaks(args, work: Path, data: Path) -> dict:
+    out = work / "compile.json"
+    subprocess.run([sys.executable, __file__, "--child", "compile", "--data", str(data), "--child-out", str(out),
+                    *(["--tiny"] if args.tiny else [])], check=True, capture_output=True, text=True, timeout=1200)
+    found = json.loads(out.read_text())
+    return {"ok": found["zero1"]["graph_breaks"] == 0 and found["zero1"]["graphs"] >= 1, **found}
+
+
+def resume(args, work: Path, data: Path) -> dict:
+    steps, save = (8, 4) if args.tiny else (40, 20)
+    common = ["--data", data, "--nproc", "1", "--ds-config", "zero1_fp32", *model_args(TINY if args.tiny else
+              {**SEED_MODEL, "block_size": 128}), "--micro-batch", "4", "--lr", "3e-3", "--log-every", "1",
+              "--eval-every", "1000", "--max-steps", steps, "--no-compile"]
+    mtgpt("train", *common, "--out", work / "straight", "--save-every", 1000)
+    run = work / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "mtgpt", "train", *map(str, common), "--out", str(run),
+                             "--save-every", str(save)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    marker = run / "checkpoints" / f"step_{save:08d}" / "COMPLETE"
+    while not marker.exists() and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = max(losses(run), default=0)
+    mtgpt("train", *common, "--out", run, "--save-every", save, "--resume", "auto")
+    want, got = losses(work / "straight"), losses(run)
+    return {"ok": killed_at < steps and got == want, "killed_at_step": killed_at, "steps": steps,
+            "max_abs_loss_difference": max(abs(want[s] - got.get(s, math.inf)) for s in want)}
+
+
+def sampling(args, work: Path) -> dict:
+    out = work / "sampling.json"
+    subprocess.run([sys.executable, str(HERE / "sample_speed.py"), "--json", str(out),
+                    *(["--tiny", "--new-tokens", "32", "--repeat", "1"] if args.tiny else ["--repeat", "3"])],
+                   check=True, capture_output=True, text=True, timeout=900)
+    r = json.loads(out.read_text())
+    return {"ok": r["mtgpt_tokens_per_s"] > 0, **r, "goal": "ratio >= 2 on a GPU"}
+
+
+def hf_export(args, work: Path) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from mtgpt import hf
+    from mtgpt.config import ModelConfig
+    from mtgpt.model import GPT
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**(TINY if args.tiny else SEED_MODEL))).eval()
+    hf.export(dict(model.named_parameters()), model.config, work / "hf")
+    theirs = AutoModelForCausalLM.from_pretrained(work / "hf").eval().to(device)
+    model = model.to(device)
+    ids = torch.randint(0, model.config.vocab_size, (2, model.config.block_size), device=device)
+    with torch.no_grad():
+        ours, hf_logits = model(ids)[0].float(), theirs(ids).logits.float()
+    diff = (ours - hf_logits).abs().max().item()
+    return {"ok": hf_logits.shape[-1] == model.config.vocab_size and diff < 1e-3, "max_abs_logit_difference": diff,
+            "vocab": hf_logits.shape[-1]}
+
+
+# --- children: in-process DeepSpeed runs, one process per check ------------------------------
+
+def child_configs(args) -> dict:
+    import torch
+
+    from mtgpt import world
+    from mtgpt.config import TrainConfig
+    from mtgpt.train import fit, make_plan
+
+    world.init()
+    cuda = torch.cuda.is_available()
+    steps = 6 if args.tiny else 20
+    found = {}
+    for name in CONFIGS:
+        if name.endswith("fp16") and not cuda:
+            found[name] = {"skipped": "fp16 needs a GPU (DeepSpeed has no CPU fp16)"}
+            continue
+        run = Path(args.child_out).parent / "configs" / name
+        cfg = TrainConfig(data=args.data, out=str(run), model=TINY if args.tiny else {**SEED_MODEL, "block_size": 128},
+                          micro_batch=4 if args.tiny else 16, lr=3e-3, log_every=1, eval_every=1000,
+                          max_steps=steps, ds_config=name, compile=False)
+        began = time.time()
+        fit(make_plan(cfg, world_size=1))
+        loss = losses(run)
+        found[name] = {"first": loss[1], "last": loss[steps], "seconds": round(time.time() - began, 1)}
+    return found
+
+
+def child_compile(args) -> dict:
+    import torch
+    from torch._dynamo.utils import counters
+
+    from mtgpt import world
+    from mtgpt.config import TrainConfig
+    from mtgpt.train import fit, make_plan
+
+    world.init()
+    found = {}
+    for stage in (1, 3):
+        torch._dynamo.reset()
+        counters.clear()
+        run = Path(args.child_out).parent / "compile" / f"zero{stage}"
+        cfg = TrainConfig(data=args.data, out=str(run), model=TINY if args.tiny else {**SEED_MODEL, "block_size": 128},
+                          micro_batch=4, log_every=1, eval_every=1000, max_steps=3, ds_config=f"zero{stage}_fp32",
+                          compile=True)
+        fit(make_plan(cfg, world_size=1))
+        found[f"zero{stage}"] = {"graphs": counters["stats"]["unique_graphs"],
+                                 "graph_breaks": sum(counters["graph_break"].values()),
+                                 "break_reasons": sorted(counters["graph_break"])[:5]}
+    return found
+
+
+# --- report -----------------------------------------------------------------------------------
+
+def summary(name: str, r: dict) -> str:
+    if "error" in r:
+        return r["error"].strip().splitlines()[-1][:160]
+    if name == "throughput":
+        t, m = r["tokens_per_s"], r.get("mfu") or {}
+        mfu = f", MFU {m['deepspeed']:.1%} vs {m['plain']:.1%}" if m else ""
+        mfu += {True: ", meets the goal", False: f", misses the goal ({r['goal']})"}.get(r["meets_goal"], "")
+        return (f"mtgpt {t['deepspeed']:,.0f} vs plain {t['plain']:,.0f} tokens/s, ratio {r['ratio']:.3f}{mfu}; "
+                f"peak {r['memory_kind']} {r['memory_bytes']['deepspeed'] / 2**30:.2f} GiB (batch {r['batch']}, "
+                f"{r['precision']}, compile {r['compile']})")
+    if name == "configs":
+        ran = {k: v for k, v in r["runs"].items() if "first" in v}
+        return "; ".join(f"{k} {v['first']:.2f}->{v['last']:.2f}" for k, v in ran.items()) + \
+            (f" ({len(r['runs']) - len(ran)} not run: fp16 needs a GPU)" if len(ran) < len(r["runs"]) else "")
+    if name == "compile":
+        return "; ".join(f"ZeRO-{k[-1]}: {v['graphs']} graph(s), {v['graph_breaks']} break(s)" if v["graphs"] else
+                         f"ZeRO-{k[-1]}: trained uncompiled (mtgpt does not compile at stage 3)"
+                         for k, v in r.items() if k.startswith("zero"))
+    if name == "resume":
+        return (f"killed after step {r['killed_at_step']} of {r['steps']}, resumed: max |loss difference| "
+                f"{r['max_abs_loss_difference']:.1e}")
+    if name == "sampling":
+        return (f"mtgpt {r['mtgpt_tokens_per_s']:.0f} vs HF generate() {r['hf_tokens_per_s']:.0f} tokens/s, "
+                f"ratio {r['ratio']:.2f} ({r['dtype']}, {r['mode']})")
+    if name == "hf_export":
+        return f"max |logit difference| {r['max_abs_logit_difference']:.1e} over {r['vocab']} logits"
+    return ""
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="a tiny model and few steps (CPU, for the test suite)")
+    p.add_argument("--out", type=Path, default=Path("."), help="where gpu_report.json and gpu_report.md go")
+    p.add_argument("--text", type=Path, help="text to prepare shards from (default: the built-in shakespeare corpus)")
+    p.add_argument("--only", nargs="+", help="run only these checks")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--data", help=argparse.SUPPRESS)
+    p.add_argument("--child-out", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        result = {"configs": child_configs, "compile": child_compile}[args.child](args)
+        Path(args.child_out).write_text(json.dumps(result, indent=1))
+        return
+
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (no GPU)"
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = {"device": device, "torch": torch.__version__, "tiny": args.tiny, "checks": {}}
+    began = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        data = work / "data"
+        text = ([str(args.text)] if args.text else ["shakespeare"])
+        mtgpt("prepare", *text, "--out", data, "--block-size", TINY["block_size"] if args.tiny else 128,
+              "--val-fraction", "0.05", "--quiet")
+        checks = {"throughput": lambda: throughput(args, work), "configs": lambda: configs(args, work, data),
+                  "compile": lambda: compile_breaks(args, work, data), "resume": lambda: resume(args, work, data),
+                  "sampling": lambda: sampling(args, work), "hf_export": lambda: hf_export(args, work)}
+        for name, check in checks.items():
+            if args.only and name not in args.only:
+                continue
+            start = time.time()
+            try:
+                result = check()
+            except Exception as e:  # one failed check is reported, the others still run
+                stderr = getattr(e, "stderr", None) or ""
+                result = {"ok": False, "error": f"{traceback.format_exc()}\n{stderr[-3000:]}"}
+            result["seconds"] = round(time.time() - start, 1)
+            report["checks"][name] = result
+            print(f"{name}: {'ok' if result['ok'] else 'FAILED'} ({result['seconds']} s) {summary(name, result)}",
+                  flush=True)
+    report["seconds"] = round(time.time() - began, 1)
+    (args.out / "gpu_report.json").write_text(json.dumps(report, indent=1))
+    lines = [f"### mtgpt gpu-check on {device}{' (tiny mode)' if args.tiny else ''}", "",
+             f"torch {report['torch']}, {report['seconds']:.0f} s in all", "", "| check | result | numbers |",
+             "|---|---|---|"]
+    lines += [f"| {name} | {'ok' if r['ok'] else 'FAILED'} | {summary(name, r)} |" for name, r in report["checks"].items()]
+    (args.out / "gpu_report.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    sys.exit(0 if all(r["ok"] for r in report["checks"].values()) else 1)
+
+
+if __name__ == "__main__":
+    main()
