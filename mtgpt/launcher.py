@@ -1,4 +1,4 @@
-"""`mtgpt train`: start N local ranks with the DeepSpeed launcher, after the checks pass.
+"""`mtgpt train`: start N local ranks with DeepSpeed's launcher, after the checks pass.
 
 The launcher runs `python -m mtgpt worker --config FILE` in each process; FILE is the resolved
 train config written to a temporary file (nothing is written into the run folder before the
@@ -9,6 +9,7 @@ exits 1 after a signal, so the exit code reported is 0 when rank 0 recorded a cl
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shlex
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import psutil
 
-from mtgpt import rundir, world
+from mtgpt import monitor, rundir, world
 from mtgpt.config import TrainConfig
 
 def default_nproc() -> int:
@@ -30,9 +31,14 @@ def default_nproc() -> int:
 
 
 def command(config_file: str, nproc: int, master_port: int) -> list[str]:
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
-            "--master_port", str(master_port), "--log_level", "error", "--no_local_rank", "--module", "mtgpt", "worker",
-            "--config", config_file]
+    """DeepSpeed's node launcher (deepspeed.launcher.launch), called directly: it starts the
+    ranks with their environment and stops them all when one fails. Its front end, the
+    `deepspeed` runner, would only add a process that imports DeepSpeed once more before the
+    ranks start (and would read a /job/hostfile if one exists)."""
+    world_info = base64.urlsafe_b64encode(json.dumps({"localhost": list(range(nproc))}).encode()).decode()
+    return [sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world_info}",
+            "--master_addr=127.0.0.1", f"--master_port={master_port}", "--no_local_rank", "--log_level=error",
+            "--module", "mtgpt", "worker", "--config", config_file]
 
 
 def launch_local(cfg: TrainConfig, nproc: int) -> int:
@@ -42,16 +48,18 @@ def launch_local(cfg: TrainConfig, nproc: int) -> int:
         config_file = f.name
     env = dict(os.environ)
     env[rundir.COMMAND_ENV] = shlex.join(["mtgpt", *sys.argv[1:]])
+    env[monitor.STARTED_AT] = str(psutil.Process().create_time())
     if not world.gpu_count():
         env.setdefault("DS_ACCELERATOR", "cpu")
     started = time.time()
+    env[monitor.LAUNCHED_AT] = str(time.time())
     proc = subprocess.Popen(command(config_file, nproc, world.free_port()), env=env)
     got_signal: list[int] = []
     tree: list[psutil.Process] = []  # the processes under the launcher when a signal came
 
     def forward(signum, frame):
-        # DeepSpeed's local runner dies on SIGTERM without passing it on, so every process under
-        # it (its launcher, the ranks) gets SIGTERM directly. Ctrl-C already reached them all.
+        # Every process under the launcher (the ranks too) gets SIGTERM directly, so that each
+        # rank finishes its step and saves however the launcher reacts. Ctrl-C reached them all.
         got_signal.append(signum)
         tree[:] = _descendants(proc.pid)
         if signum == signal.SIGTERM:

@@ -20,6 +20,33 @@ from typing import Any, Callable
 import torch
 
 METRICS = "metrics.jsonl"
+STARTED_AT, LAUNCHED_AT = "MTGPT_STARTED_AT", "MTGPT_LAUNCHED_AT"  # set by `mtgpt train` for its ranks
+
+
+class StartupClock:
+    """Where the time before (and around) training goes, in seconds per phase: under `mtgpt
+    train`, checks (its imports and make_plan) and launcher (until this rank's process started);
+    then imports (this process, to fit), and each phase `mark`ed after that."""
+
+    def __init__(self):
+        import psutil
+
+        began = psutil.Process().create_time()
+        self.phases: dict[str, float] = {}
+        if STARTED_AT in os.environ and LAUNCHED_AT in os.environ:
+            launched = float(os.environ[LAUNCHED_AT])
+            self.phases["checks"] = launched - float(os.environ[STARTED_AT])
+            self.phases["launcher"] = began - launched
+        self.last = time.time()
+        self.phases["imports"] = self.last - began
+
+    def mark(self, phase: str) -> None:
+        now = time.time()
+        self.phases[phase] = now - self.last
+        self.last = now
+
+    def line(self) -> str:
+        return ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self.phases.items())
 
 
 class Monitor:

@@ -246,6 +246,7 @@ def matmul_precision(tf32: bool, device: torch.device) -> str | None:
 
 def fit(plan: Plan) -> dict[str, Any]:
     """Train as planned; returns a summary (rank 0's numbers)."""
+    clock = monitor.StartupClock()
     me = world.init()
     cfg = plan.cfg
     if (precision := matmul_precision(cfg.tf32, me.device)) is not None:
@@ -259,6 +260,7 @@ def fit(plan: Plan) -> dict[str, Any]:
         checkpoint.load_weights(model, checkpoint.source_weights(cfg.init_from, cfg.init_from_hf),
                                 cfg.init_from or cfg.init_from_hf)
     engine = build_engine(plan, model)
+    clock.mark("DeepSpeed initialize")
     seed_all(cfg.seed + me.rank)  # different dropout per rank
     running = RunningLoss(me.device)
     train_split = Split(data_dir, plan.manifest, "train", cfg.model.vocab_size)
@@ -271,6 +273,7 @@ def fit(plan: Plan) -> dict[str, Any]:
     val = load_val(data_dir, plan.manifest, cfg.eval_samples, me.rank, me.world_size, cfg.model.vocab_size)
     log = monitor.Monitor(cfg.out, enabled=world.is_rank0(),
                           resume_step=state.step if plan.resume_from is not None else None)
+    clock.mark("data and resume")
     perf = monitor.Throughput(flops_per_token(cfg.model), me.device, me.world_size, ds_config.precision(plan.ds))
     world.print0(banner(plan, state.step))
     bar = progress_bar(plan, state.step)
@@ -280,6 +283,8 @@ def fit(plan: Plan) -> dict[str, Any]:
     resumed_done = reason is not None  # resumed a run that had already reached its stop
     while reason is None:
         running.add(train_step(engine, batches, cfg.grad_accum))
+        if "first step" not in clock.phases:
+            clock.mark("first step")
         state.step += 1
         state.tokens += plan.tokens_per_step
         perf.add(plan.tokens_per_step)
@@ -305,17 +310,20 @@ def fit(plan: Plan) -> dict[str, Any]:
             perf.reset()
     bar.close()
     if not resumed_done:
+        clock.last = time.time()
         save(engine, plan, state, batches, running)
+        clock.mark("final save")
     val_loss = monitor.last(log.history, "val/loss")
     log.close()
     finite = (lambda x: x if math.isfinite(x) else None)  # JSON has no NaN or inf
     if world.is_rank0():
         rundir.write_last_stop(cfg.out, reason=reason, step=state.step, tokens=state.tokens,
-                               val_loss=finite(val_loss), best_val=finite(state.best_val))
+                               val_loss=finite(val_loss), best_val=finite(state.best_val), seconds=clock.phases)
     val_text = (f"val loss {val_loss:.4f}, best {state.best_val:.4f}" if len(val) else
                 "no val split, so no val loss")
     world.print0(f"stopped ({reason}) at step {state.step}, {state.tokens:,} tokens; {val_text}; "
                  f"model: {Path(cfg.out) / checkpoint.WEIGHTS}")
+    world.print0(f"time: {clock.line()}")
     return {"step": state.step, "tokens": state.tokens, "val_loss": val_loss, "best_val": state.best_val,
             "reason": reason}
 

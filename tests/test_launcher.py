@@ -10,11 +10,15 @@ import time
 from mtgpt import launcher, rundir
 
 
-def test_command_runs_the_worker_under_deepspeeds_runner():
+def test_command_runs_the_worker_under_deepspeeds_node_launcher():
+    import base64
+
     cmd = launcher.command("/tmp/cfg.json", 2, 29555)
-    assert cmd[:3] == [sys.executable, "-m", "deepspeed.launcher.runner"]
-    assert cmd[cmd.index("--num_gpus") + 1] == "2" and cmd[cmd.index("--master_port") + 1] == "29555"
-    assert cmd[-4:] == ["mtgpt", "worker", "--config", "/tmp/cfg.json"]
+    assert cmd[:4] == [sys.executable, "-u", "-m", "deepspeed.launcher.launch"]
+    info = next(a for a in cmd if a.startswith("--world_info=")).split("=", 1)[1]
+    assert json.loads(base64.urlsafe_b64decode(info)) == {"localhost": [0, 1]}
+    assert "--master_port=29555" in cmd
+    assert cmd[-5:] == ["--module", "mtgpt", "worker", "--config", "/tmp/cfg.json"]
 
 
 def test_default_nproc():
