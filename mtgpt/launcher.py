@@ -52,7 +52,7 @@ def launch_local(cfg: TrainConfig, nproc: int) -> int:
     if not world.gpu_count():
         env.setdefault("DS_ACCELERATOR", "cpu")
     started = time.time()
-    env[monitor.LAUNCHED_AT] = str(time.time())
+    env[monitor.LAUNCHED_AT] = str(started)
     proc = subprocess.Popen(command(config_file, nproc, world.free_port()), env=env)
     got_signal: list[int] = []
     tree: list[psutil.Process] = []  # the processes under the launcher when a signal came

@@ -335,7 +335,7 @@ def banner(plan: Plan, step: int) -> str:
         f"mtgpt {__version__}: {param_count(cfg.model):,} parameters ({cfg.model.n_layer} layers, "
         f"{cfg.model.n_head} heads, {cfg.model.n_embd} wide, context {cfg.model.block_size})",
         f"  {plan.world_size} rank(s) on {world.get().device.type}, {plan.ds_name}: ZeRO-"
-        f"{ds.get('zero_optimization', {}).get('stage', 0)}, {ds_config.precision(ds)}",
+        f"{ds_config.zero_stage(ds)}, {ds_config.precision(ds)}",
         f"  batch {ds['train_batch_size']} sequences = micro {cfg.micro_batch} x accum {cfg.grad_accum} x "
         f"{plan.world_size} rank(s) = {plan.tokens_per_step:,} tokens/step; schedule {plan.schedule_steps} steps",
         f"  data {cfg.data}: {plan.train_tokens:,} train tokens",
