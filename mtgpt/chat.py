@@ -23,7 +23,7 @@ from typing import Iterable, Iterator
 from mtgpt import tokenizer
 
 USER, BOT, SYSTEM = "User: ", "Bot: ", "System: "
-ROLES = {"user": USER, "assistant": BOT, "bot": BOT, "system": SYSTEM}
+ROLES = {"user": USER, "assistant": BOT, "bot": BOT, "system": SYSTEM, "developer": SYSTEM}
 DOC_SEPARATOR = "\x1e"  # a line holding only ASCII "record separator" ends a conversation
 
 
@@ -93,53 +93,61 @@ def to_template_file(inputs: list[Path], out: Path) -> int:
     return count
 
 
-def fit_history(history: list[tuple[str, str]], message: str, block_size: int, reply_tokens: int,
-                system: str | None = None) -> tuple[list[tuple[str, str]], list[int], int]:
-    """Fit a turn into the context; returns (history kept, prompt ids, reply budget).
+def fit_turns(turns: list[tuple[str, str]], block_size: int, reply_tokens: int, unit: int = 1
+              ) -> tuple[list[tuple[str, str]], list[int], int]:
+    """Fit a conversation into the context; returns (middle turns kept, prompt ids, reply budget).
 
-    The current turn ("User: message" and "Bot:") is always kept whole: the reply budget is
-    capped at what the context leaves after it, then the oldest exchanges are dropped until the
-    rest fits. Only a message too long for the context loses its beginning (its "User:" marker
-    and the "Bot:" after it stay), with a quarter of the context left for the reply."""
-    turn = tokenizer.encode(prompt_for([], message, system))
+    `turns` is [(role marker, text), ...]: leading System turns, the conversation, and the turn
+    to answer last. The prompt is their template text followed by "Bot:". The leading System
+    turns and the last turn are always kept whole: the reply budget is capped at what the context
+    leaves after them, then the oldest turns in between are dropped, `unit` at a time, until the
+    rest fits. Only a last turn too long for the context loses the beginning of its text (its
+    marker and the "Bot:" after it stay), with a quarter of the context left for the reply."""
+    n_head = next((i for i, (marker, _) in enumerate(turns[:-1]) if marker != SYSTEM), len(turns) - 1)
+    head, middle, last = turns[:n_head], turns[n_head:-1], turns[-1]
+    turn = tokenizer.encode(render(head + [last]) + BOT.rstrip())
     reply = max(1, min(reply_tokens, block_size - len(turn)))
     if len(turn) + reply > block_size:
         reply = max(1, min(reply_tokens, block_size // 4))
-        head = tokenizer.encode(render([(SYSTEM, system)]) if system else "") + tokenizer.encode(USER.rstrip())
+        start = tokenizer.encode(render(head)) + tokenizer.encode(last[0].rstrip())
         tail = tokenizer.encode("\n" + BOT.rstrip())
-        if block_size - reply - len(head) - len(tail) < 1:  # no room beside the system line
-            head = tokenizer.encode(USER.rstrip())
-        body = tokenizer.encode(" " + _line(message))
-        room = max(1, block_size - reply - len(head) - len(tail))
-        ids = (head + body[-room:] + tail)[-(block_size - reply):]
+        if block_size - reply - len(start) - len(tail) < 1:  # no room beside the System lines
+            start = tokenizer.encode(last[0].rstrip())
+        body = tokenizer.encode(" " + _line(last[1]))
+        room = max(1, block_size - reply - len(start) - len(tail))
+        ids = (start + body[-room:] + tail)[-(block_size - reply):]
         return [], ids, reply
-    history = list(history)
+    middle = list(middle)
     while True:
-        ids = tokenizer.encode(prompt_for(history, message, system))
-        if len(ids) + reply <= block_size or not history:
-            return history, ids, reply
-        history.pop(0)
+        ids = tokenizer.encode(render(head + middle + [last]) + BOT.rstrip())
+        if len(ids) + reply <= block_size or not middle:
+            return middle, ids, reply
+        del middle[:unit]
+
+
+def fit_history(history: list[tuple[str, str]], message: str, block_size: int, reply_tokens: int,
+                system: str | None = None) -> tuple[list[tuple[str, str]], list[int], int]:
+    """`fit_turns` for the terminal chat: (history of (user, bot) exchanges kept, prompt ids,
+    reply budget); the oldest exchanges are dropped whole."""
+    turns = [(SYSTEM, system)] if system else []
+    for user, bot in history:
+        turns += [(USER, user), (BOT, bot)]
+    middle, ids, reply = fit_turns(turns + [(USER, message)], block_size, reply_tokens, unit=2)
+    return list(history[len(history) - len(middle) // 2:]) if middle else [], ids, reply
 
 
 def reply_stream(model, prompt_ids: list[int], cfg) -> Iterator[str]:
     """Text pieces of the model's reply, up to the end of the line (or <|endoftext|>)."""
-    from mtgpt.sample import TextStream, stream
+    from mtgpt.sample import SampleText, stream
 
-    text = TextStream()
-    started = False  # the space after "Bot:" is the template's, not the reply's
+    text = SampleText(chat_reply=True)
     for nxt, _ in stream(model, prompt_ids, cfg):
-        token = int(nxt[0])
-        if token == tokenizer.EOT:
-            break
-        piece = text.add(token)
-        if not started:
-            piece = piece.lstrip(" ")
-            started = bool(piece)
-        if "\n" in piece:
-            yield piece.split("\n")[0]
+        piece = text.add(int(nxt[0]))
+        if piece:
+            yield piece
+        if text.finish:
             return
-        yield piece
-    yield text.flush()
+    yield text.length()
 
 
 HELP = "Type a message and press Enter. /reset forgets the conversation, /quit or Ctrl-D ends it."

@@ -287,6 +287,36 @@ def _read_line(prompt: str) -> str:
     return line
 
 
+@main.command()
+@click.argument("run_dir", type=click.Path())
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; 0.0.0.0 serves other machines (set --api-key then).")
+@click.option("--port", default=8000, show_default=True, help="Port to listen on.")
+@click.option("--api-key", envvar="MTGPT_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1 (or set MTGPT_API_KEY).")
+@click.option("--best", is_flag=True, help="Serve the weights with the best val loss, not the latest.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+              help="Weights' precision; auto is bf16 on a GPU, fp32 on a CPU.")
+@click.option("--max-tokens-limit", default=1024, show_default=True, help="The most tokens one request may ask for.")
+@click.option("--model-name", help="The model's name in the API. [default: the run folder's name]")
+def serve(run_dir, host, port, api_key, best, device, dtype, max_tokens_limit, model_name):
+    """Serve a model: a chat page at / and an OpenAI-compatible API at /v1 (Ctrl-C stops).
+
+    \b
+    mtgpt serve runs/chat             # then open http://127.0.0.1:8000/
+    curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
+         -d '{"model": "chat", "prompt": "ROMEO:", "max_tokens": 40}'
+    """
+    from mtgpt.sample import SampleError
+    from mtgpt.serve import run_serve
+
+    try:
+        run_serve(run_dir, host=host, port=port, api_key=api_key, best=best, device=device, dtype=dtype,
+                  max_tokens_limit=max_tokens_limit, model_name=model_name, log=lambda s: click.echo(s, err=True))
+    except (SampleError, ValueError) as e:
+        _fail(e)
+
+
 @main.command(name="eval")
 @click.argument("run_dir", type=click.Path())
 @click.argument("texts", nargs=-1, required=True, metavar="TEXT...")

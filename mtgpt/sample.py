@@ -127,6 +127,52 @@ class TextStream:
         return self.decoder.decode(b"", final=True)
 
 
+class SampleText:
+    """One sample's text as its tokens arrive: UTF-8-safe pieces, stop strings, <|endoftext|>,
+    and for a chat reply the template's rules (the space after "Bot:" is dropped, the end of the
+    line ends the reply). `add` returns the text that may be shown now; text that may be the start
+    of a stop string is held back until it is known not to be. `finish` becomes "stop" or "length"."""
+
+    def __init__(self, stops: list[str] = (), chat_reply: bool = False, stop_at_eot: bool = True):
+        self.decoder = TextStream()
+        self.stops = list(stops) + (["\n"] if chat_reply else [])
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+        self.started, self.stop_at_eot = not chat_reply, stop_at_eot
+        self.out, self.shown, self.tokens, self.finish = "", 0, 0, None
+
+    def add(self, token: int) -> str:
+        self.tokens += 1
+        if self.stop_at_eot and token == tokenizer.EOT:
+            return self._end("stop", self.decoder.flush())
+        piece = self.decoder.add(token)
+        if not self.started:
+            piece = piece.lstrip(" ")
+            self.started = bool(piece)
+        return self._grow(piece)
+
+    def length(self) -> str:
+        """The token budget is spent: the rest of the text."""
+        text = self._grow(self.decoder.flush())
+        return text + ("" if self.finish else self._end("length"))
+
+    def _grow(self, piece: str) -> str:
+        begin = max(0, len(self.out) - self.hold)
+        self.out += piece
+        cuts = [i for s in self.stops if (i := self.out.find(s, begin)) >= 0]
+        if cuts:
+            self.out = self.out[:min(cuts)]
+            return self._end("stop")
+        end = max(self.shown, len(self.out) - self.hold)
+        text, self.shown = self.out[self.shown:end], end
+        return text
+
+    def _end(self, reason: str, piece: str = "") -> str:
+        self.out += piece
+        self.finish = reason
+        text, self.shown = self.out[self.shown:], len(self.out)
+        return text
+
+
 def generate(model: GPT, prompt: str, cfg: SampleConfig, use_cache: bool = True) -> list[str]:
     """Whole continuations of `prompt` (without the prompt), one per sample."""
     cfg.check(model.config.vocab_size)
@@ -184,22 +230,13 @@ def run_sample(run_dir: str, prompt: str, cfg: SampleConfig, best: bool = False,
         for i, text in enumerate(texts):
             write(f"--- sample {i + 1}\n{prompt}{text}\n")
         return texts
-    text = TextStream()
+    text = SampleText([cfg.stop_text] if cfg.stop_text else [], stop_at_eot=cfg.stop_at_eot)
     write(prompt)
-    out, shown = "", 0  # text generated, and how much of it is printed
-    hold = len(cfg.stop_text) - 1 if cfg.stop_text else 0  # may be the start of the stop text
     for nxt, _ in stream(model, ids, cfg):
-        token = int(nxt[0])
-        if cfg.stop_at_eot and token == tokenizer.EOT:
+        write(text.add(int(nxt[0])))
+        if text.finish:
             break
-        out += text.add(token)
-        if cfg.stop_text and cfg.stop_text in out:
-            break
-        end = max(shown, len(out) - hold)
-        write(out[shown:end])
-        shown = end
-    out += text.flush()
-    if cfg.stop_text:
-        out = out.split(cfg.stop_text)[0]
-    write(out[shown:] + "\n")
-    return [out]
+    else:
+        write(text.length())
+    write("\n")
+    return [text.out]

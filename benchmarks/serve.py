@@ -1,0 +1,137 @@
+"""How fast does `mtgpt serve` answer? Time to first token and tokens/s for 1, 4 and 16 concurrent
+streaming clients (the official `openai` client), and the server's tokens/s at one client against
+`mtgpt sample`'s own generation loop (`mtgpt.sample.stream`, the code `mtgpt sample` runs) on the
+same model, prompt, seed and number of tokens.
+
+    python benchmarks/serve.py                       # the default model shape (6 x 384, context 512)
+    python benchmarks/serve.py --run runs/demo --tokens 200 --clients 1 4 16
+
+Without --run, a model of the default shape with random weights is saved to a temporary folder:
+speed does not depend on what the weights learned (random weights also never end at
+<|endoftext|>, so every request generates all its tokens). The server runs as a subprocess on a
+free loopback port; the clients are threads in this process, on the same machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from mtgpt import checkpoint, tokenizer
+from mtgpt.config import ModelConfig
+from mtgpt.model import GPT
+from mtgpt.sample import SampleConfig, load_for_inference, stream
+
+PROMPT = "Shall I compare thee to a summer's day? Thou art more lovely and more temperate."
+
+
+def start_server(run: Path, name: str) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "mtgpt", "serve", str(run), "--port", str(port), "--model-name",
+                             name, "--device", "cpu"], stderr=subprocess.PIPE, text=True)
+    import urllib.request
+
+    for _ in range(300):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+            return proc, f"http://127.0.0.1:{port}/v1"
+        except OSError:
+            if proc.poll() is not None:
+                raise SystemExit(f"mtgpt serve failed: {proc.stderr.read()}")
+            time.sleep(0.2)
+    raise SystemExit("mtgpt serve did not start")
+
+
+def one_client(client, name: str, tokens: int, seed: int, out: list) -> None:
+    began = time.perf_counter()
+    stamps = []
+    for chunk in client.completions.create(model=name, prompt=PROMPT, max_tokens=tokens, temperature=1.0,
+                                           seed=seed, stream=True, stream_options={"include_usage": True}):
+        if chunk.choices and chunk.choices[0].text:
+            stamps.append(time.perf_counter())
+        if chunk.usage:
+            n = chunk.usage.completion_tokens
+    out.append({"ttft": stamps[0] - began, "total": stamps[-1] - began, "tokens": n,
+                "tok_s": (n - 1) / (stamps[-1] - stamps[0])})
+
+
+def clients(url: str, name: str, count: int, tokens: int) -> dict:
+    import openai
+
+    client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
+    out: list = []
+    threads = [threading.Thread(target=one_client, args=(client, name, tokens, i, out)) for i in range(count)]
+    began = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - began
+    return {"clients": count, "ttft_median": statistics.median(r["ttft"] for r in out),
+            "ttft_max": max(r["ttft"] for r in out), "per_client_tok_s": statistics.median(r["tok_s"] for r in out),
+            "total_tok_s": sum(r["tokens"] for r in out) / wall}
+
+
+def sample_alone(run: Path, tokens: int, seed: int) -> float:
+    """Tokens/s of mtgpt sample's generation loop, timed from its first token to its last, as the
+    server's per-client rate is."""
+    model = load_for_inference(str(run), False, "cpu")
+    cfg = SampleConfig(max_new_tokens=tokens, temperature=1.0, top_k=200, seed=seed)
+    stamps = []
+    for nxt, _ in stream(model, tokenizer.encode(PROMPT), cfg):
+        int(nxt[0])  # the host sees the token, as `mtgpt sample` does to print it
+        stamps.append(time.perf_counter())
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", type=Path, help="a run folder (default: random weights of the default shape)")
+    p.add_argument("--tokens", type=int, default=200, help="tokens per request")
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--repeats", type=int, default=3, help="runs of the one-client comparison (median)")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        run = args.run
+        if run is None:
+            torch.manual_seed(0)
+            model = GPT(ModelConfig())
+            run = Path(tmp) / "random"
+            checkpoint.save_weights({k: v.detach() for k, v in model.named_parameters()}, model.config, run)
+        cfg = checkpoint.load_model_config(checkpoint.model_folder(run))
+        print(f"model {cfg.n_layer} x {cfg.n_embd}, context {cfg.block_size}; {args.tokens} tokens per request; "
+              f"CPU, torch threads {torch.get_num_threads()}", flush=True)
+        proc, url = start_server(run, "bench")
+        try:
+            clients(url, "bench", 1, 8)  # warm up
+            alone, served = [], []
+            for i in range(args.repeats):  # alternate, so both see the same machine
+                alone.append(sample_alone(run, args.tokens, seed=i))
+                served.append(clients(url, "bench", 1, args.tokens)["per_client_tok_s"])
+            a, s = statistics.median(alone), statistics.median(served)
+            print(f"one client: mtgpt sample's loop {a:.1f} tok/s, mtgpt serve {s:.1f} tok/s "
+                  f"(server cost {100 * (1 - s / a):+.1f}%; medians of {args.repeats})", flush=True)
+            print("| clients | time to first token (median / max) | tokens/s per client (median) | tokens/s, all |")
+            print("|---|---|---|---|")
+            for n in args.clients:
+                r = clients(url, "bench", n, args.tokens)
+                print(f"| {n} | {r['ttft_median'] * 1000:.0f} / {r['ttft_max'] * 1000:.0f} ms | "
+                      f"{r['per_client_tok_s']:.1f} | {r['total_tok_s']:.1f} |", flush=True)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,521 @@
+"""`mtgpt serve`: a run's model behind an OpenAI-compatible HTTP API and a chat page.
+
+    mtgpt serve runs/chat                # open http://127.0.0.1:8000/ in a browser
+    client = openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none")
+
+Endpoints: GET / (the chat page, one file shipped in the package), GET /health, GET /v1/models,
+POST /v1/completions and POST /v1/chat/completions (OpenAI's wire format, streamed as server-sent
+events with `stream: true`). Chat goes through mtgpt's chat template (mtgpt.chat): the reply is
+what the model writes after "Bot:" up to the end of the line.
+
+One model, many clients. The model lives in one worker thread. Each request becomes a `Job`
+holding its own `mtgpt.sample.stream` (its KV cache, window and random generator); the worker
+steps every active job by one token in turn, so concurrent clients advance together. Tokens go
+into the job's queue whether or not its client reads them, so a slow client never stalls the
+others; a client that disconnects has its job dropped before its next step. The generation code
+is `mtgpt sample`'s, so with a seed (or temperature 0) the text equals `mtgpt sample`'s.
+
+A prompt longer than the context is cropped, not refused: a completion's model sees the last
+block_size tokens (as `mtgpt sample` does), a chat drops its oldest turns (as `mtgpt chat`
+does); the response then carries an `X-Mtgpt-Warning` header, and the server logs it.
+Bad requests get a 4xx with an OpenAI-style JSON error; nothing a client sends stops the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import queue
+import signal
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, Literal, Union
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from mtgpt import chat, tokenizer
+from mtgpt.sample import SampleConfig, SampleText, stream
+
+MAX_BODY = 1 << 20  # bytes a request body may have (a context of text is a few KB)
+MAX_JOBS = 256  # requests generating or waiting at once; more get 429
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+class ApiError(Exception):
+    """An error a client made: HTTP status, message, and OpenAI's type / param / code fields."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# ---- requests (OpenAI's fields; those mtgpt cannot honour are refused, not ignored)
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int | None = Field(200, ge=0, description="mtgpt's extra: sample from the k best tokens (0: all)")
+    n: int = Field(1, ge=1, le=16)
+    stop: Union[str, list[str], None] = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: dict | None = None
+    # accepted at their no-op values only
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict | None = None
+    logprobs: Any = None
+    user: str | None = None
+
+
+class CompletionRequest(_Request):
+    prompt: Union[str, list[str], list[int], list[list[int]]] = ""
+    max_tokens: int | None = Field(16, ge=0)  # OpenAI's default
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[dict], None] = None
+
+
+class ChatRequest(_Request):
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=0)
+    max_completion_tokens: int | None = Field(None, ge=0)
+
+
+def _unsupported(req: _Request) -> None:
+    """Refuse options mtgpt would otherwise silently ignore."""
+    checks = {"presence_penalty": req.presence_penalty == 0, "frequency_penalty": req.frequency_penalty == 0,
+              "logit_bias": not req.logit_bias, "logprobs": req.logprobs in (None, False)}
+    if isinstance(req, CompletionRequest):
+        checks.update(echo=not req.echo, best_of=req.best_of in (None, 1), suffix=req.suffix is None)
+    for name, ok in checks.items():
+        if not ok:
+            raise ApiError(400, f"{name} is not supported by mtgpt serve", param=name)
+    known = set(type(req).model_fields) | {"tools", "tool_choice", "response_format", "parallel_tool_calls"}
+    extra = sorted(set(req.model_extra or {}) - known)
+    if extra:  # a misspelt option must not be ignored silently
+        raise ApiError(400, f"unknown parameter(s): {', '.join(extra)}", param=extra[0])
+    for name in ("tools", "response_format"):
+        if (req.model_extra or {}).get(name):
+            raise ApiError(400, f"{name} is not supported by mtgpt serve", param=name)
+
+
+def _stops(stop: str | list[str] | None) -> list[str]:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > 4 or any(not s for s in stops):
+        raise ApiError(400, "stop: at most 4 non-empty strings", param="stop")
+    return stops
+
+
+# ---- generation
+
+@dataclass
+class Job:
+    """One request: its prompt, options and choices, and the queue its events go to:
+    ("text", index, piece), ("finish", index, reason), ("done", None, None), ("error", None, msg)."""
+    prompt: list[int]
+    cfg: SampleConfig
+    choices: list[SampleText]
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: bool = False
+    steps: Any = None
+
+    def emit(self, kind: str, index: int | None, value: Any) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, index, value))
+
+
+class Worker:
+    """The thread that owns the model and steps every active job one token at a time."""
+
+    def __init__(self, model):
+        self.model = model
+        self.incoming: queue.Queue = queue.Queue()
+        self.active: list[Job] = []
+        self.thread = threading.Thread(target=self._run, name="mtgpt-generate", daemon=True)
+        self.thread.start()
+
+    def submit(self, job: Job) -> None:
+        if self.incoming.qsize() + len(self.active) >= MAX_JOBS:
+            raise ApiError(429, f"the server is busy ({MAX_JOBS} requests in flight); retry later",
+                           type_="rate_limit_error")
+        self.incoming.put(job)
+
+    def stop(self) -> None:
+        self.incoming.put(None)
+
+    def counts(self) -> dict[str, int]:
+        return {"active": len(self.active), "queued": self.incoming.qsize()}
+
+    def _run(self) -> None:
+        while True:
+            try:
+                while True:  # block only when there is nothing to step
+                    job = self.incoming.get(block=not self.active)
+                    if job is None:
+                        return
+                    job.steps = stream(self.model, job.prompt, job.cfg)
+                    self.active.append(job)
+            except queue.Empty:
+                pass
+            for job in list(self.active):
+                if job.cancelled:
+                    self.active.remove(job)
+                    continue
+                try:
+                    done = self._step(job)
+                except Exception as e:  # a failed generation ends its request, not the server
+                    job.emit("error", None, f"generation failed: {type(e).__name__}: {e}")
+                    done = True
+                if done:
+                    self.active.remove(job)
+
+    def _step(self, job: Job) -> bool:
+        step = next(job.steps, None)  # (next token ids (n,), logits), or None when the budget is spent
+        tokens = step[0].tolist() if step is not None else [None] * len(job.choices)
+        for i, (choice, token) in enumerate(zip(job.choices, tokens)):
+            if choice.finish:
+                continue
+            text = choice.add(token) if token is not None else ""
+            if not choice.finish and (token is None or choice.tokens >= job.cfg.max_new_tokens):
+                text += choice.length()
+            if text:
+                job.emit("text", i, text)
+            if choice.finish:
+                job.emit("finish", i, choice.finish)
+        if all(c.finish for c in job.choices):
+            job.emit("done", None, None)
+            return True
+        return False
+
+
+# ---- the app
+
+@dataclass
+class Server:
+    model: Any
+    name: str
+    api_key: str | None = None
+    max_tokens_limit: int = 1024
+    worker: Worker | None = None
+
+    @property
+    def block_size(self) -> int:
+        return self.model.config.block_size
+
+    def check_auth(self, headers) -> None:
+        if self.api_key is None:
+            return
+        got = headers.get("authorization", "")
+        if not hmac.compare_digest(got.encode(), f"Bearer {self.api_key}".encode()):
+            raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
+                           code="invalid_api_key")
+
+    def check_model(self, name: str) -> None:
+        if name != self.name:
+            raise ApiError(404, f"the model {name!r} does not exist; this server has {self.name!r}",
+                           param="model", code="model_not_found")
+
+    def budget(self, max_tokens: int | None, default: int) -> int:
+        n = default if max_tokens is None else max_tokens
+        if n > self.max_tokens_limit:
+            raise ApiError(400, f"max_tokens is {n}, above this server's limit of {self.max_tokens_limit} "
+                                "(mtgpt serve --max-tokens-limit)", param="max_tokens")
+        return n
+
+    def job(self, prompt: list[int], req: _Request, max_tokens: int, chat_reply: bool) -> Job:
+        cfg = SampleConfig(max_new_tokens=max_tokens, temperature=req.temperature, top_k=req.top_k or None,
+                           top_p=req.top_p, seed=req.seed, num_samples=req.n, stop_at_eot=True)
+        if cfg.top_k is not None and cfg.top_k > self.model.config.vocab_size:
+            raise ApiError(400, f"top_k must be between 0 (all tokens) and {self.model.config.vocab_size} "
+                                f"(the vocabulary size), got {cfg.top_k}", param="top_k")
+        stops = _stops(req.stop)
+        choices = [SampleText(stops, chat_reply=chat_reply) for _ in range(req.n)]
+        return Job(prompt, cfg, choices, asyncio.get_running_loop())
+
+
+def _prompts(prompt) -> list[list[int]]:
+    if isinstance(prompt, str):
+        return [tokenizer.encode(prompt)]
+    if prompt and all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]
+    return [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompt] or [[]]
+
+
+def chat_turns(messages: list[Message]) -> list[tuple[str, str]]:
+    """OpenAI messages -> mtgpt chat template turns; the last must be the user's."""
+    turns = []
+    for i, m in enumerate(messages):
+        if isinstance(m.content, list):
+            if any(not isinstance(p, dict) or p.get("type") != "text" or not isinstance(p.get("text"), str)
+                   for p in m.content):
+                raise ApiError(400, "only text content parts are supported", param=f"messages.{i}.content")
+            text = " ".join(p["text"] for p in m.content)
+        else:
+            text = m.content or ""
+        turns.append((chat.SYSTEM if m.role in ("system", "developer") else chat.ROLES[m.role], text))
+    if messages[-1].role != "user":
+        raise ApiError(400, "the last message must be the user's (the model answers it)", param="messages")
+    return turns
+
+
+class Guard:
+    """ASGI middleware for /v1: the API key and the body size, checked before anything is read.
+    (Plain ASGI, not Starlette's BaseHTTPMiddleware, which would wrap every streamed response.)"""
+
+    def __init__(self, app, server: Server):
+        self.app, self.server = app, server
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+            try:
+                self.server.check_auth(headers)
+                length = headers.get("content-length")
+                if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
+                    raise ApiError(413, f"the request body is over {MAX_BODY} bytes")
+            except ApiError as e:
+                await JSONResponse(e.body(), status_code=e.status)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def create_app(server: Server):
+    """The FastAPI application for one loaded model."""
+    app = FastAPI(title="mtgpt serve", docs_url=None, redoc_url=None, openapi_url=None)
+    page = resources.files("mtgpt").joinpath("assets", "chat.html").read_text(encoding="utf-8")
+
+    @app.exception_handler(ApiError)
+    async def api_error(_, e: ApiError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(404)
+    async def not_found(request, _):
+        return JSONResponse(ApiError(404, f"no such path: {request.url.path}").body(), status_code=404)
+
+    @app.exception_handler(405)
+    async def bad_method(request, _):
+        return JSONResponse(ApiError(405, f"{request.method} is not allowed on {request.url.path}").body(),
+                            status_code=405)
+
+    app.add_middleware(Guard, server=server)
+
+    async def parse(request: Request, kind: type[BaseModel]):
+        body = b""
+        async for chunk in request.stream():  # bodies sent without a Content-Length are counted too
+            body += chunk
+            if len(body) > MAX_BODY:
+                raise ApiError(413, f"the request body is over {MAX_BODY} bytes")
+        try:
+            data = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"the body is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise ApiError(400, "the body must be a JSON object")
+        try:
+            req = kind.model_validate(data)
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(str(x) for x in err["loc"])
+            raise ApiError(400, f"{where}: {err['msg']}", param=where) from None
+        server.check_model(req.model)
+        _unsupported(req)
+        return req
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index():
+        return HTMLResponse(page)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": server.name, "context": server.block_size,
+                "auth": server.api_key is not None, "max_tokens_limit": server.max_tokens_limit,
+                **server.worker.counts()}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": server.name, "object": "model", "created": 0, "owned_by": "mtgpt"}]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req = await parse(request, CompletionRequest)
+        prompts = _prompts(req.prompt)
+        if any(t < 0 or t >= server.model.config.vocab_size for p in prompts for t in p):
+            raise ApiError(400, "prompt: a token id is outside the vocabulary", param="prompt")
+        max_tokens = server.budget(req.max_tokens, 16)
+        jobs = [server.job(p, req, max_tokens, chat_reply=False) for p in prompts]
+        warning = None
+        if max(len(p) for p in prompts) > server.block_size:
+            warning = (f"the prompt has {max(len(p) for p in prompts)} tokens, more than the context of "
+                       f"{server.block_size}; the model sees its last {server.block_size}")
+        return await respond(req, jobs, "text_completion", "cmpl", sum(len(p) for p in prompts), warning)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req = await parse(request, ChatRequest)
+        turns = chat_turns(req.messages)
+        max_tokens = server.budget(req.max_completion_tokens if req.max_completion_tokens is not None
+                                   else req.max_tokens, server.max_tokens_limit)
+        _, ids, reply = chat.fit_turns(turns, server.block_size, max(1, max_tokens))
+        warning = None
+        if len(ids) < len(tokenizer.encode(chat.render(turns) + chat.BOT.rstrip())):
+            warning = (f"the conversation is longer than the context of {server.block_size} tokens: "
+                       "its oldest turns (or the start of the last message) were left out")
+        job = server.job(ids, req, min(max_tokens, reply), chat_reply=True)
+        return await respond(req, [job], "chat.completion", "chatcmpl", len(ids), warning)
+
+    async def respond(req, jobs: list[Job], obj: str, prefix: str, prompt_tokens: int, warning: str | None):
+        try:
+            for job in jobs:
+                server.worker.submit(job)
+        except ApiError:
+            for job in jobs:
+                job.cancelled = True
+            raise
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
+        headers = {"X-Mtgpt-Warning": warning} if warning else {}
+        base = {"id": f"{prefix}-{uuid.uuid4().hex[:24]}", "object": obj, "created": int(time.time()),
+                "model": server.name}
+        n = req.n
+        if req.stream:
+            events = _stream_events(jobs, n, base, obj, prompt_tokens,
+                                    bool((req.stream_options or {}).get("include_usage")))
+            return StreamingResponse(events, media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", **headers})
+        texts, reasons = {}, {}
+        try:
+            for j, job in enumerate(jobs):
+                while (event := await job.events.get())[0] != "done":
+                    kind, i, value = event
+                    if kind == "error":
+                        raise ApiError(500, value, type_="server_error")
+                    if kind == "text":
+                        texts[j * n + i] = texts.get(j * n + i, "") + value
+                    else:
+                        reasons[j * n + i] = value
+        finally:
+            for job in jobs:
+                job.cancelled = True  # a no-op once done; frees the worker if the client left
+        choices = []
+        for k in range(len(jobs) * n):
+            if obj == "chat.completion":
+                choices.append({"index": k, "message": {"role": "assistant", "content": texts.get(k, "")},
+                                "logprobs": None, "finish_reason": reasons.get(k)})
+            else:
+                choices.append({"index": k, "text": texts.get(k, ""), "logprobs": None,
+                                "finish_reason": reasons.get(k)})
+        return JSONResponse({**base, "choices": choices, "usage": _usage(jobs, prompt_tokens)}, headers=headers)
+
+    def _stream_events(jobs, n, base, obj, prompt_tokens, include_usage):
+        chat_like = obj == "chat.completion"
+        chunk_obj = "chat.completion.chunk" if chat_like else obj
+
+        def chunk(k: int, text: str | None, reason: str | None = None, role: bool = False) -> str:
+            if chat_like:
+                delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+                c = {"index": k, "delta": delta, "logprobs": None, "finish_reason": reason}
+            else:
+                c = {"index": k, "text": text or "", "logprobs": None, "finish_reason": reason}
+            return f"data: {json.dumps({**base, 'object': chunk_obj, 'choices': [c]})}\n\n"
+
+        async def events():
+            try:
+                if chat_like:
+                    for k in range(len(jobs) * n):
+                        yield chunk(k, None, role=True)
+                for j, job in enumerate(jobs):
+                    while (event := await job.events.get())[0] != "done":
+                        kind, i, value = event
+                        if kind == "error":
+                            yield f"data: {json.dumps(ApiError(500, value, 'server_error').body())}\n\n"
+                            return
+                        yield chunk(j * n + i, value if kind == "text" else None,
+                                    value if kind == "finish" else None)
+                if include_usage:
+                    yield f"data: {json.dumps({**base, 'object': chunk_obj, 'choices': [], 'usage': _usage(jobs, prompt_tokens)})}\n\n"
+                yield "data: [DONE]\n\n"
+            finally:  # also when the client disconnects: its generation stops before the next token
+                for job in jobs:
+                    job.cancelled = True
+
+        return events()
+
+    return app
+
+
+def _usage(jobs: list[Job], prompt_tokens: int) -> dict[str, int]:
+    completion = sum(c.tokens for job in jobs for c in job.choices)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+            "total_tokens": prompt_tokens + completion}
+
+
+def _uvicorn_server():
+    import uvicorn
+
+    class Quiet(uvicorn.Server):
+        """uvicorn's server, ending on Ctrl-C or SIGTERM with exit status 0 (uvicorn itself raises
+        the signal again after its graceful shutdown, so the process would die of it)."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            previous = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for s, handler in previous.items():
+                    signal.signal(s, handler)
+
+    return Quiet
+
+
+def run_serve(run_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+              best: bool = False, device: str = "auto", dtype: str = "auto", max_tokens_limit: int = 1024,
+              model_name: str | None = None, log=print) -> None:
+    """`mtgpt serve`: load the model once, serve until Ctrl-C or SIGTERM."""
+    from pathlib import Path
+
+    import uvicorn
+
+    from mtgpt.sample import SampleError, load_for_inference
+
+    if max_tokens_limit < 1:
+        raise SampleError(f"--max-tokens-limit must be >= 1, got {max_tokens_limit}")
+    if api_key == "":
+        raise SampleError("--api-key must not be empty")
+    model = load_for_inference(run_dir, best, device, dtype)
+    name = model_name or Path(run_dir).resolve().name
+    server = Server(model, name, api_key, max_tokens_limit)
+    server.worker = Worker(model)
+    app = create_app(server)
+    if host not in LOOPBACK and api_key is None:
+        log(f"warning: serving on {host} without --api-key: anyone who can reach this machine can use "
+            "the model (set --api-key, or MTGPT_API_KEY)")
+    shown = f"[{host}]" if ":" in host else host
+    log(f"mtgpt serve: {name} (context {server.block_size}, {next(model.parameters()).device}) at "
+        f"http://{shown}:{port}/ ; OpenAI API at http://{shown}:{port}/v1 ; Ctrl-C stops")
+    try:
+        _uvicorn_server()(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                                timeout_graceful_shutdown=2)).run()
+    finally:
+        server.worker.stop()
