@@ -15,6 +15,8 @@ free loopback port; the clients are threads in this process, on the same machine
 from __future__ import annotations
 
 import argparse
+import http.client
+import json
 import socket
 import statistics
 import subprocess
@@ -54,22 +56,42 @@ def start_server(run: Path, name: str) -> tuple[subprocess.Popen, str]:
 
 
 def one_client(client, name: str, tokens: int, seed: int, out: list) -> None:
+    """One streamed completion through the official `openai` client (client = an OpenAI), or
+    through raw HTTP, reading the event lines as they come (client = the URL, a str): the
+    lightest client there is, so what is left is the server's own cost."""
     began = time.perf_counter()
     stamps = []
-    for chunk in client.completions.create(model=name, prompt=PROMPT, max_tokens=tokens, temperature=1.0,
-                                           seed=seed, stream=True, stream_options={"include_usage": True}):
-        if chunk.choices and chunk.choices[0].text:
-            stamps.append(time.perf_counter())
-        if chunk.usage:
-            n = chunk.usage.completion_tokens
+    if isinstance(client, str):
+        host, port = client.split("//")[1].split("/")[0].split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=600)
+        conn.request("POST", "/v1/completions", body=json.dumps(
+            {"model": name, "prompt": PROMPT, "max_tokens": tokens, "temperature": 1.0, "seed": seed,
+             "stream": True, "stream_options": {"include_usage": True}}), headers={"Content-Type": "application/json"})
+        r = conn.getresponse()
+        n = 0
+        for line in r:
+            if line.startswith(b"data: {"):
+                event = json.loads(line[6:])
+                if event["choices"] and event["choices"][0]["text"]:
+                    stamps.append(time.perf_counter())
+                if event.get("usage"):
+                    n = event["usage"]["completion_tokens"]
+        conn.close()
+    else:
+        for chunk in client.completions.create(model=name, prompt=PROMPT, max_tokens=tokens, temperature=1.0,
+                                               seed=seed, stream=True, stream_options={"include_usage": True}):
+            if chunk.choices and chunk.choices[0].text:
+                stamps.append(time.perf_counter())
+            if chunk.usage:
+                n = chunk.usage.completion_tokens
     out.append({"ttft": stamps[0] - began, "total": stamps[-1] - began, "tokens": n,
                 "tok_s": (n - 1) / (stamps[-1] - stamps[0])})
 
 
-def clients(url: str, name: str, count: int, tokens: int) -> dict:
+def clients(url: str, name: str, count: int, tokens: int, raw: bool = False) -> dict:
     import openai
 
-    client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
+    client = url if raw else openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
     out: list = []
     threads = [threading.Thread(target=one_client, args=(client, name, tokens, i, out)) for i in range(count)]
     began = time.perf_counter()
@@ -115,13 +137,16 @@ def main() -> None:
         proc, url = start_server(run, "bench")
         try:
             clients(url, "bench", 1, 8)  # warm up
-            alone, served = [], []
-            for i in range(args.repeats):  # alternate, so both see the same machine
+            alone, served, raw = [], [], []
+            for i in range(args.repeats):  # alternate, so all see the same machine
                 alone.append(sample_alone(run, args.tokens, seed=i))
                 served.append(clients(url, "bench", 1, args.tokens)["per_client_tok_s"])
-            a, s = statistics.median(alone), statistics.median(served)
-            print(f"one client: mtgpt sample's loop {a:.1f} tok/s, mtgpt serve {s:.1f} tok/s "
-                  f"(server cost {100 * (1 - s / a):+.1f}%; medians of {args.repeats})", flush=True)
+                raw.append(clients(url, "bench", 1, args.tokens, raw=True)["per_client_tok_s"])
+            a = statistics.median(alone)
+            print(f"one client, medians of {args.repeats}: mtgpt sample's loop {a:.1f} tok/s", flush=True)
+            for what, runs in (("the openai client", served), ("raw HTTP", raw)):
+                s = statistics.median(runs)
+                print(f"  mtgpt serve, read by {what}: {s:.1f} tok/s (cost {100 * (1 - s / a):+.1f}%)", flush=True)
             print("| clients | time to first token (median / max) | tokens/s per client (median) | tokens/s, all |")
             print("|---|---|---|---|")
             for n in args.clients:

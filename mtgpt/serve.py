@@ -24,7 +24,6 @@ Bad requests get a 4xx with an OpenAI-style JSON error; nothing a client sends s
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import json
 import queue
@@ -146,14 +145,15 @@ class Job:
 
 
 class Worker:
-    """The thread that owns the model and steps every active job one token at a time."""
+    """The loop that owns the model and steps every active job one token at a time. `mtgpt serve`
+    runs it in the main thread (PyTorch's CPU kernels run ~1.7x slower from another thread here:
+    OpenMP's threads spin for the main thread's team) and the HTTP server in a second thread."""
 
     def __init__(self, model):
         self.model = model
         self.incoming: queue.Queue = queue.Queue()
         self.active: list[Job] = []
-        self.thread = threading.Thread(target=self._run, name="mtgpt-generate", daemon=True)
-        self.thread.start()
+        self.stopped = False
 
     def submit(self, job: Job) -> None:
         if self.incoming.qsize() + len(self.active) >= MAX_JOBS:
@@ -162,16 +162,24 @@ class Worker:
         self.incoming.put(job)
 
     def stop(self) -> None:
+        self.stopped = True
         self.incoming.put(None)
 
     def counts(self) -> dict[str, int]:
         return {"active": len(self.active), "queued": self.incoming.qsize()}
 
-    def _run(self) -> None:
-        while True:
+    def start_thread(self) -> threading.Thread:
+        """Run the loop in a daemon thread (for embedding and tests)."""
+        thread = threading.Thread(target=self.run, name="mtgpt-generate", daemon=True)
+        thread.start()
+        return thread
+
+    def run(self) -> None:
+        """Until stop(): take new jobs, then give every active job its next token."""
+        while not self.stopped:
             try:
-                while True:  # block only when there is nothing to step
-                    job = self.incoming.get(block=not self.active)
+                while True:  # wait only when there is nothing to step (with a timeout: signals)
+                    job = self.incoming.get(timeout=0.2) if not self.active else self.incoming.get_nowait()
                     if job is None:
                         return
                     job.steps = stream(self.model, job.prompt, job.cfg)
@@ -360,6 +368,9 @@ def create_app(server: Server):
     async def completions(request: Request):
         req = await parse(request, CompletionRequest)
         prompts = _prompts(req.prompt)
+        if len(prompts) * req.n > 64:
+            raise ApiError(400, f"{len(prompts)} prompts x n={req.n} is more than 64 texts in one request",
+                           param="prompt")
         if any(t < 0 or t >= server.model.config.vocab_size for p in prompts for t in p):
             raise ApiError(400, "prompt: a token id is outside the vocabulary", param="prompt")
         max_tokens = server.budget(req.max_tokens, 16)
@@ -470,25 +481,6 @@ def _usage(jobs: list[Job], prompt_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion}
 
 
-def _uvicorn_server():
-    import uvicorn
-
-    class Quiet(uvicorn.Server):
-        """uvicorn's server, ending on Ctrl-C or SIGTERM with exit status 0 (uvicorn itself raises
-        the signal again after its graceful shutdown, so the process would die of it)."""
-
-        @contextlib.contextmanager
-        def capture_signals(self):
-            previous = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
-            try:
-                yield
-            finally:
-                for s, handler in previous.items():
-                    signal.signal(s, handler)
-
-    return Quiet
-
-
 def run_serve(run_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
               best: bool = False, device: str = "auto", dtype: str = "auto", max_tokens_limit: int = 1024,
               model_name: str | None = None, log=print) -> None:
@@ -511,11 +503,31 @@ def run_serve(run_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: 
     if host not in LOOPBACK and api_key is None:
         log(f"warning: serving on {host} without --api-key: anyone who can reach this machine can use "
             "the model (set --api-key, or MTGPT_API_KEY)")
-    shown = f"[{host}]" if ":" in host else host
-    log(f"mtgpt serve: {name} (context {server.block_size}, {next(model.parameters()).device}) at "
-        f"http://{shown}:{port}/ ; OpenAI API at http://{shown}:{port}/v1 ; Ctrl-C stops")
-    try:
-        _uvicorn_server()(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                                timeout_graceful_shutdown=2)).run()
-    finally:
+    web = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                                        timeout_graceful_shutdown=2))
+    http = threading.Thread(target=web.run, name="mtgpt-http", daemon=True)  # uvicorn leaves the
+    http.start()  # signals to the main thread when it runs in another one
+
+    def stop(signum, frame):  # Ctrl-C or SIGTERM: finish the HTTP server, then the generation loop
+        web.should_exit = True
         server.worker.stop()
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not web.started:
+            if server.worker.stopped:
+                return
+            if not http.is_alive():
+                raise SampleError(f"could not serve on {host}:{port} (uvicorn's error is above; is the port "
+                                  "taken? choose another with --port)")
+            time.sleep(0.05)
+        shown = f"[{host}]" if ":" in host else host
+        log(f"mtgpt serve: {name} (context {server.block_size}, {next(model.parameters()).device}) at "
+            f"http://{shown}:{port}/ ; OpenAI API at http://{shown}:{port}/v1 ; Ctrl-C stops")
+        server.worker.run()  # in the main thread, until stop()
+    finally:
+        web.should_exit = True
+        server.worker.stop()
+        http.join(timeout=10)
+        for s, handler in previous.items():
+            signal.signal(s, handler)

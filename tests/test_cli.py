@@ -17,7 +17,7 @@ def invoke(*args):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
-@pytest.mark.parametrize("command", [[], ["prepare"], ["train"], ["sample"], ["info"], ["worker"]])
+@pytest.mark.parametrize("command", [[], ["prepare"], ["train"], ["sample"], ["chat"], ["serve"], ["info"], ["worker"]])
 def test_help(command):
     result = invoke(*command, "--help")
     assert result.exit_code == 0 and "Usage:" in result.output

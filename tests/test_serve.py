@@ -141,6 +141,41 @@ def test_sample_text_never_splits_a_character():
     assert len(ids) > len([p for p in pieces if p])  # some tokens were bytes of a character: held back
 
 
+def test_worker_steps_jobs_in_turn_and_drops_a_cancelled_one(run_dir):
+    """In process: jobs advance one token each per round; a cancelled job is dropped unstepped."""
+    from mtgpt.serve import Job, Worker
+
+    model = load_for_inference(str(run_dir), False, "cpu")
+    order: list[str] = []
+
+    class Recording(Worker):
+        def _step(self, job):
+            order.append(names[id(job)])
+            return super()._step(job)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        jobs = {name: Job(tokenizer.encode(name), SampleConfig(max_new_tokens=n, temperature=0), [SampleText()],
+                          loop) for name, n in (("a", 30), ("b", 20), ("c", 30))}
+        names.update({id(job): name for name, job in jobs.items()})
+        jobs["c"].cancelled = True  # its client left before the worker reached it
+        worker = Recording(model)
+        worker.start_thread()
+        for job in jobs.values():
+            worker.submit(job)
+        while worker.counts()["active"] or worker.counts()["queued"]:
+            await asyncio.sleep(0.01)
+        worker.stop()
+        return jobs
+
+    names: dict[int, str] = {}
+    jobs = asyncio.run(main())
+    assert [jobs[x].choices[0].tokens for x in "abc"] == [30, 20, 0] and "c" not in order
+    assert jobs["a"].choices[0].finish == jobs["b"].choices[0].finish == "length"
+    both = order[order.index("b"):][:39]  # a may have had steps before b arrived; then, in turn
+    assert both.count("b") == 20 and all(x != y for x, y in zip(both, both[1:]))
+
+
 def test_models_health_and_page(server):
     assert [m.id for m in server.client().models.list().data] == ["tiny"]
     status, health, _ = server.request("GET", "/health")
@@ -279,6 +314,7 @@ def test_a_long_conversation_is_cropped_with_a_warning(server):
     ("/v1/completions", {"model": "tiny", "prompt": "x", "temprature": 0.5}, 400, "temprature"),
     ("/v1/completions", {"model": "tiny", "prompt": [1, 99999999]}, 400, "vocabulary"),
     ("/v1/completions", {"model": "tiny", "prompt": 5}, 400, "prompt"),
+    ("/v1/completions", {"model": "tiny", "prompt": ["a"] * 10, "n": 7}, 400, "more than 64"),
     ("/v1/chat/completions", {"model": "tiny", "messages": []}, 400, "messages"),
     ("/v1/chat/completions", {"model": "tiny"}, 400, "messages"),
     ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "role"),
@@ -388,10 +424,12 @@ def test_api_key(run_dir):
         assert s.stop(signal.SIGINT) == 0
 
 
-def test_open_host_warns_without_a_key_and_sigterm_exits_cleanly(run_dir):
+def test_open_host_warns_without_a_key_and_sigterm_exits_cleanly(run_dir, server):
     s = Served(run_dir, "--host", "0.0.0.0")
     assert s.stop(signal.SIGTERM) == 0
     assert "without --api-key" in s.proc.stderr.read()
+    taken = run_mtgpt("serve", run_dir, "--port", server.port, check=False, timeout=60)
+    assert taken.returncode == 1 and "could not serve on 127.0.0.1:" in taken.stderr
     bad = run_mtgpt("serve", run_dir.parent / "missing", check=False)
     assert bad.returncode == 1 and "no such folder" in bad.stderr and "Traceback" not in bad.stderr
 
@@ -416,6 +454,7 @@ def test_the_page_in_a_real_browser(server, tmp_path):
     try:
         driver.get(server.url + "/")
         WebDriverWait(driver, 20).until(lambda d: "tiny" in d.find_element(By.ID, "model").text)
+        assert not driver.find_element(By.ID, "keybox").is_displayed()  # no --api-key: nothing to ask
         driver.find_element(By.ID, "temperature").clear()
         driver.find_element(By.ID, "temperature").send_keys("0")
         box = driver.find_element(By.ID, "input")
