@@ -8,9 +8,10 @@ POST /v1/completions and POST /v1/chat/completions (OpenAI's wire format, stream
 events with `stream: true`). Chat goes through mtgpt's chat template (mtgpt.chat): the reply is
 what the model writes after "Bot:" up to the end of the line.
 
-One model, many clients. The model lives in one worker thread. Each request becomes a `Job`
-holding its own `mtgpt.sample.stream` (its KV cache, window and random generator); the worker
-steps every active job by one token in turn, so concurrent clients advance together. Tokens go
+One model, many clients. The model lives in the main thread's generation loop (`Worker.run`);
+uvicorn serves HTTP from a second thread. Each request becomes a `Job` holding its own
+`mtgpt.sample.stream` (its KV cache, window and random generator); the loop steps every active
+job by one token in turn, so concurrent clients advance together. Tokens go
 into the job's queue whether or not its client reads them, so a slow client never stalls the
 others; a client that disconnects has its job dropped before its next step. The generation code
 is `mtgpt sample`'s, so with a seed (or temperature 0) the text equals `mtgpt sample`'s.
