@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 
 from mtgpt import hf
 from mtgpt.config import ConfigError, ModelConfig
-from mtgpt.model import GPT
+from mtgpt.model import GPT, WTE, unpadded
 
 CKPT_DIR = "checkpoints"
 COMPLETE = "COMPLETE"
@@ -226,7 +226,7 @@ def save_weights(weights: dict[str, torch.Tensor], config: ModelConfig, folder: 
     """model.safetensors + config.json in `folder`, each written to a temp name and renamed."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    weights = {k: v.contiguous() for k, v in weights.items() if k != "lm_head.weight"}
+    weights = {k: v.contiguous() for k, v in unpadded(weights, config).items() if k != "lm_head.weight"}
     tmp = folder / (WEIGHTS + ".tmp")
     save_file(weights, str(tmp), metadata={"format": "pt", **(metadata or {})})
     os.chmod(tmp, 0o644)
@@ -276,8 +276,12 @@ def has_val(run_dir: str | Path) -> bool:
 
 def load_weights(model: GPT, weights: dict[str, torch.Tensor], source: str | Path) -> GPT:
     """Copy `weights` (names as GPT.named_parameters(): the tied matrix once, as
-    transformer.wte.weight) into `model`; raises if they do not fit it."""
+    transformer.wte.weight) into `model`; raises if they do not fit it. An embedding of exactly
+    vocab_size rows (as saved) fills a padded model's first rows; its padding rows stay."""
     own = model.state_dict()
+    wte = weights.get(WTE)
+    if wte is not None and wte.size(0) == model.config.vocab_size < own[WTE].size(0):
+        weights = {**weights, WTE: torch.cat([wte.to(own[WTE].dtype), own[WTE][wte.size(0):].to(wte.device)])}
     wrong = [f"{k} is {tuple(v.shape)} there but {tuple(own[k].shape)} in the model"
              for k, v in weights.items() if k in own and own[k].shape != v.shape]
     if wrong:

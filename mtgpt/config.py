@@ -41,6 +41,11 @@ class ModelConfig:
     n_embd: int = option(384, "Model width (the residual stream).")
     dropout: float = option(0.0, "Dropout on embeddings, attention and residual branches (0 for pretraining).")
     bias: bool = True  # biases in Linear and LayerNorm, as GPT-2 (needed for a 1:1 HF export)
+    vocab_multiple: int | None = option(
+        None, "Round the embedding and output rows up to a multiple of this (as nanoGPT's 50304): the output "
+        "layer, most of a small model's FLOPs, then fits GPU tensor cores. The extra rows are never scored "
+        "or sampled, and saved models and Hugging Face exports have exactly the vocabulary's rows.",
+        default_help="64 on a GPU, 1 on a CPU (no gain there); a resumed run keeps its own")
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -52,13 +57,22 @@ class ModelConfig:
                 f"of n_head (e.g. --n-embd {self.n_head * max(1, round(self.n_embd / self.n_head))})")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.vocab_multiple is not None and (not isinstance(self.vocab_multiple, int) or self.vocab_multiple < 1):
+            raise ConfigError(f"vocab_multiple must be a positive integer, got {self.vocab_multiple!r}")
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding / output layer: vocab_size rounded up to vocab_multiple (None: 1)."""
+        m = self.vocab_multiple or 1
+        return -(-self.vocab_size // m) * m
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
         return _from_dict(cls, d, "model config")
 
     def shape(self) -> dict[str, int]:
-        """The fields that fix the parameter tensors (dropout may change between runs, these not)."""
+        """The fields that fix the saved weights (dropout may change between runs, these not; the
+        vocabulary padding is not saved in model.safetensors, see `padded_vocab_size`)."""
         return {k: getattr(self, k) for k in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd")}
 
 

@@ -19,6 +19,7 @@ import torch
 
 from mtgpt import tokenizer
 from mtgpt.config import ModelConfig
+from mtgpt.model import unpadded
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
@@ -70,7 +71,7 @@ def export(weights: dict[str, torch.Tensor], config: ModelConfig, out: str | Pat
         raise HFError("Hugging Face's GPT-2 has biases everywhere; a model trained with bias=False cannot be exported")
     out = Path(out)
     model = GPT2LMHeadModel(gpt2_config(config))
-    missing, unexpected = model.load_state_dict(_transpose_conv1d(weights), strict=False)
+    missing, unexpected = model.load_state_dict(_transpose_conv1d(unpadded(weights, config)), strict=False)
     missing = [k for k in missing if k != "lm_head.weight" and not k.endswith((".attn.bias", ".attn.masked_bias"))]
     if missing or unexpected:
         raise HFError(f"weights do not map onto GPT-2: missing {missing[:5]}, unexpected {unexpected[:5]}")

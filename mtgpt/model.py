@@ -8,6 +8,7 @@ Notation used in shape comments:
     B  batch size            T  sequence length (<= block_size)
     C  n_embd (width)        nh n_head           hs head size = C // nh
     V  vocab_size            P  tokens already in the KV cache
+    Vp padded_vocab_size: V rounded up to config.vocab_multiple (rows of wte / lm_head)
 
 This file never imports deepspeed or torch.distributed and never reads the environment.
 """
@@ -110,13 +111,13 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embedding
+            wte=nn.Embedding(config.padded_vocab_size, config.n_embd),  # token embedding (Vp rows)
             wpe=nn.Embedding(config.block_size, config.n_embd),  # learned position embedding
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         # Weight tying (Press & Wolf 2017, as GPT-2): the output projection is the token embedding.
         self.lm_head.weight = self.transformer.wte.weight
         self.apply(self._init_weights)
@@ -177,10 +178,12 @@ class GPT(nn.Module):
         if cache is not None:
             cache.length += T
         x = self.transformer.ln_f(x[:, -1:] if last_only else x)
-        logits = self.lm_head(x)  # (B, T, V), or (B, 1, V)
+        logits = self.lm_head(x)  # (B, T, Vp), or (B, 1, Vp)
+        if logits.size(-1) != self.config.vocab_size:
+            logits = logits[..., :self.config.vocab_size]  # padding rows: never scored or sampled
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
     def param_groups(self, weight_decay: float | None = None) -> list[dict]:
@@ -198,6 +201,17 @@ class GPT(nn.Module):
         if weight_decay is not None:
             decay_group["weight_decay"] = weight_decay
         return [decay_group, {"params": no_decay, "weight_decay": 0.0}]
+
+
+WTE = "transformer.wte.weight"
+
+
+def unpadded(weights: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Weights as they leave the model (model.safetensors, Hugging Face): the token embedding
+    without its padding rows, exactly vocab_size of them."""
+    if WTE in weights and weights[WTE].size(0) != config.vocab_size:
+        return {**weights, WTE: weights[WTE][:config.vocab_size]}
+    return weights
 
 
 def param_count(config: ModelConfig, non_embedding: bool = False) -> int:

@@ -74,7 +74,19 @@ def resume_point(cfg: TrainConfig) -> Path | None:
                              if old.shape()[k] != v)
             raise ConfigError(f"cannot resume {found}: it holds a model of another shape ({diff}); use "
                               "the run's own model options, or start a new run with another --out")
+        if cfg.model.vocab_multiple not in (None, old.vocab_multiple or 1):
+            raise ConfigError(f"cannot resume {found}: its vocabulary is padded to a multiple of "
+                              f"{old.vocab_multiple or 1}, not {cfg.model.vocab_multiple}; leave out --vocab-multiple")
     return found
+
+
+def saved_vocab_multiple(found: Path) -> int:
+    """The vocab_multiple of the run that saved checkpoint folder `found` (1 for runs saved
+    before the padding existed, whose checkpoints hold exactly vocab_size rows)."""
+    try:
+        return load_json(found.parent.parent / TRAIN_CONFIG)["model"].get("vocab_multiple") or 1
+    except (ConfigError, KeyError, AttributeError):
+        return 1
 
 
 def saved_batch_size(found: Path) -> int | None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +92,9 @@ def make_plan(cfg: TrainConfig, world_size: int, cuda: bool | None = None) -> Pl
     resume_from = rundir.resume_point(cfg)
     if cfg.batch_size is None and resume_from is not None:  # a resumed run keeps its batch
         cfg = cfg.replace(batch_size=rundir.saved_batch_size(resume_from))
+    if cfg.model.vocab_multiple is None:  # a resumed run keeps its own; else what fits the device
+        multiple = rundir.saved_vocab_multiple(resume_from) if resume_from is not None else (64 if cuda else 1)
+        cfg = cfg.replace(model=replace(cfg.model, vocab_multiple=multiple))
     cfg = cfg.for_world(world_size)
     steps = schedule_steps(cfg, manifest, world_size)
     if cfg.patience is not None and manifest["splits"]["val"]["samples"] == 0:

@@ -75,3 +75,27 @@ def test_needs_universal(tmp_path):
     (tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
     assert checkpoint.needs_universal(tag, 1) and checkpoint.needs_universal(tag, 4)
     assert not checkpoint.needs_universal(tag, 2)  # the same world size
+
+
+def test_saved_weights_have_exactly_the_vocabulary_and_load_padded_or_not(tmp_path):
+    """model.safetensors holds vocab_size embedding rows whatever the padding; it loads into a
+    padded model (as a GPU run builds it) and into an unpadded one (a run saved before the
+    padding existed) with the same logits."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    padded = GPT(ModelConfig(**TINY, vocab_multiple=64))
+    checkpoint.save_weights(dict(padded.named_parameters()), padded.config, tmp_path / "m")
+    assert load_file(str(tmp_path / "m" / "model.safetensors"))["transformer.wte.weight"].shape[0] == 50257
+    idx = torch.randint(0, 50257, (1, 12))
+    expected, _ = padded(idx)
+    loaded = checkpoint.load_model(tmp_path / "m")
+    assert loaded.transformer.wte.weight.shape[0] == 50304 and torch.equal(loaded(idx)[0], expected)
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    del config["vocab_multiple"]  # as written before the padding existed
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    old = checkpoint.load_model(tmp_path / "m")
+    assert old.transformer.wte.weight.shape[0] == 50257 and torch.equal(old(idx)[0], expected)

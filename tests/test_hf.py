@@ -179,3 +179,17 @@ def test_init_from_with_data_of_another_block_size(trained_folder, tmp_path):
                          check=False)
         assert proc.returncode != 0 and "--block-size 32" in proc.stderr, proc.stderr
         assert "cannot change" in proc.stderr and "pass --block-size 16" not in proc.stderr
+
+
+def test_a_padded_model_exports_exactly_the_vocabulary(tmp_path):
+    """A model whose embedding is padded (as on a GPU) exports 50257 rows and the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**TINY, vocab_multiple=64)).eval()
+    hf.export(dict(model.named_parameters()), model.config, tmp_path / "hf")
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert theirs.config.vocab_size == 50257 and theirs.transformer.wte.weight.shape[0] == 50257
+    ids = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (model(ids)[0] - theirs(ids).logits).abs().max().item() < 1e-4

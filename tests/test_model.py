@@ -116,3 +116,45 @@ def test_param_groups_split():
     assert id(model.transformer.h[0].attn.c_attn.weight) in decay_ids
     assert id(model.transformer.wte.weight) not in decay_ids
     assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == model.num_params()
+
+
+def padded_and_plain(seed: int = 0) -> tuple[GPT, GPT]:
+    """The same tiny model with its vocabulary padded to a multiple of 64 and without padding;
+    the padding rows are made large, so any use of them would show."""
+    torch.manual_seed(seed)
+    padded = GPT(ModelConfig(**TINY, vocab_multiple=64))
+    with torch.no_grad():
+        padded.transformer.wte.weight[50257:] = 5.0
+    plain = GPT(ModelConfig(**TINY))
+    plain.load_state_dict({k: (v[:50257] if k in ("transformer.wte.weight", "lm_head.weight") else v)
+                           for k, v in padded.state_dict().items()})
+    return padded, plain
+
+
+def test_a_padded_vocabulary_is_never_scored_or_sampled():
+    padded, plain = padded_and_plain()
+    assert padded.config.padded_vocab_size == 50304 and padded.transformer.wte.weight.shape[0] == 50304
+    assert padded.lm_head.weight is padded.transformer.wte.weight
+    idx = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(1))
+    (a, la), (b, lb) = padded(idx, idx), plain(idx, idx)
+    assert a.shape == b.shape == (2, 16, 50257)  # what sampling, eval and chat see
+    assert torch.equal(a, b) and torch.equal(la, lb)  # the padding changes nothing they compute
+    from mtgpt.sample import SampleConfig, stream
+
+    for cfg in (SampleConfig(max_new_tokens=20, temperature=0), SampleConfig(max_new_tokens=20, top_k=0, seed=1)):
+        ids = [int(n[0]) for n, _ in stream(padded.eval(), [1, 2, 3], cfg)]
+        assert max(ids) < 50257
+    with pytest.raises(ConfigError, match="vocab_multiple"):
+        ModelConfig(vocab_multiple=0)
+    assert ModelConfig(vocab_multiple=None).padded_vocab_size == ModelConfig(vocab_multiple=1).padded_vocab_size == 50257
+
+
+def test_the_padded_output_layer_trains_like_the_plain_one():
+    padded, plain = padded_and_plain()
+    idx = torch.randint(0, 50257, (2, 17), generator=torch.Generator().manual_seed(2))
+    for model in (padded, plain):
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+    grad = padded.transformer.wte.weight.grad
+    assert torch.allclose(grad[:50257], plain.transformer.wte.weight.grad, atol=1e-7)
+    assert grad[50257:].abs().max() == 0  # the padding rows get no gradient: they are never used

@@ -379,3 +379,40 @@ def test_one_and_two_ranks_with_the_same_batch_size_train_the_same_tokens(tiny_d
         logged[n] = [(r["step"], r["train/tokens"]) for r in metrics(run) if "train/loss" in r]
         assert json.loads((run / "ds_config.json").read_text())["gradient_accumulation_steps"] == 4 // n
     assert logged[1] == logged[2] == [(s, s * 8 * TINY["block_size"]) for s in (1, 2, 3, 4)]
+
+
+def test_the_vocabulary_is_padded_on_a_gpu_and_a_resumed_run_keeps_its_padding(tiny_data, tmp_path):
+    from mtgpt.config import ConfigError
+    from mtgpt.train import make_plan
+
+    cfg = TrainConfig(data=str(tiny_data), out=str(tmp_path / "run"), model=dict(TINY), micro_batch=2, max_steps=5,
+                      ds_config="zero1_fp32")
+    assert make_plan(cfg, world_size=1, cuda=False).cfg.model.vocab_multiple == 1
+    assert make_plan(cfg, world_size=1, cuda=True).cfg.model.vocab_multiple == 64
+    assert make_plan(cfg.replace(model={**TINY, "vocab_multiple": 8}), world_size=1, cuda=True).cfg.model.vocab_multiple == 8
+    run = tmp_path / "run"  # a run that saved a checkpoint, with its train_config.json
+    folder = run / checkpoint.CKPT_DIR / checkpoint.tag_for(5)
+    folder.mkdir(parents=True)
+    checkpoint.mark_complete(run, folder.name, {"step": 5, "world_size": 1}, keep_last=5)
+    again = cfg.replace(resume="auto", max_steps=10)
+    for saved, cuda, kept in ((64, False, 64), (None, True, 1), (1, True, 1)):
+        model = {**TINY, **({"vocab_multiple": saved} if saved else {})}  # None: saved before padding existed
+        (run / "train_config.json").write_text(json.dumps({**cfg.to_dict(), "model": model}))
+        assert make_plan(again, world_size=1, cuda=cuda).cfg.model.vocab_multiple == kept
+    with pytest.raises(ConfigError, match="padded to a multiple of 1, not 64"):
+        make_plan(again.replace(model={**TINY, "vocab_multiple": 64}), world_size=1, cuda=True)
+
+
+def test_a_padded_run_trains_saves_the_vocabulary_and_resumes(tiny_data, tmp_path, world_of_one):
+    """Through the real engine (ZeRO-1, bf16, a world of one): padded rows live in DeepSpeed's
+    checkpoints (the run resumes with them), model.safetensors has exactly 50257."""
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    cfg = TrainConfig(data=str(tiny_data), out=str(run), model={**TINY, "vocab_multiple": 64}, micro_batch=2,
+                      eval_samples=4, log_every=1, eval_every=100, save_every=2, max_steps=2, ds_config="zero1_bf16")
+    assert _fit(cfg)["step"] == 2
+    assert load_file(str(run / "model.safetensors"))["transformer.wte.weight"].shape[0] == 50257
+    assert json.loads((run / "train_config.json").read_text())["model"]["vocab_multiple"] == 64
+    assert _fit(cfg.replace(resume="auto", max_steps=4, model={**TINY}))["step"] == 4  # keeps its padding
+    assert checkpoint.load_model(run).transformer.wte.weight.shape[0] == 50304
