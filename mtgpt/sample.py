@@ -176,20 +176,18 @@ class SampleText:
 def generate(model: GPT, prompt: str, cfg: SampleConfig, use_cache: bool = True) -> list[str]:
     """Whole continuations of `prompt` (without the prompt), one per sample."""
     cfg.check(model.config.vocab_size)
-    out: list[list[int]] = [[] for _ in range(cfg.num_samples)]
-    done = [False] * cfg.num_samples
+    texts = [SampleText([cfg.stop_text] if cfg.stop_text else [], stop_at_eot=cfg.stop_at_eot)
+             for _ in range(cfg.num_samples)]
     for nxt, _ in stream(model, tokenizer.encode(prompt), cfg, use_cache):
-        for i, t in enumerate(nxt.tolist()):
-            if done[i]:
-                continue
-            if cfg.stop_at_eot and t == tokenizer.EOT:
-                done[i] = True
-            else:
-                out[i].append(t)
-        if all(done):
+        for text, token in zip(texts, nxt.tolist()):
+            if not text.finish:
+                text.add(token)
+        if all(text.finish for text in texts):
             break
-    texts = [tokenizer.decode(ids) for ids in out]
-    return [t.split(cfg.stop_text)[0] for t in texts] if cfg.stop_text else texts
+    for text in texts:
+        if not text.finish:
+            text.length()
+    return [text.out for text in texts]
 
 
 def pick_device(name: str = "auto") -> torch.device:
