@@ -155,6 +155,7 @@ class Worker:
         self.incoming: queue.Queue = queue.Queue()
         self.active: list[Job] = []
         self.stopped = False
+        self.generated = 0  # tokens generated since start (all jobs; /health shows it)
 
     def submit(self, job: Job) -> None:
         if self.incoming.qsize() + len(self.active) >= MAX_JOBS:
@@ -167,7 +168,7 @@ class Worker:
         self.incoming.put(None)
 
     def counts(self) -> dict[str, int]:
-        return {"active": len(self.active), "queued": self.incoming.qsize()}
+        return {"active": len(self.active), "queued": self.incoming.qsize(), "generated_tokens": self.generated}
 
     def start_thread(self) -> threading.Thread:
         """Run the loop in a daemon thread (for embedding and tests)."""
@@ -202,6 +203,7 @@ class Worker:
     def _step(self, job: Job) -> bool:
         step = next(job.steps, None)  # (next token ids (n,), logits), or None when the budget is spent
         tokens = step[0].tolist() if step is not None else [None] * len(job.choices)
+        self.generated += len(tokens) if step is not None else 0
         for i, (choice, token) in enumerate(zip(job.choices, tokens)):
             if choice.finish:
                 continue
