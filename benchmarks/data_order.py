@@ -33,6 +33,8 @@ from mtgpt.data.sources import corpus_files
 from mtgpt.evaluate import score_text
 from mtgpt.model import GPT
 
+GPT2 = tokenizer.gpt2()
+
 
 def split_text(files: list[Path], heldout: float) -> tuple[str, str]:
     text = "".join(f.read_text(encoding="utf-8") for f in files)
@@ -52,7 +54,7 @@ def lr_at(step: int, args) -> float:
 def plain(train_text: str, cfg: ModelConfig, args, seed: int, out: Path) -> float:
     """The plain loop; returns training seconds. Writes out/model.safetensors."""
     torch.manual_seed(seed)
-    ids = torch.from_numpy(np.array(tokenizer.encode(train_text), dtype=np.int64))
+    ids = torch.from_numpy(np.array(GPT2.encode(train_text), dtype=np.int64))
     gen = torch.Generator().manual_seed(seed)
     model = GPT(cfg)
     opt = torch.optim.AdamW(model.param_groups(0.1), lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
@@ -119,7 +121,7 @@ def main() -> None:
                 out = tmp / f"{name.split()[0]}-{seed}"
                 seconds = run(out)
                 with torch.no_grad():
-                    loss = score_text(checkpoint.load_model(out).eval(), heldout_text, "heldout", args.block_size).loss
+                    loss = score_text(checkpoint.load_model(out).eval(), GPT2, heldout_text, "heldout", args.block_size).loss
                 results[name].append(loss)
                 print(f"  seed {seed}: {name:<30} held-out loss {loss:.4f}  ({seconds:.0f} s)", flush=True)
     means = {name: statistics.mean(v) for name, v in results.items() if v}

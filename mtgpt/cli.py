@@ -100,10 +100,12 @@ def build_config(options: dict) -> TrainConfig:
         except ValueError as e:
             raise ConfigError(f"cannot start from it: {e}") from None
         base["model"] = {**source.shape(), **base["model"]}
-    if "block_size" not in base["model"] and base.get("data"):
-        from mtgpt.data import load_manifest  # the data's block size is the natural default
+    if base.get("data") and ("block_size" not in base["model"] or "vocab_size" not in base["model"]):
+        from mtgpt.data import load_manifest  # the data's block size is the natural default, and its
 
-        base["model"]["block_size"] = load_manifest(base["data"])["block_size"]
+        manifest = load_manifest(base["data"])  # tokenizer decides the vocabulary
+        base["model"].setdefault("block_size", manifest["block_size"])
+        base["model"].setdefault("vocab_size", manifest["tokenizer"]["vocab_size"])
     if not base.get("data"):
         raise ConfigError("--data is required: a folder written by `mtgpt prepare`")
     return TrainConfig.from_dict(base)
@@ -138,15 +140,20 @@ def main() -> None:
 @click.option("--doc-separator", metavar="LINE", help="A line equal to LINE ends a document (default: each file is one).")
 @click.option("--strict", is_flag=True, help="Refuse invalid UTF-8 instead of replacing it.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out (only once the new data is complete).")
+@click.option("--tokenizer", "tok", default="gpt2", show_default=True, metavar="gpt2|TOK_DIR",
+              help="GPT-2's vocabulary, or a folder made by `mtgpt tokenizer train` (or a data or run folder: its tokenizer).")
+@click.option("--vocab-size", type=int, help="Train a tokenizer of this many tokens on the same TEXT first and use it "
+              "(e.g. 8192; it is saved in --out).")
 @click.option("--workers", type=int, help="Tokenizer threads. [default: all cores]")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--list", "list_corpora", is_flag=True, help="List the built-in corpora and exit.")
 def prepare(inputs, out, block_size, val_fraction, seed, shard_size, glob, fmt, doc_separator, strict,
-            overwrite, workers, quiet, list_corpora):
+            overwrite, tok, vocab_size, workers, quiet, list_corpora):
     """Tokenize text into webdataset shards for training.
 
     TEXT... are text files, folders (*.txt inside, recursively), - for stdin, or the name of a
     built-in corpus (see --list). Each file is a document; <|endoftext|> separates documents.
+    Training, sampling and export use the data's tokenizer with no further option.
     """
     from mtgpt.data.prepare import prepare as run_prepare
     from mtgpt.data.sources import CORPORA, DataError
@@ -161,13 +168,45 @@ def prepare(inputs, out, block_size, val_fraction, seed, shard_size, glob, fmt, 
         m = run_prepare(list(inputs), out, block_size=block_size, val_fraction=val_fraction, seed=seed,
                         shard_size_mb=shard_size, overwrite=overwrite, strict=strict,
                         doc_separator=doc_separator, glob=glob, workers=workers, quiet=quiet,
-                        warn=lambda msg: click.echo(msg, err=True), fmt=fmt)
+                        warn=lambda msg: click.echo(msg, err=True), fmt=fmt, tok=tok, vocab_size=vocab_size)
     except DataError as e:
         _fail(e)
     tr, va = m["splits"]["train"], m["splits"]["val"]
     click.echo(f"{out}: {m['documents']} document(s), {m['tokens']:,} tokens -> {tr['samples']:,} train + "
                f"{va['samples']:,} val sequences of {block_size + 1} tokens in {len(tr['shards'])} + "
-               f"{len(va['shards'])} shard(s) ({m['seconds']:.1f} s)")
+               f"{len(va['shards'])} shard(s) ({m['seconds']:.1f} s); tokenizer {m['tokenizer']['name']} "
+               f"({m['tokenizer']['vocab_size']:,} tokens, {m['text_bytes'] / max(1, m['tokens']):.2f} bytes/token)")
+
+
+@main.group()
+def tokenizer():
+    """Make a tokenizer from your own text (then `mtgpt prepare ... --tokenizer TOK_DIR`)."""
+
+
+@tokenizer.command(name="train")
+@click.argument("inputs", nargs=-1, metavar="TEXT...")
+@click.option("--vocab-size", type=int, required=True, help="Tokens in the vocabulary: the 256 bytes, merges, <|endoftext|>.")
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Tokenizer folder to create.")
+@click.option("--glob", help="Files to take from folders. [default: **/*.txt]")
+@click.option("--strict", is_flag=True, help="Refuse invalid UTF-8 instead of replacing it.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty --out (only once the new one is complete).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def tokenizer_train(inputs, vocab_size, out, glob, strict, overwrite, quiet):
+    """Train a byte-level BPE (GPT-2's kind) on TEXT... (what `mtgpt prepare` reads).
+
+    Every text encodes and decodes back exactly; <|endoftext|> is its last token. The folder holds
+    tokenizer.json (Hugging Face's format) and tokenizer_info.json.
+    """
+    from mtgpt.data.prepare import make_tokenizer
+    from mtgpt.data.sources import DataError
+
+    try:
+        tok = make_tokenizer(list(inputs), vocab_size, out, overwrite=overwrite, glob=glob, strict=strict, quiet=quiet)
+    except DataError as e:
+        _fail(e)
+    click.echo(f"{out}: {tok.name}, {tok.vocab_size:,} tokens; {tok.info['bytes_per_token']:.2f} bytes/token on its "
+               f"text (GPT-2's: {tok.info['gpt2_bytes_per_token']:.2f}); use it with `mtgpt prepare TEXT... "
+               f"--tokenizer {out} --out DATA_DIR`")
 
 
 @main.command()
@@ -328,13 +367,14 @@ def eval_(run_dir, texts, stride, best, device, as_json):
     """Loss, perplexity and bits per byte of a model on text files (sliding window)."""
     import json as json_mod
 
-    from mtgpt.checkpoint import load_model
+    from mtgpt.checkpoint import load_model, load_tokenizer, model_folder
     from mtgpt.evaluate import read_text, score_text, total
     from mtgpt.sample import pick_device
 
     try:
         model = load_model(run_dir, best=best, device=pick_device(device))
-        scores = [score_text(model, read_text(path), path, stride) for path in texts]
+        tok = load_tokenizer(model_folder(run_dir, best))
+        scores = [score_text(model, tok, read_text(path), path, stride) for path in texts]
     except ValueError as e:
         _fail(e)
     rows = scores + ([total(scores)] if len(scores) > 1 else [])
@@ -354,14 +394,14 @@ def eval_(run_dir, texts, stride, best, device, as_json):
 def export(run_dir, hf_dir, best):
     """Write a run's model as a Hugging Face GPT-2 folder (config, safetensors, tokenizer)."""
     from mtgpt import hf
-    from mtgpt.checkpoint import load_model
+    from mtgpt.checkpoint import load_model, load_tokenizer, model_folder
 
     out = Path(hf_dir)
     if out.exists() and any(out.iterdir()):
         _fail(ValueError(f"{out} is not empty; choose another --hf folder"))
     try:
         model = load_model(run_dir, best=best)
-        hf.export(dict(model.named_parameters()), model.config, out)
+        hf.export(dict(model.named_parameters()), model.config, out, load_tokenizer(model_folder(run_dir, best)))
     except ValueError as e:
         _fail(e)
     click.echo(f"{out}: GPT2LMHeadModel + tokenizer; load with "

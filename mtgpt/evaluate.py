@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mtgpt import tokenizer
 from mtgpt.data.sources import strip_bom
 from mtgpt.model import GPT
+from mtgpt.tokenizer import Tokenizer
 
 
 @dataclass
@@ -73,8 +73,10 @@ def score_ids(model: GPT, ids: list[int], stride: int) -> tuple[float, int]:
     return nll, count
 
 
-def score_text(model: GPT, text: str, name: str, stride: int | None = None) -> Score:
-    ids = [tokenizer.EOT, *tokenizer.encode(text)]
+def score_text(model: GPT, tok: Tokenizer, text: str, name: str, stride: int | None = None) -> Score:
+    """Score `text` read with `tok` (the model's own tokenizer: bits per byte compare across
+    tokenizers, loss per token does not)."""
+    ids = [tok.eot, *tok.encode(text)]
     nll, count = score_ids(model, ids, max(1, model.config.block_size // 2) if stride is None else stride)
     return Score(name, count, len(text.encode("utf-8")), nll)
 

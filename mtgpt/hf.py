@@ -4,8 +4,9 @@
 mtgpt's parameter names are GPT-2's, so the mapping is one to one; the only change is that HF's
 GPT-2 keeps its attention and MLP weights in `Conv1D` layers, stored transposed (in, out) where
 nn.Linear stores (out, in). The exported folder is a `GPT2LMHeadModel` written by transformers'
-own save_pretrained (config.json, model.safetensors) plus the GPT-2 tokenizer as tokenizer.json,
-built from the same vocabulary files mtgpt ships. Weights are read only from safetensors or with
+own save_pretrained (config.json, model.safetensors) plus the run's tokenizer as tokenizer.json
+(GPT-2's built from the vocabulary files mtgpt ships; an own one as mtgpt.tokenizer writes it), so
+`AutoTokenizer` gives mtgpt's ids. Weights are read only from safetensors or with
 `torch.load(weights_only=True)`: a pickle that would run code is refused.
 """
 
@@ -35,36 +36,51 @@ def _transpose_conv1d(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 def gpt2_config(config: ModelConfig):
     from transformers import GPT2Config
 
+    eot = config.vocab_size - 1  # <|endoftext|> is the last id of every mtgpt tokenizer
     return GPT2Config(vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd,
                       n_layer=config.n_layer, n_head=config.n_head, n_inner=None,
                       activation_function="gelu_new", resid_pdrop=config.dropout, embd_pdrop=config.dropout,
-                      attn_pdrop=config.dropout, layer_norm_epsilon=1e-5, bos_token_id=tokenizer.EOT,
-                      eos_token_id=tokenizer.EOT, tie_word_embeddings=True)
+                      attn_pdrop=config.dropout, layer_norm_epsilon=1e-5, bos_token_id=eot,
+                      eos_token_id=eot, tie_word_embeddings=True)
 
 
-def hf_tokenizer(model_max_length: int | None = None):
-    """transformers' GPT2TokenizerFast built from mtgpt's vocabulary files (50257 tokens), that
-    truncates to `model_max_length` (the model's context) when asked to.
-    (GPT2TokenizerFast(vocab_file=..., merges_file=...) builds an empty tokenizer in some
-    transformers versions, so the `tokenizers` BPE model is assembled directly.)"""
+def hf_tokenizer(tok: tokenizer.Tokenizer | None = None, model_max_length: int | None = None):
+    """transformers' fast tokenizer for `tok` (GPT-2's when None), that truncates to
+    `model_max_length` (the model's context) when asked to. GPT-2's is GPT2TokenizerFast built from
+    mtgpt's vocabulary files (GPT2TokenizerFast(vocab_file=..., merges_file=...) builds an empty
+    tokenizer in some transformers versions, so the `tokenizers` BPE model is assembled directly);
+    an own one is PreTrainedTokenizerFast over `tokenizer.hf_tokenizer(tok)`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import GPT2TokenizerFast
+    from transformers import GPT2TokenizerFast, PreTrainedTokenizerFast
+
+    eot = tokenizer.EOT_TEXT
+    if tok is not None and not tok.is_gpt2:
+        fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer.hf_tokenizer(tok), bos_token=eot, eos_token=eot,
+                                       unk_token=eot, model_max_length=model_max_length)
+        if len(fast) != tok.vocab_size:
+            raise RuntimeError(f"the Hugging Face tokenizer has {len(fast)} tokens, not {tok.vocab_size}")
+        return fast
 
     vocab = json.loads(tokenizer.ENCODER_JSON.read_text(encoding="utf-8"))
     merges = [tuple(line.split()) for line in tokenizer.VOCAB_BPE.read_text(encoding="utf-8").split("\n")[1:] if line]
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2's regex, then bytes
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    fast = GPT2TokenizerFast(tokenizer_object=tok, bos_token=tokenizer.EOT_TEXT, eos_token=tokenizer.EOT_TEXT,
-                             unk_token=tokenizer.EOT_TEXT, model_max_length=model_max_length)
-    if len(fast) != tokenizer.VOCAB_SIZE:
-        raise RuntimeError(f"the Hugging Face tokenizer has {len(fast)} tokens, not {tokenizer.VOCAB_SIZE}")
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2's regex, then bytes
+    bpe.decoder = decoders.ByteLevel()
+    bpe.post_processor = processors.ByteLevel(trim_offsets=False)
+    fast = GPT2TokenizerFast(tokenizer_object=bpe, bos_token=eot, eos_token=eot, unk_token=eot,
+                             model_max_length=model_max_length)
+    if len(fast) != tokenizer.GPT2_VOCAB_SIZE:
+        raise RuntimeError(f"the Hugging Face tokenizer has {len(fast)} tokens, not {tokenizer.GPT2_VOCAB_SIZE}")
     return fast
 
 
-def export(weights: dict[str, torch.Tensor], config: ModelConfig, out: str | Path) -> Path:
-    """Write a GPT2LMHeadModel folder from mtgpt weights (names as GPT.named_parameters())."""
+def export(weights: dict[str, torch.Tensor], config: ModelConfig, out: str | Path,
+           tok: tokenizer.Tokenizer | None = None) -> Path:
+    """Write a GPT2LMHeadModel folder from mtgpt weights (names as GPT.named_parameters()) and
+    `tok` (GPT-2's when None)."""
+    tok = tok or tokenizer.gpt2()
+    if tok.vocab_size != config.vocab_size:
+        raise HFError(f"the tokenizer has {tok.vocab_size} tokens but the model {config.vocab_size}")
     from transformers import GPT2LMHeadModel
 
     if not config.bias:
@@ -77,7 +93,7 @@ def export(weights: dict[str, torch.Tensor], config: ModelConfig, out: str | Pat
         raise HFError(f"weights do not map onto GPT-2: missing {missing[:5]}, unexpected {unexpected[:5]}")
     model.tie_weights()
     model.save_pretrained(out, safe_serialization=True)
-    hf_tokenizer(model_max_length=config.block_size).save_pretrained(out)
+    hf_tokenizer(tok, model_max_length=config.block_size).save_pretrained(out)
     return out
 
 

@@ -1,4 +1,4 @@
-"""`mtgpt info`: what a data folder or a run folder holds, as text."""
+"""`mtgpt info`: what a data, run or tokenizer folder holds, as text."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import json
 import math
 from pathlib import Path
 
-from mtgpt import checkpoint, rundir
+import numpy as np
+
+from mtgpt import checkpoint, rundir, tokenizer
 from mtgpt.config import ModelConfig, TrainConfig, load_json
 from mtgpt.data.manifest import MANIFEST, load_manifest, verify as verify_shards
 from mtgpt.model import param_count
@@ -19,11 +21,41 @@ def describe_model(config: ModelConfig) -> list[str]:
             f"parameters: {param_count(config):,} (token embedding tied to the output layer, counted once)"]
 
 
+SAMPLE_BYTES = 1 << 20  # GPT-2's bytes per token on a data folder are measured on ~1 MB of its text
+
+
+def gpt2_bytes_per_token(path: Path, m: dict, tok: tokenizer.Tokenizer) -> float:
+    """GPT-2's bytes per token on the text of the first train samples of a data folder made with
+    another tokenizer (decoded back to text, <|endoftext|> left out)."""
+    from mtgpt.data.loader import Split
+
+    split = Split(path, m, "train", tok.vocab_size)
+    per_sample = m["sample_tokens"] * m["text_bytes"] / max(1, m["tokens"])
+    ids = split.read(np.arange(min(len(split), max(1, int(SAMPLE_BYTES / per_sample))))).reshape(-1)
+    text = b"".join(tok.token_bytes(int(i)) for i in ids if i != tok.eot).decode("utf-8", errors="replace")
+    return len(text.encode("utf-8")) / max(1, len(tokenizer.gpt2().encode(text)))
+
+
+def describe_tokenizer(path: Path) -> list[str]:
+    tok = tokenizer.load(path)
+    lines = [f"tokenizer folder {path}: {tokenizer.describe(tok.identity())}"]
+    trained = tok.info.get("trained_on")
+    if trained:
+        lines.append(f"trained on: {trained['sources']} source(s), {trained['bytes'] / 1e6:.1f} MB "
+                     f"({', '.join(trained['names'])})")
+    if "bytes_per_token" in tok.info:
+        lines.append(f"bytes per token on that text: {tok.info['bytes_per_token']:.2f} (GPT-2's: "
+                     f"{tok.info['gpt2_bytes_per_token']:.2f}, {GPT2_VOCAB:,} tokens)")
+    return lines
+
+
+GPT2_VOCAB = tokenizer.GPT2_VOCAB_SIZE
+
+
 def describe_data(path: Path, verify: bool) -> tuple[list[str], bool]:
     m = load_manifest(path)
     lines = [f"data folder {path} (mtgpt {m['mtgpt_version']}, {m['created']})",
-             f"tokenizer: {m['tokenizer']['name']}, vocab {m['tokenizer']['vocab_size']}, "
-             f"sha256 {m['tokenizer']['sha256'][:16]}…",
+             f"tokenizer: {tokenizer.describe(m['tokenizer'])}",
              f"block size: {m['block_size']} ({m['sample_tokens']} tokens per sequence)",
              f"documents: {m['documents']:,}; tokens: {m['tokens']:,} "
              f"({m['dropped_tail_tokens']} left over at the end, not used)"]
@@ -32,6 +64,12 @@ def describe_data(path: Path, verify: bool) -> tuple[list[str], bool]:
         lines.append(f"{split}: {s['samples']:,} sequences, {s['tokens']:,} tokens in {len(s['shards'])} shard(s)")
     total = sum(src["bytes"] or 0 for src in m["sources"])
     lines.append(f"sources: {len(m['sources'])} ({total / 1e6:.1f} MB)")
+    if m.get("text_bytes"):
+        line = f"bytes per token: {m['text_bytes'] / max(1, m['tokens']):.2f}"
+        if not tokenizer.same(m["tokenizer"], tokenizer.GPT2_IDENTITY) and m["splits"]["train"]["samples"]:
+            tok = tokenizer.for_folder(path, m["tokenizer"])
+            line += f" (GPT-2's, {GPT2_VOCAB:,} tokens, on ~1 MB of this text: {gpt2_bytes_per_token(path, m, tok):.2f})"
+        lines.append(line)
     if m.get("replaced_bytes"):
         lines.append(f"invalid UTF-8 bytes replaced: {m['replaced_bytes']}")
     ok = True
@@ -54,6 +92,8 @@ def describe_run(path: Path) -> list[str]:
         config = checkpoint.load_model_config(path)
         lines += describe_model(config)
         vocab = config.vocab_size
+    if (path / checkpoint.MODEL_CONFIG).is_file():
+        lines.append(f"tokenizer: {tokenizer.describe(checkpoint.recorded_tokenizer(path))}")
     if (path / rundir.LAST_STOP).is_file():
         stop = json.loads((path / rundir.LAST_STOP).read_text())
         lines.append(f"last stop: {stop['reason']} at step {stop['step']} ({stop['tokens']:,} tokens)")
@@ -68,6 +108,9 @@ def describe_run(path: Path) -> list[str]:
             lines.append(f"val loss: {val[-1]['val/loss']:.4f} at step {val[-1]['step']}; best "
                          f"{best['val/loss']:.4f} at step {best['step']} (an untrained model scores "
                          f"ln({vocab}) = {math.log(vocab):.2f})")
+            if isinstance(val[-1].get("val/bpb"), float):
+                lines.append(f"val bits per byte: {val[-1]['val/bpb']:.4f} at step {val[-1]['step']}; best "
+                             f"{best.get('val/bpb', float('nan')):.4f} (comparable across tokenizers)")
     if not checkpoint.has_val(path):
         lines.append("val loss: none (the data has no val split: it was prepared with --val-fraction 0), "
                      "so no best model and no early stopping")
@@ -92,7 +135,9 @@ def describe(path: str | None, verify: bool = False) -> tuple[str, bool]:
         return "\n".join(lines), ok
     if rundir.has_run(p) or (p / checkpoint.MODEL_CONFIG).is_file():
         return "\n".join(describe_run(p)), True
+    if (p / tokenizer.TOKENIZER_JSON).is_file():
+        return "\n".join(describe_tokenizer(p)), True
     if not p.exists():
         raise ValueError(f"{path}: no such file or folder")
-    raise ValueError(f"{path} is neither a data folder (no {MANIFEST}) nor a run folder "
-                     f"(no {rundir.TRAIN_CONFIG} or {checkpoint.WEIGHTS})")
+    raise ValueError(f"{path} is not a data folder (no {MANIFEST}), a run folder (no {rundir.TRAIN_CONFIG} or "
+                     f"{checkpoint.WEIGHTS}) or a tokenizer folder (no {tokenizer.TOKENIZER_JSON})")

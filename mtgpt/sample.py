@@ -18,8 +18,8 @@ from typing import Iterator
 
 import torch
 
-from mtgpt import tokenizer
 from mtgpt.model import GPT, KVCache
+from mtgpt.tokenizer import Tokenizer
 
 
 class SampleError(ValueError):
@@ -86,7 +86,8 @@ def pick(logits: torch.Tensor, cfg: SampleConfig, generator: torch.Generator | N
 @torch.no_grad()  # not inference_mode: training calls this on ZeRO-3 parameters it must not freeze
 def stream(model: GPT, prompt: list[int], cfg: SampleConfig, use_cache: bool = True
            ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (next token ids (N,), logits (N, V)) one step at a time, for N = num_samples."""
+    """Yield (next token ids (N,), logits (N, V)) one step at a time, for N = num_samples.
+    `prompt` is not empty (`Tokenizer.prompt` starts an empty one with <|endoftext|>)."""
     block = model.config.block_size
     slide = cfg.slide or max(1, block // 4)
     device = next(model.parameters()).device
@@ -94,7 +95,7 @@ def stream(model: GPT, prompt: list[int], cfg: SampleConfig, use_cache: bool = T
     if cfg.seed is not None:
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
     if not prompt:
-        prompt = [tokenizer.EOT]  # an empty prompt starts a new document
+        raise SampleError("the prompt has no tokens; start it with <|endoftext|> (Tokenizer.prompt)")
     tokens = torch.tensor([prompt] * cfg.num_samples, dtype=torch.long, device=device)  # (N, T)
     cache, cached_from = None, -1
     for _ in range(cfg.max_new_tokens):
@@ -116,12 +117,12 @@ def stream(model: GPT, prompt: list[int], cfg: SampleConfig, use_cache: bool = T
 class TextStream:
     """Token ids -> text pieces, holding back bytes of a UTF-8 character split across tokens."""
 
-    def __init__(self):
+    def __init__(self, tok: Tokenizer):
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.enc = tokenizer.get_tokenizer()
+        self.tok = tok
 
     def add(self, token: int) -> str:
-        return self.decoder.decode(self.enc.decode_single_token_bytes(token))
+        return self.decoder.decode(self.tok.token_bytes(token))
 
     def flush(self) -> str:
         return self.decoder.decode(b"", final=True)
@@ -133,8 +134,8 @@ class SampleText:
     line ends the reply). `add` returns the text that may be shown now; text that may be the start
     of a stop string is held back until it is known not to be. `finish` becomes "stop" or "length"."""
 
-    def __init__(self, stops: list[str] = (), chat_reply: bool = False, stop_at_eot: bool = True):
-        self.decoder = TextStream()
+    def __init__(self, tok: Tokenizer, stops: list[str] = (), chat_reply: bool = False, stop_at_eot: bool = True):
+        self.decoder, self.eot = TextStream(tok), tok.eot
         self.stops = list(stops) + (["\n"] if chat_reply else [])
         self.hold = max((len(s) for s in self.stops), default=1) - 1
         self.started, self.stop_at_eot = not chat_reply, stop_at_eot
@@ -142,7 +143,7 @@ class SampleText:
 
     def add(self, token: int) -> str:
         self.tokens += 1
-        if self.stop_at_eot and token == tokenizer.EOT:
+        if self.stop_at_eot and token == self.eot:
             return self._end("stop", self.decoder.flush())
         piece = self.decoder.add(token)
         if not self.started:
@@ -173,12 +174,12 @@ class SampleText:
         return text
 
 
-def generate(model: GPT, prompt: str, cfg: SampleConfig, use_cache: bool = True) -> list[str]:
+def generate(model: GPT, tok: Tokenizer, prompt: str, cfg: SampleConfig, use_cache: bool = True) -> list[str]:
     """Whole continuations of `prompt` (without the prompt), one per sample."""
     cfg.check(model.config.vocab_size)
-    texts = [SampleText([cfg.stop_text] if cfg.stop_text else [], stop_at_eot=cfg.stop_at_eot)
+    texts = [SampleText(tok, [cfg.stop_text] if cfg.stop_text else [], stop_at_eot=cfg.stop_at_eot)
              for _ in range(cfg.num_samples)]
-    for nxt, _ in stream(model, tokenizer.encode(prompt), cfg, use_cache):
+    for nxt, _ in stream(model, tok.prompt(prompt), cfg, use_cache):
         for text, token in zip(texts, nxt.tolist()):
             if not text.finish:
                 text.add(token)
@@ -198,10 +199,11 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def load_for_inference(run_dir: str, best: bool, device: str, dtype: str = "auto") -> GPT:
-    """A run's model on one device. dtype auto: bf16 on a GPU, fp32 on a CPU (bf16 halves the
-    bytes read per token, which is what batch-1 generation waits on, where the CPU has fast bf16)."""
-    from mtgpt.checkpoint import load_model
+def load_for_inference(run_dir: str, best: bool, device: str, dtype: str = "auto") -> tuple[GPT, Tokenizer]:
+    """A run's model on one device, and its tokenizer. dtype auto: bf16 on a GPU, fp32 on a CPU
+    (bf16 halves the bytes read per token, which is what batch-1 generation waits on, where the
+    CPU has fast bf16)."""
+    from mtgpt.checkpoint import load_model, load_tokenizer, model_folder
 
     if dtype not in ("auto", "fp32", "bf16"):
         raise SampleError(f"--dtype must be auto, fp32 or bf16, got {dtype!r}")
@@ -209,7 +211,7 @@ def load_for_inference(run_dir: str, best: bool, device: str, dtype: str = "auto
     model = load_model(run_dir, best=best, device=dev)
     if dtype == "bf16" or (dtype == "auto" and dev.type == "cuda"):
         model = model.to(torch.bfloat16)
-    return model
+    return model, load_tokenizer(model_folder(run_dir, best))
 
 
 def run_sample(run_dir: str, prompt: str, cfg: SampleConfig, best: bool = False, device: str = "auto",
@@ -217,18 +219,18 @@ def run_sample(run_dir: str, prompt: str, cfg: SampleConfig, best: bool = False,
     """`mtgpt sample`: load a run's model, continue `prompt`, write text as it comes.
 
     One sample is streamed token by token; several are written one after another when done."""
-    model = load_for_inference(run_dir, best, device, dtype)
+    model, tok = load_for_inference(run_dir, best, device, dtype)
     cfg.check(model.config.vocab_size)
-    ids = tokenizer.encode(prompt)
+    ids = tok.prompt(prompt)
     if len(ids) > model.config.block_size:
         warn(f"warning: the prompt has {len(ids)} tokens, more than the context of "
              f"{model.config.block_size}; the model sees its last {model.config.block_size}")
     if cfg.num_samples > 1:
-        texts = generate(model, prompt, cfg)
+        texts = generate(model, tok, prompt, cfg)
         for i, text in enumerate(texts):
             write(f"--- sample {i + 1}\n{prompt}{text}\n")
         return texts
-    text = SampleText([cfg.stop_text] if cfg.stop_text else [], stop_at_eot=cfg.stop_at_eot)
+    text = SampleText(tok, [cfg.stop_text] if cfg.stop_text else [], stop_at_eot=cfg.stop_at_eot)
     write(prompt)
     for nxt, _ in stream(model, ids, cfg):
         write(text.add(int(nxt[0])))

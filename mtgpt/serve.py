@@ -41,8 +41,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from mtgpt import chat, tokenizer
+from mtgpt import chat
 from mtgpt.sample import SampleConfig, SampleText, stream
+from mtgpt.tokenizer import Tokenizer
 
 MAX_BODY = 1 << 20  # bytes a request body may have (a context of text is a few KB)
 MAX_JOBS = 256  # requests generating or waiting at once; more get 429
@@ -225,6 +226,7 @@ class Worker:
 @dataclass
 class Server:
     model: Any
+    tok: Tokenizer
     name: str
     api_key: str | None = None
     max_tokens_limit: int = 1024
@@ -261,16 +263,17 @@ class Server:
             raise ApiError(400, f"top_k must be between 0 (all tokens) and {self.model.config.vocab_size} "
                                 f"(the vocabulary size), got {cfg.top_k}", param="top_k")
         stops = _stops(req.stop)
-        choices = [SampleText(stops, chat_reply=chat_reply) for _ in range(req.n)]
+        choices = [SampleText(self.tok, stops, chat_reply=chat_reply) for _ in range(req.n)]
         return Job(prompt, cfg, choices, asyncio.get_running_loop())
 
 
-def _prompts(prompt) -> list[list[int]]:
+def _prompts(prompt, tok: Tokenizer) -> list[list[int]]:
+    """The request's prompts as ids; an empty one starts a new document (<|endoftext|>)."""
     if isinstance(prompt, str):
-        return [tokenizer.encode(prompt)]
+        return [tok.prompt(prompt)]
     if prompt and all(isinstance(p, int) for p in prompt):
         return [list(prompt)]
-    return [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompt] or [[]]
+    return [tok.prompt(p) if isinstance(p, str) else list(p) or [tok.eot] for p in prompt] or [[tok.eot]]
 
 
 def chat_turns(messages: list[Message]) -> list[tuple[str, str]]:
@@ -370,7 +373,7 @@ def create_app(server: Server):
     @app.post("/v1/completions")
     async def completions(request: Request):
         req = await parse(request, CompletionRequest)
-        prompts = _prompts(req.prompt)
+        prompts = _prompts(req.prompt, server.tok)
         if len(prompts) * req.n > 64:
             raise ApiError(400, f"{len(prompts)} prompts x n={req.n} is more than 64 texts in one request",
                            param="prompt")
@@ -390,9 +393,9 @@ def create_app(server: Server):
         turns = chat_turns(req.messages)
         max_tokens = server.budget(req.max_completion_tokens if req.max_completion_tokens is not None
                                    else req.max_tokens, server.max_tokens_limit)
-        _, ids, reply = chat.fit_turns(turns, server.block_size, max(1, max_tokens))
+        _, ids, reply = chat.fit_turns(server.tok, turns, server.block_size, max(1, max_tokens))
         warning = None
-        if len(ids) < len(tokenizer.encode(chat.render(turns) + chat.BOT.rstrip())):
+        if len(ids) < len(server.tok.encode(chat.render(turns) + chat.BOT.rstrip())):
             warning = (f"the conversation is longer than the context of {server.block_size} tokens: "
                        "its oldest turns (or the start of the last message) were left out")
         job = server.job(ids, req, min(max_tokens, reply), chat_reply=True)
@@ -498,9 +501,9 @@ def run_serve(run_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: 
         raise SampleError(f"--max-tokens-limit must be >= 1, got {max_tokens_limit}")
     if api_key == "":
         raise SampleError("--api-key must not be empty")
-    model = load_for_inference(run_dir, best, device, dtype)
+    model, tok = load_for_inference(run_dir, best, device, dtype)
     name = model_name or Path(run_dir).resolve().name
-    server = Server(model, name, api_key, max_tokens_limit)
+    server = Server(model, tok, name, api_key, max_tokens_limit)
     server.worker = Worker(model)
     app = create_app(server)
     if host not in LOOPBACK and api_key is None:

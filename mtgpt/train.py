@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from mtgpt import __version__, checkpoint, ds_config, monitor, rundir, tokenizer, world
 from mtgpt.config import ConfigError, TrainConfig
-from mtgpt.data import check_compatible, load_manifest, remote
+from mtgpt.data import DataError, check_compatible, load_manifest, remote
 from mtgpt.data.loader import Split, TrainBatches, load_val, resume_position
 from mtgpt.model import GPT, flops_per_token, param_count
 from mtgpt.sample import SampleConfig, generate
@@ -48,6 +48,7 @@ class Plan:
     schedule_steps: int  # length of the LR schedule in optimizer steps
     resume_from: Path | None  # a complete checkpoint folder, or None to start fresh
     universal: bool = False  # resume through DeepSpeed's universal checkpoint (world size changed)
+    tok: tokenizer.Tokenizer | None = None  # the data's tokenizer, read by fit() (the data may be a URL)
 
     @property
     def tokens_per_step(self) -> int:
@@ -86,10 +87,11 @@ def make_plan(cfg: TrainConfig, world_size: int, cuda: bool | None = None) -> Pl
     cuda = torch.cuda.is_available() if cuda is None else cuda
     manifest = load_manifest(cfg.data)
     check_source(cfg, manifest)
-    check_compatible(manifest, cfg.data, tokenizer.vocab_sha256(), cfg.model.vocab_size, cfg.model.block_size)
+    resume_from = rundir.resume_point(cfg)
+    check_tokenizer(cfg, manifest, resume_from)
+    check_compatible(manifest, cfg.data, cfg.model.vocab_size, cfg.model.block_size)
     ds_name = cfg.ds_config or ds_config.default_name(cuda, cuda and torch.cuda.is_bf16_supported())
     ds_name, raw = ds_config.find(ds_name)
-    resume_from = rundir.resume_point(cfg)
     if cfg.batch_size is None and resume_from is not None:  # a resumed run keeps its batch
         cfg = cfg.replace(batch_size=rundir.saved_batch_size(resume_from))
     if cfg.model.vocab_multiple is None:  # a resumed run keeps its own; else what fits the device
@@ -126,6 +128,28 @@ def check_source(cfg: TrainConfig, manifest: dict[str, Any]) -> None:
                           f"prepare the data again with --block-size {source.block_size}")
 
 
+def check_tokenizer(cfg: TrainConfig, manifest: dict[str, Any], resume_from: Path | None) -> None:
+    """The model must read the data's tokenizer: a run resumed, or a model started from, that
+    reads another is refused (a fresh model's vocabulary follows the data)."""
+    data = manifest["tokenizer"]
+    if resume_from is not None:
+        saved = checkpoint.recorded_tokenizer(resume_from.parent.parent)
+        if not tokenizer.same(saved, data):
+            raise ConfigError(f"cannot resume {cfg.out} on {cfg.data}: the run reads tokenizer {tokenizer.describe(saved)}, "
+                              f"the data was prepared with {tokenizer.describe(data)}; prepare the data with "
+                              f"--tokenizer {cfg.out}, or start a new run with another --out")
+    source = cfg.init_from or cfg.init_from_hf
+    if source and resume_from is None:
+        try:
+            theirs = checkpoint.source_tokenizer(cfg.init_from, cfg.init_from_hf).identity()
+        except ValueError as e:
+            raise ConfigError(f"cannot start from it: {e}") from None
+        if not tokenizer.same(theirs, data):
+            raise ConfigError(f"the model you start from ({source}) reads tokenizer {tokenizer.describe(theirs)}, but "
+                              f"{cfg.data} was prepared with {tokenizer.describe(data)}: prepare the data again with "
+                              f"--tokenizer {source}")
+
+
 def source_config(cfg: TrainConfig):
     """The ModelConfig of --init-from / --init-from-hf (None when training from scratch), as a
     ConfigError when the source cannot be used."""
@@ -152,19 +176,24 @@ def train_step(engine, batches: TrainBatches, grad_accum: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(engine, val: torch.Tensor, micro_batch: int) -> float:
-    """Mean val loss over all ranks' shares of the fixed val set (every rank runs the same number
-    of forward passes, which ZeRO-3 needs)."""
+def evaluate(engine, val: torch.Tensor, micro_batch: int, byte_lengths: torch.Tensor) -> tuple[float, float]:
+    """(mean val loss per token, bits per byte) over all ranks' shares of the fixed val set (every
+    rank runs the same number of forward passes, which ZeRO-3 needs). Bits per byte divide the
+    summed loss by the UTF-8 bytes of the scored tokens (`byte_lengths`: Tokenizer.byte_lengths),
+    so they compare across tokenizers."""
     engine.eval()
-    totals = torch.zeros(2, dtype=torch.float64, device=engine.device)  # (sum of loss x tokens, tokens)
+    totals = torch.zeros(3, dtype=torch.float64, device=engine.device)  # (sum of loss x tokens, tokens, bytes)
     for chunk in val.split(micro_batch):
         chunk = chunk.to(engine.device)
         _, loss = engine(chunk[:, :-1], chunk[:, 1:])
         n = chunk[:, 1:].numel()
-        totals += torch.stack([loss.double() * n, torch.tensor(n, dtype=torch.float64, device=engine.device)])
+        nbytes = byte_lengths[chunk[:, 1:]].sum().double()
+        totals += torch.stack([loss.double() * n, torch.tensor(n, dtype=torch.float64, device=engine.device), nbytes])
     engine.train()
     world.all_reduce_sum(totals)
-    return float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
+    if totals[1] == 0:
+        return float("nan"), float("nan")
+    return float(totals[0] / totals[1]), float(totals[0] / math.log(2) / totals[2])
 
 
 # ----------------------------------------------------------------------------- fit
@@ -257,6 +286,10 @@ def fit(plan: Plan) -> dict[str, Any]:
     flag = StopFlag()
     data_dir = (remote.local_copy(cfg.data, cfg.data_cache, me.rank, progress=world.is_rank0())
                 if remote.is_url(cfg.data) else Path(cfg.data))
+    try:
+        plan = replace(plan, tok=tokenizer.for_folder(data_dir, plan.manifest["tokenizer"]))  # the run's
+    except tokenizer.TokenizerError as e:
+        raise DataError(str(e)) from None
     seed_all(cfg.seed)  # the same initial weights on every rank
     model = GPT(cfg.model)
     if plan.resume_from is None and (cfg.init_from or cfg.init_from_hf):
@@ -372,27 +405,28 @@ def evaluate_and_track(engine, val: torch.Tensor, plan: Plan, state: TrainState,
     """Evaluate, update early stopping, export the best weights when the val loss improves, and
     log a text sample and the loss plot. With no val split only the sample is logged."""
     if len(val) == 0:  # the same on every rank: the val split is empty everywhere
-        log.text("sample", eval_sample(engine, plan.cfg.seed + state.step), state.step)
+        log.text("sample", eval_sample(engine, plan.tok, plan.cfg.seed + state.step), state.step)
         return {}
-    loss = evaluate(engine, val, plan.cfg.micro_batch)
+    loss, bpb = evaluate(engine, val, plan.cfg.micro_batch, torch.as_tensor(plan.tok.byte_lengths, device=engine.device))
     if loss < state.best_val - plan.cfg.min_delta:
         state.best_val, state.evals_since_best = loss, 0
         export(engine, plan, state, Path(plan.cfg.out) / "best", {"val_loss": str(loss)})
     else:
         state.evals_since_best += 1
-    text = eval_sample(engine, plan.cfg.seed + state.step)
+    text = eval_sample(engine, plan.tok, plan.cfg.seed + state.step)
     log.text("sample", text, state.step)
-    world.print0(f"step {state.step}: val loss {loss:.4f} (best {state.best_val:.4f})", file=sys.stderr)
-    return {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0))}
+    world.print0(f"step {state.step}: val loss {loss:.4f} (best {state.best_val:.4f}), {bpb:.4f} bits/byte",
+                 file=sys.stderr)
+    return {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0)), "val/bpb": bpb}
 
 
 @torch.no_grad()
-def eval_sample(engine, seed: int, tokens: int = 48) -> str:
+def eval_sample(engine, tok: tokenizer.Tokenizer, seed: int, tokens: int = 48) -> str:
     """A short sample from the model being trained. Every rank generates the same tokens (same
     seed, a fixed length), so ZeRO-3's per-layer parameter gathers stay in step."""
     engine.eval()
     cfg = SampleConfig(max_new_tokens=tokens, temperature=0.8, top_k=200, seed=seed, stop_at_eot=False)
-    text = generate(engine.module, EVAL_PROMPT, cfg)[0]
+    text = generate(engine.module, tok, EVAL_PROMPT, cfg)[0]
     engine.train()
     return text
 
@@ -403,7 +437,7 @@ def export(engine, plan: Plan, state: TrainState, folder: Path, extra: dict[str,
     weights = checkpoint.gather_weights(engine.module, engine.zero_optimization_stage(), me.rank)
     if me.rank == 0:
         meta = {"step": str(state.step), "tokens": str(state.tokens), **(extra or {})}
-        checkpoint.save_weights(weights, plan.cfg.model, folder, meta)
+        checkpoint.save_weights(weights, plan.cfg.model, folder, meta, plan.tok)
 
 
 def save(engine, plan: Plan, state: TrainState, batches: TrainBatches, running: RunningLoss) -> None:

@@ -24,6 +24,8 @@ from mtgpt.model import GPT
 from tests.conftest import TINY
 from tests.test_data import all_train_samples
 
+GPT2 = tokenizer.gpt2()
+
 
 def test_template():
     text = chat.prompt_for([("Hi there", "Hello!\nHow are you?")], "Fine", system="Be brief.")
@@ -40,7 +42,7 @@ def test_prepare_chat_formats(tmp_path):
     m = prepare([str(tmp_path / "talk.yml"), str(tmp_path / "talk.jsonl")], out, block_size=8, val_fraction=0.0,
                 fmt="chat", quiet=True)
     assert m["content"] == "chat" and m["conversations"] == 3 and m["documents"] == 3
-    text = tokenizer.decode([t for s in all_train_samples(out) for t in __import__("numpy").frombuffer(s, "<u2")])
+    text = GPT2.decode([t for s in all_train_samples(out) for t in __import__("numpy").frombuffer(s, "<u2")])
     assert text.startswith("User: Hello\nBot: Hi there\n<|endoftext|>User: What is your name?\nBot: I am a bot.\n")
     assert "System: Be kind.\nUser: Hey\nBot: Hello, friend.\n" in text
     assert [s["name"] for s in m["sources"]] == [str(tmp_path / "talk.yml"), str(tmp_path / "talk.jsonl")]
@@ -63,10 +65,10 @@ def test_bad_dialogue_data(tmp_path):
 
 def test_history_drops_oldest_turns_first():
     history = [(f"question {i} " + "word " * 10, f"answer {i} " + "word " * 10) for i in range(6)]
-    kept, ids, reply = chat.fit_history(history, "latest question", block_size=96, reply_tokens=16)
+    kept, ids, reply = chat.fit_history(GPT2, history, "latest question", block_size=96, reply_tokens=16)
     assert kept == history[-len(kept):] and 0 < len(kept) < 6
     assert reply == 16 and len(ids) + 16 <= 96
-    assert tokenizer.decode(ids).endswith("User: latest question\nBot:")
+    assert GPT2.decode(ids).endswith("User: latest question\nBot:")
 
 
 @pytest.mark.parametrize("reply_tokens", [128, 120, 500])
@@ -74,16 +76,16 @@ def test_the_current_turn_is_kept_whole(reply_tokens):
     """A reply budget as large as the context used to crop the prompt to ":" (so the model never
     saw the question); the budget is capped instead."""
     history = [("hello", "hi there")] * 3
-    kept, ids, reply = chat.fit_history(history, "What is your name?", block_size=128, reply_tokens=reply_tokens,
+    kept, ids, reply = chat.fit_history(GPT2, history, "What is your name?", block_size=128, reply_tokens=reply_tokens,
                                         system="Be brief.")
-    assert tokenizer.decode(ids) == "System: Be brief.\nUser: What is your name?\nBot:"
+    assert GPT2.decode(ids) == "System: Be brief.\nUser: What is your name?\nBot:"
     assert kept == [] and len(ids) + reply == 128
 
 
 def test_a_message_longer_than_the_context_keeps_its_end():
     message = " ".join(f"word{i}" for i in range(200))
-    kept, ids, reply = chat.fit_history([], message, block_size=64, reply_tokens=32, system="Be brief.")
-    text = tokenizer.decode(ids)
+    kept, ids, reply = chat.fit_history(GPT2, [], message, block_size=64, reply_tokens=32, system="Be brief.")
+    text = GPT2.decode(ids)
     assert text.startswith("System: Be brief.\nUser:") and text.endswith("word199\nBot:")
     assert reply == 16 and len(ids) + reply <= 64 and "word0 " not in text
 

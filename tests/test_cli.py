@@ -113,7 +113,7 @@ def test_sample_bad_prompt_file(tmp_path):
 
 
 def test_info_not_a_folder_we_know(tmp_path):
-    one_error_line(invoke("info", tmp_path), "neither a data folder")
+    one_error_line(invoke("info", tmp_path), "is not a data folder (no manifest.json), a run folder")
 
 
 def test_worker_error_printed_once(tiny_data, tmp_path):

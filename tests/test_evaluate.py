@@ -15,6 +15,8 @@ from mtgpt.evaluate import score_ids, score_text, windows
 from mtgpt.model import GPT
 from tests.conftest import SONNETS, TINY, run_mtgpt
 
+GPT2 = tokenizer.gpt2()
+
 
 @pytest.mark.parametrize("n, block, stride", [(2, 16, 8), (16, 16, 8), (17, 16, 8), (100, 16, 8), (100, 16, 16),
                                                (100, 16, 1), (53, 7, 3), (20, 2, 1)])
@@ -31,7 +33,7 @@ def test_against_a_hand_computation():
     gives it: windows of 16 + 1 tokens, 8 apart, so token t >= 17 sees the 9..16 tokens before it."""
     torch.manual_seed(0)
     model = GPT(ModelConfig(**{**TINY, "block_size": 16})).eval()
-    ids = tokenizer.encode(SONNETS.read_text())[:60]
+    ids = GPT2.encode(SONNETS.read_text())[:60]
     nll, count = score_ids(model, ids, stride=8)
     by_hand = 0.0
     for t in range(1, len(ids)):
@@ -51,8 +53,8 @@ def test_cli_json_and_bits_per_byte(tmp_path):
     (tmp_path / "a.txt").write_text(text)
     rows = json.loads(run_mtgpt("eval", tmp_path / "run", tmp_path / "a.txt", "--json", "--stride", "8").stdout)
     row = rows[0]
-    direct = score_text(checkpoint.load_model(tmp_path / "run"), text, "a", stride=8)
-    assert row["tokens"] == len(tokenizer.encode(text)) == direct.tokens
+    direct = score_text(checkpoint.load_model(tmp_path / "run"), GPT2, text, "a", stride=8)
+    assert row["tokens"] == len(GPT2.encode(text)) == direct.tokens
     assert abs(row["loss"] - direct.loss) < 1e-6
     assert abs(row["bits_per_byte"] - row["nll"] / math.log(2) / len(text.encode())) < 1e-9
     assert abs(row["ppl"] - math.exp(row["loss"])) < 1e-6 * row["ppl"]
@@ -75,7 +77,7 @@ def test_block_size_one_is_a_bigram_model():
     """A model with a context of 1 token scores every token from the one before it (and ends)."""
     torch.manual_seed(0)
     model = GPT(ModelConfig(**{**TINY, "block_size": 1})).eval()
-    ids = tokenizer.encode(SONNETS.read_text())[:30]
+    ids = GPT2.encode(SONNETS.read_text())[:30]
     nll, count = score_ids(model, ids, stride=1)
     with torch.no_grad():
         logits, _ = model(torch.tensor(ids[:-1])[:, None])  # each token alone, a batch of 29
@@ -94,6 +96,6 @@ def test_reads_the_bytes_as_prepare_does(tmp_path):
     (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf" + text.encode())
     rows = json.loads(run_mtgpt("eval", tmp_path / "run", tmp_path / "crlf.txt", tmp_path / "bom.txt",
                                 "--json").stdout)
-    assert rows[0]["bytes"] == 35 and rows[0]["tokens"] == len(tokenizer.encode(text)) == 15
-    assert len(tokenizer.encode(text.replace("\r\n", "\n"))) == 12
+    assert rows[0]["bytes"] == 35 and rows[0]["tokens"] == len(GPT2.encode(text)) == 15
+    assert len(GPT2.encode(text.replace("\r\n", "\n"))) == 12
     assert {k: rows[1][k] for k in ("bytes", "tokens", "nll")} == {k: rows[0][k] for k in ("bytes", "tokens", "nll")}

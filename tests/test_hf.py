@@ -16,6 +16,8 @@ from mtgpt.config import ModelConfig
 from mtgpt.model import GPT
 from tests.conftest import SONNETS, TINY, run_mtgpt
 
+GPT2 = tokenizer.gpt2()
+
 MIXED = ("Shall I compare thee to a summer's day? Café naïve 🎉 中文字符 — tabs\tand  spaces\n\n"
          "numbers 1234567 and they'll've it's; CAPS and snake_case() {code: [1, 2]}  ")
 
@@ -26,7 +28,7 @@ def trained_folder(tmp_path_factory) -> Path:
     way `mtgpt train` saves its consolidated weights."""
     torch.manual_seed(0)
     model = GPT(ModelConfig(**TINY))
-    ids = torch.tensor(tokenizer.encode(SONNETS.read_text())[:33 * 90]).view(90, 33)  # all of it
+    ids = torch.tensor(GPT2.encode(SONNETS.read_text())[:33 * 90]).view(90, 33)  # all of it
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for step in range(50):
         batch = ids[step % 3::3]  # a third at a time: fast, and it learns the whole text
@@ -63,9 +65,9 @@ def test_same_token_ids(exported):
 
     tok = AutoTokenizer.from_pretrained(exported)
     assert len(tok) == 50257  # some transformers versions silently build an empty GPT-2 tokenizer
-    assert tok(MIXED)["input_ids"] == tokenizer.encode(MIXED)
-    assert tok.decode(tokenizer.encode(MIXED)) == MIXED
-    assert tok.eos_token_id == tokenizer.EOT
+    assert tok(MIXED)["input_ids"] == GPT2.encode(MIXED)
+    assert tok.decode(GPT2.encode(MIXED)) == MIXED
+    assert tok.eos_token_id == GPT2.eot
 
 
 def test_tokenizer_truncates_to_the_context(exported):

@@ -43,7 +43,7 @@ def test_run_folder(tmp_path):
 
 
 def test_not_a_known_folder(tmp_path):
-    with pytest.raises(ValueError, match="neither a data folder"):
+    with pytest.raises(ValueError, match="is not a data folder .* or a tokenizer folder"):
         info.describe(str(tmp_path))
     with pytest.raises(ValueError, match="no such file or folder"):
         info.describe(str(tmp_path / "missing"))

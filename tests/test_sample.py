@@ -13,6 +13,8 @@ from mtgpt.model import GPT
 from mtgpt.sample import SampleConfig, SampleError, generate, run_sample, stream, window_start
 from tests.conftest import TINY, run_mtgpt
 
+GPT2 = tokenizer.gpt2()
+
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
@@ -28,9 +30,9 @@ def model_dir(tmp_path_factory):
 def test_same_seed_same_text(model_dir):
     model = checkpoint.load_model(model_dir)
     cfg = lambda seed: SampleConfig(max_new_tokens=20, seed=seed, stop_at_eot=False)  # noqa: E731
-    a = generate(model, "Shall I compare thee", cfg(1))
-    assert a == generate(model, "Shall I compare thee", cfg(1))
-    assert a != generate(model, "Shall I compare thee", cfg(2))
+    a = generate(model, GPT2, "Shall I compare thee", cfg(1))
+    assert a == generate(model, GPT2, "Shall I compare thee", cfg(1))
+    assert a != generate(model, GPT2, "Shall I compare thee", cfg(2))
 
 
 def test_window_start():
@@ -44,7 +46,7 @@ def test_cache_matches_no_cache_past_block_size(model_dir, slide):
     """Greedy decoding for 40 tokens with a 16-token context: same tokens, logits within 1e-5."""
     model = checkpoint.load_model(model_dir)
     cfg = SampleConfig(max_new_tokens=40, temperature=0.0, stop_at_eot=False, slide=slide)
-    prompt = tokenizer.encode("From fairest creatures we desire increase")
+    prompt = GPT2.encode("From fairest creatures we desire increase")
     with_cache = list(stream(model, prompt, cfg, use_cache=True))
     without = list(stream(model, prompt, cfg, use_cache=False))
     assert [int(t) for t, _ in with_cache] == [int(t) for t, _ in without]
@@ -54,8 +56,8 @@ def test_cache_matches_no_cache_past_block_size(model_dir, slide):
 
 def test_top_k_one_is_greedy(model_dir):
     model = checkpoint.load_model(model_dir)
-    greedy = generate(model, "Thy", SampleConfig(max_new_tokens=10, temperature=0, stop_at_eot=False))
-    top1 = generate(model, "Thy", SampleConfig(max_new_tokens=10, top_k=1, seed=3, stop_at_eot=False))
+    greedy = generate(model, GPT2, "Thy", SampleConfig(max_new_tokens=10, temperature=0, stop_at_eot=False))
+    top1 = generate(model, GPT2, "Thy", SampleConfig(max_new_tokens=10, top_k=1, seed=3, stop_at_eot=False))
     assert greedy == top1
 
 

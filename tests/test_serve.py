@@ -24,6 +24,8 @@ from mtgpt.model import GPT
 from mtgpt.sample import SampleConfig, SampleText, generate, load_for_inference, stream
 from tests.conftest import SONNETS, run_mtgpt
 
+GPT2 = tokenizer.gpt2()
+
 
 DIALOGUE = "".join(f"User: {q}\nBot: {a}\n" for q, a in [
     ("Hello", "Hi, how are you?"), ("What is your name?", "I am a small model."),
@@ -36,7 +38,7 @@ def run_dir(tmp_path_factory) -> Path:
     process), saved the way `mtgpt train` saves it."""
     torch.manual_seed(0)
     model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=64))
-    ids = tokenizer.encode(SONNETS.read_text() + DIALOGUE)
+    ids = GPT2.encode(SONNETS.read_text() + DIALOGUE)
     ids = torch.tensor(ids[:len(ids) // 65 * 65]).view(-1, 65)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     order = torch.randperm(len(ids) * 4, generator=torch.Generator().manual_seed(0)) % len(ids)
@@ -111,7 +113,7 @@ def server(run_dir):
 
 @pytest.fixture(scope="module")
 def model(run_dir):
-    return load_for_inference(str(run_dir), False, "cpu")
+    return load_for_inference(str(run_dir), False, "cpu")[0]
 
 
 def sample_cli(run_dir: Path, prompt: str, *args: str) -> str:
@@ -124,18 +126,18 @@ def sample_cli(run_dir: Path, prompt: str, *args: str) -> str:
 # ---- the text
 
 def test_sample_text_holds_back_a_stop_split_across_tokens():
-    ids = tokenizer.encode("one two three four")
-    text = SampleText(["three"])
+    ids = GPT2.encode("one two three four")
+    text = SampleText(GPT2, ["three"])
     shown = "".join(text.add(t) for t in ids[:3])  # "one", " two", " three"
     assert shown == "one two " and text.finish == "stop" and text.out == "one two "
-    text = SampleText(["e f"])
-    shown = [text.add(t) for t in tokenizer.encode("one two")] + [text.length()]
+    text = SampleText(GPT2, ["e f"])
+    shown = [text.add(t) for t in GPT2.encode("one two")] + [text.length()]
     assert "".join(shown) == "one two" and text.finish == "length"
 
 
 def test_sample_text_never_splits_a_character():
-    ids = tokenizer.encode("naïve 🎉 中文字符")
-    text = SampleText()
+    ids = GPT2.encode("naïve 🎉 中文字符")
+    text = SampleText(GPT2)
     pieces = [text.add(t) for t in ids] + [text.length()]
     assert "".join(pieces) == "naïve 🎉 中文字符" and "\ufffd" not in "".join(pieces)
     assert len(ids) > len([p for p in pieces if p])  # some tokens were bytes of a character: held back
@@ -145,7 +147,7 @@ def test_worker_steps_jobs_in_turn_and_drops_a_cancelled_one(run_dir):
     """In process: jobs advance one token each per round; a cancelled job is dropped unstepped."""
     from mtgpt.serve import Job, Worker
 
-    model = load_for_inference(str(run_dir), False, "cpu")
+    model = load_for_inference(str(run_dir), False, "cpu")[0]
     order: list[str] = []
 
     class Recording(Worker):
@@ -155,7 +157,7 @@ def test_worker_steps_jobs_in_turn_and_drops_a_cancelled_one(run_dir):
 
     async def main():
         loop = asyncio.get_running_loop()
-        jobs = {name: Job(tokenizer.encode(name), SampleConfig(max_new_tokens=n, temperature=0), [SampleText()],
+        jobs = {name: Job(GPT2.encode(name), SampleConfig(max_new_tokens=n, temperature=0), [SampleText(GPT2)],
                           loop) for name, n in (("a", 30), ("b", 20), ("c", 30))}
         names.update({id(job): name for name, job in jobs.items()})
         jobs["c"].cancelled = True  # its client left before the worker reached it
@@ -197,7 +199,7 @@ def test_greedy_and_seeded_completions_equal_mtgpt_sample(server, run_dir):
     got = client.completions.create(model="tiny", prompt=prompt, max_tokens=40, temperature=0)
     assert got.choices[0].text == sample_cli(run_dir, prompt, "--max-new-tokens", "40", "--temperature", "0")
     assert got.choices[0].finish_reason in ("length", "stop")
-    assert got.usage.prompt_tokens == len(tokenizer.encode(prompt)) and got.usage.completion_tokens <= 40
+    assert got.usage.prompt_tokens == len(GPT2.encode(prompt)) and got.usage.completion_tokens <= 40
     seeded = client.completions.create(model="tiny", prompt=prompt, max_tokens=40, temperature=0.9, seed=7,
                                        extra_body={"top_k": 50})
     assert seeded.choices[0].text == sample_cli(run_dir, prompt, "--max-new-tokens", "40", "--temperature", "0.9",
@@ -253,17 +255,17 @@ def test_a_character_is_never_split_across_chunks(server, model):
               "extra_body": {"top_k": 0}}
         whole = client.completions.create(**kw).choices[0].text
         cfg = SampleConfig(max_new_tokens=60, temperature=2.0, top_k=None, seed=seed, top_p=1.0)
-        tokens = [int(n[0]) for n, _ in stream(model, tokenizer.encode("中文"), cfg)]
-        tokens = tokens[:tokens.index(tokenizer.EOT)] if tokenizer.EOT in tokens else tokens
-        multi = [t for t in tokens if not is_utf8(tokenizer.get_tokenizer().decode_single_token_bytes(t))]
+        tokens = [int(n[0]) for n, _ in stream(model, GPT2.encode("中文"), cfg)]
+        tokens = tokens[:tokens.index(GPT2.eot)] if GPT2.eot in tokens else tokens
+        multi = [t for t in tokens if not is_utf8(GPT2.token_bytes(t))]
         if not multi:
             continue  # no token of this sample is a fragment of a character: try the next seed
-        assert whole == tokenizer.decode(tokens)
+        assert whole == GPT2.decode(tokens)
         chunks = [c.choices[0].text for c in client.completions.create(stream=True, **kw)]
         assert "".join(chunks) == whole
         for chunk in chunks:
             assert chunk.encode("utf-8").decode("utf-8") == chunk
-            assert "\ufffd" not in chunk or "\ufffd" in tokenizer.decode(tokens)
+            assert "\ufffd" not in chunk or "\ufffd" in GPT2.decode(tokens)
         return
     pytest.fail("no seed of 40 sampled a token that is part of a character")
 
@@ -273,8 +275,8 @@ def test_chat_completion_is_mtgpt_chats_reply(server, model):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"},
                 {"role": "assistant", "content": "Hi, how are you?"}, {"role": "user", "content": "What is your name?"}]
     got = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=30)
-    _, ids, reply = chat.fit_history([("Hello", "Hi, how are you?")], "What is your name?", 64, 30, system="Be brief.")
-    expected = "".join(chat.reply_stream(model, ids, SampleConfig(max_new_tokens=reply, temperature=0)))
+    _, ids, reply = chat.fit_history(GPT2, [("Hello", "Hi, how are you?")], "What is your name?", 64, 30, system="Be brief.")
+    expected = "".join(chat.reply_stream(model, GPT2, ids, SampleConfig(max_new_tokens=reply, temperature=0)))
     assert got.choices[0].message.content == expected and expected.strip()
     assert got.choices[0].message.role == "assistant" and "\n" not in expected
     assert got.usage.prompt_tokens == len(ids)
@@ -293,7 +295,7 @@ def test_a_long_conversation_is_cropped_with_a_warning(server):
     status, body, headers = server.request("POST", "/v1/completions", {"model": "tiny", "prompt": "word " * 200,
                                                                        "max_tokens": 8})
     assert status == 200 and "last 64" in headers["x-mtgpt-warning"]
-    assert body["usage"]["prompt_tokens"] == len(tokenizer.encode("word " * 200))
+    assert body["usage"]["prompt_tokens"] == len(GPT2.encode("word " * 200))
 
 
 @pytest.mark.parametrize("path, body, status, says", [
@@ -346,7 +348,7 @@ def test_oversized_bodies_and_wrong_methods(server):
 
 def test_sixteen_concurrent_streaming_clients_all_get_their_own_correct_text(server, model):
     prompts = [f"Sonnet {i}: thy beauty" for i in range(16)]
-    expected = [generate(model, p, SampleConfig(max_new_tokens=40, temperature=0))[0] for p in prompts]
+    expected = [generate(model, GPT2, p, SampleConfig(max_new_tokens=40, temperature=0))[0] for p in prompts]
 
     async def one(client, prompt):
         began, first, text = time.perf_counter(), None, ""

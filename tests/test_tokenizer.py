@@ -1,56 +1,197 @@
+"""mtgpt.tokenizer in process: GPT-2's offline, and byte-level BPEs trained on text (round trips,
+the trainer's and the encoder's cuts, the Hugging Face form, identities, bad input)."""
+
+import json
 import socket
 
+import numpy as np
 import pytest
+import regex
 
 from mtgpt import tokenizer
+from mtgpt.tokenizer import TokenizerError
+from tests.conftest import SONNETS
 
-
-def test_known_ids_and_vocab():
-    assert tokenizer.encode("Hello world") == [15496, 995]
-    assert tokenizer.EOT == 50256
-    enc = tokenizer.get_tokenizer()
-    assert enc.n_vocab == 50257
-    assert enc.decode([tokenizer.EOT]) == "<|endoftext|>"
-
-
-@pytest.mark.parametrize("text", [
+GPT2 = tokenizer.gpt2()
+TEXTS = [
     "Café naïve façade — déjà vu",
-    "emoji 🎉🐍 and flags 🇫🇷",
+    "emoji 🎉🐍 and flags 🇫🇷 and a family 👨‍👩‍👧",
     "中文字符和日本語のテキスト、한국어",
-    "tabs\tand\nnewlines\r\n  spaces   ",
-])
-def test_roundtrip(text):
-    assert tokenizer.decode(tokenizer.encode(text)) == text
+    "tabs\tand\nnewlines\r\n  spaces   \n\n\n    indented\t\t\n",
+    "def f(x):\n    return {'a': [1, 2, 3]}  # code\n\tif x != 0: pass\n",
+    "invalid \ufffd replaced, <|endoftext|> is text, don't we'll I'm",
+    "   leading and trailing   ",
+    "",
+]
 
 
-def test_endoftext_in_text_is_ordinary():
-    ids = tokenizer.encode("a <|endoftext|> b")
-    assert tokenizer.EOT not in ids
-    assert tokenizer.decode(ids) == "a <|endoftext|> b"
+@pytest.fixture(scope="module")
+def own() -> tokenizer.Tokenizer:
+    """512 tokens trained on the sonnets (12 KB)."""
+    return tokenizer.train([SONNETS.read_text()], 512)
+
+
+def test_gpt2_known_ids_and_vocab():
+    assert GPT2.encode("Hello world") == [15496, 995]
+    assert GPT2.eot == 50256 and GPT2.vocab_size == 50257 and GPT2.is_gpt2
+    assert GPT2.decode([GPT2.eot]) == "<|endoftext|>"
+    assert GPT2.identity() == tokenizer.GPT2_IDENTITY
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_roundtrip(own, text):
+    for tok in (GPT2, own):
+        assert tok.decode(tok.encode(text)) == text
+
+
+def test_endoftext_in_text_is_ordinary(own):
+    for tok in (GPT2, own):
+        ids = tok.encode("a <|endoftext|> b")
+        assert tok.eot not in ids and tok.decode(ids) == "a <|endoftext|> b"
+        assert tok.prompt("") == [tok.eot]
 
 
 def test_no_network(monkeypatch):
-    """Building the tokenizer from scratch touches no socket."""
+    """Building GPT-2's tokenizer from scratch, and training one, touch no socket."""
     def refuse(*args, **kwargs):
         raise OSError("network access attempted")
 
     monkeypatch.setattr(socket, "socket", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
-    tokenizer.get_tokenizer.cache_clear()
+    tokenizer.gpt2.cache_clear()
     try:
-        assert tokenizer.encode("offline") == tokenizer.get_tokenizer().encode_ordinary("offline")
-        assert len(tokenizer.encode("The quick brown fox")) == 4
+        assert len(tokenizer.gpt2().encode("The quick brown fox")) == 4
+        assert tokenizer.train(["offline text, offline text"] * 3, 260).vocab_size == 260
     finally:
-        tokenizer.get_tokenizer.cache_clear()
+        tokenizer.gpt2.cache_clear()
 
 
 def test_hash_mismatch_is_refused(monkeypatch, tmp_path):
     bad = tmp_path / "encoder.json"
     bad.write_text("{}")
     monkeypatch.setattr(tokenizer, "ENCODER_JSON", bad)
-    tokenizer.get_tokenizer.cache_clear()
+    tokenizer.gpt2.cache_clear()
     try:
         with pytest.raises(RuntimeError, match="sha256"):
-            tokenizer.get_tokenizer()
+            tokenizer.gpt2()
     finally:
-        tokenizer.get_tokenizer.cache_clear()
+        tokenizer.gpt2.cache_clear()
+
+
+def test_trained_vocabulary(own):
+    assert own.vocab_size == 512 and own.eot == 511 and own.name == "bpe-512" and not own.is_gpt2
+    assert all(own.token_bytes(b) == bytes([b]) for b in range(256))  # every byte is a token
+    text = SONNETS.read_text()
+    assert len(own.encode(text)) < len(text.encode()) / 2  # it learnt merges: > 2 bytes per token
+    assert own.byte_lengths[own.encode(text)].sum() == len(text.encode()) and own.byte_lengths[own.eot] == 0
+
+
+def test_training_and_encoding_cut_text_identically(own):
+    """The trainer's pre-tokenizer cuts text where tiktoken's regex does (nanochat #291 was these
+    two differing), and the trainer's own BPE and mtgpt's encoder (tiktoken over the same
+    vocabulary) give the same tokens."""
+    from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers, trainers
+
+    b2u = tokenizer.bytes_to_unicode()
+    u2b = {c: b for b, c in b2u.items()}
+    pre = tokenizer._pre_tokenizer(tokenizer.PAT)  # what tokenizer.train gives the trainer
+    for text in TEXTS + [SONNETS.read_text()]:
+        pieces = [bytes(u2b[c] for c in piece).decode("utf-8") for piece, _ in pre.pre_tokenize_str(text)]
+        assert pieces == regex.findall(tokenizer.PAT, text)
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre
+    hf.train_from_iterator([SONNETS.read_text()], trainers.BpeTrainer(
+        vocab_size=512, min_frequency=2, special_tokens=[tokenizer.EOT_TEXT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    for text in TEXTS + [SONNETS.read_text()]:
+        text = text.replace(tokenizer.EOT_TEXT, "")  # Hugging Face reads it as the special token
+        theirs = [bytes(u2b[c] for c in t) for t in hf.encode(text).tokens]
+        assert theirs == [own.token_bytes(i) for i in own.encode(text)]
+
+
+def test_hugging_face_form_gives_the_same_ids(own, tmp_path):
+    from tokenizers import Tokenizer as HFTokenizer
+
+    own.save(tmp_path / "tok")
+    hf = HFTokenizer.from_file(str(tmp_path / "tok" / tokenizer.TOKENIZER_JSON))
+    for text in TEXTS + [SONNETS.read_text()]:
+        text = text.replace(tokenizer.EOT_TEXT, "")
+        assert hf.encode(text).ids == own.encode(text)
+        assert hf.decode(own.encode(text)) == text
+    assert hf.token_to_id(tokenizer.EOT_TEXT) == own.eot and hf.get_vocab_size() == 512
+    # the one difference, as with GPT-2's: Hugging Face reads the literal text as the special token
+    assert hf.encode("x <|endoftext|>").ids == own.encode("x ") + [own.eot]
+
+
+def test_save_and_load(own, tmp_path):
+    own = tokenizer.Tokenizer(own.name, own.ranks, info={"bytes_per_token": 2.5})
+    own.save(tmp_path / "tok")
+    back = tokenizer.load(tmp_path / "tok")
+    assert back.identity() == own.identity() and back.ranks == own.ranks and back.info == own.info
+    assert tokenizer.load(tmp_path / "tok" / tokenizer.TOKENIZER_JSON).sha256 == own.sha256
+    info = json.loads((tmp_path / "tok" / tokenizer.INFO_JSON).read_text())
+    assert info["sha256"] == own.sha256 and info["vocab_size"] == 512
+    assert tokenizer.load("gpt2").is_gpt2
+    GPT2.save(tmp_path / "g")  # GPT-2's writes no file: a folder without one means GPT-2
+    assert not (tmp_path / "g" / tokenizer.TOKENIZER_JSON).exists() and tokenizer.for_folder(tmp_path / "g").is_gpt2
+
+
+def test_gpt2_in_hugging_face_form_is_gpt2(tmp_path):
+    """GPT-2's tokenizer.json as transformers writes it (ByteLevel with its own regex) is GPT-2's."""
+    from mtgpt import hf
+
+    hf.hf_tokenizer().save_pretrained(tmp_path)
+    assert tokenizer.load(tmp_path).is_gpt2
+
+
+def test_identity_depends_on_every_token(own):
+    ranks = dict(own.ranks)
+    a, b = (t for t, r in ranks.items() if r in (300, 301))
+    ranks[a], ranks[b] = ranks[b], ranks[a]
+    swapped = tokenizer.Tokenizer("bpe-512", ranks)
+    assert swapped.sha256 != own.sha256 and not tokenizer.same(swapped.identity(), own.identity())
+
+
+@pytest.mark.parametrize("size", [256, 100, 65537, 10**6])
+def test_vocab_size_out_of_range(size):
+    with pytest.raises(TokenizerError, match="at least 257 tokens .* at most 65,536"):
+        tokenizer.train(["some text"], size)
+
+
+def test_vocab_larger_than_the_text_can_fill():
+    with pytest.raises(TokenizerError, match=r"the text has only \d+ merges seen at least twice, so it fills "
+                                             r"\d+ of the 4,096 tokens asked for; ask for --vocab-size \d+ or fewer"):
+        tokenizer.train([SONNETS.read_text()[:2000]], 4096)
+
+
+def test_empty_text_refused():
+    with pytest.raises(TokenizerError, match="the text is empty"):
+        tokenizer.train(["", ""], 300)
+
+
+def test_not_a_tokenizer(tmp_path):
+    with pytest.raises(TokenizerError, match="not a tokenizer"):
+        tokenizer.load(tmp_path)
+    with pytest.raises(TokenizerError, match="no such tokenizer"):
+        tokenizer.load(tmp_path / "missing")
+    (tmp_path / tokenizer.TOKENIZER_JSON).write_text("{not json")
+    with pytest.raises(TokenizerError, match="not a Hugging Face tokenizer.json"):
+        tokenizer.load(tmp_path)
+    wordpiece = {"model": {"type": "WordPiece", "vocab": {"a": 0}}, "pre_tokenizer": {"type": "Whitespace"}}
+    (tmp_path / tokenizer.TOKENIZER_JSON).write_text(json.dumps(wordpiece))
+    with pytest.raises(TokenizerError, match="not a byte-level BPE"):
+        tokenizer.load(tmp_path)
+
+
+def test_folder_holding_another_tokenizer_than_recorded(own, tmp_path):
+    own.save(tmp_path)
+    with pytest.raises(TokenizerError, match=r"records tokenizer gpt2 .* but holds bpe-512"):
+        tokenizer.for_folder(tmp_path, tokenizer.GPT2_IDENTITY)
+    (tmp_path / tokenizer.TOKENIZER_JSON).unlink()
+    with pytest.raises(TokenizerError, match=r"records tokenizer bpe-512 .* \(tokenizer.json is missing\)"):
+        tokenizer.for_folder(tmp_path, own.identity())
+
+
+def test_encoding_numpy_matches_list(own):
+    text = SONNETS.read_text()
+    assert np.array_equal(own.encode_to_numpy(text), np.array(own.encode(text)))

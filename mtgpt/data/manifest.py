@@ -3,7 +3,9 @@
 A data folder is `manifest.json` plus tar shards `train-NNNNNN.tar` / `val-NNNNNN.tar`. Each tar
 member is one record: `samples_per_record` samples of `block_size + 1` uint16 token ids, stored
 raw (little-endian). A sample is the unit of training: inputs are its first block_size tokens,
-targets the last block_size. Samples never depend on batch size or rank count.
+targets the last block_size. Samples never depend on batch size or rank count. A folder made with
+an own tokenizer also holds it (tokenizer.json, tokenizer_info.json), listed with its size and
+sha256 under the manifest's "tokenizer" like the shards; without it the tokenizer is GPT-2's.
 """
 
 from __future__ import annotations
@@ -44,12 +46,17 @@ def load_manifest(data_dir: str | Path) -> dict[str, Any]:
         manifest = _checked(json.loads(path.read_text()), path)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON ({e}); prepare the data again") from None
-    for split in ("train", "val"):
-        for shard in manifest["splits"][split]["shards"]:
-            if not (data_dir / shard["file"]).is_file():
-                raise DataError(f"{data_dir / shard['file']}: shard listed in {MANIFEST} is missing; "
-                                "prepare the data again")
+    for entry in data_files(manifest):
+        if not (data_dir / entry["file"]).is_file():
+            raise DataError(f"{data_dir / entry['file']}: listed in {MANIFEST} but missing; prepare the data again")
     return manifest
+
+
+def data_files(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every file of a data folder besides the manifest, as {"file", "bytes", "sha256"}: the
+    shards, then the tokenizer's files (none for GPT-2's)."""
+    return ([s for split in ("train", "val") for s in manifest["splits"][split]["shards"]]
+            + list(manifest["tokenizer"].get("files", [])))
 
 
 def _checked(manifest: Any, where: str | Path) -> dict[str, Any]:
@@ -59,14 +66,14 @@ def _checked(manifest: Any, where: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def check_compatible(manifest: dict[str, Any], data_dir: str | Path, vocab_sha256: str,
-                     vocab_size: int, block_size: int) -> None:
-    """Refuse data made with another tokenizer, or with blocks shorter than the model's context."""
+def check_compatible(manifest: dict[str, Any], data_dir: str | Path, vocab_size: int, block_size: int) -> None:
+    """Refuse data whose tokenizer has another vocabulary size than the model, or with blocks
+    shorter than the model's context. (Which tokenizer a model reads is checked where the model
+    comes from: mtgpt.train.check_tokenizer.)"""
     tok = manifest["tokenizer"]
-    if tok["sha256"] != vocab_sha256 or tok["vocab_size"] != vocab_size:
-        raise DataError(f"{data_dir} was prepared with tokenizer {tok['name']!r} (vocab {tok['vocab_size']}, "
-                        f"sha256 {tok['sha256'][:12]}…) but the model uses vocab {vocab_size} "
-                        f"(sha256 {vocab_sha256[:12]}…); prepare the data again with this mtgpt")
+    if tok["vocab_size"] != vocab_size:
+        raise DataError(f"{data_dir} was prepared with tokenizer {tok['name']} of {tok['vocab_size']:,} tokens but "
+                        f"the model has {vocab_size:,}; leave vocab_size out of the config (it follows the data)")
     if manifest["block_size"] != block_size:
         raise DataError(f"{data_dir} holds samples of block_size {manifest['block_size']} but the model's "
                         f"block_size is {block_size}: pass --block-size {manifest['block_size']}, or "
@@ -80,11 +87,10 @@ def verify(data_dir: str | Path, manifest: dict[str, Any] | None = None) -> list
     data_dir = Path(data_dir)
     manifest = manifest or load_manifest(data_dir)
     problems = []
-    for split in ("train", "val"):
-        for shard in manifest["splits"][split]["shards"]:
-            path = data_dir / shard["file"]
-            if path.stat().st_size != shard["bytes"]:
-                problems.append(f"{path}: {path.stat().st_size} bytes, manifest says {shard['bytes']}")
-            elif sha256_file(path) != shard["sha256"]:
-                problems.append(f"{path}: sha256 differs from the manifest (corrupt shard)")
+    for entry in data_files(manifest):
+        path = data_dir / entry["file"]
+        if path.stat().st_size != entry["bytes"]:
+            problems.append(f"{path}: {path.stat().st_size} bytes, manifest says {entry['bytes']}")
+        elif sha256_file(path) != entry["sha256"]:
+            problems.append(f"{path}: sha256 differs from the manifest (corrupt file)")
     return problems

@@ -6,6 +6,11 @@ copying text between processes); the main thread, in input order, cuts the token
 samples of block_size + 1 tokens, sends each to the train or val split, and writes records of
 `SAMPLES_PER_RECORD` samples with webdataset's ShardWriter. Output goes to a temporary folder
 beside `--out` that is renamed into place only when complete.
+
+The tokenizer is GPT-2's, one given (`--tokenizer TOK_DIR`), or one trained here on the same
+inputs first (`--vocab-size N`, see `train_tokenizer`); an own one is saved in the data folder and
+the manifest records it (mtgpt.tokenizer). Only the tokenizer's ids differ: chunking, documents and
+splits are the same rules for all (every tokenizer here cuts text with GPT-2's regex).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +35,7 @@ from tqdm import tqdm
 from mtgpt import __version__, tokenizer
 from mtgpt.data.manifest import FORMAT, MANIFEST, sha256_file
 from mtgpt.data.sources import DataError, Source, decode_utf8, read_chunks, resolve_sources
+from mtgpt.tokenizer import Tokenizer, TokenizerError
 
 SAMPLES_PER_RECORD = 16  # samples per tar member: amortises tar's per-member cost (~50 us)
 CHUNK_BYTES = 4 << 20  # text per tokenizer task
@@ -106,13 +113,12 @@ def _separator_pattern(doc_separator: str | None) -> re.Pattern | None:
     return re.compile(r"^" + re.escape(doc_separator) + r"[ \t\r]*(?:\n|\Z)", re.MULTILINE)
 
 
-def _tokenize(data: bytes, where: str, offset: int, strict: bool, sep: re.Pattern | None
+def _tokenize(tok: Tokenizer, data: bytes, where: str, offset: int, strict: bool, sep: re.Pattern | None
               ) -> tuple[list[np.ndarray], int]:
     """One chunk -> (the ids of each piece between document separator lines, bad bytes)."""
     text, replaced = decode_utf8(data, strict, where, offset)
-    enc = tokenizer.get_tokenizer()
     pieces = sep.split(text) if sep else [text]
-    return [enc.encode_to_numpy(piece, disallowed_special=()) for piece in pieces], replaced
+    return [tok.encode_to_numpy(piece) for piece in pieces], replaced
 
 
 class Documents:
@@ -121,8 +127,8 @@ class Documents:
     source; one with no text (before a separator that starts a file, between two separators in
     a row, after one that ends a file) adds nothing, wherever the chunk boundaries fall."""
 
-    def __init__(self):
-        self.count = 0
+    def __init__(self, eot: int):
+        self.count, self.eot = 0, eot
         self._open = False  # the current document has text
 
     def join(self, pieces: list[np.ndarray], source_ends: bool) -> np.ndarray:
@@ -139,7 +145,7 @@ class Documents:
 
     def _end(self, parts: list[np.ndarray]) -> None:
         if self._open:
-            parts.append(np.array([tokenizer.EOT], dtype=np.uint32))
+            parts.append(np.array([self.eot], dtype=np.uint32))
             self.count += 1
             self._open = False
 
@@ -190,11 +196,15 @@ def prepare(
     quiet: bool = False,
     warn: Callable[[str], None] = print,
     fmt: str = "text",
+    tok: str | Path | Tokenizer = tokenizer.GPT2,
+    vocab_size: int | None = None,
 ) -> dict[str, Any]:
     """Tokenize `inputs` into shards under `out`; returns the manifest (also in out/manifest.json).
 
     fmt "chat": the inputs are dialogue files (chatterbot YAML, or JSONL of {"messages": [...]});
-    each conversation becomes one document in the chat template (see mtgpt.chat)."""
+    each conversation becomes one document in the chat template (see mtgpt.chat).
+    tok: "gpt2", a tokenizer folder, or a Tokenizer; vocab_size: train one of this size on the
+    inputs instead (the text is read twice, so not from stdin)."""
     if block_size < 1:
         raise DataError(f"--block-size must be positive, got {block_size}")
     if not 0.0 <= val_fraction < 1.0:
@@ -203,11 +213,24 @@ def prepare(
         raise DataError(f"--shard-size must be a positive number of MB, got {shard_size_mb}")
     if fmt not in ("text", "chat"):
         raise DataError(f"--format must be text or chat, got {fmt!r}")
+    if vocab_size is not None and not (isinstance(tok, str) and tok == tokenizer.GPT2):
+        raise DataError("give --tokenizer (one made before) or --vocab-size (train one now), not both")
+    try:
+        if vocab_size is not None:
+            tokenizer.check_vocab_size(vocab_size)
+        elif not isinstance(tok, Tokenizer):
+            tok = tokenizer.load(tok)
+    except TokenizerError as e:
+        raise DataError(str(e)) from None
     out = Path(out)
     check_out(out, overwrite)
     sources = resolve_sources(inputs, glob or ("**/*.yml" if fmt == "chat" else "**/*.txt"))
     if fmt == "chat" and any(s.path is None for s in sources):
         raise DataError("--format chat reads files (YAML or JSONL), not stdin")
+    if vocab_size is not None and any(s.path is None for s in sources):
+        raise DataError("--vocab-size reads the text twice (to train the tokenizer, then to tokenize), so not from "
+                        "stdin: save it to a file, or train one first with `mtgpt tokenizer train - --vocab-size "
+                        f"{vocab_size} --out TOK_DIR` and pass --tokenizer TOK_DIR")
     workers = workers or os.cpu_count() or 1
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
@@ -225,8 +248,12 @@ def prepare(
                 raise DataError(str(e)) from None
             read = [Source("conversations", conversations, conversations.stat().st_size)]
             doc_separator = chat.DOC_SEPARATOR
+        if vocab_size is not None:
+            tok = train_tokenizer(read, vocab_size, strict, doc_separator, quiet)
+            tok.info = tokenizer_info(tok, read, sources)
+        tok.save(tmp)
         manifest = _write_shards(read, tmp, block_size, val_fraction, seed, shard_size_mb, strict,
-                                 doc_separator, workers, quiet, warn, sources, extra)
+                                 doc_separator, workers, quiet, warn, sources, extra, tok)
         conversations.unlink(missing_ok=True)
         _replace_folder(tmp, out)
     except BaseException as e:  # nothing half-written survives: not a crash, not Ctrl-C, not ENOSPC
@@ -239,21 +266,20 @@ def prepare(
 
 
 def _write_shards(sources, tmp, block_size, val_fraction, seed, shard_size_mb, strict, separator,
-                  workers, quiet, warn, listed, extra) -> dict[str, Any]:
+                  workers, quiet, warn, listed, extra, tok: Tokenizer) -> dict[str, Any]:
     started = time.time()
     S = block_size + 1
     shard_bytes = int(shard_size_mb * 1e6)
     writers = {s: SplitWriter(tmp, s, shard_bytes) for s in ("train", "val")}
     is_val = ValSelector(val_fraction, seed)
     carry = np.zeros(0, dtype=np.uint16)
-    total_tokens = 0
-    documents = Documents()
+    total_tokens = text_bytes = 0
+    documents = Documents(tok.eot)
     sep = _separator_pattern(separator)
     replaced = [0] * len(sources)
     known = all(s.size is not None for s in sources)
     bar = tqdm(total=sum(s.size for s in sources) if known else None, unit="B", unit_scale=True,
                unit_divisor=1024, desc="prepare", disable=True if quiet else None, dynamic_ncols=True)
-    tokenizer.get_tokenizer()  # build it once here, not in every thread at the same time
     with ThreadPoolExecutor(workers) as pool:
         inflight: deque = deque()
         chunks = _chunks(sources, separator)
@@ -263,7 +289,7 @@ def _write_shards(sources, tmp, block_size, val_fraction, seed, shard_size_mb, s
             if item is None:
                 return False
             i, offset, data, last = item
-            fut = pool.submit(_tokenize, data, sources[i].name, offset, strict, sep)
+            fut = pool.submit(_tokenize, tok, data, sources[i].name, offset, strict, sep)
             inflight.append((i, len(data), last, fut))
             return True
 
@@ -274,6 +300,7 @@ def _write_shards(sources, tmp, block_size, val_fraction, seed, shard_size_mb, s
             pieces, bad = fut.result()
             submit_next()
             replaced[i] += bad
+            text_bytes += nbytes
             ids = documents.join(pieces, source_ends)
             total_tokens += len(ids)
             stream = np.concatenate([carry, ids])
@@ -311,8 +338,9 @@ def _write_shards(sources, tmp, block_size, val_fraction, seed, shard_size_mb, s
         "format": FORMAT,
         "mtgpt_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "tokenizer": {"name": tokenizer.NAME, "vocab_size": tokenizer.VOCAB_SIZE,
-                      "sha256": tokenizer.vocab_sha256()},
+        "tokenizer": {**tok.identity(), "files": [{"file": p.name, "bytes": p.stat().st_size, "sha256": sha256_file(p)}
+                                                  for p in (tmp / tokenizer.TOKENIZER_JSON, tmp / tokenizer.INFO_JSON)
+                                                  if p.is_file()]},
         "block_size": block_size,
         "sample_tokens": S,
         "samples_per_record": SAMPLES_PER_RECORD,
@@ -321,6 +349,7 @@ def _write_shards(sources, tmp, block_size, val_fraction, seed, shard_size_mb, s
         "val_fraction": val_fraction,
         "documents": documents.count,
         "tokens": total_tokens,
+        "text_bytes": text_bytes,  # bytes read (UTF-8); text_bytes / tokens = bytes per token
         "dropped_tail_tokens": len(carry),
         "replaced_bytes": sum(replaced),
         "splits": {s: {"samples": w.samples, "tokens": w.samples * S, "shards": w.shards}
@@ -331,3 +360,85 @@ def _write_shards(sources, tmp, block_size, val_fraction, seed, shard_size_mb, s
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def _texts(sources: list[Source], strict: bool, separator: str | None, bar: tqdm):
+    """The text of `sources` as prepare reads it (chunks, without document separator lines)."""
+    sep = _separator_pattern(separator)
+    for src in sources:
+        for offset, data in read_chunks(src, CHUNK_BYTES, separator):
+            text, _ = decode_utf8(data, strict, src.name, offset)
+            bar.update(len(data))
+            yield from (sep.split(text) if sep else [text])
+
+
+def train_tokenizer(sources: list[Source], vocab_size: int, strict: bool = False, separator: str | None = None,
+                    quiet: bool = False) -> Tokenizer:
+    """A byte-level BPE of `vocab_size` tokens trained on the text of `sources` (mtgpt.tokenizer.train)."""
+    known = all(s.size is not None for s in sources)
+    with tqdm(total=sum(s.size for s in sources) if known else None, unit="B", unit_scale=True, unit_divisor=1024,
+              desc="tokenizer: read", disable=True if quiet else None, dynamic_ncols=True) as bar:
+        try:
+            return tokenizer.train(_texts(sources, strict, separator, bar), vocab_size,
+                                   progress=not quiet and sys.stderr.isatty())
+        except TokenizerError as e:
+            raise DataError(str(e)) from None
+
+
+MEASURE_BYTES = 16 << 20  # bytes per token are measured on the first 16 MB of the training text
+
+
+def tokenizer_info(tok: Tokenizer, read: list[Source], listed: list[Source]) -> dict[str, Any]:
+    """What tokenizer_info.json says about the text `tok` was trained on: its sources and bytes per
+    token there, beside GPT-2's on the same text (measured on the first MEASURE_BYTES)."""
+    text, size = [], 0
+    for src in read:
+        for offset, data in read_chunks(src, CHUNK_BYTES):
+            text.append(decode_utf8(data, False, src.name, offset)[0])
+            size += len(data)
+            if size >= MEASURE_BYTES:
+                break
+        if size >= MEASURE_BYTES:
+            break
+    sample = "".join(text)
+    nbytes = len(sample.encode("utf-8"))
+    return {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "mtgpt_version": __version__,
+            "trained_on": {"sources": len(listed), "bytes": sum(s.size or 0 for s in listed),
+                           "names": [s.name for s in listed[:10]] + (["..."] if len(listed) > 10 else [])},
+            "bytes_per_token": round(nbytes / max(1, len(tok.encode(sample))), 4),
+            "gpt2_bytes_per_token": round(nbytes / max(1, len(tokenizer.gpt2().encode(sample))), 4),
+            "measured_on_bytes": nbytes}
+
+
+def make_tokenizer(inputs: list[str], vocab_size: int, out: str | Path, overwrite: bool = False,
+                   glob: str | None = None, strict: bool = False, quiet: bool = False) -> Tokenizer:
+    """`mtgpt tokenizer train`: train on `inputs` (what prepare reads) and write the folder `out`
+    (tokenizer.json, tokenizer_info.json) through a temporary folder, renamed when complete."""
+    try:
+        tokenizer.check_vocab_size(vocab_size)
+    except TokenizerError as e:
+        raise DataError(str(e)) from None
+    out = Path(out)
+    check_out(out, overwrite)
+    sources = resolve_sources(inputs, glob or "**/*.txt")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        for i, src in enumerate(sources):
+            if src.path is None:  # stdin is read once; it is read again to measure bytes per token
+                kept = tmp / ".stdin.txt"
+                with kept.open("wb") as f:
+                    for _, data in read_chunks(src, CHUNK_BYTES):
+                        f.write(data)
+                sources[i] = Source(src.name, kept, kept.stat().st_size)
+        tok = train_tokenizer(sources, vocab_size, strict, quiet=quiet)
+        tok.info = tokenizer_info(tok, sources, sources)
+        tok.save(tmp)
+        (tmp / ".stdin.txt").unlink(missing_ok=True)
+        _replace_folder(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return tok

@@ -128,12 +128,12 @@ def cache_root(cache: str | Path | None) -> Path:
 def local_copy(data: str, cache: str | Path | None, rank: int | None = None, progress: bool = True) -> Path:
     """A local folder with the data folder at URL `data` in it, fetched into the cache (files
     already there are kept). Returns the folder, which reads like any prepared data folder."""
-    from mtgpt.data.manifest import MANIFEST, load_manifest, sha256_file
+    from mtgpt.data.manifest import MANIFEST, data_files, load_manifest, sha256_file
 
     manifest, raw = read_manifest(data, rank)
     folder = cache_root(cache) / hashlib.sha256(raw).hexdigest()[:16]
     folder.mkdir(parents=True, exist_ok=True)
-    shards = [s for split in ("train", "val") for s in manifest["splits"][split]["shards"]]
+    shards = data_files(manifest)  # the shards and the tokenizer's files
     missing = [s for s in shards if not _whole(folder / s["file"], s)]
     bar = tqdm(total=sum(s["bytes"] for s in missing), unit="B", unit_scale=True, unit_divisor=1024,
                desc=f"fetch {data}", disable=True if not (progress and missing) else None, dynamic_ncols=True)
