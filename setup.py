@@ -29,6 +29,7 @@ setup(
         "tensorboard>=2.14,<3",
         "click>=8.1,<9",
         "tiktoken>=0.8,<1",
+        "tokenizers>=0.19,<1",
         "safetensors>=0.4,<1",
         "tqdm>=4.66,<5",
         "numpy>=1.24,<3",

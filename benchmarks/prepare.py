@@ -7,6 +7,9 @@ tokenizers are threads) are printed.
 
     python benchmarks/prepare.py                 # 50 and 500 MB
     python benchmarks/prepare.py --sizes 50      # just 50 MB
+    python benchmarks/prepare.py --sizes 500 --tokenizers gpt2 2048 16384   # own tokenizers too
+
+A tokenizer given as a number of tokens is trained on the Shakespeare plays first (not timed).
 """
 
 from __future__ import annotations
@@ -56,23 +59,35 @@ def main() -> None:
     parser.add_argument("--block-size", default="512")
     parser.add_argument("--repeat", type=int, default=3, help="runs per size (the machine is noisy: medians)")
     parser.add_argument("--keep", type=Path, help="keep the prepared data of the largest size here")
+    parser.add_argument("--tokenizers", nargs="+", default=["gpt2"],
+                        help="gpt2, a tokenizer folder, or a vocabulary size to train one of on the plays first")
     args = parser.parse_args()
     print(f"mtgpt prepare, {os.cpu_count()} cores, block size {args.block_size}")
-    print(f"{'input':>7} {'seconds (median, min-max)':>26} {'MB/s':>6} {'peak RSS':>9} {'tokens':>13}")
+    print(f"{'input':>7} {'tokenizer':>10} {'seconds (median, min-max)':>26} {'MB/s':>6} {'peak RSS':>9} {'tokens':>13}")
     with tempfile.TemporaryDirectory() as tmp:
+        tokenizers = []
+        for tok in args.tokenizers:
+            if tok.isdigit():
+                folder = Path(tmp) / f"tok-{tok}"
+                subprocess.run([sys.executable, "-m", "mtgpt", "tokenizer", "train", "shakespeare", "--vocab-size", tok,
+                                "--out", str(folder), "-q"], check=True, capture_output=True)
+                tok = str(folder)
+            tokenizers.append(tok)
         for mb in args.sizes:
             text = Path(tmp) / f"text_{mb}mb.txt"
             size = make_text(text, mb)
             out = Path(tmp) / f"data_{mb}"
-            runs = []
-            for _ in range(args.repeat):
-                shutil.rmtree(out, ignore_errors=True)
-                runs.append(run(text, out, ["--block-size", args.block_size]))
-            seconds = statistics.median(s for s, _ in runs)
-            rss = max(r for _, r in runs)
-            tokens = json.loads((out / "manifest.json").read_text())["tokens"]
-            spread = f"{seconds:.1f} ({min(s for s, _ in runs):.1f}-{max(s for s, _ in runs):.1f})"
-            print(f"{size / 1e6:>5.0f}MB {spread:>26} {size / 1e6 / seconds:>6.1f} {rss / 2**20:>7.0f}MB {tokens:>13,}")
+            for tok in tokenizers:
+                runs = []
+                for _ in range(args.repeat):
+                    shutil.rmtree(out, ignore_errors=True)
+                    runs.append(run(text, out, ["--block-size", args.block_size, "--tokenizer", tok]))
+                seconds = statistics.median(s for s, _ in runs)
+                rss = max(r for _, r in runs)
+                manifest = json.loads((out / "manifest.json").read_text())
+                spread = f"{seconds:.1f} ({min(s for s, _ in runs):.1f}-{max(s for s, _ in runs):.1f})"
+                print(f"{size / 1e6:>5.0f}MB {manifest['tokenizer']['name']:>10} {spread:>26} {size / 1e6 / seconds:>6.1f} "
+                      f"{rss / 2**20:>7.0f}MB {manifest['tokens']:>13,}", flush=True)
             text.unlink()
             if args.keep and mb == max(args.sizes):
                 shutil.rmtree(args.keep, ignore_errors=True)

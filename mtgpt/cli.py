@@ -1,12 +1,14 @@
 """The `mtgpt` command: a table of commands, each parsing options and calling one library function.
 
     mtgpt prepare TEXT... --out DATA_DIR      text -> webdataset shards      mtgpt.data.prepare
+    mtgpt tokenizer train TEXT... --out TOK   your own vocabulary             mtgpt.tokenizer
     mtgpt train --data DATA_DIR --out RUN     N local ranks via DeepSpeed     mtgpt.launcher / train
     mtgpt sample RUN --prompt TEXT            continue a prompt               mtgpt.sample
     mtgpt chat RUN                            talk to a chat-tuned model      mtgpt.chat
     mtgpt eval RUN TEXT...                    loss, ppl, bits/byte on text    mtgpt.evaluate
     mtgpt export RUN --hf DIR                 a Hugging Face GPT-2 folder     mtgpt.hf
-    mtgpt info [DATA_DIR | RUN_DIR]           what a folder holds             mtgpt.info
+    mtgpt serve RUN                           a chat page + OpenAI API        mtgpt.serve
+    mtgpt info [DATA_DIR | RUN_DIR | TOK]     what a folder holds             mtgpt.info
     mtgpt worker ...                          one rank (launchers start it)   mtgpt.train.fit
 """
 
@@ -144,7 +146,7 @@ def main() -> None:
               help="GPT-2's vocabulary, or a folder made by `mtgpt tokenizer train` (or a data or run folder: its tokenizer).")
 @click.option("--vocab-size", type=int, help="Train a tokenizer of this many tokens on the same TEXT first and use it "
               "(e.g. 8192; it is saved in --out).")
-@click.option("--workers", type=int, help="Tokenizer threads. [default: all cores]")
+@click.option("--workers", type=int, help="Tokenizer threads. [default: cores + 1]")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--list", "list_corpora", is_flag=True, help="List the built-in corpora and exit.")
 def prepare(inputs, out, block_size, val_fraction, seed, shard_size, glob, fmt, doc_separator, strict,

@@ -34,7 +34,7 @@ def option(default: Any = None, help: str = "", default_help: str | None = None,
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = 50257  # GPT-2 BPE vocabulary (50256 = <|endoftext|>)
+    vocab_size: int = 50257  # the tokenizer's: GPT-2's by default, a run's is its data's (last id: <|endoftext|>)
     block_size: int = option(512, "Context length in tokens.", default_help="the data's block size")
     n_layer: int = option(6, "Transformer blocks.")
     n_head: int = option(6, "Attention heads per block; must divide --n-embd.")

@@ -22,6 +22,7 @@ def describe_model(config: ModelConfig) -> list[str]:
 
 
 SAMPLE_BYTES = 1 << 20  # GPT-2's bytes per token on a data folder are measured on ~1 MB of its text
+GPT2_VOCAB = tokenizer.GPT2_VOCAB_SIZE
 
 
 def gpt2_bytes_per_token(path: Path, m: dict, tok: tokenizer.Tokenizer) -> float:
@@ -41,15 +42,12 @@ def describe_tokenizer(path: Path) -> list[str]:
     lines = [f"tokenizer folder {path}: {tokenizer.describe(tok.identity())}"]
     trained = tok.info.get("trained_on")
     if trained:
-        lines.append(f"trained on: {trained['sources']} source(s), {trained['bytes'] / 1e6:.1f} MB "
-                     f"({', '.join(trained['names'])})")
+        names = trained["names"][:3] + (["..."] if trained["sources"] > 3 else [])
+        lines.append(f"trained on: {trained['sources']} source(s), {trained['bytes'] / 1e6:.1f} MB ({', '.join(names)})")
     if "bytes_per_token" in tok.info:
         lines.append(f"bytes per token on that text: {tok.info['bytes_per_token']:.2f} (GPT-2's: "
                      f"{tok.info['gpt2_bytes_per_token']:.2f}, {GPT2_VOCAB:,} tokens)")
     return lines
-
-
-GPT2_VOCAB = tokenizer.GPT2_VOCAB_SIZE
 
 
 def describe_data(path: Path, verify: bool) -> tuple[list[str], bool]:

@@ -26,7 +26,6 @@ import functools
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -385,12 +384,3 @@ def check_vocab_size(vocab_size: int) -> None:
                              f"bytes and {EOT_TEXT}) and at most {MAX_VOCAB:,} (shards store ids as uint16); "
                              "pick one between, e.g. 8192")
 
-
-def copy(src_folder: str | Path, dst_folder: str | Path) -> None:
-    """Copy a folder's tokenizer files (none for GPT-2's) into another folder."""
-    for name in (TOKENIZER_JSON, INFO_JSON):
-        if (Path(src_folder) / name).is_file():
-            Path(dst_folder).mkdir(parents=True, exist_ok=True)
-            tmp = Path(dst_folder) / f".{name}.tmp-{os.getpid()}"
-            shutil.copyfile(Path(src_folder) / name, tmp)
-            tmp.replace(Path(dst_folder) / name)

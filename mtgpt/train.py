@@ -355,8 +355,8 @@ def fit(plan: Plan) -> dict[str, Any]:
     if world.is_rank0():
         rundir.write_last_stop(cfg.out, reason=reason, step=state.step, tokens=state.tokens,
                                val_loss=finite(val_loss), best_val=finite(state.best_val), seconds=clock.phases)
-    val_text = (f"val loss {val_loss:.4f}, best {state.best_val:.4f}" if len(val) else
-                "no val split, so no val loss")
+    val_text = (f"val loss {val_loss:.4f}, best {state.best_val:.4f}, {monitor.last(log.history, 'val/bpb'):.4f} "
+                "bits/byte" if len(val) else "no val split, so no val loss")
     world.print0(f"stopped ({reason}) at step {state.step}, {state.tokens:,} tokens; {val_text}; "
                  f"model: {Path(cfg.out) / checkpoint.WEIGHTS}")
     world.print0(f"time: {clock.line()}")

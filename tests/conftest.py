@@ -22,11 +22,11 @@ TINY_ARGS = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size"
 
 
 def run_mtgpt(*args: str, check: bool = True, timeout: float = 300, env: dict | None = None,
-              cwd: str | Path | None = None) -> subprocess.CompletedProcess:
-    """Run `python -m mtgpt ARGS` and return the finished process (stdout/stderr as text)."""
+              cwd: str | Path | None = None, input: str | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m mtgpt ARGS` (stdin: `input`) and return the finished process (stdout/stderr as text)."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.run([sys.executable, "-m", "mtgpt", *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, env=full_env, cwd=cwd)
+                          text=True, timeout=timeout, env=full_env, cwd=cwd, input=input)
     if check and proc.returncode != 0:
         raise AssertionError(f"mtgpt {' '.join(map(str, args))} exited {proc.returncode}\n"
                              f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}")

@@ -171,3 +171,20 @@ def test_two_ranks_train_from_a_url_and_resume_exactly_after_sigkill(served, tin
         out = run_mtgpt(*cmd, "--resume", "auto")
     assert "resuming from" in out.stdout
     assert losses(tmp_path / "run") == losses(local)
+
+
+def test_a_data_folder_with_its_own_tokenizer(tmp_path):
+    """The tokenizer's files come with the shards, checked alike, and read like a local folder's."""
+    from mtgpt import tokenizer
+    from mtgpt.data.prepare import prepare
+    from tests.conftest import SONNETS
+
+    prepare([str(SONNETS)], tmp_path / "www" / "data", block_size=32, val_fraction=0.1, quiet=True, vocab_size=300)
+    with serve(tmp_path / "www") as (url, requests):
+        copy = remote.local_copy(url, tmp_path / "cache", rank=0, progress=False)
+        assert "tokenizer.json" in requests and same_files(copy, tmp_path / "www" / "data")
+        manifest = load_manifest(url)
+        assert tokenizer.for_folder(copy, manifest["tokenizer"]).vocab_size == 300
+        (copy / "tokenizer.json").unlink()  # a cache missing it fetches it again
+        assert remote.local_copy(url, tmp_path / "cache", rank=1, progress=False) == copy
+        assert tokenizer.for_folder(copy, manifest["tokenizer"]).vocab_size == 300

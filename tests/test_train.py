@@ -59,7 +59,7 @@ def test_tensorboard_events(trained):
     acc = EventAccumulator(str(trained / "tb"))
     acc.Reload()
     tags = acc.Tags()["scalars"]
-    for tag in ["train/loss", "val/loss", "lr", "val/ppl", "perf/tokens_per_s", "perf/mfu", "train/grad_norm",
+    for tag in ["train/loss", "val/loss", "lr", "val/ppl", "val/bpb", "perf/tokens_per_s", "perf/mfu", "train/grad_norm",
                 "train/tokens"]:
         assert tag in tags, tag
     # MFU = tokens/s x (6 N + 12 L C T) / (peak x ranks), with MTGPT_PEAK_FLOPS=1e12 and 2 ranks

@@ -231,7 +231,10 @@ def prepare(
         raise DataError("--vocab-size reads the text twice (to train the tokenizer, then to tokenize), so not from "
                         "stdin: save it to a file, or train one first with `mtgpt tokenizer train - --vocab-size "
                         f"{vocab_size} --out TOK_DIR` and pass --tokenizer TOK_DIR")
-    workers = workers or os.cpu_count() or 1
+    # one thread more than cores: while the main thread (holding the GIL) cuts and writes samples,
+    # a tokenizer thread may wait on the GIL; with one spare, no core idles (2 cores, 500 MB:
+    # 33 s with 2 threads, 26.5 s with 3, 27.8 s with 4)
+    workers = workers or (os.cpu_count() or 1) + 1
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
