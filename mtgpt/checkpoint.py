@@ -276,9 +276,10 @@ def load_tokenizer(folder: str | Path) -> tokenizer.Tokenizer:
         tok = tokenizer.for_folder(folder, recorded_tokenizer(folder))
     except (OSError, ValueError) as e:
         raise ModelFileError(f"{folder}: its tokenizer cannot be used: {e}") from None
-    if tok.vocab_size != load_model_config(folder).vocab_size:
-        raise ModelFileError(f"{folder}: the model has {load_model_config(folder).vocab_size} tokens but its tokenizer "
-                             f"{tok.vocab_size}; restore the folder's own files")
+    vocab_size = load_model_config(folder).vocab_size
+    if tok.vocab_size != vocab_size:
+        raise ModelFileError(f"{folder}: the model has {vocab_size} tokens but its tokenizer {tok.vocab_size}; "
+                             "restore the folder's own files")
     return tok
 
 

@@ -72,8 +72,10 @@ def resume_point(cfg: TrainConfig) -> Path | None:
         if old.shape() != cfg.model.shape():
             diff = ", ".join(f"{k} {old.shape()[k]} -> {v}" for k, v in cfg.model.shape().items()
                              if old.shape()[k] != v)
-            raise ConfigError(f"cannot resume {found}: it holds a model of another shape ({diff}); use "
-                              "the run's own model options, or start a new run with another --out")
+            fix = (f"the data's tokenizer is not the run's: prepare the data with --tokenizer {out}"
+                   if old.vocab_size != cfg.model.vocab_size else "use the run's own model options")
+            raise ConfigError(f"cannot resume {found}: it holds a model of another shape ({diff}); {fix}, or "
+                              "start a new run with another --out")
         if cfg.model.vocab_multiple not in (None, old.vocab_multiple or 1):
             raise ConfigError(f"cannot resume {found}: its vocabulary is padded to a multiple of "
                               f"{old.vocab_multiple or 1}, not {cfg.model.vocab_multiple}; leave out --vocab-multiple")
