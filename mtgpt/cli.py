@@ -414,7 +414,7 @@ def export(run_dir, hf_dir, best):
 @click.argument("path", required=False, type=click.Path())
 @click.option("--verify", is_flag=True, help="Data folder: check every shard's sha256.")
 def info(path, verify):
-    """Show what a data or run folder holds; with no PATH, the default model."""
+    """Show what a data, run or tokenizer folder holds; with no PATH, the default model."""
     from mtgpt.info import describe
 
     try:
