@@ -261,11 +261,7 @@ def load_model_config(folder: str | Path) -> ModelConfig:
 def recorded_tokenizer(folder: str | Path) -> dict[str, Any]:
     """The tokenizer identity a model folder's config.json records (GPT-2's for folders saved
     before mtgpt had others, and for a run with no saved model yet)."""
-    try:
-        found = json.loads((Path(folder) / MODEL_CONFIG).read_text()).get("tokenizer")
-    except (OSError, ValueError, AttributeError):
-        found = None
-    return found if isinstance(found, dict) and "sha256" in found else dict(tokenizer.GPT2_IDENTITY)
+    return tokenizer.recorded(folder) or dict(tokenizer.GPT2_IDENTITY)
 
 
 def load_tokenizer(folder: str | Path) -> tokenizer.Tokenizer:

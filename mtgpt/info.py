@@ -22,7 +22,6 @@ def describe_model(config: ModelConfig) -> list[str]:
 
 
 SAMPLE_BYTES = 1 << 20  # GPT-2's bytes per token on a data folder are measured on ~1 MB of its text
-GPT2_VOCAB = tokenizer.GPT2_VOCAB_SIZE
 
 
 def gpt2_bytes_per_token(path: Path, m: dict, tok: tokenizer.Tokenizer) -> float:
@@ -46,7 +45,7 @@ def describe_tokenizer(path: Path) -> list[str]:
         lines.append(f"trained on: {trained['sources']} source(s), {trained['bytes'] / 1e6:.1f} MB ({', '.join(names)})")
     if "bytes_per_token" in tok.info:
         lines.append(f"bytes per token on that text: {tok.info['bytes_per_token']:.2f} (GPT-2's: "
-                     f"{tok.info['gpt2_bytes_per_token']:.2f}, {GPT2_VOCAB:,} tokens)")
+                     f"{tok.info['gpt2_bytes_per_token']:.2f}, {tokenizer.GPT2_VOCAB_SIZE:,} tokens)")
     return lines
 
 
@@ -66,7 +65,7 @@ def describe_data(path: Path, verify: bool) -> tuple[list[str], bool]:
         line = f"bytes per token: {m['text_bytes'] / max(1, m['tokens']):.2f}"
         if not tokenizer.same(m["tokenizer"], tokenizer.GPT2_IDENTITY) and m["splits"]["train"]["samples"]:
             tok = tokenizer.for_folder(path, m["tokenizer"])
-            line += f" (GPT-2's, {GPT2_VOCAB:,} tokens, on ~1 MB of this text: {gpt2_bytes_per_token(path, m, tok):.2f})"
+            line += f" (GPT-2's, {tokenizer.GPT2_VOCAB_SIZE:,} tokens, on ~1 MB of this text: {gpt2_bytes_per_token(path, m, tok):.2f})"
         lines.append(line)
     if m.get("replaced_bytes"):
         lines.append(f"invalid UTF-8 bytes replaced: {m['replaced_bytes']}")

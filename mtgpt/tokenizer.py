@@ -295,8 +295,10 @@ def from_hf_json(text: str, where: str) -> Tokenizer:
     return Tokenizer(name, ranks, pattern, info=info)
 
 
-def _recorded(folder: Path) -> dict[str, Any] | None:
-    """The tokenizer identity a data folder's manifest.json or a model folder's config.json records."""
+def recorded(folder: str | Path) -> dict[str, Any] | None:
+    """The tokenizer identity a data folder's manifest.json or a model folder's config.json records
+    (None when neither records one)."""
+    folder = Path(folder)
     for name in ("manifest.json", "config.json"):
         try:
             found = json.loads((folder / name).read_text()).get("tokenizer")
@@ -315,8 +317,8 @@ def load(spec: str | Path) -> Tokenizer:
         return gpt2()
     path = Path(spec)
     if path.is_dir():
-        if not (path / TOKENIZER_JSON).is_file() and (recorded := _recorded(path)) is not None:
-            return for_folder(path, recorded)
+        if not (path / TOKENIZER_JSON).is_file() and (found := recorded(path)) is not None:
+            return for_folder(path, found)
         path = path / TOKENIZER_JSON
         if not path.is_file():
             raise TokenizerError(f"{spec}: not a tokenizer (no {TOKENIZER_JSON} in it); give gpt2, or a folder made by "
@@ -345,7 +347,7 @@ def for_folder(folder: str | Path, identity: dict[str, Any] | None = None) -> To
 # ----------------------------------------------------------------------------- training
 
 
-def train(texts: Iterable[str], vocab_size: int, progress: bool = False, length: int | None = None) -> Tokenizer:
+def train(texts: Iterable[str], vocab_size: int, progress: bool = False) -> Tokenizer:
     """A byte-level BPE of `vocab_size` tokens (the 256 bytes, merges seen at least twice, and
     <|endoftext|>), trained on `texts` with Hugging Face `tokenizers` (GPT-2's regex first)."""
     from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers, trainers
@@ -363,7 +365,7 @@ def train(texts: Iterable[str], vocab_size: int, progress: bool = False, length:
             seen += len(text)
             yield text
 
-    hf.train_from_iterator(counted(), trainer, length=length)
+    hf.train_from_iterator(counted(), trainer)
     if seen == 0:
         raise TokenizerError("the text is empty: give files with text in them")
     vocab = hf.get_vocab()
