@@ -68,7 +68,7 @@ def run_deepspeed(args, cfg, device) -> float:
     _, raw = ds_config.find(f"zero{args.zero}_{args.precision}")
     ds = ds_config.resolve(tc, raw, 1, 10_000, cuda=device.type == "cuda")
     torch.manual_seed(0)
-    engine = build_engine(Plan(tc, ds, "", {}, 1, 10_000, None), GPT(cfg))
+    engine = build_engine(Plan(tc, ds, "", [{}], [1.0], 1, 10_000, None), GPT(cfg))
     it = batches(args.batch, cfg.block_size, cfg.vocab_size, device)
     return timed(lambda: train_step(engine, it, 1), args, device)
 

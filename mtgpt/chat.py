@@ -20,6 +20,8 @@ import json
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import numpy as np
+
 from mtgpt.tokenizer import Tokenizer
 
 USER, BOT, SYSTEM = "User: ", "Bot: ", "System: "
@@ -78,19 +80,47 @@ def conversations_from_jsonl(path: Path) -> Iterator[list[tuple[str, str]]]:
             yield turns
 
 
+def conversations(inputs: list[Path]) -> Iterator[list[tuple[str, str]]]:
+    """Every conversation of `inputs` (YAML or JSONL files), in order."""
+    for path in inputs:
+        read = conversations_from_jsonl if path.suffix == ".jsonl" else conversations_from_yaml
+        yield from read(path)
+
+
 def to_template_file(inputs: list[Path], out: Path) -> int:
     """Write every conversation of `inputs` (YAML or JSONL) as template text, conversations
     separated by DOC_SEPARATOR lines. Returns the number of conversations."""
     count = 0
     with out.open("w", encoding="utf-8") as f:
-        for path in inputs:
-            read = conversations_from_jsonl if path.suffix == ".jsonl" else conversations_from_yaml
-            for turns in read(path):
-                f.write(render(turns) + DOC_SEPARATOR + "\n")
-                count += 1
+        for turns in conversations(inputs):
+            f.write(render(turns) + DOC_SEPARATOR + "\n")
+            count += 1
     if count == 0:
         raise ChatDataError(f"no conversations found in {', '.join(map(str, inputs))}")
     return count
+
+
+def training_tokens(tok: Tokenizer, turns: list[tuple[str, str]], train_on: str = "bot") -> tuple[np.ndarray, np.ndarray]:
+    """A conversation as training data: (its token ids in the template, which to train on).
+
+    train_on "bot": the tokens of the bot's replies and of their line ends (so the model learns
+    to answer and to stop); "Bot:" itself and every System and User token are only context. A
+    token is trained when any of its bytes is: the reply's first token (" Hi") starts with the
+    space after "Bot:". "all": every token (as plain text is trained)."""
+    text = render(turns)
+    ids = tok.encode_to_numpy(text)
+    if train_on == "all":
+        return ids, np.ones(len(ids), dtype=bool)
+    trained = np.zeros(len(text.encode("utf-8")), dtype=bool)
+    at = 0
+    for marker, content in turns:
+        line = len(f"{marker}{_line(content)}\n".encode("utf-8"))
+        if marker == BOT:
+            trained[at + len(BOT.encode("utf-8")):at + line] = True
+        at += line
+    ends = np.cumsum(tok.byte_lengths[ids])
+    before = np.concatenate([[0], np.cumsum(trained)])
+    return ids, before[ends] > before[ends - tok.byte_lengths[ids]]
 
 
 def fit_turns(tok: Tokenizer, turns: list[tuple[str, str]], block_size: int, reply_tokens: int, unit: int = 1

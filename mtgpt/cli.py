@@ -37,7 +37,7 @@ def config_fields() -> list[tuple[str, dataclasses.Field]]:
 
 
 MODEL_KEYS = {f.name for section, f in config_fields() if section == "model"}
-TYPES = {"int": int, "float": float, "str": str}  # the fields' annotations are strings
+TYPES = {"int": int, "float": float, "str": str, "list[str]": str}  # the fields' annotations are strings
 
 
 def _config_option(f: dataclasses.Field):
@@ -46,8 +46,10 @@ def _config_option(f: dataclasses.Field):
     help_text = meta["help"] + (f" [default: {shown}]" if shown not in (None, "") else "")
     if meta["flag"]:
         return click.option(meta["flag"], f.name, default=None, help=help_text)
+    multiple = meta["click"].get("multiple", False)  # repeated: a list (not given: None, like the others)
     return click.option("--" + f.name.replace("_", "-"), *meta["click"].get("aliases", []), f.name,
-                        type=TYPES[f.type.split(" | ")[0]], default=None, help=help_text)
+                        type=TYPES[f.type.split(" | ")[0]], default=None, multiple=multiple, help=help_text,
+                        callback=(lambda ctx, param, value: list(value) or None) if multiple else None)
 
 
 def _train_options(f):
@@ -102,10 +104,13 @@ def build_config(options: dict) -> TrainConfig:
         except ValueError as e:
             raise ConfigError(f"cannot start from it: {e}") from None
         base["model"] = {**source.shape(), **base["model"]}
+    if isinstance(base.get("data"), str):  # a config file of an older mtgpt: one source
+        base["data"] = [base["data"]]
     if base.get("data") and ("block_size" not in base["model"] or "vocab_size" not in base["model"]):
-        from mtgpt.data import load_manifest  # the data's block size is the natural default, and its
+        from mtgpt.config import data_sources  # the data's block size is the natural default, and its
+        from mtgpt.data import load_manifest  # tokenizer decides the vocabulary (all sources share them)
 
-        manifest = load_manifest(base["data"])  # tokenizer decides the vocabulary
+        manifest = load_manifest(data_sources(base["data"])[0].path)
         base["model"].setdefault("block_size", manifest["block_size"])
         base["model"].setdefault("vocab_size", manifest["tokenizer"]["vocab_size"])
     if not base.get("data"):
@@ -139,6 +144,8 @@ def main() -> None:
 @click.option("--glob", help="Files to take from folders. [default: **/*.txt; **/*.yml with --format chat]")
 @click.option("--format", "fmt", type=click.Choice(["text", "chat"]), default="text", show_default=True,
               help="chat: dialogue files (chatterbot YAML, or JSONL of {\"messages\": [...]}) in the chat template.")
+@click.option("--train-on", type=click.Choice(["bot", "all"]), default="bot", show_default=True,
+              help="--format chat: train on the bot's replies only (system and user lines are context), or on all.")
 @click.option("--doc-separator", metavar="LINE", help="A line equal to LINE ends a document (default: each file is one).")
 @click.option("--strict", is_flag=True, help="Refuse invalid UTF-8 instead of replacing it.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out (only once the new data is complete).")
@@ -149,7 +156,7 @@ def main() -> None:
 @click.option("--workers", type=int, help="Tokenizer threads. [default: cores + 1]")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--list", "list_corpora", is_flag=True, help="List the built-in corpora and exit.")
-def prepare(inputs, out, block_size, val_fraction, seed, shard_size, glob, fmt, doc_separator, strict,
+def prepare(inputs, out, block_size, val_fraction, seed, shard_size, glob, fmt, train_on, doc_separator, strict,
             overwrite, tok, vocab_size, workers, quiet, list_corpora):
     """Tokenize text into webdataset shards for training.
 
@@ -170,7 +177,8 @@ def prepare(inputs, out, block_size, val_fraction, seed, shard_size, glob, fmt, 
         m = run_prepare(list(inputs), out, block_size=block_size, val_fraction=val_fraction, seed=seed,
                         shard_size_mb=shard_size, overwrite=overwrite, strict=strict,
                         doc_separator=doc_separator, glob=glob, workers=workers, quiet=quiet,
-                        warn=lambda msg: click.echo(msg, err=True), fmt=fmt, tok=tok, vocab_size=vocab_size)
+                        warn=lambda msg: click.echo(msg, err=True), fmt=fmt, tok=tok, vocab_size=vocab_size,
+                        train_on=train_on)
     except DataError as e:
         _fail(e)
     tr, va = m["splits"]["train"], m["splits"]["val"]
@@ -178,6 +186,11 @@ def prepare(inputs, out, block_size, val_fraction, seed, shard_size, glob, fmt, 
                f"{va['samples']:,} val sequences of {block_size + 1} tokens in {len(tr['shards'])} + "
                f"{len(va['shards'])} shard(s) ({m['seconds']:.1f} s); tokenizer {m['tokenizer']['name']} "
                f"({m['tokenizer']['vocab_size']:,} tokens, {m['text_bytes'] / max(1, m['tokens']):.2f} bytes/token)")
+    if m.get("loss_mask"):
+        from mtgpt.info import mask_line
+
+        click.echo(mask_line(m))
+
 
 
 @main.group()

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,10 @@ def option(default: Any = None, help: str = "", default_help: str | None = None,
     launch/train.py): the option, its help and the default it shows are declared here, once;
     the CLI is built from them (mtgpt.cli). `default_help` says the default in words where the
     value alone would not; `flag` names a --x/--no-x pair; other keys go to click.option."""
-    return field(default=default, metadata={"help": help, "default_help": default_help, "flag": flag, "click": click})
+    meta = {"help": help, "default_help": default_help, "flag": flag, "click": click}
+    if isinstance(default, type):  # e.g. list: a fresh empty one for each config
+        return field(default_factory=default, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -82,9 +87,12 @@ RESUME_HELP = ("auto (the checkpoint `latest` names in --out, or start fresh), n
 
 @dataclass
 class TrainConfig:
-    data: str = option("", "Data folder written by `mtgpt prepare`, or its URL: http(s)://HOST/PATH, or "
-                       "pipe:COMMAND that writes the file named {shard} to stdout "
-                       "(e.g. 'pipe:aws s3 cp s3://b/data/{shard} -').", default_help="")
+    data: list[str] = option(
+        list, "Data folder written by `mtgpt prepare`, or its URL: http(s)://HOST/PATH, or pipe:COMMAND that "
+        "writes the file named {shard} to stdout (e.g. 'pipe:aws s3 cp s3://b/data/{shard} -'). Repeat it for a "
+        "mixture, each as [NAME=]DATA[:WEIGHT] (e.g. --data books=data/books:0.7 --data chat=data/chat:0.3); "
+        "without weights the sources are mixed in proportion to their train tokens.",
+        default_help="", multiple=True)
     data_cache: str | None = option(None, "Where the shards of a --data URL are copied (fetched once, then read "
                                     "locally).", default_help="~/.cache/mtgpt/data")
     out: str = option("", "Run folder: checkpoints, model.safetensors, tb/, metrics.jsonl.", default_help="")
@@ -126,6 +134,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
             self.model = ModelConfig.from_dict(self.model)
+        if isinstance(self.data, str):  # one source (train_config.json of an older mtgpt)
+            self.data = [self.data] if self.data else []
+        self.data = list(self.data)
+        if self.data:
+            data_sources(self.data)  # the syntax is checked here, once
         for name in ("micro_batch", "grad_accum", "eval_every", "eval_samples", "save_every",
                      "log_every", "keep_last"):
             value = getattr(self, name)
@@ -178,6 +191,11 @@ class TrainConfig:
                               "--grad-accum, it is derived from --batch-size")
         return self.replace(grad_accum=accum)
 
+    @property
+    def sources(self) -> list["DataSource"]:
+        """--data, parsed: one DataSource per source of the mixture."""
+        return data_sources(self.data)
+
     def tokens_per_step(self, world_size: int) -> int:
         """Training tokens per optimizer step, all ranks together (the one batch-size formula)."""
         return self.micro_batch * self.grad_accum * world_size * self.model.block_size
@@ -202,6 +220,51 @@ class TrainConfig:
         if model is not None:
             changes["model"] = model
         return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """One source of the training data: a name (for logs and metrics), a data folder or URL, and
+    its weight in the mixture (None: in proportion to its train tokens)."""
+
+    name: str
+    path: str
+    weight: float | None = None
+
+
+_NAME = re.compile(r"^([A-Za-z0-9_.-]+)=(.+)$")
+_WEIGHT = re.compile(r"^(.*):((?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)$")
+_HOST = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/:]*$")  # http://host:8000 ends in a port, not a weight
+
+
+def data_sources(specs: list[str]) -> list[DataSource]:
+    """--data values -> DataSources. Each is [NAME=]DATA[:WEIGHT]: NAME defaults to the folder's
+    (or URL's) last part, WEIGHT to none. Names must differ; weights are given for all sources or
+    for none, and are positive (any scale: 7 and 3 are 0.7 and 0.3)."""
+    out = []
+    for i, spec in enumerate(specs):
+        name, rest = (m.group(1), m.group(2)) if (m := _NAME.match(spec)) else (None, spec)
+        weight = None
+        if (m := _WEIGHT.match(rest)) and not _HOST.match(m.group(1)):
+            rest, weight = m.group(1), float(m.group(2))
+            if not (weight > 0 and math.isfinite(weight)):
+                raise ConfigError(f"--data {spec}: the weight must be a positive number, got {m.group(2)}")
+        if not rest.strip():
+            raise ConfigError(f"--data {spec!r}: no data folder given")
+        if name is None:
+            name = re.sub(r"[^A-Za-z0-9_.-]+", "_", rest.rstrip("/").rsplit("/", 1)[-1]).strip("_") or f"data{i}"
+            if rest.startswith("pipe:"):
+                name = f"data{i}"
+        out.append(DataSource(name, rest, weight))
+    names = [s.name for s in out]
+    if len(set(names)) < len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        raise ConfigError(f"two --data sources are named {twice!r}: name them, e.g. --data {twice}_a=DATA_A:0.5 "
+                          f"--data {twice}_b=DATA_B:0.5")
+    if len(out) > 1 and len({s.weight is None for s in out}) > 1:
+        raise ConfigError("give a weight to every --data source (e.g. --data books=data/books:0.7 --data "
+                          "chat=data/chat:0.3), or to none (then each weighs its train tokens)")
+    return out
 
 
 def parse_duration(text: str | int | float) -> float:

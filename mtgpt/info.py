@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -49,6 +50,15 @@ def describe_tokenizer(path: Path) -> list[str]:
     return lines
 
 
+def mask_line(m: dict[str, Any]) -> str:
+    """What a chat data folder trains on (prepare and info say it alike)."""
+    targets = (m["splits"]["train"]["samples"] + m["splits"]["val"]["samples"]) * m["block_size"]
+    whose = "the bot's replies" if m["train_on"] == "bot" else "every token"
+    return (f"loss mask: {m['trained_targets']:,} of {targets:,} targets trained ({100 * m['trained_targets'] / targets:.1f}%: "
+            f"{whose}); one conversation per sample, {100 * m['padding_tokens'] / max(1, targets):.1f}% padding "
+            f"(a smaller --block-size wastes less)")
+
+
 def describe_data(path: Path, verify: bool) -> tuple[list[str], bool]:
     m = load_manifest(path)
     lines = [f"data folder {path} (mtgpt {m['mtgpt_version']}, {m['created']})",
@@ -69,6 +79,8 @@ def describe_data(path: Path, verify: bool) -> tuple[list[str], bool]:
         lines.append(line)
     if m.get("replaced_bytes"):
         lines.append(f"invalid UTF-8 bytes replaced: {m['replaced_bytes']}")
+    if m.get("loss_mask"):
+        lines.append(mask_line(m))
     ok = True
     if verify:
         problems = verify_shards(path, m)
@@ -83,7 +95,7 @@ def describe_run(path: Path) -> list[str]:
     if (path / rundir.TRAIN_CONFIG).is_file():
         cfg = TrainConfig.from_dict(load_json(path / rundir.TRAIN_CONFIG))
         lines += describe_model(cfg.model)
-        lines.append(f"data: {cfg.data}; batch: micro {cfg.micro_batch} x accum {cfg.grad_accum}; lr {cfg.lr}")
+        lines.append(f"data: {' + '.join(cfg.data)}; batch: micro {cfg.micro_batch} x accum {cfg.grad_accum}; lr {cfg.lr}")
         vocab = cfg.model.vocab_size
     elif (path / checkpoint.MODEL_CONFIG).is_file():
         config = checkpoint.load_model_config(path)

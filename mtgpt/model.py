@@ -159,8 +159,11 @@ class GPT(nn.Module):
         targets: torch.Tensor | None = None,
         cache: KVCache | None = None,
         last_only: bool = False,
+        reduction: str = "mean",
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """idx (B, T) token ids -> logits (B, T, V), and the mean cross-entropy if targets (B, T).
+        """idx (B, T) token ids -> logits (B, T, V), and the cross-entropy if targets (B, T): its
+        mean over the scored targets, or with reduction="sum" their sum. A target of -1 is not
+        scored (chat data trains only on the bot's tokens).
 
         With a cache, idx holds only the new tokens; they sit at positions P..P+T-1.
         last_only: logits of the last position only, (B, 1, V) (generation needs no more).
@@ -183,7 +186,8 @@ class GPT(nn.Module):
             logits = logits[..., :self.config.vocab_size]  # padding rows: never scored or sampled
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                   ignore_index=-1, reduction=reduction)
         return logits, loss
 
     def param_groups(self, weight_decay: float | None = None) -> list[dict]:

@@ -17,13 +17,13 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from tqdm import tqdm
 
 from mtgpt import __version__, checkpoint, ds_config, monitor, rundir, tokenizer, world
-from mtgpt.config import ConfigError, TrainConfig
+from mtgpt.config import ConfigError, DataSource, TrainConfig
 from mtgpt.data import DataError, check_compatible, load_manifest, remote
 from mtgpt.data.loader import Split, TrainBatches, load_val, resume_position
 from mtgpt.model import GPT, flops_per_token, param_count
@@ -32,6 +32,8 @@ from mtgpt.state import (RunningLoss, StopFlag, TrainState, agreed_stop, planned
                          set_rng_state)
 
 EVAL_PROMPT = "\n"  # the text sample logged at each evaluation continues this
+REPEAT_WARN = 4.0  # warn before a run that reads a source more often (data-constrained scaling: ~4 epochs
+#                    of repeated data train about as well as new data, more gain less and less)
 
 
 class TrainingDiverged(RuntimeError):
@@ -43,7 +45,8 @@ class Plan:
     cfg: TrainConfig
     ds: dict[str, Any]  # the DeepSpeed dict actually used
     ds_name: str
-    manifest: dict[str, Any]
+    manifests: list[dict[str, Any]]  # one per source of --data
+    weights: list[float]  # each source's share of the samples drawn (sums to 1)
     world_size: int
     schedule_steps: int  # length of the LR schedule in optimizer steps
     resume_from: Path | None  # a complete checkpoint folder, or None to start fresh
@@ -51,26 +54,41 @@ class Plan:
     tok: tokenizer.Tokenizer | None = None  # the data's tokenizer, read by fit() (the data may be a URL)
 
     @property
+    def sources(self) -> list[DataSource]:
+        return self.cfg.sources
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        """The first source's manifest (all sources share the tokenizer and the block size)."""
+        return self.manifests[0]
+
+    @property
     def tokens_per_step(self) -> int:
         return self.cfg.tokens_per_step(self.world_size)
 
     @property
     def train_tokens(self) -> int:
-        return train_tokens(self.manifest, self.cfg.model.block_size)
+        return train_tokens(self.manifests, self.cfg.model.block_size)
 
     @property
     def val_samples(self) -> int:
-        return self.manifest["splits"]["val"]["samples"]
+        return sum(m["splits"]["val"]["samples"] for m in self.manifests)
+
+    def epochs(self) -> list[float]:
+        """How many times the planned run reads each source's train split."""
+        samples = self.schedule_steps * self.tokens_per_step // self.cfg.model.block_size
+        return [w * samples / m["splits"]["train"]["samples"] for w, m in zip(self.weights, self.manifests)]
 
 
-def train_tokens(manifest: dict[str, Any], block_size: int) -> int:
-    """Tokens in one epoch of the train split."""
-    return manifest["splits"]["train"]["samples"] * block_size
+def train_tokens(manifests: list[dict[str, Any]], block_size: int) -> int:
+    """Tokens in one epoch of the train splits (of all sources together)."""
+    return sum(m["splits"]["train"]["samples"] for m in manifests) * block_size
 
 
-def schedule_steps(cfg: TrainConfig, manifest: dict[str, Any], world_size: int) -> int:
+def schedule_steps(cfg: TrainConfig, manifests: list[dict[str, Any]], world_size: int) -> int:
     """Optimizer steps the run is planned for: the smallest of --max-steps, --max-tokens and
-    --max-epochs (1 epoch when none is given). The cosine schedule spans exactly this."""
+    --max-epochs (1 epoch when none is given; with a mixture, an epoch is the train tokens of all
+    sources together). The cosine schedule spans exactly this."""
     per_step = cfg.tokens_per_step(world_size)
     limits = []
     if cfg.max_steps:
@@ -78,18 +96,20 @@ def schedule_steps(cfg: TrainConfig, manifest: dict[str, Any], world_size: int) 
     if cfg.max_tokens:
         limits.append(math.ceil(cfg.max_tokens / per_step))
     if cfg.epoch_limit:
-        limits.append(math.ceil(cfg.epoch_limit * train_tokens(manifest, cfg.model.block_size) / per_step))
+        limits.append(math.ceil(cfg.epoch_limit * train_tokens(manifests, cfg.model.block_size) / per_step))
     return max(1, min(limits))
 
 
 def make_plan(cfg: TrainConfig, world_size: int, cuda: bool | None = None) -> Plan:
     """Check everything that can be checked before training; raise with a fix on failure."""
     cuda = torch.cuda.is_available() if cuda is None else cuda
-    manifest = load_manifest(cfg.data)
+    manifests = load_sources(cfg.sources)
+    manifest = manifests[0]
     check_source(cfg, manifest)
     resume_from = rundir.resume_point(cfg)
     check_tokenizer(cfg, manifest, resume_from)
-    check_compatible(manifest, cfg.data, cfg.model.vocab_size, cfg.model.block_size)
+    for source, m in zip(cfg.sources, manifests):
+        check_compatible(m, source.path, cfg.model.vocab_size, cfg.model.block_size)
     ds_name = cfg.ds_config or ds_config.default_name(cuda, cuda and torch.cuda.is_bf16_supported())
     ds_name, raw = ds_config.find(ds_name)
     if cfg.batch_size is None and resume_from is not None:  # a resumed run keeps its batch
@@ -98,16 +118,64 @@ def make_plan(cfg: TrainConfig, world_size: int, cuda: bool | None = None) -> Pl
         multiple = rundir.saved_vocab_multiple(resume_from) if resume_from is not None else (64 if cuda else 1)
         cfg = cfg.replace(model=replace(cfg.model, vocab_multiple=multiple))
     cfg = cfg.for_world(world_size)
-    steps = schedule_steps(cfg, manifest, world_size)
-    if cfg.patience is not None and manifest["splits"]["val"]["samples"] == 0:
-        raise ConfigError(f"--patience needs a val split, and {cfg.data} has none (it was prepared with "
+    steps = schedule_steps(cfg, manifests, world_size)
+    if cfg.patience is not None and not any(m["splits"]["val"]["samples"] for m in manifests):
+        raise ConfigError(f"--patience needs a val split, and {data_names(cfg)} has none (it was prepared with "
                           "--val-fraction 0); prepare it again with e.g. --val-fraction 0.01, or leave out "
                           "--patience")
     universal = resume_from is not None and checkpoint.needs_universal(resume_from, world_size)
     if universal:  # optimizer state saved in shards of another world size
         raw = {**raw, "checkpoint": {**raw.get("checkpoint", {}), "load_universal": True}}
     ds = ds_config.resolve(cfg, raw, world_size, steps, name=ds_name, cuda=cuda)
-    return Plan(cfg, ds, ds_name, manifest, world_size, steps, resume_from, universal)
+    return Plan(cfg, ds, ds_name, manifests, mixture_weights(cfg.sources, manifests), world_size, steps,
+                resume_from, universal)
+
+
+def data_names(cfg: TrainConfig) -> str:
+    """--data in words, for messages."""
+    return " + ".join(s.path for s in cfg.sources) or "--data"
+
+
+def load_sources(sources: list[DataSource]) -> list[dict[str, Any]]:
+    """The manifest of each source of --data; refused unless they share one tokenizer and block
+    size (a model reads one vocabulary, and a sample is its context)."""
+    if not sources:
+        raise ConfigError("--data is required: a folder written by `mtgpt prepare`")
+    manifests = [load_manifest(s.path) for s in sources]
+    first, m0 = sources[0], manifests[0]
+    for source, m in zip(sources[1:], manifests[1:]):
+        if not tokenizer.same(m["tokenizer"], m0["tokenizer"]):
+            raise DataError(f"the --data sources read different tokenizers: {first.path} "
+                            f"{tokenizer.describe(m0['tokenizer'])}, {source.path} {tokenizer.describe(m['tokenizer'])}; "
+                            f"prepare {source.path} again with --tokenizer {first.path}")
+        if m["block_size"] != m0["block_size"]:
+            raise DataError(f"the --data sources have different block sizes: {first.path} {m0['block_size']}, "
+                            f"{source.path} {m['block_size']}; prepare {source.path} again with --block-size "
+                            f"{m0['block_size']}")
+    return manifests
+
+
+def mixture_weights(sources: list[DataSource], manifests: list[dict[str, Any]]) -> list[float]:
+    """Each source's share of the samples drawn: its --data weight, or (none given) its share of
+    the train samples, as if the sources were one corpus."""
+    raw = [s.weight if s.weight is not None else m["splits"]["train"]["samples"] for s, m in zip(sources, manifests)]
+    return [w / sum(raw) for w in raw]
+
+
+def plan_warnings(plan: Plan) -> list[str]:
+    """What to tell the user before the start: a source read more than REPEAT_WARN times (unless
+    --max-epochs asked for it, with one source)."""
+    if plan.cfg.max_epochs is not None and len(plan.sources) == 1:
+        return []
+    out = []
+    for source, epochs, m in zip(plan.sources, plan.epochs(), plan.manifests):
+        if epochs > REPEAT_WARN:
+            share = f" at weight {plan.weights[plan.sources.index(source)]:.3g}" if len(plan.sources) > 1 else ""
+            out.append(f"warning: the planned {plan.schedule_steps} steps read {source.name} ({source.path}, "
+                       f"{m['splits']['train']['samples'] * plan.cfg.model.block_size:,} train tokens){share} "
+                       f"{epochs:.1f} times; past ~{REPEAT_WARN:.0f} epochs repeated data teaches less and less: "
+                       f"give more text{', lower its weight' if share else ''} or train fewer steps")
+    return out
 
 
 def check_source(cfg: TrainConfig, manifest: dict[str, Any]) -> None:
@@ -123,7 +191,7 @@ def check_source(cfg: TrainConfig, manifest: dict[str, Any]) -> None:
             raise ConfigError(f"--{key.replace('_', '-')} {getattr(cfg.model, key)} differs from the model you "
                               f"start from ({key} {value}); leave it out{why}")
     if manifest["block_size"] != source.block_size:
-        raise ConfigError(f"{cfg.data} holds samples of block size {manifest['block_size']}, but the model you "
+        raise ConfigError(f"{data_names(cfg)} holds samples of block size {manifest['block_size']}, but the model you "
                           f"start from has a context of {source.block_size}, which --init-from cannot change: "
                           f"prepare the data again with --block-size {source.block_size}")
 
@@ -135,7 +203,7 @@ def check_tokenizer(cfg: TrainConfig, manifest: dict[str, Any], resume_from: Pat
     if resume_from is not None:
         saved = checkpoint.recorded_tokenizer(resume_from.parent.parent)
         if not tokenizer.same(saved, data):
-            raise ConfigError(f"cannot resume {cfg.out} on {cfg.data}: the run reads tokenizer {tokenizer.describe(saved)}, "
+            raise ConfigError(f"cannot resume {cfg.out} on {data_names(cfg)}: the run reads tokenizer {tokenizer.describe(saved)}, "
                               f"the data was prepared with {tokenizer.describe(data)}; prepare the data with "
                               f"--tokenizer {cfg.out}, or start a new run with another --out")
     source = cfg.init_from or cfg.init_from_hf
@@ -146,7 +214,7 @@ def check_tokenizer(cfg: TrainConfig, manifest: dict[str, Any], resume_from: Pat
             raise ConfigError(f"cannot start from it: {e}") from None
         if not tokenizer.same(theirs, data):
             raise ConfigError(f"the model you start from ({source}) reads tokenizer {tokenizer.describe(theirs)}, but "
-                              f"{cfg.data} was prepared with {tokenizer.describe(data)}: prepare the data again with "
+                              f"{data_names(cfg)} was prepared with {tokenizer.describe(data)}: prepare the data again with "
                               f"--tokenizer {source}")
 
 
@@ -162,33 +230,50 @@ def source_config(cfg: TrainConfig):
 # ----------------------------------------------------------------------------- the step
 
 
-def train_step(engine, batches: TrainBatches, grad_accum: int) -> torch.Tensor:
-    """One optimizer step over grad_accum micro-batches. Returns the mean loss as a tensor
-    (no host sync). engine.step() applies the update only at the accumulation boundary."""
+def train_step(engine, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], grad_accum: int) -> torch.Tensor:
+    """One optimizer step over grad_accum micro-batches, minimising the mean loss over the step's
+    trained tokens, all micro-batches and ranks together (with loss masks their number varies:
+    no mean of means). DeepSpeed averages gradients over micro-batches and ranks, so each summed
+    loss is scaled by world x accum / trained. Returns this rank's part of that mean x world (the
+    mean over ranks is the step's loss) as a tensor, with no host sync. engine.step() applies the
+    update only at the accumulation boundary. `batches`: TrainBatches (or any iterator of (x, y);
+    its `masked` says whether targets may be -1)."""
+    world_size = engine.dp_world_size
+    micro = [next(batches) for _ in range(grad_accum)]
+    trained = trained_targets(micro, getattr(batches, "masked", False), world_size)
     total = torch.zeros((), device=engine.device)
-    for _ in range(grad_accum):
-        x, y = next(batches)
-        _, loss = engine(x, y)
-        engine.backward(loss)
+    for x, y in micro:
+        _, loss = engine(x, y, reduction="sum")
+        engine.backward(loss * (world_size * grad_accum / trained))
         engine.step()
         total += loss.detach().float()
-    return total / grad_accum
+    return total * world_size / trained
+
+
+def trained_targets(micro: list[tuple[torch.Tensor, torch.Tensor]], masked: bool, world_size: int):
+    """Targets trained on in one step, all ranks together: a number for plain text (every one),
+    else the all-reduced count of targets that are not -1 (a tensor: no host sync)."""
+    if not masked:
+        return sum(y.numel() for _, y in micro) * world_size
+    local = torch.stack([(y >= 0).sum() for _, y in micro]).sum().double()
+    return world.all_reduce_sum(local).clamp(min=1)
 
 
 @torch.no_grad()
-def evaluate(engine, val: torch.Tensor, micro_batch: int, byte_lengths: torch.Tensor) -> tuple[float, float]:
-    """(mean val loss per token, bits per byte) over all ranks' shares of the fixed val set (every
-    rank runs the same number of forward passes, which ZeRO-3 needs). Bits per byte divide the
-    summed loss by the UTF-8 bytes of the scored tokens (`byte_lengths`: Tokenizer.byte_lengths),
-    so they compare across tokenizers."""
+def evaluate(engine, val: tuple[torch.Tensor, torch.Tensor], micro_batch: int,
+             byte_lengths: torch.Tensor) -> tuple[float, float]:
+    """(mean val loss per scored token, bits per byte) over all ranks' shares of the fixed val set
+    `val` = (x, y) (every rank runs the same number of forward passes, which ZeRO-3 needs; targets
+    -1 are not scored, as in training). Bits per byte divide the summed loss by the UTF-8 bytes of
+    the scored tokens (`byte_lengths`: Tokenizer.byte_lengths), so they compare across tokenizers."""
     engine.eval()
-    totals = torch.zeros(3, dtype=torch.float64, device=engine.device)  # (sum of loss x tokens, tokens, bytes)
-    for chunk in val.split(micro_batch):
-        chunk = chunk.to(engine.device)
-        _, loss = engine(chunk[:, :-1], chunk[:, 1:])
-        n = chunk[:, 1:].numel()
-        nbytes = byte_lengths[chunk[:, 1:]].sum().double()
-        totals += torch.stack([loss.double() * n, torch.tensor(n, dtype=torch.float64, device=engine.device), nbytes])
+    totals = torch.zeros(3, dtype=torch.float64, device=engine.device)  # (summed loss, scored tokens, bytes)
+    for x, y in zip(*(t.split(micro_batch) for t in val)):
+        x, y = x.to(engine.device), y.to(engine.device)
+        _, loss = engine(x, y, reduction="sum")
+        scored = y >= 0
+        nbytes = (byte_lengths[y.clamp(min=0)] * scored).sum()
+        totals += torch.stack([loss.double(), scored.sum().double(), nbytes.double()])
     engine.train()
     world.all_reduce_sum(totals)
     if totals[1] == 0:
@@ -213,16 +298,18 @@ def build_engine(plan: Plan, model: GPT):
     return engine
 
 
-def resume(engine, plan: Plan, running: RunningLoss, train_samples: int) -> tuple[TrainState, int]:
+def resume(engine, plan: Plan, running: RunningLoss, train_samples: list[int]
+           ) -> tuple[TrainState, int, list[int] | None]:
     """Everything a run continues from: load the checkpoint into the engine, restore this rank's
     RNG states and running train-loss mean, and find where the data order goes on; returns the
-    training state and that global data position. The data order continues on any number of
-    ranks (see mtgpt.data.loader); RNG states are per rank and start afresh when the number of
-    ranks changed. The warnings about what could not carry over are printed here. A fresh run:
-    (TrainState(), 0)."""
+    training state, that global data position and each source's draws before it (None: the
+    loader counts them). The data order continues on any number of ranks (see
+    mtgpt.data.loader); RNG states are per rank and start afresh when the number of ranks
+    changed. The warnings about what could not carry over are printed here. A fresh run:
+    (TrainState(), 0, None)."""
     me = world.get()
     if plan.resume_from is None:
-        return TrainState(), 0
+        return TrainState(), 0, None
     path = plan.resume_from
     if plan.universal:
         path = checkpoint.universal(path, is_writer=me.rank == 0)
@@ -237,13 +324,13 @@ def resume(engine, plan: Plan, running: RunningLoss, train_samples: int) -> tupl
         set_rng_state(mine["rng"])
         running.load_state_dict(mine.get("loss"))
     saved = state.ranks[0]["data"]  # the same on every rank
-    start = resume_position(saved, plan.cfg.seed, train_samples)
-    if start is None:
-        world.print0("warning: the data order was saved for another seed or train split (or by an older "
-                     "mtgpt): it starts a new shuffle now")
-        start = 0
+    where = resume_position(saved, plan.cfg.seed, train_samples, plan.weights)
+    if where is None:
+        world.print0("warning: the data order was saved for another seed, other train splits or mixture weights "
+                     "(or by an older mtgpt): it starts a new shuffle now")
+        where = (0, None)
     make_history(engine, plan, state)
-    return state, start
+    return state, *where
 
 
 def make_history(engine, plan: Plan, state: TrainState) -> None:
@@ -284,10 +371,10 @@ def fit(plan: Plan) -> dict[str, Any]:
     if (precision := matmul_precision(cfg.tf32, me.device)) is not None:
         torch.set_float32_matmul_precision(precision)
     flag = StopFlag()
-    data_dir = (remote.local_copy(cfg.data, cfg.data_cache, me.rank, progress=world.is_rank0())
-                if remote.is_url(cfg.data) else Path(cfg.data))
+    data_dirs = [remote.local_copy(s.path, cfg.data_cache, me.rank, progress=world.is_rank0())
+                 if remote.is_url(s.path) else Path(s.path) for s in plan.sources]
     try:
-        plan = replace(plan, tok=tokenizer.for_folder(data_dir, plan.manifest["tokenizer"]))  # the run's
+        plan = replace(plan, tok=tokenizer.for_folder(data_dirs[0], plan.manifest["tokenizer"]))  # the run's
     except tokenizer.TokenizerError as e:
         raise DataError(str(e)) from None
     seed_all(cfg.seed)  # the same initial weights on every rank
@@ -299,19 +386,22 @@ def fit(plan: Plan) -> dict[str, Any]:
     clock.mark("DeepSpeed initialize")
     seed_all(cfg.seed + me.rank)  # different dropout per rank
     running = RunningLoss(me.device)
-    train_split = Split(data_dir, plan.manifest, "train", cfg.model.vocab_size)
-    state, start = resume(engine, plan, running, len(train_split))
+    train_splits = [Split(d, m, "train", cfg.model.vocab_size) for d, m in zip(data_dirs, plan.manifests)]
+    state, start, counts = resume(engine, plan, running, [len(s) for s in train_splits])
     if world.is_rank0():
         rundir.write_run_files(cfg.out, cfg.to_dict(), plan.ds, plan.ds_name, plan.world_size, plan.val_samples,
                                plan.resume_from)
-    batches = TrainBatches(train_split, cfg.micro_batch, me.rank, me.world_size, cfg.seed, cfg.num_workers,
-                           start=start, device=me.device)
-    val = load_val(data_dir, plan.manifest, cfg.eval_samples, me.rank, me.world_size, cfg.model.vocab_size)
+    batches = TrainBatches(train_splits, cfg.micro_batch, me.rank, me.world_size, cfg.seed, cfg.num_workers,
+                           start=start, device=me.device, weights=plan.weights, counts=counts)
+    vals = {s.name: load_val(d, m, cfg.eval_samples, me.rank, me.world_size, cfg.model.vocab_size)
+            for s, d, m in zip(plan.sources, data_dirs, plan.manifests)}
     log = monitor.Monitor(cfg.out, enabled=world.is_rank0(),
                           resume_step=state.step if plan.resume_from is not None else None)
     clock.mark("data and resume")
     perf = monitor.Throughput(flops_per_token(cfg.model), me.device, me.world_size, ds_config.precision(plan.ds))
     world.print0(banner(plan, state.step))
+    for warning in plan_warnings(plan):
+        world.print0(warning, file=sys.stderr)
     bar = progress_bar(plan, state.step)
 
     began = time.time() - state.elapsed
@@ -332,11 +422,12 @@ def fit(plan: Plan) -> dict[str, Any]:
         metrics: dict[str, float] = {}
         if log_step or reason:  # the last step is always logged and evaluated
             metrics.update(train_metrics(engine, running.take(), state))
+            metrics.update(data_metrics(plan, batches))
             metrics.update(perf.metrics())
             bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", lr=f"{metrics['lr']:.2e}",
                             tok_s=f"{metrics['perf/tokens_per_s']:.0f}")
         if state.step % cfg.eval_every == 0 or reason:
-            metrics.update(evaluate_and_track(engine, val, plan, state, log))
+            metrics.update(evaluate_and_track(engine, vals, plan, state, log))
             perf.reset()  # tokens/s measures training, not evaluation
             reason = reason or planned_stop(cfg, state, plan.train_tokens)  # early stopping
         log.log(metrics, state.step)
@@ -356,7 +447,7 @@ def fit(plan: Plan) -> dict[str, Any]:
         rundir.write_last_stop(cfg.out, reason=reason, step=state.step, tokens=state.tokens,
                                val_loss=finite(val_loss), best_val=finite(state.best_val), seconds=clock.phases)
     val_text = (f"val loss {val_loss:.4f}, best {state.best_val:.4f}, {monitor.last(log.history, 'val/bpb'):.4f} "
-                "bits/byte" if len(val) else "no val split, so no val loss")
+                "bits/byte" if has_val(vals) else "no val split, so no val loss")
     world.print0(f"stopped ({reason}) at step {state.step}, {state.tokens:,} tokens; {val_text}; "
                  f"model: {Path(cfg.out) / checkpoint.WEIGHTS}")
     world.print0(f"time: {clock.line()}")
@@ -374,10 +465,22 @@ def banner(plan: Plan, step: int) -> str:
         f"{ds_config.zero_stage(ds)}, {ds_config.precision(ds)}",
         f"  batch {ds['train_batch_size']} sequences = micro {cfg.micro_batch} x accum {cfg.grad_accum} x "
         f"{plan.world_size} rank(s) = {plan.tokens_per_step:,} tokens/step; schedule {plan.schedule_steps} steps",
-        f"  data {cfg.data}: {plan.train_tokens:,} train tokens",
+        *data_lines(plan),
         f"  run {cfg.out}" + (f", resuming from {plan.resume_from} (step {step})" if plan.resume_from else ""),
     ]
     return "\n".join(lines)
+
+
+def data_lines(plan: Plan) -> list[str]:
+    """The banner's data: one line, or one per source of a mixture (weight, size, epochs planned)."""
+    block = plan.cfg.model.block_size
+    if len(plan.sources) == 1:
+        return [f"  data {plan.sources[0].path}: {plan.train_tokens:,} train tokens"]
+    lines = [f"  data: a mixture of {len(plan.sources)} sources, {plan.train_tokens:,} train tokens"]
+    for source, w, m, epochs in zip(plan.sources, plan.weights, plan.manifests, plan.epochs()):
+        lines.append(f"    {source.name} = {source.path}: weight {w:.3f}, {m['splits']['train']['samples'] * block:,} "
+                     f"train tokens, read {epochs:.2f} times in {plan.schedule_steps} steps")
+    return lines
 
 
 def progress_bar(plan: Plan, step: int) -> tqdm:
@@ -400,14 +503,41 @@ def train_metrics(engine, loss: torch.Tensor, state: TrainState) -> dict[str, fl
     return metrics
 
 
-def evaluate_and_track(engine, val: torch.Tensor, plan: Plan, state: TrainState,
+def data_metrics(plan: Plan, batches: TrainBatches) -> dict[str, float]:
+    """data/NAME/tokens: tokens drawn from each source of a mixture so far, all ranks together."""
+    if len(plan.sources) == 1:
+        return {}
+    return {f"data/{s.name}/tokens": n * plan.cfg.model.block_size for s, n in zip(plan.sources, batches.counts)}
+
+
+def has_val(vals: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> bool:
+    return any(len(x) for x, _ in vals.values())
+
+
+def evaluate_sources(engine, vals: dict[str, tuple[torch.Tensor, torch.Tensor]], plan: Plan
+                     ) -> tuple[float, float, dict[str, float]]:
+    """(val loss, bits per byte, per-source metrics): one source's, or with a mixture the mean of
+    the sources' weighted as they are drawn (over the sources that have a val split), and
+    val/NAME/loss and val/NAME/bpb of each."""
+    lengths = torch.as_tensor(plan.tok.byte_lengths, device=engine.device)
+    scores = {name: evaluate(engine, val, plan.cfg.micro_batch, lengths) for name, val in vals.items() if len(val[0])}
+    if len(vals) == 1:
+        return *next(iter(scores.values())), {}
+    weight = {s.name: w for s, w in zip(plan.sources, plan.weights) if s.name in scores}
+    loss = sum(weight[n] * scores[n][0] for n in scores) / sum(weight.values())
+    bpb = sum(weight[n] * scores[n][1] for n in scores) / sum(weight.values())
+    per_source = {f"val/{n}/{k}": v for n, (l, b) in scores.items() for k, v in (("loss", l), ("bpb", b))}
+    return loss, bpb, per_source
+
+
+def evaluate_and_track(engine, vals: dict[str, tuple[torch.Tensor, torch.Tensor]], plan: Plan, state: TrainState,
                        log: monitor.Monitor) -> dict[str, float]:
     """Evaluate, update early stopping, export the best weights when the val loss improves, and
     log a text sample and the loss plot. With no val split only the sample is logged."""
-    if len(val) == 0:  # the same on every rank: the val split is empty everywhere
+    if not has_val(vals):  # the same on every rank: the val splits are empty everywhere
         log.text("sample", eval_sample(engine, plan.tok, plan.cfg.seed + state.step), state.step)
         return {}
-    loss, bpb = evaluate(engine, val, plan.cfg.micro_batch, torch.as_tensor(plan.tok.byte_lengths, device=engine.device))
+    loss, bpb, per_source = evaluate_sources(engine, vals, plan)
     if loss < state.best_val - plan.cfg.min_delta:
         state.best_val, state.evals_since_best = loss, 0
         export(engine, plan, state, Path(plan.cfg.out) / "best", {"val_loss": str(loss)})
@@ -415,9 +545,10 @@ def evaluate_and_track(engine, val: torch.Tensor, plan: Plan, state: TrainState,
         state.evals_since_best += 1
     text = eval_sample(engine, plan.tok, plan.cfg.seed + state.step)
     log.text("sample", text, state.step)
-    world.print0(f"step {state.step}: val loss {loss:.4f} (best {state.best_val:.4f}), {bpb:.4f} bits/byte",
-                 file=sys.stderr)
-    return {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0)), "val/bpb": bpb}
+    each = "; " + ", ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in per_source.items() if k.endswith("/loss"))
+    world.print0(f"step {state.step}: val loss {loss:.4f} (best {state.best_val:.4f}), {bpb:.4f} bits/byte"
+                 f"{each if per_source else ''}", file=sys.stderr)
+    return {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0)), "val/bpb": bpb, **per_source}
 
 
 @torch.no_grad()

@@ -33,18 +33,21 @@ def test_template():
 
 
 def test_prepare_chat_formats(tmp_path):
+    """YAML and JSONL; each conversation starts its own sample (padded with <|endoftext|>)."""
     (tmp_path / "talk.yml").write_text("categories: [test]\nconversations:\n- - Hello\n  - Hi there\n"
                                        "- - What is your name?\n  - I am a bot.\n  - Nice.\n  - Thanks.\n")
     (tmp_path / "talk.jsonl").write_text(json.dumps({"messages": [
         {"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hey"},
         {"role": "assistant", "content": "Hello, friend."}]}) + "\n")
     out = tmp_path / "d"
-    m = prepare([str(tmp_path / "talk.yml"), str(tmp_path / "talk.jsonl")], out, block_size=8, val_fraction=0.0,
+    m = prepare([str(tmp_path / "talk.yml"), str(tmp_path / "talk.jsonl")], out, block_size=32, val_fraction=0.0,
                 fmt="chat", quiet=True)
-    assert m["content"] == "chat" and m["conversations"] == 3 and m["documents"] == 3
-    text = GPT2.decode([t for s in all_train_samples(out) for t in __import__("numpy").frombuffer(s, "<u2")])
-    assert text.startswith("User: Hello\nBot: Hi there\n<|endoftext|>User: What is your name?\nBot: I am a bot.\n")
-    assert "System: Be kind.\nUser: Hey\nBot: Hello, friend.\n" in text
+    assert m["content"] == "chat" and m["conversations"] == 3 and m["documents"] == 3 and m["loss_mask"]
+    samples = [GPT2.decode(__import__("numpy").frombuffer(s, "<u2").tolist()) for s in all_train_samples(out)]
+    assert [s.split("<|endoftext|>")[0] for s in samples] == [
+        "User: Hello\nBot: Hi there\n", "User: What is your name?\nBot: I am a bot.\nUser: Nice.\nBot: Thanks.\n",
+        "System: Be kind.\nUser: Hey\nBot: Hello, friend.\n"]
+    assert all(set(s.split("<|endoftext|>", 1)[1].split("<|endoftext|>")) == {""} for s in samples)  # padding
     assert [s["name"] for s in m["sources"]] == [str(tmp_path / "talk.yml"), str(tmp_path / "talk.jsonl")]
 
 

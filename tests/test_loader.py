@@ -114,9 +114,16 @@ def test_deterministic_and_resumable_at_a_position(tiny_data, workers):
     assert [a[3:] for a in alone] == first[13:]
 
 
+def val_rows(data: Path, m: dict, n: int, rank: int, world: int) -> torch.Tensor:
+    """load_val's samples whole, (n, block_size + 1) (plain text: y is never -1)."""
+    x, y = load_val(data, m, n, rank, world)
+    assert bool((y >= 0).all())
+    return torch.cat([x, y[:, -1:]], 1)
+
+
 def test_resume_position_rules():
     saved = {"samples": 96, "seed": 1, "train_samples": 400}
-    assert resume_position(saved, 1, 400) == 96
+    assert resume_position(saved, 1, 400) == (96, None)
     assert resume_position(saved, 2, 400) is None  # another seed: another order
     assert resume_position(saved, 1, 401) is None  # another train split
     assert resume_position({"batches": 12, "world": 2, "num_workers": 0, "micro_batch": 4, "seed": 1},
@@ -135,15 +142,15 @@ def test_a_batch_larger_than_the_train_split(tmp_path):
 
 def test_val_is_fixed_and_split(tiny_data):
     m = load_manifest(tiny_data)
-    full = load_val(tiny_data, m, 6, 0, 1)
+    full = val_rows(tiny_data, m, 6, 0, 1)
     assert full.shape == (6, 33)
-    assert torch.equal(full, load_val(tiny_data, m, 6, 0, 1))
-    parts = [load_val(tiny_data, m, 6, r, 2) for r in range(2)]
+    assert torch.equal(full, val_rows(tiny_data, m, 6, 0, 1))
+    parts = [val_rows(tiny_data, m, 6, r, 2) for r in range(2)]
     assert torch.equal(torch.cat(parts).sort(0).values, full.sort(0).values)
-    parts = [load_val(tiny_data, m, 7, r, 3) for r in range(3)]  # equal shares: 7 -> 6
+    parts = [val_rows(tiny_data, m, 7, r, 3) for r in range(3)]  # equal shares: 7 -> 6
     assert [len(p) for p in parts] == [2, 2, 2]
-    one = load_val(tiny_data, m, 1, 0, 1)
-    assert all(torch.equal(load_val(tiny_data, m, 1, r, 2), one) for r in range(2))  # fewer than ranks
+    one = val_rows(tiny_data, m, 1, 0, 1)
+    assert all(torch.equal(val_rows(tiny_data, m, 1, r, 2), one) for r in range(2))  # fewer than ranks
 
 
 def test_val_set_is_spread_over_the_whole_split(tmp_path):
@@ -154,9 +161,9 @@ def test_val_set_is_spread_over_the_whole_split(tmp_path):
     (tmp_path / "b.txt").write_text("\n".join(lines[len(lines) // 2:]))
     m = prepare([str(tmp_path / "a.txt"), str(tmp_path / "b.txt")], tmp_path / "d", block_size=8,
                 val_fraction=0.2, quiet=True)
-    every = load_val(tmp_path / "d", m, 10**6, 0, 1)  # the whole val split, in order
+    every = val_rows(tmp_path / "d", m, 10**6, 0, 1)  # the whole val split, in order
     assert len(every) == m["splits"]["val"]["samples"]
-    picked = load_val(tmp_path / "d", m, 16, 0, 1)
+    picked = val_rows(tmp_path / "d", m, 16, 0, 1)
     position = [next(i for i, row in enumerate(every) if torch.equal(row, p)) for p in picked]
     assert position == sorted(position) and len(set(position)) == 16
     assert abs(sum(position) / 16 / len(every) - 0.5) < 0.05  # centred on the middle of the split

@@ -105,7 +105,7 @@ def test_two_ranks_train_sample_chat_eval(run512, data512):
     # val/bpb = summed loss / ln 2 / the UTF-8 bytes of the very val tokens scored (both ranks' shares)
     m = load_manifest(data512)
     tok = tokenizer.for_folder(data512, m["tokenizer"])
-    targets = torch.cat([load_val(data512, m, 8, r, 2, 512)[:, 1:] for r in range(2)])
+    targets = torch.cat([load_val(data512, m, 8, r, 2, 512)[1] for r in range(2)])
     nbytes = tok.byte_lengths[targets.numpy()].sum()
     for r in val:
         assert r["val/bpb"] == pytest.approx(r["val/loss"] * targets.numel() / math.log(2) / nbytes, rel=1e-6)

@@ -131,7 +131,7 @@ def data(cluster, tmp_path_factory) -> Path:
     return out
 
 
-def train_job(cluster: Cluster, data: Path, run: Path, steps: int = STEPS) -> str:
+def train_job(cluster: Cluster, data: Path | str, run: Path, steps: int = STEPS) -> str:
     """Submit train.sbatch on both nodes; its output goes to RUN.out."""
     env = {"DATA_DIR": str(data), "RUN_DIR": str(run), "DS_CONFIG": "zero1_fp32"}
     return cluster.sbatch(["--nodes", 2, "--output", f"{run}.out"], "slurm/train.sbatch",
@@ -170,6 +170,16 @@ def straight(cluster, data, tmp_path_factory) -> Path:
 def test_uninterrupted_job_trains_on_two_nodes(straight):
     assert checkpoint.latest_complete(straight).name == checkpoint.tag_for(STEPS)
     assert (straight / "model.safetensors").is_file()
+
+
+def test_a_mixture_job(cluster, data, tmp_path):
+    """DATA_DIR="a=DIR:0.7 b=DIR:0.3": one --data per source on every node."""
+    run = tmp_path / "mix"
+    job_id = train_job(cluster, f"a={data}:0.7 b={data}:0.3", run, steps=4)
+    job = cluster.wait(job_id, lambda j: j["JobState"] in DONE, "the end", files=(Path(f"{run}.out"), run / "logs"))
+    assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), cluster.logs(run)
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["data/a/tokens"] + last["data/b/tokens"] == last["train/tokens"] and "val/b/loss" in last
 
 
 def test_requeued_job_resumes_bit_identical(cluster, data, straight, tmp_path):

@@ -222,11 +222,11 @@ def test_schedule_steps(tiny_data):
 
     m = load_manifest(tiny_data)  # 93 train samples of 32 tokens
     cfg = TrainConfig(data=str(tiny_data), model=dict(TINY), micro_batch=2)
-    assert schedule_steps(cfg.replace(max_steps=7), m, 2) == 7
-    assert schedule_steps(cfg.replace(max_tokens=1000), m, 2) == 8  # ceil(1000 / 128)
-    assert schedule_steps(cfg, m, 2) == 24  # one epoch by default: ceil(93 x 32 / 128)
-    assert schedule_steps(cfg.replace(max_epochs=0.5), m, 1) == 24  # ceil(0.5 x 93 x 32 / 64)
-    assert schedule_steps(cfg.replace(max_steps=100, max_tokens=1000), m, 2) == 8  # the smallest
+    assert schedule_steps(cfg.replace(max_steps=7), [m], 2) == 7
+    assert schedule_steps(cfg.replace(max_tokens=1000), [m], 2) == 8  # ceil(1000 / 128)
+    assert schedule_steps(cfg, [m], 2) == 24  # one epoch by default: ceil(93 x 32 / 128)
+    assert schedule_steps(cfg.replace(max_epochs=0.5), [m], 1) == 24  # ceil(0.5 x 93 x 32 / 64)
+    assert schedule_steps(cfg.replace(max_steps=100, max_tokens=1000), [m], 2) == 8  # the smallest
 
 
 def test_make_plan_checks(tiny_data, tmp_path):
@@ -449,7 +449,7 @@ def _accumulated_grad_error(raw: dict, stage: int, accum: int = 8) -> float:
             p.grad = None
     raw = {**raw, "zero_optimization": {"stage": stage}}
     tc = TrainConfig(data="-", out="-", model=cfg, micro_batch=2, grad_accum=accum, compile=False, max_steps=4)
-    engine = build_engine(Plan(tc, ds_config.resolve(tc, raw, 1, 4), "", {}, 1, 4, None), copy.deepcopy(base))
+    engine = build_engine(Plan(tc, ds_config.resolve(tc, raw, 1, 4), "", [{}], [1.0], 1, 4, None), copy.deepcopy(base))
     for i, x in enumerate(batches):
         engine.backward(engine(x[:, :-1], x[:, 1:])[1])
         if i < accum - 1:

@@ -13,6 +13,17 @@ DataLoader workers (worker w of W makes micro-batches j = w, w + W, ...; the Dat
 them round-robin, so the rank sees them in order). Resume is the position alone: a run that has
 trained on P samples continues at P, on any number of ranks.
 
+Mixtures. With several sources (`--data a:0.7 --data b:0.3`), global position g is a draw from
+source mixture.Mixture.sources(g), a pure function of (seed, g); the k-th draw of source s is its
+sample Order(n_s, seed, s)[k], so each source goes epoch after epoch through its own shuffles. Every
+rank computes the sources of the whole global micro-step (cheap), so the k of each draw is exact
+on every rank and worker; resume is the position plus the per-source draw counts (`state_dict`).
+One source is exactly the order above.
+
+Loss masks. Chat data (`prepare --format chat`) stores beside each record's tokens a mask of the
+tokens to train on (the bot's); a target that is not trained on is -1 in y (cross-entropy ignores
+it). Plain text has no mask: every target is trained.
+
 Random access. Shards are webdataset tars written by `mtgpt prepare`; the tar headers are read
 once to find each record's bytes, and samples are read through memory maps (the page cache does
 the rest). A data folder at a URL is fetched into a local cache first (`mtgpt.data.remote`).
@@ -29,6 +40,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from mtgpt.data.mixture import Mixture
 from mtgpt.data.sources import DataError
 
 VERIFY_HINT = "check the folder with `mtgpt info DATA_DIR --verify` and prepare it again"
@@ -37,20 +49,23 @@ VERIFY_HINT = "check the folder with `mtgpt info DATA_DIR --verify` and prepare 
 class Split:
     """Random access to the samples of one split of a local data folder, by index in the order
     `prepare` wrote them. Shards are checked against the manifest (size, sample count) when
-    indexed; token ids are checked when read."""
+    indexed; token ids are checked when read. `masked`: the samples carry loss masks."""
 
     def __init__(self, data_dir: str | Path, manifest: dict[str, Any], split: str, vocab_size: int = 50257):
         self.paths = [Path(data_dir) / s["file"] for s in manifest["splits"][split]["shards"]]
         self.sample_bytes = 2 * manifest["sample_tokens"]
         self.vocab_size = vocab_size
-        shard_of, offsets, counts = [], [], []
+        self.masked = bool(manifest.get("loss_mask"))
+        shard_of, offsets, mask_offsets, counts = [], [], [], []
         for k, (path, shard) in enumerate(zip(self.paths, manifest["splits"][split]["shards"])):
-            records = _index_shard(path, shard, self.sample_bytes)
+            records = _index_shard(path, shard, self.sample_bytes, self.masked)
             shard_of += [k] * len(records)
-            offsets += [offset for offset, _ in records]
-            counts += [n for _, n in records]
+            offsets += [offset for offset, _, _ in records]
+            mask_offsets += [offset for _, offset, _ in records]
+            counts += [n for _, _, n in records]
         self.record_shard = np.array(shard_of, dtype=np.int64)
         self.record_offset = np.array(offsets, dtype=np.int64)
+        self.record_mask = np.array(mask_offsets, dtype=np.int64)
         self.record_first = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])  # first sample of each
         self._maps: list[mmap.mmap | None] = [None] * len(self.paths)  # opened on first use, per process
 
@@ -63,14 +78,38 @@ class Split:
     def read(self, indices: np.ndarray) -> np.ndarray:
         """Samples `indices` as a (len(indices), sample_tokens) uint16 array."""
         record = np.searchsorted(self.record_first, indices, side="right") - 1
-        start = self.record_offset[record] + (indices - self.record_first[record]) * self.sample_bytes
-        out = np.empty((len(indices), self.sample_bytes // 2), dtype="<u2")
+        within = indices - self.record_first[record]
+        start = self.record_offset[record] + within * self.sample_bytes
+        n = self.sample_bytes // 2
+        out = np.empty((len(indices), n), dtype="<u2")
         for row, (k, at) in enumerate(zip(self.record_shard[record].tolist(), start.tolist())):
-            out[row] = np.frombuffer(self._map(k), dtype="<u2", count=self.sample_bytes // 2, offset=at)
+            out[row] = np.frombuffer(self._map(k), dtype="<u2", count=n, offset=at)
         if len(out) and out.max() >= self.vocab_size:
             bad = self.paths[self.record_shard[record][np.argmax(out.max(1) >= self.vocab_size)]]
             raise DataError(f"shard {bad} holds token ids >= the vocab size {self.vocab_size}; {VERIFY_HINT}")
         return out
+
+    def read_mask(self, indices: np.ndarray) -> np.ndarray:
+        """The loss masks of samples `indices`, (len(indices), sample_tokens) bool (all True
+        when the split has none: plain text trains on every token)."""
+        n = self.sample_bytes // 2
+        if not self.masked:
+            return np.ones((len(indices), n), dtype=bool)
+        record = np.searchsorted(self.record_first, indices, side="right") - 1
+        start = self.record_mask[record] + (indices - self.record_first[record]) * n
+        out = np.empty((len(indices), n), dtype=np.uint8)
+        for row, (k, at) in enumerate(zip(self.record_shard[record].tolist(), start.tolist())):
+            out[row] = np.frombuffer(self._map(k), dtype=np.uint8, count=n, offset=at)
+        return out.astype(bool)
+
+    def examples(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(x, y) int64 arrays (len(indices), sample_tokens - 1) of samples `indices`: inputs, and
+        targets shifted by one with -1 where the loss mask says not to train."""
+        tokens = self.read(indices).astype(np.int64)
+        x, y = tokens[:, :-1], tokens[:, 1:].copy()
+        if self.masked:
+            y[~self.read_mask(indices)[:, 1:]] = -1
+        return x, y
 
     def _map(self, k: int) -> mmap.mmap:
         if self._maps[k] is None:
@@ -79,8 +118,9 @@ class Split:
         return self._maps[k]
 
 
-def _index_shard(path: Path, shard: dict[str, Any], sample_bytes: int) -> list[tuple[int, int]]:
-    """(byte offset, samples) of each record of one shard, from its tar headers."""
+def _index_shard(path: Path, shard: dict[str, Any], sample_bytes: int, masked: bool) -> list[tuple[int, int, int]]:
+    """(byte offset of the tokens, byte offset of the mask or -1, samples) of each record of one
+    shard, from its tar headers."""
     size = path.stat().st_size if path.is_file() else None
     if size != shard["bytes"]:
         raise DataError(f"shard {path} is truncated or replaced: {size} bytes, the manifest says "
@@ -90,28 +130,39 @@ def _index_shard(path: Path, shard: dict[str, Any], sample_bytes: int) -> list[t
             members = tar.getmembers()
     except (tarfile.TarError, OSError) as e:
         raise DataError(f"shard {path} is corrupt ({e}); {VERIFY_HINT}") from e
-    records = []
+    tokens, masks = {}, {}
     for m in members:
-        if not m.name.endswith(".tokens.u16") or m.size % sample_bytes or m.offset_data + m.size > size:
+        key, _, kind = m.name.partition(".")
+        ok = {"tokens.u16": m.size % sample_bytes == 0, "mask.u8": masked and m.size % (sample_bytes // 2) == 0}
+        if not ok.get(kind) or m.offset_data + m.size > size:
             raise DataError(f"shard {path}: member {m.name} is not a record of {sample_bytes // 2}-token "
-                            f"samples; {VERIFY_HINT}")
-        records.append((m.offset_data, m.size // sample_bytes))
-    if sum(n for _, n in records) != shard["samples"]:
-        raise DataError(f"shard {path} holds {sum(n for _, n in records)} samples, the manifest says "
+                            f"samples{' or their loss masks' if masked else ''}; {VERIFY_HINT}")
+        (tokens if kind == "tokens.u16" else masks)[key] = m
+    records = []
+    for key, m in tokens.items():
+        n = m.size // sample_bytes
+        mask = masks.get(key)
+        if masked and (mask is None or mask.size != n * sample_bytes // 2):
+            raise DataError(f"shard {path}: record {key} has no loss mask of its {n} samples; {VERIFY_HINT}")
+        records.append((m.offset_data, mask.offset_data if masked else -1, n))
+    if sum(n for _, _, n in records) != shard["samples"]:
+        raise DataError(f"shard {path} holds {sum(n for _, _, n in records)} samples, the manifest says "
                         f"{shard['samples']}; {VERIFY_HINT}")
     return records
 
 
 class Order:
-    """Global position -> train sample index: epoch after epoch, each a fresh permutation."""
+    """Draw k -> train sample index: epoch after epoch, each a fresh permutation. Source s of a
+    mixture has its own (`stream` s; source 0's is the one-source order)."""
 
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed = n, seed
+    def __init__(self, n: int, seed: int, stream: int = 0):
+        self.n, self.key = n, [seed] if stream == 0 else [seed, stream]
         self._epoch, self._perm = -1, np.zeros(0, dtype=np.int64)
 
     def permutation(self, epoch: int) -> np.ndarray:
         if epoch != self._epoch:
-            self._epoch, self._perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            rng = np.random.default_rng(self.key[:1] + [epoch] + self.key[1:])
+            self._epoch, self._perm = epoch, rng.permutation(self.n)
         return self._perm
 
     def __getitem__(self, positions: np.ndarray) -> np.ndarray:
@@ -129,42 +180,104 @@ def rank_positions(start: int, j: int, micro_batch: int, rank: int, world: int) 
     return np.arange(first, first + micro_batch, dtype=np.int64)
 
 
+class Draws:
+    """Global positions, asked for in increasing order from `start`, -> (source, sample index in
+    that source's train split). `counts`: each source's draws before `start` (rebuilt from the
+    mixture when not given). With one source, position g is simply Order(n, seed)[g]."""
+
+    def __init__(self, sizes: list[int], weights: list[float], seed: int, start: int = 0,
+                 counts: list[int] | None = None):
+        self.orders = [Order(n, seed, s) for s, n in enumerate(sizes)]
+        self.mixture = Mixture(weights, seed) if len(sizes) > 1 else None
+        self.position = start
+        if counts is None:
+            counts = self.mixture.counts_at(start) if self.mixture else [start]
+        self.counts = np.asarray(counts, dtype=np.int64)
+
+    def advance(self, position: int) -> None:
+        """Count the draws before `position` (>= the current one) without reading them."""
+        if position > self.position:
+            self.counts = (self.mixture.draws(self.position, position - self.position, self.counts)[2]
+                           if self.mixture else np.array([position]))
+            self.position = position
+
+    def take(self, first: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Sources and sample indices of positions first..first+n-1 (first >= the last one asked)."""
+        if first < self.position:
+            raise ValueError(f"position {first} is before {self.position}: draws are taken in order")
+        positions = np.arange(first, first + n, dtype=np.int64)
+        if self.mixture is None:
+            self.position, self.counts = first + n, np.array([first + n])
+            return np.zeros(n, dtype=np.int64), self.orders[0][positions]
+        self.advance(first)  # other ranks' (and workers') draws: counted, not read
+        src, k, self.counts = self.mixture.draws(first, n, self.counts)
+        self.position = first + n
+        index = np.empty(n, dtype=np.int64)
+        for s in np.unique(src).tolist():
+            index[src == s] = self.orders[s][k[src == s]]
+        return src, index
+
+
+def read_examples(splits: list[Split], src: np.ndarray, index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y) int64 tensors of the samples index[i] of splits[src[i]], in that order."""
+    if len(splits) == 1:
+        x, y = splits[0].examples(index)
+    else:
+        x = np.empty((len(index), splits[0].sample_bytes // 2 - 1), dtype=np.int64)
+        y = np.empty_like(x)
+        for s in np.unique(src).tolist():
+            here = src == s
+            x[here], y[here] = splits[s].examples(index[here])
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
 class _RankDataset(IterableDataset):
-    """What each DataLoader worker (or the main process, with 0 workers) iterates: batches."""
+    """What each DataLoader worker (or the main process, with 0 workers) iterates: (x, y) batches."""
 
-    def __init__(self, split: Split, micro_batch: int, rank: int, world: int, seed: int, workers: int,
-                 start: int):
-        self.split, self.micro_batch, self.rank, self.world = split, micro_batch, rank, world
-        self.seed, self.workers, self.start = seed, max(1, workers), start
+    def __init__(self, splits: list[Split], weights: list[float], micro_batch: int, rank: int, world: int,
+                 seed: int, workers: int, start: int, counts: list[int] | None):
+        self.splits, self.weights, self.micro_batch, self.rank, self.world = splits, weights, micro_batch, rank, world
+        self.seed, self.workers, self.start, self.counts = seed, max(1, workers), start, counts
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         info = get_worker_info()
-        order = Order(len(self.split), self.seed)
+        draws = Draws([len(s) for s in self.splits], self.weights, self.seed, self.start, self.counts)
         j = 0 if info is None else info.id
         while True:
-            positions = rank_positions(self.start, j, self.micro_batch, self.rank, self.world)
-            yield torch.from_numpy(self.split.read(order[positions]).astype(np.int64))  # (B, T + 1)
+            first = int(rank_positions(self.start, j, self.micro_batch, self.rank, self.world)[0])
+            yield read_examples(self.splits, *draws.take(first, self.micro_batch))  # (B, T) each
             j += self.workers
 
 
 class TrainBatches:
-    """(x, y) batches for one rank from the train `Split`, each (micro_batch, block_size) int64,
-    endless. `start` is the global position to begin at (samples the run has trained on, all
-    ranks together).
+    """(x, y) batches for one rank from the train `Split`s of the sources, each (micro_batch,
+    block_size) int64, endless; y is -1 where a loss mask says not to train. `start` is the
+    global position to begin at (samples the run has trained on, all ranks together), `counts`
+    the draws of each source before it (saved by `state_dict`; rebuilt when None).
 
-    `state_dict()` is what a checkpoint needs to continue the order, on any number of ranks."""
+    `state_dict()` is what a checkpoint needs to continue the order, on any number of ranks.
+    `masked`: some source has loss masks (else every target is trained)."""
 
-    def __init__(self, split: Split, micro_batch: int, rank: int, world: int, seed: int,
-                 num_workers: int = 0, start: int = 0, device: torch.device | str = "cpu"):
+    def __init__(self, splits: Split | list[Split], micro_batch: int, rank: int, world: int, seed: int,
+                 num_workers: int = 0, start: int = 0, device: torch.device | str = "cpu",
+                 weights: list[float] | None = None, counts: list[int] | None = None):
+        splits = [splits] if isinstance(splits, Split) else list(splits)
+        weights = list(weights) if weights is not None else [1.0] * len(splits)
+        if len(weights) != len(splits):
+            raise ValueError(f"{len(splits)} sources but {len(weights)} weights")
         self.micro_batch, self.world, self.seed, self.start = micro_batch, world, seed, start
+        self.weights = weights
         self.consumed = 0  # micro-batches this rank has taken
         self.device = torch.device(device)
-        self.train_samples = len(split)
-        dataset = _RankDataset(split, micro_batch, rank, world, seed, num_workers, start)
+        self.train_samples = [len(s) for s in splits]
+        self.masked = any(s.masked for s in splits)
+        self.draws = Draws(self.train_samples, weights, seed, start, counts)  # every rank's, to count draws
+        dataset = _RankDataset(splits, weights, micro_batch, rank, world, seed, num_workers, start,
+                               self.draws.counts.tolist())
         self.loader = DataLoader(dataset, batch_size=None, num_workers=num_workers,
                                  pin_memory=self.device.type == "cuda",
                                  prefetch_factor=4 if num_workers else None)
-        self._it: Iterator[torch.Tensor] | None = None
+        self._it: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def __iter__(self) -> "TrainBatches":
         return self
@@ -172,9 +285,10 @@ class TrainBatches:
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._it is None:
             self._it = iter(self.loader)
-        batch = next(self._it).to(self.device, non_blocking=True)
+        x, y = next(self._it)
         self.consumed += 1
-        return batch[:, :-1], batch[:, 1:]  # inputs, targets shifted by one
+        self.draws.advance(self.position)  # each source's draws so far, all ranks together
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     @property
     def position(self) -> int:
@@ -182,34 +296,54 @@ class TrainBatches:
         them in step, so this is the same on every rank)."""
         return self.start + self.consumed * self.micro_batch * self.world
 
-    def state_dict(self) -> dict[str, int]:
-        return {"samples": self.position, "seed": self.seed, "train_samples": self.train_samples}
+    @property
+    def counts(self) -> list[int]:
+        """Samples drawn from each source before `position`, all ranks together."""
+        return self.draws.counts.tolist()
+
+    def state_dict(self) -> dict[str, Any]:
+        if len(self.train_samples) == 1:
+            return {"samples": self.position, "seed": self.seed, "train_samples": self.train_samples[0]}
+        return {"samples": self.position, "seed": self.seed, "train_samples": self.train_samples,
+                "weights": self.weights, "counts": self.counts}
 
 
-def resume_position(state: dict[str, Any], seed: int, train_samples: int) -> int | None:
-    """The global position to continue a saved order (`TrainBatches.state_dict()`), or None when
-    it cannot continue: another seed, another train split, or a checkpoint from before the global
-    order (then the data order starts over, a new shuffle)."""
-    if "samples" not in state or (state["seed"], state["train_samples"]) != (seed, train_samples):
+def resume_position(state: dict[str, Any], seed: int, train_samples: list[int] | int,
+                    weights: list[float] | None = None) -> tuple[int, list[int] | None] | None:
+    """(global position, per-source draw counts) to continue a saved order
+    (`TrainBatches.state_dict()`), or None when it cannot continue: another seed, other train
+    splits or weights, or a checkpoint from before the global order (then the data order starts
+    over, a new shuffle)."""
+    sizes = [train_samples] if isinstance(train_samples, int) else list(train_samples)
+    if "samples" not in state or state["seed"] != seed:
         return None
-    return state["samples"]
+    saved = state["train_samples"]
+    if (saved if isinstance(saved, list) else [saved]) != sizes:
+        return None
+    if len(sizes) == 1:
+        return state["samples"], None
+    if weights is not None and list(state.get("weights", [])) != list(weights):
+        return None
+    return state["samples"], state.get("counts")
 
 
 def load_val(data_dir: str | Path, manifest: dict[str, Any], n_samples: int, rank: int, world: int,
-             vocab_size: int = 50257) -> torch.Tensor:
+             vocab_size: int = 50257) -> tuple[torch.Tensor, torch.Tensor]:
     """The fixed val set: n_samples val samples spread evenly over the whole val split (so every
     part of the corpus, every file, is evaluated, not just the first), this rank's share (every
-    world-th of them). Returns (n_local, block_size + 1) int64; the same tokens at every
-    evaluation. Every rank gets the same number of samples (ZeRO-3 needs the same number of
-    forward passes on every rank): n is rounded down to a multiple of world, and with fewer
-    samples than ranks each rank evaluates them all."""
+    world-th of them), as (x, y) int64 (n_local, block_size) (y -1 where not trained on, as in
+    training); the same tokens at every evaluation. Every rank gets the same number of samples
+    (ZeRO-3 needs the same number of forward passes on every rank): n is rounded down to a
+    multiple of world, and with fewer samples than ranks each rank evaluates them all."""
     total = manifest["splits"]["val"]["samples"]
     n = min(n_samples, total)
     if n >= world:
         n = n // world * world
     if n == 0:
-        return torch.zeros(0, manifest["sample_tokens"], dtype=torch.int64)
+        empty = torch.zeros(0, manifest["block_size"], dtype=torch.int64)
+        return empty, empty.clone()
     wanted = ((np.arange(n) + 0.5) * total / n).astype(np.int64)  # evenly spaced, distinct
     if n >= world:
         wanted = wanted[rank::world]
-    return torch.from_numpy(Split(data_dir, manifest, "val", vocab_size).read(wanted).astype(np.int64))
+    x, y = Split(data_dir, manifest, "val", vocab_size).examples(wanted)
+    return torch.from_numpy(x), torch.from_numpy(y)

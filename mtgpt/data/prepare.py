@@ -54,22 +54,30 @@ class SplitWriter:
     _records: int = 0
     _in_shard: int = 0
     _pending: np.ndarray | None = None
+    _pending_mask: np.ndarray | None = None
 
-    def add(self, samples: np.ndarray) -> None:
-        """samples: (n, block_size + 1) uint16; written in records of SAMPLES_PER_RECORD."""
+    def add(self, samples: np.ndarray, masks: np.ndarray | None = None) -> None:
+        """samples: (n, block_size + 1) uint16, and with loss masks (chat) their (n, block_size + 1)
+        bool masks (always, or never); written in records of SAMPLES_PER_RECORD."""
         if self._pending is not None and len(self._pending):
             samples = np.concatenate([self._pending, samples])
+            if masks is not None:
+                masks = np.concatenate([self._pending_mask, masks])
         full = len(samples) - len(samples) % SAMPLES_PER_RECORD
         for i in range(0, full, SAMPLES_PER_RECORD):
-            self._write(samples[i:i + SAMPLES_PER_RECORD])
+            self._write(samples[i:i + SAMPLES_PER_RECORD], None if masks is None else masks[i:i + SAMPLES_PER_RECORD])
         self._pending = samples[full:].copy()
+        self._pending_mask = None if masks is None else masks[full:].copy()
 
-    def _write(self, record: np.ndarray) -> None:
+    def _write(self, record: np.ndarray, mask: np.ndarray | None = None) -> None:
         if self._writer is None:  # lazily: ShardWriter opens its first file at construction
             pattern = str(self.folder / f"{self.split}-%06d.tar")
             self._writer = wds.ShardWriter(pattern, maxsize=self.shard_bytes, maxcount=10**9,
                                            post=self._finished, verbose=0, mtime=0.0)
-        self._writer.write({"__key__": f"{self._records:09d}", "tokens.u16": record.astype("<u2").tobytes()})
+        sample = {"__key__": f"{self._records:09d}", "tokens.u16": record.astype("<u2").tobytes()}
+        if mask is not None:  # one byte per token: 1 = train on it as a target
+            sample["mask.u8"] = mask.astype(np.uint8).tobytes()
+        self._writer.write(sample)
         self._records += 1
         self._in_shard += len(record)
         self.samples += len(record)
@@ -84,8 +92,8 @@ class SplitWriter:
 
     def close(self) -> None:
         if self._pending is not None and len(self._pending):
-            self._write(self._pending)
-            self._pending = None
+            self._write(self._pending, self._pending_mask)
+            self._pending = self._pending_mask = None
         if self._writer is not None:
             self._writer.close()
             self._writer = None
@@ -198,11 +206,14 @@ def prepare(
     fmt: str = "text",
     tok: str | Path | Tokenizer = tokenizer.GPT2,
     vocab_size: int | None = None,
+    train_on: str = "bot",
 ) -> dict[str, Any]:
     """Tokenize `inputs` into shards under `out`; returns the manifest (also in out/manifest.json).
 
     fmt "chat": the inputs are dialogue files (chatterbot YAML, or JSONL of {"messages": [...]});
-    each conversation becomes one document in the chat template (see mtgpt.chat).
+    each conversation, in the chat template (see mtgpt.chat), starts its own sample, stored with
+    a loss mask: train_on "bot" trains on the bot's replies only, "all" on every token
+    (`_write_chat_shards`).
     tok: "gpt2", a tokenizer folder, or a Tokenizer; vocab_size: train one of this size on the
     inputs instead (the text is read twice, so not from stdin)."""
     if block_size < 1:
@@ -213,6 +224,8 @@ def prepare(
         raise DataError(f"--shard-size must be a positive number of MB, got {shard_size_mb}")
     if fmt not in ("text", "chat"):
         raise DataError(f"--format must be text or chat, got {fmt!r}")
+    if train_on not in ("bot", "all"):
+        raise DataError(f"--train-on must be bot or all, got {train_on!r}")
     if vocab_size is not None and not (isinstance(tok, str) and tok == tokenizer.GPT2):
         raise DataError("give --tokenizer (one made before) or --vocab-size (train one now), not both")
     try:
@@ -255,8 +268,12 @@ def prepare(
             tok = train_tokenizer(read, vocab_size, strict, doc_separator, quiet)
             tok.info = tokenizer_info(tok, read, sources)
         tok.save(tmp)
-        manifest = _write_shards(read, tmp, block_size, val_fraction, seed, shard_size_mb, strict,
-                                 doc_separator, workers, quiet, warn, sources, extra, tok)
+        if fmt == "chat":
+            manifest = _write_chat_shards([s.path for s in sources], tmp, block_size, val_fraction, seed,
+                                          shard_size_mb, quiet, sources, extra, tok, train_on)
+        else:
+            manifest = _write_shards(read, tmp, block_size, val_fraction, seed, shard_size_mb, strict,
+                                     doc_separator, workers, quiet, warn, sources, extra, tok)
         conversations.unlink(missing_ok=True)
         _replace_folder(tmp, out)
     except BaseException as e:  # nothing half-written survives: not a crash, not Ctrl-C, not ENOSPC
@@ -324,6 +341,62 @@ def _write_shards(sources, tmp, block_size, val_fraction, seed, shard_size_mb, s
                  "(use --strict to refuse such files)")
     if total_tokens == 0:
         raise DataError("the input holds no text; give files with text in them")
+    stats = {"documents": documents.count, "tokens": total_tokens,
+             "text_bytes": text_bytes,  # bytes read (UTF-8); text_bytes / tokens = bytes per token
+             "dropped_tail_tokens": len(carry), "replaced_bytes": sum(replaced)}
+    return _finish(tmp, writers, tok, block_size, val_fraction, seed, stats, extra, listed, started)
+
+
+def _write_chat_shards(paths: list[Path], tmp: Path, block_size: int, val_fraction: float, seed: int,
+                       shard_size_mb: float, quiet: bool, listed: list[Source], extra: dict[str, Any], tok: Tokenizer,
+                       train_on: str) -> dict[str, Any]:
+    """Chat data: each conversation (its template text and <|endoftext|>) starts its own sample, so
+    no sample lets one conversation attend to another; one longer than a sample goes on in the
+    next ones, and the last is padded with <|endoftext|>. Each sample is stored with its loss mask
+    (mtgpt.chat.training_tokens; padding is never trained on); a sample with no trained target
+    (the user's part of a long conversation) is left out. A conversation's samples all go to the
+    same split, so val holds conversations the model never saw."""
+    from mtgpt import chat
+
+    started = time.time()
+    S = block_size + 1
+    writers = {s: SplitWriter(tmp, s, int(shard_size_mb * 1e6)) for s in ("train", "val")}
+    is_val = ValSelector(val_fraction, seed)
+    stats = {"documents": 0, "tokens": 0, "text_bytes": 0, "dropped_tail_tokens": 0, "replaced_bytes": 0,
+             "loss_mask": True, "train_on": train_on, "trained_targets": 0, "padding_tokens": 0, "left_out_samples": 0}
+    bar = tqdm(total=extra["conversations"], unit="conv", desc="prepare", disable=True if quiet else None,
+               dynamic_ncols=True)
+    for turns in chat.conversations(paths):
+        ids, mask = chat.training_tokens(tok, turns, train_on)
+        stats["text_bytes"] += len(chat.render(turns).encode("utf-8"))
+        ids, mask = np.append(ids, tok.eot), np.append(mask, False)
+        n = -(-len(ids) // S)
+        pad = n * S - len(ids)
+        samples = np.concatenate([ids, np.full(pad, tok.eot)]).astype(np.uint16).reshape(n, S)
+        masks = np.concatenate([mask, np.zeros(pad, dtype=bool)]).reshape(n, S)
+        keep = masks[:, 1:].any(1)  # a sample trains on targets 1..S-1
+        writers["val" if is_val(1)[0] else "train"].add(samples[keep], masks[keep])
+        stats["documents"] += 1
+        stats["tokens"] += len(ids)
+        stats["padding_tokens"] += pad
+        stats["trained_targets"] += int(masks[keep, 1:].sum())
+        stats["left_out_samples"] += int((~keep).sum())
+        bar.update(1)
+    bar.close()
+    for w in writers.values():
+        w.close()
+    if stats["trained_targets"] == 0:
+        raise DataError("the conversations have no bot replies to train on; give dialogue with the bot's turns "
+                        "(chatterbot YAML alternates user and bot lines)")
+    return _finish(tmp, writers, tok, block_size, val_fraction, seed, stats, extra, listed, started)
+
+
+def _finish(tmp: Path, writers: dict[str, SplitWriter], tok: Tokenizer, block_size: int, val_fraction: float,
+            seed: int, stats: dict[str, Any], extra: dict[str, Any], listed: list[Source], started: float
+            ) -> dict[str, Any]:
+    """Refuse splits that cannot train, then write manifest.json (returned)."""
+    S = block_size + 1
+    total_tokens = stats["tokens"]
     if writers["train"].samples + writers["val"].samples == 0:
         raise DataError(f"the corpus has {total_tokens} tokens, fewer than one sample of "
                         f"block_size + 1 = {S}; give more text or a smaller --block-size")
@@ -350,11 +423,7 @@ def _write_shards(sources, tmp, block_size, val_fraction, seed, shard_size_mb, s
         "dtype": "uint16",
         "seed": seed,
         "val_fraction": val_fraction,
-        "documents": documents.count,
-        "tokens": total_tokens,
-        "text_bytes": text_bytes,  # bytes read (UTF-8); text_bytes / tokens = bytes per token
-        "dropped_tail_tokens": len(carry),
-        "replaced_bytes": sum(replaced),
+        **stats,
         "splits": {s: {"samples": w.samples, "tokens": w.samples * S, "shards": w.shards}
                    for s, w in writers.items()},
         **extra,

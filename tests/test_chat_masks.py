@@ -1,0 +1,221 @@
+"""Chat loss masks, in process: `prepare --format chat` stores which tokens to train on (the bot's
+replies), the loader turns the rest into ignored targets, those targets give exactly zero
+gradient, and a step's loss is the mean over its trained tokens across micro-batches and ranks
+(two real gloo ranks through DeepSpeed). Plain text is unchanged: every target is trained."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mtgpt import chat, tokenizer
+from mtgpt.config import ModelConfig
+from mtgpt.data import load_manifest
+from mtgpt.data.loader import Split, TrainBatches, load_val
+from mtgpt.data.prepare import prepare
+from mtgpt.model import GPT
+from tests.conftest import TINY
+
+GPT2 = tokenizer.gpt2()
+DIALOGUE = """- - Hello
+  - Hi there
+- - What is your name?
+  - I am a bot, and I like to talk about the weather, music and books.
+  - Nice.
+  - Thanks.
+- - Do you like music?
+  - Yes. Mostly old songs.
+- - Tell me a joke
+  - Why did the chicken cross the road? To get to the other side.
+  - That is old.
+  - Old but good.
+  - Fine.
+  - Very fine, thank you for asking, and for listening to the rest of my long answer today.
+"""
+SYSTEM = {"messages": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hey"},
+                       {"role": "assistant", "content": "Hello, friend."}]}
+
+
+@pytest.fixture(scope="module")
+def chat_data(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("chat")
+    (folder / "talk.yml").write_text("categories: [test]\nconversations:\n" + DIALOGUE * 6)
+    import json
+
+    (folder / "sys.jsonl").write_text(json.dumps(SYSTEM) + "\n")
+    out = folder / "data"
+    prepare([str(folder / "talk.yml"), str(folder / "sys.jsonl")], out, block_size=32, val_fraction=0.2, seed=3,
+            fmt="chat", quiet=True)
+    return out
+
+
+def examples(data: Path, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    m = load_manifest(data)
+    s = Split(data, m, split)
+    return s.examples(np.arange(len(s)))
+
+
+def test_only_the_bots_replies_are_trained(tmp_path):
+    """Every trained target, sample by sample, is exactly a bot reply and its line end."""
+    (tmp_path / "a.jsonl").write_text(__import__("json").dumps(SYSTEM) + "\n")
+    (tmp_path / "b.yml").write_text("conversations:\n- - What is your name?\n  - I am a bot.\n  - Nice.\n  - Thanks.\n")
+    m = prepare([str(tmp_path / "a.jsonl"), str(tmp_path / "b.yml")], tmp_path / "d", block_size=40,
+                val_fraction=0.0, fmt="chat", quiet=True)
+    x, y = examples(tmp_path / "d")
+    assert [GPT2.decode(row[row >= 0].tolist()) for row in y] == [" Hello, friend.\n", " I am a bot.\n Thanks.\n"]
+    assert [GPT2.decode(row[:row.tolist().index(GPT2.eot)].tolist()) for row in x] == [
+        "System: Be kind.\nUser: Hey\nBot: Hello, friend.\n", "User: What is your name?\nBot: I am a bot.\nUser: Nice.\nBot: Thanks.\n"]
+    assert m["trained_targets"] == int((y >= 0).sum())
+    # --train-on all: the same samples, every token of the conversation trained, padding never
+    m_all = prepare([str(tmp_path / "a.jsonl"), str(tmp_path / "b.yml")], tmp_path / "all", block_size=40,
+                    val_fraction=0.0, fmt="chat", train_on="all", quiet=True)
+    x_all, y_all = examples(tmp_path / "all")
+    assert np.array_equal(x_all, x)
+    for xr, yr in zip(x_all, y_all):  # the targets: the conversation after its first token
+        assert np.array_equal(yr[yr >= 0], xr[1:xr.tolist().index(GPT2.eot) + 1][:-1])
+    assert m_all["trained_targets"] > m["trained_targets"]
+
+
+def test_the_mask_follows_token_boundaries_for_any_tokenizer():
+    """A token is trained when any of its bytes is the bot's: the reply's first token carries the
+    space after "Bot:"; multi-byte characters split over tokens stay whole."""
+    turns = [(chat.USER, "Grüße aus Köln"), (chat.BOT, "日本語 and emoji 👩‍💻 ok"), (chat.USER, "x")]
+    for tok in (GPT2, tokenizer.train([chat.render(turns) * 20], 300)):
+        ids, mask = chat.training_tokens(tok, turns)
+        assert tok.decode(ids.tolist()) == chat.render(turns)
+        assert b"".join(tok.token_bytes(int(t)) for t in ids[mask]) == " 日本語 and emoji 👩‍💻 ok\n".encode()
+
+
+def test_long_conversations_go_on_in_the_next_samples(chat_data):
+    """A conversation longer than a sample continues in the next one; samples with nothing to train
+    (only the user's words) are left out; a conversation's samples are all in one split."""
+    m = load_manifest(chat_data)
+    x, y = examples(chat_data)
+    assert m["left_out_samples"] >= 0 and len(x) == m["splits"]["train"]["samples"]
+    assert bool(((y >= 0).sum(1) > 0).all())  # every sample trains on something
+    starts = [i for i, row in enumerate(x) if GPT2.decode(row[:1].tolist()) in ("User", "System")]
+    assert 0 < len(starts) < len(x)  # some samples go on mid-conversation
+    goes_on = [GPT2.decode(y[i][y[i] >= 0].tolist()) for i in range(len(x)) if i not in starts]
+    assert any("my long answer today." in text for text in goes_on)
+    vx, vy = examples(chat_data, "val")
+    assert len(vx) > 0 and m["trained_targets"] == int((y >= 0).sum() + (vy >= 0).sum())
+
+
+def test_loader_and_val_carry_the_mask(chat_data):
+    m = load_manifest(chat_data)
+    batches = TrainBatches(Split(chat_data, m, "train"), 8, 0, 1, seed=0)
+    x, y = next(batches)
+    assert batches.masked and (y == -1).any() and (y >= 0).any()
+    assert torch.equal(x[:, 1:][y[:, :-1] >= 0], y[:, :-1][y[:, :-1] >= 0])  # targets are the inputs shifted
+    vx, vy = load_val(chat_data, m, 100, 0, 1)
+    assert (vy == -1).any() and vx.shape == vy.shape
+
+
+def test_untrained_targets_get_exactly_zero_gradient(chat_data):
+    """The logits at a user or system target get no gradient at all, and what those targets are
+    does not change the parameters' gradient by a single bit."""
+    x, y = (torch.from_numpy(a[:8]) for a in examples(chat_data))
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**TINY))
+
+    def grads(targets):
+        model.zero_grad()
+        logits, loss = model(x, targets, reduction="sum")
+        logits.retain_grad()
+        loss.backward()
+        return logits.grad, [p.grad.clone() for p in model.parameters()]
+
+    g_logits, g = grads(y)
+    masked = y == -1
+    assert masked.any() and bool((g_logits[masked] == 0).all())
+    assert bool((g_logits[~masked].abs().sum(-1) > 0).all())
+    scrambled = torch.where(masked, torch.randint_like(y, 0, 50257), y)  # the same inputs, other untrained targets
+    g_logits2, _ = grads(torch.where(masked, -1, scrambled))
+    assert torch.equal(g_logits2, g_logits)
+    _, g_all = grads(scrambled)  # ... and trained on, they would change the gradient
+    assert not all(torch.equal(a, b) for a, b in zip(g, g_all))
+
+
+def test_plain_text_trains_every_target(tiny_data):
+    batches = TrainBatches(Split(tiny_data, load_manifest(tiny_data), "train"), 4, 0, 1, seed=0)
+    x, y = next(batches)
+    assert not batches.masked and bool((y >= 0).all())
+
+
+# ------------------------------------------------------------- the mean over a whole step
+
+
+def _step_on_rank(rank: int, world: int, port: int, data: str, accum: int, out) -> None:
+    """One rank: a real DeepSpeed engine (ZeRO-0, fp32) with SGD at lr 1, one mtgpt train_step on
+    this rank's real batches; rank 0 reports the parameters after the step."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from mtgpt import world as mworld
+    from mtgpt.train import train_step
+
+    mworld.init()
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**TINY))
+    import deepspeed
+
+    config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": accum,
+              "train_batch_size": 4 * accum * world, "zero_optimization": {"stage": 0},
+              "gradient_clipping": 0.0}  # (DeepSpeed clips at 1.0 by default)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+                                      config=config)
+    batches = TrainBatches(Split(data, load_manifest(data), "train"), 4, rank, world, seed=5)
+    loss = train_step(engine, batches, accum)
+    mworld.all_reduce_sum(loss)
+    if rank == 0:
+        # numpy, not tensors: a tensor in a queue is shared memory that goes away with this process
+        out.put(({n: p.detach().numpy().copy() for n, p in engine.module.named_parameters()}, float(loss) / world))
+    mworld.destroy()
+
+
+def test_the_step_loss_is_the_mean_over_trained_tokens_of_all_ranks_and_micro_batches(chat_data):
+    """2 ranks x 2 micro-batches with different numbers of trained targets: the update is exactly
+    the gradient of (sum of the 4 micro-batches' trained-token losses) / (their trained tokens),
+    not a mean of per-micro-batch means."""
+    import torch.multiprocessing as mp
+
+    from mtgpt.world import free_port
+
+    world, accum = 2, 2
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_step_on_rank, args=(r, world, port, str(chat_data), accum, out)) for r in range(world)]
+    for p in procs:
+        p.start()
+    after, logged = out.get(timeout=180)
+    after = {n: torch.from_numpy(a) for n, a in after.items()}
+    for p in procs:
+        p.join(timeout=60)
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+
+    m = load_manifest(chat_data)
+    micro = [b for r in range(world) for b, _ in zip(TrainBatches(Split(chat_data, m, "train"), 4, r, world, seed=5),
+                                                     range(accum))]
+    counts = [int((y >= 0).sum()) for _, y in micro]
+    assert len(set(counts)) > 1, counts  # unequal: a mean of means would differ
+
+    def update(loss_of) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = GPT(ModelConfig(**TINY))
+        loss_of(model).backward()
+        return {n: p.detach() - p.grad for n, p in model.named_parameters()}
+
+    mean = update(lambda model: sum(model(x, y, reduction="sum")[1] for x, y in micro) / sum(counts))
+    of_means = update(lambda model: sum(model(x, y)[1] for x, y in micro) / len(micro))
+    err = max(float((after[n] - mean[n]).abs().max()) for n in mean)
+    other = max(float((after[n] - of_means[n]).abs().max()) for n in mean)
+    assert err < 1e-6 < other / 100, (err, other)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        model = GPT(ModelConfig(**TINY))
+        expected = float(sum(model(x, y, reduction="sum")[1] for x, y in micro) / sum(counts))
+    assert abs(logged - expected) < 1e-5  # the logged train loss is that same mean

@@ -1,0 +1,216 @@
+"""Mixtures in process: sources as a pure function of (seed, position), shares within binomial
+error, draw indices that continue exactly from saved counts; the loader on two real sources with
+disjoint tokens (shares, epochs, exact resume on any number of ranks and workers)."""
+
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mtgpt import tokenizer
+from mtgpt.data import load_manifest
+from mtgpt.data.loader import Split, TrainBatches, resume_position
+from mtgpt.data.mixture import Mixture, uniforms
+from mtgpt.data.prepare import prepare
+
+GPT2 = tokenizer.gpt2()
+
+
+def test_uniforms_are_a_function_of_seed_and_position():
+    pos = np.arange(100_000)
+    u = uniforms(7, pos)
+    assert np.array_equal(u, uniforms(7, pos)) and not np.array_equal(u, uniforms(8, pos))
+    assert np.array_equal(uniforms(7, pos[5000:6000]), u[5000:6000])  # any slice, anywhere
+    assert 0 <= u.min() and u.max() < 1 and abs(u.mean() - 0.5) < 0.005
+    assert abs(np.corrcoef(u[:-1], u[1:])[0, 1]) < 0.01  # neighbours are not related
+
+
+@pytest.mark.parametrize("weights", [[0.7, 0.3], [1, 1, 2], [0.05, 0.95]])
+def test_shares_match_the_weights_within_binomial_error(weights):
+    n = 200_000
+    mix = Mixture(weights, seed=3)
+    counts = np.bincount(mix.sources(np.arange(n)), minlength=len(weights))
+    p = np.asarray(weights) / sum(weights)
+    sd = np.sqrt(n * p * (1 - p))
+    assert np.all(np.abs(counts - n * p) < 4 * sd), (counts, n * p)
+
+
+def test_draws_continue_exactly_from_saved_counts():
+    mix = Mixture([0.7, 0.3], seed=1)
+    whole_src, whole_idx, end = mix.draws(0, 10_000, np.zeros(2, dtype=np.int64))
+    counts = mix.counts_at(6_000)
+    src, idx, after = mix.draws(6_000, 4_000, counts)
+    assert np.array_equal(src, whole_src[6_000:]) and np.array_equal(idx, whole_idx[6_000:])
+    assert np.array_equal(after, end) and end.sum() == 10_000
+    for s in range(2):  # each source's draws are 0, 1, 2, ... in order
+        assert np.array_equal(whole_idx[whole_src == s], np.arange((whole_src == s).sum()))
+
+
+@pytest.mark.parametrize("weights", [[], [0.5, 0], [1, -1], [float("nan")]])
+def test_bad_weights(weights):
+    with pytest.raises(ValueError, match="positive numbers"):
+        Mixture(weights, seed=0)
+
+
+# ---------------------------------------------------------------- the loader with a mixture
+
+
+@pytest.fixture(scope="module")
+def two_sources(tmp_path_factory) -> dict[str, Path]:
+    """Two data folders with disjoint tokens: numbers, and words (no newline in either)."""
+    root = tmp_path_factory.mktemp("mix")
+    r = random.Random(0)
+    words = ["apple", "river", "stone", "cloud", "green", "house", "light", "music", "night", "ocean"]
+    texts = {"numbers": " ".join(str(r.randint(0, 999)) for _ in range(20_000)),
+             "words": " ".join(r.choice(words) for _ in range(2_000))}
+    out = {}
+    for name, text in texts.items():
+        (root / f"{name}.txt").write_text(text)
+        out[name] = root / name
+        prepare([str(root / f"{name}.txt")], out[name], block_size=8, val_fraction=0.05, shard_size_mb=0.01,
+                quiet=True)
+    return out
+
+
+def is_number(x: torch.Tensor) -> np.ndarray:
+    """Which samples of a batch come from the numbers (their first token has a digit)."""
+    return np.array([any(c.isdigit() for c in GPT2.decode(row[:1].tolist())) for row in x])
+
+
+def mixed(sources: dict[str, Path], weights, micro, rank, world, workers=0, start=0, counts=None, seed=4):
+    splits = [Split(d, load_manifest(d), "train") for d in sources.values()]
+    return TrainBatches(splits, micro, rank, world, seed, workers, start, weights=weights, counts=counts)
+
+
+def test_two_ranks_draw_the_weights_from_disjoint_sources(two_sources):
+    """Realised shares within binomial error of the weights on 2 ranks, each source's samples all
+    different until it has been read once, and the counts the loader reports are what it read."""
+    weights = [0.7, 0.3]
+    streams = [mixed(two_sources, weights, 8, r, 2) for r in range(2)]
+    steps = 150
+    drawn = {True: [], False: []}
+    for _ in range(steps):
+        for stream in streams:
+            x, y = next(stream)
+            for row, number in zip(torch.cat([x, y[:, -1:]], 1), is_number(x)):
+                drawn[bool(number)].append(row.numpy().tobytes())
+    n = steps * 8 * 2
+    share = len(drawn[True]) / n
+    assert abs(share - 0.7) < 4 * math.sqrt(0.7 * 0.3 / n), share
+    assert streams[0].counts == streams[1].counts == [len(drawn[True]), len(drawn[False])]
+    sizes = [len(Split(d, load_manifest(d), "train")) for d in two_sources.values()]
+    assert len(drawn[False]) > sizes[1]  # the words were read more than once ...
+    assert len(set(drawn[False][:sizes[1]])) == sizes[1]  # ... each sample once per epoch
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_mixture_resumes_exactly_at_a_position(two_sources, workers):
+    """From a saved position and counts (or counts rebuilt from the position alone), on another
+    number of ranks and workers, the same global batches follow."""
+    take = lambda stream, k: [torch.cat(next(stream), 1) for _ in range(k)]  # noqa: E731
+    first = take(mixed(two_sources, [1, 3], 4, 0, 1, workers=workers), 30)
+    at = mixed(two_sources, [1, 3], 4, 0, 1)
+    take(at, 12)
+    state = at.state_dict()
+    assert state["samples"] == 48 and sum(state["counts"]) == 48 and state["weights"] == [1, 3]
+    position, counts = resume_position(state, 4, at.train_samples, [1, 3])
+    for saved in (counts, None):
+        resumed = take(mixed(two_sources, [1, 3], 4, 0, 1, workers=workers, start=position, counts=saved), 18)
+        assert all(torch.equal(a, b) for a, b in zip(resumed, first[12:]))
+    two = [mixed(two_sources, [1, 3], 2, r, 2, start=position, counts=counts) for r in range(2)]
+    halves = [take(s, 18) for s in two]  # 2 ranks x micro 2 = the same global batches
+    assert all(torch.equal(torch.cat([a, b]), c) for a, b, c in zip(*halves, first[12:]))
+    assert resume_position(state, 4, state["train_samples"], [1, 2]) is None  # other weights: a new order
+    assert resume_position(state, 5, state["train_samples"], [1, 3]) is None
+
+
+# ---------------------------------------------------------------- --data, the plan, refusals
+
+
+def test_the_data_option_syntax():
+    from mtgpt.config import ConfigError, DataSource, data_sources
+
+    assert data_sources(["data/books"]) == [DataSource("books", "data/books")]
+    assert data_sources(["books=data/b:0.7", "data/chat/:3"]) == [DataSource("books", "data/b", 0.7),
+                                                                 DataSource("chat", "data/chat/", 3.0)]
+    assert data_sources(["http://host:8000"]) == [DataSource("host_8000", "http://host:8000")]  # a port, no weight
+    assert data_sources(["https://h.org:8443/data/books:2"]) == [DataSource("books", "https://h.org:8443/data/books", 2)]
+    assert data_sources(["pipe:aws s3 cp s3://b/x/{shard} -"])[0].name == "data0"
+    for bad, match in ((["a:0", "b:1"], "positive"), (["x/a:1", "y/a:1"], "named 'a'"), (["a:1", "b"], "to none"),
+                       (["n=:1"], "no data folder")):
+        with pytest.raises(ConfigError, match=match):
+            data_sources(bad)
+
+
+def test_a_plan_refuses_sources_that_do_not_share_tokenizer_or_block_size(two_sources, tmp_path):
+    from mtgpt.config import TrainConfig
+    from mtgpt.data import DataError
+    from mtgpt.train import make_plan
+
+    text = tmp_path / "t.txt"
+    text.write_text("apple river stone " * 400)
+    prepare([str(text)], tmp_path / "b16", block_size=16, val_fraction=0.1, quiet=True)
+    prepare([str(text)], tmp_path / "own", block_size=8, vocab_size=265, val_fraction=0.1, quiet=True)
+    base = dict(model={"n_layer": 1, "n_head": 1, "n_embd": 8, "block_size": 8}, out=str(tmp_path / "run"))
+    with pytest.raises(DataError, match=r"different block sizes: .*numbers 8, .*b16 16; prepare .*--block-size 8"):
+        make_plan(TrainConfig(data=[str(two_sources["numbers"]), str(tmp_path / "b16")], **base), 1, cuda=False)
+    with pytest.raises(DataError, match=r"different tokenizers: .*gpt2.*own.*--tokenizer .*numbers"):
+        make_plan(TrainConfig(data=[str(two_sources["numbers"]), str(tmp_path / "own")], **base), 1, cuda=False)
+    plan = make_plan(TrainConfig(data=[str(d) for d in two_sources.values()], **base, max_steps=100), 1, cuda=False)
+    sizes = [m["splits"]["train"]["samples"] for m in plan.manifests]
+    assert plan.weights == pytest.approx([n / sum(sizes) for n in sizes])  # no weights: as one corpus
+    plan = make_plan(TrainConfig(data=[f"{d}:{w}" for d, w in zip(two_sources.values(), (1, 1))], **base,
+                                 max_steps=400), 1, cuda=False)
+    assert plan.weights == [0.5, 0.5]
+    from mtgpt.train import plan_warnings
+
+    assert plan.epochs()[1] == pytest.approx(0.5 * 400 * 8 / sizes[1]) and plan.epochs()[1] > 4  # 400 steps x 8
+    warned = plan_warnings(plan)
+    assert len(warned) == 1 and "words" in warned[0] and "lower its weight" in warned[0]
+
+
+@pytest.mark.slow
+def test_a_mixture_on_two_ranks_logs_what_it_reads_and_resumes_bit_exactly(two_sources, tmp_path):
+    """`mtgpt train --data numbers=...:0.7 --data words=...:0.3` on 2 gloo ranks: data/NAME/tokens
+    are the samples the loader really reads (told apart by their tokens), within binomial error of
+    the weights; val/loss is the weighted mean of val/NAME/loss; SIGKILL after a save and
+    `--resume auto` give every logged number and the final weights bit for bit."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from mtgpt import checkpoint
+    from tests.conftest import run_mtgpt
+    from tests.test_resume import kill_group, start, wait_for
+
+    data = ["--data", f"numbers={two_sources['numbers']}:0.7", "--data", f"words={two_sources['words']}:0.3"]
+    args = [*data, "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--micro-batch", "4", "--nproc", "2",
+            "--ds-config", "zero1_fp32", "--log-every", "1", "--eval-every", "10", "--eval-samples", "8",
+            "--max-steps", "30", "--seed", "3", "--lr", "3e-3"]
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    out = run_mtgpt("train", "--out", straight, *args, "--save-every", "100")
+    assert "words = " in out.stdout and "weight 0.300" in out.stdout
+    proc = start("train", "--out", run, *args, "--save-every", "10")
+    wait_for(lambda: (run / "checkpoints" / "step_00000010" / checkpoint.COMPLETE).is_file(), proc)
+    kill_group(proc)
+    run_mtgpt("train", "--out", run, *args, "--save-every", "10", "--resume", "auto")
+
+    def logged(folder: Path) -> dict[int, dict]:
+        rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: {k: v for k, v in r.items() if not k.startswith("perf/")} for r in rows}
+
+    want, got = logged(straight), logged(run)
+    assert list(got) == list(range(1, 31)) and got == want
+    a, b = load_file(straight / "model.safetensors"), load_file(run / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    last = want[30]
+    streams = [mixed(two_sources, [0.7, 0.3], 4, r, 2, seed=3) for r in range(2)]
+    numbers = sum(int(is_number(next(s)[0]).sum()) for _ in range(30) for s in streams)
+    assert last["data/numbers/tokens"] == numbers * 8 and last["data/words/tokens"] == (240 - numbers) * 8
+    assert abs(numbers / 240 - 0.7) < 4 * math.sqrt(0.7 * 0.3 / 240)
+    assert last["val/loss"] == pytest.approx(0.7 * last["val/numbers/loss"] + 0.3 * last["val/words/loss"], rel=1e-12)
+    assert last["val/numbers/loss"] != last["val/words/loss"]
