@@ -6,15 +6,17 @@
 The chatterbot corpus is prepared twice with the base model's tokenizer, as `make chat-demo`
 does: `--train-on bot` (the default: only the bot's replies are trained, system and user lines
 are context) and `--train-on all` (every token of the conversation, as mtgpt trained chat before
-the mask). Both folders hold the very same samples and the same val conversations; only the mask
-differs. Each is fine-tuned from the base with the same settings and seeds, then both models are
-scored on the val conversations (which neither saw): the mean loss on the bot's reply tokens (what
-a chat model is for) and, for the record, on the user's tokens.
+the mask). Both folders hold the same conversations cut into samples the same way, and the same
+val conversations; only the mask differs (the masked folder leaves out the few samples with no
+bot token). Each is fine-tuned from the base with the same settings and seeds, then both models
+are scored on the masked folder's val conversations, which neither saw: the mean loss on the
+bot's reply tokens (what a chat model is for) and, for the record, on the user's tokens.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import subprocess
 import sys
@@ -41,16 +43,19 @@ def mtgpt(*args) -> str:
 
 
 @torch.no_grad()
-def scores(run: Path, bot: Path, every: Path) -> tuple[float, float]:
-    """(mean loss on the bot's reply tokens, on the user's and system's) over all val samples."""
-    model, _ = load_for_inference(str(run), False, "cpu", "fp32")
+def scores(run: Path, bot: Path) -> tuple[float, float]:
+    """(mean loss on the bot's reply tokens, on the user's and system's) over all val samples of
+    the masked folder `bot` (its untrained targets that are not <|endoftext|> are the user's and
+    system's: <|endoftext|> only ends a conversation and pads)."""
+    model, tok = load_for_inference(str(run), False, "cpu", "fp32")
     m = load_manifest(bot)
-    n = m["splits"]["val"]["samples"]
-    x, y_bot = Split(bot, m, "val").examples(np.arange(n))
-    _, y_all = Split(every, load_manifest(every), "val").examples(np.arange(n))
-    y_user = np.where((y_all >= 0) & (y_bot < 0), y_all, -1)
+    split = Split(bot, m, "val")
+    index = np.arange(len(split))
+    x, y_bot = split.examples(index)
+    targets = split.read(index)[:, 1:].astype(np.int64)
+    y_user = np.where((y_bot < 0) & (targets != tok.eot), targets, -1)
     sums = {"bot": [0.0, 0], "user": [0.0, 0]}
-    for i in range(0, n, 32):
+    for i in range(0, len(index), 32):
         xb = torch.from_numpy(x[i:i + 32])
         for name, y in (("bot", y_bot), ("user", y_user)):
             yb = torch.from_numpy(y[i:i + 32])
@@ -84,15 +89,16 @@ def main() -> None:
     for seed in args.seeds:
         for train_on, folder in data.items():
             run = work / f"run-{train_on}-{seed}"
+            shutil.rmtree(run, ignore_errors=True)
             began = time.time()
             mtgpt("train", "--init-from", base, "--data", folder, "--out", run, "--nproc", args.nproc,
                   "--micro-batch", args.micro_batch, "--lr", args.lr, "--ds-config", "zero1_bf16",
                   "--max-steps", args.steps, "--eval-every", args.steps, "--seed", seed)
-            bot, user = scores(run, data["bot"], data["all"])
+            bot, user = scores(run, data["bot"])
             results[train_on].append((bot, user))
             print(f"seed {seed}, trained on {train_on:3s}: held-out loss on bot replies {bot:.4f}, on user lines "
                   f"{user:.4f} ({time.time() - began:.0f} s)")
-    base_bot, base_user = scores(base, data["bot"], data["all"])
+    base_bot, base_user = scores(base, data["bot"])
     print(f"\nfine-tuning {base} for {args.steps} steps (micro {args.micro_batch} x {args.nproc} ranks, lr {args.lr}), "
           f"seeds {args.seeds}; mean nats/token on the {load_manifest(data['bot'])['splits']['val']['samples']} "
           "held-out val conversations' samples:")

@@ -7,6 +7,7 @@ One node:     deepspeed --num_gpus 8 launch/train.py --ds_config ds_configs/zero
 Multi-node:   deepspeed --hostfile hostfile --num_nodes 2 --num_gpus 8 launch/train.py ...
               or `sbatch --nodes 2 slurm/train.sbatch` (srun starts torchrun on every node)
 CPU, 2 ranks: deepspeed --num_gpus 2 launch/train.py --ds_config ds_configs/zero1_fp32.json ...
+A mixture:    ... launch/train.py --data books=data/books:0.7 --data chat=data/chat:0.3 --out runs/mix
 
 The options are `mtgpt train`'s (`python launch/train.py --help`); `mtgpt train` itself starts
 the DeepSpeed launcher on `python -m mtgpt worker`, which is this same entry point.

@@ -219,3 +219,28 @@ def test_the_step_loss_is_the_mean_over_trained_tokens_of_all_ranks_and_micro_ba
         model = GPT(ModelConfig(**TINY))
         expected = float(sum(model(x, y, reduction="sum")[1] for x, y in micro) / sum(counts))
     assert abs(logged - expected) < 1e-5  # the logged train loss is that same mean
+
+
+@pytest.mark.slow
+def test_a_chat_fine_tune_through_the_cli(chat_data, tiny_data, tmp_path):
+    """`mtgpt train --init-from BASE --data CHAT` on 2 ranks with accumulation: the val loss it logs
+    is the mean over the held-out bot tokens only (recomputed here from the saved model), and
+    `mtgpt chat` talks with the result."""
+    import json
+
+    from mtgpt.sample import load_for_inference
+    from tests.conftest import TINY_ARGS, run_mtgpt
+
+    base, tuned = tmp_path / "base", tmp_path / "tuned"
+    run_mtgpt("train", "--data", tiny_data, "--out", base, "--nproc", "1", *TINY_ARGS, "--max-steps", "5")
+    run_mtgpt("train", "--init-from", base, "--data", chat_data, "--out", tuned, "--nproc", "2", "--micro-batch", "2",
+              "--grad-accum", "2", "--max-steps", "8", "--eval-samples", "1000", "--lr", "3e-3")
+    last = json.loads((tuned / "metrics.jsonl").read_text().splitlines()[-1])
+    model, _ = load_for_inference(str(tuned), False, "cpu", "fp32")
+    x, y = load_val(chat_data, load_manifest(chat_data), 1000, 0, 1)
+    with torch.no_grad():
+        expected = float(model(x, y, reduction="sum")[1] / (y >= 0).sum())
+        everything = float(model(x, torch.cat([x[:, 1:], y[:, -1:].clamp(min=0)], 1))[1])
+    assert last["val/loss"] == pytest.approx(expected, abs=2e-5) and abs(expected - everything) > 0.05
+    chat_out = run_mtgpt("chat", tuned, "--seed", "1", "--max-new-tokens", "8", input="Hello\n/quit\n").stdout
+    assert "bot> " in chat_out

@@ -25,12 +25,17 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
         return z ^ (z >> np.uint64(31))
 
 
-def uniforms(seed: int, positions: np.ndarray) -> np.ndarray:
-    """A uniform in [0, 1) for each position, the same for the same (seed, position) anywhere."""
-    key = _splitmix64(np.array([seed], dtype=np.uint64))[0]
+def uniforms(seed: int, positions: np.ndarray, key: np.uint64 | None = None) -> np.ndarray:
+    """A uniform in [0, 1) for each position, the same for the same (seed, position) anywhere.
+    (`key`: the seed's, `_key(seed)`, when the caller has it.)"""
+    key = _key(seed) if key is None else key
     with np.errstate(over="ignore"):
         bits = _splitmix64(positions.astype(np.uint64) * _GOLDEN ^ key)
     return (bits >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+
+
+def _key(seed: int) -> np.uint64:
+    return _splitmix64(np.array([seed], dtype=np.uint64))[0]
 
 
 class Mixture:
@@ -43,10 +48,10 @@ class Mixture:
         self.weights = w / w.sum()
         self.cdf = np.cumsum(self.weights)
         self.cdf[-1] = 1.0
-        self.seed = seed
+        self.seed, self._key = seed, _key(seed)
 
     def sources(self, positions: np.ndarray) -> np.ndarray:
-        return np.searchsorted(self.cdf, uniforms(self.seed, positions), side="right").astype(np.int64)
+        return np.searchsorted(self.cdf, uniforms(self.seed, positions, self._key), side="right").astype(np.int64)
 
     def counts_at(self, position: int, chunk: int = 1 << 22) -> np.ndarray:
         """Draws of each source before global `position` (what a checkpoint saves)."""
