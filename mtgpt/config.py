@@ -118,7 +118,8 @@ class TrainConfig:
     patience: int | None = option(None, "Early stopping: evaluations without a better val loss.", default_help="off")
     min_delta: float = option(0.0, "Early stopping: an improvement is a val loss below best - this.")
     eval_every: int = option(200, "Evaluate the val loss every N steps (and at the end).")
-    eval_samples: int = option(256, "Val sequences per evaluation (the same ones every time).")
+    eval_samples: int = option(256, "Val sequences per evaluation (the same ones every time; with a mixture, "
+                               "per source).")
     save_every: int = option(1000, "Checkpoint every N steps (and at the end).")
     keep_last: int = option(2, "Checkpoints kept (besides best/).")
     log_every: int = option(10, "Log the train loss and lr every N steps.")

@@ -120,6 +120,10 @@ def describe_run(path: Path) -> list[str]:
             if isinstance(val[-1].get("val/bpb"), float):
                 lines.append(f"val bits per byte: {val[-1]['val/bpb']:.4f} at step {val[-1]['step']}; best "
                              f"{best.get('val/bpb', float('nan')):.4f} (comparable across tokenizers)")
+            each = {k.split("/")[1]: v for k, v in val[-1].items() if k.count("/") == 2 and k.endswith("/loss")}
+            if each:  # a mixture: each source's own val split
+                lines.append(f"val loss per source at step {val[-1]['step']}: "
+                             + ", ".join(f"{name} {loss:.4f}" for name, loss in each.items()))
     if not checkpoint.has_val(path):
         lines.append("val loss: none (the data has no val split: it was prepared with --val-fraction 0), "
                      "so no best model and no early stopping")

@@ -173,6 +173,7 @@ def _step_on_rank(rank: int, world: int, port: int, data: str, accum: int, out) 
     if rank == 0:
         # numpy, not tensors: a tensor in a queue is shared memory that goes away with this process
         out.put(({n: p.detach().numpy().copy() for n, p in engine.module.named_parameters()}, float(loss) / world))
+    mworld.barrier()  # neither rank leaves the group while the other still talks to it
     mworld.destroy()
 
 

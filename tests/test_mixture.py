@@ -214,3 +214,5 @@ def test_a_mixture_on_two_ranks_logs_what_it_reads_and_resumes_bit_exactly(two_s
     assert abs(numbers / 240 - 0.7) < 4 * math.sqrt(0.7 * 0.3 / 240)
     assert last["val/loss"] == pytest.approx(0.7 * last["val/numbers/loss"] + 0.3 * last["val/words/loss"], rel=1e-12)
     assert last["val/numbers/loss"] != last["val/words/loss"]
+    info = run_mtgpt("info", straight).stdout
+    assert f"val loss per source at step 30: numbers {last['val/numbers/loss']:.4f}, words" in info
