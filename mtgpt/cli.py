@@ -192,7 +192,6 @@ def prepare(inputs, out, block_size, val_fraction, seed, shard_size, glob, fmt, 
         click.echo(mask_line(m))
 
 
-
 @main.group()
 def tokenizer():
     """Make a tokenizer from your own text (then `mtgpt prepare ... --tokenizer TOK_DIR`)."""

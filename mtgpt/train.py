@@ -203,7 +203,8 @@ def check_tokenizer(cfg: TrainConfig, manifest: dict[str, Any], resume_from: Pat
     if resume_from is not None:
         saved = checkpoint.recorded_tokenizer(resume_from.parent.parent)
         if not tokenizer.same(saved, data):
-            raise ConfigError(f"cannot resume {cfg.out} on {data_names(cfg)}: the run reads tokenizer {tokenizer.describe(saved)}, "
+            raise ConfigError(f"cannot resume {cfg.out} on {data_names(cfg)}: the run reads tokenizer "
+                              f"{tokenizer.describe(saved)}, "
                               f"the data was prepared with {tokenizer.describe(data)}; prepare the data with "
                               f"--tokenizer {cfg.out}, or start a new run with another --out")
     source = cfg.init_from or cfg.init_from_hf
@@ -526,7 +527,7 @@ def evaluate_sources(engine, vals: dict[str, tuple[torch.Tensor, torch.Tensor]],
     weight = {s.name: w for s, w in zip(plan.sources, plan.weights) if s.name in scores}
     loss = sum(weight[n] * scores[n][0] for n in scores) / sum(weight.values())
     bpb = sum(weight[n] * scores[n][1] for n in scores) / sum(weight.values())
-    per_source = {f"val/{n}/{k}": v for n, (l, b) in scores.items() for k, v in (("loss", l), ("bpb", b))}
+    per_source = {f"val/{n}/{k}": v for n, pair in scores.items() for k, v in zip(("loss", "bpb"), pair)}
     return loss, bpb, per_source
 
 

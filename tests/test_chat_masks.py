@@ -68,7 +68,8 @@ def test_only_the_bots_replies_are_trained(tmp_path):
     x, y = examples(tmp_path / "d")
     assert [GPT2.decode(row[row >= 0].tolist()) for row in y] == [" Hello, friend.\n", " I am a bot.\n Thanks.\n"]
     assert [GPT2.decode(row[:row.tolist().index(GPT2.eot)].tolist()) for row in x] == [
-        "System: Be kind.\nUser: Hey\nBot: Hello, friend.\n", "User: What is your name?\nBot: I am a bot.\nUser: Nice.\nBot: Thanks.\n"]
+        "System: Be kind.\nUser: Hey\nBot: Hello, friend.\n",
+        "User: What is your name?\nBot: I am a bot.\nUser: Nice.\nBot: Thanks.\n"]
     assert m["trained_targets"] == int((y >= 0).sum())
     # --train-on all: the same samples, every token of the conversation trained, padding never
     m_all = prepare([str(tmp_path / "a.jsonl"), str(tmp_path / "b.yml")], tmp_path / "all", block_size=40,
