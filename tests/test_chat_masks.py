@@ -116,6 +116,26 @@ def test_loader_and_val_carry_the_mask(chat_data):
     assert (vy == -1).any() and vx.shape == vy.shape
 
 
+def test_a_mixture_of_text_and_chat_keeps_each_samples_own_mask(chat_data, tiny_data):
+    """Plain text and chat data mix: the text's rows train every target, the chat's only the bot's."""
+    splits = [Split(d, load_manifest(d), "train") for d in (tiny_data, chat_data)]
+    text_rows = {row.tobytes() for row in splits[0].examples(np.arange(len(splits[0])))[0]}
+    chat_x, chat_y = splits[1].examples(np.arange(len(splits[1])))
+    chat_rows = {x.tobytes(): y for x, y in zip(chat_x, chat_y)}
+    batches = TrainBatches(splits, 8, 0, 1, seed=2, weights=[0.5, 0.5])
+    seen = {"text": 0, "chat": 0}
+    for _ in range(10):
+        x, y = next(batches)
+        for xr, yr in zip(x.numpy(), y.numpy()):
+            if xr.tobytes() in text_rows:
+                assert (yr >= 0).all() and np.array_equal(yr[:-1], xr[1:])
+                seen["text"] += 1
+            else:
+                assert np.array_equal(yr, chat_rows[xr.tobytes()]) and (yr == -1).any()
+                seen["chat"] += 1
+    assert batches.masked and seen["text"] > 20 and seen["chat"] > 20
+
+
 def test_untrained_targets_get_exactly_zero_gradient(chat_data):
     """The logits at a user or system target get no gradient at all, and what those targets are
     does not change the parameters' gradient by a single bit."""

@@ -92,9 +92,10 @@ def test_resume_continues(trained, tmp_path):
 
     run = tmp_path / "again"
     shutil.copytree(trained, run)
-    out = run_mtgpt("train", "--data", json.loads((run / "train_config.json").read_text())["data"],
-                    "--out", run, "--nproc", "2", *TRAIN, "--max-steps", "40", "--eval-every", "10",
-                    "--resume", "auto")
+    data = json.loads((run / "train_config.json").read_text())["data"]  # a list: one folder per source
+    assert len(data) == 1
+    out = run_mtgpt("train", "--data", data[0], "--out", run, "--nproc", "2", *TRAIN, "--max-steps", "40",
+                    "--eval-every", "10", "--resume", "auto")
     assert "resuming from" in out.stdout and "step 30" in out.stdout
     rows = metrics(run)
     assert [r["step"] for r in rows if "val/loss" in r] == [10, 20, 30, 40]
