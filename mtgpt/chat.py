@@ -37,9 +37,14 @@ def _line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+def turn_line(marker: str, text: str) -> str:
+    """One turn of the template: its marker, its text on one line, the line end."""
+    return f"{marker}{_line(text)}\n"
+
+
 def render(turns: Iterable[tuple[str, str]]) -> str:
     """[(role marker, text), ...] -> the template text, one line per turn."""
-    return "".join(f"{marker}{_line(text)}\n" for marker, text in turns)
+    return "".join(turn_line(marker, text) for marker, text in turns)
 
 
 def prompt_for(history: list[tuple[str, str]], message: str, system: str | None = None) -> str:
@@ -114,7 +119,7 @@ def training_tokens(tok: Tokenizer, turns: list[tuple[str, str]], train_on: str 
     trained = np.zeros(len(text.encode("utf-8")), dtype=bool)
     at = 0
     for marker, content in turns:
-        line = len(f"{marker}{_line(content)}\n".encode("utf-8"))
+        line = len(turn_line(marker, content).encode("utf-8"))
         if marker == BOT:
             trained[at + len(BOT.encode("utf-8")):at + line] = True
         at += line

@@ -168,9 +168,9 @@ def plan_warnings(plan: Plan) -> list[str]:
     if plan.cfg.max_epochs is not None and len(plan.sources) == 1:
         return []
     out = []
-    for source, epochs, m in zip(plan.sources, plan.epochs(), plan.manifests):
+    for source, w, epochs, m in zip(plan.sources, plan.weights, plan.epochs(), plan.manifests):
         if epochs > REPEAT_WARN:
-            share = f" at weight {plan.weights[plan.sources.index(source)]:.3g}" if len(plan.sources) > 1 else ""
+            share = f" at weight {w:.3g}" if len(plan.sources) > 1 else ""
             out.append(f"warning: the planned {plan.schedule_steps} steps read {source.name} ({source.path}, "
                        f"{m['splits']['train']['samples'] * plan.cfg.model.block_size:,} train tokens){share} "
                        f"{epochs:.1f} times; past ~{REPEAT_WARN:.0f} epochs repeated data teaches less and less: "
@@ -204,8 +204,8 @@ def check_tokenizer(cfg: TrainConfig, manifest: dict[str, Any], resume_from: Pat
         saved = checkpoint.recorded_tokenizer(resume_from.parent.parent)
         if not tokenizer.same(saved, data):
             raise ConfigError(f"cannot resume {cfg.out} on {data_names(cfg)}: the run reads tokenizer "
-                              f"{tokenizer.describe(saved)}, "
-                              f"the data was prepared with {tokenizer.describe(data)}; prepare the data with "
+                              f"{tokenizer.describe(saved)}, the data was prepared with {tokenizer.describe(data)}; "
+                              "prepare the data with "
                               f"--tokenizer {cfg.out}, or start a new run with another --out")
     source = cfg.init_from or cfg.init_from_hf
     if source and resume_from is None:

@@ -77,30 +77,31 @@ class Split:
 
     def read(self, indices: np.ndarray) -> np.ndarray:
         """Samples `indices` as a (len(indices), sample_tokens) uint16 array."""
-        record = np.searchsorted(self.record_first, indices, side="right") - 1
-        within = indices - self.record_first[record]
-        start = self.record_offset[record] + within * self.sample_bytes
-        n = self.sample_bytes // 2
-        out = np.empty((len(indices), n), dtype="<u2")
-        for row, (k, at) in enumerate(zip(self.record_shard[record].tolist(), start.tolist())):
-            out[row] = np.frombuffer(self._map(k), dtype="<u2", count=n, offset=at)
+        out, shards = self._gather(indices, self.record_offset, np.dtype("<u2"))
         if len(out) and out.max() >= self.vocab_size:
-            bad = self.paths[self.record_shard[record][np.argmax(out.max(1) >= self.vocab_size)]]
+            bad = self.paths[shards[np.argmax(out.max(1) >= self.vocab_size)]]
             raise DataError(f"shard {bad} holds token ids >= the vocab size {self.vocab_size}; {VERIFY_HINT}")
         return out
 
     def read_mask(self, indices: np.ndarray) -> np.ndarray:
         """The loss masks of samples `indices`, (len(indices), sample_tokens) bool (all True
         when the split has none: plain text trains on every token)."""
-        n = self.sample_bytes // 2
         if not self.masked:
-            return np.ones((len(indices), n), dtype=bool)
+            return np.ones((len(indices), self.sample_bytes // 2), dtype=bool)
+        return self._gather(indices, self.record_mask, np.dtype(np.uint8))[0].astype(bool)
+
+    def _gather(self, indices: np.ndarray, record_offsets: np.ndarray, dtype: np.dtype
+                ) -> tuple[np.ndarray, np.ndarray]:
+        """(the sample_tokens items of `dtype` of each sample, read from its record's member at
+        `record_offsets`, and the shard each row came from)."""
+        n = self.sample_bytes // 2
         record = np.searchsorted(self.record_first, indices, side="right") - 1
-        start = self.record_mask[record] + (indices - self.record_first[record]) * n
-        out = np.empty((len(indices), n), dtype=np.uint8)
-        for row, (k, at) in enumerate(zip(self.record_shard[record].tolist(), start.tolist())):
-            out[row] = np.frombuffer(self._map(k), dtype=np.uint8, count=n, offset=at)
-        return out.astype(bool)
+        start = record_offsets[record] + (indices - self.record_first[record]) * n * dtype.itemsize
+        shards = self.record_shard[record]
+        out = np.empty((len(indices), n), dtype=dtype)
+        for row, (k, at) in enumerate(zip(shards.tolist(), start.tolist())):
+            out[row] = np.frombuffer(self._map(k), dtype=dtype, count=n, offset=at)
+        return out, shards
 
     def examples(self, indices: np.ndarray) -> np.ndarray:
         """(2, len(indices), sample_tokens - 1) int64: the inputs x of samples `indices`, and their
