@@ -214,5 +214,11 @@ def test_a_mixture_on_two_ranks_logs_what_it_reads_and_resumes_bit_exactly(two_s
     assert abs(numbers / 240 - 0.7) < 4 * math.sqrt(0.7 * 0.3 / 240)
     assert last["val/loss"] == pytest.approx(0.7 * last["val/numbers/loss"] + 0.3 * last["val/words/loss"], rel=1e-12)
     assert last["val/numbers/loss"] != last["val/words/loss"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(straight / "tb"))
+    board.Reload()  # TensorBoard's own reader sees the per-source curves
+    for tag in ("data/numbers/tokens", "data/words/tokens", "val/numbers/loss", "val/words/bpb"):
+        assert board.Scalars(tag)[-1].step == 30 and board.Scalars(tag)[-1].value == pytest.approx(last[tag], rel=1e-6)
     info = run_mtgpt("info", straight).stdout
     assert f"val loss per source at step 30: numbers {last['val/numbers/loss']:.4f}, words" in info
