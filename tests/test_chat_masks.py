@@ -81,6 +81,18 @@ def test_only_the_bots_replies_are_trained(tmp_path):
     assert m_all["trained_targets"] > m["trained_targets"]
 
 
+def test_chat_data_with_nothing_to_train_is_refused(tmp_path):
+    from mtgpt.data import DataError
+
+    (tmp_path / "users.jsonl").write_text(__import__("json").dumps(
+        {"messages": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hey"}]}) + "\n")
+    with pytest.raises(DataError, match="no bot replies to train on"):
+        prepare([str(tmp_path / "users.jsonl")], tmp_path / "d", block_size=16, val_fraction=0.0, fmt="chat", quiet=True)
+    with pytest.raises(DataError, match="--train-on must be bot or all"):
+        prepare([str(tmp_path / "users.jsonl")], tmp_path / "d", fmt="chat", train_on="user", quiet=True)
+    assert not (tmp_path / "d").exists()  # nothing half-written
+
+
 def test_the_mask_follows_token_boundaries_for_any_tokenizer():
     """A token is trained when any of its bytes is the bot's: the reply's first token carries the
     space after "Bot:"; multi-byte characters split over tokens stay whole."""

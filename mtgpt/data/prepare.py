@@ -378,7 +378,7 @@ def _write_chat_shards(paths: list[Path], tmp: Path, block_size: int, val_fracti
         writers["val" if is_val(1)[0] else "train"].add(samples[keep], masks[keep])
         stats["documents"] += 1
         stats["tokens"] += len(ids)
-        stats["padding_tokens"] += pad
+        stats["padding_tokens"] += pad if keep[-1] else 0  # the padding stored (in the last sample, if kept)
         stats["trained_targets"] += int(masks[keep, 1:].sum())
         stats["left_out_samples"] += int((~keep).sum())
         bar.update(1)
