@@ -15,6 +15,7 @@ import json
 import statistics
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -38,7 +39,7 @@ def main() -> None:
     from mtgpt import checkpoint, hf, tokenizer
     from mtgpt.config import ModelConfig
     from mtgpt.model import GPT
-    from mtgpt.sample import SampleConfig, stream
+    from mtgpt.sample import SampleConfig, on_host, stream
 
     GPT2 = tokenizer.gpt2()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -58,8 +59,20 @@ def main() -> None:
     cfg = SampleConfig(max_new_tokens=args.new_tokens, temperature=temperature, top_k=top_k, seed=0,
                        stop_at_eot=False)
 
-    def ours() -> int:
-        return sum(1 for _ in stream(model, prompt, cfg))
+    def ours(decoder: str = "auto", ahead: int | None = None) -> int:
+        # as `mtgpt sample` and `generate` consume it: token ids on the host (default: 16 at a time on a GPU)
+        return sum(1 for _ in on_host(stream(model, prompt, cfg, decoder=decoder), ahead))
+
+    def agreement(m) -> dict:
+        """The graphed decoder against the fixed-shape eager one (same seed): the same tokens? If
+        not, where they part, and the largest logit difference up to there (same inputs until then)."""
+        runs = {d: list(stream(m, prompt, cfg, decoder=d)) for d in ("graph", "fixed")}
+        tokens = {d: [t.tolist() for t, _ in r] for d, r in runs.items()}
+        n = next((i for i, (a, b) in enumerate(zip(tokens["graph"], tokens["fixed"])) if a != b), None)
+        upto = len(tokens["graph"]) if n is None else n + 1
+        diff = max((a.float() - b.float()).abs().max().item()
+                   for (_, a), (_, b) in zip(runs["graph"][:upto], runs["fixed"][:upto]))
+        return {"same_tokens": n is None, "first_difference": n, "max_logit_difference": diff}
 
     ids = torch.tensor([prompt], device=device)
 
@@ -83,18 +96,36 @@ def main() -> None:
             times.append(n / (time.perf_counter() - start))
         return statistics.median(times)
 
+    def syncs(fn) -> int:
+        """Host waits for the GPU during fn (PyTorch's sync debug mode warns at each)."""
+        torch.cuda.set_sync_debug_mode("warn")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn()
+        torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(w.message).lower() for w in caught)
+
     a, b = timed(ours), timed(hugging_face)
+    eager = timed(lambda: ours("dynamic", 1)) if device.type == "cuda" else None  # before the graph: a sync per token
+    waits = {"graph": syncs(ours), "eager": syncs(lambda: ours("dynamic", 1))} if device.type == "cuda" else None
+    agree = {str(dtype): agreement(model), "torch.float32": agreement(model.float())} if device.type == "cuda" else None
     c = model.config
     mode = "greedy" if args.greedy else "top-k 200, temperature 0.8"
     print(f"{device.type}: {c.n_layer} x {c.n_embd}, context {c.block_size}, batch 1, {len(prompt)}-token prompt, "
           f"{args.new_tokens} new tokens, {mode}, {dtype}, {torch.get_num_threads()} threads, median of {args.repeat}")
-    print(f"  mtgpt sample (KV cache)      {a:8.1f} tokens/s")
+    decoder = "CUDA graph" if device.type == "cuda" else "KV cache"
+    print(f"  {'mtgpt sample (' + decoder + ')':28s} {a:8.1f} tokens/s")
+    if eager is not None:
+        print(f"  mtgpt eager, host per token  {eager:8.1f} tokens/s")
+        print(f"  graph decoder against the eager one: {agree}")
+        print(f"  host syncs for {args.new_tokens} tokens: graph {waits['graph']}, eager {waits['eager']}")
     print(f"  Hugging Face generate()      {b:8.1f} tokens/s")
     print(f"  ratio                        {a / b:8.2f}x")
     if args.json:
         Path(args.json).write_text(json.dumps({
             "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "dtype": str(dtype),
             "mode": mode, "new_tokens": args.new_tokens, "mtgpt_tokens_per_s": a, "hf_tokens_per_s": b,
+            "eager_per_token_sync_tokens_per_s": eager, "graph_vs_eager": agree, "host_syncs": waits,
             "ratio": a / b}, indent=1))
 
 

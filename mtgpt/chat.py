@@ -173,11 +173,11 @@ def fit_history(tok: Tokenizer, history: list[tuple[str, str]], message: str, bl
 
 def reply_stream(model, tok: Tokenizer, prompt_ids: list[int], cfg) -> Iterator[str]:
     """Text pieces of the model's reply, up to the end of the line (or <|endoftext|>)."""
-    from mtgpt.sample import SampleText, stream
+    from mtgpt.sample import SampleText, on_host, stream
 
     text = SampleText(tok, chat_reply=True)
-    for nxt, _ in stream(model, prompt_ids, cfg):
-        piece = text.add(int(nxt[0]))
+    for nxt in on_host(stream(model, prompt_ids, cfg)):
+        piece = text.add(nxt[0])
         if piece:
             yield piece
         if text.finish:

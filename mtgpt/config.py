@@ -104,7 +104,9 @@ class TrainConfig:
                                     "derived from it, so 1 or 8 GPUs, or a resume on another number of ranks, train "
                                     "with the same batch, schedule and learning rate.",
                                     default_help="micro-batch x grad-accum x ranks; a resumed run keeps its own")
-    micro_batch: int = option(8, "Sequences per rank per forward pass.")
+    micro_batch: int | None = option(None, "Sequences per rank per forward pass.",
+                                     default_help="8 on CPU; on a GPU as many as fit half its memory, up to "
+                                     "32,768 tokens per pass")
     grad_accum: int = option(1, "Forward passes per optimizer step; batch = micro x accum x ranks.",
                              default_help="1, or --batch-size / (micro-batch x ranks)")
     lr: float = option(6e-4, "Peak learning rate after warmup (benchmarks/lr_sweep.py; the seed had 5e-5).")
@@ -117,7 +119,8 @@ class TrainConfig:
     max_time: str | None = option(None, "Stop cleanly (with a checkpoint) after this long: 90s, 30m, 2h, 1d, 1:30:00.")
     patience: int | None = option(None, "Early stopping: evaluations without a better val loss.", default_help="off")
     min_delta: float = option(0.0, "Early stopping: an improvement is a val loss below best - this.")
-    eval_every: int = option(200, "Evaluate the val loss every N steps (and at the end).")
+    eval_every: int | None = option(None, "Evaluate the val loss every N steps (and at the end).",
+                                    default_help="200 on CPU, 1000 on a GPU")
     eval_samples: int = option(256, "Val sequences per evaluation (the same ones every time; with a mixture, "
                                "per source).")
     save_every: int = option(1000, "Checkpoint every N steps (and at the end).")
@@ -143,6 +146,8 @@ class TrainConfig:
         for name in ("micro_batch", "grad_accum", "eval_every", "eval_samples", "save_every",
                      "log_every", "keep_last"):
             value = getattr(self, name)
+            if value is None and name in ("micro_batch", "eval_every"):
+                continue  # chosen for the device by train.make_plan
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):

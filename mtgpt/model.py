@@ -26,24 +26,42 @@ from mtgpt.config import ModelConfig
 
 class KVCache:
     """Keys and values of the tokens seen so far, for generation. Per layer, one (B, nh,
-    block_size, hs) buffer each for k and v, allocated at first use and filled in place (no
-    re-allocation per token); `length` tokens of them are valid."""
+    block_size, hs) buffer each for k and v, allocated (zeroed) at first use and filled in place,
+    never re-allocated: `length` tokens of them are valid.
+
+    Two ways to add tokens. `GPT.forward` appends T tokens after `length` and attends to exactly
+    the valid keys (shapes grow with the text). `GPT.decode` writes one token at `position`, a (1,)
+    tensor on the device, and attends to all block_size keys through a mask: every shape and
+    address stays the same from token to token, which is what a CUDA graph needs (mtgpt.sample)."""
 
     def __init__(self, n_layer: int):
         self.k: list[torch.Tensor | None] = [None] * n_layer
         self.v: list[torch.Tensor | None] = [None] * n_layer
-        self.length = 0  # P: tokens cached (advanced by GPT.forward after the last layer)
+        self.length = 0  # P: tokens cached by forward (advanced by GPT.forward after the last layer)
+        self.position: torch.Tensor | None = None  # decode's write position, (1,) long, on the device
+        self.visible: torch.Tensor | None = None  # during GPT.decode: (1, 1, 1, block_size) keys <= position
+
+    def _buffers(self, layer: int, k: torch.Tensor, capacity: int) -> None:
+        if self.k[layer] is None:
+            B, nh, _, hs = k.shape
+            self.k[layer] = k.new_zeros(B, nh, capacity, hs)  # zeros: a masked-out slot is never NaN
+            self.v[layer] = k.new_zeros(B, nh, capacity, hs)
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, nh, T, hs) after the cached ones; return all keys and values so far."""
-        B, nh, T, hs = k.shape
-        if self.k[layer] is None:
-            self.k[layer] = k.new_empty(B, nh, capacity, hs)
-            self.v[layer] = v.new_empty(B, nh, capacity, hs)
-        P = self.length
+        self._buffers(layer, k, capacity)
+        P, T = self.length, k.size(2)
         self.k[layer][:, :, P:P + T] = k
         self.v[layer][:, :, P:P + T] = v
         return self.k[layer][:, :, :P + T], self.v[layer][:, :, :P + T]  # (B, nh, P+T, hs) views
+
+    def put(self, layer: int, k: torch.Tensor, v: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store one token's k, v (B, nh, 1, hs) at `position`; return the whole buffers (B, nh,
+        capacity, hs), to be read with the mask `visible`."""
+        self._buffers(layer, k, capacity)
+        self.k[layer].index_copy_(2, self.position, k)
+        self.v[layer].index_copy_(2, self.position, v)
+        return self.k[layer], self.v[layer]
 
 
 class CausalSelfAttention(nn.Module):
@@ -62,11 +80,15 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        if cache is not None:
+        if cache is not None and cache.visible is not None:  # GPT.decode: one token, fixed shapes
+            k, v = cache.put(layer, k, v, self.block_size)  # (B, nh, block_size, hs)
+        elif cache is not None:
             k, v = cache.append(layer, k, v, self.block_size)  # (B, nh, P+T, hs)
         P = k.size(2) - T
         mask, is_causal = None, T > 1  # one new token may see every key: no mask at all
-        if P > 0 and T > 1:
+        if cache is not None and cache.visible is not None:
+            mask, is_causal = cache.visible, False
+        elif P > 0 and T > 1:
             # New query i sits at absolute position P+i and may see keys 0..P+i.
             mask = torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(diagonal=P)
             is_causal = False
@@ -190,6 +212,21 @@ class GPT(nn.Module):
                                    ignore_index=-1, reduction=reduction)
         return logits, loss
 
+    def decode(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """idx (B, 1): one new token per sequence, at position cache.position (a (1,) tensor) ->
+        logits (B, V); advances cache.position. The same logits as forward with a cache of that
+        length, computed with shapes that never change (all block_size keys, masked), so the step
+        can be captured once as a CUDA graph and replayed for every token (mtgpt.sample)."""
+        L = self.config.block_size
+        cache.visible = (torch.arange(L, device=idx.device) <= cache.position).view(1, 1, 1, L)
+        x = self.transformer.wte(idx) + self.transformer.wpe(cache.position)  # (B, 1, C) + (1, C)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, cache, i)  # (B, 1, C)
+        cache.visible = None
+        cache.position += 1  # in place: the graph replays it
+        logits = self.lm_head(self.transformer.ln_f(x))  # (B, 1, Vp)
+        return logits[:, -1, :self.config.vocab_size]  # (B, V)
+
     def param_groups(self, weight_decay: float | None = None) -> list[dict]:
         """Two optimizer groups: matrices decay, the rest (biases, LayerNorms, embeddings) do not.
 
@@ -223,6 +260,16 @@ def param_count(config: ModelConfig, non_embedding: bool = False) -> int:
     device), and right whatever has become of a live model's tensors (ZeRO-3 partitions them)."""
     with torch.device("meta"):
         return GPT(config).num_params(non_embedding)
+
+
+def training_bytes_per_token(config: ModelConfig, precision: str = "bf16") -> int:
+    """Rough peak memory of one training token, for sizing micro-batches: 34 bytes per layer per
+    unit of width in 16-bit (Korthikanti et al. 2022, with fused attention and no dropout) plus 8
+    bytes per vocabulary row for the output layer's logits and their gradient (compiled: the
+    cross-entropy is fused). fp32 doubles both. The seed model at 64 x 512 in bf16: 14.7 GiB
+    estimated; 15.2 GiB peak measured on an H100 with weights and optimizer (gpu-check 'throughput')."""
+    per_token = 34 * config.n_layer * config.n_embd + 8 * config.padded_vocab_size
+    return per_token * (2 if precision == "fp32" else 1)
 
 
 def flops_per_token(config: ModelConfig) -> int:

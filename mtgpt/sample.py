@@ -61,11 +61,15 @@ def window_start(n_tokens: int, block_size: int, slide: int) -> int:
     return -(-(n_tokens - block_size) // slide) * slide  # ceil((n - block_size) / slide) * slide
 
 
-def pick(logits: torch.Tensor, cfg: SampleConfig, generator: torch.Generator | None) -> torch.Tensor:
+def pick(logits: torch.Tensor, cfg: SampleConfig, generator: torch.Generator | None = None,
+         uniform: torch.Tensor | None = None) -> torch.Tensor:
     """logits (N, V) -> next token ids (N,).
 
-    With top-k, only the k best logits are kept (sorted, so top-p needs no second sort) and the
-    sample is drawn among them: no softmax over the whole vocabulary."""
+    With top-k, only the k best logits are kept (sorted, so top-p needs no second sort). The draw
+    is Gumbel-max (the argmax of logits / temperature - log(-log(u)), u uniform, is a sample of
+    the softmax): `uniform` (N, k or V) numbers in [0, 1), else drawn from `generator`. It needs
+    no softmax over the whole vocabulary and no host sync, and takes its randomness as a tensor,
+    so the graphed decoder and the eager one draw the same tokens from the same numbers."""
     logits = logits.float()
     if cfg.temperature == 0:
         return logits.argmax(dim=-1)
@@ -74,44 +78,148 @@ def pick(logits: torch.Tensor, cfg: SampleConfig, generator: torch.Generator | N
     else:
         values, index = logits.sort(dim=-1, descending=True)  # (N, V)
     # The best logit is subtracted before dividing: a tiny temperature makes the others -inf
-    # (probability 0) instead of overflowing every logit to inf.
-    probs = ((values - values[:, :1]) / cfg.temperature).softmax(dim=-1)
+    # (never drawn) instead of overflowing every logit to inf.
+    scaled = (values - values[:, :1]) / cfg.temperature
     if cfg.top_p is not None and cfg.top_p < 1.0:
+        probs = scaled.softmax(dim=-1)
         drop = probs.cumsum(dim=-1) - probs > cfg.top_p  # keep the token that crosses top_p
-        probs = probs.masked_fill(drop, 0.0)
-    choice = torch.multinomial(probs, 1, generator=generator)  # (N, 1), an index into values
+        scaled = scaled.masked_fill(drop, -math.inf)
+    if uniform is None:
+        uniform = torch.rand(values.shape, generator=generator, device=values.device)
+    choice = (scaled - (-uniform.log()).log()).argmax(dim=-1, keepdim=True)  # (N, 1), an index into values
     return index.gather(-1, choice).squeeze(-1)
 
 
+class Noise:
+    """The uniform numbers `pick` draws with, `chunk` steps at a time from the seeded generator:
+    step i gets the same numbers whichever decoder asks (one seed, one text)."""
+
+    def __init__(self, shape: tuple[int, int], generator: torch.Generator | None, device: torch.device):
+        self.shape, self.generator, self.device = shape, generator, device
+        self.chunk = max(1, min(64, (1 << 22) // (shape[0] * shape[1])))  # at most 16 MB at a time
+        self.drawn, self.first = None, -1
+
+    def __call__(self, step: int) -> torch.Tensor:
+        if self.drawn is None or not self.first <= step < self.first + self.chunk:
+            self.first = step
+            self.drawn = torch.rand(self.chunk, *self.shape, generator=self.generator, device=self.device)
+        return self.drawn[step - self.first]
+
+
+class GraphedStep:
+    """One decode step, `model.decode` + `pick`, captured as a CUDA graph on its first call and
+    replayed after: per token the host launches two copies and one replay instead of a hundred
+    kernels, and never waits for the GPU. The graph holds the addresses of the cache's buffers and
+    position, so the cache must be refilled in place (KVCache.length = 0), never replaced."""
+
+    def __init__(self, model: GPT, cache: KVCache, cfg: SampleConfig, token: torch.Tensor,
+                 uniform: torch.Tensor | None):
+        self.model, self.cache, self.cfg = model, cache, cfg
+        self.token = torch.empty_like(token)  # (N, 1): the graph's input
+        self.uniform = None if uniform is None else torch.empty_like(uniform)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.out: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model.decode(self.token, self.cache)  # (N, V)
+        return pick(logits, self.cfg, uniform=self.uniform), logits
+
+    def __call__(self, token: torch.Tensor, uniform: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        self.token.copy_(token)
+        if uniform is not None:
+            self.uniform.copy_(uniform)
+        if self.graph is None:
+            # The first step runs eagerly on a side stream (PyTorch's recipe: it warms up the
+            # libraries' handles) and its result is used; the capture after it only records.
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                first = self._step()
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.out = self._step()
+            return first
+        self.graph.replay()
+        return self.out[0].clone(), self.out[1].clone()  # the graph's outputs are overwritten next step
+
+
+DECODERS = ("auto", "graph", "fixed", "dynamic")
+
+
 @torch.no_grad()  # not inference_mode: training calls this on ZeRO-3 parameters it must not freeze
-def stream(model: GPT, prompt: list[int], cfg: SampleConfig, use_cache: bool = True
+def stream(model: GPT, prompt: list[int], cfg: SampleConfig, use_cache: bool = True, decoder: str = "auto"
            ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (next token ids (N,), logits (N, V)) one step at a time, for N = num_samples.
-    `prompt` is not empty (`Tokenizer.prompt` starts an empty one with <|endoftext|>)."""
+    """Yield (next token ids (N,), logits (N, V)) one step at a time, for N = num_samples, as
+    tensors on the model's device: nothing here waits for the device (see `on_host`).
+    `prompt` is not empty (`Tokenizer.prompt` starts an empty one with <|endoftext|>).
+
+    decoder: how each token after the first of a window is computed. "dynamic": forward with the
+    cache (shapes grow; CPU, and training's samples under ZeRO-3's hooks); "fixed": GPT.decode
+    (fixed shapes, eager); "graph": GPT.decode captured as a CUDA graph (GraphedStep); "auto":
+    graph on a CUDA device, dynamic elsewhere. The prompt (and a window's refill) always goes
+    through forward. All give the same tokens up to float rounding (tested)."""
     block = model.config.block_size
     slide = cfg.slide or max(1, block // 4)
     device = next(model.parameters()).device
+    if decoder not in DECODERS:
+        raise SampleError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
+    if decoder == "auto":
+        decoder = "graph" if device.type == "cuda" else "dynamic"
+    if decoder == "graph" and device.type != "cuda":
+        raise SampleError("the graph decoder needs a CUDA device")
     generator = None
     if cfg.seed is not None:
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
     if not prompt:
         raise SampleError("the prompt has no tokens; start it with <|endoftext|> (Tokenizer.prompt)")
     tokens = torch.tensor([prompt] * cfg.num_samples, dtype=torch.long, device=device)  # (N, T)
-    cache, cached_from = None, -1
-    for _ in range(cfg.max_new_tokens):
+    vocab = model.config.vocab_size
+    k = cfg.top_k if cfg.top_k and cfg.top_k < vocab else vocab
+    noise = Noise((cfg.num_samples, k), generator, device) if cfg.temperature > 0 else None
+    cache, cached_from, graphed = None, -1, None
+    for i in range(cfg.max_new_tokens):
         n = tokens.size(1)
         start = window_start(n, block, slide)
-        if use_cache and cache is not None and start == cached_from:
-            logits, _ = model(tokens[:, -1:], cache=cache, last_only=True)  # only the newest token
-        elif use_cache:
-            cache, cached_from = KVCache(model.config.n_layer), start
-            logits, _ = model(tokens[:, start:], cache=cache, last_only=True)  # (re)fill the cache
+        uniform = noise(i) if noise is not None else None
+        cached = use_cache and cache is not None and start == cached_from  # only the newest token is new
+        if cached and decoder == "graph":
+            graphed = graphed or GraphedStep(model, cache, cfg, tokens[:, -1:], uniform)
+            nxt, last = graphed(tokens[:, -1:], uniform)
         else:
-            logits, _ = model(tokens[:, start:], last_only=True)
-        last = logits[:, -1, :]  # (N, V)
-        nxt = pick(last, cfg, generator)
+            if cached and decoder == "fixed":
+                last = model.decode(tokens[:, -1:], cache)  # (N, V)
+            elif cached:
+                last = model(tokens[:, -1:], cache=cache, last_only=True)[0][:, -1]
+            elif use_cache:  # (re)fill the cache with the window, in place (a graph holds its buffers)
+                cache = cache or KVCache(model.config.n_layer)
+                cache.length, cached_from = 0, start
+                last = model(tokens[:, start:], cache=cache, last_only=True)[0][:, -1]
+                if cache.position is None:
+                    cache.position = torch.zeros(1, dtype=torch.long, device=device)
+                cache.position.fill_(cache.length)  # where GPT.decode writes next
+            else:
+                last = model(tokens[:, start:], last_only=True)[0][:, -1]
+            nxt = pick(last, cfg, uniform=uniform)
         yield nxt, last
         tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+
+
+def on_host(steps: Iterator[tuple[torch.Tensor, torch.Tensor]], ahead: int | None = None) -> Iterator[list[int]]:
+    """`stream`'s steps as lists of token ids (one per sample), copied from the device `ahead`
+    steps at a time (default: 16 on a GPU, 1 on a CPU): the host waits once per `ahead` tokens, not
+    once per token, and a caller that stops early (end of text) has let the device run at most
+    `ahead - 1` steps further."""
+    pending: list[torch.Tensor] = []
+    for nxt, _ in steps:
+        pending.append(nxt)
+        if ahead is None:
+            ahead = 16 if nxt.device.type == "cuda" else 1
+        if len(pending) >= ahead:
+            yield from torch.stack(pending).tolist()
+            pending = []
+    if pending:
+        yield from torch.stack(pending).tolist()
 
 
 class TextStream:
@@ -174,13 +282,14 @@ class SampleText:
         return text
 
 
-def generate(model: GPT, tok: Tokenizer, prompt: str, cfg: SampleConfig, use_cache: bool = True) -> list[str]:
-    """Whole continuations of `prompt` (without the prompt), one per sample."""
+def generate(model: GPT, tok: Tokenizer, prompt: str, cfg: SampleConfig, use_cache: bool = True,
+             decoder: str = "auto") -> list[str]:
+    """Whole continuations of `prompt` (without the prompt), one per sample (`stream`'s decoder)."""
     cfg.check(model.config.vocab_size)
     texts = [SampleText(tok, [cfg.stop_text] if cfg.stop_text else [], stop_at_eot=cfg.stop_at_eot)
              for _ in range(cfg.num_samples)]
-    for nxt, _ in stream(model, tok.prompt(prompt), cfg, use_cache):
-        for text, token in zip(texts, nxt.tolist()):
+    for nxt in on_host(stream(model, tok.prompt(prompt), cfg, use_cache, decoder)):
+        for text, token in zip(texts, nxt):
             if not text.finish:
                 text.add(token)
         if all(text.finish for text in texts):
@@ -232,8 +341,8 @@ def run_sample(run_dir: str, prompt: str, cfg: SampleConfig, best: bool = False,
         return texts
     text = SampleText(tok, [cfg.stop_text] if cfg.stop_text else [], stop_at_eot=cfg.stop_at_eot)
     write(prompt)
-    for nxt, _ in stream(model, ids, cfg):
-        write(text.add(int(nxt[0])))
+    for nxt in on_host(stream(model, ids, cfg)):
+        write(text.add(nxt[0]))
         if text.finish:
             break
     else:

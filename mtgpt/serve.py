@@ -11,7 +11,8 @@ what the model writes after "Bot:" up to the end of the line.
 One model, many clients. The model lives in the main thread's generation loop (`Worker.run`);
 uvicorn serves HTTP from a second thread. Each request becomes a `Job` holding its own
 `mtgpt.sample.stream` (its KV cache, window and random generator); the loop steps every active
-job by one token in turn, so concurrent clients advance together. Tokens go
+job by one token in turn, so concurrent clients advance together (on a GPU a job's tokens are
+computed 16 ahead and copied to the host together: `mtgpt.sample.on_host`). Tokens go
 into the job's queue whether or not its client reads them, so a slow client never stalls the
 others; a client that disconnects has its job dropped before its next step. The generation code
 is `mtgpt sample`'s, so with a seed (or temperature 0) the text equals `mtgpt sample`'s.
@@ -42,7 +43,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mtgpt import chat
-from mtgpt.sample import SampleConfig, SampleText, stream
+from mtgpt.sample import SampleConfig, SampleText, on_host, stream
 from mtgpt.tokenizer import Tokenizer
 
 MAX_BODY = 1 << 20  # bytes a request body may have (a context of text is a few KB)
@@ -185,7 +186,7 @@ class Worker:
                     job = self.incoming.get(timeout=0.2) if not self.active else self.incoming.get_nowait()
                     if job is None:
                         return
-                    job.steps = stream(self.model, job.prompt, job.cfg)
+                    job.steps = on_host(stream(self.model, job.prompt, job.cfg))
                     self.active.append(job)
             except queue.Empty:
                 pass
@@ -202,8 +203,8 @@ class Worker:
                     self.active.remove(job)
 
     def _step(self, job: Job) -> bool:
-        step = next(job.steps, None)  # (next token ids (n,), logits), or None when the budget is spent
-        tokens = step[0].tolist() if step is not None else [None] * len(job.choices)
+        step = next(job.steps, None)  # the next token of each choice, or None when the budget is spent
+        tokens = step if step is not None else [None] * len(job.choices)
         self.generated += len(tokens) if step is not None else 0
         for i, (choice, token) in enumerate(zip(job.choices, tokens)):
             if choice.finish:

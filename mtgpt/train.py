@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import math
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
@@ -23,10 +25,10 @@ import torch
 from tqdm import tqdm
 
 from mtgpt import __version__, checkpoint, ds_config, monitor, rundir, tokenizer, world
-from mtgpt.config import ConfigError, DataSource, TrainConfig
+from mtgpt.config import ConfigError, DataSource, ModelConfig, TrainConfig
 from mtgpt.data import DataError, check_compatible, load_manifest, remote
 from mtgpt.data.loader import Split, TrainBatches, load_val, resume_position
-from mtgpt.model import GPT, flops_per_token, param_count
+from mtgpt.model import GPT, flops_per_token, param_count, training_bytes_per_token
 from mtgpt.sample import SampleConfig, generate
 from mtgpt.state import (RunningLoss, StopFlag, TrainState, agreed_stop, planned_stop, seed_all,
                          set_rng_state)
@@ -100,9 +102,42 @@ def schedule_steps(cfg: TrainConfig, manifests: list[dict[str, Any]], world_size
     return max(1, min(limits))
 
 
-def make_plan(cfg: TrainConfig, world_size: int, cuda: bool | None = None) -> Plan:
-    """Check everything that can be checked before training; raise with a fix on failure."""
+CPU_MICRO_BATCH, GPU_TOKENS_PER_PASS = 8, 32_768
+CPU_EVAL_EVERY, GPU_EVAL_EVERY = 200, 1000
+
+
+def default_micro_batch(model: ModelConfig, precision: str, gpu_memory: int | None) -> int:
+    """--micro-batch when none is given: 8 on a CPU (gpu_memory None). On a GPU, the largest power
+    of two of sequences, up to GPU_TOKENS_PER_PASS tokens per pass (the seed model's 64 x 512 is
+    where its throughput levels off on an H100, README), whose activations
+    (`training_bytes_per_token`) take at most half of the GPU's memory."""
+    if gpu_memory is None:
+        return CPU_MICRO_BATCH
+    per_sequence = model.block_size * training_bytes_per_token(model, precision)
+    micro = 1
+    while 2 * micro * model.block_size <= GPU_TOKENS_PER_PASS and 2 * micro * per_sequence <= gpu_memory // 2:
+        micro *= 2
+    return micro
+
+
+def device_defaults(cfg: TrainConfig, raw_ds: dict[str, Any], cuda: bool, gpu_memory: int | None) -> TrainConfig:
+    """--micro-batch (the DeepSpeed JSON's own number if it has one, else `default_micro_batch`)
+    and --eval-every (a GPU trains 200 steps in seconds: evaluating, exporting best/ and sampling
+    that often would take a tenth of its time) where the command line leaves them out."""
+    micro = cfg.micro_batch
+    if micro is None:
+        given = raw_ds.get("train_micro_batch_size_per_gpu")
+        micro = given if isinstance(given, int) and not isinstance(given, bool) else \
+            default_micro_batch(cfg.model, ds_config.precision(raw_ds), gpu_memory if cuda else None)
+    return cfg.replace(micro_batch=micro, eval_every=cfg.eval_every or (GPU_EVAL_EVERY if cuda else CPU_EVAL_EVERY))
+
+
+def make_plan(cfg: TrainConfig, world_size: int, cuda: bool | None = None, gpu_memory: int | None = None) -> Plan:
+    """Check everything that can be checked before training; raise with a fix on failure.
+    gpu_memory (bytes; default: this machine's first GPU's) sizes the default micro-batch."""
     cuda = torch.cuda.is_available() if cuda is None else cuda
+    if cuda and gpu_memory is None and torch.cuda.is_available():
+        gpu_memory = torch.cuda.get_device_properties(0).total_memory
     manifests = load_sources(cfg.sources)
     manifest = manifests[0]
     check_source(cfg, manifest)
@@ -112,6 +147,7 @@ def make_plan(cfg: TrainConfig, world_size: int, cuda: bool | None = None) -> Pl
         check_compatible(m, source.path, cfg.model.vocab_size, cfg.model.block_size)
     ds_name = cfg.ds_config or ds_config.default_name(cuda, cuda and torch.cuda.is_bf16_supported())
     ds_name, raw = ds_config.find(ds_name)
+    cfg = device_defaults(cfg, raw, cuda, gpu_memory)
     if cfg.batch_size is None and resume_from is not None:  # a resumed run keeps its batch
         cfg = cfg.replace(batch_size=rundir.saved_batch_size(resume_from))
     if cfg.model.vocab_multiple is None:  # a resumed run keeps its own; else what fits the device
@@ -285,6 +321,21 @@ def evaluate(engine, val: tuple[torch.Tensor, torch.Tensor], micro_batch: int,
 # ----------------------------------------------------------------------------- fit
 
 
+@contextmanager
+def eager(engine):
+    """The model runs uncompiled inside: evaluation and samples are a few forward passes in other
+    modes and shapes (no grad, a last partial batch, a growing sample) that torch.compile would
+    first compile anew: 24 s at the first evaluation on an H100 (gpu-check 'defaults'). `compile()`
+    (build_engine) keeps the uncompiled call beside the compiled one; training's graphs stay."""
+    module = engine.module
+    compiled = getattr(module, "_compiled_call_impl", None)  # set by nn.Module.compile()
+    module._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        module._compiled_call_impl = compiled
+
+
 def build_engine(plan: Plan, model: GPT):
     if plan.cfg.compile if plan.cfg.compile is not None else torch.cuda.is_available():
         if ds_config.zero_stage(plan.ds) == 3:
@@ -405,6 +456,7 @@ def fit(plan: Plan) -> dict[str, Any]:
         world.print0(warning, file=sys.stderr)
     bar = progress_bar(plan, state.step)
 
+    writes = BackgroundWrite()
     began = time.time() - state.elapsed
     reason = planned_stop(cfg, state, plan.train_tokens)
     resumed_done = reason is not None  # resumed a run that had already reached its stop
@@ -428,7 +480,10 @@ def fit(plan: Plan) -> dict[str, Any]:
             bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", lr=f"{metrics['lr']:.2e}",
                             tok_s=f"{metrics['perf/tokens_per_s']:.0f}")
         if state.step % cfg.eval_every == 0 or reason:
-            metrics.update(evaluate_and_track(engine, vals, plan, state, log))
+            evaluated = time.time()
+            with eager(engine):
+                metrics.update(evaluate_and_track(engine, vals, plan, state, log, writes))
+            metrics["perf/eval_seconds"] = time.time() - evaluated  # what an evaluation costs every rank
             perf.reset()  # tokens/s measures training, not evaluation
             reason = reason or planned_stop(cfg, state, plan.train_tokens)  # early stopping
         log.log(metrics, state.step)
@@ -437,6 +492,7 @@ def fit(plan: Plan) -> dict[str, Any]:
             save(engine, plan, state, batches, running)
             perf.reset()
     bar.close()
+    writes.wait()  # best/ is on disk before the final save and before fit returns
     if not resumed_done:
         clock.last = time.time()
         save(engine, plan, state, batches, running)
@@ -532,16 +588,17 @@ def evaluate_sources(engine, vals: dict[str, tuple[torch.Tensor, torch.Tensor]],
 
 
 def evaluate_and_track(engine, vals: dict[str, tuple[torch.Tensor, torch.Tensor]], plan: Plan, state: TrainState,
-                       log: monitor.Monitor) -> dict[str, float]:
-    """Evaluate, update early stopping, export the best weights when the val loss improves, and
-    log a text sample and the loss plot. With no val split only the sample is logged."""
+                       log: monitor.Monitor, writes: BackgroundWrite | None = None) -> dict[str, float]:
+    """Evaluate, update early stopping, export the best weights when the val loss improves
+    (written by `writes` while training goes on, if given), and log a text sample and the loss
+    plot. With no val split only the sample is logged."""
     if not has_val(vals):  # the same on every rank: the val splits are empty everywhere
         log.text("sample", eval_sample(engine, plan.tok, plan.cfg.seed + state.step), state.step)
         return {}
     loss, bpb, per_source = evaluate_sources(engine, vals, plan)
     if loss < state.best_val - plan.cfg.min_delta:
         state.best_val, state.evals_since_best = loss, 0
-        export(engine, plan, state, Path(plan.cfg.out) / "best", {"val_loss": str(loss)})
+        export(engine, plan, state, Path(plan.cfg.out) / "best", {"val_loss": str(loss)}, writes)
     else:
         state.evals_since_best += 1
     text = eval_sample(engine, plan.tok, plan.cfg.seed + state.step)
@@ -558,18 +615,54 @@ def eval_sample(engine, tok: tokenizer.Tokenizer, seed: int, tokens: int = 48) -
     seed, a fixed length), so ZeRO-3's per-layer parameter gathers stay in step."""
     engine.eval()
     cfg = SampleConfig(max_new_tokens=tokens, temperature=0.8, top_k=200, seed=seed, stop_at_eot=False)
-    text = generate(engine.module, tok, EVAL_PROMPT, cfg)[0]
+    text = generate(engine.module, tok, EVAL_PROMPT, cfg, decoder="dynamic")[0]  # no graph under ZeRO hooks
     engine.train()
     return text
 
 
-def export(engine, plan: Plan, state: TrainState, folder: Path, extra: dict[str, str] | None = None) -> None:
-    """Consolidated fp32 safetensors + config.json (a collective under ZeRO-3; rank 0 writes)."""
+class BackgroundWrite:
+    """Rank 0's writes of best/ in a background thread, so that no rank waits for the disk: the
+    weights are already a CPU copy when it starts. One write at a time (the next waits for the
+    last); `wait()` finishes it and raises its error. fit waits before its final save and return."""
+
+    def __init__(self):
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def submit(self, fn, *args) -> None:
+        self.wait()
+
+        def run() -> None:
+            try:
+                fn(*args)
+            except BaseException as e:  # raised in the training thread by wait()
+                self.error = e
+
+        self.thread = threading.Thread(target=run, name="mtgpt-write-best")
+        self.thread.start()
+
+    def wait(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+
+def export(engine, plan: Plan, state: TrainState, folder: Path, extra: dict[str, str] | None = None,
+           writes: BackgroundWrite | None = None) -> None:
+    """Consolidated fp32 safetensors + config.json (a collective under ZeRO-3; rank 0 writes,
+    in `writes`'s thread if given)."""
     me = world.get()
     weights = checkpoint.gather_weights(engine.module, engine.zero_optimization_stage(), me.rank)
     if me.rank == 0:
         meta = {"step": str(state.step), "tokens": str(state.tokens), **(extra or {})}
-        checkpoint.save_weights(weights, plan.cfg.model, folder, meta, plan.tok)
+        args = (weights, plan.cfg.model, folder, meta, plan.tok)
+        if writes is not None:
+            writes.submit(checkpoint.save_weights, *args)
+        else:
+            checkpoint.save_weights(*args)
 
 
 def save(engine, plan: Plan, state: TrainState, batches: TrainBatches, running: RunningLoss) -> None:

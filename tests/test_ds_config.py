@@ -13,7 +13,8 @@ from tests.conftest import TINY
 
 
 def cfg(**kw) -> TrainConfig:
-    return TrainConfig(data="d", out="o", model=ModelConfig(**TINY), **kw)
+    """A config as make_plan hands it to resolve: micro-batch chosen (CPU's default, 8)."""
+    return TrainConfig(data="d", out="o", model=ModelConfig(**TINY), **{"micro_batch": 8, **kw})
 
 
 def test_twelve_bundled_configs():

@@ -21,11 +21,11 @@ def test_gpu_check_in_tiny_cpu_mode(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     report = json.loads((tmp_path / "gpu_report.json").read_text())
     checks = report["checks"]
-    assert set(checks) == {"throughput", "configs", "compile", "resume", "sampling", "hf_export"}
+    assert set(checks) == {"sampling", "throughput", "defaults", "configs", "compile", "resume", "hf_export"}
     assert all(c["ok"] for c in checks.values())
     runs = checks["configs"]["runs"]
     assert len(runs) == 12 and sum("first" in r for r in runs.values()) == 8  # fp16 needs a GPU
     assert checks["compile"]["zero1"]["graph_breaks"] == 0 and checks["compile"]["zero3"]["graphs"] == 0
     assert checks["resume"]["max_abs_loss_difference"] == 0.0
     md = (tmp_path / "gpu_report.md").read_text()
-    assert md.startswith(f"### mtgpt gpu-check on {report['device']}") and md.count("| ok |") == 6
+    assert md.startswith(f"### mtgpt gpu-check on {report['device']}") and md.count("| ok |") == 7

@@ -94,6 +94,26 @@ def test_kv_cache_matches_full_forward():
     assert last.shape == (2, 1, 50257) and torch.allclose(last, full[:, -1:], atol=1e-6)
 
 
+@torch.no_grad()
+def test_fixed_shape_decode_matches_full_forward():
+    """GPT.decode (one token at cache.position, all block_size keys behind a mask: the shapes a CUDA
+    graph needs) gives forward's logits, up to the last position of the context; the cache's
+    unwritten slots are zeros, never read."""
+    model = tiny().eval()
+    L = model.config.block_size
+    idx = torch.randint(0, 50257, (2, L))
+    full, _ = model(idx)
+    cache = KVCache(2)
+    model(idx[:, :5], cache=cache)
+    buffer = cache.k[0].data_ptr()
+    cache.position = torch.tensor([cache.length])
+    steps = [model.decode(idx[:, t:t + 1], cache) for t in range(5, L)]
+    assert int(cache.position) == L and cache.visible is None
+    assert all(s.shape == (2, 50257) for s in steps)
+    assert torch.allclose(torch.stack(steps, dim=1), full[:, 5:], atol=1e-5)
+    assert cache.k[0].data_ptr() == buffer  # written in place: a graph's addresses stay valid
+
+
 def test_too_long_is_refused():
     with pytest.raises(ValueError, match="block_size"):
         tiny()(torch.zeros(1, 33, dtype=torch.long))

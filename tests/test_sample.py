@@ -10,7 +10,7 @@ import torch
 from mtgpt import checkpoint, tokenizer
 from mtgpt.config import ModelConfig
 from mtgpt.model import GPT
-from mtgpt.sample import SampleConfig, SampleError, generate, run_sample, stream, window_start
+from mtgpt.sample import SampleConfig, SampleError, generate, on_host, pick, run_sample, stream, window_start
 from tests.conftest import TINY, run_mtgpt
 
 GPT2 = tokenizer.gpt2()
@@ -52,6 +52,53 @@ def test_cache_matches_no_cache_past_block_size(model_dir, slide):
     assert [int(t) for t, _ in with_cache] == [int(t) for t, _ in without]
     for (_, a), (_, b) in zip(with_cache, without):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("slide", [1, 4])
+@pytest.mark.parametrize("cfg", [dict(temperature=0.0), dict(temperature=0.8, top_k=200, seed=3),
+                                 dict(temperature=1.0, top_k=None, top_p=0.9, seed=4, num_samples=2)])
+def test_every_decoder_gives_the_same_tokens(model_dir, slide, cfg):
+    """The fixed-shape decoder (what the CUDA graph replays) and the growing-shape one draw the same
+    tokens from the same seed, past block_size (refills included), logits within 1e-5."""
+    model = checkpoint.load_model(model_dir)
+    cfg = SampleConfig(max_new_tokens=40, stop_at_eot=False, slide=slide, **cfg)
+    prompt = GPT2.encode("From fairest creatures we desire increase")
+    runs = {d: list(stream(model, prompt, cfg, decoder=d)) for d in ("dynamic", "fixed")}
+    runs["no cache"] = list(stream(model, prompt, cfg, use_cache=False))
+    tokens = {d: [t.tolist() for t, _ in steps] for d, steps in runs.items()}
+    assert tokens["fixed"] == tokens["dynamic"] == tokens["no cache"] and len(tokens["fixed"]) == 40
+    for (_, a), (_, b) in zip(runs["fixed"], runs["dynamic"]):
+        assert torch.allclose(a, b, atol=1e-5)
+    with pytest.raises(SampleError, match="needs a CUDA device"):
+        next(stream(model, prompt, cfg, decoder="graph"))
+    with pytest.raises(SampleError, match="decoder must be one of"):
+        next(stream(model, prompt, cfg, decoder="fast"))
+
+
+def test_on_host_copies_ahead_and_keeps_order(model_dir):
+    model = checkpoint.load_model(model_dir)
+    cfg = SampleConfig(max_new_tokens=23, seed=1, num_samples=2, stop_at_eot=False)
+    steps = [t.tolist() for t, _ in stream(model, [1, 2, 3], cfg)]
+    for ahead in (None, 1, 5, 40):
+        assert list(on_host(stream(model, [1, 2, 3], cfg), ahead)) == steps
+    computed = []
+    device_steps = (computed.append(s) or s for s in stream(model, [1, 2, 3], cfg))
+    for i, _ in enumerate(on_host(device_steps, 5)):  # a caller that stops at the 7th token
+        if i == 6:
+            break
+    assert len(computed) == 10  # the device ran at most ahead - 1 steps past it
+
+
+def test_gumbel_draws_follow_the_softmax():
+    """pick draws by Gumbel-max: each token's share of 40,000 draws is its softmax probability
+    (temperature 0.5 applied, top-k 3 of 4 renormalised) within 4 standard deviations."""
+    logits = torch.tensor([[0.0, 0.3, -0.4, -3.0]]).expand(40_000, 4)
+    g = torch.Generator().manual_seed(0)
+    drawn = pick(logits, SampleConfig(temperature=0.5, top_k=3), g)
+    want = torch.tensor([0.0, 0.3, -0.4]).div(0.5).softmax(-1)
+    share = torch.bincount(drawn, minlength=4).double() / len(drawn)
+    sd = (want * (1 - want) / len(drawn)).sqrt()
+    assert share[3] == 0 and torch.all((share[:3] - want).abs() < 4 * sd), (share, want)
 
 
 def test_top_k_one_is_greedy(model_dir):

@@ -13,7 +13,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mtgpt import checkpoint
-from mtgpt.config import TrainConfig
+from mtgpt.config import ModelConfig, TrainConfig
+from mtgpt.model import GPT
 from tests.conftest import TINY, TINY_ARGS, run_mtgpt
 
 TRAIN = [*TINY_ARGS, "--micro-batch", "4", "--lr", "1e-2", "--eval-samples", "8", "--log-every", "5"]
@@ -63,13 +64,10 @@ def test_tensorboard_events(trained):
                 "train/tokens"]:
         assert tag in tags, tag
     # MFU = tokens/s x (6 N + 12 L C T) / (peak x ranks), with MTGPT_PEAK_FLOPS=1e12 and 2 ranks
-    from mtgpt.config import ModelConfig
-    from mtgpt.model import GPT
-
     model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32))
     flops = 6 * model.num_params(non_embedding=True) + 12 * 2 * 32 * 32
     for rate, mfu in zip(acc.Scalars("perf/tokens_per_s"), acc.Scalars("perf/mfu")):
-        assert abs(mfu.value - rate.value * flops / 2e12) < 1e-9
+        assert mfu.value == pytest.approx(rate.value * flops / 2e12, rel=1e-6)  # TensorBoard stores float32
     assert [e.value for e in acc.Scalars("train/tokens")][:2] == [5 * 256, 10 * 256]
     samples = acc.Tensors("sample/text_summary")
     assert [e.step for e in samples] == [10, 20, 30]
@@ -485,3 +483,77 @@ def test_a_bf16_run_resumes_exactly(tiny_data, tmp_path, world_of_one):
     _fit(TrainConfig(out=str(tmp_path / "resumed"), max_steps=4, resume="auto", **args))
     losses = {k: [r["train/loss"] for r in metrics(tmp_path / k) if "train/loss" in r] for k in ("straight", "resumed")}
     assert len(losses["straight"]) == 4 and losses["resumed"] == losses["straight"]
+
+
+def test_micro_batch_and_eval_cadence_are_chosen_for_the_device(tiny_data, tmp_path):
+    """Left out, --micro-batch is 8 on a CPU; on a GPU the largest power of two up to 32,768 tokens
+    per pass whose activations fit half its memory (the seed model: 64 on an 80 GB H100, where
+    its throughput levels off). A DeepSpeed JSON's own number or the command line's wins.
+    --eval-every is 200 on a CPU, 1000 on a GPU."""
+    from mtgpt.model import training_bytes_per_token
+    from mtgpt.train import GPU_TOKENS_PER_PASS, default_micro_batch, device_defaults, make_plan
+
+    seed, GiB = ModelConfig(vocab_multiple=64), 2**30
+    assert default_micro_batch(seed, "bf16", None) == 8
+    assert [default_micro_batch(seed, "bf16", g * GiB) for g in (80, 24, 16, 8, 1)] == [64, 32, 32, 16, 2]
+    assert default_micro_batch(seed, "fp32", 24 * GiB) == 16  # fp32 activations take twice the bytes
+    for memory in (80 * GiB, 24 * GiB, 3 * GiB):  # the largest power of two that fits half the memory
+        micro = default_micro_batch(seed, "bf16", memory)
+        per_sequence = 512 * training_bytes_per_token(seed)
+        assert micro * per_sequence <= memory / 2 and (2 * micro * per_sequence > memory / 2 or micro == 64)
+    cfg = TrainConfig(data=str(tiny_data), out=str(tmp_path / "run"), model=dict(TINY), max_steps=5,
+                      ds_config="zero1_fp32")
+    cpu, gpu = make_plan(cfg, 1, cuda=False).cfg, make_plan(cfg, 1, cuda=True, gpu_memory=80 * GiB).cfg
+    assert (cpu.micro_batch, cpu.eval_every) == (8, 200)
+    assert (gpu.micro_batch, gpu.eval_every) == (GPU_TOKENS_PER_PASS // TINY["block_size"], 1000)
+    given = make_plan(cfg.replace(micro_batch=3, eval_every=7), 1, cuda=True, gpu_memory=80 * GiB).cfg
+    assert (given.micro_batch, given.eval_every) == (3, 7)
+    assert device_defaults(cfg, {"train_micro_batch_size_per_gpu": 12}, True, 80 * GiB).micro_batch == 12
+    assert device_defaults(cfg, {"train_micro_batch_size_per_gpu": "auto"}, False, None).micro_batch == 8
+
+
+def test_evaluation_runs_the_model_uncompiled_and_training_keeps_its_graphs():
+    """`eager(engine)`: inside, the compiled model's calls run eagerly (no new graph for eval's
+    shapes and modes); after, even after an error, the compiled call is back."""
+    from types import SimpleNamespace
+
+    from torch._dynamo.utils import counters
+
+    from mtgpt.train import eager
+
+    model = GPT(ModelConfig(**TINY))
+    model.compile()
+    compiled = model._compiled_call_impl
+    engine = SimpleNamespace(module=model)
+    counters.clear()
+    with eager(engine), torch.no_grad():
+        model(torch.zeros(2, 8, dtype=torch.long))
+    assert not counters["stats"]["calls_captured"] and model._compiled_call_impl is compiled
+    with pytest.raises(RuntimeError):
+        with eager(engine):
+            raise RuntimeError("evaluation failed")
+    assert model._compiled_call_impl is compiled
+
+
+def test_best_weights_are_written_in_the_background():
+    """BackgroundWrite: submit returns while the write runs; the next write and wait() wait for
+    it; a failed write is raised by wait(), in the training thread."""
+    import threading
+
+    from mtgpt.train import BackgroundWrite
+
+    writes, release, done = BackgroundWrite(), threading.Event(), []
+    writes.submit(lambda: (release.wait(10), done.append(1)))
+    assert done == []  # submit did not wait
+    release.set()
+    writes.submit(done.append, 2)  # waits for the first
+    writes.wait()
+    assert done == [1, 2]
+
+    def fail():
+        raise OSError("disk full")
+
+    writes.submit(fail)
+    with pytest.raises(OSError, match="disk full"):
+        writes.wait()
+    writes.wait()  # raised once
