@@ -77,7 +77,7 @@ def throughput(args, work: Path) -> dict:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     peak = monitor.peak_flops(device, r["precision"])
-    per_token = flops_per_token(ModelConfig(**shape))
+    per_token = flops_per_token(ModelConfig(**shape, vocab_multiple=r["model"]["vocab_multiple"]))
     mfu = {mode: rate * per_token / peak for mode, rate in r["tokens_per_s"].items()} if peak else None
     goal = r["ratio"] >= 0.97 and ("H100" not in r["device"] or r["tokens_per_s"]["deepspeed"] >= 1.8e6)
     return {"ok": r["ratio"] > 0, **r, "mfu": mfu, "meets_goal": None if args.tiny else goal,

@@ -90,8 +90,9 @@ def child(args) -> None:
     from mtgpt.config import ModelConfig
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    multiple = args.vocab_multiple or (64 if device.type == "cuda" else 1)  # as `mtgpt train` pads by default
     cfg = ModelConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, block_size=args.block_size,
-                      vocab_size=args.vocab_size)
+                      vocab_size=args.vocab_size, vocab_multiple=multiple)
     seconds = (run_deepspeed if args.mode == "deepspeed" else run_plain)(args, cfg, device)
     memory = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
     print(json.dumps({"tokens_per_s": args.steps * args.batch * args.block_size / seconds, "gpu_memory": memory,
@@ -112,6 +113,8 @@ def main() -> None:
     p.add_argument("--n-embd", type=int, default=384)
     p.add_argument("--block-size", type=int, default=512)
     p.add_argument("--vocab-size", type=int, default=50257)
+    p.add_argument("--vocab-multiple", type=int, default=None,
+                   help="pad the vocabulary to a multiple of this (default: as mtgpt train, 64 on a GPU, 1 on CPU)")
     p.add_argument("--repeat", type=int, default=3, help="alternating runs of each (medians are printed)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile both (default: on GPUs)")
@@ -148,7 +151,8 @@ def main() -> None:
             "zero": args.zero, "compile": args.compile, "tokens_per_s": rate, "memory_bytes": memory,
             "memory_kind": "gpu" if runs["plain"][0]["gpu_memory"] else "rss", "ratio": statistics.median(ratios),
             "model": {"n_layer": args.n_layer, "n_head": args.n_head, "n_embd": args.n_embd,
-                      "block_size": args.block_size, "vocab_size": args.vocab_size}}, indent=1))
+                      "block_size": args.block_size, "vocab_size": args.vocab_size,
+                      "vocab_multiple": args.vocab_multiple or (64 if torch.cuda.is_available() else 1)}}, indent=1))
 
 
 if __name__ == "__main__":
