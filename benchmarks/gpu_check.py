@@ -257,9 +257,12 @@ def summary(name: str, r: dict) -> str:
         t, m = r["tokens_per_s"], r.get("mfu") or {}
         mfu = f", MFU {m['deepspeed']:.1%} vs {m['plain']:.1%}" if m else ""
         mfu += {True: ", meets the goal", False: f", misses the goal ({r['goal']})"}.get(r["meets_goal"], "")
+        syncs = r.get("host_syncs") or {}
+        waits = (f"; host syncs per step: mtgpt {syncs['deepspeed']['per_step']:g} {syncs['deepspeed']['where']}, "
+                 f"plain {syncs['plain']['per_step']:g}" if syncs.get("deepspeed") else "")
         return (f"mtgpt {t['deepspeed']:,.0f} vs plain {t['plain']:,.0f} tokens/s, ratio {r['ratio']:.3f}{mfu}; "
                 f"peak {r['memory_kind']} {r['memory_bytes']['deepspeed'] / 2**30:.2f} GiB (batch {r['batch']}, "
-                f"{r['precision']}, compile {r['compile']})")
+                f"{r['precision']}, compile {r['compile']}){waits}")
     if name == "configs":
         ran = {k: v for k, v in r["runs"].items() if "first" in v}
         return "; ".join(f"{k} {v['first']:.2f}->{v['last']:.2f}" for k, v in ran.items()) + \

@@ -19,6 +19,8 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -54,7 +56,7 @@ def run_plain(args, cfg, device) -> float:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return timed(step, args, device)
+    return step
 
 
 def run_deepspeed(args, cfg, device) -> float:
@@ -70,7 +72,7 @@ def run_deepspeed(args, cfg, device) -> float:
     torch.manual_seed(0)
     engine = build_engine(Plan(tc, ds, "", [{}], [1.0], 1, 10_000, None), GPT(cfg))
     it = batches(args.batch, cfg.block_size, cfg.vocab_size, device)
-    return timed(lambda: train_step(engine, it, 1), args, device)
+    return lambda: train_step(engine, it, 1)
 
 
 def timed(step, args, device) -> float:
@@ -86,6 +88,23 @@ def timed(step, args, device) -> float:
     return time.perf_counter() - start
 
 
+def host_syncs(step, steps: int = 3) -> dict | None:
+    """On CUDA: how often a step makes the host wait for the GPU (PyTorch's sync debug mode warns
+    at each such call), and where (file:line of the Python caller, most frequent first)."""
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(steps):
+            step()
+    torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+    where = Counter(f"{Path(w.filename).name}:{w.lineno}" for w in syncs)
+    return {"per_step": len(syncs) / steps, "where": dict(where.most_common(5))}
+
+
 def child(args) -> None:
     from mtgpt.config import ModelConfig
 
@@ -93,9 +112,12 @@ def child(args) -> None:
     multiple = args.vocab_multiple or (64 if device.type == "cuda" else 1)  # as `mtgpt train` pads by default
     cfg = ModelConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, block_size=args.block_size,
                       vocab_size=args.vocab_size, vocab_multiple=multiple)
-    seconds = (run_deepspeed if args.mode == "deepspeed" else run_plain)(args, cfg, device)
+    step = (run_deepspeed if args.mode == "deepspeed" else run_plain)(args, cfg, device)
+    seconds = timed(step, args, device)
     memory = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+    syncs = host_syncs(step)
     print(json.dumps({"tokens_per_s": args.steps * args.batch * args.block_size / seconds, "gpu_memory": memory,
+                      "host_syncs": syncs,
                       "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                       "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}))
 
@@ -142,7 +164,8 @@ def main() -> None:
         mem = (f"peak GPU memory {max(x['gpu_memory'] for x in rs) / 2**30:.2f} GiB" if r["gpu_memory"]
                else f"peak RSS {max(x['peak_rss'] for x in rs) / 2**30:.2f} GiB")
         name = "plain PyTorch loop" if mode == "plain" else f"mtgpt DeepSpeed (ZeRO-{args.zero})"
-        print(f"  {name:28s} {rate[mode]:>12,.0f} tokens/s   {mem}")
+        syncs = f"   host syncs per step {r['host_syncs']['per_step']:g} {r['host_syncs']['where']}" if r["host_syncs"] else ""
+        print(f"  {name:28s} {rate[mode]:>12,.0f} tokens/s   {mem}{syncs}")
     print(f"  ratio deepspeed / plain: {statistics.median(ratios):.3f} (pairs: {', '.join(f'{x:.2f}' for x in ratios)})")
     if args.json:
         memory = {mode: max((x["gpu_memory"] or x["peak_rss"]) for x in rs) for mode, rs in runs.items()}
@@ -150,6 +173,7 @@ def main() -> None:
             "device": runs["plain"][0]["device"], "batch": args.batch, "precision": args.precision,
             "zero": args.zero, "compile": args.compile, "tokens_per_s": rate, "memory_bytes": memory,
             "memory_kind": "gpu" if runs["plain"][0]["gpu_memory"] else "rss", "ratio": statistics.median(ratios),
+            "host_syncs": {mode: rs[0]["host_syncs"] for mode, rs in runs.items()},
             "model": {"n_layer": args.n_layer, "n_head": args.n_head, "n_embd": args.n_embd,
                       "block_size": args.block_size, "vocab_size": args.vocab_size,
                       "vocab_multiple": args.vocab_multiple or (64 if torch.cuda.is_available() else 1)}}, indent=1))
