@@ -13,8 +13,13 @@ A JSON may also state those numbers; then they must agree with mtgpt's, or the r
 before any process starts, with a message naming the number to change. Everything else
 (ZeRO stage, precision, AdamW betas and weight decay, gradient clipping) belongs to the JSON.
 
-One default differs from DeepSpeed's: its throughput timer (on unless a JSON says otherwise)
-synchronizes the device twice per micro-step, so it is off unless the JSON has a "timers" block.
+Two defaults differ from DeepSpeed's, both because they make the host wait for the GPU: its
+throughput timer (on unless a JSON says otherwise) synchronizes the device twice per micro-step,
+so it is off unless the JSON has a "timers" block; and in bf16 its overflow check
+(`bf16.check_grad_overflow`, on by default since DeepSpeed PR #6976) scans every gradient and reads
+the result back at each step of ZeRO 1-2, so it is off unless the JSON's bf16 block asks for it.
+bf16 has fp32's range: a bf16 run then treats a non-finite loss as an fp32 run always did (mtgpt
+stops at the next log step, and no checkpoint holds a non-finite step).
 Top-level keys that start with "_" (e.g. "_comment") are notes for people and are dropped.
 """
 
@@ -170,6 +175,9 @@ def resolve(cfg: TrainConfig, ds: dict[str, Any], world_size: int, schedule_step
         for key, (value, source) in fills.items():
             _fill(sp, key, value, "scheduler.params.", source, f"pass the matching option ({source})", name)
     ds.setdefault("timers", {"throughput": {"enabled": False}})  # no host sync per micro-step
+    for key in ("bf16", "bfloat16"):
+        if isinstance(ds.get(key), dict) and _enabled(ds[key]):
+            ds[key].setdefault("check_grad_overflow", False)  # no host sync per step (module docstring)
     leftover = [k for k, v in _walk(ds) if v == "auto"]
     if leftover:
         raise ConfigError(f"{name}: mtgpt cannot fill \"auto\" for {', '.join(leftover)}; give numbers")

@@ -557,3 +557,33 @@ def test_best_weights_are_written_in_the_background():
     with pytest.raises(OSError, match="disk full"):
         writes.wait()
     writes.wait()  # raised once
+
+
+def test_bf16_steps_do_not_wait_for_an_overflow_check(world_of_one):
+    """DeepSpeed's bf16 overflow check (a scan of every gradient read back by the host at each
+    step of its ZeRO optimizer: zero2_bf16; zero1_bf16's fp32 accumulation runs on BF16_Optimizer,
+    which has no such check to turn off) is off in the bundled bf16 JSONs and in a JSON of the
+    user's that does not ask for it; a JSON that asks keeps it. Counted through the real engine."""
+    stage = 2
+    import copy
+
+    from mtgpt import ds_config
+    from mtgpt.train import Plan, build_engine, train_step
+
+    cfg = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=16)
+    tc = TrainConfig(data="-", out="-", model=cfg, micro_batch=2, compile=False, max_steps=4)
+    bundled = ds_config.find(f"zero{stage}_bf16")[1]
+    users = {**{k: v for k, v in bundled.items() if k != "bf16"}, "bf16": {"enabled": True}}
+    asks = {**users, "bf16": {"enabled": True, "check_grad_overflow": True}}
+    checks = {}
+    for name, raw in (("bundled", bundled), ("user's", users), ("asks", asks)):
+        ds = ds_config.resolve(tc, copy.deepcopy(raw), 1, 4)
+        engine = build_engine(Plan(tc, ds, "", [{}], [1.0], 1, 4, None), GPT(cfg))
+        calls = []
+        has_overflow = engine.optimizer.has_overflow
+        engine.optimizer.has_overflow = lambda *a, **k: calls.append(1) or has_overflow(*a, **k)
+        batches = iter([(torch.randint(0, 50257, (2, 16)), torch.randint(0, 50257, (2, 16)))] * 2)
+        for _ in range(2):
+            train_step(engine, batches, 1)
+        checks[name] = (ds["bf16"]["check_grad_overflow"], len(calls))
+    assert checks == {"bundled": (False, 0), "user's": (False, 0), "asks": (True, 2)}
