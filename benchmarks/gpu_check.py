@@ -1,12 +1,14 @@
 """One command on a lent GPU: does mtgpt train, resume, sample and export there, and how fast?
 
-    make gpu-check                          # = python benchmarks/gpu_check.py (one GPU, ~10 minutes)
+    make gpu-check                          # = python benchmarks/gpu_check.py (one GPU, ~8-9 minutes)
     python benchmarks/gpu_check.py --tiny   # the same checks, tiny model, on CPU (the test suite runs it)
 
 Writes gpu_report.json and gpu_report.md (a Markdown table headed by the device's name) into
 --out, and prints the table. Each check runs on its own; one that fails is reported as failed
 (with its error) and the others still run; the exit status is 1 if any failed.
 
+  sampling    mtgpt's sampler (a CUDA graph per token on a GPU) against Hugging Face generate() on
+              the exported model (benchmarks/sample_speed.py), batch 1; graph and eager tokens agree
   throughput  the seed model (6 x 384, context 512, batch 64, bf16) through mtgpt's DeepSpeed
               path against the plain compiled PyTorch loop (benchmarks/train_throughput.py):
               tokens/s, MFU, peak memory, ratio
@@ -16,8 +18,6 @@ Writes gpu_report.json and gpu_report.md (a Markdown table headed by the device'
               prepare` of --text), loss going down (fp16 needs a GPU: not run on CPU)
   compile     graph breaks of the compiled model through DeepSpeed at ZeRO 1 and 3
   resume      SIGKILL after a save, `--resume auto`: the same losses as an uninterrupted run (fp32)
-  sampling    mtgpt's sampler (a CUDA graph per token on a GPU) against Hugging Face generate() on
-              the exported model (benchmarks/sample_speed.py), batch 1; graph and eager tokens agree
   hf_export   logits of the exported Hugging Face model against mtgpt's, on the device
 """
 
@@ -129,6 +129,8 @@ def defaults(args, work: Path) -> dict:
     against the estimate that chose the micro-batch, and what one evaluation (val loss, best/
     export, a sample) costs, as a share of the time at the old cadence (200 steps) and the new GPU
     default (train.GPU_EVAL_EVERY)."""
+    import torch
+
     from mtgpt.config import ModelConfig
     from mtgpt.model import training_bytes_per_token
     from mtgpt.train import CPU_EVAL_EVERY, GPU_EVAL_EVERY
@@ -147,8 +149,7 @@ def defaults(args, work: Path) -> dict:
     micro, block = cfg["micro_batch"], cfg["model"]["block_size"]
     rate = sorted(rates)[len(rates) // 2]
     step_s = micro * block / rate
-    eval_s = evals[len(evals) // 2]  # the median: the first evaluation compiles the eval graph
-    import torch
+    eval_s = evals[len(evals) // 2]  # the median: the first evaluation is the slowest (cold)
     cuda = torch.cuda.is_available()
     memory = [r["perf/gpu_mem_gb"] for r in rows if "perf/gpu_mem_gb" in r]
     estimate = micro * block * training_bytes_per_token(ModelConfig(**cfg["model"]), "bf16" if cuda else "fp32")

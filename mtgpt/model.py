@@ -80,14 +80,15 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        if cache is not None and cache.visible is not None:  # GPT.decode: one token, fixed shapes
+        fixed = cache is not None and cache.visible is not None  # GPT.decode: one token, fixed shapes
+        if fixed:
             k, v = cache.put(layer, k, v, self.block_size)  # (B, nh, block_size, hs)
         elif cache is not None:
             k, v = cache.append(layer, k, v, self.block_size)  # (B, nh, P+T, hs)
         P = k.size(2) - T
         mask, is_causal = None, T > 1  # one new token may see every key: no mask at all
-        if cache is not None and cache.visible is not None:
-            mask, is_causal = cache.visible, False
+        if fixed:
+            mask, is_causal = cache.visible, False  # keys up to the token's position
         elif P > 0 and T > 1:
             # New query i sits at absolute position P+i and may see keys 0..P+i.
             mask = torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(diagonal=P)
