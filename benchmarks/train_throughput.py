@@ -1,13 +1,18 @@
 """Training throughput: mtgpt's DeepSpeed path against a plain PyTorch loop, same model, batch,
-precision and data, one process each. Prints tokens/s, peak memory and the ratio.
+precision and data, one process each. Prints tokens/s, peak memory, the ratio, and how often a
+step reads a value back to the host (on a GPU each read is a host sync).
 
     python benchmarks/train_throughput.py                       # CPU: seed model, batch 4, bf16
     python benchmarks/train_throughput.py --batch 64 --steps 50 # GPU: the reference setting
+    python benchmarks/train_throughput.py --zero 0 1 2          # which bundled zero{N}_{precision}
 
 The DeepSpeed path is what `mtgpt train` runs: `mtgpt.train.build_engine` (model compiled in
-place before deepspeed.initialize on GPUs, DeepSpeed-managed AdamW, gradient clipping 1.0) and
-`mtgpt.train.train_step`. The plain loop is a hand-written step: autocast, loss.backward(),
-clip_grad_norm_, AdamW (fused on GPU), torch.compile on GPU. Both see the same random token batches.
+place before deepspeed.initialize on GPUs, DeepSpeed-managed AdamW, gradient clipping 1.0) with
+the bundled zero{N}_{precision} JSON (default: ZeRO-0, the GPU default's torch autocast, and
+ZeRO-1, DeepSpeed's ZeRO optimizer), and `mtgpt.train.train_step`. The plain loop is a hand-written
+step: autocast, loss.backward(), clip_grad_norm_, AdamW (fused), torch.compile on GPU. All see
+the same random token batches. Host reads: on CUDA, PyTorch's sync debug mode; on CPU,
+mtgpt.monitor.HostReads (the calls that would sync on a GPU), each with where they are made.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ def run_plain(args, cfg, device) -> float:
     model = GPT(cfg).to(device)
     if args.compile:
         model.compile()
-    opt = torch.optim.AdamW(model.param_groups(0.1), lr=1e-3, betas=(0.9, 0.95), fused=device.type == "cuda")
+    opt = torch.optim.AdamW(model.param_groups(0.1), lr=1e-3, betas=(0.9, 0.95), fused=True)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
     it = batches(args.batch, cfg.block_size, cfg.vocab_size, device)
 
@@ -67,7 +72,7 @@ def run_deepspeed(args, cfg, device) -> float:
 
     world.init()
     tc = TrainConfig(data="-", out="-", model=cfg, micro_batch=args.batch, compile=args.compile)
-    _, raw = ds_config.find(f"zero{args.zero}_{args.precision}")
+    _, raw = ds_config.find(f"zero{args.stage}_{args.precision}")
     ds = ds_config.resolve(tc, raw, 1, 10_000, cuda=device.type == "cuda")
     torch.manual_seed(0)
     engine = build_engine(Plan(tc, ds, "", [{}], [1.0], 1, 10_000, None), GPT(cfg))
@@ -88,21 +93,27 @@ def timed(step, args, device) -> float:
     return time.perf_counter() - start
 
 
-def host_syncs(step, steps: int = 3) -> dict | None:
-    """On CUDA: how often a step makes the host wait for the GPU (PyTorch's sync debug mode warns
-    at each such call), and where (file:line of the Python caller, most frequent first)."""
-    if not torch.cuda.is_available():
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("warn")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+def host_syncs(step, device: torch.device, steps: int = 3) -> dict:
+    """How often a step makes the host wait for the device, and where (file:line of the caller
+    outside torch, most frequent first). On CUDA, PyTorch's sync debug mode warns at each sync; on
+    CPU, mtgpt.monitor.HostReads counts the calls that read a value back (each a sync on a GPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(steps):
+                step()
+        torch.cuda.set_sync_debug_mode("default")
+        syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+        where = Counter(f"{'/'.join(Path(w.filename).parts[-3:])}:{w.lineno}" for w in syncs)
+        return {"per_step": len(syncs) / steps, "where": dict(where.most_common(5)), "how": "cuda sync debug mode"}
+    from mtgpt.monitor import HostReads
+
+    with HostReads() as seen:
         for _ in range(steps):
             step()
-    torch.cuda.set_sync_debug_mode("default")
-    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
-    where = Counter(f"{Path(w.filename).name}:{w.lineno}" for w in syncs)
-    return {"per_step": len(syncs) / steps, "where": dict(where.most_common(5))}
+    return {"per_step": seen.total / steps, "where": dict(seen.reads.most_common(5)), "how": "HostReads (CPU)"}
 
 
 def child(args) -> None:
@@ -115,7 +126,7 @@ def child(args) -> None:
     step = (run_deepspeed if args.mode == "deepspeed" else run_plain)(args, cfg, device)
     seconds = timed(step, args, device)
     memory = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
-    syncs = host_syncs(step)
+    syncs = host_syncs(step, device) if not args.compile or device.type == "cuda" else None
     print(json.dumps({"tokens_per_s": args.steps * args.batch * args.block_size / seconds, "gpu_memory": memory,
                       "host_syncs": syncs,
                       "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
@@ -129,7 +140,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="bf16")
-    p.add_argument("--zero", type=int, default=1)
+    p.add_argument("--zero", type=int, nargs="+", default=[0, 1], help="ZeRO stages to run (bundled zero{N}_{precision})")
+    p.add_argument("--stage", type=int, help=argparse.SUPPRESS)
     p.add_argument("--n-layer", type=int, default=6)
     p.add_argument("--n-head", type=int, default=6)
     p.add_argument("--n-embd", type=int, default=384)
@@ -146,16 +158,18 @@ def main() -> None:
         args.compile = torch.cuda.is_available()
     if args.mode:
         return child(args)
-    runs: dict[str, list[dict]] = {"plain": [], "deepspeed": []}
-    for _ in range(args.repeat):  # alternate the two, so a noisy machine hits both alike
-        for mode in runs:
-            proc = subprocess.run([sys.executable, __file__, "--mode", mode, *sys.argv[1:]], stdout=subprocess.PIPE,
-                                  text=True)
+    modes = ["plain", *(f"zero{z}_{args.precision}" for z in args.zero)]
+    runs: dict[str, list[dict]] = {mode: [] for mode in modes}
+    for _ in range(args.repeat):  # alternate them, so a noisy machine hits all alike
+        for mode in modes:
+            stage = ["--mode", "plain"] if mode == "plain" else ["--mode", "deepspeed", "--stage", mode[4]]
+            proc = subprocess.run([sys.executable, __file__, *stage, *sys.argv[1:]], stdout=subprocess.PIPE, text=True)
             if proc.returncode != 0:
                 raise SystemExit(f"{mode} failed")
             runs[mode].append(json.loads(proc.stdout.strip().splitlines()[-1]))
     rate = {mode: statistics.median(r["tokens_per_s"] for r in rs) for mode, rs in runs.items()}
-    ratios = [d["tokens_per_s"] / p["tokens_per_s"] for d, p in zip(runs["deepspeed"], runs["plain"])]
+    ratio = {mode: statistics.median(d["tokens_per_s"] / p["tokens_per_s"] for d, p in zip(rs, runs["plain"]))
+             for mode, rs in runs.items() if mode != "plain"}
     print(f"{runs['plain'][0]['device']}: {args.n_layer} layers x {args.n_embd} wide, context {args.block_size}, "
           f"batch {args.batch}, {args.precision}, compile {args.compile}, {args.steps} timed steps after "
           f"{args.warmup}, median of {args.repeat} alternating runs")
@@ -163,21 +177,21 @@ def main() -> None:
         r = rs[0]
         mem = (f"peak GPU memory {max(x['gpu_memory'] for x in rs) / 2**30:.2f} GiB" if r["gpu_memory"]
                else f"peak RSS {max(x['peak_rss'] for x in rs) / 2**30:.2f} GiB")
-        name = "plain PyTorch loop" if mode == "plain" else f"mtgpt DeepSpeed (ZeRO-{args.zero})"
-        syncs = f"   host syncs per step {r['host_syncs']['per_step']:g} {r['host_syncs']['where']}" if r["host_syncs"] else ""
-        print(f"  {name:28s} {rate[mode]:>12,.0f} tokens/s   {mem}{syncs}")
-    print(f"  ratio deepspeed / plain: {statistics.median(ratios):.3f} (pairs: {', '.join(f'{x:.2f}' for x in ratios)})")
+        name = "plain PyTorch loop" if mode == "plain" else f"mtgpt DeepSpeed {mode}"
+        versus = f"  ratio {ratio[mode]:.3f}" if mode in ratio else ""
+        syncs = (f"   host syncs per step {r['host_syncs']['per_step']:g} {r['host_syncs']['where']}"
+                 if r["host_syncs"] else "")
+        print(f"  {name:32s} {rate[mode]:>12,.0f} tokens/s{versus}   {mem}{syncs}")
     if args.json:
         memory = {mode: max((x["gpu_memory"] or x["peak_rss"]) for x in rs) for mode, rs in runs.items()}
         Path(args.json).write_text(json.dumps({
             "device": runs["plain"][0]["device"], "batch": args.batch, "precision": args.precision,
-            "zero": args.zero, "compile": args.compile, "tokens_per_s": rate, "memory_bytes": memory,
-            "memory_kind": "gpu" if runs["plain"][0]["gpu_memory"] else "rss", "ratio": statistics.median(ratios),
+            "configs": modes[1:], "compile": args.compile, "tokens_per_s": rate, "memory_bytes": memory,
+            "memory_kind": "gpu" if runs["plain"][0]["gpu_memory"] else "rss", "ratio": ratio,
             "host_syncs": {mode: rs[0]["host_syncs"] for mode, rs in runs.items()},
             "model": {"n_layer": args.n_layer, "n_head": args.n_head, "n_embd": args.n_embd,
                       "block_size": args.block_size, "vocab_size": args.vocab_size,
                       "vocab_multiple": args.vocab_multiple or (64 if torch.cuda.is_available() else 1)}}, indent=1))
-
 
 if __name__ == "__main__":
     main()

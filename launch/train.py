@@ -1,6 +1,6 @@
 """One training process. Launchers start this file once per rank; it calls mtgpt.train.
 
-One GPU:      deepspeed --num_gpus 1 launch/train.py --ds_config ds_configs/zero1_bf16.json \
+One GPU:      deepspeed --num_gpus 1 launch/train.py --ds_config ds_configs/zero0_bf16.json \
                   --data data/books --out runs/books
 One node:     deepspeed --num_gpus 8 launch/train.py --ds_config ds_configs/zero2_bf16.json --data ... --out ...
               torchrun --nproc_per_node 8 launch/train.py --ds_config ds_configs/zero2_bf16.json ...

@@ -20,6 +20,9 @@ so it is off unless the JSON has a "timers" block; and in bf16 its overflow chec
 the result back at each step of ZeRO 1-2, so it is off unless the JSON's bf16 block asks for it.
 bf16 has fp32's range: a bf16 run then treats a non-finite loss as an fp32 run always did (mtgpt
 stops at the next log step, and no checkpoint holds a non-finite step).
+Precision is the JSON's in one of two ways: DeepSpeed's bf16/fp16 blocks (bf16/fp16 weights, fp32
+masters inside its optimizer; its fp16 needs a GPU), or its torch_autocast block (fp32 weights,
+matmuls in the block's dtype, which must be given; zero0_bf16 and zero0_fp16). Not both.
 Top-level keys that start with "_" (e.g. "_comment") are notes for people and are dropped.
 """
 
@@ -67,9 +70,12 @@ def bundled_names() -> list[str]:
 
 
 def default_name(cuda: bool, bf16_ok: bool) -> str:
+    """zero1_fp32 on CPU; on a GPU zero0_bf16 (zero0_fp16 without bf16): PyTorch's autocast recipe,
+    whose step never waits for the GPU (DeepSpeed's ZeRO 1-3 optimizers read the gradient norm
+    back at every step); a model too large to hold its optimizer state on every GPU takes zero1-3."""
     if not cuda:
         return "zero1_fp32"
-    return "zero1_bf16" if bf16_ok else "zero1_fp16"
+    return "zero0_bf16" if bf16_ok else "zero0_fp16"
 
 
 def find(name_or_path: str) -> tuple[str, dict[str, Any]]:
@@ -102,10 +108,33 @@ def zero_stage(ds: dict[str, Any]) -> int:
     return int((ds.get("zero_optimization") or {}).get("stage", 0))
 
 
+AUTOCAST_DTYPES = {"bfloat16": "bf16", "bf16": "bf16", "bfloat": "bf16", "float16": "fp16", "fp16": "fp16",
+                   "half": "fp16"}  # the names DeepSpeed's DtypeEnum takes (with or without "torch.")
+
+
+def autocast(ds: dict[str, Any]) -> bool:
+    """Whether the JSON trains through DeepSpeed's torch_autocast: fp32 weights, matmuls in the
+    autocast dtype (zero0_bf16 and zero0_fp16 do)."""
+    return _enabled(ds.get("torch_autocast"))
+
+
 def precision(ds: dict[str, Any]) -> str:
+    """The precision the model computes in: "bf16", "fp16" or "fp32" (from DeepSpeed's bf16 or
+    fp16 block, or from torch_autocast's dtype)."""
     if _enabled(ds.get("bf16")) or _enabled(ds.get("bfloat16")):
         return "bf16"
-    return "fp16" if _enabled(ds.get("fp16")) else "fp32"
+    if _enabled(ds.get("fp16")):
+        return "fp16"
+    if autocast(ds):
+        return AUTOCAST_DTYPES.get(str(ds["torch_autocast"].get("dtype")).removeprefix("torch."), "fp32")
+    return "fp32"
+
+
+def weights_dtype(ds: dict[str, Any]) -> str:
+    """The dtype of the model's parameters under this JSON: DeepSpeed's bf16/fp16 blocks make
+    them bf16/fp16 (with fp32 masters in the optimizer); fp32 and torch_autocast keep them fp32.
+    A checkpoint can only be resumed under a JSON with the same."""
+    return "fp32" if autocast(ds) else precision(ds)
 
 
 def _fill(block: dict[str, Any], key: str, value: Any, where: str, source: str, fix: str,
@@ -133,12 +162,18 @@ def resolve(cfg: TrainConfig, ds: dict[str, Any], world_size: int, schedule_step
         hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, DS_TOP_LEVEL_KEYS, 1))
                  else k for k in unknown]
         raise ConfigError(f"{name}: unknown DeepSpeed key(s): {', '.join(hints)}")
-    prec = precision(ds)
     if _enabled(ds.get("fp16")) and (_enabled(ds.get("bf16")) or _enabled(ds.get("bfloat16"))):
         raise ConfigError(f"{name}: both fp16 and bf16 are enabled; enable one")
-    if prec == "fp16" and not cuda:
-        raise ConfigError(f"{name}: fp16 needs a GPU (DeepSpeed: 'Type fp16 is not supported' on "
-                          "CPU); on CPU use a _bf16 or _fp32 config, e.g. --ds-config zero1_bf16")
+    if autocast(ds) and precision(ds) == "fp32":
+        raise ConfigError(f"{name}: torch_autocast needs a \"dtype\": \"bfloat16\" or \"float16\" (without one, "
+                          "torch.autocast picks float16 on a GPU and bfloat16 on a CPU)")
+    if autocast(ds) and (block := precision({k: v for k, v in ds.items() if k != "torch_autocast"})) != "fp32":
+        raise ConfigError(f"{name}: torch_autocast and DeepSpeed's {block} block are both enabled; enable one "
+                          "(torch_autocast keeps fp32 weights, the bf16/fp16 blocks make them bf16/fp16)")
+    if _enabled(ds.get("fp16")) and not cuda:
+        raise ConfigError(f"{name}: DeepSpeed's fp16 needs a GPU ('Type fp16 is not supported' on CPU); on "
+                          "CPU use a _bf16 or _fp32 config, e.g. --ds-config zero1_bf16, or zero0_fp16 "
+                          "(fp16 through torch.autocast)")
     micro, accum = cfg.micro_batch, cfg.grad_accum
     _fill(ds, "train_micro_batch_size_per_gpu", micro, "", "--micro-batch", f"pass --micro-batch {ds.get('train_micro_batch_size_per_gpu')}", name)
     _fill(ds, "gradient_accumulation_steps", accum, "", "--grad-accum", f"pass --grad-accum {ds.get('gradient_accumulation_steps')}", name)

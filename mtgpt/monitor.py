@@ -219,9 +219,47 @@ class Throughput:
         return out
 
 
+class HostReads(torch.overrides.TorchFunctionMode):
+    """While active, counts the calls that read a tensor's value into Python (`bool(t)`, `if t:`,
+    `t.item()`, `float(t)`, `t.tolist()`, `t.nonzero()`, ...), by the file:line outside torch that
+    made them: `reads` (a Counter), `total`. On a GPU each such read is a host sync (the CPU waits
+    for the GPU to catch up, and the GPU then idles while the CPU queues the next work); on a CPU
+    they cost nothing, but the count is the same code's, so a CPU test can show that a training
+    step has none. An upper bound: a read of a tensor that lives on the CPU is counted too. Use it
+    around uncompiled code (torch.compile would trace the mode)."""
+
+    READS = frozenset({"__bool__", "item", "__float__", "__int__", "__index__", "tolist", "nonzero", "numpy", "cpu"})
+
+    def __init__(self):
+        super().__init__()
+        from collections import Counter
+
+        self.reads: Counter[str] = Counter()
+
+    @property
+    def total(self) -> int:
+        return sum(self.reads.values())
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", None) in self.READS:
+            import traceback
+
+            torch_dir = os.path.dirname(torch.__file__)
+            caller = next((f for f in reversed(traceback.extract_stack()[:-1]) if not f.filename.startswith(torch_dir)),
+                          None)
+            where = f"{'/'.join(Path(caller.filename).parts[-3:])}:{caller.lineno}" if caller else "torch"
+            self.reads[f"{func.__name__} {where}"] += 1
+        return func(*args, **(kwargs or {}))
+
+
 def loss_scale_metrics(engine) -> dict[str, float]:
-    """fp16 only: DeepSpeed's dynamic loss scale, and the steps it skipped on overflow (skipped
-    steps are expected while the scale settles; they are not NaN losses)."""
+    """fp16 only: the dynamic loss scale (DeepSpeed's, or PyTorch's GradScaler under
+    torch_autocast), and the steps DeepSpeed skipped on overflow (skipped steps are expected while
+    the scale settles; they are not NaN losses; the GradScaler skips inside the optimizer step
+    and does not count them)."""
+    scaler = getattr(engine, "torch_autocast_z0_gradscaler", None)
+    if scaler is not None:
+        return {"fp16/loss_scale": float(scaler.get_scale())}
     if not engine.fp16_enabled():
         return {}
     optimizer = getattr(engine, "optimizer", None)

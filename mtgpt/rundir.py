@@ -104,6 +104,35 @@ def saved_batch_size(found: Path) -> int | None:
         return None
 
 
+def saved_ds_name(found: Path) -> str | None:
+    """The DeepSpeed config (bundled name or path) of the run that saved checkpoint folder `found`:
+    a resumed run keeps it unless --ds-config says otherwise. None when its run folder does not say."""
+    try:
+        return load_json(found.parent.parent / RUN_INFO).get("ds_config") or None
+    except (ConfigError, AttributeError):
+        return None
+
+
+def check_resumable_ds(found: Path, ds: dict[str, Any], ds_name: str) -> None:
+    """Refuse to resume checkpoint `found` under a DeepSpeed config whose parameters have another
+    dtype than the one it was saved with (its optimizer state has another layout: DeepSpeed's
+    bf16/fp16 optimizers hold fp32 masters of bf16/fp16 weights; fp32 and torch_autocast runs
+    keep fp32 weights and a plain AdamW state)."""
+    from mtgpt import ds_config
+
+    out = found.parent.parent
+    try:
+        saved = load_json(out / DS_CONFIG)
+    except ConfigError:
+        return  # a run folder from before ds_config.json existed: nothing to compare with
+    old, new = ds_config.weights_dtype(saved), ds_config.weights_dtype(ds)
+    if old != new:
+        raise ConfigError(f"cannot resume {found}: it was trained with {old} weights "
+                          f"({saved_ds_name(found) or 'its ds_config.json'}) and {ds_name} trains {new} weights, "
+                          f"whose optimizer state DeepSpeed stores differently; resume with --ds-config "
+                          f"{out / DS_CONFIG} (the exact config the run used), or start a new run with another --out")
+
+
 def git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"],

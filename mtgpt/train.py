@@ -145,7 +145,8 @@ def make_plan(cfg: TrainConfig, world_size: int, cuda: bool | None = None, gpu_m
     check_tokenizer(cfg, manifest, resume_from)
     for source, m in zip(cfg.sources, manifests):
         check_compatible(m, source.path, cfg.model.vocab_size, cfg.model.block_size)
-    ds_name = cfg.ds_config or ds_config.default_name(cuda, cuda and torch.cuda.is_bf16_supported())
+    ds_name = (cfg.ds_config or (rundir.saved_ds_name(resume_from) if resume_from is not None else None)
+               or ds_config.default_name(cuda, cuda and torch.cuda.is_bf16_supported()))  # a resumed run keeps its own
     ds_name, raw = ds_config.find(ds_name)
     cfg = device_defaults(cfg, raw, cuda, gpu_memory)
     if cfg.batch_size is None and resume_from is not None:  # a resumed run keeps its batch
@@ -163,6 +164,8 @@ def make_plan(cfg: TrainConfig, world_size: int, cuda: bool | None = None, gpu_m
     if universal:  # optimizer state saved in shards of another world size
         raw = {**raw, "checkpoint": {**raw.get("checkpoint", {}), "load_universal": True}}
     ds = ds_config.resolve(cfg, raw, world_size, steps, name=ds_name, cuda=cuda)
+    if resume_from is not None:
+        rundir.check_resumable_ds(resume_from, ds, ds_name)
     return Plan(cfg, ds, ds_name, manifests, mixture_weights(cfg.sources, manifests), world_size, steps,
                 resume_from, universal)
 
@@ -345,8 +348,20 @@ def build_engine(plan: Plan, model: GPT):
                          "the graph at every layer, so it would not run faster); stages 0-2 compile")
         else:
             model.compile()  # in place: parameter names (and so checkpoints) stay the same
-    engine, _, _, _ = world.import_deepspeed().initialize(model=model, model_parameters=model.param_groups(),
-                                                          config=plan.ds)
+    deepspeed = world.import_deepspeed()
+    # DeepSpeed records "torch_autocast is on, in this dtype" in module globals that it never
+    # clears: an engine built after an autocast one in the same process (tests, gpu-check's
+    # configs) would reduce its gradients in the parameters' dtype, not its JSON's, and at ZeRO 1-3
+    # after an fp16 one add a GradScaler. Each engine starts from its own JSON.
+    from deepspeed.runtime import torch_autocast
+
+    torch_autocast.TORCH_AUTOCAST_INITIALIZED, torch_autocast.TORCH_AUTOCAST_DTYPE = False, None
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.param_groups(), config=plan.ds)
+    if engine.dp_world_size == 1 and ds_config.zero_stage(plan.ds) == 0:
+        # one rank has nothing to average: skip DeepSpeed's all-reduce, which would still copy every
+        # gradient into a flat buffer, scale it and copy it back (at ZeRO 1-3 the optimizer's
+        # reduce also moves the gradients into its own buffers, so it stays)
+        engine.enable_backward_allreduce = False
     return engine
 
 
@@ -375,6 +390,9 @@ def resume(engine, plan: Plan, running: RunningLoss, train_samples: list[int]
     else:
         set_rng_state(mine["rng"])
         running.load_state_dict(mine.get("loss"))
+    scaler = getattr(engine, "torch_autocast_z0_gradscaler", None)
+    if scaler is not None and "grad_scaler" in state.ranks[0]:  # the same on every rank
+        scaler.load_state_dict(state.ranks[0]["grad_scaler"])
     saved = state.ranks[0]["data"]  # the same on every rank
     where = resume_position(saved, plan.cfg.seed, train_samples, plan.weights)
     if where is None:
@@ -674,7 +692,10 @@ def save(engine, plan: Plan, state: TrainState, batches: TrainBatches, running: 
     if world.is_rank0():  # a folder for this step from an older attempt is unmarked before rewriting
         (root / tag / checkpoint.COMPLETE).unlink(missing_ok=True)
     world.barrier()
-    client = state.client_state({"data": batches.state_dict(), "loss": running.state_dict()})
+    mine = {"data": batches.state_dict(), "loss": running.state_dict()}
+    if (scaler := getattr(engine, "torch_autocast_z0_gradscaler", None)) is not None:
+        mine["grad_scaler"] = scaler.state_dict()  # zero0_fp16's loss scale (DeepSpeed does not save it)
+    client = state.client_state(mine)
     engine.save_checkpoint(str(root), tag=tag, client_state=client, save_latest=False)
     world.barrier()  # every rank's shard is on disk
     export(engine, plan, state, Path(plan.cfg.out))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from mtgpt import ds_config
 from mtgpt.config import ConfigError, ModelConfig, TrainConfig
@@ -40,9 +41,15 @@ def test_bundled_configs_parse(name):
 
     parsed = DeepSpeedConfig({k: v for k, v in ds.items() if k != "train_batch_size"})
     assert parsed.zero_optimization_stage == int(name[4])
-    assert parsed.float16_config.enabled == name.endswith("fp16")
-    assert parsed.bfloat16_config.enabled == name.endswith("bf16")
-    if name.endswith("fp16"):
+    autocast = name in ("zero0_bf16", "zero0_fp16")  # PyTorch's recipe: fp32 weights, autocast matmuls
+    assert parsed.torch_autocast_enabled == autocast and ds_config.autocast(ds) == autocast
+    assert parsed.float16_config.enabled == (name.endswith("fp16") and not autocast)
+    assert parsed.bfloat16_config.enabled == (name.endswith("bf16") and not autocast)
+    assert ds_config.weights_dtype(ds) == ("fp32" if autocast else name.split("_")[1])
+    if autocast:
+        assert parsed.torch_autocast_dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[name[-4:]]
+        assert parsed.torch_autocast_lower_precision_safe_modules == []  # gradients all-reduced in fp32
+    elif name.endswith("fp16"):
         assert parsed.float16_config.loss_scale == 0  # dynamic loss scaling
     assert parsed.timers_config.enabled is False  # no device sync per micro-step
 
@@ -63,9 +70,22 @@ def test_throughput_timer_off_unless_the_json_asks():
 
 
 def test_fp16_refused_on_cpu():
+    """DeepSpeed's fp16 optimizers need a GPU; fp16 through torch.autocast (zero0_fp16) runs on CPU."""
     _, raw = ds_config.find("zero1_fp16")
-    with pytest.raises(ConfigError, match="fp16 needs a GPU"):
+    with pytest.raises(ConfigError, match="fp16 needs a GPU.*zero0_fp16"):
         ds_config.resolve(cfg(), raw, 2, 100, cuda=False)
+    assert ds_config.precision(ds_config.resolve(cfg(), ds_config.find("zero0_fp16")[1], 2, 100, cuda=False)) == "fp16"
+
+
+def test_autocast_and_a_bf16_or_fp16_block_are_not_both_enabled():
+    _, raw = ds_config.find("zero0_bf16")
+    for block in ("bf16", "fp16"):
+        with pytest.raises(ConfigError, match=f"torch_autocast and DeepSpeed's {block} block are both enabled"):
+            ds_config.resolve(cfg(), {**raw, block: {"enabled": True}}, 1, 100, cuda=True)
+    assert ds_config.precision({"torch_autocast": {"enabled": True, "dtype": "torch.float16"}}) == "fp16"
+    with pytest.raises(ConfigError, match="torch_autocast needs a \"dtype\""):
+        ds_config.resolve(cfg(), {**raw, "torch_autocast": {"enabled": True}}, 1, 100, cuda=True)
+    assert ds_config.precision({"torch_autocast": {"enabled": False, "dtype": "float16"}}) == "fp32"
 
 
 def test_batch_disagreement_refused():

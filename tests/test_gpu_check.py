@@ -24,8 +24,10 @@ def test_gpu_check_in_tiny_cpu_mode(tmp_path):
     assert set(checks) == {"sampling", "throughput", "defaults", "configs", "compile", "resume", "hf_export"}
     assert all(c["ok"] for c in checks.values())
     runs = checks["configs"]["runs"]
-    assert len(runs) == 12 and sum("first" in r for r in runs.values()) == 8  # fp16 needs a GPU
+    assert len(runs) == 12 and sum("first" in r for r in runs.values()) == 9  # DeepSpeed's fp16 needs a GPU
+    assert "first" in runs["zero0_fp16"]  # fp16 through torch.autocast runs on CPU
     assert checks["compile"]["zero1"]["graph_breaks"] == 0 and checks["compile"]["zero3"]["graphs"] == 0
+    assert checks["compile"]["zero0_bf16"]["graph_breaks"] == 0  # the GPU default: autocast around the graph
     assert checks["resume"]["max_abs_loss_difference"] == 0.0
     md = (tmp_path / "gpu_report.md").read_text()
     assert md.startswith(f"### mtgpt gpu-check on {report['device']}") and md.count("| ok |") == 7

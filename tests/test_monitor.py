@@ -103,3 +103,18 @@ def test_throughput_and_mfu(monkeypatch):
 ])
 def test_peak_flops_per_exact_product_and_precision(name, precision, tf32, peak):
     assert monitor.peak_for_name(name, precision, tf32) == peak
+
+
+def test_host_reads_are_counted_where_they_are_made():
+    """HostReads counts every way of reading a tensor's value into Python, by the caller's line,
+    and nothing for work that stays on the device."""
+    t = torch.tensor([1.5, -2.0])
+    with monitor.HostReads() as seen:
+        (t * 2).add_(1).norm()  # stays a tensor: no read
+    assert seen.total == 0
+    with monitor.HostReads() as seen:
+        if (t > 0).any():
+            pass
+        float(t[0]), t[1].item(), int(t[0]), t.tolist(), t.nonzero()
+    assert seen.total == 6 and all("test_monitor.py:" in k for k in seen.reads)
+    assert {k.split()[0] for k in seen.reads} == {"__bool__", "__float__", "item", "__int__", "tolist", "nonzero"}

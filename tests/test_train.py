@@ -485,6 +485,26 @@ def test_a_bf16_run_resumes_exactly(tiny_data, tmp_path, world_of_one):
     assert len(losses["straight"]) == 4 and losses["resumed"] == losses["straight"]
 
 
+def test_an_autocast_fp16_run_resumes_exactly(tiny_data, tmp_path, world_of_one, monkeypatch):
+    """zero0_fp16 (torch autocast with PyTorch's GradScaler, whose state DeepSpeed does not save):
+    mtgpt saves the loss scale with the run, so 3 steps, save, resume for 3 more log the losses and
+    loss scales of 6 straight steps. (The scale starts at 2**18 here so that overflows move it.)"""
+    import functools
+
+    monkeypatch.setattr(torch.amp.GradScaler, "__init__",
+                        functools.partialmethod(torch.amp.GradScaler.__init__, init_scale=2.0**18))
+    args = dict(data=str(tiny_data), model=dict(TINY), micro_batch=2, eval_samples=4, log_every=1,
+                eval_every=100, save_every=3, ds_config="zero0_fp16",
+                warmup_steps=1, min_lr_ratio=1.0)  # a constant rate: the 3-step run's schedule is the 6-step one's
+    _fit(TrainConfig(out=str(tmp_path / "straight"), max_steps=6, **args))
+    _fit(TrainConfig(out=str(tmp_path / "resumed"), max_steps=3, **args))
+    _fit(TrainConfig(out=str(tmp_path / "resumed"), max_steps=6, resume="auto", **args))
+    logged = {k: [(r["train/loss"], r["fp16/loss_scale"]) for r in metrics(tmp_path / k) if "train/loss" in r]
+              for k in ("straight", "resumed")}
+    assert len(logged["straight"]) == 6 and logged["resumed"] == logged["straight"]
+    assert logged["straight"][2][1] < 2**18  # an overflow moved the scale before the save: something to carry over
+
+
 def test_micro_batch_and_eval_cadence_are_chosen_for_the_device(tiny_data, tmp_path):
     """Left out, --micro-batch is 8 on a CPU; on a GPU the largest power of two up to 32,768 tokens
     per pass whose activations fit half its memory (the seed model: 64 on an 80 GB H100, where
@@ -587,3 +607,122 @@ def test_bf16_steps_do_not_wait_for_an_overflow_check(world_of_one):
             train_step(engine, batches, 1)
         checks[name] = (ds["bf16"]["check_grad_overflow"], len(calls))
     assert checks == {"bundled": (False, 0), "user's": (False, 0), "asks": (True, 2)}
+
+
+def _engine(raw_or_name, model_cfg, accum=1, steps=20):
+    import copy as _copy
+
+    from mtgpt import ds_config
+    from mtgpt.train import Plan, build_engine
+
+    raw = ds_config.find(raw_or_name)[1] if isinstance(raw_or_name, str) else _copy.deepcopy(raw_or_name)
+    tc = TrainConfig(data="-", out="-", model=model_cfg, micro_batch=2, grad_accum=accum, lr=2e-3, compile=False,
+                     max_steps=steps)
+    torch.manual_seed(0)
+    model = GPT(model_cfg)
+    return build_engine(Plan(tc, ds_config.resolve(tc, raw, 1, steps), "", [{}], [1.0], 1, steps, None), model)
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_the_gpu_default_step_never_reads_a_value_back_to_the_host(world_of_one, accum):
+    """zero0_bf16 and zero0_fp16 (torch_autocast, the GPU defaults) and zero0_fp32: a training step
+    reads no tensor's value into Python (on a GPU each read is a host sync), counted with
+    monitor.HostReads through the real engine. DeepSpeed's ZeRO 1-3 optimizers do read: the
+    gradient norm's finiteness at every step (the count that shows HostReads sees DeepSpeed's reads)."""
+    from mtgpt.monitor import HostReads
+    from mtgpt.train import train_step
+
+    cfg = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=16)
+    g = torch.Generator().manual_seed(0)
+    data = iter([(x[:, :-1], x[:, 1:]) for x in torch.randint(0, 50257, (40, 2, 17), generator=g)])
+    reads = {}
+    for name in ("zero0_bf16", "zero0_fp16", "zero0_fp32", "zero1_bf16", "zero2_bf16"):
+        engine = _engine(name, cfg, accum)
+        train_step(engine, data, accum)  # first step: lazy state out of the count
+        with HostReads() as seen:
+            for _ in range(3):
+                train_step(engine, data, accum)
+        reads[name] = seen
+    assert [reads[n].total for n in ("zero0_bf16", "zero0_fp16", "zero0_fp32")] == [0, 0, 0], {
+        n: dict(r.reads) for n, r in reads.items()}
+    for name in ("zero1_bf16", "zero2_bf16"):
+        assert reads[name].total >= 3 and all("deepspeed/runtime" in k for k in reads[name].reads), dict(reads[name].reads)
+
+
+def test_zero0_autocast_is_the_plain_pytorch_mixed_precision_step(world_of_one):
+    """zero0_bf16 trains as the plain loop does (fp32 weights, torch.autocast bf16, clip_grad_norm_,
+    PyTorch's fused AdamW on the parameters, no DeepSpeed optimizer wrapper), with gradients
+    all-reduced in fp32: from the same weights and batches, the weights are bit for bit the plain
+    loop's after two steps and the losses the same for three (after that, rounding differences
+    in the gradient norm's sum grow through AdamW). zero1_bf16's bf16 weights differ at step one."""
+    from deepspeed.runtime.torch_autocast import get_comm_dtype
+
+    from mtgpt.train import train_step
+
+    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=64, block_size=32)
+    engine = _engine("zero0_bf16", cfg)
+    torch.manual_seed(0)
+    plain = GPT(cfg)
+    assert type(engine.optimizer) is torch.optim.AdamW and engine.optimizer.defaults["fused"]
+    assert all(p.dtype == torch.float32 and get_comm_dtype(p) == torch.float32 for p in engine.module.parameters())
+    assert engine.enable_backward_allreduce is False  # one rank: DeepSpeed's all-reduce (copies) skipped
+    opt = torch.optim.AdamW(plain.param_groups(0.1), lr=2e-3, betas=(0.9, 0.95), eps=1e-8, fused=True)
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 50257, (2, 33), generator=g) for _ in range(10)]
+    it = iter([(x[:, :-1], x[:, 1:]) for x in batches])
+    losses, same_weights = [], []
+    for x in batches:
+        for group in opt.param_groups:
+            group["lr"] = engine.get_lr()[0]
+        ours = float(train_step(engine, it, 1))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, loss = plain(x[:, :-1], x[:, 1:])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(plain.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(abs(ours - loss.item()))
+        same_weights.append(all(torch.equal(a, b) for a, b in zip(engine.module.parameters(), plain.parameters())))
+    assert same_weights[:2] == [True, True] and losses[:3] == [0.0] * 3 and max(losses) < 1e-3, (losses, same_weights)
+    assert _engine("zero1_bf16", cfg).enable_backward_allreduce  # ZeRO-1's reduce fills its own buffers
+
+
+def test_an_autocast_engine_leaves_the_next_engine_its_own_precision(world_of_one):
+    """DeepSpeed keeps "autocast is on" in module globals; mtgpt resets them per engine, so a
+    zero2_bf16 engine built after a zero0_fp16 one still reduces in fp32 and has no GradScaler."""
+    cfg = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=16)
+    _engine("zero0_fp16", cfg)
+    after = _engine("zero2_bf16", cfg)
+    assert set(after.optimizer.ipg_buckets) == {torch.float32}
+    assert after.optimizer.torch_autocast_gradscaler is None
+
+
+def test_a_resumed_run_keeps_its_deepspeed_config_and_a_weights_change_is_refused(tiny_data, tmp_path,
+                                                                                    world_of_one):
+    """Without --ds-config a resume uses the run's own JSON (not today's default); one whose
+    parameters have another dtype (DeepSpeed's bf16 optimizer vs fp32/autocast weights) is refused
+    with the fix; fp32 and autocast share the layout, so an fp32 run continues in zero0_bf16.
+    zero0_bf16's model.safetensors is its fp32 weights, as saved in the checkpoint."""
+    from safetensors.torch import load_file
+
+    from mtgpt.config import ConfigError
+    from mtgpt.train import make_plan
+
+    run = tmp_path / "run"
+    args = dict(data=str(tiny_data), out=str(run), model=dict(TINY), micro_batch=2, lr=3e-3, log_every=1,
+                eval_every=100, save_every=2)
+    _fit(TrainConfig(**args, max_steps=2, ds_config="zero0_fp32"))
+    resumed = make_plan(TrainConfig(**args, max_steps=4, resume="auto"), 1, cuda=False)
+    assert resumed.ds_name.endswith("zero0_fp32.json")  # not the CPU default, zero1_fp32
+    with pytest.raises(ConfigError, match=r"fp32 weights .*zero1_bf16.json trains bf16 weights.*--ds-config (\S+)"):
+        make_plan(TrainConfig(**args, max_steps=2, resume="auto", ds_config="zero1_bf16"), 1, cuda=False)
+    fix = make_plan(TrainConfig(**args, max_steps=2, resume="auto", ds_config=str(run / "ds_config.json")), 1, cuda=False)
+    assert fix.ds["zero_optimization"]["stage"] == 0  # the fix the message gives is accepted
+    _fit(TrainConfig(**args, max_steps=4, resume="auto", ds_config="zero0_bf16"))
+    losses = [r["train/loss"] for r in metrics(run) if "train/loss" in r]
+    assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
+    exported = load_file(run / "model.safetensors")
+    saved = torch.load(run / "checkpoints" / "step_00000004" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    assert all(torch.equal(exported[k], saved[k]) for k in exported)
+    assert all(v.dtype == torch.float32 for v in saved.values())
+    assert any((v != v.bfloat16().float()).any() for v in exported.values())  # fp32 values, not bf16 upcast
