@@ -276,7 +276,7 @@ def summary(name: str, r: dict) -> str:
         return "; ".join(f"{k} {v['first']:.2f}->{v['last']:.2f}" for k, v in ran.items()) + \
             (f" ({len(r['runs']) - len(ran)} not run: DeepSpeed's fp16 needs a GPU)" if len(ran) < len(r["runs"]) else "")
     if name == "compile":
-        return "; ".join(f"{'ZeRO-' + k[-1] if len(k) == 5 else k}: {v['graphs']} graph(s), {v['graph_breaks']} "
+        return "; ".join(f"{k if '_' in k else 'ZeRO-' + k[-1]}: {v['graphs']} graph(s), {v['graph_breaks']} "
                          f"break(s)" if v["graphs"] else f"ZeRO-{k[-1]}: trained uncompiled (mtgpt does not compile "
                          "at stage 3)" for k, v in r.items() if k.startswith("zero"))
     if name == "resume":

@@ -252,13 +252,17 @@ class HostReads(torch.overrides.TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+def grad_scaler(engine):
+    """PyTorch's GradScaler that DeepSpeed creates for torch_autocast fp16 at ZeRO-0 (zero0_fp16), or None."""
+    return getattr(engine, "torch_autocast_z0_gradscaler", None)
+
+
 def loss_scale_metrics(engine) -> dict[str, float]:
     """fp16 only: the dynamic loss scale (DeepSpeed's, or PyTorch's GradScaler under
     torch_autocast), and the steps DeepSpeed skipped on overflow (skipped steps are expected while
     the scale settles; they are not NaN losses; the GradScaler skips inside the optimizer step
     and does not count them)."""
-    scaler = getattr(engine, "torch_autocast_z0_gradscaler", None)
-    if scaler is not None:
+    if (scaler := grad_scaler(engine)) is not None:
         return {"fp16/loss_scale": float(scaler.get_scale())}
     if not engine.fp16_enabled():
         return {}

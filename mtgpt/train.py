@@ -390,8 +390,7 @@ def resume(engine, plan: Plan, running: RunningLoss, train_samples: list[int]
     else:
         set_rng_state(mine["rng"])
         running.load_state_dict(mine.get("loss"))
-    scaler = getattr(engine, "torch_autocast_z0_gradscaler", None)
-    if scaler is not None and "grad_scaler" in state.ranks[0]:  # the same on every rank
+    if (scaler := monitor.grad_scaler(engine)) is not None and "grad_scaler" in state.ranks[0]:  # same on every rank
         scaler.load_state_dict(state.ranks[0]["grad_scaler"])
     saved = state.ranks[0]["data"]  # the same on every rank
     where = resume_position(saved, plan.cfg.seed, train_samples, plan.weights)
@@ -693,7 +692,7 @@ def save(engine, plan: Plan, state: TrainState, batches: TrainBatches, running: 
         (root / tag / checkpoint.COMPLETE).unlink(missing_ok=True)
     world.barrier()
     mine = {"data": batches.state_dict(), "loss": running.state_dict()}
-    if (scaler := getattr(engine, "torch_autocast_z0_gradscaler", None)) is not None:
+    if (scaler := monitor.grad_scaler(engine)) is not None:
         mine["grad_scaler"] = scaler.state_dict()  # zero0_fp16's loss scale (DeepSpeed does not save it)
     client = state.client_state(mine)
     engine.save_checkpoint(str(root), tag=tag, client_state=client, save_latest=False)

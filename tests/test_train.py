@@ -609,13 +609,12 @@ def test_bf16_steps_do_not_wait_for_an_overflow_check(world_of_one):
     assert checks == {"bundled": (False, 0), "user's": (False, 0), "asks": (True, 2)}
 
 
-def _engine(raw_or_name, model_cfg, accum=1, steps=20):
-    import copy as _copy
-
+def _engine(name, model_cfg, accum=1, steps=20):
+    """A DeepSpeed engine of a bundled config for a fresh seeded model, in this process."""
     from mtgpt import ds_config
     from mtgpt.train import Plan, build_engine
 
-    raw = ds_config.find(raw_or_name)[1] if isinstance(raw_or_name, str) else _copy.deepcopy(raw_or_name)
+    raw = ds_config.find(name)[1]
     tc = TrainConfig(data="-", out="-", model=model_cfg, micro_batch=2, grad_accum=accum, lr=2e-3, compile=False,
                      max_steps=steps)
     torch.manual_seed(0)
