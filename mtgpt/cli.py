@@ -85,18 +85,22 @@ def _sampling_options(max_new_tokens: int):
 
 
 def build_config(options: dict) -> TrainConfig:
-    """TrainConfig from --config (if given) and the options given on the command line."""
+    """TrainConfig from the options given on the command line, over --config if given, else over
+    the run's own train_config.json when resuming one (rundir.resumed_settings), else over the
+    defaults."""
+    from mtgpt import rundir
+
     config_file = options.pop("config_file", None)
-    base = load_json(config_file) if config_file else {}
+    given = {key for key, value in options.items() if value is not None and value != ()}
+    resumed = None if config_file else rundir.resumed_settings(options.get("resume"), options.get("out"), given)
+    base = load_json(config_file) if config_file else (resumed or {})
     base.setdefault("model", {})
-    for key, value in options.items():
-        if value is None:
-            continue
+    for key in given:
         if key in MODEL_KEYS:
-            base["model"][key] = value
+            base["model"][key] = options[key]
         else:
-            base[key] = value
-    if base.get("init_from") or base.get("init_from_hf"):  # the model's shape is the source's
+            base[key] = options[key]
+    if not resumed and (base.get("init_from") or base.get("init_from_hf")):  # the model's shape is the source's
         from mtgpt import checkpoint  # (make_plan refuses a shape given here that differs from it)
 
         try:

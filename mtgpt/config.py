@@ -126,7 +126,8 @@ class TrainConfig:
     save_every: int = option(1000, "Checkpoint every N steps (and at the end).")
     keep_last: int = option(2, "Checkpoints kept (besides best/).")
     log_every: int = option(10, "Log the train loss and lr every N steps.")
-    resume: str = option("never", RESUME_HELP + ".")
+    resume: str = option("never", RESUME_HELP + "; the run keeps its own settings, options given here replace "
+                         "them.")
     seed: int = option(1337, "Seed for init, data order, dropout.")
     num_workers: int = option(0, "DataLoader worker processes per rank (0: load in the training process).")
     compile: bool | None = option(None, "torch.compile the model.", default_help="on GPUs", flag="--compile/--no-compile")

@@ -50,14 +50,54 @@ def _checkpoint_for(resume: str, out: Path) -> Path | None:
                       "--resume auto, --resume never, or the path of a run or checkpoint")
 
 
+STOP_KEYS = ("max_steps", "max_tokens", "max_epochs", "max_time")
+DERIVED_KEYS = ("grad_accum",)  # derived again from the batch on this run's number of ranks
+
+
+def resumed_settings(resume: str | None, out: str | None, given: set[str]) -> dict[str, Any] | None:
+    """The settings a resumed run starts from: the train_config.json of the run that saved the
+    checkpoint it resumes, less what the command line gives again (`given`: option names) and
+    less what is derived anew (--grad-accum, from the batch on this number of ranks). Stop
+    conditions go together: giving any of --max-steps/-tokens/-epochs/-time replaces all the
+    run's. None when nothing is resumed (then the options and their defaults are the settings)."""
+    if not resume or resume == "never" or (resume == "auto" and not out):
+        return None
+    found = _checkpoint_for(resume, Path(out or "."))
+    if found is None or not (found.parent.parent / TRAIN_CONFIG).is_file():
+        return None
+    saved = load_json(found.parent.parent / TRAIN_CONFIG)
+    dropped = set(given) | set(DERIVED_KEYS) | (set(STOP_KEYS) if given & set(STOP_KEYS) else set())
+    return {k: v for k, v in saved.items() if k not in dropped}
+
+
+def check_out_folder(out: Path) -> None:
+    """--out must be a new or empty folder, or one that holds an mtgpt run: never a data folder,
+    a folder inside a run, or a folder of other files (the run's files would be mixed into them)."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a folder")
+    if has_run(out):
+        return
+    if (out / "manifest.json").is_file():
+        raise ConfigError(f"--out {out} is a data folder (mtgpt prepare wrote it); the run needs a folder of "
+                          "its own, e.g. --out runs/NAME (nothing was changed)")
+    parent = out.resolve().parent
+    if out.resolve().name == checkpoint.CKPT_DIR or has_run(parent):
+        raise ConfigError(f"--out {out} is inside the run {parent}; give the run folder itself with --resume auto "
+                          "to continue it, or a new folder, e.g. --out runs/NAME (nothing was changed)")
+    others = sorted(p.name for p in out.iterdir() if p.name != "logs") if out.is_dir() else []
+    if others:
+        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        raise ConfigError(f"--out {out} is not empty ({shown}) and holds no mtgpt run; choose a new or empty "
+                          "folder, e.g. --out runs/NAME (nothing was changed)")
+
+
 def resume_point(cfg: TrainConfig) -> Path | None:
     """The checkpoint folder to continue from, or None to start fresh. Refuses to start over a
     run that is already in --out (unless resuming), and a resume with another model shape."""
     out = Path(cfg.out)
     if not cfg.out:
         raise ConfigError("--out is required: the run folder for checkpoints, logs and the model")
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} exists and is not a folder")
+    check_out_folder(out)
     if cfg.resume == "never":
         if has_run(out):
             raise ConfigError(f"{out} already holds a run; pass --resume auto to continue it, or "

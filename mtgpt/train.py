@@ -140,8 +140,9 @@ def make_plan(cfg: TrainConfig, world_size: int, cuda: bool | None = None, gpu_m
         gpu_memory = torch.cuda.get_device_properties(0).total_memory
     manifests = load_sources(cfg.sources)
     manifest = manifests[0]
-    check_source(cfg, manifest)
     resume_from = rundir.resume_point(cfg)
+    if resume_from is None:  # a resumed fine-tune needs its checkpoint, not the model it started from
+        check_source(cfg, manifest)
     check_tokenizer(cfg, manifest, resume_from)
     for source, m in zip(cfg.sources, manifests):
         check_compatible(m, source.path, cfg.model.vocab_size, cfg.model.block_size)
@@ -202,11 +203,14 @@ def mixture_weights(sources: list[DataSource], manifests: list[dict[str, Any]]) 
 
 
 def plan_warnings(plan: Plan) -> list[str]:
-    """What to tell the user before the start: a source read more than REPEAT_WARN times (unless
-    --max-epochs asked for it, with one source)."""
-    if plan.cfg.max_epochs is not None and len(plan.sources) == 1:
-        return []
+    """What to tell the user before the start: a warmup as long as the schedule, and a source read
+    more than REPEAT_WARN times (unless --max-epochs asked for it, with one source)."""
     out = []
+    if plan.cfg.warmup_steps is not None and plan.cfg.warmup_steps >= plan.schedule_steps:
+        out.append(f"warning: --warmup-steps {plan.cfg.warmup_steps} is not shorter than the {plan.schedule_steps}-step "
+                   "schedule: the learning rate never reaches --lr; lower --warmup-steps or train longer")
+    if plan.cfg.max_epochs is not None and len(plan.sources) == 1:
+        return out
     for source, w, epochs, m in zip(plan.sources, plan.weights, plan.epochs(), plan.manifests):
         if epochs > REPEAT_WARN:
             share = f" at weight {w:.3g}" if len(plan.sources) > 1 else ""

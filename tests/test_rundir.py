@@ -69,3 +69,43 @@ def test_run_files(tmp_path, monkeypatch):
     assert rundir.has_run(tmp_path / "run") and not checkpoint.has_val(tmp_path / "run")
     rundir.write_last_stop(tmp_path / "run", reason="max_steps", step=3)
     assert json.loads((tmp_path / "run" / rundir.LAST_STOP).read_text())["reason"] == "max_steps"
+
+
+def test_out_is_a_new_folder_or_a_run(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert rundir.resume_point(_cfg(empty)) is None
+    (tmp_path / "slurm" / "logs").mkdir(parents=True)  # slurm/train.sbatch makes RUN/logs first
+    assert rundir.resume_point(_cfg(tmp_path / "slurm")) is None
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "manifest.json").write_text("{}")
+    with pytest.raises(ConfigError, match="is a data folder"):
+        rundir.resume_point(_cfg(data))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match=r"is not empty \(notes.txt\) and holds no mtgpt run"):
+        rundir.resume_point(_cfg(mine, resume="auto"))
+    run = tmp_path / "run"
+    _complete(run, 5)
+    for inside in (run / checkpoint.CKPT_DIR, run / "best"):
+        with pytest.raises(ConfigError, match="is inside the run"):
+            rundir.resume_point(_cfg(inside))
+    assert (mine / "notes.txt").read_text() == "keep me" and sorted(p.name for p in data.iterdir()) == ["manifest.json"]
+
+
+def test_resumed_settings_are_the_runs_less_what_is_given(tmp_path):
+    run = tmp_path / "run"
+    _complete(run, 5)
+    saved = _cfg(run, lr=3e-3, seed=7, warmup_steps=2, max_steps=20, max_time="1h", micro_batch=4, grad_accum=2,
+                 batch_size=8).to_dict()
+    (run / rundir.TRAIN_CONFIG).write_text(json.dumps(saved))
+    assert rundir.resumed_settings("never", str(run), set()) is None
+    assert rundir.resumed_settings("auto", str(tmp_path / "new"), set()) is None  # nothing to resume
+    kept = rundir.resumed_settings("auto", str(run), {"out", "resume"})
+    assert kept["lr"] == 3e-3 and kept["seed"] == 7 and kept["model"] == saved["model"]
+    assert kept["max_steps"] == 20 and kept["max_time"] == "1h" and "grad_accum" not in kept  # derived anew
+    given = rundir.resumed_settings(str(run), str(tmp_path / "elsewhere"), {"lr", "max_tokens"})
+    assert "lr" not in given and given["seed"] == 7
+    assert not {"max_steps", "max_time", "max_tokens"} & set(given)  # new stop conditions replace all the run's

@@ -90,14 +90,33 @@ def test_resume_continues(trained, tmp_path):
 
     run = tmp_path / "again"
     shutil.copytree(trained, run)
-    data = json.loads((run / "train_config.json").read_text())["data"]  # a list: one folder per source
-    assert len(data) == 1
-    out = run_mtgpt("train", "--data", data[0], "--out", run, "--nproc", "2", *TRAIN, "--max-steps", "40",
-                    "--eval-every", "10", "--resume", "auto")
+    out = run_mtgpt("train", "--out", run, "--nproc", "2", "--resume", "auto", "--max-steps", "40")  # the rest: the run's
     assert "resuming from" in out.stdout and "step 30" in out.stdout
     rows = metrics(run)
     assert [r["step"] for r in rows if "val/loss" in r] == [10, 20, 30, 40]
     assert json.loads((run / "last_stop.json").read_text())["step"] == 40
+
+
+def test_a_resumed_run_keeps_its_settings_unless_given_again(trained, tiny_data):
+    """`mtgpt train --out RUN --resume auto --max-steps 40` continues RUN as it was started (its
+    model, batch, learning rate, cadence, data), not with the defaults; an option given replaces
+    the run's, a stop condition given replaces all of the run's."""
+    from mtgpt import cli
+    from mtgpt.train import make_plan
+
+    def plan(*args: str, world_size: int = 2):
+        options = cli.train.make_context("train", ["--out", str(trained), "--resume", "auto", *args]).params
+        options.pop("nproc")
+        return make_plan(cli.build_config(options), world_size=world_size, cuda=False)
+
+    saved = json.loads((trained / "train_config.json").read_text())
+    resumed = plan("--max-steps", "40").cfg.to_dict()
+    assert resumed == {**saved, "max_steps": 40, "resume": "auto"}
+    assert (resumed["lr"], resumed["micro_batch"], resumed["log_every"], resumed["model"]["n_embd"]) == (1e-2, 4, 5, 32)
+    one_rank = plan("--max-steps", "40", world_size=1).cfg
+    assert (one_rank.batch_size, one_rank.grad_accum) == (8, 2)  # the batch is kept, the accumulation derived
+    given = plan("--lr", "5e-3", "--max-tokens", "99999", "--data", str(tiny_data)).cfg
+    assert (given.lr, given.max_tokens, given.max_steps, given.seed) == (5e-3, 99999, None, saved["seed"])
 
 
 @pytest.mark.slow
@@ -238,6 +257,11 @@ def test_make_plan_checks(tiny_data, tmp_path):
     assert plan.resume_from is None and not plan.universal and plan.tokens_per_step == 128
     with pytest.raises(ConfigError, match="fp16 needs a GPU"):
         make_plan(cfg.replace(ds_config="zero1_fp16"), world_size=1, cuda=False)
+    from mtgpt.train import plan_warnings
+
+    assert plan_warnings(plan) == [] and plan_warnings(make_plan(cfg.replace(warmup_steps=4), 2, cuda=False)) == []
+    warned = plan_warnings(make_plan(cfg.replace(warmup_steps=5), world_size=2, cuda=False))
+    assert len(warned) == 1 and "--warmup-steps 5 is not shorter than the 5-step schedule" in warned[0]
 
 
 def _fit(cfg):
