@@ -82,6 +82,10 @@ def conversations_from_jsonl(path: Path) -> Iterator[list[tuple[str, str]]]:
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise ChatDataError(f"{path}:{n}: expected {{\"messages\": [{{\"role\": \"user\"|\"assistant\"|"
                                     f"\"system\", \"content\": ...}}]}} ({type(e).__name__}: {e})") from None
+            for i, (_, text) in enumerate(turns, 1):  # str(None) would train the word "None"
+                if not isinstance(text, str):
+                    raise ChatDataError(f"{path}:{n}: message {i} has \"content\": {json.dumps(text)[:40]}; "
+                                        "give its text as a string (\"\" for an empty message)")
             yield turns
 
 

@@ -60,10 +60,14 @@ def test_bad_dialogue_data(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"text": "oops"}\n')
     with pytest.raises(DataError, match=r"bad.jsonl:2: expected"):
         prepare([str(tmp_path / "bad.jsonl")], tmp_path / "d", fmt="chat", quiet=True)
+    (tmp_path / "null.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\n'
+                                         '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": null}]}\n')
+    with pytest.raises(DataError, match=r'null.jsonl:2: message 2 has "content": null; .* \(\"\" for an empty message\)'):
+        prepare([str(tmp_path / "null.jsonl")], tmp_path / "n", fmt="chat", quiet=True)
     (tmp_path / "plain.yml").write_text("just: a mapping\n")
     with pytest.raises(DataError, match="conversations"):
         prepare([str(tmp_path / "plain.yml")], tmp_path / "e", fmt="chat", quiet=True)
-    assert not (tmp_path / "d").exists() and not (tmp_path / "e").exists()
+    assert not any((tmp_path / name).exists() for name in "den")
 
 
 def test_history_drops_oldest_turns_first():
@@ -158,3 +162,4 @@ def test_chat_without_a_model(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "mtgpt", "chat", str(tmp_path)], capture_output=True, text=True,
                           input="", timeout=60)
     assert proc.returncode != 0 and "has no model" in proc.stderr
+
