@@ -9,8 +9,14 @@ tokens), one turn per line, each conversation one document:
     User: Fine, thanks.
     Bot: Good to hear.
 
-A reply is the text the model writes after "Bot: " up to the end of the line. Newlines inside a
+A reply is the text the model writes after "Bot:" up to the end of the line. Newlines inside a
 message are written as spaces, so a turn is always exactly one line.
+
+Training data and prompts are tokenized alike (`template_ids`): the template text is cut where
+each reply begins (right after "Bot:") and ends (after its line end), and each piece is encoded
+on its own. A prompt ends with "Bot:", so it is exactly the ids that come before a reply in the
+training data, and the reply's first token (" Hi", or a bare " " in a small vocabulary) is the
+first thing the model writes, a trained target.
 """
 
 from __future__ import annotations
@@ -82,6 +88,10 @@ def conversations_from_jsonl(path: Path) -> Iterator[list[tuple[str, str]]]:
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise ChatDataError(f"{path}:{n}: expected {{\"messages\": [{{\"role\": \"user\"|\"assistant\"|"
                                     f"\"system\", \"content\": ...}}]}} ({type(e).__name__}: {e})") from None
+            for i, (_, text) in enumerate(turns, 1):  # str(None) would train the word "None"
+                if not isinstance(text, str):
+                    raise ChatDataError(f"{path}:{n}: message {i} has \"content\": {json.dumps(text)[:40]}; "
+                                        "give its text as a string (\"\" for an empty message)")
             yield turns
 
 
@@ -105,27 +115,42 @@ def to_template_file(inputs: list[Path], out: Path) -> int:
     return count
 
 
+def template_ids(tok: Tokenizer, turns: list[tuple[str, str]], prompt: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The template text of `turns` (then "Bot:" if `prompt`) as token ids, and which ids are a
+    bot's reply. The text is cut into context ("User: ...", "System: ..." lines and "Bot:") and
+    replies (" " + the text + the line end), each piece encoded on its own, so no token spans a
+    reply's start or end, and a prompt's ids are exactly those that precede a reply in training."""
+    pieces: list[tuple[str, bool]] = []
+    context = ""
+    for marker, text in turns:
+        if marker == BOT:
+            pieces += [(context + BOT.rstrip(), False), (turn_line(BOT, text).removeprefix(BOT.rstrip()), True)]
+            context = ""
+        else:
+            context += turn_line(marker, text)
+    pieces.append((context + BOT.rstrip() if prompt else context, False))
+    ids, is_reply = [], []
+    for text, reply in pieces:
+        piece = tok.encode(text)
+        ids += piece
+        is_reply += [reply] * len(piece)
+    return np.array(ids, dtype=np.uint32), np.array(is_reply, dtype=bool)
+
+
+def prompt_ids(tok: Tokenizer, turns: list[tuple[str, str]]) -> list[int]:
+    """The ids the model continues to answer the last of `turns`: their template text and "Bot:"."""
+    return template_ids(tok, turns, prompt=True)[0].tolist()
+
+
 def training_tokens(tok: Tokenizer, turns: list[tuple[str, str]], train_on: str = "bot") -> tuple[np.ndarray, np.ndarray]:
     """A conversation as training data: (its token ids in the template, which to train on).
 
-    train_on "bot": the tokens of the bot's replies and of their line ends (so the model learns
-    to answer and to stop); "Bot:" itself and every System and User token are only context. A
-    token is trained when any of its bytes is: the reply's first token (" Hi") starts with the
-    space after "Bot:". "all": every token (as plain text is trained)."""
-    text = render(turns)
-    ids = tok.encode_to_numpy(text)
-    if train_on == "all":
-        return ids, np.ones(len(ids), dtype=bool)
-    trained = np.zeros(len(text.encode("utf-8")), dtype=bool)
-    at = 0
-    for marker, content in turns:
-        line = len(turn_line(marker, content).encode("utf-8"))
-        if marker == BOT:
-            trained[at + len(BOT.encode("utf-8")):at + line] = True
-        at += line
-    ends = np.cumsum(tok.byte_lengths[ids])
-    before = np.concatenate([[0], np.cumsum(trained)])
-    return ids, before[ends] > before[ends - tok.byte_lengths[ids]]
+    train_on "bot": every token the model writes after a prompt's "Bot:": the bot's replies, the
+    space after "Bot:" that starts each, and their line ends (so the model learns to answer and to
+    stop); "Bot:" itself and every System and User token are only context. "all": every token (as
+    plain text is trained)."""
+    ids, is_reply = template_ids(tok, turns)
+    return ids, np.ones(len(ids), dtype=bool) if train_on == "all" else is_reply
 
 
 def fit_turns(tok: Tokenizer, turns: list[tuple[str, str]], block_size: int, reply_tokens: int, unit: int = 1
@@ -133,14 +158,15 @@ def fit_turns(tok: Tokenizer, turns: list[tuple[str, str]], block_size: int, rep
     """Fit a conversation into the context; returns (middle turns kept, prompt ids, reply budget).
 
     `turns` is [(role marker, text), ...]: leading System turns, the conversation, and the turn
-    to answer last. The prompt is their template text followed by "Bot:". The leading System
-    turns and the last turn are always kept whole: the reply budget is capped at what the context
-    leaves after them, then the oldest turns in between are dropped, `unit` at a time, until the
-    rest fits. Only a last turn too long for the context loses the beginning of its text (its
-    marker and the "Bot:" after it stay), with a quarter of the context left for the reply."""
+    to answer last. The prompt is their template text followed by "Bot:" (`prompt_ids`). The
+    leading System turns and the last turn are always kept whole: the reply budget is capped at
+    what the context leaves after them, then the oldest turns in between are dropped, `unit` at a
+    time, until the rest fits. Only a last turn too long for the context loses the beginning of
+    its text (its marker and the "Bot:" after it stay), with a quarter of the context left for
+    the reply."""
     n_head = next((i for i, (marker, _) in enumerate(turns[:-1]) if marker != SYSTEM), len(turns) - 1)
     head, middle, last = turns[:n_head], turns[n_head:-1], turns[-1]
-    turn = tok.encode(render(head + [last]) + BOT.rstrip())
+    turn = prompt_ids(tok, head + [last])
     reply = max(1, min(reply_tokens, block_size - len(turn)))
     if len(turn) + reply > block_size:
         reply = max(1, min(reply_tokens, block_size // 4))
@@ -154,7 +180,7 @@ def fit_turns(tok: Tokenizer, turns: list[tuple[str, str]], block_size: int, rep
         return [], ids, reply
     middle = list(middle)
     while True:
-        ids = tok.encode(render(head + middle + [last]) + BOT.rstrip())
+        ids = prompt_ids(tok, head + middle + [last])
         if len(ids) + reply <= block_size or not middle:
             return middle, ids, reply
         del middle[:unit]

@@ -395,12 +395,13 @@ def create_app(server: Server):
         max_tokens = server.budget(req.max_completion_tokens if req.max_completion_tokens is not None
                                    else req.max_tokens, server.max_tokens_limit)
         _, ids, reply = chat.fit_turns(server.tok, turns, server.block_size, max(1, max_tokens))
+        whole = len(chat.prompt_ids(server.tok, turns))  # usage counts the prompt as sent, as for completions
         warning = None
-        if len(ids) < len(server.tok.encode(chat.render(turns) + chat.BOT.rstrip())):
+        if len(ids) < whole:
             warning = (f"the conversation is longer than the context of {server.block_size} tokens: "
                        "its oldest turns (or the start of the last message) were left out")
         job = server.job(ids, req, min(max_tokens, reply), chat_reply=True)
-        return await respond(req, [job], "chat.completion", "chatcmpl", len(ids), warning)
+        return await respond(req, [job], "chat.completion", "chatcmpl", whole, warning)
 
     async def respond(req, jobs: list[Job], obj: str, prefix: str, prompt_tokens: int, warning: str | None):
         try:

@@ -60,10 +60,14 @@ def test_bad_dialogue_data(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"text": "oops"}\n')
     with pytest.raises(DataError, match=r"bad.jsonl:2: expected"):
         prepare([str(tmp_path / "bad.jsonl")], tmp_path / "d", fmt="chat", quiet=True)
+    (tmp_path / "null.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\n'
+                                         '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": null}]}\n')
+    with pytest.raises(DataError, match=r'null.jsonl:2: message 2 has "content": null; .* \(\"\" for an empty message\)'):
+        prepare([str(tmp_path / "null.jsonl")], tmp_path / "n", fmt="chat", quiet=True)
     (tmp_path / "plain.yml").write_text("just: a mapping\n")
     with pytest.raises(DataError, match="conversations"):
         prepare([str(tmp_path / "plain.yml")], tmp_path / "e", fmt="chat", quiet=True)
-    assert not (tmp_path / "d").exists() and not (tmp_path / "e").exists()
+    assert not any((tmp_path / name).exists() for name in "den")
 
 
 def test_history_drops_oldest_turns_first():
@@ -158,3 +162,34 @@ def test_chat_without_a_model(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "mtgpt", "chat", str(tmp_path)], capture_output=True, text=True,
                           input="", timeout=60)
     assert proc.returncode != 0 and "has no model" in proc.stderr
+
+
+PAIRS = [("Hello", "Hi, how are you?"), ("What is your name?", "I am a bot."), ("How old are you?", "42 years.")]
+
+
+def test_a_fine_tune_with_an_own_tokenizer_answers_each_message(tmp_path, world_of_one):
+    """The report's case, in process: a 400-token vocabulary (where " Hi" and " 42" start with a
+    bare " " token) and a tiny model fine-tuned on three exchanges answer each at temperature 0
+    with its own reply. (With the space after "Bot:" untrained, every answer was "I am a bot.":
+    " I" was the only first token the model had learned.)"""
+    from mtgpt.sample import SampleConfig, load_for_inference
+    from mtgpt.train import fit, make_plan
+    from tests.conftest import SONNETS
+
+    tok = tokenizer.train([SONNETS.read_text()], 400)
+    assert [tok.encode(" " + reply)[0] for _, reply in PAIRS[::2]] == tok.encode(" ") * 2  # the case in question
+    lines = [json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+             for _ in range(40) for q, a in PAIRS]
+    (tmp_path / "chat.jsonl").write_text("\n".join(lines) + "\n")
+    prepare([str(tmp_path / "chat.jsonl")], tmp_path / "data", block_size=32, val_fraction=0.0, fmt="chat",
+            tok=tok, quiet=True)
+    from mtgpt.config import TrainConfig
+
+    cfg = TrainConfig(data=str(tmp_path / "data"), out=str(tmp_path / "run"), model={**TINY, "vocab_size": 400}, micro_batch=8,
+                      lr=1e-2, max_steps=60, log_every=20, ds_config="zero0_fp32")
+    fit(make_plan(cfg, world_size=1))
+    model, tok = load_for_inference(str(tmp_path / "run"), False, "cpu", "fp32")
+    for message, reply in PAIRS:
+        _, ids, budget = chat.fit_history(tok, [], message, model.config.block_size, 16)
+        got = "".join(chat.reply_stream(model, tok, ids, SampleConfig(max_new_tokens=budget, temperature=0)))
+        assert got == reply, (message, got)

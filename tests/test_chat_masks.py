@@ -18,7 +18,7 @@ from mtgpt.data import load_manifest
 from mtgpt.data.loader import Split, TrainBatches, load_val
 from mtgpt.data.prepare import prepare
 from mtgpt.model import GPT
-from tests.conftest import TINY
+from tests.conftest import SONNETS, TINY
 
 GPT2 = tokenizer.gpt2()
 DIALOGUE = """- - Hello
@@ -101,6 +101,31 @@ def test_the_mask_follows_token_boundaries_for_any_tokenizer():
         ids, mask = chat.training_tokens(tok, turns)
         assert tok.decode(ids.tolist()) == chat.render(turns)
         assert b"".join(tok.token_bytes(int(t)) for t in ids[mask]) == " 日本語 and emoji 👩‍💻 ok\n".encode()
+
+
+def test_every_token_chat_must_write_after_its_prompt_is_trained_with_an_own_tokenizer():
+    """With a small own vocabulary the space after "Bot:" is often a token of its own (" ", "H",
+    "i", ...): it is the first token the model writes after the prompt chat and serve give it, so it
+    must be a trained target (it used to be context, so a fine-tune never learned what follows
+    "Bot:"). At every turn of a conversation, the training ids before the reply are exactly that
+    prompt (fit_history's ids, and prompt_for's text encoded), and every id from there through the
+    line end is trained."""
+    tok = tokenizer.train([SONNETS.read_text()], 400)
+    replies = ["Hi, how are you?", "I am a bot.", "42 is the answer.", "Yes", "...", "Über alles", "hello", ""]
+    turns, history, first = [(chat.SYSTEM, "Be brief.")], [], []
+    for i, reply in enumerate(replies):
+        message = f"Question {i}?"
+        turns += [(chat.USER, message), (chat.BOT, reply)]
+        ids, mask = chat.training_tokens(tok, turns)
+        _, prompt, _ = chat.fit_history(tok, history, message, block_size=4096, reply_tokens=16, system="Be brief.")
+        assert prompt == tok.encode(chat.prompt_for(history, message, system="Be brief."))
+        n = len(prompt)
+        assert ids[:n].tolist() == prompt and not mask[n - 1]  # "Bot:" is context
+        assert mask[n:].all() and tok.decode(ids[n:].tolist()) == f" {reply}\n"
+        assert b"".join(tok.token_bytes(int(t)) for t in ids[mask]) == "".join(f" {r}\n" for r in replies[:i + 1]).encode()
+        first.append(tok.token_bytes(int(ids[n])))
+        history.append((message, reply))
+    assert b" " in first and any(len(t) > 1 for t in first)  # both kinds of first token are covered
 
 
 def test_long_conversations_go_on_in_the_next_samples(chat_data):

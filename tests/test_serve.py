@@ -292,6 +292,8 @@ def test_a_long_conversation_is_cropped_with_a_warning(server):
     status, body, headers = server.request("POST", "/v1/chat/completions",
                                            {"model": "tiny", "messages": messages, "max_tokens": 8})
     assert status == 200 and "x-mtgpt-warning" in headers
+    whole = GPT2.encode(chat.render([(chat.USER, m["content"]) for m in messages]) + "Bot:")
+    assert body["usage"]["prompt_tokens"] == len(whole) > 64  # the prompt as sent, not what was kept
     status, body, headers = server.request("POST", "/v1/completions", {"model": "tiny", "prompt": "word " * 200,
                                                                        "max_tokens": 8})
     assert status == 200 and "last 64" in headers["x-mtgpt-warning"]
