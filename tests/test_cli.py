@@ -148,3 +148,66 @@ def test_every_training_option_is_declared_once(tiny_data):
         (3, 0.25, 1e-3, "30m", False, 5)
     assert cfg.model.block_size == 32  # not given: the data's
     assert dataclasses.replace(cfg, lr=TrainConfig.lr).lr == 6e-4
+
+
+@pytest.fixture(scope="module")
+def model_run(tmp_path_factory):
+    """A run folder holding a tiny random model, as training saves it (weights and config only)."""
+    import torch
+
+    from mtgpt import checkpoint
+    from mtgpt.model import GPT
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32))
+    run = tmp_path_factory.mktemp("runs") / "tiny"
+    checkpoint.save_weights({k: v.detach() for k, v in model.named_parameters()}, model.config, run)
+    return run
+
+
+def test_data_that_is_a_run_folder(tmp_path):
+    """The fix suggested never points --out at the run (--overwrite would delete it)."""
+    _fake_run(tmp_path / "run1", 2)
+    result = invoke("train", "--data", tmp_path / "run1", "--out", tmp_path / "run2", *TINY_ARGS)
+    one_error_line(result, f"{tmp_path / 'run1'} is a run folder (what `mtgpt train` writes), not a prepared data folder")
+    assert f"--out {tmp_path / 'run1'}" not in result.output and "mtgpt prepare TEXT... --out DATA_DIR" in result.output
+    assert not (tmp_path / "run2").exists()
+
+
+def test_data_that_is_a_text_file(tmp_path):
+    (tmp_path / "my.txt").write_text("some text\n")
+    result = invoke("train", "--data", tmp_path / "my.txt", "--out", tmp_path / "run", *TINY_ARGS)
+    one_error_line(result, f"{tmp_path / 'my.txt'} is a file, not a prepared data folder")
+    assert f"`mtgpt prepare {tmp_path / 'my.txt'} --out data/my`, then pass --data data/my" in result.output
+
+
+def test_data_that_is_a_folder_of_text(tmp_path):
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "a.txt").write_text("some text\n")
+    result = invoke("train", "--data", tmp_path / "texts", "--out", tmp_path / "run", *TINY_ARGS)
+    one_error_line(result, f"`mtgpt prepare {tmp_path / 'texts'} --out data/texts`, then pass --data data/texts")
+
+
+def test_sample_a_data_folder_or_a_checkpoint(tiny_data, tmp_path):
+    result = invoke("sample", tiny_data, "--prompt", "hi")
+    one_error_line(result, f"{tiny_data} is a data folder (what `mtgpt prepare` writes), not a run folder; "
+                           f"train a model on it: `mtgpt train --data {tiny_data} --out RUN_DIR`")
+    assert f"--out {tiny_data}`" not in result.output
+    _fake_run(tmp_path / "run", 2)
+    step = tmp_path / "run" / "checkpoints" / "step_00000010"
+    one_error_line(invoke("sample", step, "--prompt", "hi"),
+                   f"{step} is a checkpoint inside the run {tmp_path / 'run'}; give the run folder: {tmp_path / 'run'}")
+    one_error_line(invoke("sample", tmp_path / "run", "--prompt", "hi"),
+                   f"{tmp_path / 'run'} has no model yet: `mtgpt train` writes model.safetensors at its first checkpoint")
+
+
+def test_verify_is_for_data_folders(model_run, tmp_path):
+    from mtgpt.tokenizer import INFO_JSON, TOKENIZER_JSON
+
+    one_error_line(invoke("info", model_run, "--verify"),
+                   f"--verify checks a data folder's shards; {model_run} is a model folder")
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / TOKENIZER_JSON).write_text("{}")
+    (tmp_path / "tok" / INFO_JSON).write_text("{}")
+    one_error_line(invoke("info", tmp_path / "tok", "--verify"),
+                   f"--verify checks a data folder's shards; {tmp_path / 'tok'} is a tokenizer folder")
