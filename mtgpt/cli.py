@@ -153,7 +153,7 @@ def main() -> None:
               help="GPT-2's vocabulary, or a folder made by `mtgpt tokenizer train` (or a data or run folder: its tokenizer).")
 @click.option("--vocab-size", type=int, help="Train a tokenizer of this many tokens on the same TEXT first and use it "
               "(e.g. 8192; it is saved in --out).")
-@click.option("--workers", type=int, help="Tokenizer threads. [default: cores + 1]")
+@click.option("--workers", type=int, help="Tokenizer threads (at least 1). [default: cores + 1]")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--list", "list_corpora", is_flag=True, help="List the built-in corpora and exit.")
 def prepare(inputs, out, block_size, val_fraction, seed, shard_size, glob, fmt, train_on, doc_separator, strict,
@@ -181,6 +181,8 @@ def prepare(inputs, out, block_size, val_fraction, seed, shard_size, glob, fmt, 
                         train_on=train_on)
     except DataError as e:
         _fail(e)
+    except KeyboardInterrupt:  # Ctrl-C: prepare removed its temporary folder
+        raise click.ClickException(f"interrupted; nothing was written ({out} is as it was)") from None
     tr, va = m["splits"]["train"], m["splits"]["val"]
     click.echo(f"{out}: {m['documents']} document(s), {m['tokens']:,} tokens -> {tr['samples']:,} train + "
                f"{va['samples']:,} val sequences of {block_size + 1} tokens in {len(tr['shards'])} + "

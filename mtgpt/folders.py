@@ -1,4 +1,4 @@
-"""What a path is, told by the files it holds.
+"""What a path is, told by the files it holds, and how mtgpt writes a folder whole.
 
 The one rule behind `mtgpt info` and behind every error that says a path is not what an option
 wants, so that the fix it suggests fits what the path is (never an --out over a folder that holds
@@ -10,10 +10,15 @@ something else). The first kind whose files it holds:
     model       model.safetensors or config.json      a run's best/, checkpoint.save_weights
     tokenizer   tokenizer.json                        `mtgpt tokenizer train`
     file        any file; folder: any other folder; missing: nothing there
+
+A folder is written whole: into a temporary folder beside it, renamed into place when complete
+(`replace_folder`), so a crash, Ctrl-C or a full disk never leaves half of one.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 MANIFEST = "manifest.json"
@@ -65,3 +70,32 @@ def what(path: str | Path) -> str:
     k = kind(path)
     return f"a checkpoint inside the run {run_holding(path)}" if k == "checkpoint" else WRITTEN_BY[k]
 
+
+def check_out(out: str | Path, overwrite: bool, option: str = "--out") -> None:
+    """Refuse to write a folder over a file, or over a non-empty folder without --overwrite."""
+    from mtgpt.data.sources import DataError  # (mtgpt.data imports this module)
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out} exists and is not a folder; choose another {option}")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise DataError(f"{out} is not empty; choose another {option} or pass --overwrite to replace it")
+
+
+def temporary(out: Path) -> Path:
+    """The temporary folder beside `out` that is written first (a fresh, empty one)."""
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return tmp
+
+
+def replace_folder(tmp: Path, out: Path) -> None:
+    """Rename tmp to out. An existing out (allowed by --overwrite) is moved aside first and
+    deleted only after the new folder is in place."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -201,6 +201,38 @@ def test_sample_a_data_folder_or_a_checkpoint(tiny_data, tmp_path):
                    f"{tmp_path / 'run'} has no model yet: `mtgpt train` writes model.safetensors at its first checkpoint")
 
 
+@pytest.mark.parametrize("workers", ["0", "-1"])
+def test_prepare_workers_at_least_one(tmp_path, workers):
+    one_error_line(invoke("prepare", SONNETS, "--out", tmp_path / "d", "--workers", workers, "-q"),
+                   f"--workers must be >= 1, got {workers}")
+    assert not (tmp_path / "d").exists()
+
+
+def test_prepare_interrupted_leaves_nothing_and_no_traceback(tmp_path):
+    """Ctrl-C while the shards are being written: one clean line, no half-written --out, no
+    temporary folder left beside it, and no traceback of a tar stream closed after its file."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "big.txt").write_text(SONNETS.read_text() * 1600)  # 20 MB: seconds of tokenizing
+    proc = subprocess.Popen([sys.executable, "-m", "mtgpt", "prepare", "big.txt", "--out", "out", "--block-size", "32"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + 60
+    while not list(tmp_path.glob(".out.tmp-*/train-*.tar")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "prepare finished before it could be interrupted: give it more text"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert "Exception ignored" not in err and "Traceback" not in err, err
+    assert [line for line in err.splitlines() if line.strip()] == ["Error: interrupted; nothing was written (out is as it was)"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.txt"]
+
+
 def test_verify_is_for_data_folders(model_run, tmp_path):
     from mtgpt.tokenizer import INFO_JSON, TOKENIZER_JSON
 
