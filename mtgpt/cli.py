@@ -65,6 +65,10 @@ def _train_options(f):
     return f
 
 
+DEVICE_OPTION = click.option("--device", default="auto", show_default=True,
+                             help="auto (a GPU if one is visible), cpu, cuda or cuda:N.")
+
+
 def _sampling_options(max_new_tokens: int):
     def wrap(f):
         for option in reversed([
@@ -75,7 +79,7 @@ def _sampling_options(max_new_tokens: int):
             click.option("--top-p", type=float, help="Sample from the smallest set with this probability mass."),
             click.option("--seed", type=int, help="Same seed, same text."),
             click.option("--best", is_flag=True, help="Use the weights with the best val loss, not the latest."),
-            click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda."),
+            DEVICE_OPTION,
             click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
                          help="Weights' precision; auto is bf16 on a GPU, fp32 on a CPU."),
         ]):
@@ -227,7 +231,7 @@ def tokenizer_train(inputs, vocab_size, out, glob, strict, overwrite, quiet):
 
 @main.command()
 @_train_options
-@click.option("--nproc", type=int, help="Local processes. [default: all GPUs, or 2 on a CPU]")
+@click.option("--nproc", type=click.IntRange(min=1), help="Local processes. [default: all GPUs, or 2 on a CPU]")
 def train(nproc, **options):
     """Train a GPT with DeepSpeed on N local processes (the launcher is started for you).
 
@@ -286,8 +290,8 @@ def run_worker(options: dict) -> None:
 
 @main.command()
 @click.argument("run_dir", type=click.Path())
-@click.option("--prompt", default="", help="Text to continue. [default: start a new document]")
-@click.option("--prompt-file", type=click.Path(dir_okay=False), help="Read the prompt from a UTF-8 file.")
+@click.option("--prompt", help="Text to continue. [default: start a new document]")
+@click.option("--prompt-file", type=click.Path(dir_okay=False), help="Read the prompt from a UTF-8 file (instead of --prompt).")
 @click.option("--num-samples", default=1, show_default=True, help="Independent continuations.")
 @click.option("--stop", "stop_text", help="Stop a sample when it writes this text (it is not printed).")
 @_sampling_options(max_new_tokens=200)
@@ -296,6 +300,9 @@ def sample(run_dir, prompt, prompt_file, num_samples, stop_text, max_new_tokens,
     """Continue a prompt with a trained model, streamed as it comes (KV cache, top-k/top-p)."""
     from mtgpt.sample import SampleConfig, SampleError, run_sample
 
+    if prompt is not None and prompt_file:
+        raise click.UsageError("give --prompt or --prompt-file, not both")
+    prompt = prompt or ""
     cfg = SampleConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                        seed=seed, num_samples=num_samples, stop_text=stop_text)
     try:
@@ -346,10 +353,10 @@ def _read_line(prompt: str) -> str:
 @click.argument("run_dir", type=click.Path())
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on; 0.0.0.0 serves other machines (set --api-key then).")
-@click.option("--port", default=8000, show_default=True, help="Port to listen on.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True, help="Port to listen on.")
 @click.option("--api-key", envvar="MTGPT_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1 (or set MTGPT_API_KEY).")
 @click.option("--best", is_flag=True, help="Serve the weights with the best val loss, not the latest.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@DEVICE_OPTION
 @click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
               help="Weights' precision; auto is bf16 on a GPU, fp32 on a CPU.")
 @click.option("--max-tokens-limit", default=1024, show_default=True, help="The most tokens one request may ask for.")

@@ -150,6 +150,13 @@ def test_every_training_option_is_declared_once(tiny_data):
     assert dataclasses.replace(cfg, lr=TrainConfig.lr).lr == 6e-4
 
 
+def usage_error(result, match):
+    """A click usage error: exit 2, the command's usage, and one "Error:" line that names the option."""
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and match in errors[0], result.output
+
+
 @pytest.fixture(scope="module")
 def model_run(tmp_path_factory):
     """A run folder holding a tiny random model, as training saves it (weights and config only)."""
@@ -208,6 +215,18 @@ def test_prepare_workers_at_least_one(tmp_path, workers):
     assert not (tmp_path / "d").exists()
 
 
+@pytest.mark.parametrize("command", [["sample", "--prompt", "hi"], ["chat"], ["serve"], ["eval", SONNETS]])
+@pytest.mark.parametrize("device", ["tpu", "", "cuda:x", "cpu:0"])
+def test_bad_device(model_run, command, device):
+    one_error_line(invoke(command[0], model_run, *command[1:], "--device", device),
+                   f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+
+
+def test_serve_port_in_range(model_run):
+    usage_error(invoke("serve", model_run, "--port", "99999"), "Invalid value for '--port'")
+    usage_error(invoke("serve", model_run, "--port", "0"), "Invalid value for '--port'")
+
+
 def test_prepare_interrupted_leaves_nothing_and_no_traceback(tmp_path):
     """Ctrl-C while the shards are being written: one clean line, no half-written --out, no
     temporary folder left beside it, and no traceback of a tar stream closed after its file."""
@@ -231,6 +250,23 @@ def test_prepare_interrupted_leaves_nothing_and_no_traceback(tmp_path):
     assert "Exception ignored" not in err and "Traceback" not in err, err
     assert [line for line in err.splitlines() if line.strip()] == ["Error: interrupted; nothing was written (out is as it was)"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.txt"]
+
+
+def test_nproc_at_least_one(tiny_data, tmp_path):
+    usage_error(invoke("train", "--nproc", "0", "--data", tiny_data, "--out", tmp_path / "run", *TINY_ARGS,
+                       "--n-head", "3"), "Invalid value for '--nproc'")
+
+
+def test_prompt_and_prompt_file_together(model_run, tmp_path):
+    (tmp_path / "p.txt").write_text("from the file")
+    usage_error(invoke("sample", model_run, "--prompt", "X", "--prompt-file", tmp_path / "p.txt"),
+                "give --prompt or --prompt-file, not both")
+
+
+@pytest.mark.parametrize("command", [["sample", "--prompt", "hi"], ["chat"]])
+def test_max_new_tokens_at_least_one(model_run, command):
+    one_error_line(invoke(command[0], model_run, *command[1:], "--max-new-tokens", "0", "--device", "cpu"),
+                   "--max-new-tokens must be >= 1, got 0")
 
 
 def test_verify_is_for_data_folders(model_run, tmp_path):
