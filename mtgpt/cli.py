@@ -384,20 +384,28 @@ def serve(run_dir, host, port, api_key, best, device, dtype, max_tokens_limit, m
 @click.argument("texts", nargs=-1, required=True, metavar="TEXT...")
 @click.option("--stride", type=int, help="Tokens between window starts. [default: half the context]")
 @click.option("--best", is_flag=True, help="Use the weights with the best val loss.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@DEVICE_OPTION
+@click.option("--strict", is_flag=True, help="Refuse invalid UTF-8 instead of replacing it.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
-def eval_(run_dir, texts, stride, best, device, as_json):
-    """Loss, perplexity and bits per byte of a model on text files (sliding window)."""
+def eval_(run_dir, texts, stride, best, device, strict, as_json):
+    """Loss, perplexity and bits per byte of a model on text, per file (sliding window).
+
+    TEXT... are what `mtgpt prepare` reads, read the same way: files, folders (*.txt inside,
+    recursively), - for stdin, or a built-in corpus.
+    """
     import json as json_mod
 
     from mtgpt.checkpoint import load_model, load_tokenizer, model_folder
-    from mtgpt.evaluate import read_text, score_text, total
+    from mtgpt.data.sources import read_text, resolve_sources
+    from mtgpt.evaluate import score_text, total
     from mtgpt.sample import pick_device
 
     try:
+        sources = resolve_sources(list(texts))  # every input checked before the model loads
         model = load_model(run_dir, best=best, device=pick_device(device))
         tok = load_tokenizer(model_folder(run_dir, best))
-        scores = [score_text(model, tok, read_text(path), path, stride) for path in texts]
+        read = (read_text(src, strict, warn=lambda s: click.echo(s, err=True)) for src in sources)
+        scores = [score_text(model, tok, text, src.name, stride) for src, text in zip(sources, read)]
     except ValueError as e:
         _fail(e)
     rows = scores + ([total(scores)] if len(scores) > 1 else [])

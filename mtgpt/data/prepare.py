@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from mtgpt import __version__, folders, tokenizer
 from mtgpt.data.manifest import FORMAT, MANIFEST, sha256_file
-from mtgpt.data.sources import DataError, Source, decode_utf8, read_chunks, resolve_sources
+from mtgpt.data.sources import DataError, Source, decode_utf8, read_chunks, replaced_warning, resolve_sources
 from mtgpt.tokenizer import Tokenizer, TokenizerError
 
 SAMPLES_PER_RECORD = 16  # samples per tar member: amortises tar's per-member cost (~50 us)
@@ -337,8 +337,7 @@ def _write_shards(sources, tmp, block_size, val_fraction, seed, shard_size_mb, s
 
     for src, bad in zip(sources, replaced):
         if bad:
-            warn(f"warning: {src.name}: {bad} invalid UTF-8 byte(s) replaced with U+FFFD "
-                 "(use --strict to refuse such files)")
+            warn(replaced_warning(src.name, bad))
     if total_tokens == 0:
         raise DataError("the input holds no text; give files with text in them")
     stats = {"documents": documents.count, "tokens": total_tokens,
