@@ -422,17 +422,17 @@ def eval_(run_dir, texts, stride, best, device, strict, as_json):
 @click.option("--hf", "hf_dir", required=True, type=click.Path(file_okay=False),
               help="Folder to write: transformers loads it with from_pretrained().")
 @click.option("--best", is_flag=True, help="Export the weights with the best val loss.")
-def export(run_dir, hf_dir, best):
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty --hf (only once the new export is complete).")
+def export(run_dir, hf_dir, best, overwrite):
     """Write a run's model as a Hugging Face GPT-2 folder (config, safetensors, tokenizer)."""
     from mtgpt import hf
     from mtgpt.checkpoint import load_model, load_tokenizer, model_folder
 
     out = Path(hf_dir)
-    if out.exists() and any(out.iterdir()):
-        _fail(ValueError(f"{out} is not empty; choose another --hf folder"))
     try:
         model = load_model(run_dir, best=best)
-        hf.export(dict(model.named_parameters()), model.config, out, load_tokenizer(model_folder(run_dir, best)))
+        hf.export(dict(model.named_parameters()), model.config, out, load_tokenizer(model_folder(run_dir, best)),
+                  overwrite=overwrite)
     except ValueError as e:
         _fail(e)
     click.echo(f"{out}: GPT2LMHeadModel + tokenizer; load with "

@@ -280,3 +280,26 @@ def test_verify_is_for_data_folders(model_run, tmp_path):
     (tmp_path / "tok" / INFO_JSON).write_text("{}")
     one_error_line(invoke("info", tmp_path / "tok", "--verify"),
                    f"--verify checks a data folder's shards; {tmp_path / 'tok'} is a tokenizer folder")
+
+
+def test_export_overwrite(model_run, tmp_path, monkeypatch):
+    """--overwrite replaces an export only once the new one is complete; a failed export keeps the old."""
+    from mtgpt import hf
+
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "old.txt").write_text("the old export")
+    one_error_line(invoke("export", model_run, "--hf", out), "is not empty; choose another --hf or pass --overwrite")
+
+    def fail(*args, **kwargs):
+        raise hf.HFError("the tokenizer cannot be written")
+
+    with monkeypatch.context() as m:
+        m.setattr(hf, "hf_tokenizer", fail)  # after the model is written
+        result = invoke("export", model_run, "--hf", out, "--overwrite")
+        assert result.exit_code == 1 and "Error: the tokenizer cannot be written" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"] and [p.name for p in out.iterdir()] == ["old.txt"]
+    result = invoke("export", model_run, "--hf", out, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert not (out / "old.txt").exists() and (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
