@@ -36,15 +36,13 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from mtgpt import hf, tokenizer
+from mtgpt import folders, hf, tokenizer
 from mtgpt.config import ConfigError, ModelConfig
+from mtgpt.folders import CKPT_DIR, MODEL_CONFIG, WEIGHTS
 from mtgpt.model import GPT, WTE, unpadded
 
-CKPT_DIR = "checkpoints"
 COMPLETE = "COMPLETE"
 TAG_RE = re.compile(r"^step_(\d{8})$")
-WEIGHTS = "model.safetensors"
-MODEL_CONFIG = "config.json"
 RUN_INFO = "run_info.json"  # written by mtgpt.rundir; read here for what a run lacks and why
 
 
@@ -282,17 +280,33 @@ def load_tokenizer(folder: str | Path) -> tokenizer.Tokenizer:
 def model_folder(run_dir: str | Path, best: bool = False) -> Path:
     """The folder holding model.safetensors for a run (or a folder that is itself a model)."""
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
+    kind = folders.kind(run_dir)
+    if kind == "missing":
         raise ModelFileError(f"{run_dir}: no such folder; give a run folder written by `mtgpt train`")
+    if kind == "data":
+        raise ModelFileError(f"{run_dir} is {folders.what(run_dir)}, not a run folder; train a model on it: "
+                             f"`mtgpt train --data {run_dir} --out RUN_DIR`, then give RUN_DIR")
+    if kind == "checkpoint":
+        run = folders.run_holding(run_dir)
+        raise ModelFileError(f"{run_dir} is a checkpoint inside the run {run}; give the run folder: {run} "
+                             f"(its {WEIGHTS} is the latest checkpoint's weights)")
+    if kind in ("file", "tokenizer"):
+        raise ModelFileError(f"{run_dir} is {folders.what(run_dir)}, not a run folder; give a folder written by "
+                             "`mtgpt train --out RUN_DIR`")
     folder = run_dir / "best" if best else run_dir
     if best and not (folder / WEIGHTS).is_file() and not has_val(run_dir):
         raise ModelFileError(f"{run_dir} has no best model: its data has no val split (it was prepared "
                              "with --val-fraction 0), so nothing is evaluated; leave out --best to use "
                              "the latest weights")
+    if best and not (folder / WEIGHTS).is_file():
+        raise ModelFileError(f"{run_dir} has no best model (it is written at the first evaluation): "
+                             f"{folder / WEIGHTS} is missing")
+    if not (folder / WEIGHTS).is_file() and kind == "run":
+        raise ModelFileError(f"{run_dir} has no model yet: `mtgpt train` writes {WEIGHTS} at its first checkpoint "
+                             "(--save-every) and at the end")
     if not (folder / WEIGHTS).is_file():
-        what = "best model (it is written at the first evaluation)" if best else "model"
-        raise ModelFileError(f"{run_dir} has no {what}: {folder / WEIGHTS} is missing. Train one "
-                             f"with `mtgpt train --data DATA_DIR --out {run_dir}`")
+        raise ModelFileError(f"{run_dir} has no model: {folder / WEIGHTS} is missing; give a run folder written by "
+                             f"`mtgpt train --data DATA_DIR --out RUN_DIR`")
     return folder
 
 

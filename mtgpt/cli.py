@@ -65,6 +65,10 @@ def _train_options(f):
     return f
 
 
+DEVICE_OPTION = click.option("--device", default="auto", show_default=True,
+                             help="auto (a GPU if one is visible), cpu, cuda or cuda:N.")
+
+
 def _sampling_options(max_new_tokens: int):
     def wrap(f):
         for option in reversed([
@@ -75,7 +79,7 @@ def _sampling_options(max_new_tokens: int):
             click.option("--top-p", type=float, help="Sample from the smallest set with this probability mass."),
             click.option("--seed", type=int, help="Same seed, same text."),
             click.option("--best", is_flag=True, help="Use the weights with the best val loss, not the latest."),
-            click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda."),
+            DEVICE_OPTION,
             click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
                          help="Weights' precision; auto is bf16 on a GPU, fp32 on a CPU."),
         ]):
@@ -157,7 +161,7 @@ def main() -> None:
               help="GPT-2's vocabulary, or a folder made by `mtgpt tokenizer train` (or a data or run folder: its tokenizer).")
 @click.option("--vocab-size", type=int, help="Train a tokenizer of this many tokens on the same TEXT first and use it "
               "(e.g. 8192; it is saved in --out).")
-@click.option("--workers", type=int, help="Tokenizer threads. [default: cores + 1]")
+@click.option("--workers", type=int, help="Tokenizer threads (at least 1). [default: cores + 1]")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--list", "list_corpora", is_flag=True, help="List the built-in corpora and exit.")
 def prepare(inputs, out, block_size, val_fraction, seed, shard_size, glob, fmt, train_on, doc_separator, strict,
@@ -185,6 +189,8 @@ def prepare(inputs, out, block_size, val_fraction, seed, shard_size, glob, fmt, 
                         train_on=train_on)
     except DataError as e:
         _fail(e)
+    except KeyboardInterrupt:  # Ctrl-C: prepare removed its temporary folder
+        raise click.ClickException(f"interrupted; nothing was written ({out} is as it was)") from None
     tr, va = m["splits"]["train"], m["splits"]["val"]
     click.echo(f"{out}: {m['documents']} document(s), {m['tokens']:,} tokens -> {tr['samples']:,} train + "
                f"{va['samples']:,} val sequences of {block_size + 1} tokens in {len(tr['shards'])} + "
@@ -229,7 +235,7 @@ def tokenizer_train(inputs, vocab_size, out, glob, strict, overwrite, quiet):
 
 @main.command()
 @_train_options
-@click.option("--nproc", type=int, help="Local processes. [default: all GPUs, or 2 on a CPU]")
+@click.option("--nproc", type=click.IntRange(min=1), help="Local processes. [default: all GPUs, or 2 on a CPU]")
 def train(nproc, **options):
     """Train a GPT with DeepSpeed on N local processes (the launcher is started for you).
 
@@ -288,8 +294,8 @@ def run_worker(options: dict) -> None:
 
 @main.command()
 @click.argument("run_dir", type=click.Path())
-@click.option("--prompt", default="", help="Text to continue. [default: start a new document]")
-@click.option("--prompt-file", type=click.Path(dir_okay=False), help="Read the prompt from a UTF-8 file.")
+@click.option("--prompt", help="Text to continue. [default: start a new document]")
+@click.option("--prompt-file", type=click.Path(dir_okay=False), help="Read the prompt from a UTF-8 file (instead of --prompt).")
 @click.option("--num-samples", default=1, show_default=True, help="Independent continuations.")
 @click.option("--stop", "stop_text", help="Stop a sample when it writes this text (it is not printed).")
 @_sampling_options(max_new_tokens=200)
@@ -298,6 +304,9 @@ def sample(run_dir, prompt, prompt_file, num_samples, stop_text, max_new_tokens,
     """Continue a prompt with a trained model, streamed as it comes (KV cache, top-k/top-p)."""
     from mtgpt.sample import SampleConfig, SampleError, run_sample
 
+    if prompt is not None and prompt_file:
+        raise click.UsageError("give --prompt or --prompt-file, not both")
+    prompt = prompt or ""
     cfg = SampleConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                        seed=seed, num_samples=num_samples, stop_text=stop_text)
     try:
@@ -348,10 +357,10 @@ def _read_line(prompt: str) -> str:
 @click.argument("run_dir", type=click.Path())
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on; 0.0.0.0 serves other machines (set --api-key then).")
-@click.option("--port", default=8000, show_default=True, help="Port to listen on.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True, help="Port to listen on.")
 @click.option("--api-key", envvar="MTGPT_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1 (or set MTGPT_API_KEY).")
 @click.option("--best", is_flag=True, help="Serve the weights with the best val loss, not the latest.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@DEVICE_OPTION
 @click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
               help="Weights' precision; auto is bf16 on a GPU, fp32 on a CPU.")
 @click.option("--max-tokens-limit", default=1024, show_default=True, help="The most tokens one request may ask for.")
@@ -379,20 +388,28 @@ def serve(run_dir, host, port, api_key, best, device, dtype, max_tokens_limit, m
 @click.argument("texts", nargs=-1, required=True, metavar="TEXT...")
 @click.option("--stride", type=int, help="Tokens between window starts. [default: half the context]")
 @click.option("--best", is_flag=True, help="Use the weights with the best val loss.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@DEVICE_OPTION
+@click.option("--strict", is_flag=True, help="Refuse invalid UTF-8 instead of replacing it.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
-def eval_(run_dir, texts, stride, best, device, as_json):
-    """Loss, perplexity and bits per byte of a model on text files (sliding window)."""
+def eval_(run_dir, texts, stride, best, device, strict, as_json):
+    """Loss, perplexity and bits per byte of a model on text, per file (sliding window).
+
+    TEXT... are what `mtgpt prepare` reads, read the same way: files, folders (*.txt inside,
+    recursively), - for stdin, or a built-in corpus.
+    """
     import json as json_mod
 
     from mtgpt.checkpoint import load_model, load_tokenizer, model_folder
-    from mtgpt.evaluate import read_text, score_text, total
+    from mtgpt.data.sources import read_text, resolve_sources
+    from mtgpt.evaluate import score_text, total
     from mtgpt.sample import pick_device
 
     try:
+        sources = resolve_sources(list(texts))  # every input checked before the model loads
         model = load_model(run_dir, best=best, device=pick_device(device))
         tok = load_tokenizer(model_folder(run_dir, best))
-        scores = [score_text(model, tok, read_text(path), path, stride) for path in texts]
+        read = (read_text(src, strict, warn=lambda s: click.echo(s, err=True)) for src in sources)
+        scores = [score_text(model, tok, text, src.name, stride) for src, text in zip(sources, read)]
     except ValueError as e:
         _fail(e)
     rows = scores + ([total(scores)] if len(scores) > 1 else [])
@@ -409,17 +426,17 @@ def eval_(run_dir, texts, stride, best, device, as_json):
 @click.option("--hf", "hf_dir", required=True, type=click.Path(file_okay=False),
               help="Folder to write: transformers loads it with from_pretrained().")
 @click.option("--best", is_flag=True, help="Export the weights with the best val loss.")
-def export(run_dir, hf_dir, best):
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty --hf (only once the new export is complete).")
+def export(run_dir, hf_dir, best, overwrite):
     """Write a run's model as a Hugging Face GPT-2 folder (config, safetensors, tokenizer)."""
     from mtgpt import hf
     from mtgpt.checkpoint import load_model, load_tokenizer, model_folder
 
     out = Path(hf_dir)
-    if out.exists() and any(out.iterdir()):
-        _fail(ValueError(f"{out} is not empty; choose another --hf folder"))
     try:
         model = load_model(run_dir, best=best)
-        hf.export(dict(model.named_parameters()), model.config, out, load_tokenizer(model_folder(run_dir, best)))
+        hf.export(dict(model.named_parameters()), model.config, out, load_tokenizer(model_folder(run_dir, best)),
+                  overwrite=overwrite)
     except ValueError as e:
         _fail(e)
     click.echo(f"{out}: GPT2LMHeadModel + tokenizer; load with "

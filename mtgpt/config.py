@@ -240,7 +240,7 @@ class DataSource:
 
 
 _NAME = re.compile(r"^([A-Za-z0-9_.-]+)=(.+)$")
-_WEIGHT = re.compile(r"^(.*):((?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)$")
+_WEIGHT = re.compile(r"^(.*):([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)$")  # signed: :-1 is a bad weight, not part of a path
 _HOST = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/:]*$")  # http://host:8000 ends in a port, not a weight
 
 

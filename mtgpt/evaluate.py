@@ -5,18 +5,20 @@ its first token is scored too) is read in windows of block_size + 1 tokens (bloc
 their targets, as in training) that start `stride` tokens apart; each window scores only the
 tokens the previous one did not reach, so every token after the first window sees at least
 block_size - stride + 1 tokens of context.
+
+TEXT... are read as `mtgpt prepare` reads them (mtgpt.data.sources.resolve_sources and read_text).
+A progress bar counts the tokens scored (on stderr, when it is a terminal).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
-from mtgpt.data.sources import strip_bom
 from mtgpt.model import GPT
 from mtgpt.tokenizer import Tokenizer
 
@@ -56,20 +58,24 @@ def windows(n: int, span: int, stride: int):
 
 
 @torch.no_grad()
-def score_ids(model: GPT, ids: list[int], stride: int) -> tuple[float, int]:
-    """(summed NLL in nats, tokens scored) of ids[1:] given what precedes them."""
+def score_ids(model: GPT, ids: list[int], stride: int, name: str = "") -> tuple[float, int]:
+    """(summed NLL in nats, tokens scored) of ids[1:] given what precedes them; `name` labels
+    the progress bar."""
     block = model.config.block_size
     if not 1 <= stride <= block:
         raise ValueError(f"--stride must be between 1 and the block size {block}, got {stride}")
     device = next(model.parameters()).device
     x = torch.tensor(ids, dtype=torch.long, device=device)
     nll, count = 0.0, 0
-    for begin, end, first in windows(len(ids), block + 1, stride):
-        logits, _ = model(x[begin:end - 1][None])  # (1, end - 1 - begin <= block, V)
-        # logits at position i predict token begin + i + 1; score tokens first..end-1
-        pred = logits[0, first - begin - 1: end - begin - 1].float()
-        nll += F.cross_entropy(pred, x[first:end], reduction="sum").item()
-        count += end - first
+    with tqdm(total=len(ids) - 1, desc=f"eval {name}".strip(), unit="tok", unit_scale=True, dynamic_ncols=True,
+              disable=None) as bar:
+        for begin, end, first in windows(len(ids), block + 1, stride):
+            logits, _ = model(x[begin:end - 1][None])  # (1, end - 1 - begin <= block, V)
+            # logits at position i predict token begin + i + 1; score tokens first..end-1
+            pred = logits[0, first - begin - 1: end - begin - 1].float()
+            nll += F.cross_entropy(pred, x[first:end], reduction="sum").item()
+            count += end - first
+            bar.update(end - first)
     return nll, count
 
 
@@ -77,27 +83,9 @@ def score_text(model: GPT, tok: Tokenizer, text: str, name: str, stride: int | N
     """Score `text` read with `tok` (the model's own tokenizer: bits per byte compare across
     tokenizers, loss per token does not)."""
     ids = [tok.eot, *tok.encode(text)]
-    nll, count = score_ids(model, ids, max(1, model.config.block_size // 2) if stride is None else stride)
+    nll, count = score_ids(model, ids, max(1, model.config.block_size // 2) if stride is None else stride, name)
     return Score(name, count, len(text.encode("utf-8")), nll)
 
 
 def total(scores: list[Score]) -> Score:
     return Score("total", sum(s.tokens for s in scores), sum(s.bytes for s in scores), sum(s.nll for s in scores))
-
-
-def read_text(path: str) -> str:
-    """The file's text as `mtgpt prepare` reads it: its bytes as they are (a CRLF stays CRLF),
-    without a leading byte-order mark."""
-    try:
-        data = strip_bom(Path(path).read_bytes())
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no such file") from None
-    except OSError as e:
-        raise ValueError(f"{path}: {e.strerror}") from None
-    if not data:
-        raise ValueError(f"{path}: the file is empty")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (invalid byte at {e.start}); convert it, e.g. with "
-                         "iconv -f latin1 -t utf-8") from None

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import json
 import pickle
+import shutil
 from pathlib import Path
 
 import torch
 
-from mtgpt import tokenizer
+from mtgpt import folders, tokenizer
 from mtgpt.config import ModelConfig
 from mtgpt.model import unpadded
 
@@ -75,9 +76,12 @@ def hf_tokenizer(tok: tokenizer.Tokenizer | None = None, model_max_length: int |
 
 
 def export(weights: dict[str, torch.Tensor], config: ModelConfig, out: str | Path,
-           tok: tokenizer.Tokenizer | None = None) -> Path:
+           tok: tokenizer.Tokenizer | None = None, overwrite: bool = False) -> Path:
     """Write a GPT2LMHeadModel folder from mtgpt weights (names as GPT.named_parameters()) and
-    `tok` (GPT-2's when None)."""
+    `tok` (GPT-2's when None), whole (mtgpt.folders): a non-empty `out` is refused, or with
+    overwrite replaced once the new folder is complete."""
+    out = Path(out)
+    folders.check_out(out, overwrite, "--hf")
     tok = tok or tokenizer.gpt2()
     if tok.vocab_size != config.vocab_size:
         raise HFError(f"the tokenizer has {tok.vocab_size} tokens but the model {config.vocab_size}")
@@ -85,15 +89,21 @@ def export(weights: dict[str, torch.Tensor], config: ModelConfig, out: str | Pat
 
     if not config.bias:
         raise HFError("Hugging Face's GPT-2 has biases everywhere; a model trained with bias=False cannot be exported")
-    out = Path(out)
     model = GPT2LMHeadModel(gpt2_config(config))
     missing, unexpected = model.load_state_dict(_transpose_conv1d(unpadded(weights, config)), strict=False)
     missing = [k for k in missing if k != "lm_head.weight" and not k.endswith((".attn.bias", ".attn.masked_bias"))]
     if missing or unexpected:
         raise HFError(f"weights do not map onto GPT-2: missing {missing[:5]}, unexpected {unexpected[:5]}")
     model.tie_weights()
-    model.save_pretrained(out, safe_serialization=True)
-    hf_tokenizer(tok, model_max_length=config.block_size).save_pretrained(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folders.temporary(out)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        hf_tokenizer(tok, model_max_length=config.block_size).save_pretrained(tmp)
+        folders.replace_folder(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from mtgpt import checkpoint, rundir, tokenizer
+from mtgpt import checkpoint, folders, rundir, tokenizer
 from mtgpt.config import ModelConfig, TrainConfig, load_json
 from mtgpt.data.manifest import MANIFEST, load_manifest, verify as verify_shards
 from mtgpt.model import param_count
@@ -143,14 +143,19 @@ def describe(path: str | None, verify: bool = False) -> tuple[str, bool]:
     if path is None:
         return "\n".join(["default " + line for line in describe_model(ModelConfig())]), True
     p = Path(path)
-    if (p / MANIFEST).is_file():
+    kind = folders.kind(p)
+    if verify and kind in ("run", "model", "tokenizer", "checkpoint"):
+        raise ValueError(f"--verify checks a data folder's shards; {path} is {folders.what(p)}: leave out --verify")
+    if kind == "data":
         lines, ok = describe_data(p, verify)
         return "\n".join(lines), ok
-    if rundir.has_run(p) or (p / checkpoint.MODEL_CONFIG).is_file():
+    if kind in ("run", "model"):
         return "\n".join(describe_run(p)), True
-    if (p / tokenizer.TOKENIZER_JSON).is_file():
+    if kind == "tokenizer":
         return "\n".join(describe_tokenizer(p)), True
-    if not p.exists():
+    if kind == "missing":
         raise ValueError(f"{path}: no such file or folder")
+    if kind == "checkpoint":
+        raise ValueError(f"{path} is {folders.what(p)}; `mtgpt info {folders.run_holding(p)}` describes the run")
     raise ValueError(f"{path} is not a data folder (no {MANIFEST}), a run folder (no {rundir.TRAIN_CONFIG} or "
                      f"{checkpoint.WEIGHTS}) or a tokenizer folder (no {tokenizer.TOKENIZER_JSON})")

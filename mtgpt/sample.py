@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import codecs
 import math
+import re
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -39,8 +40,8 @@ class SampleConfig:
     slide: int | None = None  # window stride past block_size (None: block_size // 4)
 
     def check(self, vocab_size: int) -> None:
-        if self.max_new_tokens < 0:
-            raise SampleError(f"--max-new-tokens must be >= 0, got {self.max_new_tokens}")
+        if self.max_new_tokens < 1:
+            raise SampleError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise SampleError(f"--temperature must be a number >= 0 (0 is greedy), got {self.temperature}")
         if self.top_k is not None and not 0 <= self.top_k <= vocab_size:
@@ -301,10 +302,15 @@ def generate(model: GPT, tok: Tokenizer, prompt: str, cfg: SampleConfig, use_cac
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    """--device: auto (a GPU if one is visible), cpu, cuda, or cuda:N."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", name):
+        raise SampleError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SampleError("--device cuda: no CUDA GPU is visible; use --device cpu")
+        raise SampleError(f"--device {name}: no CUDA GPU is visible; use --device cpu")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise SampleError(f"--device {name}: there are {torch.cuda.device_count()} CUDA GPU(s), numbered from 0")
     return torch.device(name)
 
 

@@ -33,6 +33,8 @@ import numpy as np
 import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 
+from mtgpt.folders import TOKENIZER_JSON
+
 ASSETS = Path(__file__).parent / "assets" / "gpt2"
 ENCODER_JSON = ASSETS / "encoder.json"
 VOCAB_BPE = ASSETS / "vocab.bpe"
@@ -47,7 +49,6 @@ PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+
 MIN_VOCAB = 257  # the 256 bytes and <|endoftext|>
 MAX_VOCAB = 1 << 16  # shards store ids as uint16
 GPT2_IDENTITY = {"name": GPT2, "vocab_size": GPT2_VOCAB_SIZE, "sha256": ENCODER_JSON_SHA256}
-TOKENIZER_JSON = "tokenizer.json"
 INFO_JSON = "tokenizer_info.json"
 
 

@@ -67,6 +67,7 @@ def test_train_on_folder_that_is_not_data(tmp_path):
     (["--ds-config", "nope"], "not one of the bundled"),
     (["--max-time", "later"], "not a duration"),
     (["--resume", "/no/such/run"], "not a run folder"),
+    (["--data", "b=x:-1"], "the weight must be a positive number, got -1"),
 ])
 def test_train_config_errors(tiny_data, tmp_path, args, match):
     one_error_line(invoke("train", "--data", tiny_data, "--out", tmp_path / "run", *TINY_ARGS, *args), match)
@@ -148,3 +149,157 @@ def test_every_training_option_is_declared_once(tiny_data):
         (3, 0.25, 1e-3, "30m", False, 5)
     assert cfg.model.block_size == 32  # not given: the data's
     assert dataclasses.replace(cfg, lr=TrainConfig.lr).lr == 6e-4
+
+
+def usage_error(result, match):
+    """A click usage error: exit 2, the command's usage, and one "Error:" line that names the option."""
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and match in errors[0], result.output
+
+
+@pytest.fixture(scope="module")
+def model_run(tmp_path_factory):
+    """A run folder holding a tiny random model, as training saves it (weights and config only)."""
+    import torch
+
+    from mtgpt import checkpoint
+    from mtgpt.model import GPT
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32))
+    run = tmp_path_factory.mktemp("runs") / "tiny"
+    checkpoint.save_weights({k: v.detach() for k, v in model.named_parameters()}, model.config, run)
+    return run
+
+
+def test_data_that_is_a_run_folder(tmp_path):
+    """The fix suggested never points --out at the run (--overwrite would delete it)."""
+    _fake_run(tmp_path / "run1", 2)
+    result = invoke("train", "--data", tmp_path / "run1", "--out", tmp_path / "run2", *TINY_ARGS)
+    one_error_line(result, f"{tmp_path / 'run1'} is a run folder (what `mtgpt train` writes), not a prepared data folder")
+    assert f"--out {tmp_path / 'run1'}" not in result.output and "mtgpt prepare TEXT... --out DATA_DIR" in result.output
+    assert not (tmp_path / "run2").exists()
+
+
+def test_data_that_is_a_text_file(tmp_path):
+    (tmp_path / "my.txt").write_text("some text\n")
+    result = invoke("train", "--data", tmp_path / "my.txt", "--out", tmp_path / "run", *TINY_ARGS)
+    one_error_line(result, f"{tmp_path / 'my.txt'} is a file, not a prepared data folder")
+    assert f"`mtgpt prepare {tmp_path / 'my.txt'} --out data/my`, then pass --data data/my" in result.output
+
+
+def test_data_that_is_a_folder_of_text(tmp_path):
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "a.txt").write_text("some text\n")
+    result = invoke("train", "--data", tmp_path / "texts", "--out", tmp_path / "run", *TINY_ARGS)
+    one_error_line(result, f"`mtgpt prepare {tmp_path / 'texts'} --out data/texts`, then pass --data data/texts")
+
+
+def test_sample_a_data_folder_or_a_checkpoint(tiny_data, tmp_path):
+    result = invoke("sample", tiny_data, "--prompt", "hi")
+    one_error_line(result, f"{tiny_data} is a data folder (what `mtgpt prepare` writes), not a run folder; "
+                           f"train a model on it: `mtgpt train --data {tiny_data} --out RUN_DIR`")
+    assert f"--out {tiny_data}`" not in result.output
+    _fake_run(tmp_path / "run", 2)
+    step = tmp_path / "run" / "checkpoints" / "step_00000010"
+    one_error_line(invoke("sample", step, "--prompt", "hi"),
+                   f"{step} is a checkpoint inside the run {tmp_path / 'run'}; give the run folder: {tmp_path / 'run'}")
+    one_error_line(invoke("sample", tmp_path / "run", "--prompt", "hi"),
+                   f"{tmp_path / 'run'} has no model yet: `mtgpt train` writes model.safetensors at its first checkpoint")
+
+
+@pytest.mark.parametrize("workers", ["0", "-1"])
+def test_prepare_workers_at_least_one(tmp_path, workers):
+    one_error_line(invoke("prepare", SONNETS, "--out", tmp_path / "d", "--workers", workers, "-q"),
+                   f"--workers must be >= 1, got {workers}")
+    assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("command", [["sample", "--prompt", "hi"], ["chat"], ["serve"], ["eval", SONNETS]])
+@pytest.mark.parametrize("device", ["tpu", "", "cuda:x", "cpu:0"])
+def test_bad_device(model_run, command, device):
+    one_error_line(invoke(command[0], model_run, *command[1:], "--device", device),
+                   f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+
+
+def test_serve_port_in_range(model_run):
+    usage_error(invoke("serve", model_run, "--port", "99999"), "Invalid value for '--port'")
+    usage_error(invoke("serve", model_run, "--port", "0"), "Invalid value for '--port'")
+
+
+def test_prepare_interrupted_leaves_nothing_and_no_traceback(tmp_path):
+    """Ctrl-C while the shards are being written: one clean line, no half-written --out, no
+    temporary folder left beside it, and no traceback of a tar stream closed after its file."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "big.txt").write_text(SONNETS.read_text() * 1600)  # 20 MB: seconds of tokenizing
+    proc = subprocess.Popen([sys.executable, "-m", "mtgpt", "prepare", "big.txt", "--out", "out", "--block-size", "32"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + 60
+    while not list(tmp_path.glob(".out.tmp-*/train-*.tar")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "prepare finished before it could be interrupted: give it more text"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert "Exception ignored" not in err and "Traceback" not in err, err
+    assert [line for line in err.splitlines() if line.strip()] == ["Error: interrupted; nothing was written (out is as it was)"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.txt"]
+
+
+def test_nproc_at_least_one(tiny_data, tmp_path):
+    usage_error(invoke("train", "--nproc", "0", "--data", tiny_data, "--out", tmp_path / "run", *TINY_ARGS,
+                       "--n-head", "3"), "Invalid value for '--nproc'")
+
+
+def test_prompt_and_prompt_file_together(model_run, tmp_path):
+    (tmp_path / "p.txt").write_text("from the file")
+    usage_error(invoke("sample", model_run, "--prompt", "X", "--prompt-file", tmp_path / "p.txt"),
+                "give --prompt or --prompt-file, not both")
+
+
+@pytest.mark.parametrize("command", [["sample", "--prompt", "hi"], ["chat"]])
+def test_max_new_tokens_at_least_one(model_run, command):
+    one_error_line(invoke(command[0], model_run, *command[1:], "--max-new-tokens", "0", "--device", "cpu"),
+                   "--max-new-tokens must be >= 1, got 0")
+
+
+def test_verify_is_for_data_folders(model_run, tmp_path):
+    from mtgpt.tokenizer import INFO_JSON, TOKENIZER_JSON
+
+    one_error_line(invoke("info", model_run, "--verify"),
+                   f"--verify checks a data folder's shards; {model_run} is a model folder")
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / TOKENIZER_JSON).write_text("{}")
+    (tmp_path / "tok" / INFO_JSON).write_text("{}")
+    one_error_line(invoke("info", tmp_path / "tok", "--verify"),
+                   f"--verify checks a data folder's shards; {tmp_path / 'tok'} is a tokenizer folder")
+
+
+def test_export_overwrite(model_run, tmp_path, monkeypatch):
+    """--overwrite replaces an export only once the new one is complete; a failed export keeps the old."""
+    from mtgpt import hf
+
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "old.txt").write_text("the old export")
+    one_error_line(invoke("export", model_run, "--hf", out), "is not empty; choose another --hf or pass --overwrite")
+
+    def fail(*args, **kwargs):
+        raise hf.HFError("the tokenizer cannot be written")
+
+    with monkeypatch.context() as m:
+        m.setattr(hf, "hf_tokenizer", fail)  # after the model is written
+        result = invoke("export", model_run, "--hf", out, "--overwrite")
+        assert result.exit_code == 1 and "Error: the tokenizer cannot be written" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"] and [p.name for p in out.iterdir()] == ["old.txt"]
+    result = invoke("export", model_run, "--hf", out, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert not (out / "old.txt").exists() and (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]

@@ -65,12 +65,72 @@ def test_bad_input(tmp_path):
     torch.manual_seed(0)
     model = GPT(ModelConfig(**TINY))
     checkpoint.save_weights(dict(model.named_parameters()), model.config, tmp_path / "run")
-    (tmp_path / "latin.txt").write_bytes(b"caf\xe9")
-    for args, message in [([tmp_path / "missing.txt"], "no such file"), ([tmp_path / "latin.txt"], "not UTF-8"),
+    for args, message in [([tmp_path / "missing.txt"], "no such file"),
                           ([SONNETS, "--stride", "64"], "--stride must be between 1 and the block size 32"),
                           ([SONNETS, "--stride", "0"], "--stride must be between 1 and the block size 32")]:
         proc = run_mtgpt("eval", tmp_path / "run", *args, check=False)
         assert proc.returncode != 0 and message in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**TINY))
+    folder = tmp_path_factory.mktemp("eval") / "run"
+    checkpoint.save_weights({k: v.detach() for k, v in model.named_parameters()}, model.config, folder)
+    return folder
+
+
+def invoke(*args, input=None):
+    from click.testing import CliRunner
+
+    from mtgpt.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args], input=input, catch_exceptions=False)
+
+
+def test_reads_inputs_as_prepare_does(run, tmp_path):
+    """Files, folders of *.txt and - for stdin, as prepare takes them; invalid UTF-8 is replaced
+    with a warning (--strict refuses it), a file with NUL bytes is binary, as prepare says."""
+    text = SONNETS.read_text()[:500]
+    (tmp_path / "latin.txt").write_bytes(b"caf\xe9 " + text.encode())
+    result = invoke("eval", run, tmp_path / "latin.txt", "--json")
+    assert result.exit_code == 0, result.output
+    assert f"warning: {tmp_path / 'latin.txt'}: 1 invalid UTF-8 byte(s) replaced with U+FFFD" in result.output
+    strict = invoke("eval", run, tmp_path / "latin.txt", "--strict")
+    assert strict.exit_code == 1 and "invalid UTF-8 at byte 3" in strict.output
+    (tmp_path / "nul.txt").write_bytes(b"abc\0def")
+    result = invoke("eval", run, tmp_path / "nul.txt")
+    assert result.exit_code == 1 and "looks like a binary file" in result.output
+
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "a.txt").write_text(text)
+    (tmp_path / "folder" / "b.txt").write_text(text[:200])
+    rows = json.loads(invoke("eval", run, tmp_path / "folder", "--json").output)
+    assert [r["name"] for r in rows] == [str(tmp_path / "folder" / "a.txt"), str(tmp_path / "folder" / "b.txt"), "total"]
+    piped = json.loads(invoke("eval", run, "-", "--json", input=text).output)
+    assert piped[0]["name"] == "-" and {k: piped[0][k] for k in ("tokens", "nll")} == {k: rows[0][k] for k in ("tokens", "nll")}
+
+
+def test_progress_bar_on_a_terminal(run, monkeypatch, capsys):
+    """A bar over the tokens scored, on stderr when it is a terminal (as prepare's and train's)."""
+    import io
+    import sys
+
+    from mtgpt.evaluate import score_text
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    stderr = Terminal()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    text = SONNETS.read_text()[:2000]
+    score = score_text(checkpoint.load_model(run), GPT2, text, "a.txt", stride=16)
+    assert "eval a.txt" in stderr.getvalue() and f"{score.tokens}/{score.tokens}" in stderr.getvalue()
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal: no bar
+    score_text(checkpoint.load_model(run), GPT2, text, "a.txt", stride=16)
+    assert sys.stderr.getvalue() == ""
 
 
 def test_block_size_one_is_a_bigram_model():

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from mtgpt import checkpoint, info, rundir
+from mtgpt import checkpoint, info, rundir, tokenizer
 from mtgpt.config import ModelConfig, TrainConfig
 from mtgpt.model import GPT
 from tests.conftest import TINY
@@ -47,3 +47,24 @@ def test_not_a_known_folder(tmp_path):
         info.describe(str(tmp_path))
     with pytest.raises(ValueError, match="no such file or folder"):
         info.describe(str(tmp_path / "missing"))
+
+
+def test_folder_kinds(tiny_data, tmp_path):
+    """One rule says what a path is (info, and the errors that say which folder an option wants)."""
+    from mtgpt import folders
+
+    run = tmp_path / "run"
+    (run / checkpoint.CKPT_DIR / "step_00000010").mkdir(parents=True)
+    (run / rundir.TRAIN_CONFIG).write_text("{}")
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / tokenizer.TOKENIZER_JSON).write_text("{}")
+    (tmp_path / "a.txt").write_text("text")
+    (tmp_path / "empty").mkdir()
+    kinds = {tiny_data: "data", run: "run", run / "checkpoints": "checkpoint", run / "checkpoints" / "step_00000010":
+             "checkpoint", tmp_path / "tok": "tokenizer", tmp_path / "a.txt": "file", tmp_path / "empty": "folder",
+             tmp_path / "missing": "missing"}
+    assert {path: folders.kind(path) for path in kinds} == kinds
+    assert folders.what(run / "checkpoints" / "step_00000010") == f"a checkpoint inside the run {run}"
+    assert folders.TRAIN_CONFIG == rundir.TRAIN_CONFIG  # (rundir defines it too)
+    with pytest.raises(ValueError, match=f"is a checkpoint inside the run {run}; `mtgpt info {run}` describes the run"):
+        info.describe(str(run / "checkpoints" / "step_00000010"))

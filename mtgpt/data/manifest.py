@@ -15,11 +15,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from mtgpt import folders
 from mtgpt.data import remote
 from mtgpt.data.sources import DataError
+from mtgpt.folders import MANIFEST
 
 FORMAT = "mtgpt-shards/1"
-MANIFEST = "manifest.json"
 
 
 def sha256_file(path: Path, bufsize: int = 1 << 20) -> str:
@@ -37,11 +38,8 @@ def load_manifest(data_dir: str | Path) -> dict[str, Any]:
         return _checked(remote.read_manifest(str(data_dir))[0], str(data_dir))
     data_dir = Path(data_dir)
     path = data_dir / MANIFEST
-    if not data_dir.is_dir():
-        raise DataError(f"{data_dir}: no such folder; create it with `mtgpt prepare TEXT... --out {data_dir}`")
     if not path.is_file():
-        raise DataError(f"{data_dir} is not a prepared data folder (no {MANIFEST}); "
-                        f"create it with `mtgpt prepare TEXT... --out {data_dir}`")
+        raise _not_data(data_dir)
     try:
         manifest = _checked(json.loads(path.read_text()), path)
     except json.JSONDecodeError as e:
@@ -50,6 +48,25 @@ def load_manifest(data_dir: str | Path) -> dict[str, Any]:
         if not (data_dir / entry["file"]).is_file():
             raise DataError(f"{data_dir / entry['file']}: listed in {MANIFEST} but missing; prepare the data again")
     return manifest
+
+
+def _not_data(path: Path) -> DataError:
+    """Why `path` is no data folder, with the fix that fits what it is (mtgpt.folders): text is
+    prepared into a new folder; nothing that holds something else is offered as --out."""
+    kind = folders.kind(path)
+    if kind == "missing":
+        return DataError(f"{path}: no such folder; create it with `mtgpt prepare TEXT... --out {path}`")
+    if kind == "folder" and not any(path.iterdir()):
+        return DataError(f"{path} is an empty folder, not a prepared data folder (no {MANIFEST}); "
+                         f"create it with `mtgpt prepare TEXT... --out {path}`")
+    if kind in ("file", "folder"):  # text, presumably
+        out = Path("data") / (path.stem or "text")
+        if out.absolute() == path.absolute():
+            out = out.with_name(out.name + "-shards")
+        return DataError(f"{path} is {folders.what(path)}, not a prepared data folder (no {MANIFEST}); to train on "
+                         f"its text, prepare it first: `mtgpt prepare {path} --out {out}`, then pass --data {out}")
+    return DataError(f"{path} is {folders.what(path)}, not a prepared data folder (no {MANIFEST}); --data wants a "
+                     "folder written by `mtgpt prepare TEXT... --out DATA_DIR`")
 
 
 def data_files(manifest: dict[str, Any]) -> list[dict[str, Any]]:

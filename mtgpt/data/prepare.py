@@ -24,17 +24,18 @@ import sys
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import webdataset as wds
 from tqdm import tqdm
 
-from mtgpt import __version__, tokenizer
+from mtgpt import __version__, folders, tokenizer
 from mtgpt.data.manifest import FORMAT, MANIFEST, sha256_file
-from mtgpt.data.sources import DataError, Source, decode_utf8, read_chunks, resolve_sources
+from mtgpt.data.sources import DataError, Source, decode_utf8, read_chunks, replaced_warning, resolve_sources
 from mtgpt.tokenizer import Tokenizer, TokenizerError
 
 SAMPLES_PER_RECORD = 16  # samples per tar member: amortises tar's per-member cost (~50 us)
@@ -97,6 +98,23 @@ class SplitWriter:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+    def abort(self) -> None:
+        """Close the open shard's file, unfinished (its folder is about to be removed): a tar
+        stream left open would write to its closed file when garbage-collected."""
+        if self._writer is not None and self._writer.tarstream is not None:
+            self._writer.tarstream.close()
+        self._writer = None
+
+
+@contextmanager
+def _aborted_on_error(writers: dict[str, SplitWriter]) -> Iterator[None]:
+    try:
+        yield
+    except BaseException:  # an error, or Ctrl-C
+        for w in writers.values():
+            w.abort()
+        raise
 
 
 class ValSelector:
@@ -170,25 +188,6 @@ def _chunks(sources: list[Source], separator: str | None):
             yield i, last[0], last[1], True
 
 
-def _replace_folder(tmp: Path, out: Path) -> None:
-    """Rename tmp to out. An existing out (allowed by --overwrite) is moved aside first and
-    deleted only after the new folder is in place."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise DataError(f"{out} exists and is not a folder; choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise DataError(f"{out} is not empty; choose another --out or pass --overwrite to replace it")
-
-
 def prepare(
     inputs: list[str],
     out: str | Path,
@@ -235,8 +234,10 @@ def prepare(
             tok = tokenizer.load(tok)
     except TokenizerError as e:
         raise DataError(str(e)) from None
+    if workers is not None and workers < 1:
+        raise DataError(f"--workers must be >= 1, got {workers}")
     out = Path(out)
-    check_out(out, overwrite)
+    folders.check_out(out, overwrite)
     sources = resolve_sources(inputs, glob or ("**/*.yml" if fmt == "chat" else "**/*.txt"))
     if fmt == "chat" and any(s.path is None for s in sources):
         raise DataError("--format chat reads files (YAML or JSONL), not stdin")
@@ -249,8 +250,7 @@ def prepare(
     # 33 s with 2 threads, 26.5 s with 3, 27.8 s with 4)
     workers = workers or (os.cpu_count() or 1) + 1
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = folders.temporary(out)
     tmp.mkdir()
     try:
         read, extra = sources, {"content": fmt}
@@ -275,7 +275,7 @@ def prepare(
             manifest = _write_shards(read, tmp, block_size, val_fraction, seed, shard_size_mb, strict,
                                      doc_separator, workers, quiet, warn, sources, extra, tok)
         conversations.unlink(missing_ok=True)
-        _replace_folder(tmp, out)
+        folders.replace_folder(tmp, out)
     except BaseException as e:  # nothing half-written survives: not a crash, not Ctrl-C, not ENOSPC
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and not isinstance(e, DataError):
@@ -300,7 +300,7 @@ def _write_shards(sources, tmp, block_size, val_fraction, seed, shard_size_mb, s
     known = all(s.size is not None for s in sources)
     bar = tqdm(total=sum(s.size for s in sources) if known else None, unit="B", unit_scale=True,
                unit_divisor=1024, desc="prepare", disable=True if quiet else None, dynamic_ncols=True)
-    with ThreadPoolExecutor(workers) as pool:
+    with ThreadPoolExecutor(workers) as pool, _aborted_on_error(writers):
         inflight: deque = deque()
         chunks = _chunks(sources, separator)
 
@@ -337,8 +337,7 @@ def _write_shards(sources, tmp, block_size, val_fraction, seed, shard_size_mb, s
 
     for src, bad in zip(sources, replaced):
         if bad:
-            warn(f"warning: {src.name}: {bad} invalid UTF-8 byte(s) replaced with U+FFFD "
-                 "(use --strict to refuse such files)")
+            warn(replaced_warning(src.name, bad))
     if total_tokens == 0:
         raise DataError("the input holds no text; give files with text in them")
     stats = {"documents": documents.count, "tokens": total_tokens,
@@ -366,22 +365,23 @@ def _write_chat_shards(paths: list[Path], tmp: Path, block_size: int, val_fracti
              "loss_mask": True, "train_on": train_on, "trained_targets": 0, "padding_tokens": 0, "left_out_samples": 0}
     bar = tqdm(total=extra["conversations"], unit="conv", desc="prepare", disable=True if quiet else None,
                dynamic_ncols=True)
-    for turns in chat.conversations(paths):
-        ids, mask = chat.training_tokens(tok, turns, train_on)
-        stats["text_bytes"] += len(chat.render(turns).encode("utf-8"))
-        ids, mask = np.append(ids, tok.eot), np.append(mask, False)
-        n = -(-len(ids) // S)
-        pad = n * S - len(ids)
-        samples = np.concatenate([ids, np.full(pad, tok.eot)]).astype(np.uint16).reshape(n, S)
-        masks = np.concatenate([mask, np.zeros(pad, dtype=bool)]).reshape(n, S)
-        keep = masks[:, 1:].any(1)  # a sample trains on targets 1..S-1
-        writers["val" if is_val(1)[0] else "train"].add(samples[keep], masks[keep])
-        stats["documents"] += 1
-        stats["tokens"] += len(ids)
-        stats["padding_tokens"] += pad if keep[-1] else 0  # the padding stored (in the last sample, if kept)
-        stats["trained_targets"] += int(masks[keep, 1:].sum())
-        stats["left_out_samples"] += int((~keep).sum())
-        bar.update(1)
+    with _aborted_on_error(writers):
+        for turns in chat.conversations(paths):
+            ids, mask = chat.training_tokens(tok, turns, train_on)
+            stats["text_bytes"] += len(chat.render(turns).encode("utf-8"))
+            ids, mask = np.append(ids, tok.eot), np.append(mask, False)
+            n = -(-len(ids) // S)
+            pad = n * S - len(ids)
+            samples = np.concatenate([ids, np.full(pad, tok.eot)]).astype(np.uint16).reshape(n, S)
+            masks = np.concatenate([mask, np.zeros(pad, dtype=bool)]).reshape(n, S)
+            keep = masks[:, 1:].any(1)  # a sample trains on targets 1..S-1
+            writers["val" if is_val(1)[0] else "train"].add(samples[keep], masks[keep])
+            stats["documents"] += 1
+            stats["tokens"] += len(ids)
+            stats["padding_tokens"] += pad if keep[-1] else 0  # the padding stored (in the last sample, if kept)
+            stats["trained_targets"] += int(masks[keep, 1:].sum())
+            stats["left_out_samples"] += int((~keep).sum())
+            bar.update(1)
     bar.close()
     for w in writers.values():
         w.close()
@@ -491,11 +491,10 @@ def make_tokenizer(inputs: list[str], vocab_size: int, out: str | Path, overwrit
     except TokenizerError as e:
         raise DataError(str(e)) from None
     out = Path(out)
-    check_out(out, overwrite)
+    folders.check_out(out, overwrite)
     sources = resolve_sources(inputs, glob or "**/*.txt")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = folders.temporary(out)
     try:
         tmp.mkdir()
         for i, src in enumerate(sources):
@@ -509,7 +508,7 @@ def make_tokenizer(inputs: list[str], vocab_size: int, out: str | Path, overwrit
         tok.info = tokenizer_info(tok, sources, sources)
         tok.save(tmp)
         (tmp / ".stdin.txt").unlink(missing_ok=True)
-        _replace_folder(tmp, out)
+        folders.replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

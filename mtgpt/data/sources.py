@@ -143,6 +143,10 @@ def decode_utf8(data: bytes, strict: bool, where: str, offset: int = 0) -> tuple
     return text, _counts.n
 
 
+def replaced_warning(name: str, count: int) -> str:
+    return f"warning: {name}: {count} invalid UTF-8 byte(s) replaced with U+FFFD (use --strict to refuse such files)"
+
+
 BOM = b"\xef\xbb\xbf"  # a UTF-8 byte-order mark: an editor's marker, not text
 
 
@@ -238,3 +242,17 @@ def read_chunks(src: Source, chunk_bytes: int, separator: str | None = None) -> 
     finally:
         if src.path is not None:
             stream.close()
+
+
+def read_text(src: Source, strict: bool = False, warn=print) -> str:
+    """A source's whole text as prepare reads it: read_chunks (bytes as they are, a leading
+    byte-order mark dropped) decoded by decode_utf8 (invalid bytes replaced, with a warning, or
+    refused when strict)."""
+    parts, replaced = [], 0
+    for offset, data in read_chunks(src, 4 << 20):  # (any chunk size gives the same text)
+        text, bad = decode_utf8(data, strict, src.name, offset)
+        parts.append(text)
+        replaced += bad
+    if replaced:
+        warn(replaced_warning(src.name, replaced))
+    return "".join(parts)

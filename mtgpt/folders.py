@@ -1,0 +1,101 @@
+"""What a path is, told by the files it holds, and how mtgpt writes a folder whole.
+
+The one rule behind `mtgpt info` and behind every error that says a path is not what an option
+wants, so that the fix it suggests fits what the path is (never an --out over a folder that holds
+something else). The first kind whose files it holds:
+
+    data        manifest.json                         `mtgpt prepare`  (mtgpt.data.manifest)
+    run         train_config.json or checkpoints/     `mtgpt train`    (mtgpt.rundir, mtgpt.checkpoint)
+    checkpoint  a run's checkpoints/, or a save in it  `mtgpt train`
+    model       model.safetensors or config.json      a run's best/, checkpoint.save_weights
+    tokenizer   tokenizer.json                        `mtgpt tokenizer train`
+    file        any file; folder: any other folder; missing: nothing there
+
+A folder is written whole: into a temporary folder beside it, renamed into place when complete
+(`replace_folder`), so a crash, Ctrl-C or a full disk never leaves half of one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+TRAIN_CONFIG = "train_config.json"  # (mtgpt.rundir.TRAIN_CONFIG: tests/test_info.py checks they agree)
+CKPT_DIR = "checkpoints"
+WEIGHTS = "model.safetensors"
+MODEL_CONFIG = "config.json"
+TOKENIZER_JSON = "tokenizer.json"
+
+WRITTEN_BY = {"data": "a data folder (what `mtgpt prepare` writes)", "run": "a run folder (what `mtgpt train` writes)",
+              "model": "a model folder (model.safetensors, config.json)",
+              "tokenizer": "a tokenizer folder (what `mtgpt tokenizer train` writes)", "file": "a file",
+              "folder": "a folder", "missing": "missing"}
+
+
+def run_holding(path: str | Path) -> Path | None:
+    """The run folder whose checkpoints/ is `path` or holds it (a save, or a save in a subfolder
+    such as universal/), if any."""
+    path = Path(path)
+    for up in (path, path.parent, path.parent.parent):
+        if up.name == CKPT_DIR and (up.parent / TRAIN_CONFIG).is_file():
+            return up.parent
+    return None
+
+
+def kind(path: str | Path) -> str:
+    """data, run, checkpoint, model, tokenizer, file, folder or missing (see the module docstring)."""
+    path = Path(path)
+    if not path.exists():
+        return "missing"
+    if not path.is_dir():
+        return "file"
+    if (path / MANIFEST).is_file():
+        return "data"
+    if (path / TRAIN_CONFIG).is_file() or (path / CKPT_DIR).is_dir():
+        return "run"
+    if run_holding(path) is not None:
+        return "checkpoint"
+    if (path / WEIGHTS).is_file() or (path / MODEL_CONFIG).is_file():
+        return "model"
+    if (path / TOKENIZER_JSON).is_file():
+        return "tokenizer"
+    return "folder"
+
+
+def what(path: str | Path) -> str:
+    """What `path` is, in words: "a data folder (what `mtgpt prepare` writes)", "a checkpoint
+    inside the run runs/x", ..."""
+    k = kind(path)
+    return f"a checkpoint inside the run {run_holding(path)}" if k == "checkpoint" else WRITTEN_BY[k]
+
+
+def check_out(out: str | Path, overwrite: bool, option: str = "--out") -> None:
+    """Refuse to write a folder over a file, or over a non-empty folder without --overwrite."""
+    from mtgpt.data.sources import DataError  # (mtgpt.data imports this module)
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out} exists and is not a folder; choose another {option}")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise DataError(f"{out} is not empty; choose another {option} or pass --overwrite to replace it")
+
+
+def temporary(out: Path) -> Path:
+    """The temporary folder beside `out` that is written first (a fresh, empty one)."""
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return tmp
+
+
+def replace_folder(tmp: Path, out: Path) -> None:
+    """Rename tmp to out. An existing out (allowed by --overwrite) is moved aside first and
+    deleted only after the new folder is in place."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
