@@ -249,8 +249,6 @@ def train(nproc, **options):
     from mtgpt.train import make_plan
 
     nproc = nproc or launcher.default_nproc()
-    if nproc < 1:
-        raise click.UsageError("--nproc must be >= 1")
     try:
         cfg = build_config(options)
         make_plan(cfg, world_size=nproc)  # every check, once, before any process starts

@@ -22,7 +22,7 @@ import shutil
 from pathlib import Path
 
 MANIFEST = "manifest.json"
-TRAIN_CONFIG = "train_config.json"  # (mtgpt.rundir.TRAIN_CONFIG: tests/test_info.py checks they agree)
+TRAIN_CONFIG = "train_config.json"  # mtgpt.rundir writes it
 CKPT_DIR = "checkpoints"
 WEIGHTS = "model.safetensors"
 MODEL_CONFIG = "config.json"

@@ -16,10 +16,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from mtgpt import __version__, checkpoint
+from mtgpt import __version__, checkpoint, folders
 from mtgpt.config import ConfigError, ModelConfig, TrainConfig, dump_json, load_json
 
-TRAIN_CONFIG = "train_config.json"
+TRAIN_CONFIG = folders.TRAIN_CONFIG
 DS_CONFIG = "ds_config.json"
 RUN_INFO = checkpoint.RUN_INFO
 LAST_STOP = "last_stop.json"  # rank 0, at the end of fit: why and where the run stopped
@@ -72,19 +72,23 @@ def resumed_settings(resume: str | None, out: str | None, given: set[str]) -> di
 
 def check_out_folder(out: Path) -> None:
     """--out must be a new or empty folder, or one that holds an mtgpt run: never a data folder,
-    a folder inside a run, or a folder of other files (the run's files would be mixed into them)."""
-    if out.exists() and not out.is_dir():
+    a folder inside a run, or a folder of other files (the run's files would be mixed into them).
+    An empty logs/ of a job script (slurm/train.sbatch makes RUN/logs first) is allowed."""
+    kind = folders.kind(out)
+    if kind == "file":
         raise ConfigError(f"--out {out} exists and is not a folder")
     if has_run(out):
         return
-    if (out / "manifest.json").is_file():
-        raise ConfigError(f"--out {out} is a data folder (mtgpt prepare wrote it); the run needs a folder of "
-                          "its own, e.g. --out runs/NAME (nothing was changed)")
-    parent = out.resolve().parent
-    if out.resolve().name == checkpoint.CKPT_DIR or has_run(parent):
-        raise ConfigError(f"--out {out} is inside the run {parent}; give the run folder itself with --resume auto "
+    run = folders.run_holding(out) or out.resolve().parent
+    if kind == "checkpoint" or has_run(run):
+        raise ConfigError(f"--out {out} is inside the run {run}; give the run folder itself with --resume auto "
                           "to continue it, or a new folder, e.g. --out runs/NAME (nothing was changed)")
-    others = sorted(p.name for p in out.iterdir() if p.name != "logs") if out.is_dir() else []
+    if kind == "missing":
+        return
+    if kind != "folder":
+        raise ConfigError(f"--out {out} is {folders.what(out)}; the run needs a folder of its own, e.g. "
+                          "--out runs/NAME (nothing was changed)")
+    others = sorted(p.name for p in out.iterdir() if p.name != "logs")
     if others:
         shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
         raise ConfigError(f"--out {out} is not empty ({shown}) and holds no mtgpt run; choose a new or empty "

@@ -12,6 +12,7 @@ import datetime
 import logging
 import os
 import socket
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -146,7 +147,13 @@ def broadcast_object(obj, src: int = 0):
 
 
 def destroy() -> None:
+    """End the process group, and forget DeepSpeed's clone of it (deepspeed.utils.groups keeps
+    one for the life of the process: an engine built after a new init() would use the destroyed
+    group)."""
     global _me
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+    groups = sys.modules.get("deepspeed.utils.groups")
+    if groups is not None:
+        groups._WORLD_GROUP = None
     _me = None

@@ -41,6 +41,22 @@ def test_a_real_process_group_of_one(world_of_one):
     world.barrier()
 
 
+def test_a_new_world_after_destroy_gets_deepspeed_a_new_world_group(world_of_one):  # (restores the environment)
+    """DeepSpeed clones the world group once per process (deepspeed.utils.groups); an engine built
+    in a second world of one (a later test module training in process) must not get the first's."""
+    from deepspeed.utils import groups
+
+    world.init()
+    first = groups._clone_world_group()
+    world.destroy()
+    world.init()
+    try:
+        again = groups._clone_world_group()
+        assert again is not first and torch.distributed.get_global_rank(again, 0) == 0
+    finally:
+        world.destroy()
+
+
 def test_free_port_is_free():
     import socket
 
