@@ -71,15 +71,14 @@ def what(path: str | Path) -> str:
     return f"a checkpoint inside the run {run_holding(path)}" if k == "checkpoint" else WRITTEN_BY[k]
 
 
-def check_out(out: str | Path, overwrite: bool, option: str = "--out") -> None:
-    """Refuse to write a folder over a file, or over a non-empty folder without --overwrite."""
-    from mtgpt.data.sources import DataError  # (mtgpt.data imports this module)
-
+def check_out(out: str | Path, overwrite: bool, option: str = "--out", error: type[ValueError] = ValueError) -> None:
+    """Refuse (raising `error`, the caller's own kind) to write a folder over a file, or over a
+    non-empty folder without --overwrite."""
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise DataError(f"{out} exists and is not a folder; choose another {option}")
+        raise error(f"{out} exists and is not a folder; choose another {option}")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise DataError(f"{out} is not empty; choose another {option} or pass --overwrite to replace it")
+        raise error(f"{out} is not empty; choose another {option} or pass --overwrite to replace it")
 
 
 def temporary(out: Path) -> Path:
