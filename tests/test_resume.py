@@ -174,8 +174,9 @@ from mtgpt.config import TrainConfig, load_json
 from mtgpt.model import GPT
 from mtgpt.train import make_plan
 run, stage = Path(sys.argv[1]), int(sys.argv[2])
+probe = run.parent / "probe"  # beside the run: --out is never inside a run
 cfg = TrainConfig.from_dict(load_json(run / "train_config.json")).replace(micro_batch=4, resume="never",
-                                                                         out=str(run / "probe"))
+                                                                         out=str(probe))
 plan = make_plan(cfg, world_size=1)
 plan.ds["checkpoint"] = {"load_universal": True}
 world.init()
@@ -183,8 +184,8 @@ model = GPT(cfg.model)
 engine, *_ = world.import_deepspeed().initialize(model=model, model_parameters=model.param_groups(), config=plan.ds)
 engine.load_checkpoint(str(run / "checkpoints" / "universal"), tag="step_00000005")
 weights = checkpoint.gather_weights(engine.module, stage, 0)
-checkpoint.save_weights(weights, cfg.model, run / "probe")
-print(run / "probe" / "model.safetensors")
+checkpoint.save_weights(weights, cfg.model, probe)
+print(probe / "model.safetensors")
 """
 
 
