@@ -104,7 +104,8 @@ def build_config(options: dict) -> TrainConfig:
             base["model"][key] = options[key]
         else:
             base[key] = options[key]
-    if not resumed and (base.get("init_from") or base.get("init_from_hf")):  # the model's shape is the source's
+    shape_given = set(ModelConfig().shape()) <= set(base["model"])  # (a resumed run's, a launcher's resolved config)
+    if not shape_given and (base.get("init_from") or base.get("init_from_hf")):  # the model's shape is the source's
         from mtgpt import checkpoint  # (make_plan refuses a shape given here that differs from it)
 
         try:
@@ -235,7 +236,8 @@ def tokenizer_train(inputs, vocab_size, out, glob, strict, overwrite, quiet):
 
 @main.command()
 @_train_options
-@click.option("--nproc", type=click.IntRange(min=1), help="Local processes. [default: all GPUs, or 2 on a CPU]")
+@click.option("--nproc", type=click.IntRange(min=1),
+              help="Local processes. [default: all GPUs, or 2 on a CPU; a resumed run: its own number where there are as many]")
 def train(nproc, **options):
     """Train a GPT with DeepSpeed on N local processes (the launcher is started for you).
 
@@ -244,13 +246,13 @@ def train(nproc, **options):
     numbers is refused before anything starts. On several nodes, or under Slurm, start
     launch/train.py with `deepspeed` or `torchrun` instead (see the README).
     """
-    from mtgpt import launcher
+    from mtgpt import launcher, rundir
     from mtgpt.data import DataError
     from mtgpt.train import make_plan
 
-    nproc = nproc or launcher.default_nproc()
     try:
         cfg = build_config(options)
+        nproc = nproc or launcher.default_nproc(rundir.resumed_world_size(cfg))  # a resumed run keeps its ranks
         make_plan(cfg, world_size=nproc)  # every check, once, before any process starts
     except (ConfigError, DataError) as e:
         _fail(e)

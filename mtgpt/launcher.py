@@ -25,9 +25,13 @@ import psutil
 from mtgpt import monitor, rundir, world
 from mtgpt.config import TrainConfig
 
-def default_nproc() -> int:
-    """All GPUs, or 2 CPU ranks without a GPU."""
-    return world.gpu_count() or 2
+def default_nproc(resumed: int | None = None) -> int:
+    """--nproc when none is given: a resumed run's own number of ranks (`resumed`) where this
+    machine has them, else all GPUs, or 2 CPU ranks without a GPU."""
+    gpus = world.gpu_count()
+    if resumed and (not gpus or resumed <= gpus):
+        return resumed
+    return gpus or 2
 
 
 def command(config_file: str, nproc: int, master_port: int) -> list[str]:

@@ -70,6 +70,16 @@ def resumed_settings(resume: str | None, out: str | None, given: set[str]) -> di
     return {k: v for k, v in saved.items() if k not in dropped}
 
 
+def resumed_world_size(cfg: TrainConfig) -> int | None:
+    """The number of ranks the run that `cfg` resumes last trained on; None when nothing is
+    resumed or its run folder does not say."""
+    found = None if cfg.resume == "never" else _checkpoint_for(cfg.resume, Path(cfg.out))
+    try:
+        return int(load_json(found.parent.parent / RUN_INFO)["world_size"]) if found else None
+    except (ConfigError, KeyError, TypeError, ValueError):
+        return None
+
+
 def check_out_folder(out: Path) -> None:
     """--out must be a new or empty folder, or one that holds an mtgpt run: never a data folder,
     a folder inside a run, or a folder of other files (the run's files would be mixed into them).

@@ -303,3 +303,47 @@ def test_export_overwrite(model_run, tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert not (out / "old.txt").exists() and (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+def test_a_fine_tune_resumes_without_the_model_it_started_from(tiny_data, tmp_path):
+    """`mtgpt train --out FT --resume auto` of a run started with --init-from, after that model was
+    deleted: the checkpoint holds everything; neither the command nor its ranks (which get the
+    resolved config as --config) read the source again."""
+    from mtgpt import cli
+    from tests.conftest import TINY
+    from tests.test_rundir import _complete
+
+    run = tmp_path / "ft"
+    _complete(run, 5)
+    saved = TrainConfig(data=[str(tiny_data)], out=str(run), model={**TINY, "vocab_size": 50257}, micro_batch=4,
+                        batch_size=8, init_from=str(tmp_path / "deleted")).to_dict()
+    dump_json(saved, run / "train_config.json")
+
+    def options(command, *args):
+        params = getattr(cli, command).make_context(command, [str(a) for a in args]).params
+        return {k: v for k, v in params.items() if k not in ("nproc", "local_rank")}
+
+    cfg = cli.build_config(options("train", "--out", run, "--resume", "auto", "--max-steps", 10))
+    assert cfg.to_dict() == {**saved, "resume": "auto", "max_steps": 10}
+    dump_json(cfg.to_dict(), tmp_path / "resolved.json")  # what mtgpt.launcher hands its ranks
+    assert cli.build_config(options("worker", "--config", tmp_path / "resolved.json")) == cfg
+
+
+def test_a_resumed_run_starts_on_its_own_number_of_ranks(tiny_data, tmp_path, monkeypatch):
+    """`mtgpt train --out RUN --resume auto` of a 1-rank run (batch 4 = micro 4 x 1 rank) starts 1
+    rank, not the default 2 (on which the batch would not divide); --nproc still decides."""
+    from mtgpt import launcher
+    from tests.conftest import TINY
+    from tests.test_rundir import _complete
+
+    run = tmp_path / "r1"
+    _complete(run, 5)
+    dump_json(TrainConfig(data=[str(tiny_data)], out=str(run), model={**TINY, "vocab_size": 50257}, micro_batch=4,
+                          batch_size=4).to_dict(), run / "train_config.json")
+    dump_json({"world_size": 1}, run / "run_info.json")
+    started = []
+    monkeypatch.setattr(launcher, "launch_local", lambda cfg, nproc: started.append(nproc) or 0)
+    assert invoke("train", "--out", run, "--resume", "auto", "--max-steps", 10).exit_code == 0
+    assert invoke("train", "--out", run, "--resume", "auto", "--max-steps", 10, "--nproc", 2,
+                  "--micro-batch", 2).exit_code == 0
+    assert started == [1, 2]

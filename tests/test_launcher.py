@@ -25,6 +25,8 @@ def test_default_nproc():
     import torch
 
     assert launcher.default_nproc() == (torch.cuda.device_count() if torch.cuda.is_available() else 2)
+    if not torch.cuda.is_available():  # a resumed run's own number of ranks, on CPU any
+        assert launcher.default_nproc(resumed=1) == 1 and launcher.default_nproc(resumed=3) == 3
 
 
 def test_clean_stop_since(tmp_path):
