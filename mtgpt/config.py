@@ -115,8 +115,9 @@ class TrainConfig:
     max_steps: int | None = option(None, "Stop after N optimizer steps (also the cosine schedule's length).")
     max_tokens: int | None = option(None, "Stop after N training tokens (all ranks together).")
     max_epochs: float | None = option(None, "Stop after N passes over the train split.",
-                                      default_help="1 if no --max-*")
-    max_time: str | None = option(None, "Stop cleanly (with a checkpoint) after this long: 90s, 30m, 2h, 1d, 1:30:00.")
+                                      default_help="1 if no --max-steps or --max-tokens")
+    max_time: str | None = option(None, "Stop cleanly (with a checkpoint) after this long: 90s, 30m, 2h, 1d, 1:30:00. "
+                                  "It plans no schedule: the other limits do (alone, one epoch).")
     patience: int | None = option(None, "Early stopping: evaluations without a better val loss.", default_help="off")
     min_delta: float = option(0.0, "Early stopping: an improvement is a val loss below best - this.")
     eval_every: int | None = option(None, "Evaluate the val loss every N steps (and at the end).",
@@ -209,7 +210,8 @@ class TrainConfig:
 
     @property
     def epoch_limit(self) -> float | None:
-        """Passes over the train split to stop after: --max-epochs, or 1 when no --max-* is given."""
+        """Passes over the train split to stop after: --max-epochs, or 1 when neither --max-steps
+        nor --max-tokens is given (--max-time plans no schedule: a cosine needs a length)."""
         return self.max_epochs or (None if (self.max_steps or self.max_tokens) else 1.0)
 
     @classmethod

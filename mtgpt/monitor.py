@@ -19,6 +19,8 @@ from typing import Any, Callable
 
 import torch
 
+from mtgpt.config import ConfigError
+
 METRICS = "metrics.jsonl"
 STARTED_AT, LAUNCHED_AT = "MTGPT_STARTED_AT", "MTGPT_LAUNCHED_AT"  # set by `mtgpt train` for its ranks
 
@@ -175,11 +177,27 @@ PEAK_FLOPS: list[tuple[str, dict[str, float]]] = [
 ]
 
 
+def env_peak_flops() -> float | None:
+    """MTGPT_PEAK_FLOPS (FLOP/s per device, e.g. 1e12), or None when unset; a value that is not a
+    positive number is refused (mtgpt.train.make_plan asks before anything starts)."""
+    text = os.environ.get("MTGPT_PEAK_FLOPS", "").strip()
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"MTGPT_PEAK_FLOPS={text!r} is not a positive number of FLOP/s per device (e.g. 1e12 or "
+                          "989e12); fix it or unset it")
+    return value
+
+
 def peak_flops(device: torch.device, precision: str = "bf16") -> float | None:
     """The device's peak FLOP/s for a run in `precision` ("bf16", "fp16" or "fp32"; fp32 counts
     tensor-core TF32 when PyTorch allows it for matmuls), or None when unknown."""
-    if os.environ.get("MTGPT_PEAK_FLOPS"):
-        return float(os.environ["MTGPT_PEAK_FLOPS"])
+    if (given := env_peak_flops()) is not None:
+        return given
     if device.type != "cuda":
         return None
     return peak_for_name(torch.cuda.get_device_name(device), precision,

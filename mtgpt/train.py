@@ -138,6 +138,7 @@ def make_plan(cfg: TrainConfig, world_size: int, cuda: bool | None = None, gpu_m
     cuda = torch.cuda.is_available() if cuda is None else cuda
     if cuda and gpu_memory is None and torch.cuda.is_available():
         gpu_memory = torch.cuda.get_device_properties(0).total_memory
+    monitor.env_peak_flops()  # a bad MTGPT_PEAK_FLOPS is refused now, not at the first log step
     manifests = load_sources(cfg.sources)
     manifest = manifests[0]
     resume_from = rundir.resume_point(cfg)
@@ -481,6 +482,9 @@ def fit(plan: Plan) -> dict[str, Any]:
     began = time.time() - state.elapsed
     reason = planned_stop(cfg, state, plan.train_tokens)
     resumed_done = reason is not None  # resumed a run that had already reached its stop
+    if resumed_done:
+        world.print0(f"nothing to train: the run had already stopped ({reason}) at step {state.step}; to go on, "
+                     f"give {GO_ON[reason]}")
     while reason is None:
         running.add(train_step(engine, batches, cfg.grad_accum))
         if "first step" not in clock.phases:
@@ -531,6 +535,11 @@ def fit(plan: Plan) -> dict[str, Any]:
     world.print0(f"time: {clock.line()}")
     return {"step": state.step, "tokens": state.tokens, "val_loss": val_loss, "best_val": state.best_val,
             "reason": reason}
+
+
+GO_ON = {"max_steps": "a larger --max-steps", "max_tokens": "a larger --max-tokens",
+         "max_epochs": "a larger --max-epochs (or --max-steps)",
+         "early_stopping": "a larger --patience (its val loss had not improved for that many evaluations)"}
 
 
 def banner(plan: Plan, step: int) -> str:

@@ -105,6 +105,19 @@ def test_peak_flops_per_exact_product_and_precision(name, precision, tf32, peak)
     assert monitor.peak_for_name(name, precision, tf32) == peak
 
 
+@pytest.mark.parametrize("value", ["abc", "0", "-1e12", "nan", "inf"])
+def test_a_bad_peak_flops_is_refused_before_the_start(value, monkeypatch, tiny_data, tmp_path):
+    from mtgpt.config import ConfigError, TrainConfig
+    from mtgpt.train import make_plan
+
+    monkeypatch.setenv("MTGPT_PEAK_FLOPS", value)
+    with pytest.raises(ConfigError, match=f"MTGPT_PEAK_FLOPS={value!r} is not a positive number"):
+        make_plan(TrainConfig(data=str(tiny_data), out=str(tmp_path / "run"), model=dict(TINY)), 1, cuda=False)
+    assert not (tmp_path / "run").exists()
+    monkeypatch.setenv("MTGPT_PEAK_FLOPS", " 2e12 ")
+    assert monitor.peak_flops(torch.device("cpu")) == 2e12
+
+
 def test_host_reads_are_counted_where_they_are_made():
     """HostReads counts every way of reading a tensor's value into Python, by the caller's line,
     and nothing for work that stays on the device."""

@@ -92,6 +92,13 @@ def test_fetch_through_a_pipe_command(tiny_data, tmp_path):
         load_manifest(f"pipe:cat {tmp_path}/nothing/{{shard}}")
 
 
+def test_a_cache_that_cannot_be_written_is_one_clear_error(tiny_data, tmp_path):
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(DataError, match=r"cannot keep the shards of pipe:.* in .*afile/sub \(Not a directory\); give "
+                                        "--data-cache a folder you can write to"):
+        remote.local_copy(f"pipe:cat {tiny_data}/{{shard}}", tmp_path / "afile" / "sub", progress=False)
+
+
 def test_transient_failures_are_retried(served, tmp_path):
     shard = load_manifest(served / "data")["splits"]["train"]["shards"][0]["file"]
     with serve(served, unavailable={shard: 2, "manifest.json": 1}) as (url, requests):

@@ -285,6 +285,9 @@ def test_fit_resume_and_go_back_in_process(tiny_data, tmp_path, world_of_one, ca
 
     assert _fit(cfg.replace(resume="auto", max_steps=8))["step"] == 8
     assert "resuming from" in capsys.readouterr().out
+    assert _fit(cfg.replace(resume="auto", max_steps=8))["step"] == 8  # a run at its stop trains nothing, and says so
+    assert "nothing to train: the run had already stopped (max_steps) at step 8; to go on, give a larger --max-steps" \
+        in capsys.readouterr().out
     assert [r["step"] for r in metrics(run) if "train/loss" in r] == [2, 4, 6, 8]
 
     summary = _fit(cfg.replace(resume=str(run / "checkpoints" / "step_00000006"), max_steps=7, save_every=1))

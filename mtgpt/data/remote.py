@@ -132,7 +132,11 @@ def local_copy(data: str, cache: str | Path | None, rank: int | None = None, pro
 
     manifest, raw = read_manifest(data, rank)
     folder = cache_root(cache) / hashlib.sha256(raw).hexdigest()[:16]
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot keep the shards of {data} in {cache_root(cache)} ({e.strerror}); give --data-cache a "
+                        "folder you can write to") from None
     shards = data_files(manifest)  # the shards and the tokenizer's files
     missing = [s for s in shards if not _whole(folder / s["file"], s)]
     bar = tqdm(total=sum(s["bytes"] for s in missing), unit="B", unit_scale=True, unit_divisor=1024,
