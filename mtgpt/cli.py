@@ -88,6 +88,22 @@ def _sampling_options(max_new_tokens: int):
     return wrap
 
 
+def absolute_paths(key: str, value):
+    """A path option as the run records it: local folders absolute, so that a resume started from
+    another directory finds them (URLs, pipe: commands and names of sources kept as given)."""
+    from mtgpt.config import data_sources
+    from mtgpt.data import remote
+
+    if key == "data":
+        value = [value] if isinstance(value, str) else value  # (one source, as older config files give it)
+        return [spec if remote.is_url(s.path) else f"{s.name}={Path(s.path).absolute()}"
+                + (f":{spec.rsplit(':', 1)[1]}" if s.weight is not None else "")
+                for spec, s in zip(value, data_sources(value))]
+    if key in ("init_from", "init_from_hf", "data_cache") and Path(value).exists():
+        return str(Path(value).absolute())
+    return value
+
+
 def build_config(options: dict) -> TrainConfig:
     """TrainConfig from the options given on the command line, over --config if given, else over
     the run's own train_config.json when resuming one (rundir.resumed_settings), else over the
@@ -103,7 +119,7 @@ def build_config(options: dict) -> TrainConfig:
         if key in MODEL_KEYS:
             base["model"][key] = options[key]
         else:
-            base[key] = options[key]
+            base[key] = absolute_paths(key, options[key])
     shape_given = set(ModelConfig().shape()) <= set(base["model"])  # (a resumed run's, a launcher's resolved config)
     if not shape_given and (base.get("init_from") or base.get("init_from_hf")):  # the model's shape is the source's
         from mtgpt import checkpoint  # (make_plan refuses a shape given here that differs from it)

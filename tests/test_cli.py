@@ -347,3 +347,23 @@ def test_a_resumed_run_starts_on_its_own_number_of_ranks(tiny_data, tmp_path, mo
     assert invoke("train", "--out", run, "--resume", "auto", "--max-steps", 10, "--nproc", 2,
                   "--micro-batch", 2).exit_code == 0
     assert started == [1, 2]
+
+
+def test_a_run_records_its_local_folders_as_absolute_paths(tiny_data, tmp_path, monkeypatch):
+    """So that `--resume auto` from another directory finds them; names, weights, URLs kept."""
+    import shutil
+
+    from mtgpt.cli import absolute_paths, build_config
+    from mtgpt.config import data_sources
+
+    shutil.copytree(tiny_data, tmp_path / "d")
+    (tmp_path / "base").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert absolute_paths("data", ["d"]) == [f"d={tmp_path / 'd'}"]
+    given = ["d:3", "b=d:0.25", "http://127.0.0.1:8000/x:0.5"]
+    recorded = absolute_paths("data", given)
+    assert recorded[0] == f"d={tmp_path / 'd'}:3" and recorded[1] == f"b={tmp_path / 'd'}:0.25" and recorded[2] == given[2]
+    assert [(s.name, s.weight) for s in data_sources(recorded)] == [(s.name, s.weight) for s in data_sources(given)]
+    assert absolute_paths("init_from", "base") == str(tmp_path / "base") and absolute_paths("init_from", "gone") == "gone"
+    cfg = build_config({"data": ["d"], "out": "run"})
+    assert cfg.data == [f"d={tmp_path / 'd'}"] and cfg.out == "run"
