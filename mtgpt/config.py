@@ -292,8 +292,8 @@ def parse_duration(text: str | int | float) -> float:
             seconds = float(s)
     except ValueError:
         raise ConfigError(f"max_time {text!r} is not a duration; write e.g. 90s, 30m, 2h, 1d or 1:30:00") from None
-    if seconds <= 0:
-        raise ConfigError(f"max_time must be positive, got {text!r}")
+    if not (seconds > 0 and math.isfinite(seconds)):  # (nan and inf parse as floats)
+        raise ConfigError(f"max_time must be a positive, finite duration, got {text!r}")
     return seconds
 
 
