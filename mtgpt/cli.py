@@ -135,7 +135,7 @@ def build_config(options: dict) -> TrainConfig:
         from mtgpt.config import data_sources  # the data's block size is the natural default, and its
         from mtgpt.data import load_manifest  # tokenizer decides the vocabulary (all sources share them)
 
-        manifest = load_manifest(data_sources(base["data"])[0].path)
+        manifest = load_manifest(data_sources(base["data"])[0].path, base.get("data_cache"))
         base["model"].setdefault("block_size", manifest["block_size"])
         base["model"].setdefault("vocab_size", manifest["tokenizer"]["vocab_size"])
     if not base.get("data"):

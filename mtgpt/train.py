@@ -139,7 +139,7 @@ def make_plan(cfg: TrainConfig, world_size: int, cuda: bool | None = None, gpu_m
     if cuda and gpu_memory is None and torch.cuda.is_available():
         gpu_memory = torch.cuda.get_device_properties(0).total_memory
     monitor.env_peak_flops()  # a bad MTGPT_PEAK_FLOPS is refused now, not at the first log step
-    manifests = load_sources(cfg.sources)
+    manifests = load_sources(cfg.sources, cfg.data_cache)
     manifest = manifests[0]
     resume_from = rundir.resume_point(cfg)
     if resume_from is None:  # a resumed fine-tune needs its checkpoint, not the model it started from
@@ -177,12 +177,13 @@ def data_names(cfg: TrainConfig) -> str:
     return " + ".join(s.path for s in cfg.sources) or "--data"
 
 
-def load_sources(sources: list[DataSource]) -> list[dict[str, Any]]:
-    """The manifest of each source of --data; refused unless they share one tokenizer and block
-    size (a model reads one vocabulary, and a sample is its context)."""
+def load_sources(sources: list[DataSource], cache: str | None = None) -> list[dict[str, Any]]:
+    """The manifest of each source of --data (a URL's from `cache` if it cannot be reached);
+    refused unless they share one tokenizer and block size (a model reads one vocabulary, and a
+    sample is its context)."""
     if not sources:
         raise ConfigError("--data is required: a folder written by `mtgpt prepare`")
-    manifests = [load_manifest(s.path) for s in sources]
+    manifests = [load_manifest(s.path, cache) for s in sources]
     first, m0 = sources[0], manifests[0]
     for source, m in zip(sources[1:], manifests[1:]):
         if not tokenizer.same(m["tokenizer"], m0["tokenizer"]):
@@ -204,9 +205,10 @@ def mixture_weights(sources: list[DataSource], manifests: list[dict[str, Any]]) 
 
 
 def plan_warnings(plan: Plan) -> list[str]:
-    """What to tell the user before the start: a warmup as long as the schedule, and a source read
-    more than REPEAT_WARN times (unless --max-epochs asked for it, with one source)."""
-    out = []
+    """What to tell the user before the start: a URL read from its cached copy, a warmup as long as
+    the schedule, and a source read more than REPEAT_WARN times (unless --max-epochs asked for it,
+    with one source)."""
+    out = [f"warning: {remote.from_cache[s.path]}" for s in plan.sources if s.path in remote.from_cache]
     if plan.cfg.warmup_steps is not None and plan.cfg.warmup_steps >= plan.schedule_steps:
         out.append(f"warning: --warmup-steps {plan.cfg.warmup_steps} is not shorter than the {plan.schedule_steps}-step "
                    "schedule: the learning rate never reaches --lr; lower --warmup-steps or train longer")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from mtgpt.data import DataError, load_manifest, remote
-from tests.conftest import TINY_ARGS, run_mtgpt
+from tests.conftest import TINY, TINY_ARGS, run_mtgpt
 
 
 class Handler(SimpleHTTPRequestHandler):
@@ -136,6 +136,34 @@ def test_a_shard_that_differs_from_its_manifest(served, tmp_path):
             remote.local_copy(url, tmp_path / "cache", rank=0, progress=False)
 
 
+def test_an_unreachable_url_is_read_from_its_complete_cached_copy(served, tmp_path, monkeypatch):
+    """No network (the server down): the last complete copy of that URL in the cache, with a
+    warning in the plan; an incomplete copy, or none, is an error that says to check the URL."""
+    from mtgpt.config import TrainConfig
+    from mtgpt.train import make_plan, plan_warnings
+
+    monkeypatch.setattr(remote, "BACKOFF_S", 0.01)
+    monkeypatch.setattr(remote, "from_cache", {})
+    cache = tmp_path / "cache"
+    with serve(served) as (url, _):
+        copy = remote.local_copy(url, cache, rank=0, progress=False)
+        cfg = TrainConfig(data=url, out=str(tmp_path / "run"), model=dict(TINY), micro_batch=2, max_steps=5,
+                          data_cache=str(cache))
+        assert plan_warnings(make_plan(cfg, world_size=1, cuda=False)) == []
+    with pytest.raises(DataError, match=r"not a data folder mtgpt can read .*Connection refused.*, and .*other "
+                                        r"holds no complete copy of it; check that it can be reached"):
+        load_manifest(url, tmp_path / "other")  # another cache
+    assert remote.from_cache == {}
+    assert load_manifest(url, cache) == load_manifest(served / "data")
+    assert remote.local_copy(url, cache, rank=1, progress=False) == copy
+    warned = plan_warnings(make_plan(cfg, world_size=1, cuda=False))
+    assert len(warned) == 1 and warned[0].startswith(f"warning: cannot reach {url} (")
+    assert f"reading its complete copy in {copy}, fetched 20" in warned[0]
+    next(p for p in copy.iterdir() if p.name.endswith(".tar")).unlink()  # no longer complete
+    with pytest.raises(DataError, match="holds no complete copy of it"):
+        load_manifest(url, cache)
+
+
 def test_train_refuses_a_url_with_no_manifest_before_starting(served, tmp_path):
     with serve(served) as (url, requests):
         out = run_mtgpt("train", "--data", url + "/elsewhere", "--out", tmp_path / "run", *TINY_ARGS,
@@ -178,6 +206,9 @@ def test_two_ranks_train_from_a_url_and_resume_exactly_after_sigkill(served, tin
         out = run_mtgpt(*cmd, "--resume", "auto")
     assert "resuming from" in out.stdout
     assert losses(tmp_path / "run") == losses(local)
+    # the server gone (a compute node without network): resumed again from the cached copy
+    out = run_mtgpt("train", "--out", tmp_path / "run", "--resume", "auto", "--max-steps", "14")
+    assert f"warning: cannot reach {url} (" in out.stderr and max(losses(tmp_path / "run")) == 14
 
 
 def test_a_data_folder_with_its_own_tokenizer(tmp_path):

@@ -31,11 +31,12 @@ def sha256_file(path: Path, bufsize: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def load_manifest(data_dir: str | Path) -> dict[str, Any]:
+def load_manifest(data_dir: str | Path, cache: str | Path | None = None) -> dict[str, Any]:
     """Read and sanity-check a data folder's manifest; DataError says what to run if it is not one.
-    `data_dir` may be a URL (mtgpt.data.remote): its manifest is fetched and checked alike."""
+    `data_dir` may be a URL (mtgpt.data.remote): its manifest is fetched and checked alike (from
+    its copy in `cache`, --data-cache, when the URL cannot be reached)."""
     if remote.is_url(data_dir):
-        return _checked(remote.read_manifest(str(data_dir))[0], str(data_dir))
+        return _checked(remote.read_manifest(str(data_dir), cache=cache)[0], str(data_dir))
     data_dir = Path(data_dir)
     path = data_dir / MANIFEST
     if not path.is_file():

@@ -9,10 +9,15 @@ place only when whole, so a cache never holds half a shard. Ranks on one machine
 cache (a lock per shard: one fetches, the others wait and use it). Training reads the copy by
 random access (mtgpt.data.loader). A failed fetch is retried with backoff `TRIES` times, then
 fails with the URL and the rank; a 4xx answer (no such file) fails at once.
+
+A complete copy is remembered by its URL (`urls/` in the cache). When the manifest cannot be
+fetched (no network on a compute node, the server down; not a 4xx answer) the last complete copy
+of that URL is read instead, and `from_cache` says so (training prints it as a warning).
 """
 
 from __future__ import annotations
 
+import datetime
 import fcntl
 import hashlib
 import json
@@ -33,6 +38,9 @@ BACKOFF_S = 0.5  # wait before the 2nd attempt; doubles after each failure
 TIMEOUT_S = 60  # per HTTP read
 BLOCK = 1 << 20
 PLACEHOLDER = "{shard}"
+URLS = "urls"  # in the cache: which folder holds the last complete copy of each URL
+
+from_cache: dict[str, str] = {}  # URL -> why this process reads its cached copy (see read_manifest)
 
 
 def is_url(data: str | Path) -> bool:
@@ -51,6 +59,10 @@ def file_url(data: str, name: str) -> str:
 
 class _Permanent(Exception):
     """A failure that trying again cannot fix (the server says there is no such file)."""
+
+
+class _Absent(DataError):
+    """The server answered that there is no such file (a DataError; not retried)."""
 
 
 def _stream(url: str) -> Iterator[bytes]:
@@ -91,7 +103,7 @@ def _fetch(url: str, write: Callable[[bytes], None], restart: Callable[[], None]
                 raise OSError(f"got {got} bytes, the manifest says {expect}")
             return
         except _Permanent as e:
-            raise DataError(f"{who}cannot fetch {url}: {e}") from None
+            raise _Absent(f"{who}cannot fetch {url}: {e}") from None
         except Exception as e:  # noqa: BLE001 (connection reset, timeout, short read, 5xx, a failed command)
             if attempt == TRIES:
                 raise DataError(f"{who}cannot fetch {url} after {TRIES} tries: {e}") from None
@@ -100,22 +112,68 @@ def _fetch(url: str, write: Callable[[bytes], None], restart: Callable[[], None]
             wait *= 2
 
 
-def read_manifest(data: str, rank: int | None = None) -> tuple[dict[str, Any], bytes]:
-    """The manifest of the data folder at URL `data` (and its bytes)."""
+def read_manifest(data: str, rank: int | None = None, cache: str | Path | None = None) -> tuple[dict[str, Any], bytes]:
+    """The manifest of the data folder at URL `data` (and its bytes). If the URL cannot be
+    reached (anything but a 4xx answer), the manifest of its last complete copy in `cache`."""
     from mtgpt.data.manifest import MANIFEST
 
     url = file_url(data, MANIFEST)
-    parts: list[bytes] = []
-    try:
-        _fetch(url, parts.append, parts.clear, None, rank)
-    except DataError as e:
-        raise DataError(f"{data} is not a data folder mtgpt can read ({e}); upload the whole folder "
-                        "`mtgpt prepare` wrote, manifest.json included") from None
-    raw = b"".join(parts)
+    if data not in from_cache:  # (this process found it unreachable already: no new tries)
+        parts: list[bytes] = []
+        try:
+            _fetch(url, parts.append, parts.clear, None, rank)
+            return _parse(url, b"".join(parts))
+        except _Absent as e:
+            raise DataError(f"{data} is not a data folder mtgpt can read ({e}); upload the whole folder "
+                            "`mtgpt prepare` wrote, manifest.json included") from None
+        except DataError as e:
+            why = str(e)
+    else:
+        why = "it could not be reached earlier in this process"
+    copy = _complete_copy(data, cache)
+    if copy is None:
+        raise DataError(f"{data} is not a data folder mtgpt can read ({why}), and {cache_root(cache)} holds no "
+                        "complete copy of it; check that it can be reached (the folder `mtgpt prepare` wrote, "
+                        "manifest.json included), or give --data-cache the cache that holds it")
+    folder, fetched = copy
+    from_cache.setdefault(data, f"cannot reach {data} ({why}); reading its complete copy in {folder}, fetched {fetched}")
+    return _parse(folder / MANIFEST, (folder / MANIFEST).read_bytes())
+
+
+def _parse(where: str | Path, raw: bytes) -> tuple[dict[str, Any], bytes]:
     try:
         return json.loads(raw), raw
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{url}: not valid JSON ({e}); upload the folder `mtgpt prepare` wrote again") from None
+        raise DataError(f"{where}: not valid JSON ({e}); upload the folder `mtgpt prepare` wrote again") from None
+
+
+def _url_record(data: str, cache: str | Path | None) -> Path:
+    return cache_root(cache) / URLS / (hashlib.sha256(data.encode()).hexdigest()[:16] + ".json")
+
+
+def _remember(data: str, cache: str | Path | None, folder: Path) -> None:
+    """Record `folder` as the last complete copy of URL `data` (atomically: ranks may race)."""
+    record = _url_record(data, cache)
+    record.parent.mkdir(exist_ok=True)
+    tmp = record.with_name(f".{record.name}.{os.getpid()}")
+    fetched = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    tmp.write_text(json.dumps({"url": data, "folder": folder.name, "fetched": fetched}) + "\n")
+    tmp.replace(record)
+
+
+def _complete_copy(data: str, cache: str | Path | None) -> tuple[Path, str] | None:
+    """The last complete copy of URL `data` in the cache and when it was fetched, if every file
+    its manifest lists is whole."""
+    from mtgpt.data.manifest import MANIFEST, data_files
+
+    try:
+        record = json.loads(_url_record(data, cache).read_text())
+        folder = cache_root(cache) / record["folder"]
+        manifest = json.loads((folder / MANIFEST).read_bytes())
+        whole = all(_whole(folder / f["file"], f) for f in data_files(manifest))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return (folder, record.get("fetched", "earlier")) if whole and record.get("url") == data else None
 
 
 def cache_root(cache: str | Path | None) -> Path:
@@ -130,7 +188,7 @@ def local_copy(data: str, cache: str | Path | None, rank: int | None = None, pro
     already there are kept). Returns the folder, which reads like any prepared data folder."""
     from mtgpt.data.manifest import MANIFEST, data_files, load_manifest, sha256_file
 
-    manifest, raw = read_manifest(data, rank)
+    manifest, raw = read_manifest(data, rank, cache)
     folder = cache_root(cache) / hashlib.sha256(raw).hexdigest()[:16]
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -172,6 +230,7 @@ def local_copy(data: str, cache: str | Path | None, rank: int | None = None, pro
     tmp_manifest.write_bytes(raw)
     tmp_manifest.replace(folder / MANIFEST)
     load_manifest(folder)  # the copy is a complete data folder
+    _remember(data, cache, folder)
     return folder
 
 
