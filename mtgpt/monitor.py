@@ -275,13 +275,34 @@ def grad_scaler(engine):
     return getattr(engine, "torch_autocast_z0_gradscaler", None)
 
 
+def count_scaler_skips(engine) -> None:
+    """zero0_fp16: make PyTorch's GradScaler count the optimizer steps it skips (on an overflow its
+    update backs the scale off) in a device tensor, `scaler.skipped`, with no host sync per step.
+    DeepSpeed counts its own fp16 optimizers' skips (engine.skipped_steps), not this one's."""
+    scaler = grad_scaler(engine)
+    if scaler is None or hasattr(scaler, "skipped"):
+        return
+    scaler.skipped = torch.zeros((), dtype=torch.int64, device=engine.device)
+    update = scaler.update
+
+    def counted(new_scale=None) -> None:
+        before = scaler._scale.clone() if scaler._scale is not None and new_scale is None else None
+        update(new_scale)
+        if before is not None:
+            scaler.skipped.add_((scaler._scale < before).long())
+
+    scaler.update = counted
+
+
 def loss_scale_metrics(engine) -> dict[str, float]:
     """fp16 only: the dynamic loss scale (DeepSpeed's, or PyTorch's GradScaler under
-    torch_autocast), and the steps DeepSpeed skipped on overflow (skipped steps are expected while
-    the scale settles; they are not NaN losses; the GradScaler skips inside the optimizer step
-    and does not count them)."""
+    torch_autocast) and the optimizer steps skipped on overflow so far (expected while the scale
+    settles; they are not NaN losses)."""
     if (scaler := grad_scaler(engine)) is not None:
-        return {"fp16/loss_scale": float(scaler.get_scale())}
+        out = {"fp16/loss_scale": float(scaler.get_scale())}
+        if hasattr(scaler, "skipped"):
+            out["train/skipped_steps"] = float(scaler.skipped)
+        return out
     if not engine.fp16_enabled():
         return {}
     optimizer = getattr(engine, "optimizer", None)

@@ -369,6 +369,7 @@ def build_engine(plan: Plan, model: GPT):
         # gradient into a flat buffer, scale it and copy it back (at ZeRO 1-3 the optimizer's
         # reduce also moves the gradients into its own buffers, so it stays)
         engine.enable_backward_allreduce = False
+    monitor.count_scaler_skips(engine)  # zero0_fp16: train/skipped_steps, as DeepSpeed counts its own
     return engine
 
 
@@ -399,6 +400,7 @@ def resume(engine, plan: Plan, running: RunningLoss, train_samples: list[int]
         running.load_state_dict(mine.get("loss"))
     if (scaler := monitor.grad_scaler(engine)) is not None and "grad_scaler" in state.ranks[0]:  # same on every rank
         scaler.load_state_dict(state.ranks[0]["grad_scaler"])
+        scaler.skipped.fill_(state.ranks[0].get("grad_scaler_skipped", 0))
     saved = state.ranks[0]["data"]  # the same on every rank
     where = resume_position(saved, plan.cfg.seed, train_samples, plan.weights)
     if where is None:
@@ -709,6 +711,7 @@ def save(engine, plan: Plan, state: TrainState, batches: TrainBatches, running: 
     mine = {"data": batches.state_dict(), "loss": running.state_dict()}
     if (scaler := monitor.grad_scaler(engine)) is not None:
         mine["grad_scaler"] = scaler.state_dict()  # zero0_fp16's loss scale (DeepSpeed does not save it)
+        mine["grad_scaler_skipped"] = int(scaler.skipped)
     client = state.client_state(mine)
     engine.save_checkpoint(str(root), tag=tag, client_state=client, save_latest=False)
     world.barrier()  # every rank's shard is on disk

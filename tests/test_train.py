@@ -526,10 +526,14 @@ def test_an_autocast_fp16_run_resumes_exactly(tiny_data, tmp_path, world_of_one,
     _fit(TrainConfig(out=str(tmp_path / "straight"), max_steps=6, **args))
     _fit(TrainConfig(out=str(tmp_path / "resumed"), max_steps=3, **args))
     _fit(TrainConfig(out=str(tmp_path / "resumed"), max_steps=6, resume="auto", **args))
-    logged = {k: [(r["train/loss"], r["fp16/loss_scale"]) for r in metrics(tmp_path / k) if "train/loss" in r]
-              for k in ("straight", "resumed")}
+    logged = {k: [(r["train/loss"], r["fp16/loss_scale"], r["train/skipped_steps"]) for r in metrics(tmp_path / k)
+                  if "train/loss" in r] for k in ("straight", "resumed")}
     assert len(logged["straight"]) == 6 and logged["resumed"] == logged["straight"]
     assert logged["straight"][2][1] < 2**18  # an overflow moved the scale before the save: something to carry over
+    # every skipped step (an overflow) halved the scale, and the count carries over the resume
+    scales = [2.0**18] + [scale for _, scale, _ in logged["straight"]]
+    halved = [sum(b < a for a, b in zip(scales, scales[1:i + 2])) for i in range(6)]
+    assert [skipped for _, _, skipped in logged["straight"]] == halved and halved[-1] > 0
 
 
 def test_micro_batch_and_eval_cadence_are_chosen_for_the_device(tiny_data, tmp_path):
