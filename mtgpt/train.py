@@ -404,9 +404,13 @@ def resume(engine, plan: Plan, running: RunningLoss, train_samples: list[int]
     saved = state.ranks[0]["data"]  # the same on every rank
     where = resume_position(saved, plan.cfg.seed, train_samples, plan.weights)
     if where is None:
-        world.print0("warning: the data order was saved for another seed, other train splits or mixture weights "
-                     "(or by an older mtgpt): it starts a new shuffle now")
+        world.print0("warning: the data order was saved for another seed or other train splits (or by an older "
+                     "mtgpt): it starts a new shuffle now")
         where = (0, None)
+    elif len(plan.weights) > 1 and saved.get("weights") != plan.weights:
+        world.print0(f"note: the mixture's weights were {', '.join(f'{w:.3g}' for w in saved['weights'])} and are "
+                     f"{', '.join(f'{w:.3g}' for w in plan.weights)} now: each source goes on where it was in its "
+                     "own shuffle, drawn at the new weights")
     make_history(engine, plan, state)
     return state, *where
 

@@ -123,8 +123,18 @@ def test_a_mixture_resumes_exactly_at_a_position(two_sources, workers):
     two = [mixed(two_sources, [1, 3], 2, r, 2, start=position, counts=counts) for r in range(2)]
     halves = [take(s, 18) for s in two]  # 2 ranks x micro 2 = the same global batches
     assert all(torch.equal(torch.cat([a, b]), c) for a, b, c in zip(*halves, first[12:]))
-    assert resume_position(state, 4, state["train_samples"], [1, 2]) is None  # other weights: a new order
-    assert resume_position(state, 5, state["train_samples"], [1, 3]) is None
+    assert resume_position(state, 5, state["train_samples"], [1, 3]) is None  # another seed: a new order
+    # other weights: each source goes on where it was, drawn at the new weights
+    assert resume_position(state, 4, state["train_samples"], [1, 1]) == (48, state["counts"])
+    assert resume_position({**state, "counts": None}, 4, state["train_samples"], [1, 1]) is None
+    before = torch.cat(take(mixed(two_sources, [1, 3], 4, 0, 1), 12))
+    reweighted = mixed(two_sources, [1, 1], 4, 0, 1, start=position, counts=counts)
+    after = torch.cat(take(reweighted, 40))
+    for number in (True, False):  # each source's samples all distinct: its shuffle went on, not over
+        drawn = [tuple(row.tolist()) for row in torch.cat([before, after]) if is_number(row[None])[0] == number]
+        assert len(set(drawn)) == len(drawn)
+    assert reweighted.counts == [counts[0] + int(is_number(after).sum()), counts[1] + int((~is_number(after)).sum())]
+    assert is_number(after).mean() > is_number(before).mean()  # drawn at the new weights (1:1, was 1:3)
 
 
 # ---------------------------------------------------------------- --data, the plan, refusals
@@ -222,3 +232,12 @@ def test_a_mixture_on_two_ranks_logs_what_it_reads_and_resumes_bit_exactly(two_s
         assert board.Scalars(tag)[-1].step == 30 and board.Scalars(tag)[-1].value == pytest.approx(last[tag], rel=1e-6)
     info = run_mtgpt("info", straight).stdout
     assert f"val loss per source at step 30: numbers {last['val/numbers/loss']:.4f}, words" in info
+    # resumed with other weights: the counts go on (each source where it was), at the new shares
+    swapped = ["--data", f"numbers={two_sources['numbers']}:0.3", "--data", f"words={two_sources['words']}:0.7"]
+    out = run_mtgpt("train", "--out", run, *swapped, "--resume", "auto", "--max-steps", "50")
+    assert "the mixture's weights were 0.7, 0.3 and are 0.3, 0.7 now" in out.stdout
+    later = logged(run)
+    drawn = [later[s]["data/numbers/tokens"] + later[s]["data/words/tokens"] for s in range(30, 51)]
+    assert drawn == [(30 + i) * 64 for i in range(21)]  # 8 sequences of 8 tokens a step, never back to 0
+    numbers_after = (later[50]["data/numbers/tokens"] - last["data/numbers/tokens"]) / (20 * 64)
+    assert abs(numbers_after - 0.3) < 4 * math.sqrt(0.3 * 0.7 / 160)

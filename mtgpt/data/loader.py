@@ -311,8 +311,10 @@ def resume_position(state: dict[str, Any], seed: int, train_samples: list[int] |
                     weights: list[float] | None = None) -> tuple[int, list[int] | None] | None:
     """(global position, per-source draw counts) to continue a saved order
     (`TrainBatches.state_dict()`), or None when it cannot continue: another seed, other train
-    splits or weights, or a checkpoint from before the global order (then the data order starts
-    over, a new shuffle)."""
+    splits, or a checkpoint from before the global order (then the data order starts over, a new
+    shuffle). A mixture resumed with other weights goes on from its saved counts: each source
+    continues its own shuffle where it was, drawn at the new weights from then on (a checkpoint
+    without counts cannot, and starts over)."""
     sizes = [train_samples] if isinstance(train_samples, int) else list(train_samples)
     if "samples" not in state or state["seed"] != seed:
         return None
@@ -321,7 +323,7 @@ def resume_position(state: dict[str, Any], seed: int, train_samples: list[int] |
         return None
     if len(sizes) == 1:
         return state["samples"], None
-    if weights is not None and list(state.get("weights", [])) != list(weights):
+    if weights is not None and list(state.get("weights", [])) != list(weights) and state.get("counts") is None:
         return None
     return state["samples"], state.get("counts")
 
