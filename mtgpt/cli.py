@@ -245,6 +245,8 @@ def tokenizer_train(inputs, vocab_size, out, glob, strict, overwrite, quiet):
         tok = make_tokenizer(list(inputs), vocab_size, out, overwrite=overwrite, glob=glob, strict=strict, quiet=quiet)
     except DataError as e:
         _fail(e)
+    except KeyboardInterrupt:  # Ctrl-C: make_tokenizer removed its temporary folder
+        raise click.ClickException(f"interrupted; nothing was written ({out} is as it was)") from None
     click.echo(f"{out}: {tok.name}, {tok.vocab_size:,} tokens; {tok.info['bytes_per_token']:.2f} bytes/token on its "
                f"text (GPT-2's: {tok.info['gpt2_bytes_per_token']:.2f}); use it with `mtgpt prepare TEXT... "
                f"--tokenizer {out} --out DATA_DIR`")
@@ -304,7 +306,7 @@ def run_worker(options: dict) -> None:
             click.echo(f"Error: {e}", err=True)
         sys.exit(1)
     except DataError as e:  # only the rank that read the bad shard knows
-        click.echo(f"Error (rank {rank}): {e}", err=True)
+        click.echo(f"Error (rank {rank}): {str(e).removeprefix(f'rank {rank}: ')}", err=True)
         sys.exit(1)
 
 

@@ -260,6 +260,10 @@ def data_sources(specs: list[str]) -> list[DataSource]:
                 raise ConfigError(f"--data {spec}: the weight must be a positive number, got {m.group(2)}")
         if not rest.strip():
             raise ConfigError(f"--data {spec!r}: no data folder given")
+        if (scheme := re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", rest)) and scheme.group(1) not in ("http", "https"):
+            raise ConfigError(f"--data {spec}: mtgpt reads data folders at http(s):// URLs, or through a pipe: command "
+                              f"that writes file {{shard}} to stdout, not {scheme.group(1)}:// (e.g. --data "
+                              "'pipe:aws s3 cp s3://bucket/data/{shard} -')")
         if name is None:
             name = re.sub(r"[^A-Za-z0-9_.-]+", "_", rest.rstrip("/").rsplit("/", 1)[-1]).strip("_") or f"data{i}"
             if rest.startswith("pipe:"):

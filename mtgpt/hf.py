@@ -97,6 +97,10 @@ def export(weights: dict[str, torch.Tensor], config: ModelConfig, out: str | Pat
     model.tie_weights()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = folders.temporary(out)
+    from transformers.utils import logging as hf_logging
+
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # its "Writing model shards" bar: one shard, written in a moment
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         hf_tokenizer(tok, model_max_length=config.block_size).save_pretrained(tmp)
@@ -104,6 +108,9 @@ def export(weights: dict[str, torch.Tensor], config: ModelConfig, out: str | Pat
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
     return out
 
 

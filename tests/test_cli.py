@@ -228,9 +228,11 @@ def test_serve_port_in_range(model_run):
     usage_error(invoke("serve", model_run, "--port", "0"), "Invalid value for '--port'")
 
 
-def test_prepare_interrupted_leaves_nothing_and_no_traceback(tmp_path):
-    """Ctrl-C while the shards are being written: one clean line, no half-written --out, no
-    temporary folder left beside it, and no traceback of a tar stream closed after its file."""
+@pytest.mark.parametrize("command", ["prepare", "tokenizer"])
+def test_interrupted_leaves_nothing_and_no_traceback(command, tmp_path):
+    """Ctrl-C while the shards are being written (or the tokenizer trained): one clean line, no
+    half-written --out, no temporary folder left beside it, and no traceback of a tar stream
+    closed after its file (or click's bare "Aborted!")."""
     import os
     import signal
     import subprocess
@@ -238,13 +240,15 @@ def test_prepare_interrupted_leaves_nothing_and_no_traceback(tmp_path):
     import time
 
     (tmp_path / "big.txt").write_text(SONNETS.read_text() * 1600)  # 20 MB: seconds of tokenizing
-    proc = subprocess.Popen([sys.executable, "-m", "mtgpt", "prepare", "big.txt", "--out", "out", "--block-size", "32"],
+    args, busy = {"prepare": (["prepare", "big.txt", "--block-size", "32"], ".out.tmp-*/train-*.tar"),
+                  "tokenizer": (["tokenizer", "train", "big.txt", "--vocab-size", "4096"], ".out.tmp-*")}[command]
+    proc = subprocess.Popen([sys.executable, "-m", "mtgpt", *args, "--out", "out"],
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     deadline = time.time() + 60
-    while not list(tmp_path.glob(".out.tmp-*/train-*.tar")) and proc.poll() is None and time.time() < deadline:
+    while not list(tmp_path.glob(busy)) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
-    assert proc.poll() is None, "prepare finished before it could be interrupted: give it more text"
+    assert proc.poll() is None, f"{command} finished before it could be interrupted: give it more text"
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode != 0

@@ -44,7 +44,8 @@ def trained_folder(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def exported(trained_folder, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("hf") / "model"
-    run_mtgpt("export", trained_folder, "--hf", out, env={"HF_HUB_OFFLINE": "1"})
+    done = run_mtgpt("export", trained_folder, "--hf", out, env={"HF_HUB_OFFLINE": "1"})
+    assert done.stderr == "" and done.stdout.startswith(f"{out}: GPT2LMHeadModel")  # no transformers bar
     return out
 
 

@@ -150,7 +150,8 @@ def test_the_data_option_syntax():
     assert data_sources(["https://h.org:8443/data/books:2"]) == [DataSource("books", "https://h.org:8443/data/books", 2)]
     assert data_sources(["pipe:aws s3 cp s3://b/x/{shard} -"])[0].name == "data0"
     for bad, match in ((["a:0", "b:1"], "positive"), (["x/a:1", "y/a:1"], "named 'a'"), (["a:1", "b"], "to none"),
-                       (["n=:1"], "no data folder")):
+                       (["n=:1"], "no data folder"), (["ftp://h.org/data"], r"not ftp://.*pipe:aws s3 cp"),
+                       (["s3://bucket/data:2"], "not s3://")):
         with pytest.raises(ConfigError, match=match):
             data_sources(bad)
 

@@ -178,7 +178,7 @@ def test_training_fails_clearly_when_the_server_stops_mid_shard(served, tmp_path
         out = run_mtgpt("train", "--data", url, "--out", tmp_path / "run", "--data-cache", tmp_path / "cache",
                         *TINY_ARGS, "--max-steps", "2", check=False)
     assert out.returncode != 0
-    assert f"rank 0: cannot fetch {url}/{shard} after {remote.TRIES} tries" in out.stderr
+    assert f"Error (rank 0): cannot fetch {url}/{shard} after {remote.TRIES} tries" in out.stderr  # said once
 
 
 def losses(run: Path) -> dict[int, float]:
