@@ -99,7 +99,7 @@ def absolute_paths(key: str, value):
         return [spec if remote.is_url(s.path) else f"{s.name}={Path(s.path).absolute()}"
                 + (f":{spec.rsplit(':', 1)[1]}" if s.weight is not None else "")
                 for spec, s in zip(value, data_sources(value))]
-    if key in ("init_from", "init_from_hf", "data_cache") and Path(value).exists():
+    if key in ("init_from", "init_from_hf", "data_cache", "ds_config") and Path(value).exists():
         return str(Path(value).absolute())
     return value
 

@@ -12,6 +12,7 @@ import platform
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -63,11 +64,45 @@ def resumed_settings(resume: str | None, out: str | None, given: set[str]) -> di
     if not resume or resume == "never" or (resume == "auto" and not out):
         return None
     found = _checkpoint_for(resume, Path(out or "."))
-    if found is None or not (found.parent.parent / TRAIN_CONFIG).is_file():
+    saved = saved_settings(found) if found is not None else None
+    if saved is None:
         return None
-    saved = load_json(found.parent.parent / TRAIN_CONFIG)
     dropped = set(given) | set(DERIVED_KEYS) | (set(STOP_KEYS) if given & set(STOP_KEYS) else set())
     return {k: v for k, v in saved.items() if k not in dropped}
+
+
+def keep_run_settings(cfg: TrainConfig, found: Path) -> TrainConfig:
+    """`cfg` with what it leaves open (DeepSpeed config, global batch, vocabulary padding) taken
+    from the run that saved checkpoint `found`: a resumed run keeps its own. (From the command
+    line resumed_settings has filled them in already; this serves a TrainConfig built in code.)"""
+    saved = saved_settings(found)
+    if saved is None:
+        return cfg
+    return cfg.replace(ds_config=cfg.ds_config or saved.get("ds_config"),
+                       batch_size=cfg.batch_size or saved.get("batch_size"),
+                       model=replace(cfg.model, vocab_multiple=cfg.model.vocab_multiple or saved["model"]["vocab_multiple"]))
+
+
+def saved_settings(found: Path) -> dict[str, Any] | None:
+    """The settings of the run that saved checkpoint folder `found` (its train_config.json; None
+    if it has none), with what older mtgpt left out of it filled in: the DeepSpeed config it chose
+    (in run_info.json), its global batch (micro x accum x ranks) and the vocabulary padding (none
+    before it existed: its checkpoints hold exactly vocab_size rows)."""
+    run = found.parent.parent
+    try:
+        saved, info = load_json(run / TRAIN_CONFIG), load_json(run / RUN_INFO) if (run / RUN_INFO).is_file() else {}
+    except ConfigError:
+        return None
+    saved = {**saved, "model": {**(saved.get("model") or {})}}
+    if not saved.get("ds_config") and info.get("ds_config"):
+        saved["ds_config"] = info["ds_config"]
+    if not saved.get("batch_size"):
+        try:
+            saved["batch_size"] = int(saved["micro_batch"]) * int(saved["grad_accum"]) * int(info["world_size"])
+        except (KeyError, TypeError, ValueError):
+            pass
+    saved["model"]["vocab_multiple"] = saved["model"].get("vocab_multiple") or 1
+    return saved
 
 
 def resumed_world_size(cfg: TrainConfig) -> int | None:
@@ -134,28 +169,6 @@ def resume_point(cfg: TrainConfig) -> Path | None:
             raise ConfigError(f"cannot resume {found}: its vocabulary is padded to a multiple of "
                               f"{old.vocab_multiple or 1}, not {cfg.model.vocab_multiple}; leave out --vocab-multiple")
     return found
-
-
-def saved_vocab_multiple(found: Path) -> int:
-    """The vocab_multiple of the run that saved checkpoint folder `found` (1 for runs saved
-    before the padding existed, whose checkpoints hold exactly vocab_size rows)."""
-    try:
-        return load_json(found.parent.parent / TRAIN_CONFIG)["model"].get("vocab_multiple") or 1
-    except (ConfigError, KeyError, AttributeError):
-        return 1
-
-
-def saved_batch_size(found: Path) -> int | None:
-    """The global batch (sequences per step) of the run that saved checkpoint folder `found`;
-    None when its run folder does not say (then the batch follows the options)."""
-    out = found.parent.parent
-    try:
-        saved = load_json(out / TRAIN_CONFIG)
-        if saved.get("batch_size"):
-            return int(saved["batch_size"])
-        return int(saved["micro_batch"]) * int(saved["grad_accum"]) * int(load_json(out / RUN_INFO)["world_size"])
-    except (OSError, ValueError, KeyError, TypeError, ConfigError):
-        return None
 
 
 def saved_ds_name(found: Path) -> str | None:

@@ -147,15 +147,12 @@ def make_plan(cfg: TrainConfig, world_size: int, cuda: bool | None = None, gpu_m
     check_tokenizer(cfg, manifest, resume_from)
     for source, m in zip(cfg.sources, manifests):
         check_compatible(m, source.path, cfg.model.vocab_size, cfg.model.block_size)
-    ds_name = (cfg.ds_config or (rundir.saved_ds_name(resume_from) if resume_from is not None else None)
-               or ds_config.default_name(cuda, cuda and torch.cuda.is_bf16_supported()))  # a resumed run keeps its own
-    ds_name, raw = ds_config.find(ds_name)
-    cfg = device_defaults(cfg, raw, cuda, gpu_memory)
-    if cfg.batch_size is None and resume_from is not None:  # a resumed run keeps its batch
-        cfg = cfg.replace(batch_size=rundir.saved_batch_size(resume_from))
-    if cfg.model.vocab_multiple is None:  # a resumed run keeps its own; else what fits the device
-        multiple = rundir.saved_vocab_multiple(resume_from) if resume_from is not None else (64 if cuda else 1)
-        cfg = cfg.replace(model=replace(cfg.model, vocab_multiple=multiple))
+    if resume_from is not None:
+        cfg = rundir.keep_run_settings(cfg, resume_from)
+    ds_name, raw = ds_config.find(cfg.ds_config or ds_config.default_name(cuda, cuda and torch.cuda.is_bf16_supported()))
+    cfg = device_defaults(cfg, raw, cuda, gpu_memory).replace(ds_config=cfg.ds_config or ds_name)
+    if cfg.model.vocab_multiple is None:  # what fits the device: tensor cores want a multiple of 64
+        cfg = cfg.replace(model=replace(cfg.model, vocab_multiple=64 if cuda else 1))
     cfg = cfg.for_world(world_size)
     steps = schedule_steps(cfg, manifests, world_size)
     if cfg.patience is not None and not any(m["splits"]["val"]["samples"] for m in manifests):

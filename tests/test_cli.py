@@ -319,8 +319,8 @@ def test_a_fine_tune_resumes_without_the_model_it_started_from(tiny_data, tmp_pa
 
     run = tmp_path / "ft"
     _complete(run, 5)
-    saved = TrainConfig(data=[str(tiny_data)], out=str(run), model={**TINY, "vocab_size": 50257}, micro_batch=4,
-                        batch_size=8, init_from=str(tmp_path / "deleted")).to_dict()
+    saved = TrainConfig(data=[str(tiny_data)], out=str(run), model={**TINY, "vocab_size": 50257, "vocab_multiple": 1},
+                        micro_batch=4, batch_size=8, init_from=str(tmp_path / "deleted")).to_dict()
     dump_json(saved, run / "train_config.json")
 
     def options(command, *args):
@@ -369,5 +369,8 @@ def test_a_run_records_its_local_folders_as_absolute_paths(tiny_data, tmp_path, 
     assert recorded[0] == f"d={tmp_path / 'd'}:3" and recorded[1] == f"b={tmp_path / 'd'}:0.25" and recorded[2] == given[2]
     assert [(s.name, s.weight) for s in data_sources(recorded)] == [(s.name, s.weight) for s in data_sources(given)]
     assert absolute_paths("init_from", "base") == str(tmp_path / "base") and absolute_paths("init_from", "gone") == "gone"
+    (tmp_path / "my_ds.json").write_text("{}")  # a DeepSpeed JSON of the user's; a bundled config's name is kept
+    assert absolute_paths("ds_config", "my_ds.json") == str(tmp_path / "my_ds.json")
+    assert absolute_paths("ds_config", "zero2_bf16") == "zero2_bf16"
     cfg = build_config({"data": ["d"], "out": "run"})
     assert cfg.data == [f"d={tmp_path / 'd'}"] and cfg.out == "run"

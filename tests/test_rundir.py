@@ -99,7 +99,8 @@ def test_resumed_settings_are_the_runs_less_what_is_given(tmp_path):
     run = tmp_path / "run"
     _complete(run, 5)
     saved = _cfg(run, lr=3e-3, seed=7, warmup_steps=2, max_steps=20, max_time="1h", micro_batch=4, grad_accum=2,
-                 batch_size=8).to_dict()
+                 batch_size=8, ds_config="zero2_bf16").to_dict()
+    saved["model"]["vocab_multiple"] = 64
     (run / rundir.TRAIN_CONFIG).write_text(json.dumps(saved))
     assert rundir.resumed_settings("never", str(run), set()) is None
     assert rundir.resumed_settings("auto", str(tmp_path / "new"), set()) is None  # nothing to resume
@@ -109,3 +110,13 @@ def test_resumed_settings_are_the_runs_less_what_is_given(tmp_path):
     given = rundir.resumed_settings(str(run), str(tmp_path / "elsewhere"), {"lr", "max_tokens"})
     assert "lr" not in given and given["seed"] == 7
     assert not {"max_steps", "max_time", "max_tokens"} & set(given)  # new stop conditions replace all the run's
+    assert (kept["ds_config"], kept["batch_size"], kept["model"]["vocab_multiple"]) == ("zero2_bf16", 8, 64)
+    # a run of an older mtgpt: its DeepSpeed config from run_info.json, its batch from micro x accum x
+    # ranks, no vocabulary padding (its checkpoints hold exactly vocab_size rows)
+    old = {**saved, "ds_config": None, "batch_size": None, "model": {k: v for k, v in saved["model"].items()
+                                                                    if k != "vocab_multiple"}}
+    (run / rundir.TRAIN_CONFIG).write_text(json.dumps(old))
+    (run / rundir.RUN_INFO).write_text(json.dumps({"world_size": 3, "ds_config": "ds_configs/zero1_fp32.json"}))
+    kept = rundir.resumed_settings("auto", str(run), {"out", "resume"})
+    assert (kept["ds_config"], kept["batch_size"], kept["model"]["vocab_multiple"]) == ("ds_configs/zero1_fp32.json",
+                                                                                        24, 1)
