@@ -71,14 +71,34 @@ def what(path: str | Path) -> str:
     return f"a checkpoint inside the run {run_holding(path)}" if k == "checkpoint" else WRITTEN_BY[k]
 
 
-def check_out(out: str | Path, overwrite: bool, option: str = "--out", error: type[ValueError] = ValueError) -> None:
-    """Refuse (raising `error`, the caller's own kind) to write a folder over a file, or over a
-    non-empty folder without --overwrite."""
+def check_out(out: str | Path, overwrite: bool, option: str = "--out", error: type[ValueError] = ValueError,
+              writes: tuple[str, ...] = ()) -> None:
+    """Refuse (raising `error`, the caller's own kind) to write a folder where it cannot be made
+    (under a file, in a folder not writable, the current folder or one above it), over a file, or
+    over a non-empty folder: with --overwrite only over one of the kinds in `writes` (what the
+    command itself writes), never over a run, data, text or anything else."""
     out = Path(out)
+    here = Path.cwd().resolve()
+    if out.resolve() == here or out.resolve() in here.parents:
+        raise error(f"{option} {out} is the current folder or one above it; give a new folder, e.g. {option} NAME")
     if out.exists() and not out.is_dir():
         raise error(f"{out} exists and is not a folder; choose another {option}")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise error(f"{out} is not empty; choose another {option} or pass --overwrite to replace it")
+    parent = out.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise error(f"cannot create {out}: {parent} is a file; choose another {option}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise error(f"cannot create {out}: {parent} is not writable; choose another {option}")
+    if not (out.is_dir() and any(out.iterdir())):
+        return
+    k = kind(out)
+    if k not in writes:
+        mine = " or ".join(WRITTEN_BY[w].split(" (")[0] for w in writes if w in WRITTEN_BY)
+        raise error(f"{out} is {what(out)}{' and is not empty' if k == 'folder' else ''}; --overwrite replaces only "
+                    f"{mine or 'what this command writes'}: choose another {option} (nothing was changed)")
+    if not overwrite:
+        raise error(f"{out} is not empty ({what(out)}); choose another {option} or pass --overwrite to replace it")
 
 
 def temporary(out: Path) -> Path:

@@ -92,6 +92,42 @@ def _fake_run(run, n_layer):
     (run / "checkpoints" / "step_00000010" / "COMPLETE").write_text("{}")
 
 
+def _tree(folder):
+    return sorted((str(p.relative_to(folder)), p.read_bytes() if p.is_file() else b"") for p in folder.rglob("*"))
+
+
+def test_overwrite_replaces_only_what_the_command_writes(tiny_data, model_run, tmp_path, monkeypatch):
+    """prepare / tokenizer train / export --overwrite never delete a run, a data folder, a folder of
+    text or notes, or the current folder (nothing changes; one line says so), and refuse an --out
+    that cannot be made before any work; they replace their own kind of folder."""
+    import shutil
+
+    _fake_run(tmp_path / "run", 2)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "notes.txt").write_text("keep me")
+    shutil.copytree(tiny_data, tmp_path / "data")
+    (tmp_path / "afile").write_text("")
+    keep = {name: _tree(tmp_path / name) for name in ("run", "notes", "data")}
+    commands = {"prepare": (["prepare", SONNETS, "--block-size", "32"], "--out", "a data folder"),
+                "tokenizer": (["tokenizer", "train", SONNETS, "--vocab-size", "300", "-q"], "--out", "a tokenizer folder"),
+                "export": (["export", model_run], "--hf", "a model folder")}
+    for command, (args, option, mine) in commands.items():
+        for name in ("run", "notes", "data"):
+            if command == "prepare" and name == "data":
+                continue
+            one_error_line(invoke(*args, option, tmp_path / name, "--overwrite"),
+                           f"--overwrite replaces only {mine}: choose another {option} (nothing was changed)")
+        one_error_line(invoke(*args, option, tmp_path / "afile" / "sub"), f"{tmp_path / 'afile'} is a file")
+        monkeypatch.chdir(tmp_path / "notes")
+        one_error_line(invoke(*args, option, ".", "--overwrite"), "is the current folder or one above it")
+        one_error_line(invoke(*args, option, "..", "--overwrite"), "is the current folder or one above it")
+        monkeypatch.chdir(tmp_path)
+    assert {name: _tree(tmp_path / name) for name in keep} == keep
+    for command, (args, option, _) in commands.items():  # their own kind: replaced
+        assert invoke(*args, option, tmp_path / command).exit_code == 0
+        assert invoke(*args, option, tmp_path / command, "--overwrite").exit_code == 0
+
+
 def test_out_is_another_run(tiny_data, tmp_path):
     _fake_run(tmp_path / "run", 2)
     one_error_line(invoke("train", "--data", tiny_data, "--out", tmp_path / "run", *TINY_ARGS),
@@ -293,7 +329,11 @@ def test_export_overwrite(model_run, tmp_path, monkeypatch):
     out = tmp_path / "hf"
     out.mkdir()
     (out / "old.txt").write_text("the old export")
-    one_error_line(invoke("export", model_run, "--hf", out), "is not empty; choose another --hf or pass --overwrite")
+    one_error_line(invoke("export", model_run, "--hf", out), "is a folder and is not empty; --overwrite replaces")
+    (out / "old.txt").unlink()
+    assert invoke("export", model_run, "--hf", out).exit_code == 0  # (an empty folder is written into)
+    (out / "old.txt").write_text("the old export")
+    one_error_line(invoke("export", model_run, "--hf", out), "is not empty (a model folder")
 
     def fail(*args, **kwargs):
         raise hf.HFError("the tokenizer cannot be written")
@@ -302,7 +342,7 @@ def test_export_overwrite(model_run, tmp_path, monkeypatch):
         m.setattr(hf, "hf_tokenizer", fail)  # after the model is written
         result = invoke("export", model_run, "--hf", out, "--overwrite")
         assert result.exit_code == 1 and "Error: the tokenizer cannot be written" in result.output
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"] and [p.name for p in out.iterdir()] == ["old.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"] and (out / "old.txt").read_text() == "the old export"
     result = invoke("export", model_run, "--hf", out, "--overwrite")
     assert result.exit_code == 0, result.output
     assert not (out / "old.txt").exists() and (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()

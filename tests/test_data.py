@@ -111,8 +111,15 @@ def test_existing_out_refused_then_overwritten(tmp_path):
     with pytest.raises(DataError, match="not empty"):
         prepare([str(SONNETS)], out, block_size=32, quiet=True)
     assert (out / "precious.txt").read_text() == "keep me"
-    prepare([str(SONNETS)], out, block_size=32, val_fraction=0.1, quiet=True, overwrite=True)
-    assert (out / "manifest.json").is_file() and not (out / "precious.txt").exists()
+    with pytest.raises(DataError, match="--overwrite replaces only a data folder"):  # not a folder of other files
+        prepare([str(SONNETS)], out, block_size=32, quiet=True, overwrite=True)
+    assert [p.name for p in out.iterdir()] == ["precious.txt"]
+    data = tmp_path / "data"
+    prepare([str(SONNETS)], data, block_size=32, val_fraction=0.1, quiet=True)
+    with pytest.raises(DataError, match="not empty"):
+        prepare([str(SONNETS)], data, block_size=16, quiet=True)
+    prepare([str(SONNETS)], data, block_size=16, val_fraction=0.1, quiet=True, overwrite=True)
+    assert load_manifest(data)["block_size"] == 16
 
 
 def test_not_a_data_folder(tmp_path):

@@ -237,7 +237,7 @@ def prepare(
     if workers is not None and workers < 1:
         raise DataError(f"--workers must be >= 1, got {workers}")
     out = Path(out)
-    folders.check_out(out, overwrite, error=DataError)
+    folders.check_out(out, overwrite, error=DataError, writes=("data",))
     sources = resolve_sources(inputs, glob or ("**/*.yml" if fmt == "chat" else "**/*.txt"))
     if fmt == "chat" and any(s.path is None for s in sources):
         raise DataError("--format chat reads files (YAML or JSONL), not stdin")
@@ -491,7 +491,7 @@ def make_tokenizer(inputs: list[str], vocab_size: int, out: str | Path, overwrit
     except TokenizerError as e:
         raise DataError(str(e)) from None
     out = Path(out)
-    folders.check_out(out, overwrite, error=DataError)
+    folders.check_out(out, overwrite, error=DataError, writes=("tokenizer",))
     sources = resolve_sources(inputs, glob or "**/*.txt")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = folders.temporary(out)
