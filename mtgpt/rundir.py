@@ -33,6 +33,12 @@ def has_run(out: str | Path) -> bool:
                                 (TRAIN_CONFIG, checkpoint.CKPT_DIR, checkpoint.WEIGHTS))
 
 
+def run_of(found: Path) -> Path:
+    """The run folder that holds checkpoint folder `found` (RUN/checkpoints/TAG, or a save kept
+    one level further down, e.g. RUN/checkpoints/abandoned-.../TAG)."""
+    return folders.run_holding(found) or found.parent.parent
+
+
 def _checkpoint_for(resume: str, out: Path) -> Path | None:
     if resume == "auto":
         return checkpoint.latest_complete(out)
@@ -88,7 +94,7 @@ def saved_settings(found: Path) -> dict[str, Any] | None:
     if it has none), with what older mtgpt left out of it filled in: the DeepSpeed config it chose
     (in run_info.json), its global batch (micro x accum x ranks) and the vocabulary padding (none
     before it existed: its checkpoints hold exactly vocab_size rows)."""
-    run = found.parent.parent
+    run = run_of(found)
     try:
         saved, info = load_json(run / TRAIN_CONFIG), load_json(run / RUN_INFO) if (run / RUN_INFO).is_file() else {}
     except ConfigError:
@@ -110,7 +116,7 @@ def resumed_world_size(cfg: TrainConfig) -> int | None:
     resumed or its run folder does not say."""
     found = None if cfg.resume == "never" else _checkpoint_for(cfg.resume, Path(cfg.out))
     try:
-        return int(load_json(found.parent.parent / RUN_INFO)["world_size"]) if found else None
+        return int(load_json(run_of(found) / RUN_INFO)["world_size"]) if found else None
     except (ConfigError, KeyError, TypeError, ValueError):
         return None
 
@@ -155,7 +161,11 @@ def resume_point(cfg: TrainConfig) -> Path | None:
     found = _checkpoint_for(cfg.resume, out)
     if found is None:
         return None
-    saved = found.parent.parent / TRAIN_CONFIG
+    if has_run(out) and run_of(found).resolve() != out.resolve():  # its history would be cut and mixed in
+        raise ConfigError(f"--resume {cfg.resume} is a checkpoint of the run {run_of(found)}, and --out {out} holds "
+                          f"another run: continue that run with --out {run_of(found)}, or start from its checkpoint "
+                          "in a new --out (nothing was changed)")
+    saved = run_of(found) / TRAIN_CONFIG
     if saved.is_file():
         old = ModelConfig.from_dict(load_json(saved)["model"])
         if old.shape() != cfg.model.shape():
@@ -175,7 +185,7 @@ def saved_ds_name(found: Path) -> str | None:
     """The DeepSpeed config (bundled name or path) of the run that saved checkpoint folder `found`:
     a resumed run keeps it unless --ds-config says otherwise. None when its run folder does not say."""
     try:
-        return load_json(found.parent.parent / RUN_INFO).get("ds_config") or None
+        return load_json(run_of(found) / RUN_INFO).get("ds_config") or None
     except (ConfigError, AttributeError):
         return None
 
@@ -187,7 +197,7 @@ def check_resumable_ds(found: Path, ds: dict[str, Any], ds_name: str) -> None:
     keep fp32 weights and a plain AdamW state)."""
     from mtgpt import ds_config
 
-    out = found.parent.parent
+    out = run_of(found)
     try:
         saved = load_json(out / DS_CONFIG)
     except ConfigError:

@@ -244,7 +244,7 @@ def check_tokenizer(cfg: TrainConfig, manifest: dict[str, Any], resume_from: Pat
     reads another is refused (a fresh model's vocabulary follows the data)."""
     data = manifest["tokenizer"]
     if resume_from is not None:
-        saved = checkpoint.recorded_tokenizer(resume_from.parent.parent)
+        saved = checkpoint.recorded_tokenizer(rundir.run_of(resume_from))
         if not tokenizer.same(saved, data):
             raise ConfigError(f"cannot resume {cfg.out} on {data_names(cfg)}: the run reads tokenizer "
                               f"{tokenizer.describe(saved)}, the data was prepared with {tokenizer.describe(data)}; "

@@ -120,3 +120,25 @@ def test_resumed_settings_are_the_runs_less_what_is_given(tmp_path):
     kept = rundir.resumed_settings("auto", str(run), {"out", "resume"})
     assert (kept["ds_config"], kept["batch_size"], kept["model"]["vocab_multiple"]) == ("ds_configs/zero1_fp32.json",
                                                                                         24, 1)
+
+
+def test_another_runs_checkpoint_is_not_resumed_into_a_run(tmp_path):
+    """--out C --resume K/checkpoints/TAG would cut C's history and mix K's into it: refused, with
+    nothing changed; into a new --out it starts a branch from K's checkpoint. A save kept one level
+    down (checkpoints/abandoned-.../TAG, after going back) still belongs to its run."""
+    c, k = tmp_path / "c", tmp_path / "k"
+    _complete(c, 5)
+    (c / rundir.TRAIN_CONFIG).write_text(json.dumps(_cfg(c, lr=1e-3).to_dict()))
+    saved = _complete(k, 7)
+    (k / rundir.TRAIN_CONFIG).write_text(json.dumps(_cfg(k, lr=2e-3).to_dict()))
+    before = sorted(p.relative_to(c) for p in c.rglob("*"))
+    for resume in (str(saved), str(k)):
+        with pytest.raises(ConfigError, match=rf"is a checkpoint of the run {k}, and --out {c} holds another run"):
+            rundir.resume_point(_cfg(c, resume=resume))
+    assert sorted(p.relative_to(c) for p in c.rglob("*")) == before
+    assert rundir.resume_point(_cfg(tmp_path / "branch", resume=str(saved))) == saved
+    assert rundir.resume_point(_cfg(c, resume=str(c / checkpoint.CKPT_DIR / checkpoint.tag_for(5)))) is not None
+    aside = k / checkpoint.CKPT_DIR / "abandoned-1" / checkpoint.tag_for(9)
+    aside.mkdir(parents=True)
+    (aside / checkpoint.COMPLETE).write_text("{}")
+    assert rundir.run_of(aside) == k and rundir.resumed_settings(str(aside), str(k), set())["lr"] == 2e-3
