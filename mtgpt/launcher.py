@@ -63,15 +63,16 @@ def launch_local(cfg: TrainConfig, nproc: int) -> int:
 
     def forward(signum, frame):
         # Every process under the launcher (the ranks too) gets SIGTERM directly, so that each
-        # rank finishes its step and saves however the launcher reacts. Ctrl-C reached them all.
+        # rank finishes its step and saves however the launcher reacts: for SIGINT too, which
+        # Ctrl-C sends them all but `kill -INT PID` sends only to this process (a rank's stop
+        # flag is set once, whichever signal comes and however often).
         got_signal.append(signum)
         tree[:] = _descendants(proc.pid)
-        if signum == signal.SIGTERM:
-            for child in tree:
-                try:
-                    child.send_signal(signum)
-                except psutil.NoSuchProcess:
-                    pass
+        for child in tree:
+            try:
+                child.send_signal(signal.SIGTERM)
+            except psutil.NoSuchProcess:
+                pass
 
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:

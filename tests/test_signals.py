@@ -29,14 +29,14 @@ def rows(run: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_saves_and_exits_zero(tiny_data, tmp_path, sig):
+@pytest.mark.parametrize("sig,group", [(signal.SIGTERM, False), (signal.SIGINT, True), (signal.SIGINT, False)])
+def test_signal_saves_and_exits_zero(tiny_data, tmp_path, sig, group):
     run = tmp_path / "run"
     proc = start("train", "--data", tiny_data, "--out", run, "--nproc", "2", *ARGS)
     wait_for(lambda: len(rows(run)) >= 2, proc)
-    if sig == signal.SIGINT:  # Ctrl-C: the terminal signals the whole foreground process group
+    if group:  # Ctrl-C: the terminal signals the whole foreground process group
         os.killpg(proc.pid, sig)
-    else:  # Slurm, systemd, kill: the process the user started
+    else:  # Slurm, systemd, kill (-INT too): the process the user started
         proc.send_signal(sig)
     proc.wait(timeout=120)
     assert proc.returncode == 0, proc.stderr.read().decode()[-3000:]
