@@ -139,6 +139,7 @@ def make_plan(cfg: TrainConfig, world_size: int, cuda: bool | None = None, gpu_m
     if cuda and gpu_memory is None and torch.cuda.is_available():
         gpu_memory = torch.cuda.get_device_properties(0).total_memory
     monitor.env_peak_flops()  # a bad MTGPT_PEAK_FLOPS is refused now, not at the first log step
+    world.collective_timeout()  # and a bad MTGPT_COLLECTIVE_TIMEOUT, not in every rank
     manifests = load_sources(cfg.sources, cfg.data_cache)
     manifest = manifests[0]
     resume_from = rundir.resume_point(cfg)

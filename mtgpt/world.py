@@ -23,7 +23,19 @@ import torch
 # outlast the longest legitimate wait: a first-step torch.compile on 8 ranks, a save to a slow
 # shared filesystem, a universal-checkpoint conversion. 30 minutes, DeepSpeed's own default; the
 # tests set 120 s.
-COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=int(os.environ.get("MTGPT_COLLECTIVE_TIMEOUT", "1800")))
+TIMEOUT_ENV = "MTGPT_COLLECTIVE_TIMEOUT"
+
+
+def collective_timeout() -> datetime.timedelta:
+    """$MTGPT_COLLECTIVE_TIMEOUT (seconds, or a duration: 30m, 2h), default 1800 s; a bad value is
+    a ConfigError (make_plan checks it before any process starts)."""
+    from mtgpt.config import ConfigError, parse_duration
+
+    raw = os.environ.get(TIMEOUT_ENV, "1800")
+    try:
+        return datetime.timedelta(seconds=parse_duration(raw))
+    except ConfigError:
+        raise ConfigError(f"{TIMEOUT_ENV}={raw!r} is not a duration; give seconds or e.g. 30m, 2h") from None
 
 
 @dataclass(frozen=True)
@@ -95,7 +107,7 @@ def init() -> Rank:
     # DeepSpeed's CPU shared-memory all-reduce is JIT-compiled with g++ on first use (~30 s);
     # gloo is fast enough for one machine's CPU ranks, so skip the build.
     compatible_ops["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(dist_backend=backend, timeout=COLLECTIVE_TIMEOUT,
+    deepspeed.init_distributed(dist_backend=backend, timeout=collective_timeout(),
                                dist_init_required=True, verbose=False)
     _me = Rank(rank, local_rank, world_size, device)
     return _me

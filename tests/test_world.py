@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
 from mtgpt import world
@@ -71,7 +72,20 @@ def test_collective_timeout_is_long_by_default_and_short_in_tests():
     import subprocess
     import sys
 
-    code = "import mtgpt.world as w; print(w.COLLECTIVE_TIMEOUT.total_seconds())"
+    code = "import mtgpt.world as w; print(w.collective_timeout().total_seconds())"
     env = {k: v for k, v in os.environ.items() if k != "MTGPT_COLLECTIVE_TIMEOUT"}
     assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout.strip() == "1800.0"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "120.0"
+
+
+def test_collective_timeout_takes_a_duration(monkeypatch):
+    from mtgpt import world
+    from mtgpt.config import ConfigError
+
+    for raw, seconds in (("45", 45), ("30m", 1800), ("2h", 7200)):
+        monkeypatch.setenv("MTGPT_COLLECTIVE_TIMEOUT", raw)
+        assert world.collective_timeout().total_seconds() == seconds
+    for bad in ("soon", "0", "-5"):
+        monkeypatch.setenv("MTGPT_COLLECTIVE_TIMEOUT", bad)
+        with pytest.raises(ConfigError, match=f"MTGPT_COLLECTIVE_TIMEOUT='{bad}' is not a duration"):
+            world.collective_timeout()
