@@ -191,10 +191,10 @@ def saved_ds_name(found: Path) -> str | None:
 
 
 def check_resumable_ds(found: Path, ds: dict[str, Any], ds_name: str) -> None:
-    """Refuse to resume checkpoint `found` under a DeepSpeed config whose parameters have another
-    dtype than the one it was saved with (its optimizer state has another layout: DeepSpeed's
-    bf16/fp16 optimizers hold fp32 masters of bf16/fp16 weights; fp32 and torch_autocast runs
-    keep fp32 weights and a plain AdamW state)."""
+    """Refuse to resume checkpoint `found` under a DeepSpeed config that stores its optimizer
+    state otherwise: parameters of another dtype (DeepSpeed's bf16/fp16 optimizers hold fp32
+    masters of bf16/fp16 weights; fp32 and torch_autocast runs keep fp32 weights and a plain AdamW
+    state), or another family of ZeRO stages (0; 1 and 2, which share one layout; 3)."""
     from mtgpt import ds_config
 
     out = run_of(found)
@@ -202,12 +202,18 @@ def check_resumable_ds(found: Path, ds: dict[str, Any], ds_name: str) -> None:
         saved = load_json(out / DS_CONFIG)
     except ConfigError:
         return  # a run folder from before ds_config.json existed: nothing to compare with
+    own = saved_ds_name(found) or str(out / DS_CONFIG)
+    fix = (f"resume without --ds-config (the run keeps its own, {own}), or start a new run from its weights: "
+           f"--init-from {out} --out NEW")
     old, new = ds_config.weights_dtype(saved), ds_config.weights_dtype(ds)
     if old != new:
-        raise ConfigError(f"cannot resume {found}: it was trained with {old} weights "
-                          f"({saved_ds_name(found) or 'its ds_config.json'}) and {ds_name} trains {new} weights, "
-                          f"whose optimizer state DeepSpeed stores differently; resume with --ds-config "
-                          f"{out / DS_CONFIG} (the exact config the run used), or start a new run with another --out")
+        raise ConfigError(f"cannot resume {found}: it was trained with {old} weights ({own}) and {ds_name} trains "
+                          f"{new} weights, whose optimizer state DeepSpeed stores differently; {fix}")
+    family = {0: 0, 1: 1, 2: 1, 3: 3}
+    a, b = ds_config.zero_stage(saved), ds_config.zero_stage(ds)
+    if family.get(a, a) != family.get(b, b):
+        raise ConfigError(f"cannot resume {found}: it was saved at ZeRO stage {a} and {ds_name} is stage {b}, whose "
+                          f"checkpoints DeepSpeed lays out differently (stages 1 and 2 share one); {fix}")
 
 
 def git_commit() -> str | None:

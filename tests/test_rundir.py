@@ -142,3 +142,25 @@ def test_another_runs_checkpoint_is_not_resumed_into_a_run(tmp_path):
     aside.mkdir(parents=True)
     (aside / checkpoint.COMPLETE).write_text("{}")
     assert rundir.run_of(aside) == k and rundir.resumed_settings(str(aside), str(k), set())["lr"] == 2e-3
+
+
+def test_a_resume_under_another_optimizer_layout_is_refused_with_a_fix_that_works(tmp_path):
+    """Another weight dtype, or ZeRO 0 / 1-2 / 3 (each lays its checkpoint out otherwise), is one
+    line naming the run's own config (what a resume without --ds-config keeps); 1 <-> 2 resumes."""
+    from mtgpt import ds_config
+
+    run = tmp_path / "run"
+    found = _complete(run, 5)
+    (run / rundir.DS_CONFIG).write_text(json.dumps(ds_config.find("zero1_fp32")[1]))
+    (run / rundir.RUN_INFO).write_text(json.dumps({"world_size": 1, "ds_config": "ds_configs/zero1_fp32.json"}))
+    for ok in ("zero1_fp32", "zero2_fp32"):
+        rundir.check_resumable_ds(found, ds_config.find(ok)[1], ok)
+    fix = f"resume without --ds-config (the run keeps its own, ds_configs/zero1_fp32.json), or start a new run " \
+          f"from its weights: --init-from {run} --out NEW"
+    with pytest.raises(ConfigError, match=r"trained with fp32 weights .* zero2_bf16 trains bf16 weights") as e:
+        rundir.check_resumable_ds(found, ds_config.find("zero2_bf16")[1], "zero2_bf16")
+    assert str(e.value).endswith(fix)
+    for other, stage in (("zero3_fp32", 3), ("zero0_fp32", 0)):
+        with pytest.raises(ConfigError, match=rf"saved at ZeRO stage 1 and {other} is stage {stage}") as e:
+            rundir.check_resumable_ds(found, ds_config.find(other)[1], other)
+        assert str(e.value).endswith(fix)
