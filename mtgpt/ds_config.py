@@ -7,7 +7,8 @@ ds_configs/ say "auto" for those keys and mtgpt fills them in:
     gradient_accumulation_steps    = grad_accum
     train_batch_size               = micro_batch * grad_accum * world_size
     optimizer.params.lr            = lr
-    scheduler.params.*             = warmup_steps, schedule steps, min_lr_ratio
+    scheduler.params.*             = warmup_steps, schedule steps, min_lr_ratio (DeepSpeed's Warmup*
+                                     schedulers; another one, e.g. OneCycle, keeps the JSON's numbers)
 
 A JSON may also state those numbers; then they must agree with mtgpt's, or the run is refused
 before any process starts, with a message naming the number to change. Everything else
@@ -191,11 +192,15 @@ def resolve(cfg: TrainConfig, ds: dict[str, Any], world_size: int, schedule_step
     if not isinstance(opt, dict) or "type" not in opt:
         raise ConfigError(f"{name}: needs an \"optimizer\" block (DeepSpeed manages AdamW); copy the "
                           "one in ds_configs/zero1_fp32.json")
+    if opt["type"].lower() not in OPTIMIZERS:
+        raise ConfigError(f"{name}: optimizer {opt['type']!r}: mtgpt trains with DeepSpeed's {' or '.join(OPTIMIZERS.values())} "
+                          "(what its ZeRO stages are tested with here; others fail inside DeepSpeed at the first "
+                          "step); copy the optimizer block of ds_configs/zero1_fp32.json")
     params = opt.setdefault("params", {})
     _fill(params, "lr", cfg.lr, "optimizer.params.", "--lr", f"pass --lr {params.get('lr')}", name)
     sched = ds.get("scheduler")
-    if isinstance(sched, dict):
-        sp = sched.setdefault("params", {})
+    if isinstance(sched, dict) and sched.get("type") in ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR"):
+        sp = sched.setdefault("params", {})  # (other schedulers, e.g. OneCycle, are the JSON's own)
         kind = sched.get("type")
         warmup = cfg.warmup_steps if cfg.warmup_steps is not None else warmup_default(schedule_steps)
         fills = {"warmup_num_steps": (warmup, "--warmup-steps")}
@@ -218,6 +223,9 @@ def resolve(cfg: TrainConfig, ds: dict[str, Any], world_size: int, schedule_step
         raise ConfigError(f"{name}: mtgpt cannot fill \"auto\" for {', '.join(leftover)}; give numbers")
     _validate_with_deepspeed(ds, name)
     return ds
+
+
+OPTIMIZERS = {"adamw": "AdamW", "adam": "Adam"}  # DeepSpeed's optimizer "type", case-insensitive as DeepSpeed reads it
 
 
 def _walk(d: Any, prefix: str = ""):

@@ -130,3 +130,26 @@ def test_missing_file_and_optimizer(tmp_path):
     path.write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         ds_config.find(str(path))
+
+
+def test_another_scheduler_keeps_its_own_numbers():
+    """mtgpt fills warmup/length/lr into DeepSpeed's Warmup* schedulers only: OneCycle (which has
+    no warmup_num_steps, and raised TypeError on one) passes through as the JSON gives it."""
+    _, raw = ds_config.find("zero1_fp32")
+    cycle = {"type": "OneCycle", "params": {"cycle_min_lr": 1e-4, "cycle_max_lr": 1e-3, "cycle_first_step_size": 10}}
+    ds = ds_config.resolve(cfg(), {**raw, "scheduler": cycle}, 1, 100)
+    assert ds["scheduler"] == cycle
+    from deepspeed.runtime.lr_schedules import OneCycle
+
+    OneCycle(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-3), **ds["scheduler"]["params"])
+
+
+@pytest.mark.parametrize("optimizer", ["Adagrad", "SGD", "Lamb"])
+def test_an_optimizer_other_than_adam_is_refused(optimizer):
+    """Adagrad fails at the first backward of ZeRO-1 (IndexError), SGD at initialize ("untested
+    ZeRO optimizer"), Lamb has no CPU op: one line before anything starts."""
+    _, raw = ds_config.find("zero1_fp32")
+    with pytest.raises(ConfigError, match=rf"optimizer '{optimizer}': mtgpt trains with DeepSpeed's AdamW or Adam"):
+        ds_config.resolve(cfg(), {**raw, "optimizer": {"type": optimizer, "params": {"lr": "auto"}}}, 1, 100)
+    adam = {**raw, "optimizer": {"type": "adam", "params": {"lr": "auto"}}}  # DeepSpeed reads types case-insensitively
+    assert ds_config.resolve(cfg(), adam, 1, 100)["optimizer"]["type"] == "adam"

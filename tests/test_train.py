@@ -756,3 +756,4 @@ def test_a_resumed_run_keeps_its_deepspeed_config_and_a_weights_change_is_refuse
     assert all(torch.equal(exported[k], saved[k]) for k in exported)
     assert all(v.dtype == torch.float32 for v in saved.values())
     assert any((v != v.bfloat16().float()).any() for v in exported.values())  # fp32 values, not bf16 upcast
+
