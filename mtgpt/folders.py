@@ -81,15 +81,7 @@ def check_out(out: str | Path, overwrite: bool, option: str = "--out", error: ty
     here = Path.cwd().resolve()
     if out.resolve() == here or out.resolve() in here.parents:
         raise error(f"{option} {out} is the current folder or one above it; give a new folder, e.g. {option} NAME")
-    if out.exists() and not out.is_dir():
-        raise error(f"{out} exists and is not a folder; choose another {option}")
-    parent = out.resolve().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise error(f"cannot create {out}: {parent} is a file; choose another {option}")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise error(f"cannot create {out}: {parent} is not writable; choose another {option}")
+    check_creatable(out, option, error)
     if not (out.is_dir() and any(out.iterdir())):
         return
     k = kind(out)
@@ -99,6 +91,21 @@ def check_out(out: str | Path, overwrite: bool, option: str = "--out", error: ty
                     f"{mine or 'what this command writes'}: choose another {option} (nothing was changed)")
     if not overwrite:
         raise error(f"{out} is not empty ({what(out)}); choose another {option} or pass --overwrite to replace it")
+
+
+def check_creatable(out: str | Path, option: str = "--out", error: type[ValueError] = ValueError) -> None:
+    """Refuse a folder `out` that is a file or cannot be made: under a file, or in a folder this
+    user cannot write to."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise error(f"{out} exists and is not a folder; choose another {option}")
+    parent = out.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise error(f"cannot create {out}: {parent} is a file; choose another {option}")
+    if not out.exists() and not os.access(parent, os.W_OK | os.X_OK):
+        raise error(f"cannot create {out}: {parent} is not writable; choose another {option}")
 
 
 def temporary(out: Path) -> Path:

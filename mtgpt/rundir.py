@@ -128,6 +128,7 @@ def check_out_folder(out: Path) -> None:
     kind = folders.kind(out)
     if kind == "file":
         raise ConfigError(f"--out {out} exists and is not a folder")
+    folders.check_creatable(out, "--out", ConfigError)
     if has_run(out):
         return
     run = folders.run_holding(out) or out.resolve().parent

@@ -128,6 +128,12 @@ def test_overwrite_replaces_only_what_the_command_writes(tiny_data, model_run, t
         assert invoke(*args, option, tmp_path / command, "--overwrite").exit_code == 0
 
 
+def test_out_that_cannot_be_made(tiny_data, tmp_path):
+    (tmp_path / "afile").write_text("")
+    result = invoke("train", "--data", tiny_data, "--out", tmp_path / "afile" / "run", *TINY_ARGS)
+    one_error_line(result, f"cannot create {tmp_path / 'afile' / 'run'}: {tmp_path / 'afile'} is a file")
+
+
 def test_out_is_another_run(tiny_data, tmp_path):
     _fake_run(tmp_path / "run", 2)
     one_error_line(invoke("train", "--data", tiny_data, "--out", tmp_path / "run", *TINY_ARGS),
