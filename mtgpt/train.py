@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from mtgpt import __version__, checkpoint, ds_config, monitor, rundir, tokenizer, world
-from mtgpt.config import ConfigError, DataSource, ModelConfig, TrainConfig
+from mtgpt.config import ConfigError, DataSource, ModelConfig, TrainConfig, parse_duration
 from mtgpt.data import DataError, check_compatible, load_manifest, remote
 from mtgpt.data.loader import Split, TrainBatches, load_val, resume_position
 from mtgpt.model import GPT, flops_per_token, param_count, training_bytes_per_token
@@ -487,6 +487,8 @@ def fit(plan: Plan) -> dict[str, Any]:
     writes = BackgroundWrite()
     began = time.time() - state.elapsed
     reason = planned_stop(cfg, state, plan.train_tokens)
+    if reason is None and cfg.max_time is not None and state.elapsed >= parse_duration(cfg.max_time):
+        reason = "max_time"  # (its saved training time is the same on every rank)
     resumed_done = reason is not None  # resumed a run that had already reached its stop
     if resumed_done:
         world.print0(f"nothing to train: the run had already stopped ({reason}) at step {state.step}; to go on, "
@@ -543,7 +545,7 @@ def fit(plan: Plan) -> dict[str, Any]:
             "reason": reason}
 
 
-GO_ON = {"max_steps": "a larger --max-steps", "max_tokens": "a larger --max-tokens",
+GO_ON = {"max_steps": "a larger --max-steps", "max_tokens": "a larger --max-tokens", "max_time": "a larger --max-time",
          "max_epochs": "a larger --max-epochs (or --max-steps)",
          "early_stopping": "a larger --patience (its val loss had not improved for that many evaluations)"}
 

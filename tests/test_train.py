@@ -289,6 +289,9 @@ def test_fit_resume_and_go_back_in_process(tiny_data, tmp_path, world_of_one, ca
     assert "nothing to train: the run had already stopped (max_steps) at step 8; to go on, give a larger --max-steps" \
         in capsys.readouterr().out
     assert [r["step"] for r in metrics(run) if "train/loss" in r] == [2, 4, 6, 8]
+    assert _fit(cfg.replace(resume="auto", max_steps=None, max_time="0.01"))["step"] == 8  # trained longer already
+    assert "nothing to train: the run had already stopped (max_time) at step 8; to go on, give a larger --max-time" \
+        in capsys.readouterr().out
 
     summary = _fit(cfg.replace(resume=str(run / "checkpoints" / "step_00000006"), max_steps=7, save_every=1))
     assert summary["step"] == 7 and "set aside" in capsys.readouterr().out
