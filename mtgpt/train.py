@@ -368,6 +368,7 @@ def build_engine(plan: Plan, model: GPT):
         # reduce also moves the gradients into its own buffers, so it stays)
         engine.enable_backward_allreduce = False
     monitor.count_scaler_skips(engine)  # zero0_fp16: train/skipped_steps, as DeepSpeed counts its own
+    monitor.keep_grad_norm(engine)  # ZeRO-0: train/grad_norm, as ZeRO 1-3 log it
     return engine
 
 

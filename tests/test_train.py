@@ -760,3 +760,16 @@ def test_a_resumed_run_keeps_its_deepspeed_config_and_a_weights_change_is_refuse
     assert all(v.dtype == torch.float32 for v in saved.values())
     assert any((v != v.bfloat16().float()).any() for v in exported.values())  # fp32 values, not bf16 upcast
 
+
+
+def test_every_zero_stage_logs_the_same_grad_norm(tiny_data, tmp_path, world_of_one):
+    """train/grad_norm at ZeRO-0 (DeepSpeed drops the norm it clips with; mtgpt keeps it) equals
+    ZeRO-1's, step by step, in fp32 and in zero0_bf16 (autocast: fp32 gradients)."""
+    norms = {}
+    for name in ("zero1_fp32", "zero0_fp32", "zero0_bf16"):
+        cfg = TrainConfig(data=str(tiny_data), out=str(tmp_path / name), model=dict(TINY), micro_batch=2, max_steps=3,
+                          log_every=1, eval_every=100, eval_samples=4, ds_config=name)
+        _fit(cfg)
+        norms[name] = [r["train/grad_norm"] for r in metrics(tmp_path / name) if "train/loss" in r]
+    assert len(norms["zero0_fp32"]) == 3 and norms["zero0_fp32"] == pytest.approx(norms["zero1_fp32"], rel=1e-5)
+    assert norms["zero0_bf16"] == pytest.approx(norms["zero1_fp32"], rel=0.05)
