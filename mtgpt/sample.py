@@ -27,13 +27,24 @@ class SampleError(ValueError):
     """A bad sampling option; the message says which and what is allowed."""
 
 
+MAX_SEED = 2**32 - 1  # PyTorch's CPU generator keeps the low 32 bits of a seed: 2**32 + s drew the text of s
+
+
+def seed_problem(seed: int | None) -> str | None:
+    """What is wrong with a seed (None: nothing). `mtgpt sample`/`chat` and `mtgpt serve`'s
+    requests take 0..MAX_SEED, so that two seeds never give one text."""
+    if seed is None or 0 <= seed <= MAX_SEED:
+        return None
+    return f"must be between 0 and {MAX_SEED} (2**32 - 1: the seeds PyTorch's generator tells apart), got {seed}"
+
+
 @dataclass
 class SampleConfig:
     max_new_tokens: int = 200  # tokens to generate per sample
     temperature: float = 0.8  # 0 = greedy; higher = more random
     top_k: int | None = 200  # keep the k most likely tokens (None or 0: all)
     top_p: float | None = None  # keep the smallest set of tokens with this much probability
-    seed: int | None = None  # same seed, same text
+    seed: int | None = None  # same seed, same text (0..MAX_SEED)
     num_samples: int = 1  # independent continuations of the prompt
     stop_at_eot: bool = True  # stop a sample at <|endoftext|>
     stop_text: str | None = None  # stop a sample when its text contains this (not part of the output)
@@ -49,6 +60,8 @@ class SampleConfig:
                               f"size), got {self.top_k}")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise SampleError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if (problem := seed_problem(self.seed)) is not None:
+            raise SampleError(f"--seed {problem}")
         if self.num_samples < 1:
             raise SampleError(f"--num-samples must be >= 1, got {self.num_samples}")
         if self.stop_text == "":

@@ -40,10 +40,11 @@ from typing import Any, Literal, Union
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
 from mtgpt import chat
-from mtgpt.sample import SampleConfig, SampleText, on_host, stream
+from mtgpt.sample import SampleConfig, SampleText, on_host, seed_problem, stream
 from mtgpt.tokenizer import Tokenizer
 
 MAX_BODY = 1 << 20  # bytes a request body may have (a context of text is a few KB)
@@ -82,6 +83,13 @@ class _Request(BaseModel):
     logit_bias: dict | None = None
     logprobs: Any = None
     user: str | None = None
+
+    @field_validator("seed")
+    @classmethod
+    def _seed_in_range(cls, seed: int | None) -> int | None:
+        if (problem := seed_problem(seed)) is not None:  # `mtgpt sample --seed`'s range
+            raise PydanticCustomError("seed_range", problem)
+        return seed
 
 
 class CompletionRequest(_Request):
