@@ -159,3 +159,15 @@ def test_reads_the_bytes_as_prepare_does(tmp_path):
     assert rows[0]["bytes"] == 35 and rows[0]["tokens"] == len(GPT2.encode(text)) == 15
     assert len(GPT2.encode(text.replace("\r\n", "\n"))) == 12
     assert {k: rows[1][k] for k in ("bytes", "tokens", "nll")} == {k: rows[0][k] for k in ("bytes", "tokens", "nll")}
+
+
+def test_a_text_with_no_tokens_is_refused_in_one_line(run, tmp_path):
+    """Empty stdin, or a file holding only a byte-order mark (not text), has nothing to score:
+    one error line, as prepare refuses text without tokens, with --json too."""
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf")
+    for args, input, name in ((["-"], "", "-"), ([tmp_path / "bom.txt"], None, tmp_path / "bom.txt")):
+        for json_flag in ([], ["--json"]):
+            result = invoke("eval", run, *args, *json_flag, input=input)
+            lines = [line for line in result.output.splitlines() if line.strip()]
+            assert result.exit_code == 1 and lines == [f"Error: {name}: no text to score (it holds no tokens); "
+                                                       "give text with at least one character"], result.output
