@@ -422,8 +422,14 @@ def eval_(run_dir, texts, stride, best, device, strict, as_json):
     from mtgpt.evaluate import score_text, total
     from mtgpt.sample import pick_device
 
-    try:
-        sources = resolve_sources(list(texts))  # every input checked before the model loads
+    from mtgpt import folders
+
+    swapped = next((t for t in texts if folders.kind(t) in ("run", "model", "checkpoint")), None)
+    if swapped and folders.kind(run_dir) in ("file", "folder", "missing"):
+        raise click.ClickException(f"{run_dir} is {folders.what(run_dir)} and {swapped} is {folders.what(swapped)}: "
+                                   f"give the run first: `mtgpt eval {swapped} {run_dir}`")
+    try:  # every input checked before the model loads (eval has no --glob)
+        sources = resolve_sources(list(texts), glob_fix="name the text files to score")
         model = load_model(run_dir, best=best, device=pick_device(device))
         tok = load_tokenizer(model_folder(run_dir, best))
         read = (read_text(src, strict, warn=lambda s: click.echo(s, err=True)) for src in sources)

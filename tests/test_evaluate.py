@@ -171,3 +171,23 @@ def test_a_text_with_no_tokens_is_refused_in_one_line(run, tmp_path):
             lines = [line for line in result.output.splitlines() if line.strip()]
             assert result.exit_code == 1 and lines == [f"Error: {name}: no text to score (it holds no tokens); "
                                                        "give text with at least one character"], result.output
+
+
+def test_a_run_given_as_text_or_the_arguments_swapped(run, tmp_path):
+    """eval has no --glob: a run or data folder given as TEXT is named as what it is, a folder
+    without *.txt says what eval reads, and a text file given as RUN with the run after it is
+    the two arguments swapped."""
+    (tmp_path / "a.txt").write_text("some text\n")
+    (tmp_path / "empty").mkdir()
+    for args, says in [
+        ([run, run], f"Error: {run} is a model folder (model.safetensors, config.json), not text; give text files, "
+                     "folders of *.txt, - for stdin, or a built-in corpus"),
+        ([run, tmp_path / "empty"], f"Error: {tmp_path / 'empty'}: no files matching '**/*.txt' in this folder; "
+                                    "name the text files to score"),
+        ([tmp_path / "a.txt", run], f"Error: {tmp_path / 'a.txt'} is a file and {run} is a model folder (model."
+                                    f"safetensors, config.json): give the run first: `mtgpt eval {run} "
+                                    f"{tmp_path / 'a.txt'}`")]:
+        result = invoke("eval", *args)
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert result.exit_code == 1 and lines == [says], result.output
+        assert "--glob" not in result.output
