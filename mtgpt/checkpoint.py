@@ -288,6 +288,9 @@ def model_folder(run_dir: str | Path, best: bool = False) -> Path:
         run = folders.run_holding(run_dir)
         raise ModelFileError(f"{run_dir} is a checkpoint inside the run {run}; give the run folder: {run} "
                              f"(its {WEIGHTS} is the latest checkpoint's weights)")
+    if kind == "hf":
+        raise ModelFileError(f"{run_dir} is {folders.what(run_dir)}; give the run it was exported from, or train "
+                             f"from it with --init-from-hf {run_dir}")
     if kind in ("file", "tokenizer"):
         raise ModelFileError(f"{run_dir} is {folders.what(run_dir)}, not a run folder; give a folder written by "
                              "`mtgpt train --out RUN_DIR`")

@@ -153,6 +153,10 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
 def read_config(folder: str | Path) -> ModelConfig:
     """The mtgpt ModelConfig of a GPT-2-shaped Hugging Face folder (refuses other shapes)."""
     folder = Path(folder)
+    kind = folders.kind(folder)
+    if kind in ("run", "model", "checkpoint"):
+        run = folders.run_holding(folder) or folder
+        raise HFError(f"{folder} is {folders.what(folder)}, not a Hugging Face model folder; start from it with --init-from {run}")
     try:
         hf = json.loads((folder / "config.json").read_text())
     except FileNotFoundError:
