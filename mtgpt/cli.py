@@ -358,7 +358,7 @@ def chat(run_dir, system, max_new_tokens, temperature, top_k, top_p, seed, best,
     cfg = SampleConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     try:
         run_chat(run_dir, cfg, best=best, device=device, system=system, read=_read_line,
-                 write=lambda s: click.echo(s, nl=False), dtype=dtype)
+                 write=lambda s: click.echo(s, nl=False), dtype=dtype, warn=lambda s: click.echo(s, err=True))
     except (SampleError, ValueError) as e:
         _fail(e)
 

@@ -193,3 +193,33 @@ def test_a_fine_tune_with_an_own_tokenizer_answers_each_message(tmp_path, world_
         _, ids, budget = chat.fit_history(tok, [], message, model.config.block_size, 16)
         got = "".join(chat.reply_stream(model, tok, ids, SampleConfig(max_new_tokens=budget, temperature=0)))
         assert got == reply, (message, got)
+
+
+def test_a_message_or_system_line_that_does_not_fit_is_cropped_with_a_warning(model_dir):
+    """As `mtgpt sample` warns for a long prompt: a message longer than the context keeps its end,
+    a --system line with no room beside it is left out, each said once on stderr; a message that
+    fits is sent whole without a word."""
+    from mtgpt.sample import SampleConfig
+
+    def talk(messages, system=None):
+        lines, out, warnings = iter(messages), [], []
+
+        def read(prompt):
+            line = next(lines, None)
+            if line is None:  # the end of input, as Ctrl-D
+                raise EOFError
+            return line
+
+        chat.run_chat(str(model_dir), SampleConfig(max_new_tokens=4, seed=1), device="cpu", system=system,
+                      read=read, write=out.append, warn=warnings.append)
+        return warnings
+
+    long = " ".join(f"word{i}" for i in range(200))
+    assert talk(["Hello there"], system="Be brief.") == []
+    assert talk([long]) == ["warning: your message is longer than the context of 64 tokens allows (a quarter of it "
+                            "is kept for the reply); the model sees only its end"]
+    assert talk(["Hello there"], system=long) == ["warning: the --system line does not fit in the context of 64 "
+                                                  "tokens beside your message; it was left out of this turn"]
+    proc = subprocess.run([sys.executable, "-m", "mtgpt", "chat", str(model_dir), "--max-new-tokens", "2"],
+                          capture_output=True, text=True, input=long + "\n", timeout=120)
+    assert proc.returncode == 0 and "warning: your message is longer than the context of 64" in proc.stderr
