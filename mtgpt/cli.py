@@ -315,9 +315,11 @@ def run_worker(options: dict) -> None:
 @click.option("--prompt", help="Text to continue. [default: start a new document]")
 @click.option("--prompt-file", type=click.Path(dir_okay=False), help="Read the prompt from a UTF-8 file (instead of --prompt).")
 @click.option("--num-samples", default=1, show_default=True, help="Independent continuations.")
-@click.option("--stop", "stop_text", help="Stop a sample when it writes this text (it is not printed).")
+@click.option("--stop", "stops", multiple=True, metavar="TEXT",
+              help="Stop a sample when it writes this text (it is not printed); repeat it for several, the first "
+                   "written stops.")
 @_sampling_options(max_new_tokens=200)
-def sample(run_dir, prompt, prompt_file, num_samples, stop_text, max_new_tokens, temperature, top_k, top_p, seed,
+def sample(run_dir, prompt, prompt_file, num_samples, stops, max_new_tokens, temperature, top_k, top_p, seed,
            best, device, dtype):
     """Continue a prompt with a trained model, streamed as it comes (KV cache, top-k/top-p)."""
     from mtgpt.sample import SampleConfig, SampleError, run_sample
@@ -326,7 +328,7 @@ def sample(run_dir, prompt, prompt_file, num_samples, stop_text, max_new_tokens,
         raise click.UsageError("give --prompt or --prompt-file, not both")
     prompt = prompt or ""
     cfg = SampleConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                       seed=seed, num_samples=num_samples, stop_text=stop_text)
+                       seed=seed, num_samples=num_samples, stops=list(stops))
     try:
         if prompt_file:
             try:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import codecs
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
@@ -47,7 +47,7 @@ class SampleConfig:
     seed: int | None = None  # same seed, same text (0..MAX_SEED)
     num_samples: int = 1  # independent continuations of the prompt
     stop_at_eot: bool = True  # stop a sample at <|endoftext|>
-    stop_text: str | None = None  # stop a sample when its text contains this (not part of the output)
+    stops: list[str] = field(default_factory=list)  # stop a sample when its text contains one (not output)
     slide: int | None = None  # window stride past block_size (None: block_size // 4)
 
     def check(self, vocab_size: int) -> None:
@@ -64,7 +64,7 @@ class SampleConfig:
             raise SampleError(f"--seed {problem}")
         if self.num_samples < 1:
             raise SampleError(f"--num-samples must be >= 1, got {self.num_samples}")
-        if self.stop_text == "":
+        if any(not stop for stop in self.stops):
             raise SampleError("--stop must not be empty")
 
 
@@ -300,7 +300,7 @@ def generate(model: GPT, tok: Tokenizer, prompt: str, cfg: SampleConfig, use_cac
              decoder: str = "auto") -> list[str]:
     """Whole continuations of `prompt` (without the prompt), one per sample (`stream`'s decoder)."""
     cfg.check(model.config.vocab_size)
-    texts = [SampleText(tok, [cfg.stop_text] if cfg.stop_text else [], stop_at_eot=cfg.stop_at_eot)
+    texts = [SampleText(tok, cfg.stops, stop_at_eot=cfg.stop_at_eot)
              for _ in range(cfg.num_samples)]
     for nxt in on_host(stream(model, tok.prompt(prompt), cfg, use_cache, decoder)):
         for text, token in zip(texts, nxt):
@@ -358,7 +358,7 @@ def run_sample(run_dir: str, prompt: str, cfg: SampleConfig, best: bool = False,
         for i, text in enumerate(texts):
             write(f"--- sample {i + 1}\n{prompt}{text}\n")
         return texts
-    text = SampleText(tok, [cfg.stop_text] if cfg.stop_text else [], stop_at_eot=cfg.stop_at_eot)
+    text = SampleText(tok, cfg.stops, stop_at_eot=cfg.stop_at_eot)
     write(prompt)
     for nxt in on_host(stream(model, ids, cfg)):
         write(text.add(nxt[0]))

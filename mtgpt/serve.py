@@ -267,12 +267,12 @@ class Server:
 
     def job(self, prompt: list[int], req: _Request, max_tokens: int, chat_reply: bool) -> Job:
         cfg = SampleConfig(max_new_tokens=max_tokens, temperature=req.temperature, top_k=req.top_k or None,
-                           top_p=req.top_p, seed=req.seed, num_samples=req.n, stop_at_eot=True)
+                           top_p=req.top_p, seed=req.seed, num_samples=req.n, stop_at_eot=True,
+                           stops=_stops(req.stop))
         if cfg.top_k is not None and cfg.top_k > self.model.config.vocab_size:
             raise ApiError(400, f"top_k must be between 0 (all tokens) and {self.model.config.vocab_size} "
                                 f"(the vocabulary size), got {cfg.top_k}", param="top_k")
-        stops = _stops(req.stop)
-        choices = [SampleText(self.tok, stops, chat_reply=chat_reply) for _ in range(req.n)]
+        choices = [SampleText(self.tok, cfg.stops, chat_reply=chat_reply) for _ in range(req.n)]
         return Job(prompt, cfg, choices, asyncio.get_running_loop())
 
 

@@ -182,7 +182,7 @@ def test_stop_text(model_dir):
     full = run_sample(str(model_dir), "a", cfg, device="cpu", write=lambda s: None)[0]
     stop = full[5:8]
     printed = []
-    cut = run_sample(str(model_dir), "a", SampleConfig(max_new_tokens=40, seed=5, stop_at_eot=False, stop_text=stop),
+    cut = run_sample(str(model_dir), "a", SampleConfig(max_new_tokens=40, seed=5, stop_at_eot=False, stops=[stop]),
                      device="cpu", write=printed.append)[0]
     assert cut == full.split(stop)[0] and stop not in "".join(printed)
     assert "".join(printed) == "a" + cut + "\n"
@@ -236,3 +236,16 @@ def test_every_seed_in_the_range_is_its_own_text(model_dir):
         proc = run_mtgpt("sample", model_dir, "--seed", seed, "--max-new-tokens", "2", check=False)
         assert proc.returncode == 1 and proc.stderr == \
             f"Error: --seed must be between 0 and 4294967295 (2**32 - 1: the seeds PyTorch's generator tells apart), got {seed}\n"
+
+
+def test_stop_is_repeatable(model_dir):
+    """--stop A --stop B stops at whichever comes first (it used to keep only the last); --help says so."""
+    args = ["--prompt", "a", "--max-new-tokens", "40", "--seed", "5", "--temperature", "1.0"]
+    full = run_mtgpt("sample", model_dir, *args).stdout[1:-1]
+    early, late = full[4:7], full[20:23]
+    assert early not in full[:4] and late not in full[:20] and early != late
+    out = run_mtgpt("sample", model_dir, *args, "--stop", early, "--stop", late).stdout
+    assert out == "a" + full.split(early)[0] + "\n"
+    out = run_mtgpt("sample", model_dir, *args, "--stop", late, "--stop", early).stdout
+    assert out == "a" + full.split(early)[0] + "\n"
+    assert "repeat" in run_mtgpt("sample", "--help").stdout.split("--stop")[1].split("--")[0]
