@@ -66,7 +66,7 @@ def conversations_from_yaml(path: Path) -> Iterator[list[tuple[str, str]]]:
     import yaml
 
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
     except yaml.YAMLError as e:
         raise ChatDataError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict) or not isinstance(data.get("conversations"), list):
@@ -78,7 +78,7 @@ def conversations_from_yaml(path: Path) -> Iterator[list[tuple[str, str]]]:
 
 def conversations_from_jsonl(path: Path) -> Iterator[list[tuple[str, str]]]:
     """JSONL, one conversation per line: {"messages": [{"role": ..., "content": ...}, ...]}."""
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8-sig") as f:  # (an editor's byte-order mark is not text)
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue

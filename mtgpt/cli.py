@@ -332,7 +332,7 @@ def sample(run_dir, prompt, prompt_file, num_samples, stops, max_new_tokens, tem
     try:
         if prompt_file:
             try:
-                prompt = Path(prompt_file).read_text(encoding="utf-8")
+                prompt = Path(prompt_file).read_text(encoding="utf-8-sig")  # a byte-order mark is not text
             except UnicodeDecodeError:
                 raise SampleError(f"{prompt_file}: not UTF-8 text") from None
             except OSError as e:

@@ -4,8 +4,8 @@
     client = openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none")
 
 Endpoints: GET / (the chat page, one file shipped in the package), GET /health, GET /v1/models,
-POST /v1/completions and POST /v1/chat/completions (OpenAI's wire format, streamed as server-sent
-events with `stream: true`). Chat goes through mtgpt's chat template (mtgpt.chat): the reply is
+GET /v1/models/{id}, POST /v1/completions and POST /v1/chat/completions (OpenAI's wire format,
+streamed as server-sent events with `stream: true`). Chat goes through mtgpt's chat template (mtgpt.chat): the reply is
 what the model writes after "Bot:" up to the end of the line.
 
 One model, many clients. The model lives in the main thread's generation loop (`Worker.run`);
@@ -26,10 +26,12 @@ Bad requests get a 4xx with an OpenAI-style JSON error; nothing a client sends s
 from __future__ import annotations
 
 import asyncio
+import errno
 import hmac
 import json
 import queue
 import signal
+import socket
 import sys
 import threading
 import time
@@ -294,6 +296,9 @@ def chat_turns(messages: list[Message]) -> list[tuple[str, str]]:
                    for p in m.content):
                 raise ApiError(400, "only text content parts are supported", param=f"messages.{i}.content")
             text = " ".join(p["text"] for p in m.content)
+        elif m.content is None and m.role != "assistant":  # (an assistant's may be null, as OpenAI's)
+            raise ApiError(400, f"messages.{i}.content: a {m.role} message needs its text (a string, \"\" "
+                                "for an empty one)", param=f"messages.{i}.content")
         else:
             text = m.content or ""
         turns.append((chat.SYSTEM if m.role in ("system", "developer") else chat.ROLES[m.role], text))
@@ -377,7 +382,12 @@ def create_app(server: Server):
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": server.name, "object": "model", "created": 0, "owned_by": "mtgpt"}]}
+        return {"object": "list", "data": [await model(server.name)]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        server.check_model(model_id)
+        return {"id": server.name, "object": "model", "created": 0, "owned_by": "mtgpt"}
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -497,6 +507,30 @@ def _usage(jobs: list[Job], prompt_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion}
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """The server's socket, bound here (uvicorn is handed it) so that each way binding fails says
+    what to change: a host that is no address, one not of this machine, or a port that is taken."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (as uvicorn binds: a restart reuses the port)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        from mtgpt.sample import SampleError
+
+        sock.close()
+        if isinstance(e, socket.gaierror):
+            raise SampleError(f"--host {host}: no such address ({e.strerror}); give an address of this machine, "
+                              "e.g. 127.0.0.1 (this machine only) or 0.0.0.0 (every network)") from None
+        if e.errno == errno.EADDRNOTAVAIL:
+            raise SampleError(f"--host {host} is not an address of this machine ({e.strerror}); give one of its "
+                              "addresses, e.g. 127.0.0.1 (this machine only) or 0.0.0.0 (every network)") from None
+        if e.errno == errno.EADDRINUSE:
+            raise SampleError(f"could not serve on {host}:{port}: the port is taken; choose another with "
+                              "--port") from None
+        raise SampleError(f"could not serve on {host}:{port}: {e.strerror}") from None
+    return sock
+
+
 def run_serve(run_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
               best: bool = False, device: str = "auto", dtype: str = "auto", max_tokens_limit: int = 1024,
               model_name: str | None = None, log=print) -> None:
@@ -512,6 +546,7 @@ def run_serve(run_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: 
     if api_key == "":
         raise SampleError("--api-key must not be empty")
     model, tok = load_for_inference(run_dir, best, device, dtype)
+    sock = listen(host, port)
     name = model_name or Path(run_dir).resolve().name
     server = Server(model, tok, name, api_key, max_tokens_limit)
     server.worker = Worker(model)
@@ -521,8 +556,9 @@ def run_serve(run_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: 
             "the model (set --api-key, or MTGPT_API_KEY)")
     web = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                                         timeout_graceful_shutdown=2))
-    http = threading.Thread(target=web.run, name="mtgpt-http", daemon=True)  # uvicorn leaves the
-    http.start()  # signals to the main thread when it runs in another one
+    # uvicorn leaves the signals to the main thread when it runs in another one
+    http = threading.Thread(target=web.run, kwargs={"sockets": [sock]}, name="mtgpt-http", daemon=True)
+    http.start()
 
     def stop(signum, frame):  # Ctrl-C or SIGTERM: finish the HTTP server, then the generation loop
         web.should_exit = True
@@ -534,8 +570,7 @@ def run_serve(run_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: 
             if server.worker.stopped:
                 return
             if not http.is_alive():
-                raise SampleError(f"could not serve on {host}:{port} (uvicorn's error is above; is the port "
-                                  "taken? choose another with --port)")
+                raise SampleError(f"could not serve on {host}:{port} (uvicorn's error is above)")
             time.sleep(0.05)
         shown = f"[{host}]" if ":" in host else host
         log(f"mtgpt serve: {name} (context {server.block_size}, {next(model.parameters()).device}) at "
@@ -545,5 +580,6 @@ def run_serve(run_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: 
         web.should_exit = True
         server.worker.stop()
         http.join(timeout=10)
+        sock.close()
         for s, handler in previous.items():
             signal.signal(s, handler)

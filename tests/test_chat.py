@@ -51,6 +51,15 @@ def test_prepare_chat_formats(tmp_path):
     assert [s["name"] for s in m["sources"]] == [str(tmp_path / "talk.yml"), str(tmp_path / "talk.jsonl")]
 
 
+def test_chat_files_with_a_byte_order_mark(tmp_path):
+    """A JSONL or YAML file an editor saved with a byte-order mark reads as without one."""
+    line = json.dumps({"messages": [{"role": "user", "content": "Hey"}, {"role": "assistant", "content": "Hi."}]})
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + (line + "\n").encode())
+    (tmp_path / "bom.yml").write_bytes(b"\xef\xbb\xbfconversations:\n- - Hey\n  - Hi.\n")
+    for name in ("bom.jsonl", "bom.yml"):
+        assert list(chat.conversations([tmp_path / name])) == [[(chat.USER, "Hey"), (chat.BOT, "Hi.")]]
+
+
 def test_chatterbot_corpus(tmp_path):
     m = prepare(["chatterbot"], tmp_path / "d", block_size=64, val_fraction=0.05, fmt="chat", quiet=True)
     assert m["conversations"] > 1000 and load_manifest(tmp_path / "d")["splits"]["train"]["samples"] > 0

@@ -193,6 +193,18 @@ def test_models_health_and_page(server):
         assert server.request("GET", path)[0] == 404, path
 
 
+def test_retrieve_a_model(server):
+    """GET /v1/models/{id}: the model object, as the official client's models.retrieve reads it; an
+    unknown id is a 404 in OpenAI's error shape."""
+    got = server.client().models.retrieve("tiny")
+    assert (got.id, got.object, got.owned_by) == ("tiny", "model", "mtgpt")
+    with pytest.raises(openai.NotFoundError) as e:
+        server.client().models.retrieve("gpt-4")
+    assert e.value.body["code"] == "model_not_found" and "'gpt-4' does not exist" in e.value.body["message"]
+    status, err, _ = server.request("GET", "/v1/models/gpt-4")
+    assert status == 404 and set(err["error"]) == {"message", "type", "param", "code"}
+
+
 def test_greedy_and_seeded_completions_equal_mtgpt_sample(server, run_dir):
     client = server.client()
     prompt = "Shall I compare thee"
@@ -334,6 +346,11 @@ def test_a_long_conversation_is_cropped_with_a_warning(server):
     ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
      400, "text"),
     ("/v1/chat/completions", {"model": "tiny", "messages": "hello"}, 400, "messages"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": None}]}, 400,
+     "messages.0.content: a user message needs its text"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "system", "content": None},
+                                                            {"role": "user", "content": "hi"}]}, 400,
+     "messages.0.content: a system message needs its text"),
 ])
 def test_bad_input_gets_an_openai_error_and_the_server_lives(server, path, body, status, says):
     got, err, _ = server.request("POST", path, body)
@@ -444,6 +461,12 @@ def test_open_host_warns_without_a_key_and_sigterm_exits_cleanly(run_dir, server
     assert "without --api-key" in s.proc.stderr.read()
     taken = run_mtgpt("serve", run_dir, "--port", server.port, check=False, timeout=60)
     assert taken.returncode == 1 and "could not serve on 127.0.0.1:" in taken.stderr
+    for host, says in (("999.1.1.1", "--host 999.1.1.1: no such address"),
+                       ("192.0.2.1", "--host 192.0.2.1 is not an address of this machine")):
+        proc = run_mtgpt("serve", run_dir, "--host", host, "--port", free_port(), check=False, timeout=60)
+        assert proc.returncode == 1 and proc.stderr.startswith(f"Error: {says}") and proc.stderr.count("\n") == 1, \
+            proc.stderr
+        assert "port" not in proc.stderr.split("(")[0]
     bad = run_mtgpt("serve", run_dir.parent / "missing", check=False)
     assert bad.returncode == 1 and "no such folder" in bad.stderr and "Traceback" not in bad.stderr
 
