@@ -51,6 +51,7 @@ from mtgpt.tokenizer import Tokenizer
 
 MAX_BODY = 1 << 20  # bytes a request body may have (a context of text is a few KB)
 MAX_JOBS = 256  # requests generating or waiting at once; more get 429
+STOPPING = "the server is stopping (mtgpt serve got Ctrl-C or SIGTERM); the text so far was sent"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -144,7 +145,7 @@ def _stops(stop: str | list[str] | None) -> list[str]:
 @dataclass
 class Job:
     """One request: its prompt, options and choices, and the queue its events go to:
-    ("text", index, piece), ("finish", index, reason), ("done", None, None), ("error", None, msg)."""
+    ("text", index, piece), ("finish", index, reason), ("done", None, None), ("error", None, ApiError)."""
     prompt: list[int]
     cfg: SampleConfig
     choices: list[SampleText]
@@ -154,7 +155,10 @@ class Job:
     steps: Any = None
 
     def emit(self, kind: str, index: int | None, value: Any) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, index, value))
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, index, value))
+        except RuntimeError:  # the HTTP server's loop is closed: nobody is waiting any more
+            pass
 
 
 class Worker:
@@ -167,13 +171,17 @@ class Worker:
         self.incoming: queue.Queue = queue.Queue()
         self.active: list[Job] = []
         self.stopped = False
+        self.lock = threading.Lock()  # submit() against the end of run()
         self.generated = 0  # tokens generated since start (all jobs; /health shows it)
 
     def submit(self, job: Job) -> None:
-        if self.incoming.qsize() + len(self.active) >= MAX_JOBS:
-            raise ApiError(429, f"the server is busy ({MAX_JOBS} requests in flight); retry later",
-                           type_="rate_limit_error")
-        self.incoming.put(job)
+        with self.lock:
+            if self.stopped:
+                raise ApiError(503, STOPPING, type_="server_error")
+            if self.incoming.qsize() + len(self.active) >= MAX_JOBS:
+                raise ApiError(429, f"the server is busy ({MAX_JOBS} requests in flight); retry later",
+                               type_="rate_limit_error")
+            self.incoming.put(job)
 
     def stop(self) -> None:
         self.stopped = True
@@ -189,7 +197,32 @@ class Worker:
         return thread
 
     def run(self) -> None:
-        """Until stop(): take new jobs, then give every active job its next token."""
+        """Until stop(): take new jobs, then give every active job its next token. Then every job
+        not done is ended with an error event (its text so far was sent), so that no response
+        waits for tokens that will never come: the HTTP server's graceful shutdown then has
+        nothing to cancel."""
+        try:
+            self._run()
+        finally:
+            with self.lock:  # (a submit now is refused, not queued for nobody)
+                self.stopped = True
+                queued = self._drain()
+            for job in self.active + queued:
+                job.emit("error", None, ApiError(503, STOPPING, type_="server_error"))
+            self.active = []
+
+    def _drain(self) -> list[Job]:
+        """The jobs still queued (the None of stop() left out)."""
+        jobs = []
+        while True:
+            try:
+                job = self.incoming.get_nowait()
+            except queue.Empty:
+                return jobs
+            if job is not None:
+                jobs.append(job)
+
+    def _run(self) -> None:
         while not self.stopped:
             try:
                 while True:  # wait only when there is nothing to step (with a timeout: signals)
@@ -207,7 +240,8 @@ class Worker:
                 try:
                     done = self._step(job)
                 except Exception as e:  # a failed generation ends its request, not the server
-                    job.emit("error", None, f"generation failed: {type(e).__name__}: {e}")
+                    job.emit("error", None, ApiError(500, f"generation failed: {type(e).__name__}: {e}",
+                                                     type_="server_error"))
                     done = True
                 if done:
                     self.active.remove(job)
@@ -446,7 +480,7 @@ def create_app(server: Server):
                 while (event := await job.events.get())[0] != "done":
                     kind, i, value = event
                     if kind == "error":
-                        raise ApiError(500, value, type_="server_error")
+                        raise value
                     if kind == "text":
                         texts[j * n + i] = texts.get(j * n + i, "") + value
                     else:
@@ -485,7 +519,7 @@ def create_app(server: Server):
                     while (event := await job.events.get())[0] != "done":
                         kind, i, value = event
                         if kind == "error":
-                            yield f"data: {json.dumps(ApiError(500, value, 'server_error').body())}\n\n"
+                            yield f"data: {json.dumps(value.body())}\n\n"
                             return
                         yield chunk(j * n + i, value if kind == "text" else None,
                                     value if kind == "finish" else None)

@@ -513,3 +513,43 @@ def test_the_page_in_a_real_browser(server, tmp_path):
         assert not driver.find_elements(By.CSS_SELECTOR, ".assistant")
     finally:
         driver.quit()
+
+
+def test_ctrl_c_with_a_client_streaming_ends_its_stream_and_exits_cleanly(run_dir):
+    """SIGINT while a client reads a long stream slowly: its stream ends (an error event that says
+    the server is stopping, after the text so far), and the server exits 0 within seconds with
+    nothing on stderr but its start line (no uvicorn traceback, no cancelled task)."""
+    import threading
+
+    s = Served(run_dir, "--max-tokens-limit", "5000")
+    received, ended = [], threading.Event()
+
+    def read_slowly():
+        conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30)
+        conn.request("POST", "/v1/completions", body=json.dumps({"model": "tiny", "prompt": "Long", "stream": True,
+                                                                 "max_tokens": 5000, "temperature": 1.0}),
+                     headers={"Content-Type": "application/json"})
+        r = conn.getresponse()
+        try:
+            while line := r.fp.readline():
+                received.append(line.decode())
+                time.sleep(0.002)
+        except OSError as e:
+            received.append(f"reading failed: {e}")
+        finally:
+            conn.close()
+            ended.set()
+
+    reader = threading.Thread(target=read_slowly, daemon=True)
+    reader.start()
+    assert wait_for(lambda: len(received) > 20, 30)
+    began = time.perf_counter()
+    s.proc.send_signal(signal.SIGINT)
+    code = s.proc.wait(timeout=30)
+    took = time.perf_counter() - began
+    stderr = s.proc.stderr.read()
+    assert ended.wait(10)
+    assert code == 0 and took < 5, (code, took, stderr)
+    assert "Traceback" not in stderr and "ERROR" not in stderr and stderr.count("\n") == 1, stderr
+    events = [json.loads(line[6:]) for line in received if line.startswith("data: {")]
+    assert events[-1]["error"]["message"].startswith("the server is stopping") and "reading failed" not in received[-1]
