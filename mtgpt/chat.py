@@ -66,7 +66,7 @@ def conversations_from_yaml(path: Path) -> Iterator[list[tuple[str, str]]]:
     import yaml
 
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
     except yaml.YAMLError as e:
         raise ChatDataError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict) or not isinstance(data.get("conversations"), list):
@@ -78,7 +78,7 @@ def conversations_from_yaml(path: Path) -> Iterator[list[tuple[str, str]]]:
 
 def conversations_from_jsonl(path: Path) -> Iterator[list[tuple[str, str]]]:
     """JSONL, one conversation per line: {"messages": [{"role": ..., "content": ...}, ...]}."""
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8-sig") as f:  # (an editor's byte-order mark is not text)
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -197,6 +197,20 @@ def fit_history(tok: Tokenizer, history: list[tuple[str, str]], message: str, bl
     return list(history[len(history) - len(middle) // 2:]) if middle else [], ids, reply
 
 
+def crop_warnings(tok: Tokenizer, ids: list[int], message: str, system: str | None, block_size: int) -> list[str]:
+    """What the prompt `fit_history` made left out of the new message and the --system line (the
+    oldest exchanges are dropped without a word: that is the chat's rule), as warnings."""
+    text = tok.decode(ids)
+    warnings = []
+    if system and not text.startswith(SYSTEM.rstrip()):
+        warnings.append(f"warning: the --system line does not fit in the context of {block_size} tokens beside "
+                        "your message; it was left out of this turn")
+    if not text.endswith(turn_line(USER, message) + BOT.rstrip()):
+        warnings.append(f"warning: your message is longer than the context of {block_size} tokens allows (a quarter "
+                        "of it is kept for the reply); the model sees only its end")
+    return warnings
+
+
 def reply_stream(model, tok: Tokenizer, prompt_ids: list[int], cfg) -> Iterator[str]:
     """Text pieces of the model's reply, up to the end of the line (or <|endoftext|>)."""
     from mtgpt.sample import SampleText, on_host, stream
@@ -215,8 +229,9 @@ HELP = "Type a message and press Enter. /reset forgets the conversation, /quit o
 
 
 def run_chat(run_dir: str, cfg, best: bool = False, device: str = "auto", system: str | None = None,
-             read=input, write=print, dtype: str = "auto") -> None:
-    """The terminal loop of `mtgpt chat`."""
+             read=input, write=print, dtype: str = "auto", warn=print) -> None:
+    """The terminal loop of `mtgpt chat`; `warn` says what of a message or the system line did
+    not fit in the context (crop_warnings)."""
     from mtgpt.sample import load_for_inference
 
     model, tok = load_for_inference(run_dir, best, device, dtype)
@@ -239,6 +254,8 @@ def run_chat(run_dir: str, cfg, best: bool = False, device: str = "auto", system
         if not message.strip():
             continue
         history, ids, reply = fit_history(tok, history, message, model.config.block_size, cfg.max_new_tokens, system)
+        for warning in crop_warnings(tok, ids, message, system, model.config.block_size):
+            warn(warning)
         write("bot> ")
         pieces = []
         for piece in reply_stream(model, tok, ids, dataclasses.replace(cfg, max_new_tokens=reply)):

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from mtgpt import folders, hf, tokenizer
 from mtgpt.config import ConfigError, ModelConfig
@@ -101,10 +101,8 @@ def saves_after(run_dir: str | Path, step: int) -> list[str]:
 
 def weights_step(folder: str | Path) -> int | None:
     """The training step recorded in a folder's model.safetensors, or None."""
-    from safetensors import safe_open
-
     try:
-        with safe_open(str(Path(folder) / WEIGHTS), "pt") as f:
+        with hf.open_safetensors(Path(folder) / WEIGHTS) as f:  # (damaged: an HFError, a ValueError)
             return int((f.metadata() or {}).get("step", ""))
     except (OSError, ValueError):
         return None
@@ -290,6 +288,9 @@ def model_folder(run_dir: str | Path, best: bool = False) -> Path:
         run = folders.run_holding(run_dir)
         raise ModelFileError(f"{run_dir} is a checkpoint inside the run {run}; give the run folder: {run} "
                              f"(its {WEIGHTS} is the latest checkpoint's weights)")
+    if kind == "hf":
+        raise ModelFileError(f"{run_dir} is {folders.what(run_dir)}; give the run it was exported from, or train "
+                             f"from it with --init-from-hf {run_dir}")
     if kind in ("file", "tokenizer"):
         raise ModelFileError(f"{run_dir} is {folders.what(run_dir)}, not a run folder; give a folder written by "
                              "`mtgpt train --out RUN_DIR`")
@@ -341,9 +342,29 @@ def load_weights(model: GPT, weights: dict[str, torch.Tensor], source: str | Pat
     return model
 
 
+def damaged(folder: Path, reason: str) -> ModelFileError:
+    """The error for a model.safetensors that cannot be read (torn by a full disk, a cut copy),
+    with the way to get a whole one for what `folder` is."""
+    run = folder.parent if folder.name == "best" else folder
+    if folder.name == "best" and (run / WEIGHTS).is_file():
+        fix = "leave out --best to use the latest weights, or restore it from a copy"
+    elif complete_tags(run):
+        fix = ("restore it from a copy, or go on from the run's latest checkpoint, which rewrites it: "
+               f"`mtgpt train --out {run} --resume auto --max-steps N` (N past its last step)")
+    else:
+        fix = "restore it from a copy, or train the model again"
+    return ModelFileError(f"{folder / WEIGHTS} is damaged ({reason}); {fix}")
+
+
+def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    """A model folder's model.safetensors (no code runs on load); ModelFileError when it is
+    damaged."""
+    return hf.read_safetensors(folder / WEIGHTS, lambda reason: damaged(folder, reason))
+
+
 def read_weights(run_dir: str | Path, best: bool = False) -> dict[str, torch.Tensor]:
     """The consolidated weights of a run folder (safetensors: no code runs on load)."""
-    return load_file(str(model_folder(run_dir, best) / WEIGHTS))
+    return read_safetensors(model_folder(run_dir, best))
 
 
 def source_config(init_from: str | None, init_from_hf: str | None) -> ModelConfig | None:
@@ -351,7 +372,10 @@ def source_config(init_from: str | None, init_from_hf: str | None) -> ModelConfi
     Face GPT-2 folder (--init-from-hf); None for neither. What mtgpt's GPT cannot compute is
     refused here, before anything starts (ModelFileError, HFError)."""
     if init_from:
-        return load_model_config(model_folder(init_from))
+        folder = model_folder(init_from)
+        with hf.open_safetensors(folder / WEIGHTS, lambda reason: damaged(folder, reason)):
+            pass  # a damaged model.safetensors is refused now, not once the processes have started
+        return load_model_config(folder)
     if init_from_hf:
         return hf.check(init_from_hf)
     return None
@@ -379,4 +403,4 @@ def load_model(run_dir: str | Path, best: bool = False, device: str | torch.devi
     """A GPT from a run folder's consolidated safetensors (no DeepSpeed), in eval mode."""
     folder = model_folder(run_dir, best)
     model = GPT(load_model_config(folder))
-    return load_weights(model, load_file(str(folder / WEIGHTS)), folder).to(device).eval()
+    return load_weights(model, read_safetensors(folder), folder).to(device).eval()

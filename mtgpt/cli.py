@@ -77,7 +77,7 @@ def _sampling_options(max_new_tokens: int):
             click.option("--top-k", default=200, show_default=True,
                          help="Sample from the k most likely tokens; 0 keeps all tokens."),
             click.option("--top-p", type=float, help="Sample from the smallest set with this probability mass."),
-            click.option("--seed", type=int, help="Same seed, same text."),
+            click.option("--seed", type=int, help="Same seed, same text (0 to 4294967295)."),
             click.option("--best", is_flag=True, help="Use the weights with the best val loss, not the latest."),
             DEVICE_OPTION,
             click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
@@ -315,9 +315,11 @@ def run_worker(options: dict) -> None:
 @click.option("--prompt", help="Text to continue. [default: start a new document]")
 @click.option("--prompt-file", type=click.Path(dir_okay=False), help="Read the prompt from a UTF-8 file (instead of --prompt).")
 @click.option("--num-samples", default=1, show_default=True, help="Independent continuations.")
-@click.option("--stop", "stop_text", help="Stop a sample when it writes this text (it is not printed).")
+@click.option("--stop", "stops", multiple=True, metavar="TEXT",
+              help="Stop a sample when it writes this text (it is not printed); repeat it for several, the first "
+                   "written stops.")
 @_sampling_options(max_new_tokens=200)
-def sample(run_dir, prompt, prompt_file, num_samples, stop_text, max_new_tokens, temperature, top_k, top_p, seed,
+def sample(run_dir, prompt, prompt_file, num_samples, stops, max_new_tokens, temperature, top_k, top_p, seed,
            best, device, dtype):
     """Continue a prompt with a trained model, streamed as it comes (KV cache, top-k/top-p)."""
     from mtgpt.sample import SampleConfig, SampleError, run_sample
@@ -326,11 +328,11 @@ def sample(run_dir, prompt, prompt_file, num_samples, stop_text, max_new_tokens,
         raise click.UsageError("give --prompt or --prompt-file, not both")
     prompt = prompt or ""
     cfg = SampleConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                       seed=seed, num_samples=num_samples, stop_text=stop_text)
+                       seed=seed, num_samples=num_samples, stops=list(stops))
     try:
         if prompt_file:
             try:
-                prompt = Path(prompt_file).read_text(encoding="utf-8")
+                prompt = Path(prompt_file).read_text(encoding="utf-8-sig")  # a byte-order mark is not text
             except UnicodeDecodeError:
                 raise SampleError(f"{prompt_file}: not UTF-8 text") from None
             except OSError as e:
@@ -358,7 +360,7 @@ def chat(run_dir, system, max_new_tokens, temperature, top_k, top_p, seed, best,
     cfg = SampleConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     try:
         run_chat(run_dir, cfg, best=best, device=device, system=system, read=_read_line,
-                 write=lambda s: click.echo(s, nl=False), dtype=dtype)
+                 write=lambda s: click.echo(s, nl=False), dtype=dtype, warn=lambda s: click.echo(s, err=True))
     except (SampleError, ValueError) as e:
         _fail(e)
 
@@ -422,8 +424,14 @@ def eval_(run_dir, texts, stride, best, device, strict, as_json):
     from mtgpt.evaluate import score_text, total
     from mtgpt.sample import pick_device
 
-    try:
-        sources = resolve_sources(list(texts))  # every input checked before the model loads
+    from mtgpt import folders
+
+    swapped = next((t for t in texts if folders.kind(t) in ("run", "model", "checkpoint")), None)
+    if swapped and folders.kind(run_dir) in ("file", "folder", "missing"):
+        raise click.ClickException(f"{run_dir} is {folders.what(run_dir)} and {swapped} is {folders.what(swapped)}: "
+                                   f"give the run first: `mtgpt eval {swapped} {run_dir}`")
+    try:  # every input checked before the model loads (eval has no --glob)
+        sources = resolve_sources(list(texts), glob_fix="name the text files to score")
         model = load_model(run_dir, best=best, device=pick_device(device))
         tok = load_tokenizer(model_folder(run_dir, best))
         read = (read_text(src, strict, warn=lambda s: click.echo(s, err=True)) for src in sources)

@@ -81,8 +81,10 @@ def score_ids(model: GPT, ids: list[int], stride: int, name: str = "") -> tuple[
 
 def score_text(model: GPT, tok: Tokenizer, text: str, name: str, stride: int | None = None) -> Score:
     """Score `text` read with `tok` (the model's own tokenizer: bits per byte compare across
-    tokenizers, loss per token does not)."""
+    tokenizers, loss per token does not). A text with no tokens is refused (ValueError)."""
     ids = [tok.eot, *tok.encode(text)]
+    if len(ids) < 2:  # (empty stdin, a file holding only a byte-order mark): nothing to score
+        raise ValueError(f"{name}: no text to score (it holds no tokens); give text with at least one character")
     nll, count = score_ids(model, ids, max(1, model.config.block_size // 2) if stride is None else stride, name)
     return Score(name, count, len(text.encode("utf-8")), nll)
 

@@ -7,6 +7,8 @@ something else). The first kind whose files it holds:
     data        manifest.json                         `mtgpt prepare`  (mtgpt.data.manifest)
     run         train_config.json or checkpoints/     `mtgpt train`    (mtgpt.rundir, mtgpt.checkpoint)
     checkpoint  a run's checkpoints/, or a save in it  `mtgpt train`
+    hf          a config.json of transformers'         `mtgpt export --hf` (mtgpt.hf), a Hugging Face model
+                (its "architectures", a "model_type" not "mtgpt")
     model       model.safetensors or config.json      a run's best/, checkpoint.save_weights
     tokenizer   tokenizer.json                        `mtgpt tokenizer train`
     file        any file; folder: any other folder; missing: nothing there
@@ -17,6 +19,7 @@ A folder is written whole: into a temporary folder beside it, renamed into place
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -29,6 +32,7 @@ MODEL_CONFIG = "config.json"
 TOKENIZER_JSON = "tokenizer.json"
 
 WRITTEN_BY = {"data": "a data folder (what `mtgpt prepare` writes)", "run": "a run folder (what `mtgpt train` writes)",
+              "hf": "a Hugging Face model folder (what `mtgpt export --hf` writes)",
               "model": "a model folder (model.safetensors, config.json)",
               "tokenizer": "a tokenizer folder (what `mtgpt tokenizer train` writes)", "file": "a file",
               "folder": "a folder", "missing": "missing"}
@@ -44,8 +48,17 @@ def run_holding(path: str | Path) -> Path | None:
     return None
 
 
+def is_hf(path: Path) -> bool:
+    """Does `path` hold a Hugging Face transformers config.json (not the one mtgpt writes)?"""
+    try:
+        config = json.loads((path / MODEL_CONFIG).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and ("architectures" in config or config.get("model_type") not in (None, "mtgpt"))
+
+
 def kind(path: str | Path) -> str:
-    """data, run, checkpoint, model, tokenizer, file, folder or missing (see the module docstring)."""
+    """data, run, checkpoint, hf, model, tokenizer, file, folder or missing (see the module docstring)."""
     path = Path(path)
     if not path.exists():
         return "missing"
@@ -57,6 +70,8 @@ def kind(path: str | Path) -> str:
         return "run"
     if run_holding(path) is not None:
         return "checkpoint"
+    if is_hf(path):
+        return "hf"
     if (path / WEIGHTS).is_file() or (path / MODEL_CONFIG).is_file():
         return "model"
     if (path / TOKENIZER_JSON).is_file():

@@ -114,11 +114,33 @@ def export(weights: dict[str, torch.Tensor], config: ModelConfig, out: str | Pat
     return out
 
 
-def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+def _damaged(path: Path, reason: str) -> HFError:
+    return HFError(f"{path} is damaged ({reason}); export it again (`mtgpt export RUN --hf {path.parent}`) or "
+                   "download it again")
 
+
+def open_safetensors(path: Path, damaged=None):
+    """safetensors' safe_open of `path` (the header read and checked against the file's size); a
+    file that is not whole (cut short by a full disk or a copy, empty) raises damaged(reason)
+    (default: an HFError that says to export or download it again)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(str(path), "pt")
+    except SafetensorError as e:
+        reason = f"{path.stat().st_size:,} bytes; {str(e).replace('Error while deserializing ', '')}"
+        raise (damaged or (lambda r: _damaged(path, r)))(reason) from None
+
+
+def read_safetensors(path: Path, damaged=None) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file (no code runs on load); a damaged one as open_safetensors."""
+    with open_safetensors(path, damaged) as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
     if (folder / "model.safetensors").is_file():
-        return load_file(str(folder / "model.safetensors"))
+        return read_safetensors(folder / "model.safetensors")
     if (folder / "pytorch_model.bin").is_file():
         try:
             return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
@@ -131,6 +153,10 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
 def read_config(folder: str | Path) -> ModelConfig:
     """The mtgpt ModelConfig of a GPT-2-shaped Hugging Face folder (refuses other shapes)."""
     folder = Path(folder)
+    kind = folders.kind(folder)
+    if kind in ("run", "model", "checkpoint"):
+        run = folders.run_holding(folder) or folder
+        raise HFError(f"{folder} is {folders.what(folder)}, not a Hugging Face model folder; start from it with --init-from {run}")
     try:
         hf = json.loads((folder / "config.json").read_text())
     except FileNotFoundError:
@@ -157,9 +183,7 @@ def check(folder: str | Path) -> ModelConfig:
     config = read_config(folder)
     path = folder / "model.safetensors"
     if path.is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
+        with open_safetensors(path) as f:
             keys = set(f.keys())
             head = f.get_tensor("lm_head.weight") if "lm_head.weight" in keys else None
             wte = next((f.get_tensor(k) for k in ("transformer.wte.weight", "wte.weight") if k in keys), None)

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from mtgpt import checkpoint, folders, rundir, tokenizer
+from mtgpt import checkpoint, folders, hf, rundir, tokenizer
 from mtgpt.config import ModelConfig, TrainConfig, load_json
 from mtgpt.data.manifest import MANIFEST, load_manifest, verify as verify_shards
 from mtgpt.model import param_count
@@ -138,19 +138,31 @@ def describe_run(path: Path) -> list[str]:
     return lines
 
 
+def describe_hf(path: Path) -> list[str]:
+    lines = [f"Hugging Face model folder {path} (what `mtgpt export --hf` writes); mtgpt trains from it with "
+             f"--init-from-hf {path}"]
+    try:
+        lines += describe_model(hf.read_config(path))
+    except hf.HFError as e:
+        lines.append(f"mtgpt cannot start from it: {e}")
+    return lines
+
+
 def describe(path: str | None, verify: bool = False) -> tuple[str, bool]:
     """(text, ok). No path: the default model. ok is False when --verify found a problem."""
     if path is None:
         return "\n".join(["default " + line for line in describe_model(ModelConfig())]), True
     p = Path(path)
     kind = folders.kind(p)
-    if verify and kind in ("run", "model", "tokenizer", "checkpoint"):
+    if verify and kind in ("run", "model", "hf", "tokenizer", "checkpoint"):
         raise ValueError(f"--verify checks a data folder's shards; {path} is {folders.what(p)}: leave out --verify")
     if kind == "data":
         lines, ok = describe_data(p, verify)
         return "\n".join(lines), ok
     if kind in ("run", "model"):
         return "\n".join(describe_run(p)), True
+    if kind == "hf":
+        return "\n".join(describe_hf(p)), True
     if kind == "tokenizer":
         return "\n".join(describe_tokenizer(p)), True
     if kind == "missing":

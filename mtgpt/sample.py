@@ -14,7 +14,7 @@ from __future__ import annotations
 import codecs
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
@@ -27,16 +27,27 @@ class SampleError(ValueError):
     """A bad sampling option; the message says which and what is allowed."""
 
 
+MAX_SEED = 2**32 - 1  # PyTorch's CPU generator keeps the low 32 bits of a seed: 2**32 + s drew the text of s
+
+
+def seed_problem(seed: int | None) -> str | None:
+    """What is wrong with a seed (None: nothing). `mtgpt sample`/`chat` and `mtgpt serve`'s
+    requests take 0..MAX_SEED, so that two seeds never give one text."""
+    if seed is None or 0 <= seed <= MAX_SEED:
+        return None
+    return f"must be between 0 and {MAX_SEED} (2**32 - 1: the seeds PyTorch's generator tells apart), got {seed}"
+
+
 @dataclass
 class SampleConfig:
     max_new_tokens: int = 200  # tokens to generate per sample
     temperature: float = 0.8  # 0 = greedy; higher = more random
     top_k: int | None = 200  # keep the k most likely tokens (None or 0: all)
     top_p: float | None = None  # keep the smallest set of tokens with this much probability
-    seed: int | None = None  # same seed, same text
+    seed: int | None = None  # same seed, same text (0..MAX_SEED)
     num_samples: int = 1  # independent continuations of the prompt
     stop_at_eot: bool = True  # stop a sample at <|endoftext|>
-    stop_text: str | None = None  # stop a sample when its text contains this (not part of the output)
+    stops: list[str] = field(default_factory=list)  # stop a sample when its text contains one (not output)
     slide: int | None = None  # window stride past block_size (None: block_size // 4)
 
     def check(self, vocab_size: int) -> None:
@@ -49,9 +60,11 @@ class SampleConfig:
                               f"size), got {self.top_k}")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise SampleError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if (problem := seed_problem(self.seed)) is not None:
+            raise SampleError(f"--seed {problem}")
         if self.num_samples < 1:
             raise SampleError(f"--num-samples must be >= 1, got {self.num_samples}")
-        if self.stop_text == "":
+        if any(not stop for stop in self.stops):
             raise SampleError("--stop must not be empty")
 
 
@@ -287,7 +300,7 @@ def generate(model: GPT, tok: Tokenizer, prompt: str, cfg: SampleConfig, use_cac
              decoder: str = "auto") -> list[str]:
     """Whole continuations of `prompt` (without the prompt), one per sample (`stream`'s decoder)."""
     cfg.check(model.config.vocab_size)
-    texts = [SampleText(tok, [cfg.stop_text] if cfg.stop_text else [], stop_at_eot=cfg.stop_at_eot)
+    texts = [SampleText(tok, cfg.stops, stop_at_eot=cfg.stop_at_eot)
              for _ in range(cfg.num_samples)]
     for nxt in on_host(stream(model, tok.prompt(prompt), cfg, use_cache, decoder)):
         for text, token in zip(texts, nxt):
@@ -345,7 +358,7 @@ def run_sample(run_dir: str, prompt: str, cfg: SampleConfig, best: bool = False,
         for i, text in enumerate(texts):
             write(f"--- sample {i + 1}\n{prompt}{text}\n")
         return texts
-    text = SampleText(tok, [cfg.stop_text] if cfg.stop_text else [], stop_at_eot=cfg.stop_at_eot)
+    text = SampleText(tok, cfg.stops, stop_at_eot=cfg.stop_at_eot)
     write(prompt)
     for nxt in on_host(stream(model, ids, cfg)):
         write(text.add(nxt[0]))

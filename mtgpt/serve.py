@@ -4,8 +4,8 @@
     client = openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none")
 
 Endpoints: GET / (the chat page, one file shipped in the package), GET /health, GET /v1/models,
-POST /v1/completions and POST /v1/chat/completions (OpenAI's wire format, streamed as server-sent
-events with `stream: true`). Chat goes through mtgpt's chat template (mtgpt.chat): the reply is
+GET /v1/models/{id}, POST /v1/completions and POST /v1/chat/completions (OpenAI's wire format,
+streamed as server-sent events with `stream: true`). Chat goes through mtgpt's chat template (mtgpt.chat): the reply is
 what the model writes after "Bot:" up to the end of the line.
 
 One model, many clients. The model lives in the main thread's generation loop (`Worker.run`);
@@ -26,10 +26,12 @@ Bad requests get a 4xx with an OpenAI-style JSON error; nothing a client sends s
 from __future__ import annotations
 
 import asyncio
+import errno
 import hmac
 import json
 import queue
 import signal
+import socket
 import sys
 import threading
 import time
@@ -40,14 +42,16 @@ from typing import Any, Literal, Union
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
 from mtgpt import chat
-from mtgpt.sample import SampleConfig, SampleText, on_host, stream
+from mtgpt.sample import SampleConfig, SampleText, on_host, seed_problem, stream
 from mtgpt.tokenizer import Tokenizer
 
 MAX_BODY = 1 << 20  # bytes a request body may have (a context of text is a few KB)
 MAX_JOBS = 256  # requests generating or waiting at once; more get 429
+STOPPING = "the server is stopping (mtgpt serve got Ctrl-C or SIGTERM); the text so far was sent"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -82,6 +86,13 @@ class _Request(BaseModel):
     logit_bias: dict | None = None
     logprobs: Any = None
     user: str | None = None
+
+    @field_validator("seed")
+    @classmethod
+    def _seed_in_range(cls, seed: int | None) -> int | None:
+        if (problem := seed_problem(seed)) is not None:  # `mtgpt sample --seed`'s range
+            raise PydanticCustomError("seed_range", problem)
+        return seed
 
 
 class CompletionRequest(_Request):
@@ -134,7 +145,7 @@ def _stops(stop: str | list[str] | None) -> list[str]:
 @dataclass
 class Job:
     """One request: its prompt, options and choices, and the queue its events go to:
-    ("text", index, piece), ("finish", index, reason), ("done", None, None), ("error", None, msg)."""
+    ("text", index, piece), ("finish", index, reason), ("done", None, None), ("error", None, ApiError)."""
     prompt: list[int]
     cfg: SampleConfig
     choices: list[SampleText]
@@ -144,7 +155,10 @@ class Job:
     steps: Any = None
 
     def emit(self, kind: str, index: int | None, value: Any) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, index, value))
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, index, value))
+        except RuntimeError:  # the HTTP server's loop is closed: nobody is waiting any more
+            pass
 
 
 class Worker:
@@ -157,13 +171,17 @@ class Worker:
         self.incoming: queue.Queue = queue.Queue()
         self.active: list[Job] = []
         self.stopped = False
+        self.lock = threading.Lock()  # submit() against the end of run()
         self.generated = 0  # tokens generated since start (all jobs; /health shows it)
 
     def submit(self, job: Job) -> None:
-        if self.incoming.qsize() + len(self.active) >= MAX_JOBS:
-            raise ApiError(429, f"the server is busy ({MAX_JOBS} requests in flight); retry later",
-                           type_="rate_limit_error")
-        self.incoming.put(job)
+        with self.lock:
+            if self.stopped:
+                raise ApiError(503, STOPPING, type_="server_error")
+            if self.incoming.qsize() + len(self.active) >= MAX_JOBS:
+                raise ApiError(429, f"the server is busy ({MAX_JOBS} requests in flight); retry later",
+                               type_="rate_limit_error")
+            self.incoming.put(job)
 
     def stop(self) -> None:
         self.stopped = True
@@ -179,7 +197,32 @@ class Worker:
         return thread
 
     def run(self) -> None:
-        """Until stop(): take new jobs, then give every active job its next token."""
+        """Until stop(): take new jobs, then give every active job its next token. Then every job
+        not done is ended with an error event (its text so far was sent), so that no response
+        waits for tokens that will never come: the HTTP server's graceful shutdown then has
+        nothing to cancel."""
+        try:
+            self._run()
+        finally:
+            with self.lock:  # (a submit now is refused, not queued for nobody)
+                self.stopped = True
+                queued = self._drain()
+            for job in self.active + queued:
+                job.emit("error", None, ApiError(503, STOPPING, type_="server_error"))
+            self.active = []
+
+    def _drain(self) -> list[Job]:
+        """The jobs still queued (the None of stop() left out)."""
+        jobs = []
+        while True:
+            try:
+                job = self.incoming.get_nowait()
+            except queue.Empty:
+                return jobs
+            if job is not None:
+                jobs.append(job)
+
+    def _run(self) -> None:
         while not self.stopped:
             try:
                 while True:  # wait only when there is nothing to step (with a timeout: signals)
@@ -197,7 +240,8 @@ class Worker:
                 try:
                     done = self._step(job)
                 except Exception as e:  # a failed generation ends its request, not the server
-                    job.emit("error", None, f"generation failed: {type(e).__name__}: {e}")
+                    job.emit("error", None, ApiError(500, f"generation failed: {type(e).__name__}: {e}",
+                                                     type_="server_error"))
                     done = True
                 if done:
                     self.active.remove(job)
@@ -259,12 +303,12 @@ class Server:
 
     def job(self, prompt: list[int], req: _Request, max_tokens: int, chat_reply: bool) -> Job:
         cfg = SampleConfig(max_new_tokens=max_tokens, temperature=req.temperature, top_k=req.top_k or None,
-                           top_p=req.top_p, seed=req.seed, num_samples=req.n, stop_at_eot=True)
+                           top_p=req.top_p, seed=req.seed, num_samples=req.n, stop_at_eot=True,
+                           stops=_stops(req.stop))
         if cfg.top_k is not None and cfg.top_k > self.model.config.vocab_size:
             raise ApiError(400, f"top_k must be between 0 (all tokens) and {self.model.config.vocab_size} "
                                 f"(the vocabulary size), got {cfg.top_k}", param="top_k")
-        stops = _stops(req.stop)
-        choices = [SampleText(self.tok, stops, chat_reply=chat_reply) for _ in range(req.n)]
+        choices = [SampleText(self.tok, cfg.stops, chat_reply=chat_reply) for _ in range(req.n)]
         return Job(prompt, cfg, choices, asyncio.get_running_loop())
 
 
@@ -286,6 +330,9 @@ def chat_turns(messages: list[Message]) -> list[tuple[str, str]]:
                    for p in m.content):
                 raise ApiError(400, "only text content parts are supported", param=f"messages.{i}.content")
             text = " ".join(p["text"] for p in m.content)
+        elif m.content is None and m.role != "assistant":  # (an assistant's may be null, as OpenAI's)
+            raise ApiError(400, f"messages.{i}.content: a {m.role} message needs its text (a string, \"\" "
+                                "for an empty one)", param=f"messages.{i}.content")
         else:
             text = m.content or ""
         turns.append((chat.SYSTEM if m.role in ("system", "developer") else chat.ROLES[m.role], text))
@@ -369,7 +416,12 @@ def create_app(server: Server):
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": server.name, "object": "model", "created": 0, "owned_by": "mtgpt"}]}
+        return {"object": "list", "data": [await model(server.name)]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        server.check_model(model_id)
+        return {"id": server.name, "object": "model", "created": 0, "owned_by": "mtgpt"}
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -428,7 +480,7 @@ def create_app(server: Server):
                 while (event := await job.events.get())[0] != "done":
                     kind, i, value = event
                     if kind == "error":
-                        raise ApiError(500, value, type_="server_error")
+                        raise value
                     if kind == "text":
                         texts[j * n + i] = texts.get(j * n + i, "") + value
                     else:
@@ -467,7 +519,7 @@ def create_app(server: Server):
                     while (event := await job.events.get())[0] != "done":
                         kind, i, value = event
                         if kind == "error":
-                            yield f"data: {json.dumps(ApiError(500, value, 'server_error').body())}\n\n"
+                            yield f"data: {json.dumps(value.body())}\n\n"
                             return
                         yield chunk(j * n + i, value if kind == "text" else None,
                                     value if kind == "finish" else None)
@@ -489,6 +541,30 @@ def _usage(jobs: list[Job], prompt_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion}
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """The server's socket, bound here (uvicorn is handed it) so that each way binding fails says
+    what to change: a host that is no address, one not of this machine, or a port that is taken."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (as uvicorn binds: a restart reuses the port)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        from mtgpt.sample import SampleError
+
+        sock.close()
+        if isinstance(e, socket.gaierror):
+            raise SampleError(f"--host {host}: no such address ({e.strerror}); give an address of this machine, "
+                              "e.g. 127.0.0.1 (this machine only) or 0.0.0.0 (every network)") from None
+        if e.errno == errno.EADDRNOTAVAIL:
+            raise SampleError(f"--host {host} is not an address of this machine ({e.strerror}); give one of its "
+                              "addresses, e.g. 127.0.0.1 (this machine only) or 0.0.0.0 (every network)") from None
+        if e.errno == errno.EADDRINUSE:
+            raise SampleError(f"could not serve on {host}:{port}: the port is taken; choose another with "
+                              "--port") from None
+        raise SampleError(f"could not serve on {host}:{port}: {e.strerror}") from None
+    return sock
+
+
 def run_serve(run_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
               best: bool = False, device: str = "auto", dtype: str = "auto", max_tokens_limit: int = 1024,
               model_name: str | None = None, log=print) -> None:
@@ -504,6 +580,7 @@ def run_serve(run_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: 
     if api_key == "":
         raise SampleError("--api-key must not be empty")
     model, tok = load_for_inference(run_dir, best, device, dtype)
+    sock = listen(host, port)
     name = model_name or Path(run_dir).resolve().name
     server = Server(model, tok, name, api_key, max_tokens_limit)
     server.worker = Worker(model)
@@ -513,8 +590,9 @@ def run_serve(run_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: 
             "the model (set --api-key, or MTGPT_API_KEY)")
     web = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                                         timeout_graceful_shutdown=2))
-    http = threading.Thread(target=web.run, name="mtgpt-http", daemon=True)  # uvicorn leaves the
-    http.start()  # signals to the main thread when it runs in another one
+    # uvicorn leaves the signals to the main thread when it runs in another one
+    http = threading.Thread(target=web.run, kwargs={"sockets": [sock]}, name="mtgpt-http", daemon=True)
+    http.start()
 
     def stop(signum, frame):  # Ctrl-C or SIGTERM: finish the HTTP server, then the generation loop
         web.should_exit = True
@@ -526,8 +604,7 @@ def run_serve(run_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: 
             if server.worker.stopped:
                 return
             if not http.is_alive():
-                raise SampleError(f"could not serve on {host}:{port} (uvicorn's error is above; is the port "
-                                  "taken? choose another with --port)")
+                raise SampleError(f"could not serve on {host}:{port} (uvicorn's error is above)")
             time.sleep(0.05)
         shown = f"[{host}]" if ":" in host else host
         log(f"mtgpt serve: {name} (context {server.block_size}, {next(model.parameters()).device}) at "
@@ -537,5 +614,6 @@ def run_serve(run_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: 
         web.should_exit = True
         server.worker.stop()
         http.join(timeout=10)
+        sock.close()
         for s, handler in previous.items():
             signal.signal(s, handler)

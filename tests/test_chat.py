@@ -51,6 +51,15 @@ def test_prepare_chat_formats(tmp_path):
     assert [s["name"] for s in m["sources"]] == [str(tmp_path / "talk.yml"), str(tmp_path / "talk.jsonl")]
 
 
+def test_chat_files_with_a_byte_order_mark(tmp_path):
+    """A JSONL or YAML file an editor saved with a byte-order mark reads as without one."""
+    line = json.dumps({"messages": [{"role": "user", "content": "Hey"}, {"role": "assistant", "content": "Hi."}]})
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + (line + "\n").encode())
+    (tmp_path / "bom.yml").write_bytes(b"\xef\xbb\xbfconversations:\n- - Hey\n  - Hi.\n")
+    for name in ("bom.jsonl", "bom.yml"):
+        assert list(chat.conversations([tmp_path / name])) == [[(chat.USER, "Hey"), (chat.BOT, "Hi.")]]
+
+
 def test_chatterbot_corpus(tmp_path):
     m = prepare(["chatterbot"], tmp_path / "d", block_size=64, val_fraction=0.05, fmt="chat", quiet=True)
     assert m["conversations"] > 1000 and load_manifest(tmp_path / "d")["splits"]["train"]["samples"] > 0
@@ -193,3 +202,33 @@ def test_a_fine_tune_with_an_own_tokenizer_answers_each_message(tmp_path, world_
         _, ids, budget = chat.fit_history(tok, [], message, model.config.block_size, 16)
         got = "".join(chat.reply_stream(model, tok, ids, SampleConfig(max_new_tokens=budget, temperature=0)))
         assert got == reply, (message, got)
+
+
+def test_a_message_or_system_line_that_does_not_fit_is_cropped_with_a_warning(model_dir):
+    """As `mtgpt sample` warns for a long prompt: a message longer than the context keeps its end,
+    a --system line with no room beside it is left out, each said once on stderr; a message that
+    fits is sent whole without a word."""
+    from mtgpt.sample import SampleConfig
+
+    def talk(messages, system=None):
+        lines, out, warnings = iter(messages), [], []
+
+        def read(prompt):
+            line = next(lines, None)
+            if line is None:  # the end of input, as Ctrl-D
+                raise EOFError
+            return line
+
+        chat.run_chat(str(model_dir), SampleConfig(max_new_tokens=4, seed=1), device="cpu", system=system,
+                      read=read, write=out.append, warn=warnings.append)
+        return warnings
+
+    long = " ".join(f"word{i}" for i in range(200))
+    assert talk(["Hello there"], system="Be brief.") == []
+    assert talk([long]) == ["warning: your message is longer than the context of 64 tokens allows (a quarter of it "
+                            "is kept for the reply); the model sees only its end"]
+    assert talk(["Hello there"], system=long) == ["warning: the --system line does not fit in the context of 64 "
+                                                  "tokens beside your message; it was left out of this turn"]
+    proc = subprocess.run([sys.executable, "-m", "mtgpt", "chat", str(model_dir), "--max-new-tokens", "2"],
+                          capture_output=True, text=True, input=long + "\n", timeout=120)
+    assert proc.returncode == 0 and "warning: your message is longer than the context of 64" in proc.stderr

@@ -99,3 +99,37 @@ def test_saved_weights_have_exactly_the_vocabulary_and_load_padded_or_not(tmp_pa
     (tmp_path / "m" / "config.json").write_text(json.dumps(config))
     old = checkpoint.load_model(tmp_path / "m")
     assert old.transformer.wte.weight.shape[0] == 50257 and torch.equal(old(idx)[0], expected)
+
+
+def test_a_damaged_weights_file_is_one_line_that_says_what_to_do(tmp_path):
+    """model.safetensors cut short (a full disk, a cut copy) or empty: every command that reads it
+    says so in one line with a fix, never safetensors' traceback; --init-from refuses it before
+    any process starts, and a damaged Hugging Face export says to export it again."""
+    import pytest
+    from click.testing import CliRunner
+
+    from mtgpt import hf
+    from mtgpt.cli import main
+    from tests.conftest import SONNETS
+
+    model = GPT(ModelConfig(**TINY))
+    weights = {k: v.detach() for k, v in model.named_parameters()}
+    checkpoint.save_weights(weights, model.config, tmp_path / "run")
+    hf.export(weights, model.config, tmp_path / "hf")
+    for size in (1000, 0):
+        for folder in (tmp_path / "run", tmp_path / "hf"):
+            with (folder / checkpoint.WEIGHTS).open("r+b") as f:
+                f.truncate(size)
+        with pytest.raises(checkpoint.ModelFileError, match="run/model.safetensors is damaged .*; restore it"):
+            checkpoint.load_model(tmp_path / "run")
+        with pytest.raises(checkpoint.ModelFileError, match="is damaged"):
+            checkpoint.source_config(str(tmp_path / "run"), None)
+        with pytest.raises(hf.HFError, match=r"hf/model.safetensors is damaged .*; export it again \(`mtgpt export"):
+            checkpoint.source_config(None, str(tmp_path / "hf"))
+        for args in (["sample", tmp_path / "run", "--prompt", "hi"], ["eval", tmp_path / "run", SONNETS],
+                     ["export", tmp_path / "run", "--hf", tmp_path / "out"], ["serve", tmp_path / "run"]):
+            result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+            lines = [line for line in result.output.splitlines() if line.strip()]
+            assert result.exit_code == 1 and len(lines) == 1, result.output
+            assert lines[0].startswith(f"Error: {tmp_path / 'run' / 'model.safetensors'} is damaged ("), lines[0]
+    assert checkpoint.weights_step(tmp_path / "run") is None

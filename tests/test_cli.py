@@ -155,6 +155,14 @@ def test_sample_bad_prompt_file(tmp_path):
     one_error_line(invoke("sample", tmp_path, "--prompt-file", tmp_path / "p.txt"), "not UTF-8")
 
 
+def test_a_prompt_file_with_a_byte_order_mark(model_run, tmp_path):
+    """An editor's byte-order mark is not text (as prepare and eval read files): not in the prompt."""
+    (tmp_path / "p.txt").write_bytes(b"\xef\xbb\xbfROMEO:")
+    result = invoke("sample", model_run, "--prompt-file", tmp_path / "p.txt", "--max-new-tokens", "3", "--seed", "1")
+    plain = invoke("sample", model_run, "--prompt", "ROMEO:", "--max-new-tokens", "3", "--seed", "1")
+    assert result.exit_code == 0 and result.output.startswith("ROMEO:") and result.output == plain.output
+
+
 def test_info_not_a_folder_we_know(tmp_path):
     one_error_line(invoke("info", tmp_path), "is not a data folder (no manifest.json), a run folder")
 

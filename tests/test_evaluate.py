@@ -159,3 +159,35 @@ def test_reads_the_bytes_as_prepare_does(tmp_path):
     assert rows[0]["bytes"] == 35 and rows[0]["tokens"] == len(GPT2.encode(text)) == 15
     assert len(GPT2.encode(text.replace("\r\n", "\n"))) == 12
     assert {k: rows[1][k] for k in ("bytes", "tokens", "nll")} == {k: rows[0][k] for k in ("bytes", "tokens", "nll")}
+
+
+def test_a_text_with_no_tokens_is_refused_in_one_line(run, tmp_path):
+    """Empty stdin, or a file holding only a byte-order mark (not text), has nothing to score:
+    one error line, as prepare refuses text without tokens, with --json too."""
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf")
+    for args, input, name in ((["-"], "", "-"), ([tmp_path / "bom.txt"], None, tmp_path / "bom.txt")):
+        for json_flag in ([], ["--json"]):
+            result = invoke("eval", run, *args, *json_flag, input=input)
+            lines = [line for line in result.output.splitlines() if line.strip()]
+            assert result.exit_code == 1 and lines == [f"Error: {name}: no text to score (it holds no tokens); "
+                                                       "give text with at least one character"], result.output
+
+
+def test_a_run_given_as_text_or_the_arguments_swapped(run, tmp_path):
+    """eval has no --glob: a run or data folder given as TEXT is named as what it is, a folder
+    without *.txt says what eval reads, and a text file given as RUN with the run after it is
+    the two arguments swapped."""
+    (tmp_path / "a.txt").write_text("some text\n")
+    (tmp_path / "empty").mkdir()
+    for args, says in [
+        ([run, run], f"Error: {run} is a model folder (model.safetensors, config.json), not text; give text files, "
+                     "folders of *.txt, - for stdin, or a built-in corpus"),
+        ([run, tmp_path / "empty"], f"Error: {tmp_path / 'empty'}: no files matching '**/*.txt' in this folder; "
+                                    "name the text files to score"),
+        ([tmp_path / "a.txt", run], f"Error: {tmp_path / 'a.txt'} is a file and {run} is a model folder (model."
+                                    f"safetensors, config.json): give the run first: `mtgpt eval {run} "
+                                    f"{tmp_path / 'a.txt'}`")]:
+        result = invoke("eval", *args)
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert result.exit_code == 1 and lines == [says], result.output
+        assert "--glob" not in result.output

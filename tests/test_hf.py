@@ -196,3 +196,37 @@ def test_a_padded_model_exports_exactly_the_vocabulary(tmp_path):
     ids = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert (model(ids)[0] - theirs(ids).logits).abs().max().item() < 1e-4
+
+
+def test_an_hf_folder_where_a_run_is_expected_and_a_run_for_init_from_hf(exported, trained_folder, tiny_data,
+                                                                        tmp_path):
+    """What `mtgpt export --hf` writes, given where a run is expected, is named as a Hugging Face
+    folder with the two ways on (not a dump of config keys mtgpt does not know); `info`
+    describes it; a run given to --init-from-hf says to use --init-from."""
+    from click.testing import CliRunner
+
+    from mtgpt import folders
+    from mtgpt.cli import main
+
+    def error_line(*args):
+        result = CliRunner().invoke(main, [str(a) for a in args], input="/quit\n", catch_exceptions=False)
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("Error: "), result.output
+        return lines[0]
+
+    assert folders.kind(exported) == "hf" and folders.kind(trained_folder) == "model"
+    says = (f"{exported} is a Hugging Face model folder (what `mtgpt export --hf` writes); give the run it was "
+            f"exported from, or train from it with --init-from-hf {exported}")
+    for args in (["sample", exported, "--prompt", "hi"], ["eval", exported, SONNETS], ["chat", exported],
+                 ["serve", exported], ["export", exported, "--hf", tmp_path / "again"],
+                 ["train", "--data", tiny_data, "--out", tmp_path / "ft", "--init-from", exported, "--nproc", "1"]):
+        line = error_line(*args)
+        assert says in line and "unknown key" not in line, line
+    line = error_line("train", "--data", tiny_data, "--out", tmp_path / "ft", "--init-from-hf", trained_folder,
+                      "--nproc", "1")
+    assert (f"{trained_folder} is a model folder (model.safetensors, config.json), not a Hugging Face model folder; start from "
+            f"it with --init-from {trained_folder}") in line, line
+    assert not (tmp_path / "ft").exists()
+    result = CliRunner().invoke(main, ["info", str(exported)], catch_exceptions=False)
+    assert result.exit_code == 0 and result.output.startswith(f"Hugging Face model folder {exported}"), result.output
+    assert "model: 2 layers, 2 heads, 32 wide, context 32" in result.output

@@ -130,6 +130,8 @@ def test_long_prompt_is_cropped_with_warning(model_dir):
     ({"temperature": float("inf")}, "--temperature must be a number >= 0"),
     ({"top_p": 1.5}, "--top-p"),
     ({"top_p": float("nan")}, "--top-p"),
+    ({"seed": 2**32}, r"--seed must be between 0 and 4294967295 \(2\*\*32 - 1"),
+    ({"seed": -1}, r"--seed must be between 0 and 4294967295"),
 ])
 def test_bad_options(kw, match):
     with pytest.raises(SampleError, match=match):
@@ -180,7 +182,7 @@ def test_stop_text(model_dir):
     full = run_sample(str(model_dir), "a", cfg, device="cpu", write=lambda s: None)[0]
     stop = full[5:8]
     printed = []
-    cut = run_sample(str(model_dir), "a", SampleConfig(max_new_tokens=40, seed=5, stop_at_eot=False, stop_text=stop),
+    cut = run_sample(str(model_dir), "a", SampleConfig(max_new_tokens=40, seed=5, stop_at_eot=False, stops=[stop]),
                      device="cpu", write=printed.append)[0]
     assert cut == full.split(stop)[0] and stop not in "".join(printed)
     assert "".join(printed) == "a" + cut + "\n"
@@ -220,3 +222,30 @@ def test_cli_temperature_nan_is_refused(model_dir):
     out = run_mtgpt("sample", model_dir, "--temperature", "1e-38", "--max-new-tokens", "4", "--seed", "1")
     greedy = run_mtgpt("sample", model_dir, "--temperature", "0", "--max-new-tokens", "4")
     assert out.stdout == greedy.stdout
+
+
+def test_every_seed_in_the_range_is_its_own_text(model_dir):
+    """PyTorch's CPU generator keeps 32 bits of a seed, so 2**63 - 1 and 2**64 - 1 drew one text:
+    the seeds taken are 0..2**32 - 1, and one past it is a one-line error, not an overflow."""
+    model = checkpoint.load_model(model_dir)
+    texts = {seed: generate(model, GPT2, "Thy", SampleConfig(max_new_tokens=12, seed=seed, temperature=1.0,
+                                                             top_k=None, stop_at_eot=False))[0]
+             for seed in (0, 1, 2**31, 2**32 - 1)}
+    assert len(set(texts.values())) == 4
+    for seed in ("18446744073709551616", "4294967296", "-1"):
+        proc = run_mtgpt("sample", model_dir, "--seed", seed, "--max-new-tokens", "2", check=False)
+        assert proc.returncode == 1 and proc.stderr == \
+            f"Error: --seed must be between 0 and 4294967295 (2**32 - 1: the seeds PyTorch's generator tells apart), got {seed}\n"
+
+
+def test_stop_is_repeatable(model_dir):
+    """--stop A --stop B stops at whichever comes first (it used to keep only the last); --help says so."""
+    args = ["--prompt", "a", "--max-new-tokens", "40", "--seed", "5", "--temperature", "1.0"]
+    full = run_mtgpt("sample", model_dir, *args).stdout[1:-1]
+    early, late = full[4:7], full[20:23]
+    assert early not in full[:4] and late not in full[:20] and early != late
+    out = run_mtgpt("sample", model_dir, *args, "--stop", early, "--stop", late).stdout
+    assert out == "a" + full.split(early)[0] + "\n"
+    out = run_mtgpt("sample", model_dir, *args, "--stop", late, "--stop", early).stdout
+    assert out == "a" + full.split(early)[0] + "\n"
+    assert "repeat" in run_mtgpt("sample", "--help").stdout.split("--stop")[1].split("--")[0]

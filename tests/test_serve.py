@@ -193,6 +193,18 @@ def test_models_health_and_page(server):
         assert server.request("GET", path)[0] == 404, path
 
 
+def test_retrieve_a_model(server):
+    """GET /v1/models/{id}: the model object, as the official client's models.retrieve reads it; an
+    unknown id is a 404 in OpenAI's error shape."""
+    got = server.client().models.retrieve("tiny")
+    assert (got.id, got.object, got.owned_by) == ("tiny", "model", "mtgpt")
+    with pytest.raises(openai.NotFoundError) as e:
+        server.client().models.retrieve("gpt-4")
+    assert e.value.body["code"] == "model_not_found" and "'gpt-4' does not exist" in e.value.body["message"]
+    status, err, _ = server.request("GET", "/v1/models/gpt-4")
+    assert status == 404 and set(err["error"]) == {"message", "type", "param", "code"}
+
+
 def test_greedy_and_seeded_completions_equal_mtgpt_sample(server, run_dir):
     client = server.client()
     prompt = "Shall I compare thee"
@@ -319,6 +331,10 @@ def test_a_long_conversation_is_cropped_with_a_warning(server):
     ("/v1/completions", {"model": "tiny", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "stop": [""]}, 400, "stop"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "echo": True}, 400, "echo"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "seed": 2**64}, 400, "seed: must be between 0 and 4294967295"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "seed": -2**63 - 1}, 400, "seed: must be between 0 and"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "seed": 2**32}, 400,
+     "seed: must be between 0 and 4294967295"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "temprature": 0.5}, 400, "temprature"),
     ("/v1/completions", {"model": "tiny", "prompt": [1, 99999999]}, 400, "vocabulary"),
     ("/v1/completions", {"model": "tiny", "prompt": 5}, 400, "prompt"),
@@ -330,6 +346,11 @@ def test_a_long_conversation_is_cropped_with_a_warning(server):
     ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
      400, "text"),
     ("/v1/chat/completions", {"model": "tiny", "messages": "hello"}, 400, "messages"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": None}]}, 400,
+     "messages.0.content: a user message needs its text"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "system", "content": None},
+                                                            {"role": "user", "content": "hi"}]}, 400,
+     "messages.0.content: a system message needs its text"),
 ])
 def test_bad_input_gets_an_openai_error_and_the_server_lives(server, path, body, status, says):
     got, err, _ = server.request("POST", path, body)
@@ -440,6 +461,12 @@ def test_open_host_warns_without_a_key_and_sigterm_exits_cleanly(run_dir, server
     assert "without --api-key" in s.proc.stderr.read()
     taken = run_mtgpt("serve", run_dir, "--port", server.port, check=False, timeout=60)
     assert taken.returncode == 1 and "could not serve on 127.0.0.1:" in taken.stderr
+    for host, says in (("999.1.1.1", "--host 999.1.1.1: no such address"),
+                       ("192.0.2.1", "--host 192.0.2.1 is not an address of this machine")):
+        proc = run_mtgpt("serve", run_dir, "--host", host, "--port", free_port(), check=False, timeout=60)
+        assert proc.returncode == 1 and proc.stderr.startswith(f"Error: {says}") and proc.stderr.count("\n") == 1, \
+            proc.stderr
+        assert "port" not in proc.stderr.split("(")[0]
     bad = run_mtgpt("serve", run_dir.parent / "missing", check=False)
     assert bad.returncode == 1 and "no such folder" in bad.stderr and "Traceback" not in bad.stderr
 
@@ -486,3 +513,43 @@ def test_the_page_in_a_real_browser(server, tmp_path):
         assert not driver.find_elements(By.CSS_SELECTOR, ".assistant")
     finally:
         driver.quit()
+
+
+def test_ctrl_c_with_a_client_streaming_ends_its_stream_and_exits_cleanly(run_dir):
+    """SIGINT while a client reads a long stream slowly: its stream ends (an error event that says
+    the server is stopping, after the text so far), and the server exits 0 within seconds with
+    nothing on stderr but its start line (no uvicorn traceback, no cancelled task)."""
+    import threading
+
+    s = Served(run_dir, "--max-tokens-limit", "5000")
+    received, ended = [], threading.Event()
+
+    def read_slowly():
+        conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30)
+        conn.request("POST", "/v1/completions", body=json.dumps({"model": "tiny", "prompt": "Long", "stream": True,
+                                                                 "max_tokens": 5000, "temperature": 1.0}),
+                     headers={"Content-Type": "application/json"})
+        r = conn.getresponse()
+        try:
+            while line := r.fp.readline():
+                received.append(line.decode())
+                time.sleep(0.002)
+        except OSError as e:
+            received.append(f"reading failed: {e}")
+        finally:
+            conn.close()
+            ended.set()
+
+    reader = threading.Thread(target=read_slowly, daemon=True)
+    reader.start()
+    assert wait_for(lambda: len(received) > 20, 30)
+    began = time.perf_counter()
+    s.proc.send_signal(signal.SIGINT)
+    code = s.proc.wait(timeout=30)
+    took = time.perf_counter() - began
+    stderr = s.proc.stderr.read()
+    assert ended.wait(10)
+    assert code == 0 and took < 5, (code, took, stderr)
+    assert "Traceback" not in stderr and "ERROR" not in stderr and stderr.count("\n") == 1, stderr
+    events = [json.loads(line[6:]) for line in received if line.startswith("data: {")]
+    assert events[-1]["error"]["message"].startswith("the server is stopping") and "reading failed" not in received[-1]

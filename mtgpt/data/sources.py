@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
+from mtgpt import folders
+
 
 class DataError(ValueError):
     """Bad input data. The message names the file and says what to do."""
@@ -90,8 +92,11 @@ def _check_file(path: Path, shown: str) -> Source:
     return Source(shown, path, size)
 
 
-def resolve_sources(inputs: list[str], glob: str = "**/*.txt") -> list[Source]:
-    """Turn the command line's TEXT... into a list of checked files (in a stable order)."""
+def resolve_sources(inputs: list[str], glob: str = "**/*.txt", glob_fix: str = "use --glob to choose others"
+                    ) -> list[Source]:
+    """Turn the command line's TEXT... into a list of checked files (in a stable order).
+    `glob_fix` says what to do about a folder with no file matching `glob` (a command without
+    --glob says its own); a folder mtgpt wrote (data, run, model, tokenizer) is named as such."""
     if not inputs:
         raise DataError("no input given: name text files, folders, - for stdin, or a built-in "
                         f"corpus ({', '.join(CORPORA)})")
@@ -102,9 +107,11 @@ def resolve_sources(inputs: list[str], glob: str = "**/*.txt") -> list[Source]:
             sources.append(Source("-", None, None))
         elif path.is_dir():
             files = sorted(p for p in path.glob(glob) if p.is_file())
+            if not files and folders.kind(path) not in ("folder", "file"):
+                raise DataError(f"{item} is {folders.what(path)}, not text; give text files, folders of "
+                                f"{glob.removeprefix('**/')}, - for stdin, or a built-in corpus")
             if not files:
-                raise DataError(f"{item}: no files matching {glob!r} in this folder; "
-                                "use --glob to choose others")
+                raise DataError(f"{item}: no files matching {glob!r} in this folder; {glob_fix}")
             sources += [_check_file(p, str(p)) for p in files]
         elif path.is_file():
             sources.append(_check_file(path, item))
