@@ -110,7 +110,7 @@ def test_overwrite_replaces_only_what_the_command_writes(tiny_data, model_run, t
     keep = {name: _tree(tmp_path / name) for name in ("run", "notes", "data")}
     commands = {"prepare": (["prepare", SONNETS, "--block-size", "32"], "--out", "a data folder"),
                 "tokenizer": (["tokenizer", "train", SONNETS, "--vocab-size", "300", "-q"], "--out", "a tokenizer folder"),
-                "export": (["export", model_run], "--hf", "a model folder")}
+                "export": (["export", model_run], "--hf", "a Hugging Face model folder")}
     for command, (args, option, mine) in commands.items():
         for name in ("run", "notes", "data"):
             if command == "prepare" and name == "data":
@@ -347,7 +347,7 @@ def test_export_overwrite(model_run, tmp_path, monkeypatch):
     (out / "old.txt").unlink()
     assert invoke("export", model_run, "--hf", out).exit_code == 0  # (an empty folder is written into)
     (out / "old.txt").write_text("the old export")
-    one_error_line(invoke("export", model_run, "--hf", out), "is not empty (a model folder")
+    one_error_line(invoke("export", model_run, "--hf", out), "is not empty (a Hugging Face model folder")
 
     def fail(*args, **kwargs):
         raise hf.HFError("the tokenizer cannot be written")
