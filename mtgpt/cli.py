@@ -419,12 +419,11 @@ def eval_(run_dir, texts, stride, best, device, strict, as_json):
     """
     import json as json_mod
 
+    from mtgpt import folders
     from mtgpt.checkpoint import load_model, load_tokenizer, model_folder
     from mtgpt.data.sources import read_text, resolve_sources
     from mtgpt.evaluate import score_text, total
     from mtgpt.sample import pick_device
-
-    from mtgpt import folders
 
     swapped = next((t for t in texts if folders.kind(t) in ("run", "model", "checkpoint")), None)
     if swapped and folders.kind(run_dir) in ("file", "folder", "missing"):

@@ -192,7 +192,7 @@ def resolve(cfg: TrainConfig, ds: dict[str, Any], world_size: int, schedule_step
     if not isinstance(opt, dict) or "type" not in opt:
         raise ConfigError(f"{name}: needs an \"optimizer\" block (DeepSpeed manages AdamW); copy the "
                           "one in ds_configs/zero1_fp32.json")
-    if opt["type"].lower() not in OPTIMIZERS:
+    if str(opt["type"]).lower() not in OPTIMIZERS:
         raise ConfigError(f"{name}: optimizer {opt['type']!r}: mtgpt trains with DeepSpeed's {' or '.join(OPTIMIZERS.values())} "
                           "(what its ZeRO stages are tested with here; others fail inside DeepSpeed at the first "
                           "step); copy the optimizer block of ds_configs/zero1_fp32.json")

@@ -125,10 +125,8 @@ def check_out_folder(out: Path) -> None:
     """--out must be a new or empty folder, or one that holds an mtgpt run: never a data folder,
     a folder inside a run, or a folder of other files (the run's files would be mixed into them).
     An empty logs/ of a job script (slurm/train.sbatch makes RUN/logs first) is allowed."""
+    folders.check_creatable(out, "--out", ConfigError)  # (a file, or a folder that cannot be made)
     kind = folders.kind(out)
-    if kind == "file":
-        raise ConfigError(f"--out {out} exists and is not a folder")
-    folders.check_creatable(out, "--out", ConfigError)
     if has_run(out):
         return
     run = folders.run_holding(out) or out.resolve().parent
@@ -182,15 +180,6 @@ def resume_point(cfg: TrainConfig) -> Path | None:
     return found
 
 
-def saved_ds_name(found: Path) -> str | None:
-    """The DeepSpeed config (bundled name or path) of the run that saved checkpoint folder `found`:
-    a resumed run keeps it unless --ds-config says otherwise. None when its run folder does not say."""
-    try:
-        return load_json(run_of(found) / RUN_INFO).get("ds_config") or None
-    except (ConfigError, AttributeError):
-        return None
-
-
 def check_resumable_ds(found: Path, ds: dict[str, Any], ds_name: str) -> None:
     """Refuse to resume checkpoint `found` under a DeepSpeed config that stores its optimizer
     state otherwise: parameters of another dtype (DeepSpeed's bf16/fp16 optimizers hold fp32
@@ -203,7 +192,7 @@ def check_resumable_ds(found: Path, ds: dict[str, Any], ds_name: str) -> None:
         saved = load_json(out / DS_CONFIG)
     except ConfigError:
         return  # a run folder from before ds_config.json existed: nothing to compare with
-    own = saved_ds_name(found) or str(out / DS_CONFIG)
+    own = (saved_settings(found) or {}).get("ds_config") or str(out / DS_CONFIG)
     fix = (f"resume without --ds-config (the run keeps its own, {own}), or start a new run from its weights: "
            f"--init-from {out} --out NEW")
     old, new = ds_config.weights_dtype(saved), ds_config.weights_dtype(ds)

@@ -152,6 +152,7 @@ def test_a_resume_under_another_optimizer_layout_is_refused_with_a_fix_that_work
     run = tmp_path / "run"
     found = _complete(run, 5)
     (run / rundir.DS_CONFIG).write_text(json.dumps(ds_config.find("zero1_fp32")[1]))
+    (run / rundir.TRAIN_CONFIG).write_text(json.dumps(_cfg(run).to_dict()))  # (ds_config null: older runs')
     (run / rundir.RUN_INFO).write_text(json.dumps({"world_size": 1, "ds_config": "ds_configs/zero1_fp32.json"}))
     for ok in ("zero1_fp32", "zero2_fp32"):
         rundir.check_resumable_ds(found, ds_config.find(ok)[1], ok)
