@@ -180,23 +180,28 @@ class TrainConfig:
         if self.min_delta < 0:
             raise ConfigError(f"min_delta must be >= 0, got {self.min_delta}")
 
-    def for_world(self, world_size: int) -> "TrainConfig":
+    def for_world(self, world_size: int, resumed: bool = False) -> "TrainConfig":
         """This run on `world_size` ranks, its batch settled: with --batch-size, --grad-accum is
         derived from it (refused, with the nearest sizes that work, when it does not divide);
-        without, the batch is micro-batch x grad-accum x ranks and is recorded as --batch-size."""
+        without, the batch is micro-batch x grad-accum x ranks and is recorded as --batch-size.
+        `resumed`: the batch is the one a resumed run keeps (the messages say so)."""
         per_pass = self.micro_batch * world_size
         if self.batch_size is None:
             return self.replace(batch_size=per_pass * self.grad_accum)
         accum, left = divmod(self.batch_size, per_pass)
+        batch = (f"the resumed run's batch of {self.batch_size} sequences per step (kept so that its schedule and "
+                 "learning rate stay the same)" if resumed else f"--batch-size {self.batch_size}")
         if left or not accum:
-            near = sorted({max(1, accum) * per_pass, (accum + 1) * per_pass})
-            raise ConfigError(f"--batch-size {self.batch_size} is not a multiple of micro-batch {self.micro_batch} "
-                              f"x {world_size} rank(s) = {per_pass}: use --batch-size "
-                              f"{' or '.join(map(str, near))}, or a --micro-batch that divides it")
+            near = " or ".join(map(str, sorted({max(1, accum) * per_pass, (accum + 1) * per_pass})))
+            fix = (f"resume with a --micro-batch and number of ranks whose product divides {self.batch_size}, or give "
+                   f"--batch-size {near} to change the run's batch" if resumed else
+                   f"use --batch-size {near}, or a --micro-batch that divides it")
+            raise ConfigError(f"{batch} is not a multiple of micro-batch {self.micro_batch} x {world_size} rank(s) = "
+                              f"{per_pass}: {fix}")
         if self.grad_accum not in (1, accum):
-            raise ConfigError(f"--grad-accum {self.grad_accum} disagrees with --batch-size {self.batch_size} = "
-                              f"micro-batch {self.micro_batch} x {world_size} rank(s) x {accum}: leave out "
-                              "--grad-accum, it is derived from --batch-size")
+            raise ConfigError(f"--grad-accum {self.grad_accum} disagrees with {batch} = micro-batch {self.micro_batch} "
+                              f"x {world_size} rank(s) x {accum}: leave out --grad-accum, it is derived from "
+                              f"{'the batch' if resumed else '--batch-size'}")
         return self.replace(grad_accum=accum)
 
     @property

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -53,8 +54,13 @@ def _checkpoint_for(resume: str, out: Path) -> Path | None:
     if checkpoint.TAG_RE.match(path.name) and path.is_dir():
         raise ConfigError(f"--resume {resume}: this checkpoint is incomplete (a save that was cut "
                           f"short); resume from {path.parent.parent} to take the latest complete one")
-    raise ConfigError(f"--resume {resume}: not a run folder or checkpoint folder; use "
-                      "--resume auto, --resume never, or the path of a run or checkpoint")
+    step = re.fullmatch(r"step_?(\d+)", path.name)
+    if step and (path.parent / checkpoint.tag_for(int(step[1])) / checkpoint.COMPLETE).is_file():
+        return path.parent / checkpoint.tag_for(int(step[1]))  # step_4 for step_00000004
+    there = checkpoint.complete_tags(path.parent.parent) if path.parent.name == checkpoint.CKPT_DIR else []
+    raise ConfigError(f"--resume {resume}: not a run folder or checkpoint folder"
+                      + (f" ({path.parent} holds {', '.join(there[-3:])})" if there else "")
+                      + "; use --resume auto, --resume never, or the path of a run or checkpoint")
 
 
 STOP_KEYS = ("max_steps", "max_tokens", "max_epochs", "max_time")
@@ -74,6 +80,8 @@ def resumed_settings(resume: str | None, out: str | None, given: set[str]) -> di
     if saved is None:
         return None
     dropped = set(given) | set(DERIVED_KEYS) | (set(STOP_KEYS) if given & set(STOP_KEYS) else set())
+    if not out:  # the run goes on in the folder that holds its checkpoint (the saved --out may be
+        saved["out"] = str(run_of(found))  # relative to another directory, or the run was moved since)
     return {k: v for k, v in saved.items() if k not in dropped}
 
 

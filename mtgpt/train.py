@@ -154,7 +154,8 @@ def make_plan(cfg: TrainConfig, world_size: int, cuda: bool | None = None, gpu_m
     cfg = device_defaults(cfg, raw, cuda, gpu_memory).replace(ds_config=cfg.ds_config or ds_name)
     if cfg.model.vocab_multiple is None:  # what fits the device: tensor cores want a multiple of 64
         cfg = cfg.replace(model=replace(cfg.model, vocab_multiple=64 if cuda else 1))
-    cfg = cfg.for_world(world_size)
+    kept = resume_from is not None and cfg.batch_size == (rundir.saved_settings(resume_from) or {}).get("batch_size")
+    cfg = cfg.for_world(world_size, resumed=kept)
     steps = schedule_steps(cfg, manifests, world_size)
     if cfg.patience is not None and not any(m["splits"]["val"]["samples"] for m in manifests):
         raise ConfigError(f"--patience needs a val split, and {data_names(cfg)} has none (it was prepared with "

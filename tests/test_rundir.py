@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -120,6 +121,25 @@ def test_resumed_settings_are_the_runs_less_what_is_given(tmp_path):
     kept = rundir.resumed_settings("auto", str(run), {"out", "resume"})
     assert (kept["ds_config"], kept["batch_size"], kept["model"]["vocab_multiple"]) == ("ds_configs/zero1_fp32.json",
                                                                                         24, 1)
+
+
+def test_a_checkpoint_resumed_from_another_directory_goes_on_in_its_own_run(tmp_path, monkeypatch):
+    """A run trained with a relative --out (runs/x) and resumed by the path of its checkpoint from
+    another directory, without --out, goes on in runs/x where it lives (was: a new runs/x in the
+    current directory, the run's history split in two). step_4 names checkpoint step_00000004."""
+    run = tmp_path / "A" / "runs" / "x"
+    four = _complete(run, 4)
+    (run / rundir.TRAIN_CONFIG).write_text(json.dumps({**_cfg("runs/x").to_dict(), "out": "runs/x"}))
+    (tmp_path / "B").mkdir()
+    monkeypatch.chdir(tmp_path / "B")
+    for resume in (four, run, four.parent / "step_4", four.parent / "step4"):
+        kept = rundir.resumed_settings(str(resume), None, {"resume", "max_steps"})
+        assert Path(kept["out"]).resolve() == run.resolve(), resume
+        assert rundir.resume_point(_cfg(kept["out"], resume=str(resume))) == four
+    assert "out" not in rundir.resumed_settings(str(four), "runs/y", {"resume", "out"})  # --out given: a branch
+    with pytest.raises(ConfigError, match=r"step_9: not a run folder or checkpoint folder \(.*checkpoints holds "
+                                          r"step_00000004\); use --resume auto"):
+        rundir.resume_point(_cfg(run, resume=str(four.parent / "step_9")))
 
 
 def test_another_runs_checkpoint_is_not_resumed_into_a_run(tmp_path):

@@ -401,6 +401,16 @@ def test_a_run_resumed_on_another_number_of_ranks_keeps_its_batch(tiny_data, tmp
     assert [(p.cfg.grad_accum, p.tokens_per_step, p.schedule_steps) for p in plans.values()] == \
         [(2, first.tokens_per_step, 4), (1, first.tokens_per_step, 4)]
     assert make_plan(again.replace(batch_size=16), world_size=2).cfg.grad_accum == 4
+    # a batch the ranks cannot divide: the message names the run's batch (the user gave no --batch-size)
+    from mtgpt.config import ConfigError
+    with pytest.raises(ConfigError, match=r"^the resumed run's batch of 8 sequences per step .* is not a multiple of "
+                                          r"micro-batch 2 x 3 rank\(s\) = 6: resume with a --micro-batch and number "
+                                          r"of ranks whose product divides 8, or give --batch-size 6 or 12"):
+        make_plan(again, world_size=3)
+    with pytest.raises(ConfigError, match=r"^--grad-accum 3 disagrees with the resumed run's batch of 8"):
+        make_plan(again.replace(grad_accum=3), world_size=2)
+    with pytest.raises(ConfigError, match=r"^--batch-size 10 is not a multiple"):  # one the user gave
+        make_plan(again.replace(batch_size=10), world_size=4)
 
 
 @pytest.mark.slow
