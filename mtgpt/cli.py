@@ -149,6 +149,8 @@ def _fail(e: Exception) -> None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="mtgpt")
+@click.option("--local_rank", "--local-rank", type=int, hidden=True, expose_value=False,
+              help="Set by the deepspeed launcher: `deepspeed --module mtgpt worker` puts it before the command.")
 def main() -> None:
     """mtgpt (MyTalkGPT): train your own small GPT-2-style model on your own text, and talk to it.
 

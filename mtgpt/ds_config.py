@@ -36,6 +36,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from mtgpt import folders
 from mtgpt.config import ConfigError, TrainConfig, load_json
 from mtgpt.world import import_deepspeed
 
@@ -80,10 +81,13 @@ def default_name(cuda: bool, bf16_ok: bool) -> str:
 
 
 def find(name_or_path: str) -> tuple[str, dict[str, Any]]:
-    """A path to a JSON file, or the name of a bundled config ("zero2_bf16" or "zero2_bf16.json")."""
+    """A path to a JSON file, or the name of a bundled config ("zero2_bf16" or "zero2_bf16.json").
+    A run's own ds_config.json (the dict it trained with) comes back `unresolved`, so that it can
+    be resolved again for another schedule or number of ranks."""
     path = Path(name_or_path)
     if path.is_file():
-        return str(path), load_json(path)
+        raw = load_json(path)
+        return str(path), unresolved(raw) if folders.is_run_ds_config(path) else raw
     name = path.name[:-5] if path.name.endswith(".json") else path.name
     if str(path.parent) == "." or path.parent.name == "ds_configs":
         bundled = bundled_dir() / f"{name}.json"
@@ -145,13 +149,40 @@ def _fill(block: dict[str, Any], key: str, value: Any, where: str, source: str, 
     if have == "auto":
         block[key] = value
     elif not isinstance(have, (int, float)) or abs(have - value) > 1e-12 * max(1.0, abs(value)):
-        raise ConfigError(f"{name}: {where}{key} is {have!r} but mtgpt's {source} gives {value}. "
-                          f"Set it to \"auto\" in the JSON (mtgpt fills it in), or {fix}.")
+        raise ConfigError(f"{name}: {where}{key} is {have!r} but mtgpt's {source} is {value} (as given, or its "
+                          f"default). Set it to \"auto\" in the JSON (mtgpt fills it in), or {fix}.")
 
 
 def warmup_default(schedule_steps: int) -> int:
     """5% of the schedule (at least one step)."""
     return max(1, schedule_steps // 20)
+
+
+BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
+SCHEDULE_KEYS = {  # what mtgpt fills in each of DeepSpeed's Warmup* schedulers (others keep the JSON's numbers)
+    "WarmupLR": ("warmup_num_steps", "warmup_max_lr"),
+    "WarmupDecayLR": ("warmup_num_steps", "total_num_steps", "warmup_max_lr"),
+    "WarmupCosineLR": ("warmup_num_steps", "total_num_steps", "cos_min_ratio"),
+}
+
+
+def unresolved(ds: dict[str, Any]) -> dict[str, Any]:
+    """A resolved dict (a run's ds_config.json) as a JSON to resolve again: mtgpt's numbers (batch,
+    learning rate, a Warmup* schedule) back to "auto", and the universal-checkpoint flag that
+    mtgpt sets for one resume on another number of ranks dropped. Everything else is the run's."""
+    ds = copy.deepcopy(ds)
+    for key in BATCH_KEYS:
+        ds[key] = "auto"
+    if isinstance(ds.get("optimizer"), dict) and isinstance(ds["optimizer"].get("params"), dict):
+        ds["optimizer"]["params"]["lr"] = "auto"
+    sched = ds.get("scheduler")
+    if isinstance(sched, dict) and sched.get("type") in SCHEDULE_KEYS and isinstance(sched.get("params"), dict):
+        sched["params"].update(dict.fromkeys(SCHEDULE_KEYS[sched["type"]], "auto"))
+    if isinstance(ds.get("checkpoint"), dict):
+        ds["checkpoint"].pop("load_universal", None)
+        if not ds["checkpoint"]:
+            del ds["checkpoint"]
+    return ds
 
 
 def resolve(cfg: TrainConfig, ds: dict[str, Any], world_size: int, schedule_steps: int,
@@ -181,7 +212,9 @@ def resolve(cfg: TrainConfig, ds: dict[str, Any], world_size: int, schedule_step
     total = ds.get("train_batch_size", "auto")
     if total != "auto" and total != micro * accum * world_size:
         fits = total / (micro * world_size)
+        micros = [m for m in range(micro, 0, -1) if isinstance(total, int) and total % (m * world_size) == 0]
         fix = (f"pass --grad-accum {int(fits)}" if fits == int(fits) and fits >= 1
+               else f"pass --batch-size {total} --micro-batch {micros[0]}" if micros
                else f"make it micro_batch x grad_accum x ranks = {micro * accum * world_size}")
         raise ConfigError(f"{name}: train_batch_size is {total} but micro_batch {micro} x grad_accum "
                           f"{accum} x {world_size} rank(s) = {micro * accum * world_size}. Set it to "
@@ -197,23 +230,24 @@ def resolve(cfg: TrainConfig, ds: dict[str, Any], world_size: int, schedule_step
                           "(what its ZeRO stages are tested with here; others fail inside DeepSpeed at the first "
                           "step); copy the optimizer block of ds_configs/zero1_fp32.json")
     params = opt.setdefault("params", {})
+    takes = optimizer_params(params)
+    if unknown := sorted(set(params) - takes):
+        hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, takes, 1)) else k for k in unknown]
+        raise ConfigError(f"{name}: unknown optimizer.params key(s): {', '.join(hints)}"
+                          + ("; DeepSpeed clips with the top-level \"gradient_clipping\"" if "max_grad_norm" in unknown
+                             else "") + f"; the optimizer takes {', '.join(sorted(takes))}")
     _fill(params, "lr", cfg.lr, "optimizer.params.", "--lr", f"pass --lr {params.get('lr')}", name)
     sched = ds.get("scheduler")
-    if isinstance(sched, dict) and sched.get("type") in ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR"):
+    if isinstance(sched, dict) and sched.get("type") in SCHEDULE_KEYS:
         sp = sched.setdefault("params", {})  # (other schedulers, e.g. OneCycle, are the JSON's own)
-        kind = sched.get("type")
         warmup = cfg.warmup_steps if cfg.warmup_steps is not None else warmup_default(schedule_steps)
-        fills = {"warmup_num_steps": (warmup, "--warmup-steps")}
-        if kind in ("WarmupCosineLR", "WarmupDecayLR"):
-            fills["total_num_steps"] = (schedule_steps, "schedule length (--max-steps, or --max-tokens/--max-epochs)")
-        if kind == "WarmupCosineLR":
-            fills["cos_min_ratio"] = (cfg.min_lr_ratio, "--min-lr-ratio")
-            sp.setdefault("warmup_min_ratio", 0.0)
-        if kind in ("WarmupLR", "WarmupDecayLR"):
-            fills["warmup_max_lr"] = (cfg.lr, "--lr")
-            sp.setdefault("warmup_min_lr", 0.0)
-        for key, (value, source) in fills.items():
-            _fill(sp, key, value, "scheduler.params.", source, f"pass the matching option ({source})", name)
+        values = {"warmup_num_steps": (warmup, "--warmup-steps"), "warmup_max_lr": (cfg.lr, "--lr"),
+                  "total_num_steps": (schedule_steps, "--max-steps (or the length --max-tokens/--max-epochs give)"),
+                  "cos_min_ratio": (cfg.min_lr_ratio, "--min-lr-ratio")}
+        sp.setdefault("warmup_min_ratio" if sched["type"] == "WarmupCosineLR" else "warmup_min_lr", 0.0)
+        for key in SCHEDULE_KEYS[sched["type"]]:
+            value, source = values[key]
+            _fill(sp, key, value, "scheduler.params.", source, f"pass {source.split(' ')[0]} {sp.get(key)}", name)
     ds.setdefault("timers", {"throughput": {"enabled": False}})  # no host sync per micro-step
     for key in ("bf16", "bfloat16"):
         if isinstance(ds.get(key), dict) and _enabled(ds[key]):
@@ -223,6 +257,23 @@ def resolve(cfg: TrainConfig, ds: dict[str, Any], world_size: int, schedule_step
         raise ConfigError(f"{name}: mtgpt cannot fill \"auto\" for {', '.join(leftover)}; give numbers")
     _validate_with_deepspeed(ds, name)
     return ds
+
+
+def optimizer_params(params: dict[str, Any]) -> set[str]:
+    """The optimizer.params keys DeepSpeed takes for AdamW/Adam: the ones it reads itself, and the
+    arguments of the optimizer it builds (torch's AdamW with "torch_adam": true, as the bundled
+    JSONs have it; else its own FusedAdam)."""
+    import inspect
+
+    import torch
+
+    if params.get("torch_adam"):
+        built = torch.optim.AdamW
+    else:
+        import_deepspeed()
+        from deepspeed.ops.adam import FusedAdam as built
+    return (set(inspect.signature(built).parameters) - {"self", "params"}) | {"torch_adam", "adam_w_mode",
+                                                                             "fp32_optimizer_states"}
 
 
 OPTIMIZERS = {"adamw": "AdamW", "adam": "Adam"}  # DeepSpeed's optimizer "type", case-insensitive as DeepSpeed reads it

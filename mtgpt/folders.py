@@ -26,6 +26,7 @@ from pathlib import Path
 
 MANIFEST = "manifest.json"
 TRAIN_CONFIG = "train_config.json"  # mtgpt.rundir writes it
+DS_CONFIG = "ds_config.json"  # and the DeepSpeed dict the run trained with
 CKPT_DIR = "checkpoints"
 WEIGHTS = "model.safetensors"
 MODEL_CONFIG = "config.json"
@@ -46,6 +47,12 @@ def run_holding(path: str | Path) -> Path | None:
         if up.name == CKPT_DIR and (up.parent / TRAIN_CONFIG).is_file():
             return up.parent
     return None
+
+
+def is_run_ds_config(path: str | Path) -> bool:
+    """Whether `path` is a run's own ds_config.json (what mtgpt.rundir wrote, mtgpt's numbers filled in)."""
+    path = Path(path)
+    return path.name == DS_CONFIG and kind(path.parent) == "run"
 
 
 def is_hf(path: Path) -> bool:

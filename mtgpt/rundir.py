@@ -22,7 +22,7 @@ from mtgpt import __version__, checkpoint, folders
 from mtgpt.config import ConfigError, ModelConfig, TrainConfig, dump_json, load_json
 
 TRAIN_CONFIG = folders.TRAIN_CONFIG
-DS_CONFIG = "ds_config.json"
+DS_CONFIG = folders.DS_CONFIG
 RUN_INFO = checkpoint.RUN_INFO
 LAST_STOP = "last_stop.json"  # rank 0, at the end of fit: why and where the run stopped
 COMMAND_ENV = "MTGPT_COMMAND"  # the user's command line, passed by `mtgpt train` to its ranks
@@ -186,6 +186,19 @@ def resume_point(cfg: TrainConfig) -> Path | None:
             raise ConfigError(f"cannot resume {found}: its vocabulary is padded to a multiple of "
                               f"{old.vocab_multiple or 1}, not {cfg.model.vocab_multiple}; leave out --vocab-multiple")
     return found
+
+
+def own_ds_config(cfg: TrainConfig, found: Path) -> tuple[str, dict[str, Any]] | None:
+    """The DeepSpeed config a run resumed from checkpoint `found` goes on with, unless --ds-config
+    names another: the dict it trained with (its ds_config.json, `ds_config.unresolved`), named as
+    it was started, whatever the file it was started from holds now or wherever it went. None for
+    another --ds-config, or a run from before ds_config.json existed."""
+    from mtgpt import ds_config
+
+    saved, file = saved_settings(found) or {}, run_of(found) / DS_CONFIG
+    if not file.is_file() or (cfg.ds_config and cfg.ds_config != saved.get("ds_config")):
+        return None
+    return saved.get("ds_config") or str(file), ds_config.unresolved(load_json(file))
 
 
 def check_resumable_ds(found: Path, ds: dict[str, Any], ds_name: str) -> None:

@@ -150,7 +150,8 @@ def make_plan(cfg: TrainConfig, world_size: int, cuda: bool | None = None, gpu_m
         check_compatible(m, source.path, cfg.model.vocab_size, cfg.model.block_size)
     if resume_from is not None:
         cfg = rundir.keep_run_settings(cfg, resume_from)
-    ds_name, raw = ds_config.find(cfg.ds_config or ds_config.default_name(cuda, cuda and torch.cuda.is_bf16_supported()))
+    own = rundir.own_ds_config(cfg, resume_from) if resume_from is not None else None  # the JSON it trained with
+    ds_name, raw = own or ds_config.find(cfg.ds_config or ds_config.default_name(cuda, cuda and torch.cuda.is_bf16_supported()))
     cfg = device_defaults(cfg, raw, cuda, gpu_memory).replace(ds_config=cfg.ds_config or ds_name)
     if cfg.model.vocab_multiple is None:  # what fits the device: tensor cores want a multiple of 64
         cfg = cfg.replace(model=replace(cfg.model, vocab_multiple=64 if cuda else 1))

@@ -153,3 +153,51 @@ def test_an_optimizer_other_than_adam_is_refused(optimizer):
         ds_config.resolve(cfg(), {**raw, "optimizer": {"type": optimizer, "params": {"lr": "auto"}}}, 1, 100)
     adam = {**raw, "optimizer": {"type": "adam", "params": {"lr": "auto"}}}  # DeepSpeed reads types case-insensitively
     assert ds_config.resolve(cfg(), adam, 1, 100)["optimizer"]["type"] == "adam"
+
+
+def test_a_typo_in_the_optimizer_params_is_one_line_before_any_process_starts():
+    """"weight_decya" reached AdamW.__init__ inside every rank (a TypeError traceback each)."""
+    _, raw = ds_config.find("zero1_fp32")
+    raw["optimizer"]["params"]["weight_decya"] = 0.1
+    with pytest.raises(ConfigError, match=r"unknown optimizer.params key\(s\): weight_decya \(did you mean "
+                                          r"weight_decay\?\); the optimizer takes .*betas"):
+        ds_config.resolve(cfg(), raw, 1, 100)
+    del raw["optimizer"]["params"]["weight_decya"]
+    raw["optimizer"]["params"]["max_grad_norm"] = 1.0
+    with pytest.raises(ConfigError, match="max_grad_norm.*top-level \"gradient_clipping\""):
+        ds_config.resolve(cfg(), raw, 1, 100)
+    fused = {"lr": "auto", "betas": [0.9, 0.95], "bias_correction": True, "set_grad_none": True}  # FusedAdam's own
+    assert ds_config.resolve(cfg(), {**raw, "optimizer": {"type": "AdamW", "params": fused}}, 1, 100)
+
+
+def test_a_number_the_user_never_gave_is_named_as_a_default_and_a_batch_fix_that_works_is_offered():
+    _, raw = ds_config.find("zero1_fp32")
+    raw["optimizer"]["params"]["lr"] = 1e-3
+    with pytest.raises(ConfigError, match=r"lr is 0.001 but mtgpt's --lr is 0.0006 \(as given, or its default\)"):
+        ds_config.resolve(cfg(), raw, 1, 100)
+    _, raw = ds_config.find("zero1_fp32")
+    with pytest.raises(ConfigError, match=r"train_batch_size is 24 .* pass --batch-size 24 --micro-batch 6"):
+        ds_config.resolve(cfg(micro_batch=8), {**raw, "train_batch_size": 24}, 2, 100)
+    fixed = cfg(micro_batch=6, batch_size=24).for_world(2)  # the fix it gives works
+    assert ds_config.resolve(fixed, {**raw, "train_batch_size": 24}, 2, 100)["train_batch_size"] == 24
+
+
+@pytest.mark.parametrize("name", ds_config.bundled_names())
+def test_a_resolved_config_unresolves_to_one_that_resolves_again_for_another_plan(name):
+    """A run's ds_config.json (mtgpt's numbers filled in) is resolved again on resume for another
+    schedule, batch or number of ranks: `unresolved` puts mtgpt's numbers back to "auto" and drops
+    the universal-checkpoint flag of a resume on another number of ranks; the rest is the run's."""
+    _, raw = ds_config.find(name)
+    raw = {k: v for k, v in raw.items() if not k.startswith("_")}
+    cuda = ds_config.precision(raw) == "fp16" and not ds_config.autocast(raw)
+    first = ds_config.resolve(cfg(lr=1e-3, micro_batch=4), {**raw, "gradient_clipping": 0.5}, 2, 100, cuda=cuda)
+    first["checkpoint"] = {"load_universal": True}
+    again = ds_config.resolve(cfg(lr=1e-3, micro_batch=2, grad_accum=3), ds_config.unresolved(first), 1, 300,
+                              cuda=cuda)
+    assert again["gradient_clipping"] == 0.5 and "checkpoint" not in again
+    assert (again["train_batch_size"], again["gradient_accumulation_steps"]) == (6, 3)
+    assert again["scheduler"]["params"]["total_num_steps"] == 300
+    assert {k: v for k, v in again.items() if k not in ("train_batch_size", "train_micro_batch_size_per_gpu",
+                                                        "gradient_accumulation_steps", "scheduler")} == \
+        {k: v for k, v in first.items() if k not in ("train_batch_size", "train_micro_batch_size_per_gpu",
+                                                     "gradient_accumulation_steps", "scheduler", "checkpoint")}

@@ -120,9 +120,11 @@ def test_a_resumed_run_keeps_its_settings_unless_given_again(trained, tiny_data)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
+@pytest.mark.parametrize("launcher", ["deepspeed", "torchrun", "deepspeed --module"])
 def test_launch_script(tiny_data, tmp_path, launcher):
-    """launch/train.py under the `deepspeed` launcher (which adds --local_rank) and torchrun."""
+    """launch/train.py under the `deepspeed` launcher (which adds --local_rank) and torchrun; and
+    the installed package's own entry point, `deepspeed --module mtgpt worker` (where the launcher
+    puts --local_rank before the command: was "No such option"), with a bundled config by name."""
     import os
     import subprocess
     import sys
@@ -136,8 +138,12 @@ def test_launch_script(tiny_data, tmp_path, launcher):
         cmd = [bin_dir / "deepspeed", "--num_gpus", "2", "--master_port", port]
     else:
         cmd = [bin_dir / "torchrun", "--nproc_per_node", "2", "--master_port", port]
-    cmd += [repo / "launch" / "train.py", "--ds_config", repo / "ds_configs" / "zero2_fp32.json",
-            "--data", tiny_data, "--out", tmp_path / "run", *TRAIN, "--max-steps", "6", "--eval-every", "3"]
+    if launcher == "deepspeed --module":
+        cmd = [bin_dir / "deepspeed", "--num_gpus", "2", "--master_port", port, "--module", "mtgpt", "worker",
+               "--ds_config", "zero2_fp32"]
+    else:
+        cmd += [repo / "launch" / "train.py", "--ds_config", repo / "ds_configs" / "zero2_fp32.json"]
+    cmd += ["--data", tiny_data, "--out", tmp_path / "run", *TRAIN, "--max-steps", "6", "--eval-every", "3"]
     proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "DS_ACCELERATOR": "cpu"}, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -756,7 +762,7 @@ def test_a_resumed_run_keeps_its_deepspeed_config_and_a_weights_change_is_refuse
                 eval_every=100, save_every=2)
     _fit(TrainConfig(**args, max_steps=2, ds_config="zero0_fp32"))
     resumed = make_plan(TrainConfig(**args, max_steps=4, resume="auto"), 1, cuda=False)
-    assert resumed.ds_name.endswith("zero0_fp32.json")  # not the CPU default, zero1_fp32
+    assert "zero0_fp32" in resumed.ds_name  # not the CPU default, zero1_fp32
     with pytest.raises(ConfigError, match=r"fp32 weights .*zero1_bf16.json trains bf16 weights.*--ds-config (\S+)"):
         make_plan(TrainConfig(**args, max_steps=2, resume="auto", ds_config="zero1_bf16"), 1, cuda=False)
     fix = make_plan(TrainConfig(**args, max_steps=2, resume="auto", ds_config=str(run / "ds_config.json")), 1, cuda=False)
@@ -783,3 +789,33 @@ def test_every_zero_stage_logs_the_same_grad_norm(tiny_data, tmp_path, world_of_
         norms[name] = [r["train/grad_norm"] for r in metrics(tmp_path / name) if "train/loss" in r]
     assert len(norms["zero0_fp32"]) == 3 and norms["zero0_fp32"] == pytest.approx(norms["zero1_fp32"], rel=1e-5)
     assert norms["zero0_bf16"] == pytest.approx(norms["zero1_fp32"], rel=0.05)
+
+
+def test_a_resumed_run_trains_with_the_deepspeed_json_it_started_with(tiny_data, tmp_path, world_of_one,
+                                                                       monkeypatch):
+    """A resume read the JSON as it is on disk now: an edited --ds-config file changed the run
+    silently, a deleted one blocked it, and a ./ds_configs/ of the current directory replaced the
+    bundled one it named. It now goes on with its own ds_config.json, which `--ds-config
+    RUN/ds_config.json` also gives (with another schedule length: was refused)."""
+    from mtgpt import ds_config
+    from mtgpt.train import make_plan
+
+    monkeypatch.chdir(tmp_path)
+    mine = tmp_path / "my.json"
+    _, raw = ds_config.find("zero0_fp32")
+    mine.write_text(json.dumps({**raw, "gradient_clipping": 0.5}))
+    args = dict(data=str(tiny_data), model=dict(TINY), micro_batch=2, log_every=1, eval_every=100, save_every=2)
+    _fit(TrainConfig(**args, out="run", max_steps=2, ds_config=str(mine)))
+    mine.write_text(json.dumps({**raw, "gradient_clipping": 3.0}))
+    resumed = make_plan(TrainConfig(**args, out="run", max_steps=4, resume="auto"), 1)
+    assert resumed.ds["gradient_clipping"] == 0.5 and resumed.ds_name == str(mine)
+    mine.unlink()
+    _fit(TrainConfig(**args, out="run", max_steps=4, resume="auto"))
+    assert json.loads((tmp_path / "run" / "ds_config.json").read_text())["gradient_clipping"] == 0.5
+    again = make_plan(TrainConfig(**args, out="run", max_steps=9, resume="auto", ds_config="run/ds_config.json"), 1)
+    assert again.ds["scheduler"]["params"]["total_num_steps"] == 9 and again.ds["gradient_clipping"] == 0.5
+
+    _fit(TrainConfig(**args, out="named", max_steps=2, ds_config="ds_configs/zero0_fp32.json"))  # the bundled one
+    (tmp_path / "ds_configs").mkdir()
+    (tmp_path / "ds_configs" / "zero0_fp32.json").write_text(json.dumps({**raw, "gradient_clipping": 0.01}))
+    assert make_plan(TrainConfig(**args, out="named", max_steps=4, resume="auto"), 1).ds["gradient_clipping"] == 1.0
