@@ -120,10 +120,10 @@ def test_a_resumed_run_keeps_its_settings_unless_given_again(trained, tiny_data)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launcher", ["deepspeed", "torchrun", "deepspeed --module"])
+@pytest.mark.parametrize("launcher", ["deepspeed", "torchrun", "deepspeed --module", "torchrun -m"])
 def test_launch_script(tiny_data, tmp_path, launcher):
     """launch/train.py under the `deepspeed` launcher (which adds --local_rank) and torchrun; and
-    the installed package's own entry point, `deepspeed --module mtgpt worker` (where the launcher
+    the installed package's own entry point, `mtgpt worker` as a module (the deepspeed launcher
     puts --local_rank before the command: was "No such option"), with a bundled config by name."""
     import os
     import subprocess
@@ -134,13 +134,12 @@ def test_launch_script(tiny_data, tmp_path, launcher):
     repo = Path(__file__).parent.parent
     bin_dir = Path(sys.executable).parent
     port = str(free_port())
-    if launcher == "deepspeed":
+    if launcher.startswith("deepspeed"):
         cmd = [bin_dir / "deepspeed", "--num_gpus", "2", "--master_port", port]
     else:
         cmd = [bin_dir / "torchrun", "--nproc_per_node", "2", "--master_port", port]
-    if launcher == "deepspeed --module":
-        cmd = [bin_dir / "deepspeed", "--num_gpus", "2", "--master_port", port, "--module", "mtgpt", "worker",
-               "--ds_config", "zero2_fp32"]
+    if launcher.endswith(("--module", "-m")):
+        cmd += [launcher.split()[1], "mtgpt", "worker", "--ds_config", "zero2_fp32"]
     else:
         cmd += [repo / "launch" / "train.py", "--ds_config", repo / "ds_configs" / "zero2_fp32.json"]
     cmd += ["--data", tiny_data, "--out", tmp_path / "run", *TRAIN, "--max-steps", "6", "--eval-every", "3"]
