@@ -307,6 +307,30 @@ def test_interrupted_leaves_nothing_and_no_traceback(command, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.txt"]
 
 
+def test_prepare_sigterm_leaves_nothing(tmp_path):
+    """SIGTERM (timeout, kill, a cancelled Slurm job) while the shards are written is cleaned up as
+    Ctrl-C is: one line, exit 143, no temporary folder of shards left beside --out."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "big.txt").write_text(SONNETS.read_text() * 1600)  # 20 MB: seconds of tokenizing
+    proc = subprocess.Popen([sys.executable, "-m", "mtgpt", "prepare", "big.txt", "--block-size", "32",
+                             "--shard-size", "0.005", "--out", "out"], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + 60
+    while not list(tmp_path.glob(".out.tmp-*/train-*.tar")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "prepare finished before it could be terminated: give it more text"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143
+    assert [line for line in err.splitlines() if line.strip()] == ["Error: terminated; nothing was written (out is as it was)"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.txt"]
+
+
 def test_nproc_at_least_one(tiny_data, tmp_path):
     usage_error(invoke("train", "--nproc", "0", "--data", tiny_data, "--out", tmp_path / "run", *TINY_ARGS,
                        "--n-head", "3"), "Invalid value for '--nproc'")

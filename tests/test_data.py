@@ -328,3 +328,26 @@ def test_bad_shard_size_and_a_one_sample_corpus(tmp_path):
     assert "raise --val-fraction" not in str(e.value) and "--val-fraction 0" in str(e.value)
     prepare([str(tmp_path / "one.txt")], tmp_path / "d", block_size=32, val_fraction=0, quiet=True)  # as told
     _nothing_written(tmp_path, tmp_path / "e")
+
+
+def test_stale_temporary_folders_removed(tmp_path):
+    """A prepare killed outright (SIGKILL) leaves .NAME.tmp-PID; the next prepare of the same --out
+    removes it once PID has ended, and leaves a running process's alone."""
+    import subprocess
+    import sys
+
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        for pid in (ended.pid, running.pid):
+            (tmp_path / f".d.tmp-{pid}").mkdir()
+            (tmp_path / f".d.tmp-{pid}" / "train-000000.tar").write_bytes(b"half a shard")
+        (tmp_path / ".other.tmp-1").mkdir()  # another --out's
+        prepare([str(SONNETS)], tmp_path / "d", block_size=32, val_fraction=0.1, quiet=True)
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == \
+            [".d.tmp-" + str(running.pid), ".other.tmp-1"]
+    finally:
+        running.kill()
+        running.wait()
+
