@@ -24,6 +24,7 @@ import glob
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 MANIFEST = "manifest.json"
@@ -123,6 +124,12 @@ def check_creatable(out: str | Path, option: str = "--out", error: type[ValueErr
         raise error(f"cannot create {out}: {parent} is a file; choose another {option}")
     if not out.exists() and not os.access(parent, os.W_OK | os.X_OK):
         raise error(f"cannot create {out}: {parent} is not writable; choose another {option}")
+    if not out.exists():  # where access() cannot tell (root in /proc, some network mounts): try
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".mtgpt-check-", dir=parent))
+        except OSError as e:
+            raise error(f"cannot create {out}: {parent} does not take new folders ({e.strerror}); "
+                        f"choose another {option}") from None
 
 
 def temporary(out: Path) -> Path:

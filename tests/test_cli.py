@@ -331,6 +331,20 @@ def test_prepare_sigterm_leaves_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.txt"]
 
 
+@pytest.mark.parametrize("args, match", [
+    (["--shard-size", "inf"], "--shard-size must be a positive number of MB, got inf"),
+    (["--glob", "/tmp/*.txt"], "--glob '/tmp/*.txt': the pattern is matched inside each folder given, so it is relative"),
+    (["--out", "/proc/nope/x"], "cannot create /proc/nope/x: /proc"),
+])
+def test_prepare_bad_values_are_one_line(tmp_path, args, match):
+    """Values that gave a traceback: an infinite shard size, an absolute --glob, an --out that
+    cannot be made even by root."""
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "a.txt").write_text(SONNETS.read_text())
+    one_error_line(invoke("prepare", tmp_path / "texts", "--out", tmp_path / "d", "-q", *args), match)
+    assert not (tmp_path / "d").exists()
+
+
 def test_nproc_at_least_one(tiny_data, tmp_path):
     usage_error(invoke("train", "--nproc", "0", "--data", tiny_data, "--out", tmp_path / "run", *TINY_ARGS,
                        "--n-head", "3"), "Invalid value for '--nproc'")

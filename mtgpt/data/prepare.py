@@ -219,7 +219,7 @@ def prepare(
         raise DataError(f"--block-size must be positive, got {block_size}")
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"--val-fraction must be in [0, 1), got {val_fraction}")
-    if not shard_size_mb > 0:
+    if not 0 < shard_size_mb < float("inf"):
         raise DataError(f"--shard-size must be a positive number of MB, got {shard_size_mb}")
     if fmt not in ("text", "chat"):
         raise DataError(f"--format must be text or chat, got {fmt!r}")

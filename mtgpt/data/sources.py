@@ -13,7 +13,7 @@ import importlib.util
 import sys
 import threading
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Iterator
 
 from mtgpt import folders
@@ -100,6 +100,9 @@ def resolve_sources(inputs: list[str], glob: str = "**/*.txt", glob_fix: str = "
     if not inputs:
         raise DataError("no input given: name text files, folders, - for stdin, or a built-in "
                         f"corpus ({', '.join(CORPORA)})")
+    if not glob or PurePosixPath(glob).is_absolute():
+        raise DataError(f"--glob {glob!r}: the pattern is matched inside each folder given, so it is relative "
+                        "to that folder (e.g. '**/*.md'); give the folder as TEXT and a relative --glob")
     sources: list[Source] = []
     for item in inputs:
         path = Path(item)
