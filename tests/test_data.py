@@ -351,3 +351,48 @@ def test_stale_temporary_folders_removed(tmp_path):
         running.kill()
         running.wait()
 
+
+# ---------------------------------------------------------------- what a folder holds
+
+
+def _text(words: int = 300) -> str:
+    return " ".join(SONNETS.read_text().split()[:words]) + "\n"
+
+
+def test_hidden_files_in_folders_skipped(tmp_path):
+    """Files under a hidden name inside a folder (notebook checkpoints, .git, a virtualenv) are
+    skipped with a counted note; a hidden file named on the command line is read."""
+    notes = tmp_path / "notes"
+    for rel in ("a.txt", ".ipynb_checkpoints/a-checkpoint.txt", ".git/info.txt", ".venv/lib/x/readme.txt",
+                "sub/.draft.txt"):
+        (notes / rel).parent.mkdir(parents=True, exist_ok=True)
+        (notes / rel).write_text(_text())
+    warnings: list[str] = []
+    m = prepare([str(notes)], tmp_path / "d", block_size=8, val_fraction=0.0, quiet=True, warn=warnings.append)
+    assert [s["name"] for s in m["sources"]] == [str(notes / "a.txt")]
+    assert len(warnings) == 1 and warnings[0].startswith("note: skipped 4 file(s) found in folders under a hidden name")
+    m = prepare([str(notes / "sub" / ".draft.txt")], tmp_path / "e", block_size=8, val_fraction=0.0, quiet=True)
+    assert [s["name"] for s in m["sources"]] == [str(notes / "sub" / ".draft.txt")]
+
+
+def test_linked_folders_followed_and_each_file_read_once(tmp_path):
+    """A linked folder is read like any other (a link back up is no endless loop); a file reached
+    twice (named twice, in its folder and by name, through a link) is read once, with a note."""
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "b.txt").write_text(_text(200))
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text(_text(300))
+    (corpus / "linked").symlink_to(real)
+    (corpus / "loop").symlink_to(corpus)  # corpus/loop/loop/... is corpus again
+    (corpus / "alias.txt").symlink_to(corpus / "a.txt")
+    warnings: list[str] = []
+    m = prepare([str(corpus), str(corpus / "a.txt"), str(real / "b.txt"), str(real / "b.txt")], tmp_path / "d",
+                block_size=8, val_fraction=0.0, quiet=True, warn=warnings.append)
+    assert [s["name"] for s in m["sources"]] == [str(corpus / "a.txt"), str(corpus / "linked" / "b.txt")]
+    assert m["documents"] == 2
+    assert m["tokens"] == len(GPT2.encode(_text(300))) + len(GPT2.encode(_text(200))) + 2
+    assert len(warnings) == 1 and warnings[0].startswith("note: 4 file(s) given more than once"), warnings
+    assert f"{corpus / 'alias.txt'} (= {corpus / 'a.txt'})" in warnings[0]
+

@@ -238,7 +238,7 @@ def prepare(
         raise DataError(f"--workers must be >= 1, got {workers}")
     out = Path(out)
     folders.check_out(out, overwrite, error=DataError, writes=("data",))
-    sources = resolve_sources(inputs, glob or ("**/*.yml" if fmt == "chat" else "**/*.txt"))
+    sources = resolve_sources(inputs, glob or ("**/*.yml" if fmt == "chat" else "**/*.txt"), warn=warn)
     if fmt == "chat" and any(s.path is None for s in sources):
         raise DataError("--format chat reads files (YAML or JSONL), not stdin")
     if vocab_size is not None and any(s.path is None for s in sources):
