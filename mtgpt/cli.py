@@ -219,8 +219,8 @@ def prepare(inputs, out, block_size, val_fraction, seed, shard_size, glob, fmt, 
             overwrite, tok, vocab_size, workers, quiet, list_corpora):
     """Tokenize text into webdataset shards for training.
 
-    TEXT... are text files, folders (*.txt inside, recursively; hidden files in them are skipped
-    with a note), - for stdin, or the name of a built-in corpus (see --list).
+    TEXT... are text files, folders (*.txt inside, recursively; hidden, empty and binary files in
+    them are skipped with a note), - for stdin, or the name of a built-in corpus (see --list).
     Each file is a document; <|endoftext|> separates documents.
     Training, sampling and export use the data's tokenizer with no further option.
     """

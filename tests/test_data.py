@@ -396,3 +396,31 @@ def test_linked_folders_followed_and_each_file_read_once(tmp_path):
     assert len(warnings) == 1 and warnings[0].startswith("note: 4 file(s) given more than once"), warnings
     assert f"{corpus / 'alias.txt'} (= {corpus / 'a.txt'})" in warnings[0]
 
+
+def test_empty_or_binary_files_in_a_folder_skipped(tmp_path):
+    """In a folder of many files, one that is empty, only whitespace, binary or UTF-16 is skipped
+    with one counted warning naming the first few; named on the command line, each is refused."""
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    for i in range(5):
+        (folder / f"good{i}.txt").write_text(_text(100 + i))
+    bad = {"empty.txt": b"", "blank.txt": b"  \n\t\n", "model.txt": bytes(range(256)),
+           "wide.txt": "text".encode("utf-16")}
+    for name, data in bad.items():
+        (folder / name).write_bytes(data)
+    warnings: list[str] = []
+    m = prepare([str(folder)], tmp_path / "d", block_size=8, val_fraction=0.0, quiet=True, warn=warnings.append)
+    assert [Path(s["name"]).name for s in m["sources"]] == [f"good{i}.txt" for i in range(5)]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: skipped 4 file(s) found in folders that are "
+                                                         "empty or not text: "), warnings
+    assert f"{folder / 'blank.txt'} (whitespace)" in warnings[0] and "and 1 more" in warnings[0]
+    for name, why in {"empty.txt": "the file is empty", "blank.txt": "holds only whitespace",
+                      "model.txt": "binary", "wide.txt": "binary"}.items():
+        with pytest.raises(DataError, match=why):
+            prepare([str(folder / name)], tmp_path / "e", quiet=True)
+    for good in folder.glob("good*"):
+        good.unlink()
+    with pytest.raises(DataError, match=r"none of its 4 file\(s\) matching '\*\*/\*.txt' holds text; the first: .*blank"):
+        prepare([str(folder)], tmp_path / "e", quiet=True)
+    _nothing_written(tmp_path, tmp_path / "e")
+

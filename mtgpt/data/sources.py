@@ -3,11 +3,11 @@
 Everything that can be checked before any output exists is checked in `resolve_sources`: a missing
 path, an empty file, a folder without text, a binary file. A file named on the command line is read
 or refused with the reason; in a folder (walked through linked folders, each real folder once) files
-under a hidden name (`.git/`, `.ipynb_checkpoints/`) are skipped, counted in one note. A file
-reached twice (named twice, in a folder and by name, through a link) is read once. Chunks are cut
-only where GPT-2's pre-tokenizer splits the text anyway (see `_cut`): tokenizing chunk by chunk
-gives the same ids as tokenizing the whole file. A leading UTF-8 byte-order mark is not text and is
-dropped.
+under a hidden name (`.git/`, `.ipynb_checkpoints/`) are skipped, and so are files that are empty,
+only whitespace or not text, each kind counted in one note. A file reached twice (named twice, in a
+folder and by name, through a link) is read once. Chunks are cut only where GPT-2's pre-tokenizer
+splits the text anyway (see `_cut`): tokenizing chunk by chunk gives the same ids as tokenizing the
+whole file. A leading UTF-8 byte-order mark is not text and is dropped.
 """
 
 from __future__ import annotations
@@ -89,12 +89,17 @@ def _not_text(path: Path, shown: str) -> tuple[str, str] | None:
         size = path.stat().st_size
         with path.open("rb") as f:
             head = f.read(8192)
+            blank = not strip_bom(head).strip()
+            while blank and (more := f.read(1 << 20)):  # only whitespace so far: read on
+                blank = not more.strip()
     except PermissionError:
         raise DataError(f"{shown}: permission denied") from None
     if size == 0:
         return "empty", f"{shown}: the file is empty; give a file with text in it"
     if b"\0" in head:
         return "binary", f"{shown}: looks like a binary file (it contains NUL bytes); give plain UTF-8 text"
+    if blank:
+        return "whitespace", f"{shown}: the file holds only whitespace; give a file with text in it"
     return None
 
 
@@ -140,8 +145,8 @@ def resolve_sources(inputs: list[str], glob: str = "**/*.txt", glob_fix: str = "
     """Turn the command line's TEXT... into a list of checked files (in a stable order), each
     once. `glob_fix` says what to do about a folder with no file matching `glob` (a command without
     --glob says its own); a folder mtgpt wrote (data, run, model, tokenizer) is named as such.
-    What a folder holds that is skipped (hidden) or a file reached twice is told through `warn`,
-    one line for each kind."""
+    What a folder holds that is skipped (hidden, empty or not text) or a file reached twice is told
+    through `warn`, one line for each kind."""
     if not inputs:
         raise DataError("no input given: name text files, folders, - for stdin, or a built-in "
                         f"corpus ({', '.join(CORPORA)})")
@@ -151,6 +156,7 @@ def resolve_sources(inputs: list[str], glob: str = "**/*.txt", glob_fix: str = "
     sources: list[Source] = []
     seen: dict[tuple[int, int], str] = {}  # (device, inode) of each file read -> its name
     hidden: list[str] = []
+    not_text: list[str] = []
     twice: list[str] = []
 
     def add(path: Path, shown: str) -> None:  # a file checked to be text
@@ -181,8 +187,15 @@ def resolve_sources(inputs: list[str], glob: str = "**/*.txt", glob_fix: str = "
             if not files:
                 hint = f" ({len(skipped)} under a hidden name, skipped: name such a file to read it)" if skipped else ""
                 raise DataError(f"{item}: no files matching {glob!r} in this folder{hint}; {glob_fix}")
-            for p in files:
-                named(p, str(p))
+            problems = [(p, _not_text(p, str(p))) for p in files]
+            if all(problem for _, problem in problems):
+                raise DataError(f"{item}: none of its {len(files)} file(s) matching {glob!r} holds text; the first: "
+                                f"{problems[0][1][1]}")
+            for p, problem in problems:
+                if problem:
+                    not_text.append(f"{p} ({problem[0]})")
+                else:
+                    add(p, str(p))
         elif path.is_file():
             named(path, item)
         elif path.exists():
@@ -196,6 +209,9 @@ def resolve_sources(inputs: list[str], glob: str = "**/*.txt", glob_fix: str = "
     if hidden:
         warn(f"note: skipped {len(hidden)} file(s) found in folders under a hidden name (starting with '.'): "
              f"{_some(hidden)}; name such a file to read it")
+    if not_text:
+        warn(f"warning: skipped {len(not_text)} file(s) found in folders that are empty or not text: "
+             f"{_some(not_text)}; name such a file to see how to fix it")
     if twice:
         warn(f"note: {len(twice)} file(s) given more than once (by name, in a folder, through a link), "
              f"read once: {_some(twice)}")
