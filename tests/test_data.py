@@ -415,7 +415,7 @@ def test_empty_or_binary_files_in_a_folder_skipped(tmp_path):
                                                          "empty or not text: "), warnings
     assert f"{folder / 'blank.txt'} (whitespace)" in warnings[0] and "and 1 more" in warnings[0]
     for name, why in {"empty.txt": "the file is empty", "blank.txt": "holds only whitespace",
-                      "model.txt": "binary", "wide.txt": "binary"}.items():
+                      "model.txt": "binary", "wide.txt": "UTF-16"}.items():
         with pytest.raises(DataError, match=why):
             prepare([str(folder / name)], tmp_path / "e", quiet=True)
     for good in folder.glob("good*"):
@@ -423,4 +423,29 @@ def test_empty_or_binary_files_in_a_folder_skipped(tmp_path):
     with pytest.raises(DataError, match=r"none of its 4 file\(s\) matching '\*\*/\*.txt' holds text; the first: .*blank"):
         prepare([str(folder)], tmp_path / "e", quiet=True)
     _nothing_written(tmp_path, tmp_path / "e")
+
+
+def test_utf16_and_gzip_named_as_such(tmp_path):
+    """Not "binary (NUL bytes)": UTF-16/32 (by its byte-order mark) and gzip say what they are and
+    the command that converts them."""
+    import gzip
+    import shutil
+    import subprocess
+
+    text = SONNETS.read_text()
+    cases = {"le.txt": text.encode("utf-16"), "be.txt": b"\xfe\xff" + text.encode("utf-16-be"),
+             "u32.txt": text.encode("utf-32"), "s.txt.gz": gzip.compress(text.encode())}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+    for name, fix in {"le.txt": "iconv -f UTF-16 -t UTF-8 {p} > {p}.utf8.txt",
+                      "be.txt": "iconv -f UTF-16 -t UTF-8 {p} > {p}.utf8.txt",
+                      "u32.txt": "iconv -f UTF-32 -t UTF-8 {p} > {p}.utf8.txt",
+                      "s.txt.gz": "gzip-compressed; decompress it first (gunzip -k {p})"}.items():
+        with pytest.raises(DataError) as e:
+            prepare([str(tmp_path / name)], tmp_path / "d", quiet=True)
+        assert fix.format(p=tmp_path / name) in str(e.value) and "NUL" not in str(e.value)
+    if shutil.which("iconv"):  # the command given does what it says
+        subprocess.run(f"iconv -f UTF-16 -t UTF-8 {tmp_path / 'le.txt'} > {tmp_path / 'le.txt'}.utf8.txt", shell=True,
+                       check=True)
+        assert (tmp_path / "le.txt.utf8.txt").read_text() == text
 

@@ -1,13 +1,13 @@
 """Text inputs for `mtgpt prepare`: files, folders, stdin and built-in corpora, read as chunks.
 
 Everything that can be checked before any output exists is checked in `resolve_sources`: a missing
-path, an empty file, a folder without text, a binary file. A file named on the command line is read
-or refused with the reason; in a folder (walked through linked folders, each real folder once) files
-under a hidden name (`.git/`, `.ipynb_checkpoints/`) are skipped, and so are files that are empty,
-only whitespace or not text, each kind counted in one note. A file reached twice (named twice, in a
-folder and by name, through a link) is read once. Chunks are cut only where GPT-2's pre-tokenizer
-splits the text anyway (see `_cut`): tokenizing chunk by chunk gives the same ids as tokenizing the
-whole file. A leading UTF-8 byte-order mark is not text and is dropped.
+path, an empty file, a folder without text, a binary, UTF-16 or gzip file. A file named on the
+command line is read or refused with the reason; in a folder (walked through linked folders, each
+real folder once) files under a hidden name (`.git/`, `.ipynb_checkpoints/`) are skipped, and so are
+files that are empty, only whitespace or not text, each kind counted in one note. A file reached
+twice (named twice, in a folder and by name, through a link) is read once. Chunks are cut only where
+GPT-2's pre-tokenizer splits the text anyway (see `_cut`): tokenizing chunk by chunk gives the same
+ids as tokenizing the whole file. A leading UTF-8 byte-order mark is not text and is dropped.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import codecs
 import importlib.util
 import os
+import shlex
 import sys
 import threading
 from dataclasses import dataclass
@@ -94,8 +95,17 @@ def _not_text(path: Path, shown: str) -> tuple[str, str] | None:
                 blank = not more.strip()
     except PermissionError:
         raise DataError(f"{shown}: permission denied") from None
+    quoted = shlex.quote(shown)
     if size == 0:
         return "empty", f"{shown}: the file is empty; give a file with text in it"
+    for bom, encoding in ((b"\xff\xfe\0\0", "UTF-32"), (b"\0\0\xfe\xff", "UTF-32"),
+                          (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16")):
+        if head.startswith(bom):
+            return encoding, (f"{shown}: is {encoding} text (it starts with a {encoding} byte-order mark), not "
+                              f"UTF-8; convert it: iconv -f {encoding} -t UTF-8 {quoted} > {quoted}.utf8.txt")
+    if head.startswith(b"\x1f\x8b"):
+        how = f"gunzip -k {quoted}" if shown.endswith(".gz") else f"gunzip -c {quoted} > {quoted}.txt"
+        return "gzip", f"{shown}: is gzip-compressed; decompress it first ({how}) and give the text"
     if b"\0" in head:
         return "binary", f"{shown}: looks like a binary file (it contains NUL bytes); give plain UTF-8 text"
     if blank:
