@@ -203,13 +203,15 @@ def main() -> None:
 @click.option("--glob", help="Files to take from folders. [default: **/*.txt; **/*.yml with --format chat]")
 @click.option("--format", "fmt", type=click.Choice(["text", "chat"]), default="text", show_default=True,
               help="chat: dialogue files (chatterbot YAML, or JSONL of {\"messages\": [...]}) in the chat template.")
-@click.option("--train-on", type=click.Choice(["bot", "all"]), default="bot", show_default=True,
-              help="--format chat: train on the bot's replies only (system and user lines are context), or on all.")
+@click.option("--train-on", type=click.Choice(["bot", "all"]),
+              help="--format chat: train on the bot's replies only (system and user lines are context), or on all. "
+              "[default: bot]")
 @click.option("--doc-separator", metavar="LINE", help="A line equal to LINE ends a document (default: each file is one).")
 @click.option("--strict", is_flag=True, help="Refuse invalid UTF-8 instead of replacing it.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out (only once the new data is complete).")
-@click.option("--tokenizer", "tok", default="gpt2", show_default=True, metavar="gpt2|TOK_DIR",
-              help="GPT-2's vocabulary, or a folder made by `mtgpt tokenizer train` (or a data or run folder: its tokenizer).")
+@click.option("--tokenizer", "tok", metavar="gpt2|TOK_DIR",
+              help="GPT-2's vocabulary, or a folder made by `mtgpt tokenizer train` (or a data or run folder: its "
+              "tokenizer). [default: gpt2]")
 @click.option("--vocab-size", type=int, help="Train a tokenizer of this many tokens on the same TEXT first and use it "
               "(e.g. 8192; it is saved in --out).")
 @click.option("--workers", type=int, help="Tokenizer threads (at least 1). [default: cores + 1]")

@@ -345,6 +345,18 @@ def test_prepare_bad_values_are_one_line(tmp_path, args, match):
     assert not (tmp_path / "d").exists()
 
 
+@pytest.mark.parametrize("args, match", [
+    (["--train-on", "all"], "--train-on is for --format chat"),
+    (["--doc-separator", ""], "--doc-separator '': a line equal to LINE ends a document"),
+    (["--format", "chat", "--doc-separator", "==="], "--doc-separator is for plain text"),
+    (["-"], "- (stdin) is given more than once, and stdin can be read only once"),
+    (["--tokenizer", "gpt2", "--vocab-size", "300"], "give --tokenizer (one made before) or --vocab-size"),
+])
+def test_prepare_options_that_would_be_ignored_are_refused(tmp_path, args, match):
+    one_error_line(invoke("prepare", "-", "--out", tmp_path / "d", "-q", *args), match)
+    assert not (tmp_path / "d").exists()
+
+
 def test_nproc_at_least_one(tiny_data, tmp_path):
     usage_error(invoke("train", "--nproc", "0", "--data", tiny_data, "--out", tmp_path / "run", *TINY_ARGS,
                        "--n-head", "3"), "Invalid value for '--nproc'")

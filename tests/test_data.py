@@ -449,3 +449,16 @@ def test_utf16_and_gzip_named_as_such(tmp_path):
                        check=True)
         assert (tmp_path / "le.txt.utf8.txt").read_text() == text
 
+
+def test_chat_looking_jsonl_prepared_as_text_gets_a_note(tmp_path):
+    line = json.dumps({"messages": [{"role": "user", "content": "hi " * 20}, {"role": "assistant", "content": "yo"}]})
+    (tmp_path / "talk.jsonl").write_text((line + "\n") * 20)
+    warnings: list[str] = []
+    prepare([str(tmp_path / "talk.jsonl")], tmp_path / "d", block_size=8, val_fraction=0.0, quiet=True,
+            warn=warnings.append)
+    assert len(warnings) == 1 and "looks like chat data" in warnings[0] and "--format chat" in warnings[0]
+    (tmp_path / "plain.jsonl").write_text(json.dumps({"text": "not a conversation " * 20}) + "\n")
+    warnings.clear()
+    prepare([str(tmp_path / "plain.jsonl")], tmp_path / "e", block_size=8, val_fraction=0.0, quiet=True,
+            warn=warnings.append)
+    assert warnings == []

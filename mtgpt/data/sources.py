@@ -160,6 +160,8 @@ def resolve_sources(inputs: list[str], glob: str = "**/*.txt", glob_fix: str = "
     if not inputs:
         raise DataError("no input given: name text files, folders, - for stdin, or a built-in "
                         f"corpus ({', '.join(CORPORA)})")
+    if inputs.count("-") > 1:
+        raise DataError("- (stdin) is given more than once, and stdin can be read only once; give - once")
     if not glob or PurePosixPath(glob).is_absolute():
         raise DataError(f"--glob {glob!r}: the pattern is matched inside each folder given, so it is relative "
                         "to that folder (e.g. '**/*.md'); give the folder as TEXT and a relative --glob")
