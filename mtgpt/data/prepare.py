@@ -4,8 +4,8 @@ Pipeline: sources are read in chunks cut at line breaks (`sources.read_chunks`);
 and tokenize the chunks (tiktoken releases the GIL, so threads scale across cores without
 copying text between processes); the main thread, in input order, cuts the token stream into
 samples of block_size + 1 tokens, sends each to the train or val split, and writes records of
-`SAMPLES_PER_RECORD` samples with webdataset's ShardWriter. Output goes to a temporary folder
-beside `--out` that is renamed into place only when complete.
+`SAMPLES_PER_RECORD` samples (a split's last record: the rest) with webdataset's ShardWriter.
+Output goes to a temporary folder beside `--out` that is renamed into place only when complete.
 
 The tokenizer is GPT-2's, one given (`--tokenizer TOK_DIR`), or one trained here on the same
 inputs first (`--vocab-size N`, see `train_tokenizer`); an own one is saved in the data folder and
