@@ -15,8 +15,12 @@
 from __future__ import annotations
 
 import dataclasses
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import click
 
@@ -147,6 +151,36 @@ def _fail(e: Exception) -> None:
     raise click.ClickException(str(e))
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, timeout, a cancelled Slurm job), raised like Ctrl-C so the same cleanup runs."""
+
+
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """For a command that writes a folder whole: SIGTERM raises Terminated, as Ctrl-C raises
+    KeyboardInterrupt, so its temporary folder is removed; the previous handler is put back after."""
+    def terminated(signum, frame):
+        raise Terminated()
+
+    if threading.current_thread() is not threading.main_thread():  # (only the main thread takes signals)
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupted(e: KeyboardInterrupt, out) -> None:
+    """One line for a command stopped by Ctrl-C or SIGTERM (128 + 15 = 143 for SIGTERM, as a shell shows it)."""
+    error = click.ClickException(f"{'terminated' if isinstance(e, Terminated) else 'interrupted'}; nothing was "
+                                 f"written ({out} is as it was)")
+    if isinstance(e, Terminated):
+        error.exit_code = 128 + signal.SIGTERM
+    raise error from None
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="mtgpt")
 @click.option("--local_rank", "--local-rank", type=int, hidden=True, expose_value=False,
@@ -171,13 +205,15 @@ def main() -> None:
 @click.option("--glob", help="Files to take from folders. [default: **/*.txt; **/*.yml with --format chat]")
 @click.option("--format", "fmt", type=click.Choice(["text", "chat"]), default="text", show_default=True,
               help="chat: dialogue files (chatterbot YAML, or JSONL of {\"messages\": [...]}) in the chat template.")
-@click.option("--train-on", type=click.Choice(["bot", "all"]), default="bot", show_default=True,
-              help="--format chat: train on the bot's replies only (system and user lines are context), or on all.")
+@click.option("--train-on", type=click.Choice(["bot", "all"]),
+              help="--format chat: train on the bot's replies only (system and user lines are context), or on all. "
+              "[default: bot]")
 @click.option("--doc-separator", metavar="LINE", help="A line equal to LINE ends a document (default: each file is one).")
 @click.option("--strict", is_flag=True, help="Refuse invalid UTF-8 instead of replacing it.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out (only once the new data is complete).")
-@click.option("--tokenizer", "tok", default="gpt2", show_default=True, metavar="gpt2|TOK_DIR",
-              help="GPT-2's vocabulary, or a folder made by `mtgpt tokenizer train` (or a data or run folder: its tokenizer).")
+@click.option("--tokenizer", "tok", metavar="gpt2|TOK_DIR",
+              help="GPT-2's vocabulary, or a folder made by `mtgpt tokenizer train` (or a data or run folder: its "
+              "tokenizer). [default: gpt2]")
 @click.option("--vocab-size", type=int, help="Train a tokenizer of this many tokens on the same TEXT first and use it "
               "(e.g. 8192; it is saved in --out).")
 @click.option("--workers", type=int, help="Tokenizer threads (at least 1). [default: cores + 1]")
@@ -187,8 +223,9 @@ def prepare(inputs, out, block_size, val_fraction, seed, shard_size, glob, fmt, 
             overwrite, tok, vocab_size, workers, quiet, list_corpora):
     """Tokenize text into webdataset shards for training.
 
-    TEXT... are text files, folders (*.txt inside, recursively), - for stdin, or the name of a
-    built-in corpus (see --list). Each file is a document; <|endoftext|> separates documents.
+    TEXT... are text files, folders (*.txt inside, recursively; hidden, empty and binary files in
+    them are skipped with a note), - for stdin, or the name of a built-in corpus (see --list).
+    Each file is a document; <|endoftext|> separates documents.
     Training, sampling and export use the data's tokenizer with no further option.
     """
     from mtgpt.data.prepare import prepare as run_prepare
@@ -201,15 +238,16 @@ def prepare(inputs, out, block_size, val_fraction, seed, shard_size, glob, fmt, 
     if not out:
         raise click.UsageError("--out is required")
     try:
-        m = run_prepare(list(inputs), out, block_size=block_size, val_fraction=val_fraction, seed=seed,
-                        shard_size_mb=shard_size, overwrite=overwrite, strict=strict,
-                        doc_separator=doc_separator, glob=glob, workers=workers, quiet=quiet,
-                        warn=lambda msg: click.echo(msg, err=True), fmt=fmt, tok=tok, vocab_size=vocab_size,
-                        train_on=train_on)
+        with _sigterm_interrupts():
+            m = run_prepare(list(inputs), out, block_size=block_size, val_fraction=val_fraction, seed=seed,
+                            shard_size_mb=shard_size, overwrite=overwrite, strict=strict,
+                            doc_separator=doc_separator, glob=glob, workers=workers, quiet=quiet,
+                            warn=lambda msg: click.echo(msg, err=True), fmt=fmt, tok=tok, vocab_size=vocab_size,
+                            train_on=train_on)
     except DataError as e:
         _fail(e)
-    except KeyboardInterrupt:  # Ctrl-C: prepare removed its temporary folder
-        raise click.ClickException(f"interrupted; nothing was written ({out} is as it was)") from None
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: prepare removed its temporary folder
+        _interrupted(e, out)
     tr, va = m["splits"]["train"], m["splits"]["val"]
     click.echo(f"{out}: {m['documents']} document(s), {m['tokens']:,} tokens -> {tr['samples']:,} train + "
                f"{va['samples']:,} val sequences of {block_size + 1} tokens in {len(tr['shards'])} + "
@@ -244,11 +282,13 @@ def tokenizer_train(inputs, vocab_size, out, glob, strict, overwrite, quiet):
     from mtgpt.data.sources import DataError
 
     try:
-        tok = make_tokenizer(list(inputs), vocab_size, out, overwrite=overwrite, glob=glob, strict=strict, quiet=quiet)
+        with _sigterm_interrupts():
+            tok = make_tokenizer(list(inputs), vocab_size, out, overwrite=overwrite, glob=glob, strict=strict,
+                                 quiet=quiet)
     except DataError as e:
         _fail(e)
-    except KeyboardInterrupt:  # Ctrl-C: make_tokenizer removed its temporary folder
-        raise click.ClickException(f"interrupted; nothing was written ({out} is as it was)") from None
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: make_tokenizer removed its temporary folder
+        _interrupted(e, out)
     click.echo(f"{out}: {tok.name}, {tok.vocab_size:,} tokens; {tok.info['bytes_per_token']:.2f} bytes/token on its "
                f"text (GPT-2's: {tok.info['gpt2_bytes_per_token']:.2f}); use it with `mtgpt prepare TEXT... "
                f"--tokenizer {out} --out DATA_DIR`")

@@ -14,14 +14,17 @@ something else). The first kind whose files it holds:
     file        any file; folder: any other folder; missing: nothing there
 
 A folder is written whole: into a temporary folder beside it, renamed into place when complete
-(`replace_folder`), so a crash, Ctrl-C or a full disk never leaves half of one.
+(`replace_folder`), so a crash, Ctrl-C or a full disk never leaves half of one (and the temporary
+folder of a process killed outright is removed by the next one that writes the same folder).
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 MANIFEST = "manifest.json"
@@ -128,13 +131,34 @@ def check_creatable(out: str | Path, option: str = "--out", error: type[ValueErr
         raise error(f"cannot create {out}: {parent} is a file; choose another {option}")
     if not out.exists() and not os.access(parent, os.W_OK | os.X_OK):
         raise error(f"cannot create {out}: {parent} is not writable; choose another {option}")
+    if not out.exists():  # where access() cannot tell (root in /proc, some network mounts): try
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".mtgpt-check-", dir=parent))
+        except OSError as e:
+            raise error(f"cannot create {out}: {parent} does not take new folders ({e.strerror}); "
+                        f"choose another {option}") from None
 
 
 def temporary(out: Path) -> Path:
-    """The temporary folder beside `out` that is written first (a fresh, empty one)."""
+    """The temporary folder beside `out` that is written first (a fresh, empty one). Those that
+    processes no longer running left for the same `out` (SIGKILL, a power cut) are removed."""
+    for stale in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"):
+        pid = stale.name.rpartition(".tmp-")[2]
+        if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)) and stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     return tmp
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's: running
+        pass
+    return True
 
 
 def replace_folder(tmp: Path, out: Path) -> None:

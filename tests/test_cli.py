@@ -307,6 +307,56 @@ def test_interrupted_leaves_nothing_and_no_traceback(command, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.txt"]
 
 
+def test_prepare_sigterm_leaves_nothing(tmp_path):
+    """SIGTERM (timeout, kill, a cancelled Slurm job) while the shards are written is cleaned up as
+    Ctrl-C is: one line, exit 143, no temporary folder of shards left beside --out."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "big.txt").write_text(SONNETS.read_text() * 1600)  # 20 MB: seconds of tokenizing
+    proc = subprocess.Popen([sys.executable, "-m", "mtgpt", "prepare", "big.txt", "--block-size", "32",
+                             "--shard-size", "0.005", "--out", "out"], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + 60
+    while not list(tmp_path.glob(".out.tmp-*/train-*.tar")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "prepare finished before it could be terminated: give it more text"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143
+    assert [line for line in err.splitlines() if line.strip()] == ["Error: terminated; nothing was written (out is as it was)"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.txt"]
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--shard-size", "inf"], "--shard-size must be a positive number of MB, got inf"),
+    (["--glob", "/tmp/*.txt"], "--glob '/tmp/*.txt': the pattern is matched inside each folder given, so it is relative"),
+    (["--out", "/proc/nope/x"], "cannot create /proc/nope/x: /proc"),
+])
+def test_prepare_bad_values_are_one_line(tmp_path, args, match):
+    """Values that gave a traceback: an infinite shard size, an absolute --glob, an --out that
+    cannot be made even by root."""
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "a.txt").write_text(SONNETS.read_text())
+    one_error_line(invoke("prepare", tmp_path / "texts", "--out", tmp_path / "d", "-q", *args), match)
+    assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--train-on", "all"], "--train-on is for --format chat"),
+    (["--doc-separator", ""], "--doc-separator '': a line equal to LINE ends a document"),
+    (["--format", "chat", "--doc-separator", "==="], "--doc-separator is for plain text"),
+    (["-"], "- (stdin) is given more than once, and stdin can be read only once"),
+    (["--tokenizer", "gpt2", "--vocab-size", "300"], "give --tokenizer (one made before) or --vocab-size"),
+])
+def test_prepare_options_that_would_be_ignored_are_refused(tmp_path, args, match):
+    one_error_line(invoke("prepare", "-", "--out", tmp_path / "d", "-q", *args), match)
+    assert not (tmp_path / "d").exists()
+
+
 def test_nproc_at_least_one(tiny_data, tmp_path):
     usage_error(invoke("train", "--nproc", "0", "--data", tiny_data, "--out", tmp_path / "run", *TINY_ARGS,
                        "--n-head", "3"), "Invalid value for '--nproc'")

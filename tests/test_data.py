@@ -328,3 +328,137 @@ def test_bad_shard_size_and_a_one_sample_corpus(tmp_path):
     assert "raise --val-fraction" not in str(e.value) and "--val-fraction 0" in str(e.value)
     prepare([str(tmp_path / "one.txt")], tmp_path / "d", block_size=32, val_fraction=0, quiet=True)  # as told
     _nothing_written(tmp_path, tmp_path / "e")
+
+
+def test_stale_temporary_folders_removed(tmp_path):
+    """A prepare killed outright (SIGKILL) leaves .NAME.tmp-PID; the next prepare of the same --out
+    removes it once PID has ended, and leaves a running process's alone."""
+    import subprocess
+    import sys
+
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        for pid in (ended.pid, running.pid):
+            (tmp_path / f".d.tmp-{pid}").mkdir()
+            (tmp_path / f".d.tmp-{pid}" / "train-000000.tar").write_bytes(b"half a shard")
+        (tmp_path / ".other.tmp-1").mkdir()  # another --out's
+        prepare([str(SONNETS)], tmp_path / "d", block_size=32, val_fraction=0.1, quiet=True)
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == \
+            [".d.tmp-" + str(running.pid), ".other.tmp-1"]
+    finally:
+        running.kill()
+        running.wait()
+
+
+# ---------------------------------------------------------------- what a folder holds
+
+
+def _text(words: int = 300) -> str:
+    return " ".join(SONNETS.read_text().split()[:words]) + "\n"
+
+
+def test_hidden_files_in_folders_skipped(tmp_path):
+    """Files under a hidden name inside a folder (notebook checkpoints, .git, a virtualenv) are
+    skipped with a counted note; a hidden file named on the command line is read."""
+    notes = tmp_path / "notes"
+    for rel in ("a.txt", ".ipynb_checkpoints/a-checkpoint.txt", ".git/info.txt", ".venv/lib/x/readme.txt",
+                "sub/.draft.txt"):
+        (notes / rel).parent.mkdir(parents=True, exist_ok=True)
+        (notes / rel).write_text(_text())
+    warnings: list[str] = []
+    m = prepare([str(notes)], tmp_path / "d", block_size=8, val_fraction=0.0, quiet=True, warn=warnings.append)
+    assert [s["name"] for s in m["sources"]] == [str(notes / "a.txt")]
+    assert len(warnings) == 1 and warnings[0].startswith("note: skipped 4 file(s) found in folders under a hidden name")
+    m = prepare([str(notes / "sub" / ".draft.txt")], tmp_path / "e", block_size=8, val_fraction=0.0, quiet=True)
+    assert [s["name"] for s in m["sources"]] == [str(notes / "sub" / ".draft.txt")]
+
+
+def test_linked_folders_followed_and_each_file_read_once(tmp_path):
+    """A linked folder is read like any other (a link back up is no endless loop); a file reached
+    twice (named twice, in its folder and by name, through a link) is read once, with a note."""
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "b.txt").write_text(_text(200))
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text(_text(300))
+    (corpus / "linked").symlink_to(real)
+    (corpus / "loop").symlink_to(corpus)  # corpus/loop/loop/... is corpus again
+    (corpus / "alias.txt").symlink_to(corpus / "a.txt")
+    warnings: list[str] = []
+    m = prepare([str(corpus), str(corpus / "a.txt"), str(real / "b.txt"), str(real / "b.txt")], tmp_path / "d",
+                block_size=8, val_fraction=0.0, quiet=True, warn=warnings.append)
+    assert [s["name"] for s in m["sources"]] == [str(corpus / "a.txt"), str(corpus / "linked" / "b.txt")]
+    assert m["documents"] == 2
+    assert m["tokens"] == len(GPT2.encode(_text(300))) + len(GPT2.encode(_text(200))) + 2
+    assert len(warnings) == 1 and warnings[0].startswith("note: 4 file(s) given more than once"), warnings
+    assert f"{corpus / 'alias.txt'} (= {corpus / 'a.txt'})" in warnings[0]
+
+
+def test_empty_or_binary_files_in_a_folder_skipped(tmp_path):
+    """In a folder of many files, one that is empty, only whitespace, binary or UTF-16 is skipped
+    with one counted warning naming the first few; named on the command line, each is refused."""
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    for i in range(5):
+        (folder / f"good{i}.txt").write_text(_text(100 + i))
+    bad = {"empty.txt": b"", "blank.txt": b"  \n\t\n", "model.txt": bytes(range(256)),
+           "wide.txt": "text".encode("utf-16")}
+    for name, data in bad.items():
+        (folder / name).write_bytes(data)
+    warnings: list[str] = []
+    m = prepare([str(folder)], tmp_path / "d", block_size=8, val_fraction=0.0, quiet=True, warn=warnings.append)
+    assert [Path(s["name"]).name for s in m["sources"]] == [f"good{i}.txt" for i in range(5)]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: skipped 4 file(s) found in folders that are "
+                                                         "empty or not text: "), warnings
+    assert f"{folder / 'blank.txt'} (whitespace)" in warnings[0] and "and 1 more" in warnings[0]
+    for name, why in {"empty.txt": "the file is empty", "blank.txt": "holds only whitespace",
+                      "model.txt": "binary", "wide.txt": "UTF-16"}.items():
+        with pytest.raises(DataError, match=why):
+            prepare([str(folder / name)], tmp_path / "e", quiet=True)
+    for good in folder.glob("good*"):
+        good.unlink()
+    with pytest.raises(DataError, match=r"none of its 4 file\(s\) matching '\*\*/\*.txt' holds text; the first: .*blank"):
+        prepare([str(folder)], tmp_path / "e", quiet=True)
+    _nothing_written(tmp_path, tmp_path / "e")
+
+
+def test_utf16_and_gzip_named_as_such(tmp_path):
+    """Not "binary (NUL bytes)": UTF-16/32 (by its byte-order mark) and gzip say what they are and
+    the command that converts them."""
+    import gzip
+    import shutil
+    import subprocess
+
+    text = SONNETS.read_text()
+    cases = {"le.txt": text.encode("utf-16"), "be.txt": b"\xfe\xff" + text.encode("utf-16-be"),
+             "u32.txt": text.encode("utf-32"), "s.txt.gz": gzip.compress(text.encode())}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+    for name, fix in {"le.txt": "iconv -f UTF-16 -t UTF-8 {p} > {p}.utf8.txt",
+                      "be.txt": "iconv -f UTF-16 -t UTF-8 {p} > {p}.utf8.txt",
+                      "u32.txt": "iconv -f UTF-32 -t UTF-8 {p} > {p}.utf8.txt",
+                      "s.txt.gz": "gzip-compressed; decompress it first (gunzip -k {p})"}.items():
+        with pytest.raises(DataError) as e:
+            prepare([str(tmp_path / name)], tmp_path / "d", quiet=True)
+        assert fix.format(p=tmp_path / name) in str(e.value) and "NUL" not in str(e.value)
+    if shutil.which("iconv"):  # the command given does what it says
+        subprocess.run(f"iconv -f UTF-16 -t UTF-8 {tmp_path / 'le.txt'} > {tmp_path / 'le.txt'}.utf8.txt", shell=True,
+                       check=True)
+        assert (tmp_path / "le.txt.utf8.txt").read_text() == text
+
+
+def test_chat_looking_jsonl_prepared_as_text_gets_a_note(tmp_path):
+    line = json.dumps({"messages": [{"role": "user", "content": "hi " * 20}, {"role": "assistant", "content": "yo"}]})
+    (tmp_path / "talk.jsonl").write_text((line + "\n") * 20)
+    warnings: list[str] = []
+    prepare([str(tmp_path / "talk.jsonl")], tmp_path / "d", block_size=8, val_fraction=0.0, quiet=True,
+            warn=warnings.append)
+    assert len(warnings) == 1 and "looks like chat data" in warnings[0] and "--format chat" in warnings[0]
+    (tmp_path / "plain.jsonl").write_text(json.dumps({"text": "not a conversation " * 20}) + "\n")
+    warnings.clear()
+    prepare([str(tmp_path / "plain.jsonl")], tmp_path / "e", block_size=8, val_fraction=0.0, quiet=True,
+            warn=warnings.append)
+    assert warnings == []

@@ -1,11 +1,12 @@
 """`manifest.json`: what a prepared data folder holds, and the checks made before using it.
 
 A data folder is `manifest.json` plus tar shards `train-NNNNNN.tar` / `val-NNNNNN.tar`. Each tar
-member is one record: `samples_per_record` samples of `block_size + 1` uint16 token ids, stored
-raw (little-endian). A sample is the unit of training: inputs are its first block_size tokens,
-targets the last block_size. Samples never depend on batch size or rank count. A folder made with
-an own tokenizer also holds it (tokenizer.json, tokenizer_info.json), listed with its size and
-sha256 under the manifest's "tokenizer" like the shards; without it the tokenizer is GPT-2's.
+member is one record: `samples_per_record` samples (the last record of each split: the rest, 1 to
+`samples_per_record`) of `block_size + 1` uint16 token ids, stored raw (little-endian). A sample is
+the unit of training: inputs are its first block_size tokens, targets the last block_size. Samples
+never depend on batch size or rank count. A folder made with an own tokenizer also holds it
+(tokenizer.json, tokenizer_info.json), listed with its size and sha256 under the manifest's
+"tokenizer" like the shards; without it the tokenizer is GPT-2's.
 """
 
 from __future__ import annotations

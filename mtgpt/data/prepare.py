@@ -4,8 +4,8 @@ Pipeline: sources are read in chunks cut at line breaks (`sources.read_chunks`);
 and tokenize the chunks (tiktoken releases the GIL, so threads scale across cores without
 copying text between processes); the main thread, in input order, cuts the token stream into
 samples of block_size + 1 tokens, sends each to the train or val split, and writes records of
-`SAMPLES_PER_RECORD` samples with webdataset's ShardWriter. Output goes to a temporary folder
-beside `--out` that is renamed into place only when complete.
+`SAMPLES_PER_RECORD` samples (a split's last record: the rest) with webdataset's ShardWriter.
+Output goes to a temporary folder beside `--out` that is renamed into place only when complete.
 
 The tokenizer is GPT-2's, one given (`--tokenizer TOK_DIR`), or one trained here on the same
 inputs first (`--vocab-size N`, see `train_tokenizer`); an own one is saved in the data folder and
@@ -203,30 +203,42 @@ def prepare(
     quiet: bool = False,
     warn: Callable[[str], None] = print,
     fmt: str = "text",
-    tok: str | Path | Tokenizer = tokenizer.GPT2,
+    tok: str | Path | Tokenizer | None = None,
     vocab_size: int | None = None,
-    train_on: str = "bot",
+    train_on: str | None = None,
 ) -> dict[str, Any]:
     """Tokenize `inputs` into shards under `out`; returns the manifest (also in out/manifest.json).
 
     fmt "chat": the inputs are dialogue files (chatterbot YAML, or JSONL of {"messages": [...]});
     each conversation, in the chat template (see mtgpt.chat), starts its own sample, stored with
-    a loss mask: train_on "bot" trains on the bot's replies only, "all" on every token
-    (`_write_chat_shards`).
-    tok: "gpt2", a tokenizer folder, or a Tokenizer; vocab_size: train one of this size on the
-    inputs instead (the text is read twice, so not from stdin)."""
+    a loss mask: train_on "bot" (None: the default) trains on the bot's replies only, "all" on
+    every token (`_write_chat_shards`); plain text has no train_on.
+    tok: "gpt2" (None: the default), a tokenizer folder, or a Tokenizer; vocab_size: train one of
+    this size on the inputs instead (the text is read twice, so not from stdin)."""
     if block_size < 1:
         raise DataError(f"--block-size must be positive, got {block_size}")
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"--val-fraction must be in [0, 1), got {val_fraction}")
-    if not shard_size_mb > 0:
+    if not 0 < shard_size_mb < float("inf"):
         raise DataError(f"--shard-size must be a positive number of MB, got {shard_size_mb}")
     if fmt not in ("text", "chat"):
         raise DataError(f"--format must be text or chat, got {fmt!r}")
+    if train_on is not None and fmt != "chat":
+        raise DataError("--train-on is for --format chat (which tokens of a conversation to train on); plain text "
+                        "trains on every token: drop --train-on, or add --format chat")
+    train_on = train_on or "bot"
     if train_on not in ("bot", "all"):
         raise DataError(f"--train-on must be bot or all, got {train_on!r}")
-    if vocab_size is not None and not (isinstance(tok, str) and tok == tokenizer.GPT2):
+    if doc_separator is not None and fmt == "chat":
+        raise DataError("--doc-separator is for plain text: with --format chat each conversation is a document; "
+                        "drop --doc-separator")
+    if doc_separator is not None and not doc_separator.strip():
+        raise DataError(f"--doc-separator {doc_separator!r}: a line equal to LINE ends a document, and an empty "
+                        "LINE would end one at every blank line; give a marker line (e.g. --doc-separator "
+                        "'=====') or leave it out (each file is one document)")
+    if vocab_size is not None and tok is not None:
         raise DataError("give --tokenizer (one made before) or --vocab-size (train one now), not both")
+    tok = tok if tok is not None else tokenizer.GPT2
     try:
         if vocab_size is not None:
             tokenizer.check_vocab_size(vocab_size)
@@ -238,7 +250,10 @@ def prepare(
         raise DataError(f"--workers must be >= 1, got {workers}")
     out = Path(out)
     folders.check_out(out, overwrite, error=DataError, writes=("data",))
-    sources = resolve_sources(inputs, glob or ("**/*.yml" if fmt == "chat" else "**/*.txt"))
+    sources = resolve_sources(inputs, glob or ("**/*.yml" if fmt == "chat" else "**/*.txt"), warn=warn)
+    if fmt == "text" and _looks_like_chat(sources):
+        warn(f"note: {sources[0].name} looks like chat data (JSON lines of {{\"messages\": [...]}}), read here as "
+             "plain text; to train on it as dialogue, prepare it with --format chat (which reads .jsonl files)")
     if fmt == "chat" and any(s.path is None for s in sources):
         raise DataError("--format chat reads files (YAML or JSONL), not stdin")
     if vocab_size is not None and any(s.path is None for s in sources):
@@ -283,6 +298,22 @@ def prepare(
                             "full, free some space or choose another --out)") from e
         raise
     return manifest
+
+
+def _looks_like_chat(sources: list[Source]) -> bool:
+    """Are all `sources` .jsonl or .json files whose first line is a {"messages": ...} object?"""
+    for src in sources:
+        if src.path is None or src.path.suffix not in (".jsonl", ".json"):
+            return False
+        with src.path.open("rb") as f:
+            line = f.readline(1 << 20)
+        try:
+            first = json.loads(line.decode("utf-8-sig"))
+        except ValueError:  # not UTF-8, or not JSON
+            return False
+        if not (isinstance(first, dict) and "messages" in first):
+            return False
+    return bool(sources)
 
 
 def _write_shards(sources, tmp, block_size, val_fraction, seed, shard_size_mb, strict, separator,

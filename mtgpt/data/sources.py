@@ -1,20 +1,27 @@
 """Text inputs for `mtgpt prepare`: files, folders, stdin and built-in corpora, read as chunks.
 
-Everything that can be checked before any output exists is checked in `resolve_sources`: a
-missing path, an empty file, a folder without text, a binary file. Chunks are cut only where
-GPT-2's pre-tokenizer splits the text anyway (see `_cut`): tokenizing chunk by chunk gives the
-same ids as tokenizing the whole file. A leading UTF-8 byte-order mark is not text and is dropped.
+Everything that can be checked before any output exists is checked in `resolve_sources`: a missing
+path, an empty file, a folder without text, a binary, UTF-16 or gzip file. A file named on the
+command line is read or refused with the reason; in a folder (walked through linked folders, each
+real folder once) files under a hidden name (`.git/`, `.ipynb_checkpoints/`) are skipped, and so are
+files that are empty, only whitespace or not text, each kind counted in one note. A file reached
+twice (named twice, in a folder and by name, through a link) is read once. Chunks are cut only where
+GPT-2's pre-tokenizer splits the text anyway (see `_cut`): tokenizing chunk by chunk gives the same
+ids as tokenizing the whole file. A leading UTF-8 byte-order mark is not text and is dropped.
 """
 
 from __future__ import annotations
 
 import codecs
 import importlib.util
+import os
+import shlex
 import sys
 import threading
 from dataclasses import dataclass
-from pathlib import Path
-from typing import BinaryIO, Iterator
+from fnmatch import fnmatchcase
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO, Callable, Iterator
 
 from mtgpt import folders
 
@@ -77,51 +84,149 @@ class Source:
     size: int | None  # bytes; None for stdin
 
 
-def _check_file(path: Path, shown: str) -> Source:
+def _not_text(path: Path, shown: str) -> tuple[str, str] | None:
+    """Why `path` cannot be read as text: (in a word, the one-line error with the fix), or None."""
     try:
         size = path.stat().st_size
         with path.open("rb") as f:
             head = f.read(8192)
+            blank = not strip_bom(head).strip()
+            while blank and (more := f.read(1 << 20)):  # only whitespace so far: read on
+                blank = not more.strip()
     except PermissionError:
         raise DataError(f"{shown}: permission denied") from None
+    quoted = shlex.quote(shown)
     if size == 0:
-        raise DataError(f"{shown}: the file is empty; give a file with text in it")
+        return "empty", f"{shown}: the file is empty; give a file with text in it"
+    for bom, encoding in ((b"\xff\xfe\0\0", "UTF-32"), (b"\0\0\xfe\xff", "UTF-32"),
+                          (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16")):
+        if head.startswith(bom):
+            return encoding, (f"{shown}: is {encoding} text (it starts with a {encoding} byte-order mark), not "
+                              f"UTF-8; convert it: iconv -f {encoding} -t UTF-8 {quoted} > {quoted}.utf8.txt")
+    if head.startswith(b"\x1f\x8b"):
+        how = f"gunzip -k {quoted}" if shown.endswith(".gz") else f"gunzip -c {quoted} > {quoted}.txt"
+        return "gzip", f"{shown}: is gzip-compressed; decompress it first ({how}) and give the text"
     if b"\0" in head:
-        raise DataError(f"{shown}: looks like a binary file (it contains NUL bytes); "
-                        "give plain UTF-8 text")
-    return Source(shown, path, size)
+        return "binary", f"{shown}: looks like a binary file (it contains NUL bytes); give plain UTF-8 text"
+    if blank:
+        return "whitespace", f"{shown}: the file holds only whitespace; give a file with text in it"
+    return None
 
 
-def resolve_sources(inputs: list[str], glob: str = "**/*.txt", glob_fix: str = "use --glob to choose others"
-                    ) -> list[Source]:
-    """Turn the command line's TEXT... into a list of checked files (in a stable order).
-    `glob_fix` says what to do about a folder with no file matching `glob` (a command without
-    --glob says its own); a folder mtgpt wrote (data, run, model, tokenizer) is named as such."""
+def _matches(parts: tuple[str, ...], pattern: tuple[str, ...]) -> bool:
+    """Does a relative path match a glob (a "**" part: any number of folders, as in pathlib)?"""
+    if not pattern:
+        return not parts
+    if pattern[0] == "**":
+        return any(_matches(parts[i:], pattern[1:]) for i in range(len(parts) + 1))
+    return bool(parts) and fnmatchcase(parts[0], pattern[0]) and _matches(parts[1:], pattern[1:])
+
+
+def _walk(folder: Path, glob: str) -> tuple[list[Path], list[Path]]:
+    """The files under `folder` whose path inside it matches `glob`, through linked folders (each
+    real folder once, so a link back to a folder above ends there), sorted: (files, hidden files:
+    those with a part of their path inside `folder` that starts with ".")."""
+    pattern = PurePosixPath(glob).parts
+    found: list[Path] = []
+    walked: set[tuple[int, int]] = set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        st = os.stat(root)
+        if (st.st_dev, st.st_ino) in walked:
+            dirs[:] = []
+            continue
+        walked.add((st.st_dev, st.st_ino))
+        inside = Path(root).relative_to(folder).parts
+        found += [Path(root, name) for name in files
+                  if _matches((*inside, name), pattern) and Path(root, name).is_file()]
+    hidden = {p for p in found if any(part.startswith(".") for part in p.relative_to(folder).parts)}
+    return sorted(p for p in found if p not in hidden), sorted(hidden)
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def _some(names: list[str], n: int = 3) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def resolve_sources(inputs: list[str], glob: str = "**/*.txt", glob_fix: str = "use --glob to choose others",
+                    warn: Callable[[str], None] = _stderr) -> list[Source]:
+    """Turn the command line's TEXT... into a list of checked files (in a stable order), each
+    once. `glob_fix` says what to do about a folder with no file matching `glob` (a command without
+    --glob says its own); a folder mtgpt wrote (data, run, model, tokenizer) is named as such.
+    What a folder holds that is skipped (hidden, empty or not text) or a file reached twice is told
+    through `warn`, one line for each kind."""
     if not inputs:
         raise DataError("no input given: name text files, folders, - for stdin, or a built-in "
                         f"corpus ({', '.join(CORPORA)})")
+    if inputs.count("-") > 1:
+        raise DataError("- (stdin) is given more than once, and stdin can be read only once; give - once")
+    if not glob or PurePosixPath(glob).is_absolute():
+        raise DataError(f"--glob {glob!r}: the pattern is matched inside each folder given, so it is relative "
+                        "to that folder (e.g. '**/*.md'); give the folder as TEXT and a relative --glob")
     sources: list[Source] = []
+    seen: dict[tuple[int, int], str] = {}  # (device, inode) of each file read -> its name
+    hidden: list[str] = []
+    not_text: list[str] = []
+    twice: list[str] = []
+
+    def add(path: Path, shown: str) -> None:  # a file checked to be text
+        st = path.stat()
+        first = seen.get((st.st_dev, st.st_ino))
+        if first is not None:
+            twice.append(shown if shown == first else f"{shown} (= {first})")
+        else:
+            seen[st.st_dev, st.st_ino] = shown
+            sources.append(Source(shown, path, st.st_size))
+
+    def named(path: Path, shown: str) -> None:  # read, or refused with the reason
+        problem = _not_text(path, shown)
+        if problem:
+            raise DataError(problem[1])
+        add(path, shown)
+
     for item in inputs:
         path = Path(item)
         if item == "-":
             sources.append(Source("-", None, None))
         elif path.is_dir():
-            files = sorted(p for p in path.glob(glob) if p.is_file())
+            files, skipped = _walk(path, glob)
+            hidden += map(str, skipped)
             if not files and folders.kind(path) not in ("folder", "file"):
                 raise DataError(f"{item} is {folders.what(path)}, not text; give text files, folders of "
                                 f"{glob.removeprefix('**/')}, - for stdin, or a built-in corpus")
             if not files:
-                raise DataError(f"{item}: no files matching {glob!r} in this folder; {glob_fix}")
-            sources += [_check_file(p, str(p)) for p in files]
+                hint = f" ({len(skipped)} under a hidden name, skipped: name such a file to read it)" if skipped else ""
+                raise DataError(f"{item}: no files matching {glob!r} in this folder{hint}; {glob_fix}")
+            problems = [(p, _not_text(p, str(p))) for p in files]
+            if all(problem for _, problem in problems):
+                raise DataError(f"{item}: none of its {len(files)} file(s) matching {glob!r} holds text; the first: "
+                                f"{problems[0][1][1]}")
+            for p, problem in problems:
+                if problem:
+                    not_text.append(f"{p} ({problem[0]})")
+                else:
+                    add(p, str(p))
         elif path.is_file():
-            sources.append(_check_file(path, item))
+            named(path, item)
         elif path.exists():
             raise DataError(f"{item}: not a regular file or folder")
         elif item in CORPORA:
-            sources += [_check_file(p, f"{item}:{p.name}") for p in corpus_files(item)]
+            for p in corpus_files(item):
+                named(p, f"{item}:{p.name}")
         else:
             raise DataError(f"{item}: no such file or folder (built-in corpora: "
                             f"{', '.join(CORPORA)}; `mtgpt prepare --list` describes them)")
+    if hidden:
+        warn(f"note: skipped {len(hidden)} file(s) found in folders under a hidden name (starting with '.'): "
+             f"{_some(hidden)}; name such a file to read it")
+    if not_text:
+        warn(f"warning: skipped {len(not_text)} file(s) found in folders that are empty or not text: "
+             f"{_some(not_text)}; name such a file to see how to fix it")
+    if twice:
+        warn(f"note: {len(twice)} file(s) given more than once (by name, in a folder, through a link), "
+             f"read once: {_some(twice)}")
     return sources
 
 
