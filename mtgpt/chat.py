@@ -62,18 +62,28 @@ def prompt_for(history: list[tuple[str, str]], message: str, system: str | None 
 
 
 def conversations_from_yaml(path: Path) -> Iterator[list[tuple[str, str]]]:
-    """chatterbot-corpus YAML: `conversations:` lists of alternating user and bot lines."""
+    """chatterbot-corpus YAML: `conversations:` lists of alternating user and bot lines. Every line
+    is the text as written: YAML 1.1 would read `Yes`, `off`, `12:30`, `007`, `null` as True,
+    False, 750, 7, None (BaseLoader types nothing). A line YAML reads as a mapping (`Note: x`,
+    unquoted) or a list is refused; an entry of `conversations` that is not a list of two or
+    more lines is skipped."""
     import yaml
 
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
+        data = yaml.load(path.read_text(encoding="utf-8-sig"), Loader=yaml.BaseLoader)
     except yaml.YAMLError as e:
         raise ChatDataError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict) or not isinstance(data.get("conversations"), list):
         raise ChatDataError(f"{path}: expected a chatterbot YAML file with a 'conversations' list")
-    for conv in data["conversations"]:
-        if isinstance(conv, list) and len(conv) >= 2:
-            yield [(USER if i % 2 == 0 else BOT, str(text)) for i, text in enumerate(conv)]
+    for k, conv in enumerate(data["conversations"], 1):
+        if not (isinstance(conv, list) and len(conv) >= 2):
+            continue
+        for i, text in enumerate(conv, 1):
+            if not isinstance(text, str):
+                kind = "mapping" if isinstance(text, dict) else "list"
+                raise ChatDataError(f"{path}: conversation {k}, turn {i} is a YAML {kind} ({str(text)[:40]}), not text; "
+                                    "quote it (- \"Note: like this\") to keep a ': ' or a leading '[' or '{'")
+        yield [(USER if i % 2 == 0 else BOT, text) for i, text in enumerate(conv)]
 
 
 def conversations_from_jsonl(path: Path) -> Iterator[list[tuple[str, str]]]:

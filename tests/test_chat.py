@@ -13,6 +13,7 @@ import sys
 import termios
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -58,6 +59,20 @@ def test_chat_files_with_a_byte_order_mark(tmp_path):
     (tmp_path / "bom.yml").write_bytes(b"\xef\xbb\xbfconversations:\n- - Hey\n  - Hi.\n")
     for name in ("bom.jsonl", "bom.yml"):
         assert list(chat.conversations([tmp_path / name])) == [[(chat.USER, "Hey"), (chat.BOT, "Hi.")]]
+
+
+def test_yaml_replies_are_the_text_written(tmp_path):
+    """YAML 1.1 reads Yes, off, 12:30, 007 and null as True, False, 750, 7 and None; a reply is the
+    text as written. A turn YAML reads as a mapping ("Note: ..." unquoted) is refused, not trained."""
+    (tmp_path / "yn.yml").write_text("conversations:\n- - Do you like music?\n  - Yes\n- - When do we meet?\n"
+                                     "  - 12:30\n- - Lights?\n  - off\n- - Agent?\n  - 007\n- - And?\n  - null\n")
+    m = prepare([str(tmp_path / "yn.yml")], tmp_path / "d", block_size=16, val_fraction=0.0, fmt="chat", quiet=True)
+    replies = [GPT2.decode(np.frombuffer(s, "<u2").tolist()).split("\n")[1] for s in all_train_samples(tmp_path / "d")]
+    assert m["conversations"] == 5 and replies == ["Bot: Yes", "Bot: 12:30", "Bot: off", "Bot: 007", "Bot: null"]
+    (tmp_path / "map.yml").write_text("conversations:\n- - Hi\n  - Hello\n- - What is it?\n  - Note: a mapping\n")
+    with pytest.raises(DataError, match=r"map.yml: conversation 2, turn 2 is a YAML mapping .*, not text; quote it"):
+        prepare([str(tmp_path / "map.yml")], tmp_path / "e", fmt="chat", quiet=True)
+    assert not (tmp_path / "e").exists()
 
 
 def test_chatterbot_corpus(tmp_path):
