@@ -12,6 +12,10 @@ tokens), one turn per line, each conversation one document:
 A reply is the text the model writes after "Bot:" up to the end of the line. Newlines inside a
 message are written as spaces, so a turn is always exactly one line.
 
+Dialogue files (chatterbot YAML, JSONL) are decoded as prepare decodes text (`read_lines`), and
+every turn is the text written in the file: a turn that is not text is refused, naming the file
+and where in it.
+
 Training data and prompts are tokenized alike (`template_ids`): the template text is cut where
 each reply begins (right after "Bot:") and ends (after its line end), and each piece is encoded
 on its own. A prompt ends with "Bot:", so it is exactly the ids that come before a reply in the
@@ -28,6 +32,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from mtgpt.data.sources import decode_utf8, strip_bom
 from mtgpt.tokenizer import Tokenizer
 
 USER, BOT, SYSTEM = "User: ", "Bot: ", "System: "
@@ -61,7 +66,23 @@ def prompt_for(history: list[tuple[str, str]], message: str, system: str | None 
     return render(turns + [(USER, message)]) + BOT.rstrip()
 
 
-def conversations_from_yaml(path: Path) -> Iterator[list[tuple[str, str]]]:
+def read_lines(path: Path, strict: bool = False, replaced: dict[Path, int] | None = None) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each line of a dialogue file, decoded as prepare decodes text
+    (mtgpt.data.sources.decode_utf8): a leading byte-order mark is dropped, and invalid UTF-8 is
+    replaced with U+FFFD and counted in replaced[path], or, when strict, refused naming the line."""
+    with path.open("rb") as f:
+        offset = 0
+        for n, raw in enumerate(f, 1):
+            data = strip_bom(raw) if n == 1 else raw
+            text, bad = decode_utf8(data, strict, f"{path}:{n}", offset + len(raw) - len(data))
+            if replaced is not None:
+                replaced[path] = replaced.get(path, 0) + bad
+            offset += len(raw)
+            yield n, text
+
+
+def conversations_from_yaml(path: Path, strict: bool = False, replaced: dict[Path, int] | None = None
+                            ) -> Iterator[list[tuple[str, str]]]:
     """chatterbot-corpus YAML: `conversations:` lists of alternating user and bot lines. Every line
     is the text as written: YAML 1.1 would read `Yes`, `off`, `12:30`, `007`, `null` as True,
     False, 750, 7, None (BaseLoader types nothing). A line YAML reads as a mapping (`Note: x`,
@@ -70,7 +91,7 @@ def conversations_from_yaml(path: Path) -> Iterator[list[tuple[str, str]]]:
     import yaml
 
     try:
-        data = yaml.load(path.read_text(encoding="utf-8-sig"), Loader=yaml.BaseLoader)
+        data = yaml.load("".join(line for _, line in read_lines(path, strict, replaced)), Loader=yaml.BaseLoader)
     except yaml.YAMLError as e:
         raise ChatDataError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict) or not isinstance(data.get("conversations"), list):
@@ -86,38 +107,40 @@ def conversations_from_yaml(path: Path) -> Iterator[list[tuple[str, str]]]:
         yield [(USER if i % 2 == 0 else BOT, text) for i, text in enumerate(conv)]
 
 
-def conversations_from_jsonl(path: Path) -> Iterator[list[tuple[str, str]]]:
+def conversations_from_jsonl(path: Path, strict: bool = False, replaced: dict[Path, int] | None = None
+                             ) -> Iterator[list[tuple[str, str]]]:
     """JSONL, one conversation per line: {"messages": [{"role": ..., "content": ...}, ...]}."""
-    with path.open(encoding="utf-8-sig") as f:  # (an editor's byte-order mark is not text)
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                messages = json.loads(line)["messages"]
-                turns = [(ROLES[m["role"]], m["content"]) for m in messages]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ChatDataError(f"{path}:{n}: expected {{\"messages\": [{{\"role\": \"user\"|\"assistant\"|"
-                                    f"\"system\", \"content\": ...}}]}} ({type(e).__name__}: {e})") from None
-            for i, (_, text) in enumerate(turns, 1):  # str(None) would train the word "None"
-                if not isinstance(text, str):
-                    raise ChatDataError(f"{path}:{n}: message {i} has \"content\": {json.dumps(text)[:40]}; "
-                                        "give its text as a string (\"\" for an empty message)")
-            yield turns
+    for n, line in read_lines(path, strict, replaced):
+        if not line.strip():
+            continue
+        try:
+            messages = json.loads(line)["messages"]
+            turns = [(ROLES[m["role"]], m["content"]) for m in messages]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ChatDataError(f"{path}:{n}: expected {{\"messages\": [{{\"role\": \"user\"|\"assistant\"|"
+                                f"\"system\", \"content\": ...}}]}} ({type(e).__name__}: {e})") from None
+        for i, (_, text) in enumerate(turns, 1):  # str(None) would train the word "None"
+            if not isinstance(text, str):
+                raise ChatDataError(f"{path}:{n}: message {i} has \"content\": {json.dumps(text)[:40]}; "
+                                    "give its text as a string (\"\" for an empty message)")
+        yield turns
 
 
-def conversations(inputs: list[Path]) -> Iterator[list[tuple[str, str]]]:
-    """Every conversation of `inputs` (YAML or JSONL files), in order."""
+def conversations(inputs: list[Path], strict: bool = False, replaced: dict[Path, int] | None = None
+                  ) -> Iterator[list[tuple[str, str]]]:
+    """Every conversation of `inputs` (YAML or JSONL files), in order. Invalid UTF-8 is replaced
+    and counted per file in `replaced`, or refused when `strict` (read_lines)."""
     for path in inputs:
         read = conversations_from_jsonl if path.suffix == ".jsonl" else conversations_from_yaml
-        yield from read(path)
+        yield from read(path, strict, replaced)
 
 
-def to_template_file(inputs: list[Path], out: Path) -> int:
+def to_template_file(inputs: list[Path], out: Path, strict: bool = False) -> int:
     """Write every conversation of `inputs` (YAML or JSONL) as template text, conversations
     separated by DOC_SEPARATOR lines. Returns the number of conversations."""
     count = 0
     with out.open("w", encoding="utf-8") as f:
-        for turns in conversations(inputs):
+        for turns in conversations(inputs, strict):
             f.write(render(turns) + DOC_SEPARATOR + "\n")
             count += 1
     if count == 0:

@@ -75,6 +75,26 @@ def test_yaml_replies_are_the_text_written(tmp_path):
     assert not (tmp_path / "e").exists()
 
 
+def test_chat_files_with_invalid_utf8(tmp_path):
+    """As text: invalid bytes are replaced with U+FFFD, counted and warned about; --strict refuses
+    the file, naming the line, with the fix. Never a UnicodeDecodeError."""
+    good = json.dumps({"messages": [{"role": "user", "content": "Hey"}, {"role": "assistant", "content": "Hi."}]})
+    (tmp_path / "bad.jsonl").write_bytes(good.encode() + b'\n{"messages": [{"role": "user", "content": "Caf\xe9?"}, '
+                                         b'{"role": "assistant", "content": "Oui."}]}\n')
+    (tmp_path / "bad.yml").write_bytes(b"conversations:\n- - Caf\xe9?\n  - Oui.\n")
+    for name in ("bad.jsonl", "bad.yml"):
+        warnings = []
+        m = prepare([str(tmp_path / name)], tmp_path / name.replace(".", "_"), block_size=16, val_fraction=0.0,
+                    fmt="chat", quiet=True, warn=warnings.append)
+        texts = [GPT2.decode(np.frombuffer(s, "<u2").tolist()) for s in all_train_samples(tmp_path / name.replace(".", "_"))]
+        assert "User: Caf\ufffd?\nBot: Oui.\n" in [t.split("<|endoftext|>")[0] for t in texts]
+        assert m["replaced_bytes"] == 1 and warnings == [f"warning: {tmp_path / name}: 1 invalid UTF-8 byte(s) replaced "
+                                                         "with U+FFFD (use --strict to refuse such files)"]
+        with pytest.raises(DataError, match=rf"{name}:2: invalid UTF-8 at byte \d+; convert the file \(e.g. iconv"):
+            prepare([str(tmp_path / name)], tmp_path / "strict", fmt="chat", strict=True, quiet=True)
+        assert not (tmp_path / "strict").exists()
+
+
 def test_chatterbot_corpus(tmp_path):
     m = prepare(["chatterbot"], tmp_path / "d", block_size=64, val_fraction=0.05, fmt="chat", quiet=True)
     assert m["conversations"] > 1000 and load_manifest(tmp_path / "d")["splits"]["train"]["samples"] > 0

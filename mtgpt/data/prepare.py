@@ -274,7 +274,7 @@ def prepare(
             from mtgpt import chat
 
             try:
-                extra["conversations"] = chat.to_template_file([s.path for s in sources], conversations)
+                extra["conversations"] = chat.to_template_file([s.path for s in sources], conversations, strict)
             except chat.ChatDataError as e:
                 raise DataError(str(e)) from None
             read = [Source("conversations", conversations, conversations.stat().st_size)]
@@ -285,7 +285,7 @@ def prepare(
         tok.save(tmp)
         if fmt == "chat":
             manifest = _write_chat_shards([s.path for s in sources], tmp, block_size, val_fraction, seed,
-                                          shard_size_mb, quiet, sources, extra, tok, train_on)
+                                          shard_size_mb, strict, quiet, warn, sources, extra, tok, train_on)
         else:
             manifest = _write_shards(read, tmp, block_size, val_fraction, seed, shard_size_mb, strict,
                                      doc_separator, workers, quiet, warn, sources, extra, tok)
@@ -378,14 +378,15 @@ def _write_shards(sources, tmp, block_size, val_fraction, seed, shard_size_mb, s
 
 
 def _write_chat_shards(paths: list[Path], tmp: Path, block_size: int, val_fraction: float, seed: int,
-                       shard_size_mb: float, quiet: bool, listed: list[Source], extra: dict[str, Any], tok: Tokenizer,
-                       train_on: str) -> dict[str, Any]:
+                       shard_size_mb: float, strict: bool, quiet: bool, warn: Callable[[str], None],
+                       listed: list[Source], extra: dict[str, Any], tok: Tokenizer, train_on: str) -> dict[str, Any]:
     """Chat data: each conversation (its template text and <|endoftext|>) starts its own sample, so
     no sample lets one conversation attend to another; one longer than a sample goes on in the
     next ones, and the last is padded with <|endoftext|>. Each sample is stored with its loss mask
     (mtgpt.chat.training_tokens; padding is never trained on); a sample with no trained target
     (the user's part of a long conversation) is left out. A conversation's samples all go to the
-    same split, so val holds conversations the model never saw."""
+    same split, so val holds conversations the model never saw. Invalid UTF-8 is replaced and
+    warned about per file, or refused when `strict`, as in text."""
     from mtgpt import chat
 
     started = time.time()
@@ -396,8 +397,9 @@ def _write_chat_shards(paths: list[Path], tmp: Path, block_size: int, val_fracti
              "loss_mask": True, "train_on": train_on, "trained_targets": 0, "padding_tokens": 0, "left_out_samples": 0}
     bar = tqdm(total=extra["conversations"], unit="conv", desc="prepare", disable=True if quiet else None,
                dynamic_ncols=True)
+    replaced: dict[Path, int] = {}
     with _aborted_on_error(writers):
-        for turns in chat.conversations(paths):
+        for turns in chat.conversations(paths, strict, replaced):
             ids, mask = chat.training_tokens(tok, turns, train_on)
             stats["text_bytes"] += len(chat.render(turns).encode("utf-8"))
             ids, mask = np.append(ids, tok.eot), np.append(mask, False)
@@ -416,6 +418,10 @@ def _write_chat_shards(paths: list[Path], tmp: Path, block_size: int, val_fracti
     bar.close()
     for w in writers.values():
         w.close()
+    for src in listed:
+        if replaced.get(src.path):
+            warn(replaced_warning(src.name, replaced[src.path]))
+    stats["replaced_bytes"] = sum(replaced.values())
     if stats["trained_targets"] == 0:
         raise DataError("the conversations have no bot replies to train on; give dialogue with the bot's turns "
                         "(chatterbot YAML alternates user and bot lines)")
