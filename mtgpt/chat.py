@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
@@ -107,32 +107,62 @@ def conversations_from_yaml(path: Path, strict: bool = False, replaced: dict[Pat
         yield [(USER if i % 2 == 0 else BOT, text) for i, text in enumerate(conv)]
 
 
-def conversations_from_jsonl(path: Path, strict: bool = False, replaced: dict[Path, int] | None = None
-                             ) -> Iterator[list[tuple[str, str]]]:
-    """JSONL, one conversation per line: {"messages": [{"role": ..., "content": ...}, ...]}."""
-    for n, line in read_lines(path, strict, replaced):
+MESSAGES = '{"messages": [{"role": "user"|"assistant"|"system", "content": ...}, ...]}'
+
+
+def _turns(conversation: Any, where: str) -> list[tuple[str, str]]:
+    """One {"messages": [...]} object as [(role marker, text), ...]; ChatDataError names `where`."""
+    messages = conversation.get("messages") if isinstance(conversation, dict) else None
+    if not isinstance(messages, list):
+        raise ChatDataError(f"{where}: expected {MESSAGES}")
+    for i, m in enumerate(messages, 1):
+        if not (isinstance(m, dict) and "role" in m and "content" in m):
+            raise ChatDataError(f"{where}: message {i} has no \"role\" or no \"content\"; expected {MESSAGES}")
+        if not isinstance(m["role"], str) or m["role"] not in ROLES:
+            raise ChatDataError(f"{where}: unknown role {m['role']!r} (message {i}); roles are user, assistant, system")
+        if not isinstance(m["content"], str):  # str(None) would train the word "None"
+            raise ChatDataError(f"{where}: message {i} has \"content\": {json.dumps(m['content'])[:40]}; "
+                                "give its text as a string (\"\" for an empty message)")
+    return [(ROLES[m["role"]], m["content"]) for m in messages]
+
+
+def _json(text: str, path: Path, line: int) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ChatDataError(f"{path}:{line + e.lineno - 1}: expected {MESSAGES} (not valid JSON: {e.msg})") from None
+
+
+def conversations_from_json(path: Path, strict: bool = False, replaced: dict[Path, int] | None = None
+                            ) -> Iterator[list[tuple[str, str]]]:
+    """JSON Lines, one conversation per line: {"messages": [{"role": ..., "content": ...}, ...]};
+    or, when the file's first line starts with "[", one JSON array of such conversations."""
+    lines = read_lines(path, strict, replaced)
+    first = True
+    for n, line in lines:
         if not line.strip():
             continue
-        try:
-            messages = json.loads(line)["messages"]
-            turns = [(ROLES[m["role"]], m["content"]) for m in messages]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ChatDataError(f"{path}:{n}: expected {{\"messages\": [{{\"role\": \"user\"|\"assistant\"|"
-                                f"\"system\", \"content\": ...}}]}} ({type(e).__name__}: {e})") from None
-        for i, (_, text) in enumerate(turns, 1):  # str(None) would train the word "None"
-            if not isinstance(text, str):
-                raise ChatDataError(f"{path}:{n}: message {i} has \"content\": {json.dumps(text)[:40]}; "
-                                    "give its text as a string (\"\" for an empty message)")
-        yield turns
+        if first and line.lstrip().startswith("["):
+            array = _json(line + "".join(rest for _, rest in lines), path, n)
+            for i, conversation in enumerate(array, 1):
+                yield _turns(conversation, f"{path}: conversation {i}")
+            return
+        first = False
+        yield _turns(_json(line.rstrip("\r\n"), path, n), f"{path}:{n}")
+
+
+READERS = {".yml": conversations_from_yaml, ".yaml": conversations_from_yaml, ".json": conversations_from_json,
+           ".jsonl": conversations_from_json}  # by suffix, in any case; any other file is read as YAML
+# what prepare takes from a folder (not *.json: data and tokenizer folders hold some; a .json file is read when named)
+DIALOGUE_GLOBS = ("**/*.yml", "**/*.yaml", "**/*.jsonl")
 
 
 def conversations(inputs: list[Path], strict: bool = False, replaced: dict[Path, int] | None = None
                   ) -> Iterator[list[tuple[str, str]]]:
-    """Every conversation of `inputs` (YAML or JSONL files), in order. Invalid UTF-8 is replaced
-    and counted per file in `replaced`, or refused when `strict` (read_lines)."""
+    """Every conversation of `inputs` (YAML or JSON files: READERS), in order. Invalid UTF-8 is
+    replaced and counted per file in `replaced`, or refused when `strict` (read_lines)."""
     for path in inputs:
-        read = conversations_from_jsonl if path.suffix == ".jsonl" else conversations_from_yaml
-        yield from read(path, strict, replaced)
+        yield from READERS.get(path.suffix.lower(), conversations_from_yaml)(path, strict, replaced)
 
 
 def to_template_file(inputs: list[Path], out: Path, strict: bool = False) -> int:

@@ -202,7 +202,8 @@ def main() -> None:
 @click.option("--val-fraction", default=0.01, show_default=True, help="Share of sequences held out for validation.")
 @click.option("--seed", default=1337, show_default=True, help="Decides which sequences are val.")
 @click.option("--shard-size", default=100.0, show_default=True, help="Shard size in MB.")
-@click.option("--glob", help="Files to take from folders. [default: **/*.txt; **/*.yml with --format chat]")
+@click.option("--glob", help="Files to take from folders. [default: **/*.txt; with --format chat, "
+              "**/*.yml, **/*.yaml and **/*.jsonl]")  # (chat: mtgpt.chat.DIALOGUE_GLOBS)
 @click.option("--format", "fmt", type=click.Choice(["text", "chat"]), default="text", show_default=True,
               help="chat: dialogue files (chatterbot YAML, or JSONL of {\"messages\": [...]}) in the chat template.")
 @click.option("--train-on", type=click.Choice(["bot", "all"]),

@@ -95,6 +95,41 @@ def test_chat_files_with_invalid_utf8(tmp_path):
         assert not (tmp_path / "strict").exists()
 
 
+def test_chat_input_files(tmp_path):
+    """A folder gives its .yml, .yaml and .jsonl files (it gave only .yml); the reader follows the
+    suffix in any case: .json and .jsonl are JSON (one conversation per line, or one array of
+    them), the rest YAML. A role mtgpt does not know is named, with the roles it does."""
+    def conv(q, a):
+        return {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+
+    talk = tmp_path / "talk"
+    (talk / "sub").mkdir(parents=True)
+    (talk / "a.yml").write_text("conversations:\n- - yml q\n  - yml a\n")
+    (talk / "b.yaml").write_text("conversations:\n- - yaml q\n  - yaml a\n")
+    (talk / "sub" / "c.jsonl").write_text(json.dumps(conv("jsonl q", "jsonl a")) + "\n")
+    (talk / "notes.txt").write_text("not dialogue")
+    (tmp_path / "UP.JSONL").write_text(json.dumps(conv("UP q", "UP a")) + "\n")
+    (tmp_path / "conv.json").write_text(json.dumps([conv("json q", "json a"), conv("json q2", "json a2")], indent=1))
+    m = prepare([str(talk), str(tmp_path / "UP.JSONL"), str(tmp_path / "conv.json")], tmp_path / "d", block_size=16,
+                val_fraction=0.0, fmt="chat", quiet=True)
+    assert [s["name"] for s in m["sources"]] == [str(talk / "a.yml"), str(talk / "b.yaml"), str(talk / "sub" / "c.jsonl"),
+                                                 str(tmp_path / "UP.JSONL"), str(tmp_path / "conv.json")]
+    texts = [GPT2.decode(np.frombuffer(s, "<u2").tolist()).split("<|endoftext|>")[0] for s in all_train_samples(tmp_path / "d")]
+    assert texts == [f"User: {k} q\nBot: {k} a\n" for k in ("yml", "yaml", "jsonl", "UP", "json")] + [
+        "User: json q2\nBot: json a2\n"]
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not dialogue")
+    with pytest.raises(DataError, match=r"empty: no files matching '\*\*/\*.yml' or '\*\*/\*.yaml' or '\*\*/\*.jsonl' in "
+                                        r"this folder; use --glob"):
+        prepare([str(tmp_path / "empty")], tmp_path / "e", fmt="chat", quiet=True)
+    (tmp_path / "roles.jsonl").write_text(json.dumps(conv("q", "a")) + "\n" + json.dumps(
+        {"messages": [{"role": "human", "content": "q"}, {"role": "gpt", "content": "a"}]}) + "\n")
+    with pytest.raises(DataError, match=r"roles.jsonl:2: unknown role 'human' \(message 1\); roles are user, assistant, "
+                                        r"system$"):
+        prepare([str(tmp_path / "roles.jsonl")], tmp_path / "e", fmt="chat", quiet=True)
+    assert not (tmp_path / "e").exists()
+
+
 def test_chatterbot_corpus(tmp_path):
     m = prepare(["chatterbot"], tmp_path / "d", block_size=64, val_fraction=0.05, fmt="chat", quiet=True)
     assert m["conversations"] > 1000 and load_manifest(tmp_path / "d")["splits"]["train"]["samples"] > 0

@@ -250,7 +250,9 @@ def prepare(
         raise DataError(f"--workers must be >= 1, got {workers}")
     out = Path(out)
     folders.check_out(out, overwrite, error=DataError, writes=("data",))
-    sources = resolve_sources(inputs, glob or ("**/*.yml" if fmt == "chat" else "**/*.txt"), warn=warn)
+    from mtgpt import chat  # (the files --format chat takes from a folder: chat.DIALOGUE_GLOBS)
+
+    sources = resolve_sources(inputs, glob or (chat.DIALOGUE_GLOBS if fmt == "chat" else "**/*.txt"), warn=warn)
     if fmt == "text" and _looks_like_chat(sources):
         warn(f"note: {sources[0].name} looks like chat data (JSON lines of {{\"messages\": [...]}}), read here as "
              "plain text; to train on it as dialogue, prepare it with --format chat (which reads .jsonl files)")
@@ -271,8 +273,6 @@ def prepare(
         read, extra = sources, {"content": fmt}
         conversations = tmp / ".conversations.txt"  # chat: the dialogue in the template, read like text
         if fmt == "chat":
-            from mtgpt import chat
-
             try:
                 extra["conversations"] = chat.to_template_file([s.path for s in sources], conversations, strict)
             except chat.ChatDataError as e:

@@ -122,11 +122,11 @@ def _matches(parts: tuple[str, ...], pattern: tuple[str, ...]) -> bool:
     return bool(parts) and fnmatchcase(parts[0], pattern[0]) and _matches(parts[1:], pattern[1:])
 
 
-def _walk(folder: Path, glob: str) -> tuple[list[Path], list[Path]]:
-    """The files under `folder` whose path inside it matches `glob`, through linked folders (each
-    real folder once, so a link back to a folder above ends there), sorted: (files, hidden files:
-    those with a part of their path inside `folder` that starts with ".")."""
-    pattern = PurePosixPath(glob).parts
+def _walk(folder: Path, globs: tuple[str, ...]) -> tuple[list[Path], list[Path]]:
+    """The files under `folder` whose path inside it matches one of `globs`, through linked folders
+    (each real folder once, so a link back to a folder above ends there), sorted: (files, hidden
+    files: those with a part of their path inside `folder` that starts with ".")."""
+    patterns = [PurePosixPath(glob).parts for glob in globs]
     found: list[Path] = []
     walked: set[tuple[int, int]] = set()
     for root, dirs, files in os.walk(folder, followlinks=True):
@@ -137,7 +137,7 @@ def _walk(folder: Path, glob: str) -> tuple[list[Path], list[Path]]:
         walked.add((st.st_dev, st.st_ino))
         inside = Path(root).relative_to(folder).parts
         found += [Path(root, name) for name in files
-                  if _matches((*inside, name), pattern) and Path(root, name).is_file()]
+                  if any(_matches((*inside, name), pattern) for pattern in patterns) and Path(root, name).is_file()]
     hidden = {p for p in found if any(part.startswith(".") for part in p.relative_to(folder).parts)}
     return sorted(p for p in found if p not in hidden), sorted(hidden)
 
@@ -150,11 +150,13 @@ def _some(names: list[str], n: int = 3) -> str:
     return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
-def resolve_sources(inputs: list[str], glob: str = "**/*.txt", glob_fix: str = "use --glob to choose others",
-                    warn: Callable[[str], None] = _stderr) -> list[Source]:
+def resolve_sources(inputs: list[str], glob: str | tuple[str, ...] = "**/*.txt",
+                    glob_fix: str = "use --glob to choose others", warn: Callable[[str], None] = _stderr
+                    ) -> list[Source]:
     """Turn the command line's TEXT... into a list of checked files (in a stable order), each
-    once. `glob_fix` says what to do about a folder with no file matching `glob` (a command without
-    --glob says its own); a folder mtgpt wrote (data, run, model, tokenizer) is named as such.
+    once; from a folder, the files matching `glob` (or any of several). `glob_fix` says what to do
+    about a folder with no file matching (a command without --glob says its own); a folder mtgpt
+    wrote (data, run, model, tokenizer) is named as such.
     What a folder holds that is skipped (hidden, empty or not text) or a file reached twice is told
     through `warn`, one line for each kind."""
     if not inputs:
@@ -162,9 +164,11 @@ def resolve_sources(inputs: list[str], glob: str = "**/*.txt", glob_fix: str = "
                         f"corpus ({', '.join(CORPORA)})")
     if inputs.count("-") > 1:
         raise DataError("- (stdin) is given more than once, and stdin can be read only once; give - once")
-    if not glob or PurePosixPath(glob).is_absolute():
+    globs = (glob,) if isinstance(glob, str) else glob
+    if not all(globs) or any(PurePosixPath(g).is_absolute() for g in globs):
         raise DataError(f"--glob {glob!r}: the pattern is matched inside each folder given, so it is relative "
                         "to that folder (e.g. '**/*.md'); give the folder as TEXT and a relative --glob")
+    matching = " or ".join(map(repr, globs))
     sources: list[Source] = []
     seen: dict[tuple[int, int], str] = {}  # (device, inode) of each file read -> its name
     hidden: list[str] = []
@@ -191,17 +195,17 @@ def resolve_sources(inputs: list[str], glob: str = "**/*.txt", glob_fix: str = "
         if item == "-":
             sources.append(Source("-", None, None))
         elif path.is_dir():
-            files, skipped = _walk(path, glob)
+            files, skipped = _walk(path, globs)
             hidden += map(str, skipped)
             if not files and folders.kind(path) not in ("folder", "file"):
                 raise DataError(f"{item} is {folders.what(path)}, not text; give text files, folders of "
-                                f"{glob.removeprefix('**/')}, - for stdin, or a built-in corpus")
+                                f"{', '.join(g.removeprefix('**/') for g in globs)}, - for stdin, or a built-in corpus")
             if not files:
                 hint = f" ({len(skipped)} under a hidden name, skipped: name such a file to read it)" if skipped else ""
-                raise DataError(f"{item}: no files matching {glob!r} in this folder{hint}; {glob_fix}")
+                raise DataError(f"{item}: no files matching {matching} in this folder{hint}; {glob_fix}")
             problems = [(p, _not_text(p, str(p))) for p in files]
             if all(problem for _, problem in problems):
-                raise DataError(f"{item}: none of its {len(files)} file(s) matching {glob!r} holds text; the first: "
+                raise DataError(f"{item}: none of its {len(files)} file(s) matching {matching} holds text; the first: "
                                 f"{problems[0][1][1]}")
             for p, problem in problems:
                 if problem:
