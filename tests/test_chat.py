@@ -130,6 +130,21 @@ def test_chat_input_files(tmp_path):
     assert not (tmp_path / "e").exists()
 
 
+def test_the_empty_val_split_advice_works_for_chat(tmp_path):
+    """Chat val takes whole conversations: the --val-fraction suggested for an empty val split is
+    one that gives val a conversation (it was computed from samples: 10 conversations of 3
+    samples each were told 0.0333, which gave val nothing again)."""
+    conv = {"messages": [{"role": "user", "content": "q"},
+                         {"role": "assistant", "content": " ".join(f"w{i}" for i in range(40))}]}
+    (tmp_path / "ten.jsonl").write_text((json.dumps(conv) + "\n") * 10)
+    with pytest.raises(DataError, match="the val split is empty") as e:
+        prepare([str(tmp_path / "ten.jsonl")], tmp_path / "d", block_size=32, fmt="chat", quiet=True)
+    suggested = float(str(e.value).split("raise --val-fraction to at least ")[1].split(",")[0])
+    m = prepare([str(tmp_path / "ten.jsonl")], tmp_path / "d", block_size=32, val_fraction=suggested, fmt="chat",
+                quiet=True)
+    assert m["splits"]["val"]["samples"] > 0 and m["splits"]["train"]["samples"] > 0
+
+
 def test_chatterbot_corpus(tmp_path):
     m = prepare(["chatterbot"], tmp_path / "d", block_size=64, val_fraction=0.05, fmt="chat", quiet=True)
     assert m["conversations"] > 1000 and load_manifest(tmp_path / "d")["splits"]["train"]["samples"] > 0

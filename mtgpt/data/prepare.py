@@ -385,8 +385,9 @@ def _write_chat_shards(paths: list[Path], tmp: Path, block_size: int, val_fracti
     next ones, and the last is padded with <|endoftext|>. Each sample is stored with its loss mask
     (mtgpt.chat.training_tokens; padding is never trained on); a sample with no trained target
     (the user's part of a long conversation) is left out. A conversation's samples all go to the
-    same split, so val holds conversations the model never saw. Invalid UTF-8 is replaced and
-    warned about per file, or refused when `strict`, as in text."""
+    same split, so val holds conversations the model never saw (and an empty val split is met with
+    a --val-fraction that gives it one: _chat_val_fraction). Invalid UTF-8 is replaced and warned
+    about per file, or refused when `strict`, as in text."""
     from mtgpt import chat
 
     started = time.time()
@@ -398,6 +399,7 @@ def _write_chat_shards(paths: list[Path], tmp: Path, block_size: int, val_fracti
     bar = tqdm(total=extra["conversations"], unit="conv", desc="prepare", disable=True if quiet else None,
                dynamic_ncols=True)
     replaced: dict[Path, int] = {}
+    kept_samples: list[int] = []  # per conversation
     with _aborted_on_error(writers):
         for turns in chat.conversations(paths, strict, replaced):
             ids, mask = chat.training_tokens(tok, turns, train_on)
@@ -414,6 +416,7 @@ def _write_chat_shards(paths: list[Path], tmp: Path, block_size: int, val_fracti
             stats["padding_tokens"] += pad if keep[-1] else 0  # the padding stored (in the last sample, if kept)
             stats["trained_targets"] += int(masks[keep, 1:].sum())
             stats["left_out_samples"] += int((~keep).sum())
+            kept_samples.append(int(keep.sum()))
             bar.update(1)
     bar.close()
     for w in writers.values():
@@ -425,7 +428,30 @@ def _write_chat_shards(paths: list[Path], tmp: Path, block_size: int, val_fracti
     if stats["trained_targets"] == 0:
         raise DataError("the conversations have no bot replies to train on; give dialogue with the bot's turns "
                         "(chatterbot YAML alternates user and bot lines)")
+    if val_fraction > 0 and writers["val"].samples == 0 and writers["train"].samples > 0:
+        fraction = _chat_val_fraction(kept_samples, seed)
+        raise_to = f"raise --val-fraction to at least {fraction}, " if fraction else ""
+        raise DataError(f"the val split is empty: {len(kept_samples)} conversation(s) ({writers['train'].samples} "
+                        f"sample(s) of {S} tokens), --val-fraction {val_fraction}, and val takes whole conversations; "
+                        f"{raise_to}give more conversations, or pass --val-fraction 0 to train without validation")
     return _finish(tmp, writers, tok, block_size, val_fraction, seed, stats, extra, listed, started)
+
+
+def _chat_val_fraction(kept_samples: list[int], seed: int) -> float | None:
+    """The smallest --val-fraction, k / conversations rounded up to 3 digits, with which ValSelector
+    (one call per conversation) gives val a conversation that has samples and leaves train one;
+    None if there is none (fewer than two conversations have samples)."""
+    kept = np.array(kept_samples)
+    n = len(kept)
+    if (kept > 0).sum() < 2:
+        return None
+    for k in range(1, min(n, 1000)):
+        scale = 10.0 ** (2 - np.floor(np.log10(k / n)))
+        fraction = float(np.ceil(round(k / n * scale, 6)) / scale)
+        val = ValSelector(fraction, seed)(n)
+        if fraction < 1 and 0 < kept[val].sum() < kept.sum():
+            return fraction
+    return None
 
 
 def _finish(tmp: Path, writers: dict[str, SplitWriter], tok: Tokenizer, block_size: int, val_fraction: float,
