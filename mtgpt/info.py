@@ -60,7 +60,10 @@ def mask_line(m: dict[str, Any]) -> str:
 
 
 def describe_data(path: Path, verify: bool) -> tuple[list[str], bool]:
+    """(lines, ok). verify: check every file's size and sha256 first, and read no sample of a
+    folder that fails (GPT-2's bytes per token would stop at the damage instead of reporting it)."""
     m = load_manifest(path)
+    problems = verify_shards(path, m) if verify else []
     lines = [f"data folder {path} (mtgpt {m['mtgpt_version']}, {m['created']})",
              f"tokenizer: {tokenizer.describe(m['tokenizer'])}",
              f"block size: {m['block_size']} ({m['sample_tokens']} tokens per sequence)",
@@ -74,19 +77,19 @@ def describe_data(path: Path, verify: bool) -> tuple[list[str], bool]:
     if m.get("text_bytes"):
         line = f"bytes per token: {m['text_bytes'] / max(1, m['tokens']):.2f}"
         if not tokenizer.same(m["tokenizer"], tokenizer.GPT2_IDENTITY) and m["splits"]["train"]["samples"]:
-            tok = tokenizer.for_folder(path, m["tokenizer"])
-            line += f" (GPT-2's, {tokenizer.GPT2_VOCAB_SIZE:,} tokens, on ~1 MB of this text: {gpt2_bytes_per_token(path, m, tok):.2f})"
+            if problems:
+                line += " (GPT-2's not measured: the folder is damaged, see verify below)"
+            else:
+                tok = tokenizer.for_folder(path, m["tokenizer"])
+                line += f" (GPT-2's, {tokenizer.GPT2_VOCAB_SIZE:,} tokens, on ~1 MB of this text: {gpt2_bytes_per_token(path, m, tok):.2f})"
         lines.append(line)
     if m.get("replaced_bytes"):
         lines.append(f"invalid UTF-8 bytes replaced: {m['replaced_bytes']}")
     if m.get("loss_mask"):
         lines.append(mask_line(m))
-    ok = True
     if verify:
-        problems = verify_shards(path, m)
-        ok = not problems
         lines += [f"verify: {p}" for p in problems] or [f"verify: all {sum(len(m['splits'][s]['shards']) for s in ('train', 'val'))} shard(s) match their sha256"]
-    return lines, ok
+    return lines, not problems
 
 
 def describe_run(path: Path) -> list[str]:

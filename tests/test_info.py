@@ -67,3 +67,34 @@ def test_folder_kinds(tiny_data, tmp_path):
     assert folders.what(run / "checkpoints" / "step_00000010") == f"a checkpoint inside the run {run}"
     with pytest.raises(ValueError, match=f"is a checkpoint inside the run {run}; `mtgpt info {run}` describes the run"):
         info.describe(str(run / "checkpoints" / "step_00000010"))
+
+
+def test_verify_reports_damaged_shards_of_an_own_tokenizer_folder(tmp_path):
+    """--verify says which shard is damaged even where describing the folder reads samples (GPT-2's
+    bytes per token on data of an own tokenizer): a truncated shard, and a flipped byte that makes
+    a token id >= the vocabulary. (Both failed before verifying, telling the user to run --verify.)"""
+    import shutil
+    import tarfile
+
+    from mtgpt.data import DataError
+    from mtgpt.data.prepare import prepare
+
+    (tmp_path / "t.txt").write_text("\n".join(f"line {i} of some text here" for i in range(3000)))
+    data = tmp_path / "data300"
+    prepare([str(tmp_path / "t.txt")], data, block_size=64, vocab_size=300, quiet=True)
+    truncated, flipped = shutil.copytree(data, tmp_path / "truncated"), shutil.copytree(data, tmp_path / "flipped")
+    with open(truncated / "train-000000.tar", "r+b") as f:
+        f.truncate(20000)
+    with tarfile.open(data / "train-000000.tar") as t:
+        first = t.getmembers()[0].offset_data
+    with open(flipped / "train-000000.tar", "r+b") as f:
+        f.seek(first + 1)  # the high byte of the first token id: 0xff.. >= 300
+        f.write(b"\xff")
+    for folder, problem in ((truncated, "train-000000.tar: 20000 bytes, manifest says"),
+                            (flipped, "train-000000.tar: sha256 differs from the manifest")):
+        with pytest.raises(DataError, match="--verify"):  # without --verify: what to run
+            info.describe(str(folder))
+        text, ok = info.describe(str(folder), verify=True)
+        assert not ok and f"verify: {folder / problem}" in text and "val-000000" not in text
+    text, ok = info.describe(str(data), verify=True)
+    assert ok and "GPT-2's, 50,257 tokens, on ~1 MB of this text" in text
