@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -247,32 +248,36 @@ class DataSource:
 
 
 _NAME = re.compile(r"^([A-Za-z0-9_.-]+)=(.+)$")
-_WEIGHT = re.compile(r"^(.*):([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)$")  # signed: :-1 is a bad weight, not part of a path
+_WEIGHT = re.compile(r"^(.*):([-+]?(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?|[-+]?(?:nan|inf|infinity))$", re.IGNORECASE)
+# (signed, nan, inf: :-1 or :nan is a bad weight, not part of a path)
 _HOST = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/:]*$")  # http://host:8000 ends in a port, not a weight
 
 
 def data_sources(specs: list[str]) -> list[DataSource]:
-    """--data values -> DataSources. Each is [NAME=]DATA[:WEIGHT]: NAME defaults to the folder's
-    (or URL's) last part, WEIGHT to none. Names must differ; weights are given for all sources or
-    for none, and are positive (any scale: 7 and 3 are 0.7 and 0.3)."""
+    """--data values -> DataSources. Each is [NAME=]DATA[:WEIGHT]: DATA that is an existing path
+    as a whole is that path (a folder may be named ver:2); NAME defaults to the folder's name
+    (`.` is the current folder's) or the URL's last part, WEIGHT to none. Names must differ;
+    weights are given for all sources or for none, and are positive and finite (any scale: 7 and
+    3 are 0.7 and 0.3)."""
     out = []
     for i, spec in enumerate(specs):
         name, rest = (m.group(1), m.group(2)) if (m := _NAME.match(spec)) else (None, spec)
         weight = None
-        if (m := _WEIGHT.match(rest)) and not _HOST.match(m.group(1)):
+        if not os.path.exists(rest) and (m := _WEIGHT.match(rest)) and not _HOST.match(m.group(1)):
             rest, weight = m.group(1), float(m.group(2))
             if not (weight > 0 and math.isfinite(weight)):
-                raise ConfigError(f"--data {spec}: the weight must be a positive number, got {m.group(2)}")
+                raise ConfigError(f"--data {spec}: the weight must be a positive finite number, got {m.group(2)}")
         if not rest.strip():
             raise ConfigError(f"--data {spec!r}: no data folder given")
         if (scheme := re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", rest)) and scheme.group(1) not in ("http", "https"):
             raise ConfigError(f"--data {spec}: mtgpt reads data folders at http(s):// URLs, or through a pipe: command "
                               f"that writes file {{shard}} to stdout, not {scheme.group(1)}:// (e.g. --data "
                               "'pipe:aws s3 cp s3://bucket/data/{shard} -')")
-        if name is None:
-            name = re.sub(r"[^A-Za-z0-9_.-]+", "_", rest.rstrip("/").rsplit("/", 1)[-1]).strip("_") or f"data{i}"
-            if rest.startswith("pipe:"):
-                name = f"data{i}"
+        if name is None and rest.startswith("pipe:"):
+            name = f"data{i}"
+        elif name is None:  # (a local path made absolute first: `.` and `..` are named after the folder)
+            last = rest.rstrip("/").rsplit("/", 1)[-1] if scheme else os.path.basename(os.path.abspath(rest))
+            name = re.sub(r"[^A-Za-z0-9_.-]+", "_", last).strip("_") or f"data{i}"
         out.append(DataSource(name, rest, weight))
     names = [s.name for s in out]
     if len(set(names)) < len(names):

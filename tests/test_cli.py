@@ -67,7 +67,7 @@ def test_train_on_folder_that_is_not_data(tmp_path):
     (["--ds-config", "nope"], "not one of the bundled"),
     (["--max-time", "later"], "not a duration"),
     (["--resume", "/no/such/run"], "not a run folder"),
-    (["--data", "b=x:-1"], "the weight must be a positive number, got -1"),
+    (["--data", "b=x:-1"], "the weight must be a positive finite number, got -1"),
 ])
 def test_train_config_errors(tiny_data, tmp_path, args, match):
     one_error_line(invoke("train", "--data", tiny_data, "--out", tmp_path / "run", *TINY_ARGS, *args), match)

@@ -156,6 +156,25 @@ def test_the_data_option_syntax():
             data_sources(bad)
 
 
+def test_the_data_option_with_real_folders(tmp_path, monkeypatch):
+    """A folder whose name holds ':' is that folder (not the folder before it with a weight); a
+    weight that is nan or inf is refused as such (it was read as part of a path); '.' and '..' are
+    named after the folder they are (a source named '.' logged data/./tokens)."""
+    from mtgpt.config import ConfigError, DataSource, data_sources
+
+    versioned = tmp_path / "d" / "ver:2"
+    versioned.mkdir(parents=True)
+    assert data_sources([str(versioned)]) == [DataSource("ver_2", str(versioned))]
+    assert data_sources([f"v={versioned}:0.5"]) == [DataSource("v", str(versioned), 0.5)]
+    assert data_sources([str(tmp_path / "d" / "ver:3")]) == [DataSource("ver", str(tmp_path / "d" / "ver"), 3.0)]
+    for bad in ("nan", "inf", "-inf", "Infinity"):
+        for specs in ([f"d/t1k:{bad}"], ["a:1", f"d/t1k:{bad}"]):
+            with pytest.raises(ConfigError, match=rf"--data d/t1k:{bad}: the weight must be a positive finite number"):
+                data_sources(specs)
+    monkeypatch.chdir(versioned)
+    assert [data_sources([spec])[0].name for spec in (".", "./", "../ver:2/.", "..:1")] == ["ver_2", "ver_2", "ver_2", "d"]
+
+
 def test_a_plan_refuses_sources_that_do_not_share_tokenizer_or_block_size(two_sources, tmp_path):
     from mtgpt.config import TrainConfig
     from mtgpt.data import DataError
