@@ -258,8 +258,8 @@ def data_sources(specs: list[str]) -> list[DataSource]:
     as a whole is that path (a folder may be named ver:2); NAME defaults to the folder's name
     (`.` is the current folder's) or the URL's last part, WEIGHT to none. Names must differ;
     weights are given for all sources or for none, and are positive and finite (any scale: 7 and
-    3 are 0.7 and 0.3)."""
-    out = []
+    3 are 0.7 and 0.3). A folder is given once (compared resolved; a URL as written)."""
+    out, where = [], []
     for i, spec in enumerate(specs):
         name, rest = (m.group(1), m.group(2)) if (m := _NAME.match(spec)) else (None, spec)
         weight = None
@@ -279,6 +279,10 @@ def data_sources(specs: list[str]) -> list[DataSource]:
             last = rest.rstrip("/").rsplit("/", 1)[-1] if scheme else os.path.basename(os.path.abspath(rest))
             name = re.sub(r"[^A-Za-z0-9_.-]+", "_", last).strip("_") or f"data{i}"
         out.append(DataSource(name, rest, weight))
+        where.append(rest if scheme or rest.startswith("pipe:") else os.path.realpath(rest))
+        if where[-1] in where[:-1]:
+            raise ConfigError(f"--data {specs[where.index(where[-1])]} and --data {spec} are the same data folder "
+                              f"({where[-1]}); give it once, with the weight you want")
     names = [s.name for s in out]
     if len(set(names)) < len(names):
         twice = next(n for n in names if names.count(n) > 1)

@@ -468,9 +468,9 @@ def test_a_run_records_its_local_folders_as_absolute_paths(tiny_data, tmp_path, 
     (tmp_path / "base").mkdir()
     monkeypatch.chdir(tmp_path)
     assert absolute_paths("data", ["d"]) == [f"d={tmp_path / 'd'}"]
-    given = ["d:3", "b=d:0.25", "http://127.0.0.1:8000/x:0.5"]
+    given = ["d:3", "b=e:0.25", "http://127.0.0.1:8000/x:0.5"]  # (one folder twice is refused: data_sources)
     recorded = absolute_paths("data", given)
-    assert recorded[0] == f"d={tmp_path / 'd'}:3" and recorded[1] == f"b={tmp_path / 'd'}:0.25" and recorded[2] == given[2]
+    assert recorded[0] == f"d={tmp_path / 'd'}:3" and recorded[1] == f"b={tmp_path / 'e'}:0.25" and recorded[2] == given[2]
     assert [(s.name, s.weight) for s in data_sources(recorded)] == [(s.name, s.weight) for s in data_sources(given)]
     assert absolute_paths("init_from", "base") == str(tmp_path / "base") and absolute_paths("init_from", "gone") == "gone"
     (tmp_path / "my_ds.json").write_text("{}")  # a DeepSpeed JSON of the user's; a bundled config's name is kept

@@ -175,6 +175,24 @@ def test_the_data_option_with_real_folders(tmp_path, monkeypatch):
     assert [data_sources([spec])[0].name for spec in (".", "./", "../ver:2/.", "..:1")] == ["ver_2", "ver_2", "ver_2", "d"]
 
 
+def test_the_same_data_folder_twice_is_refused(tmp_path, monkeypatch):
+    """Twice in a mixture, a folder would be counted twice (the banner's tokens, its epochs): the
+    same folder however it is written (relative, absolute, through a symlink) or the same URL."""
+    from mtgpt.config import ConfigError, data_sources
+
+    (tmp_path / "d" / "t1k").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "d", target_is_directory=True)
+    (tmp_path / "d" / "other").mkdir()
+    monkeypatch.chdir(tmp_path)
+    for specs in (["x=d/t1k:1", "y=d/t1k:1"], ["d/t1k", f"y={tmp_path}/d/./t1k/"], ["x=d/t1k:1", "y=link/t1k:3"],
+                  ["x=http://h.org/data/t1k", "y=http://h.org/data/t1k"]):
+        with pytest.raises(ConfigError, match=rf"--data {specs[0]} and --data {specs[1]} are the same data folder "
+                                              r"\(.*\); give it once, with the weight you want"):
+            data_sources(specs)
+    assert len(data_sources(["x=d/t1k:1", "y=d/other:1"])) == 2
+    assert len(data_sources(["x=http://h.org/data/t1k", "y=https://h.org/data/t1k"])) == 2  # URLs: as strings
+
+
 def test_a_plan_refuses_sources_that_do_not_share_tokenizer_or_block_size(two_sources, tmp_path):
     from mtgpt.config import TrainConfig
     from mtgpt.data import DataError
