@@ -163,14 +163,16 @@ def test_reads_the_bytes_as_prepare_does(tmp_path):
 
 def test_a_text_with_no_tokens_is_refused_in_one_line(run, tmp_path):
     """Empty stdin, or a file holding only a byte-order mark (not text), has nothing to score:
-    one error line, as prepare refuses text without tokens, with --json too."""
+    one error line, as prepare refuses such files, with --json too."""
     (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf")
-    for args, input, name in ((["-"], "", "-"), ([tmp_path / "bom.txt"], None, tmp_path / "bom.txt")):
+    for args, input, error in ((["-"], "", "-: no text to score (it holds no tokens); give text with at least one "
+                                "character"),
+                               ([tmp_path / "bom.txt"], None, f"{tmp_path / 'bom.txt'}: the file holds only a byte-order "
+                                "mark (not text); give a file with text in it")):
         for json_flag in ([], ["--json"]):
             result = invoke("eval", run, *args, *json_flag, input=input)
             lines = [line for line in result.output.splitlines() if line.strip()]
-            assert result.exit_code == 1 and lines == [f"Error: {name}: no text to score (it holds no tokens); "
-                                                       "give text with at least one character"], result.output
+            assert result.exit_code == 1 and lines == [f"Error: {error}"], result.output
 
 
 def test_a_run_given_as_text_or_the_arguments_swapped(run, tmp_path):

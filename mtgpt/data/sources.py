@@ -109,7 +109,8 @@ def _not_text(path: Path, shown: str) -> tuple[str, str] | None:
     if b"\0" in head:
         return "binary", f"{shown}: looks like a binary file (it contains NUL bytes); give plain UTF-8 text"
     if blank:
-        return "whitespace", f"{shown}: the file holds only whitespace; give a file with text in it"
+        only = "a byte-order mark (not text)" if size <= 3 and not strip_bom(head) else "whitespace"
+        return "whitespace", f"{shown}: the file holds only {only}; give a file with text in it"
     return None
 
 
