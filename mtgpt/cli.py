@@ -329,7 +329,12 @@ def worker(local_rank, **options):
 
 
 def run_worker(options: dict) -> None:
-    """Plan and fit on this rank. Errors are printed once (by rank 0); every rank exits non-zero."""
+    """Plan and fit on this rank. Errors are printed once (by rank 0); every rank exits non-zero.
+    SIGINT/SIGTERM while starting (importing takes seconds) are kept for fit, which then stops
+    before its first step (without a handler this early a rank died, and the launcher with it)."""
+    early: list[int] = []
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, lambda signum, frame: early.append(signum))
     from mtgpt import world
     from mtgpt.data import DataError
     from mtgpt.train import TrainingDiverged, fit, make_plan
@@ -343,7 +348,7 @@ def run_worker(options: dict) -> None:
             click.echo(f"Error: {e}", err=True)
         sys.exit(2)
     try:
-        fit(plan)
+        fit(plan, early)
     except TrainingDiverged as e:  # every rank sees the same (all-reduced) loss
         if rank == 0:
             click.echo(f"Error: {e}", err=True)

@@ -84,7 +84,11 @@ def launch_local(cfg: TrainConfig, nproc: int) -> int:
         Path(config_file).unlink(missing_ok=True)
     if rc != 0 and got_signal and clean_stop_since(cfg.out, started):
         return 0
-    return rc
+    if rc != 0 and got_signal:  # (a rank that had not yet installed its handler, or one that failed)
+        print(f"Error: stopped by {signal.Signals(got_signal[0]).name} before the run saved; see any error above",
+              file=sys.stderr)
+        return 128 + got_signal[0]
+    return 128 - rc if rc < 0 else rc  # the launcher killed by a signal: the shell's convention, not rc % 256
 
 
 def _descendants(pid: int) -> list[psutil.Process]:

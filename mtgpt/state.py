@@ -104,10 +104,11 @@ def seed_all(seed: int) -> None:
 
 class StopFlag:
     """SIGTERM (what Slurm sends before a kill) and SIGINT ask for a clean stop: the loop finishes
-    its step, saves a checkpoint and exits 0."""
+    its step, saves a checkpoint and exits 0. `early`: signals that came before the flag existed
+    (while the rank was importing and planning; mtgpt.cli.run_worker keeps them)."""
 
-    def __init__(self):
-        self.signal: str | None = None
+    def __init__(self, early: list[int] | tuple[int, ...] = ()):
+        self.signal: str | None = signal.Signals(early[0]).name if early else None
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 

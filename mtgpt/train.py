@@ -446,14 +446,15 @@ def matmul_precision(tf32: bool, device: torch.device) -> str | None:
     return "high" if tf32 else "highest"
 
 
-def fit(plan: Plan) -> dict[str, Any]:
-    """Train as planned; returns a summary (rank 0's numbers)."""
+def fit(plan: Plan, early_signals: list[int] | tuple[int, ...] = ()) -> dict[str, Any]:
+    """Train as planned; returns a summary (rank 0's numbers). `early_signals`: SIGINT/SIGTERM
+    that came while the rank was starting (then it stops before the first step)."""
     clock = monitor.StartupClock()
     me = world.init()
     cfg = plan.cfg
     if (precision := matmul_precision(cfg.tf32, me.device)) is not None:
         torch.set_float32_matmul_precision(precision)
-    flag = StopFlag()
+    flag = StopFlag(early_signals)
     data_dirs = [remote.local_copy(s.path, cfg.data_cache, me.rank, progress=world.is_rank0())
                  if remote.is_url(s.path) else Path(s.path) for s in plan.sources]
     try:
@@ -492,10 +493,14 @@ def fit(plan: Plan) -> dict[str, Any]:
     reason = planned_stop(cfg, state, plan.train_tokens)
     if reason is None and cfg.max_time is not None and state.elapsed >= parse_duration(cfg.max_time):
         reason = "max_time"  # (its saved training time is the same on every rank)
-    resumed_done = reason is not None  # resumed a run that had already reached its stop
-    if resumed_done:
+    idle = reason is not None  # resumed a run that had already reached its stop
+    if idle:
         world.print0(f"nothing to train: the run had already stopped ({reason}) at step {state.step}; to go on, "
                      f"give {GO_ON[reason]}")
+    elif agreed_stop(cfg, 0.0, flag, me.device) == "signal":  # Ctrl-C while starting: stop before the first step
+        reason, idle = "signal", True
+        world.print0(f"stopped by {flag.signal or 'a signal'} on a rank before the first step: nothing was trained or "
+                     "saved" + (f" (the run is as it was at step {state.step})" if plan.resume_from else ""))
     while reason is None:
         running.add(train_step(engine, batches, cfg.grad_accum))
         if "first step" not in clock.phases:
@@ -529,7 +534,7 @@ def fit(plan: Plan) -> dict[str, Any]:
             perf.reset()
     bar.close()
     writes.wait()  # best/ is on disk before the final save and before fit returns
-    if not resumed_done:
+    if not idle:
         clock.last = time.time()
         save(engine, plan, state, batches, running)
         clock.mark("final save")
@@ -540,7 +545,8 @@ def fit(plan: Plan) -> dict[str, Any]:
         rundir.write_last_stop(cfg.out, reason=reason, step=state.step, tokens=state.tokens,
                                val_loss=finite(val_loss), best_val=finite(state.best_val), seconds=clock.phases)
     val_text = (f"val loss {val_loss:.4f}, best {state.best_val:.4f}, {monitor.last(log.history, 'val/bpb'):.4f} "
-                "bits/byte" if has_val(vals) else "no val split, so no val loss")
+                "bits/byte" if has_val(vals) and math.isfinite(val_loss) else "not evaluated yet" if has_val(vals)
+                else "no val split, so no val loss")
     world.print0(f"stopped ({reason}) at step {state.step}, {state.tokens:,} tokens; {val_text}; "
                  f"model: {Path(cfg.out) / checkpoint.WEIGHTS}")
     world.print0(f"time: {clock.line()}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -49,6 +50,38 @@ def test_signal_saves_and_exits_zero(tiny_data, tmp_path, sig, group):
                     stop["step"] + 4, "--resume", "auto")
     assert f"(step {stop['step']})" in out.stdout
     assert json.loads((run / "last_stop.json").read_text())["step"] == stop["step"] + 4
+
+
+@pytest.mark.parametrize("group", [False, True])
+def test_a_signal_while_the_ranks_start_stops_before_the_first_step(tiny_data, tmp_path, group):
+    """Ctrl-C (or kill -INT) while the ranks are still importing: a rank without a handler yet
+    died, and `mtgpt train` exited 241 or 1 without a word (or with the launcher's traceback).
+    Now each rank keeps the signal from its first line and stops before the first step: one line,
+    exit 0, nothing trained or saved."""
+    run = tmp_path / "run"
+    proc = start("train", "--data", tiny_data, "--out", run, "--nproc", "2", *ARGS)
+
+    def importing() -> bool:  # both ranks running, torch being imported (a rank's first import)
+        try:
+            ranks = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                     if p.cmdline()[1:5] == ["-u", "-m", "mtgpt", "worker"]]
+            return len(ranks) == 2 and all(r.memory_info().rss > 100e6 for r in ranks)
+        except psutil.Error:  # (a process that is starting or has just ended)
+            return False
+
+    wait_for(importing, proc, poll=0.02)
+    assert not (run / "metrics.jsonl").exists()  # not training yet
+    if group:
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+    out, err = proc.stdout.read().decode(), proc.stderr.read().decode()
+    assert proc.returncode == 0, out[-2000:] + err[-3000:]
+    assert re.search(r"stopped by SIG(INT|TERM) on a rank before the first step: nothing was trained or saved",
+                     out), out[-2000:] + err[-2000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert checkpoint.latest_complete(run) is None and not rows(run)
 
 
 def test_dead_rank_stops_the_others(tiny_data, tmp_path):
