@@ -81,7 +81,7 @@ def _sampling_options(max_new_tokens: int):
             click.option("--top-k", default=200, show_default=True,
                          help="Sample from the k most likely tokens; 0 keeps all tokens."),
             click.option("--top-p", type=float, help="Sample from the smallest set with this probability mass."),
-            click.option("--seed", type=int, help="Same seed, same text (0 to 4294967295)."),
+            click.option("--seed", type=int, help="Same seed (and --num-samples), same text (0 to 4294967295)."),
             click.option("--best", is_flag=True, help="Use the weights with the best val loss, not the latest."),
             DEVICE_OPTION,
             click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
@@ -520,7 +520,7 @@ def export(run_dir, hf_dir, best, overwrite):
 @click.argument("path", required=False, type=click.Path())
 @click.option("--verify", is_flag=True, help="Data folder: check every shard's sha256.")
 def info(path, verify):
-    """Show what a data, run or tokenizer folder holds; with no PATH, the default model."""
+    """Show what a data, run, checkpoint, tokenizer or Hugging Face folder holds; with no PATH, the default model."""
     from mtgpt.info import describe
 
     try:

@@ -12,11 +12,12 @@ accumulation, clipping, precision, ZeRO, AdamW and the LR schedule through its J
 
 from __future__ import annotations
 
+import io
 import math
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
@@ -363,7 +364,8 @@ def build_engine(plan: Plan, model: GPT):
     from deepspeed.runtime import torch_autocast
 
     torch_autocast.TORCH_AUTOCAST_INITIALIZED, torch_autocast.TORCH_AUTOCAST_DTYPE = False, None
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.param_groups(), config=plan.ds)
+    with redirect_stdout(io.StringIO()):  # its bf16 optimizer print()s ~20 lines of memory reports
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.param_groups(), config=plan.ds)
     if engine.dp_world_size == 1 and ds_config.zero_stage(plan.ds) == 0:
         # one rank has nothing to average: skip DeepSpeed's all-reduce, which would still copy every
         # gradient into a flat buffer, scale it and copy it back (at ZeRO 1-3 the optimizer's

@@ -9,6 +9,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -27,7 +28,7 @@ MIXED = "Shall I compare thee — café, 中文, 🎉, <tag> x  \n\tdef f(): pas
 
 def one_error_line(proc: subprocess.CompletedProcess, match: str) -> str:
     assert proc.returncode != 0
-    lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("warning")]
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith(("warning", "note:"))]
     assert len(lines) == 1 and lines[0].startswith("Error:") and match in lines[0], proc.stderr
     return lines[0]
 
@@ -88,6 +89,13 @@ def test_vocab_size_trains_one_on_the_same_text(tmp_path):
     tok = tokenizer.load(tmp_path / "d")
     assert m["tokenizer"]["name"] == "bpe-300" and tok.vocab_size == 300 and tok.info["trained_on"]["sources"] == 1
     assert stream_of(tmp_path / "d") == [*tok.encode(SONNETS.read_text()), tok.eot][:len(stream_of(tmp_path / "d"))]
+    # said before it starts (outside a terminal there is no progress bar), and in the time prepare reports
+    said: list[str] = []
+    began = time.time()
+    m = prepare([str(SONNETS)], tmp_path / "e", block_size=16, val_fraction=0.0, vocab_size=300, warn=said.append)
+    took = time.time() - began
+    assert said == ["note: training a 300-token BPE vocabulary on the text first (then tokenizing it)"]
+    assert m["seconds"] >= 0.9 * took - 0.05  # the whole of it, training the tokenizer included
 
 
 def test_a_gpt2_data_folder_is_unchanged(tiny_data):

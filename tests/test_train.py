@@ -818,3 +818,12 @@ def test_a_resumed_run_trains_with_the_deepspeed_json_it_started_with(tiny_data,
     (tmp_path / "ds_configs").mkdir()
     (tmp_path / "ds_configs" / "zero0_fp32.json").write_text(json.dumps({**raw, "gradient_clipping": 0.01}))
     assert make_plan(TrainConfig(**args, out="named", max_steps=4, resume="auto"), 1).ds["gradient_clipping"] == 1.0
+
+
+def test_deepspeeds_memory_reports_stay_out_of_the_output(world_of_one, capfd):
+    """DeepSpeed's bf16 optimizer print()s memory reports while it initializes ("begin
+    bf16_optimizer", "MA 0.37 GB Max_MA ...", "CPU Virtual Memory: ..."; about 20 lines before
+    mtgpt's banner in every zero1_bf16 run, make demo's included): kept out."""
+    _engine("zero1_bf16", ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=16))
+    out = capfd.readouterr().out
+    assert "bf16_optimizer" not in out and "Max_MA" not in out and "CPU Virtual Memory" not in out, out

@@ -266,6 +266,7 @@ def prepare(
     # a tokenizer thread may wait on the GIL; with one spare, no core idles (2 cores, 500 MB:
     # 33 s with 2 threads, 26.5 s with 3, 27.8 s with 4)
     workers = workers or (os.cpu_count() or 1) + 1
+    started = time.time()  # (the manifest's "seconds": the whole of prepare, training a tokenizer included)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = folders.temporary(out)
     tmp.mkdir()
@@ -280,15 +281,17 @@ def prepare(
             read = [Source("conversations", conversations, conversations.stat().st_size)]
             doc_separator = chat.DOC_SEPARATOR
         if vocab_size is not None:
+            if not quiet:
+                warn(f"note: training a {vocab_size:,}-token BPE vocabulary on the text first (then tokenizing it)")
             tok = train_tokenizer(read, vocab_size, strict, doc_separator, quiet)
             tok.info = tokenizer_info(tok, read, sources)
         tok.save(tmp)
         if fmt == "chat":
             manifest = _write_chat_shards([s.path for s in sources], tmp, block_size, val_fraction, seed,
-                                          shard_size_mb, strict, quiet, warn, sources, extra, tok, train_on)
+                                          shard_size_mb, strict, quiet, warn, sources, extra, tok, train_on, started)
         else:
             manifest = _write_shards(read, tmp, block_size, val_fraction, seed, shard_size_mb, strict,
-                                     doc_separator, workers, quiet, warn, sources, extra, tok)
+                                     doc_separator, workers, quiet, warn, sources, extra, tok, started)
         conversations.unlink(missing_ok=True)
         folders.replace_folder(tmp, out)
     except BaseException as e:  # nothing half-written survives: not a crash, not Ctrl-C, not ENOSPC
@@ -317,8 +320,7 @@ def _looks_like_chat(sources: list[Source]) -> bool:
 
 
 def _write_shards(sources, tmp, block_size, val_fraction, seed, shard_size_mb, strict, separator,
-                  workers, quiet, warn, listed, extra, tok: Tokenizer) -> dict[str, Any]:
-    started = time.time()
+                  workers, quiet, warn, listed, extra, tok: Tokenizer, started: float) -> dict[str, Any]:
     S = block_size + 1
     shard_bytes = int(shard_size_mb * 1e6)
     writers = {s: SplitWriter(tmp, s, shard_bytes) for s in ("train", "val")}
@@ -379,7 +381,8 @@ def _write_shards(sources, tmp, block_size, val_fraction, seed, shard_size_mb, s
 
 def _write_chat_shards(paths: list[Path], tmp: Path, block_size: int, val_fraction: float, seed: int,
                        shard_size_mb: float, strict: bool, quiet: bool, warn: Callable[[str], None],
-                       listed: list[Source], extra: dict[str, Any], tok: Tokenizer, train_on: str) -> dict[str, Any]:
+                       listed: list[Source], extra: dict[str, Any], tok: Tokenizer, train_on: str, started: float
+                       ) -> dict[str, Any]:
     """Chat data: each conversation (its template text and <|endoftext|>) starts its own sample, so
     no sample lets one conversation attend to another; one longer than a sample goes on in the
     next ones, and the last is padded with <|endoftext|>. Each sample is stored with its loss mask
@@ -390,7 +393,6 @@ def _write_chat_shards(paths: list[Path], tmp: Path, block_size: int, val_fracti
     about per file, or refused when `strict`, as in text."""
     from mtgpt import chat
 
-    started = time.time()
     S = block_size + 1
     writers = {s: SplitWriter(tmp, s, int(shard_size_mb * 1e6)) for s in ("train", "val")}
     is_val = ValSelector(val_fraction, seed)
@@ -556,6 +558,7 @@ def make_tokenizer(inputs: list[str], vocab_size: int, out: str | Path, overwrit
     out = Path(out)
     folders.check_out(out, overwrite, error=DataError, writes=("tokenizer",))
     sources = resolve_sources(inputs, glob or "**/*.txt")
+    started = time.time()  # (the manifest's "seconds": the whole of prepare, training a tokenizer included)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = folders.temporary(out)
     try:
