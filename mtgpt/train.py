@@ -542,10 +542,9 @@ def fit(plan: Plan, early_signals: list[int] | tuple[int, ...] = ()) -> dict[str
         clock.mark("final save")
     val_loss = monitor.last(log.history, "val/loss")
     log.close()
-    finite = (lambda x: x if math.isfinite(x) else None)  # JSON has no NaN or inf
     if world.is_rank0():
         rundir.write_last_stop(cfg.out, reason=reason, step=state.step, tokens=state.tokens,
-                               val_loss=finite(val_loss), best_val=finite(state.best_val), seconds=clock.phases)
+                               val_loss=_finite(val_loss), best_val=_finite(state.best_val), seconds=clock.phases)
     val_text = (f"val loss {val_loss:.4f}, best {state.best_val:.4f}, {monitor.last(log.history, 'val/bpb'):.4f} "
                 "bits/byte" if has_val(vals) and math.isfinite(val_loss) else "not evaluated yet" if has_val(vals)
                 else "no val split, so no val loss")
@@ -554,6 +553,10 @@ def fit(plan: Plan, early_signals: list[int] | tuple[int, ...] = ()) -> dict[str
     world.print0(f"time: {clock.line()}")
     return {"step": state.step, "tokens": state.tokens, "val_loss": val_loss, "best_val": state.best_val,
             "reason": reason}
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None  # JSON has no NaN or inf
 
 
 GO_ON = {"max_steps": "a larger --max-steps", "max_tokens": "a larger --max-tokens", "max_time": "a larger --max-time",

@@ -558,7 +558,6 @@ def make_tokenizer(inputs: list[str], vocab_size: int, out: str | Path, overwrit
     out = Path(out)
     folders.check_out(out, overwrite, error=DataError, writes=("tokenizer",))
     sources = resolve_sources(inputs, glob or "**/*.txt")
-    started = time.time()  # (the manifest's "seconds": the whole of prepare, training a tokenizer included)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = folders.temporary(out)
     try:
