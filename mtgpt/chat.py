@@ -291,6 +291,28 @@ def reply_stream(model, tok: Tokenizer, prompt_ids: list[int], cfg) -> Iterator[
 HELP = "Type a message and press Enter. /reset forgets the conversation, /quit or Ctrl-D ends it."
 
 
+def dialogue_note(run_dir: str | Path) -> str | None:
+    """A note for chatting with a run whose training data held no dialogue (every data folder it
+    names that is still on disk was prepared as plain text): it continues text rather than
+    answering. None when it saw dialogue, or when that cannot be told (no train_config.json, a
+    Hugging Face folder, data moved or at a URL)."""
+    from mtgpt import folders
+    from mtgpt.config import data_sources
+    from mtgpt.data import load_manifest
+
+    run = Path(run_dir)
+    try:
+        data = json.loads((run / folders.TRAIN_CONFIG).read_text(encoding="utf-8"))["data"]
+        contents = {load_manifest(s.path).get("content", "text") for s in data_sources(data)
+                    if (Path(s.path) / folders.MANIFEST).is_file()}
+    except Exception:  # (anything unreadable: no note, never an error)
+        return None
+    if contents != {"text"}:
+        return None
+    return (f"note: {run_dir} was trained on plain text, not dialogue, so it continues the conversation as text "
+            "rather than answering; fine-tune it on dialogue first (README, Chat: make chat-demo shows how)")
+
+
 def run_chat(run_dir: str, cfg, best: bool = False, device: str = "auto", system: str | None = None,
              read=input, write=print, dtype: str = "auto", warn=print) -> None:
     """The terminal loop of `mtgpt chat`; `warn` says what of a message or the system line did
@@ -301,6 +323,8 @@ def run_chat(run_dir: str, cfg, best: bool = False, device: str = "auto", system
     cfg.check(model.config.vocab_size)
     cfg.num_samples, cfg.stop_at_eot = 1, True
     write(f"mtgpt chat with {run_dir} (context {model.config.block_size} tokens). {HELP}\n")
+    if note := dialogue_note(run_dir):
+        warn(note)
     history: list[tuple[str, str]] = []
     while True:
         try:

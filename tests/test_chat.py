@@ -317,3 +317,28 @@ def test_a_message_or_system_line_that_does_not_fit_is_cropped_with_a_warning(mo
     proc = subprocess.run([sys.executable, "-m", "mtgpt", "chat", str(model_dir), "--max-new-tokens", "2"],
                           capture_output=True, text=True, input=long + "\n", timeout=120)
     assert proc.returncode == 0 and "warning: your message is longer than the context of 64" in proc.stderr
+
+
+def test_chatting_with_a_model_that_never_saw_dialogue_says_so(tmp_path, tiny_data):
+    """`mtgpt chat runs/demo` (trained on Shakespeare) answered in verse without a word: a note
+    says it continues text rather than answering. A run that saw dialogue (alone or in a mixture),
+    or one whose data cannot be found, gets none."""
+    (tmp_path / "c.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"},
+                                                               {"role": "assistant", "content": "Hello!"}]}) + "\n")
+    prepare([str(tmp_path / "c.jsonl")], tmp_path / "chatdata", fmt="chat", block_size=8, val_fraction=0.0, quiet=True)
+    runs = {"text": [f"sonnets={tiny_data}"], "chat": [f"c={tmp_path / 'chatdata'}"],
+            "mix": [f"sonnets={tiny_data}:1", f"c={tmp_path / 'chatdata'}:1"], "gone": [str(tmp_path / "nowhere")]}
+    for name, data in runs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "train_config.json").write_text(json.dumps({"data": data}))
+    assert "trained on plain text, not dialogue" in chat.dialogue_note(tmp_path / "text")
+    assert [chat.dialogue_note(tmp_path / n) for n in ("chat", "mix", "gone", "chatdata")] == [None] * 4
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**TINY))
+    checkpoint.save_weights(dict(model.named_parameters()), model.config, tmp_path / "text")
+    from mtgpt.sample import SampleConfig
+
+    warnings: list[str] = []
+    chat.run_chat(str(tmp_path / "text"), SampleConfig(max_new_tokens=2, seed=1), device="cpu", read=lambda _: "/quit",
+                  write=lambda _: None, warn=warnings.append)
+    assert len(warnings) == 1 and warnings[0].startswith(f"note: {tmp_path / 'text'} was trained on plain text")
