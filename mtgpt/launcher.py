@@ -2,9 +2,12 @@
 
 The launcher runs `python -m mtgpt worker --config FILE` in each process; FILE is the resolved
 train config written to a temporary file (nothing is written into the run folder before the
-ranks agree to start). SIGINT (Ctrl-C) and SIGTERM reach every process under the launcher; the
-ranks finish their step, save a checkpoint and exit 0. The DeepSpeed launcher itself
-exits 1 after a signal, so the exit code reported is 0 when rank 0 recorded a clean stop.
+ranks agree to start). SIGINT (Ctrl-C), SIGTERM and SIGHUP reach the ranks as SIGTERM; they
+train on to their next log step, save a checkpoint and exit 0, however long that takes. The
+DeepSpeed launcher is kept out of it, in its own process group (a Ctrl-C at the terminal reaches
+only this process): signalled itself it would SIGKILL the ranks 30 s later, in the middle of a
+slow CPU step or save. It gets SIGTERM only when this process dies (PR_SET_PDEATHSIG, Linux),
+or when a signal comes before it has started any rank.
 """
 
 from __future__ import annotations
@@ -57,24 +60,23 @@ def launch_local(cfg: TrainConfig, nproc: int) -> int:
         env.setdefault("DS_ACCELERATOR", "cpu")
     started = time.time()
     env[monitor.LAUNCHED_AT] = str(started)
-    proc = subprocess.Popen(command(config_file, nproc, world.free_port()), env=env)
+    proc = subprocess.Popen(command(config_file, nproc, world.free_port()), env=env, process_group=0,
+                            preexec_fn=_die_with_parent)
     got_signal: list[int] = []
     tree: list[psutil.Process] = []  # the processes under the launcher when a signal came
 
     def forward(signum, frame):
-        # Every process under the launcher (the ranks too) gets SIGTERM directly, so that each
-        # rank finishes its step and saves however the launcher reacts: for SIGINT too, which
-        # Ctrl-C sends them all but `kill -INT PID` sends only to this process (a rank's stop
-        # flag is set once, whichever signal comes and however often).
+        # The ranks (the processes under the launcher) get SIGTERM, whichever signal came (a
+        # rank's stop flag is set once, however often); the launcher only if it has none yet.
         got_signal.append(signum)
         tree[:] = _descendants(proc.pid)
-        for child in tree:
+        for child in tree[1:] or tree:
             try:
                 child.send_signal(signal.SIGTERM)
             except psutil.NoSuchProcess:
                 pass
 
-    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         rc = proc.wait()
         psutil.wait_procs(tree, timeout=600)  # after a signal, ranks may still be saving
@@ -89,6 +91,17 @@ def launch_local(cfg: TrainConfig, nproc: int) -> int:
               file=sys.stderr)
         return 128 + got_signal[0]
     return 128 - rc if rc < 0 else rc  # the launcher killed by a signal: the shell's convention, not rc % 256
+
+
+def _die_with_parent() -> None:
+    """In the launcher, before it starts: SIGTERM when `mtgpt train` dies (even by SIGKILL), so that
+    it stops its ranks rather than leaving them training (Linux; elsewhere nothing)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
 
 
 def _descendants(pid: int) -> list[psutil.Process]:

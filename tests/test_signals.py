@@ -84,6 +84,42 @@ def test_a_signal_while_the_ranks_start_stops_before_the_first_step(tiny_data, t
     assert checkpoint.latest_complete(run) is None and not rows(run)
 
 
+def test_a_stop_that_takes_longer_than_30_seconds_still_saves(tiny_data, tmp_path):
+    """After a signal a rank trains on to its next log step, then evaluates and saves: on a CPU
+    with the default model (10 steps of seconds each) that takes more than 30 s. DeepSpeed's
+    launcher, when signalled itself, SIGKILLs its ranks 30 s later: the save was lost and the run
+    exited 1. Only the ranks are signalled now, and the launcher waits for them."""
+    run = tmp_path / "run"
+    proc = start("train", "--data", tiny_data, "--out", run, "--nproc", "2", "--n-layer", "4", "--n-head", "4",
+                 "--n-embd", "256", "--block-size", "32", "--micro-batch", "32", "--log-every", "30",
+                 "--eval-every", "100000", "--eval-samples", "8", "--max-steps", "100000")  # ~1.8 s a step here
+    wait_for(lambda: (run / "run_info.json").is_file(), proc)  # training
+    time.sleep(2)
+    signalled = time.time()
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C; the stop comes at step 30
+    proc.wait(timeout=600)
+    err = proc.stderr.read().decode()
+    assert proc.returncode == 0, err[-3000:]
+    assert time.time() - signalled > 30, "the stop came sooner than this test is about: raise --log-every"
+    stop = json.loads((run / "last_stop.json").read_text())
+    assert stop["reason"] == "signal" and stop["step"] == 30
+    assert checkpoint.latest_complete(run).name == checkpoint.tag_for(30)
+
+
+def test_no_rank_trains_on_after_mtgpt_train_is_killed(tiny_data, tmp_path):
+    """SIGKILL to `mtgpt train` alone (it cannot forward that): the launcher, in its own process
+    group, is told by the kernel (PR_SET_PDEATHSIG) and stops the ranks; none trains on orphaned."""
+    run = tmp_path / "run"
+    proc = start("train", "--data", tiny_data, "--out", run, "--nproc", "2", *ARGS)
+    wait_for(lambda: len(rows(run)) >= 2, proc)
+    under = psutil.Process(proc.pid).children(recursive=True)
+    assert len(under) >= 3  # the launcher and two ranks
+    proc.kill()
+    proc.wait(timeout=30)
+    gone, alive = psutil.wait_procs(under, timeout=90)
+    assert not alive, [p.cmdline() for p in alive]
+
+
 def test_dead_rank_stops_the_others(tiny_data, tmp_path):
     """SIGKILL one rank: the launcher ends the other and `mtgpt train` exits non-zero quickly."""
     run = tmp_path / "run"
