@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -48,9 +48,17 @@ def wait_for(predicate, proc: subprocess.Popen, timeout: float = 180, poll: floa
 
 
 def kill_group(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGKILL)
+    """A crash of the whole job (the machine, the OOM killer): SIGKILL to every process of it at
+    once, the ranks first. (SIGKILL to `mtgpt train` alone is no crash: its launcher, in a process
+    group of its own, then stops the ranks cleanly; tests/test_signals.py.)"""
+    tree = psutil.Process(proc.pid).children(recursive=True)
+    for p in [*reversed(tree), psutil.Process(proc.pid)]:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
     proc.wait(timeout=30)
-    time.sleep(0.5)  # the ranks are in the same group; give the kernel a moment to reap them
+    psutil.wait_procs(tree, timeout=30)
 
 
 def uninterrupted(data: Path, root: Path, nproc: int) -> dict[int, Path]:

@@ -173,9 +173,13 @@ def test_uninterrupted_job_trains_on_two_nodes(straight):
 
 
 def test_a_mixture_job(cluster, data, tmp_path):
-    """DATA_DIR="a=DIR:0.7 b=DIR:0.3": one --data per source on every node."""
-    run = tmp_path / "mix"
-    job_id = train_job(cluster, f"a={data}:0.7 b={data}:0.3", run, steps=4)
+    """DATA_DIR="a=DIR:0.7 b=DIR2:0.3": one --data per source on every node (two folders: one
+    folder given twice is refused)."""
+    import shutil
+
+    run, other = tmp_path / "mix", tmp_path / "sonnets32-copy"
+    shutil.copytree(data, other)
+    job_id = train_job(cluster, f"a={data}:0.7 b={other}:0.3", run, steps=4)
     job = cluster.wait(job_id, lambda j: j["JobState"] in DONE, "the end", files=(Path(f"{run}.out"), run / "logs"))
     assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), cluster.logs(run)
     last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
