@@ -190,15 +190,15 @@ def resume_point(cfg: TrainConfig) -> Path | None:
 
 def own_ds_config(cfg: TrainConfig, found: Path) -> tuple[str, dict[str, Any]] | None:
     """The DeepSpeed config a run resumed from checkpoint `found` goes on with, unless --ds-config
-    names another: the dict it trained with (its ds_config.json, `ds_config.unresolved`), named as
-    it was started, whatever the file it was started from holds now or wherever it went. None for
-    another --ds-config, or a run from before ds_config.json existed."""
+    names another: the dict it trained with (its ds_config.json, which `ds_config.find` reads back
+    unresolved), named as it was started, whatever the file it was started from holds now or
+    wherever it went. None for another --ds-config, or a run from before ds_config.json existed."""
     from mtgpt import ds_config
 
     saved, file = saved_settings(found) or {}, run_of(found) / DS_CONFIG
     if not file.is_file() or (cfg.ds_config and cfg.ds_config != saved.get("ds_config")):
         return None
-    return saved.get("ds_config") or str(file), ds_config.unresolved(load_json(file))
+    return saved.get("ds_config") or str(file), ds_config.find(str(file))[1]
 
 
 def check_resumable_ds(found: Path, ds: dict[str, Any], ds_name: str) -> None:
