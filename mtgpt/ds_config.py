@@ -97,6 +97,14 @@ def find(name_or_path: str) -> tuple[str, dict[str, Any]]:
                       f"configs ({', '.join(bundled_names())})")
 
 
+def shown(name: str) -> str:
+    """A config's name for people: a file by its path, a bundled one by its name (after a pip
+    install "ds_configs/zero1_fp32.json" is no path the user has)."""
+    if name.startswith("ds_configs/") and not Path(name).is_file():
+        return f"{Path(name).stem} (bundled with mtgpt)"
+    return name
+
+
 def _known_keys() -> set[str]:
     keys = set(DS_TOP_LEVEL_KEYS)
     import_deepspeed()

@@ -581,6 +581,8 @@ def run_serve(run_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: 
         raise SampleError("--api-key must not be empty")
     model, tok = load_for_inference(run_dir, best, device, dtype)
     sock = listen(host, port)
+    if note := chat.dialogue_note(run_dir):  # the page and /v1/chat/completions would not answer
+        log(note)
     name = model_name or Path(run_dir).resolve().name
     server = Server(model, tok, name, api_key, max_tokens_limit)
     server.worker = Worker(model)

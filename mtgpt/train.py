@@ -570,7 +570,7 @@ def banner(plan: Plan, step: int) -> str:
     lines = [
         f"mtgpt {__version__}: {param_count(cfg.model):,} parameters ({cfg.model.n_layer} layers, "
         f"{cfg.model.n_head} heads, {cfg.model.n_embd} wide, context {cfg.model.block_size})",
-        f"  {plan.world_size} rank(s) on {world.get().device.type}, {plan.ds_name}: ZeRO-"
+        f"  {plan.world_size} rank(s) on {world.get().device.type}, {ds_config.shown(plan.ds_name)}: ZeRO-"
         f"{ds_config.zero_stage(ds)}, {ds_config.precision(ds)}",
         f"  batch {ds['train_batch_size']} sequences = micro {cfg.micro_batch} x accum {cfg.grad_accum} x "
         f"{plan.world_size} rank(s) = {plan.tokens_per_step:,} tokens/step; schedule {plan.schedule_steps} steps",

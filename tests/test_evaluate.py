@@ -59,6 +59,10 @@ def test_cli_json_and_bits_per_byte(tmp_path):
     assert abs(row["bits_per_byte"] - row["nll"] / math.log(2) / len(text.encode())) < 1e-9
     assert abs(row["ppl"] - math.exp(row["loss"])) < 1e-6 * row["ppl"]
     assert abs(row["loss"] - math.log(50257)) < 0.5  # an untrained model
+    # --dtype bf16 scores the bf16 weights (as sample, chat and serve load them): close, not equal
+    half = json.loads(run_mtgpt("eval", tmp_path / "run", tmp_path / "a.txt", "--json", "--stride", "8",
+                                "--dtype", "bf16").stdout)[0]
+    assert half["tokens"] == row["tokens"] and 0 < abs(half["loss"] - row["loss"]) < 0.05
 
 
 def test_bad_input(tmp_path):

@@ -7,6 +7,7 @@ import asyncio
 import http.client
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -455,10 +456,15 @@ def test_api_key(run_dir):
         assert s.stop(signal.SIGINT) == 0
 
 
-def test_open_host_warns_without_a_key_and_sigterm_exits_cleanly(run_dir, server):
-    s = Served(run_dir, "--host", "0.0.0.0")
+def test_open_host_warns_without_a_key_and_sigterm_exits_cleanly(run_dir, server, tiny_data, tmp_path):
+    """Also: serving a model trained on plain text notes that its chat will not answer (as
+    `mtgpt chat` does)."""
+    text_run = shutil.copytree(run_dir, tmp_path / "text")
+    (text_run / "train_config.json").write_text(json.dumps({"data": [str(tiny_data)]}))
+    s = Served(text_run, "--host", "0.0.0.0")
     assert s.stop(signal.SIGTERM) == 0
-    assert "without --api-key" in s.proc.stderr.read()
+    said = s.proc.stderr.read()
+    assert "without --api-key" in said and f"note: {text_run} was trained on plain text, not dialogue" in said
     taken = run_mtgpt("serve", run_dir, "--port", server.port, check=False, timeout=60)
     assert taken.returncode == 1 and "could not serve on 127.0.0.1:" in taken.stderr
     for host, says in (("999.1.1.1", "--host 999.1.1.1: no such address"),

@@ -252,7 +252,7 @@ def test_schedule_steps(tiny_data):
     assert schedule_steps(cfg.replace(max_steps=100, max_tokens=1000), [m], 2) == 8  # the smallest
 
 
-def test_make_plan_checks(tiny_data, tmp_path):
+def test_make_plan_checks(tiny_data, tmp_path, monkeypatch):
     from mtgpt.config import ConfigError
     from mtgpt.train import make_plan
 
@@ -260,6 +260,13 @@ def test_make_plan_checks(tiny_data, tmp_path):
     plan = make_plan(cfg, world_size=2, cuda=False)
     assert plan.ds_name.endswith("zero1_fp32.json") and plan.ds["train_batch_size"] == 4 and plan.schedule_steps == 5
     assert plan.resume_from is None and not plan.universal and plan.tokens_per_step == 128
+    from mtgpt.train import banner
+
+    # the banner names a bundled config by its name where ds_configs/ is no folder of the user's (a pip install)
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the checkout, which has ds_configs/
+    assert ", ds_configs/zero1_fp32.json: ZeRO-1, fp32" in banner(plan, 0)
+    monkeypatch.chdir(tmp_path)
+    assert ", zero1_fp32 (bundled with mtgpt): ZeRO-1, fp32" in banner(plan, 0)
     with pytest.raises(ConfigError, match="fp16 needs a GPU"):
         make_plan(cfg.replace(ds_config="zero1_fp16"), world_size=1, cuda=False)
     from mtgpt.train import plan_warnings
