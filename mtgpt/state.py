@@ -29,10 +29,11 @@ UNIVERSAL_INFO = {"universal_checkpoint_info": {"universal_checkpoint_version": 
 class TrainState:
     step: int = 0  # optimizer steps done
     tokens: int = 0  # training tokens seen, all ranks together
-    best_val: float = float("inf")  # early stopping: the best val loss so far
-    evals_since_best: int = 0  # early stopping: evaluations without improvement
+    best_val: float = float("inf")  # the lowest val loss so far (best/ holds its weights)
+    evals_since_best: int = 0  # early stopping: evaluations since the val loss last beat patience_best - min_delta
     elapsed: float = 0.0  # training seconds before this process started
     ranks: list[dict[str, Any]] = field(default_factory=list)  # per rank: RNG states, data position, loss
+    patience_best: float = float("inf")  # early stopping: the val loss of the last gain of more than min_delta
 
     def client_state(self, mine: dict[str, Any]) -> dict[str, Any]:
         """The checkpoint's client state. `mine` is this rank's own state (data position, running
@@ -40,12 +41,13 @@ class TrainState:
         ranks = world.all_gather_object({"rng": rng_state(), **mine})
         return {"mtgpt": {"step": self.step, "tokens": self.tokens, "best_val": self.best_val,
                           "evals_since_best": self.evals_since_best, "elapsed": self.elapsed,
-                          "ranks": ranks}, **UNIVERSAL_INFO}
+                          "ranks": ranks, "patience_best": self.patience_best}, **UNIVERSAL_INFO}
 
     @classmethod
     def from_client_state(cls, client: dict[str, Any]) -> "TrainState":
         s = client["mtgpt"]
-        return cls(s["step"], s["tokens"], s["best_val"], s["evals_since_best"], s["elapsed"], s["ranks"])
+        return cls(s["step"], s["tokens"], s["best_val"], s["evals_since_best"], s["elapsed"], s["ranks"],
+                   s.get("patience_best", s["best_val"]))  # (older checkpoints: one number for both)
 
     def of_rank(self, world_size: int, rank: int) -> dict[str, Any] | None:
         """What this rank saved, or None when the run was saved by another number of ranks."""

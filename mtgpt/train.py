@@ -43,6 +43,16 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or inf."""
 
 
+def diverged(what: str, value: float, state: TrainState, out: str) -> TrainingDiverged:
+    """The error for a non-finite loss: what is kept (no checkpoint holds weights after a
+    non-finite loss: the train loss is checked at every log step and save, the val loss at
+    every evaluation, before anything is written) and what to change."""
+    kept = checkpoint.latest_complete(out)
+    return TrainingDiverged(f"the {what} is {value} at step {state.step}; stopping. "
+                            + (f"The last good checkpoint is {kept}; resume from it" if kept
+                               else "Nothing was saved; start again") + " with a lower --lr or a longer --warmup-steps.")
+
+
 @dataclass
 class Plan:
     cfg: TrainConfig
@@ -313,7 +323,8 @@ def evaluate(engine, val: tuple[torch.Tensor, torch.Tensor], micro_batch: int,
     """(mean val loss per scored token, bits per byte) over all ranks' shares of the fixed val set
     `val` = (x, y) (every rank runs the same number of forward passes, which ZeRO-3 needs; targets
     -1 are not scored, as in training). Bits per byte divide the summed loss by the UTF-8 bytes of
-    the scored tokens (`byte_lengths`: Tokenizer.byte_lengths), so they compare across tokenizers."""
+    the scored tokens (`byte_lengths`: Tokenizer.byte_lengths), so they compare across tokenizers.
+    A NaN or inf loss comes back as inf (diverged); nothing scored (every target masked) as NaN."""
     engine.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=engine.device)  # (summed loss, scored tokens, bytes)
     for x, y in zip(*(t.split(micro_batch) for t in val)):
@@ -326,6 +337,8 @@ def evaluate(engine, val: tuple[torch.Tensor, torch.Tensor], micro_batch: int,
     world.all_reduce_sum(totals)
     if totals[1] == 0:
         return float("nan"), float("nan")
+    if not torch.isfinite(totals[0]):
+        return float("inf"), float("inf")
     return float(totals[0] / totals[1]), float(totals[0] / math.log(2) / totals[2])
 
 
@@ -517,7 +530,7 @@ def fit(plan: Plan, early_signals: list[int] | tuple[int, ...] = ()) -> dict[str
             reason = agreed_stop(cfg, state.elapsed, flag, me.device)
         metrics: dict[str, float] = {}
         if log_step or reason:  # the last step is always logged and evaluated
-            metrics.update(train_metrics(engine, running.take(), state))
+            metrics.update(train_metrics(engine, running.take(), state, cfg.out))
             metrics.update(data_metrics(plan, batches))
             metrics.update(perf.metrics())
             bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", lr=f"{metrics['lr']:.2e}",
@@ -598,12 +611,12 @@ def progress_bar(plan: Plan, step: int) -> tqdm:
                 disable=True if not world.is_rank0() else None)
 
 
-def train_metrics(engine, loss: torch.Tensor, state: TrainState) -> dict[str, float]:
-    """The train/ scalars of a log step (this is where the host waits for the GPU)."""
+def train_metrics(engine, loss: torch.Tensor, state: TrainState, out: str) -> dict[str, float]:
+    """The train/ scalars of a log step (this is where the host waits for the GPU); a NaN or
+    inf loss raises TrainingDiverged."""
     train_loss = float(world.all_reduce_sum(loss.detach().clone()) / world.get().world_size)
     if not math.isfinite(train_loss):
-        raise TrainingDiverged(f"the training loss is {train_loss} at step {state.step}; stopping. The "
-                               "last good checkpoint is kept. Lower --lr or raise --warmup-steps.")
+        raise diverged("training loss", train_loss, state, out)
     metrics = {"train/loss": train_loss, "lr": engine.get_lr()[0], "train/tokens": state.tokens}
     norm = engine.get_global_grad_norm()
     if norm is not None:
@@ -648,9 +661,13 @@ def evaluate_and_track(engine, vals: dict[str, tuple[torch.Tensor, torch.Tensor]
         log.text("sample", eval_sample(engine, plan.tok, plan.cfg.seed + state.step), state.step)
         return {}
     loss, bpb, per_source = evaluate_sources(engine, vals, plan)
-    if loss < state.best_val - plan.cfg.min_delta:
-        state.best_val, state.evals_since_best = loss, 0
+    if math.isinf(loss):  # diverged (evaluate's inf; the same on every rank: all-reduced)
+        raise diverged("val loss", loss, state, plan.cfg.out)
+    if loss < state.best_val:  # best/ holds the lowest val loss
+        state.best_val = loss
         export(engine, plan, state, Path(plan.cfg.out) / "best", {"val_loss": str(loss)}, writes)
+    if loss < state.patience_best - plan.cfg.min_delta:  # patience counts evaluations without a real gain
+        state.patience_best, state.evals_since_best = loss, 0
     else:
         state.evals_since_best += 1
     text = eval_sample(engine, plan.tok, plan.cfg.seed + state.step)
@@ -720,7 +737,11 @@ def export(engine, plan: Plan, state: TrainState, folder: Path, extra: dict[str,
 def save(engine, plan: Plan, state: TrainState, batches: TrainBatches, running: RunningLoss) -> None:
     """DeepSpeed checkpoint on every rank; then rank 0 writes the consolidated model, marks the
     checkpoint COMPLETE, moves `latest` and prunes old tags. A crash before the marker leaves a
-    torn folder that resume ignores."""
+    torn folder that resume ignores. A NaN or inf train loss since the last log step raises
+    TrainingDiverged before anything is written."""
+    pending = float(world.all_reduce_sum(running.sum.detach().clone()))  # the train loss since the last log step
+    if not math.isfinite(pending):  # never save weights that a NaN or inf loss trained
+        raise diverged("training loss", pending, state, plan.cfg.out)
     tag = checkpoint.tag_for(state.step)
     root = Path(plan.cfg.out) / checkpoint.CKPT_DIR
     if world.is_rank0():  # a folder for this step from an older attempt is unmarked before rewriting

@@ -131,3 +131,14 @@ def test_host_reads_are_counted_where_they_are_made():
         float(t[0]), t[1].item(), int(t[0]), t.tolist(), t.nonzero()
     assert seen.total == 6 and all("test_monitor.py:" in k for k in seen.reads)
     assert {k.split()[0] for k in seen.reads} == {"__bool__", "__float__", "item", "__int__", "tolist", "nonzero"}
+
+
+def test_a_loss_plot_with_no_finite_loss_yet_warns_nothing(tmp_path):
+    """A run whose first evaluation diverged printed matplotlib's "No artists with labels found
+    to put in legend" among its own messages."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        monitor.plot_losses([{"step": 1, "val/loss": None}], tmp_path / "loss.png")
+    assert (tmp_path / "loss.png").stat().st_size > 0

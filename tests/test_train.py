@@ -282,6 +282,43 @@ def _fit(cfg):
     return fit(make_plan(cfg, world_size=1))
 
 
+def test_best_is_the_lowest_val_loss_whatever_min_delta_says(tiny_data, tmp_path, world_of_one):
+    """--min-delta sets what counts as progress for --patience, not which weights best/ holds: a
+    run stopped early by it (the val loss fell, by less than 100) exports the lowest val loss's
+    weights to best/, as the README says. (best/ stayed at the first evaluation's weights.)"""
+    from safetensors import safe_open
+
+    run = tmp_path / "run"
+    cfg = TrainConfig(data=str(tiny_data), out=str(run), model=dict(TINY), micro_batch=2, lr=3e-3, eval_samples=4,
+                      log_every=1, eval_every=1, max_steps=8, patience=2, min_delta=100.0, ds_config="zero0_fp32")
+    summary = _fit(cfg)
+    assert summary["reason"] == "early_stopping" and summary["step"] == 3  # 2 evaluations without a gain of 100
+    vals = {r["step"]: r["val/loss"] for r in metrics(run) if "val/loss" in r}
+    lowest = min(vals, key=vals.get)
+    assert lowest > 1 and summary["best_val"] == vals[lowest]
+    with safe_open(str(run / "best" / "model.safetensors"), "pt") as f:
+        assert int(f.metadata()["step"]) == lowest and float(f.metadata()["val_loss"]) == vals[lowest]
+
+
+@pytest.mark.parametrize("eval_every", [3, 100])
+def test_a_diverged_run_saves_nothing_a_nan_trained(tiny_data, tmp_path, world_of_one, eval_every):
+    """A NaN or inf loss stops the run before anything it trained is saved: a non-finite val loss
+    at an evaluation (eval every 3: the weights are 1e29 there), and the train loss at a save
+    between two log steps (save every 4, log every 5: step 4's loss is the first NaN). Before: a
+    NaN val loss counted as "no improvement" (a run ending there exited 0) and step 4's NaN
+    weights were saved."""
+    from mtgpt.train import TrainingDiverged
+
+    run = tmp_path / "run"
+    cfg = TrainConfig(data=str(tiny_data), out=str(run), model=dict(TINY), micro_batch=2, lr=1e30, warmup_steps=1,
+                      eval_samples=4, log_every=5, eval_every=eval_every, save_every=4, max_steps=8,
+                      ds_config="zero0_fp32")
+    what, step = ("val loss", 3) if eval_every == 3 else ("training loss", 4)
+    with pytest.raises(TrainingDiverged, match=f"the {what} is (nan|inf) at step {step}; stopping. Nothing was saved"):
+        _fit(cfg)
+    assert checkpoint.latest_complete(run) is None and not (run / "model.safetensors").exists()
+
+
 def test_fit_resume_and_go_back_in_process(tiny_data, tmp_path, world_of_one, capsys):
     """A world of one trains, saves, resumes exactly where it stopped, and goes back to an older
     checkpoint (the later saves set aside), all in this process."""
