@@ -311,13 +311,14 @@ def train(nproc, **options):
     from mtgpt.data import DataError
     from mtgpt.train import make_plan
 
+    given_ds = options.get("ds_config") is not None
     try:
         cfg = build_config(options)
         nproc = nproc or launcher.default_nproc(rundir.resumed_world_size(cfg))  # a resumed run keeps its ranks
-        make_plan(cfg, world_size=nproc)  # every check, once, before any process starts
+        make_plan(cfg, world_size=nproc, ds_config_given=given_ds)  # every check, once, before any process starts
     except (ConfigError, DataError) as e:
         _fail(e)
-    sys.exit(launcher.launch_local(cfg, nproc))
+    sys.exit(launcher.launch_local(cfg, nproc, ds_config_given=given_ds))
 
 
 @main.command(hidden=True)
@@ -340,9 +341,10 @@ def run_worker(options: dict) -> None:
     from mtgpt.train import TrainingDiverged, fit, make_plan
 
     rank, _, world_size = world.env_world()
+    given_ds = options.get("ds_config") is not None
     try:
         cfg = build_config(options)
-        plan = make_plan(cfg, world_size=world_size)
+        plan = make_plan(cfg, world_size=world_size, ds_config_given=given_ds)
     except (ConfigError, DataError) as e:
         if rank == 0:
             click.echo(f"Error: {e}", err=True)

@@ -38,6 +38,9 @@ def option(default: Any = None, help: str = "", default_help: str | None = None,
     return field(default=default, metadata=meta)
 
 
+MAX_SEED = 2**32 - 1  # PyTorch's CPU generator keeps the low 32 bits of a seed: 2**32 + s draws what s draws
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 50257  # the tokenizer's: GPT-2's by default, a run's is its data's (last id: <|endoftext|>)
@@ -180,6 +183,8 @@ class TrainConfig:
             raise ConfigError("give --init-from or --init-from-hf, not both")
         if self.min_delta < 0:
             raise ConfigError(f"min_delta must be >= 0, got {self.min_delta}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"seed must be between 0 and {MAX_SEED}, got {self.seed}")
 
     def for_world(self, world_size: int, resumed: bool = False) -> "TrainConfig":
         """This run on `world_size` ranks, its batch settled: with --batch-size, --grad-accum is
@@ -326,17 +331,31 @@ def _from_dict(cls, d: dict[str, Any], what: str):
     return cls(**d)
 
 
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    if twice := sorted({k for k in keys if keys.count(k) > 1}):
+        raise ConfigError(f"the key {', '.join(map(repr, twice))} is given twice in one object; keep one")
+    return dict(pairs)
+
+
 def load_json(path: str | Path) -> dict[str, Any]:
-    """Read a JSON object; a missing file or bad JSON is a ConfigError naming the file."""
+    """Read a JSON object; a missing file, bad JSON or a key given twice in one object (which
+    json.loads would settle silently by taking the last; DeepSpeed refuses it) is a ConfigError
+    naming the file."""
     path = Path(path)
     try:
         text = path.read_text()
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path} is a folder, not a JSON file") from None
     try:
-        data = json.loads(text)
+        data = json.loads(text, object_pairs_hook=_no_duplicate_keys)
     except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        raise ConfigError(f"{path}: not valid JSON ({e}): mtgpt reads strict JSON (no comments, no trailing "
+                          "commas)") from None
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import importlib.util
 import json
 from importlib import resources
 from pathlib import Path
@@ -88,6 +89,9 @@ def find(name_or_path: str) -> tuple[str, dict[str, Any]]:
     if path.is_file():
         raw = load_json(path)
         return str(path), unresolved(raw) if folders.is_run_ds_config(path) else raw
+    if path.is_dir():
+        raise ConfigError(f"DeepSpeed config {name_or_path} is a folder; give a JSON file in it, or one of the "
+                          f"bundled configs ({', '.join(bundled_names())})")
     name = path.name[:-5] if path.name.endswith(".json") else path.name
     if str(path.parent) == "." or path.parent.name == "ds_configs":
         bundled = bundled_dir() / f"{name}.json"
@@ -150,15 +154,32 @@ def weights_dtype(ds: dict[str, Any]) -> str:
     return "fp32" if autocast(ds) else precision(ds)
 
 
+def _number(block: dict[str, Any], key: str, where: str, name: str) -> None:
+    """Refuse a value of block[key] that is neither "auto" nor a number ("1e-3", "16", true)."""
+    have = block.get(key, "auto")
+    if have != "auto" and (isinstance(have, bool) or not isinstance(have, (int, float))):
+        raise ConfigError(f"{name}: {where}{key} is {have!r}; it must be a number (1e-3, not \"1e-3\") or \"auto\" "
+                          "(mtgpt fills it in)")
+
+
 def _fill(block: dict[str, Any], key: str, value: Any, where: str, source: str, fix: str,
-          name: str) -> None:
-    """Set block[key] to value when absent or "auto"; refuse a different concrete number."""
+          name: str, clashes: list[tuple[str, str]]) -> None:
+    """Set block[key] to value when absent or "auto"; a different number is added to `clashes`
+    (what it says, the option that would match it), so that one error names them all."""
+    _number(block, key, where, name)
     have = block.get(key, "auto")
     if have == "auto":
         block[key] = value
-    elif not isinstance(have, (int, float)) or abs(have - value) > 1e-12 * max(1.0, abs(value)):
-        raise ConfigError(f"{name}: {where}{key} is {have!r} but mtgpt's {source} is {value} (as given, or its "
-                          f"default). Set it to \"auto\" in the JSON (mtgpt fills it in), or {fix}.")
+    elif abs(have - value) > 1e-12 * max(1.0, abs(value)):
+        clashes.append((f"{where}{key} is {have!r} but mtgpt's {source} is {value} (as given, or its default)", fix))
+
+
+def _refuse_clashes(clashes: list[tuple[str, str]], name: str) -> None:
+    if clashes:
+        fixes = " ".join(fix.removeprefix("pass ") for _, fix in clashes)
+        raise ConfigError(f"{name}: {'; '.join(what for what, _ in clashes)}. Set "
+                          f"{'it' if len(clashes) == 1 else 'them'} to \"auto\" in the JSON (mtgpt fills "
+                          f"{'it' if len(clashes) == 1 else 'them'} in), or pass {fixes}.")
 
 
 def warmup_default(schedule_steps: int) -> int:
@@ -166,6 +187,7 @@ def warmup_default(schedule_steps: int) -> int:
     return max(1, schedule_steps // 20)
 
 
+MIN_LR_RATIO = TrainConfig.__dataclass_fields__["min_lr_ratio"].default  # (another given: the schedule must take it)
 BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
 SCHEDULE_KEYS = {  # what mtgpt fills in each of DeepSpeed's Warmup* schedulers (others keep the JSON's numbers)
     "WarmupLR": ("warmup_num_steps", "warmup_max_lr"),
@@ -214,9 +236,19 @@ def resolve(cfg: TrainConfig, ds: dict[str, Any], world_size: int, schedule_step
         raise ConfigError(f"{name}: DeepSpeed's fp16 needs a GPU ('Type fp16 is not supported' on CPU); on "
                           "CPU use a _bf16 or _fp32 config, e.g. --ds-config zero1_bf16, or zero0_fp16 "
                           "(fp16 through torch.autocast)")
+    for key in BATCH_KEYS:
+        _number(ds, key, "", name)
+    given = [ds.get(k, "auto") for k in BATCH_KEYS]
+    if "auto" not in given and given[0] * given[1] * world_size != given[2]:  # the JSON contradicts itself
+        raise ConfigError(f"{name}: train_batch_size {given[2]} is not train_micro_batch_size_per_gpu {given[0]} x "
+                          f"gradient_accumulation_steps {given[1]} x {world_size} rank(s) = "
+                          f"{given[0] * given[1] * world_size}; give at most two of the three (or set them to "
+                          "\"auto\": mtgpt fills them in from --micro-batch, --grad-accum or --batch-size)")
     micro, accum = cfg.micro_batch, cfg.grad_accum
-    _fill(ds, "train_micro_batch_size_per_gpu", micro, "", "--micro-batch", f"pass --micro-batch {ds.get('train_micro_batch_size_per_gpu')}", name)
-    _fill(ds, "gradient_accumulation_steps", accum, "", "--grad-accum", f"pass --grad-accum {ds.get('gradient_accumulation_steps')}", name)
+    clashes: list[tuple[str, str]] = []
+    _fill(ds, "train_micro_batch_size_per_gpu", micro, "", "--micro-batch", f"pass --micro-batch {ds.get('train_micro_batch_size_per_gpu')}", name, clashes)
+    _fill(ds, "gradient_accumulation_steps", accum, "", "--grad-accum", f"pass --grad-accum {ds.get('gradient_accumulation_steps')}", name, clashes)
+    _refuse_clashes(clashes, name)
     total = ds.get("train_batch_size", "auto")
     if total != "auto" and total != micro * accum * world_size:
         fits = total / (micro * world_size)
@@ -244,8 +276,25 @@ def resolve(cfg: TrainConfig, ds: dict[str, Any], world_size: int, schedule_step
         raise ConfigError(f"{name}: unknown optimizer.params key(s): {', '.join(hints)}"
                           + ("; DeepSpeed clips with the top-level \"gradient_clipping\"" if "max_grad_norm" in unknown
                              else "") + f"; the optimizer takes {', '.join(sorted(takes))}")
-    _fill(params, "lr", cfg.lr, "optimizer.params.", "--lr", f"pass --lr {params.get('lr')}", name)
+    if "betas" in params and not (isinstance(params["betas"], list) and len(params["betas"]) == 2 and
+                                  all(isinstance(b, (int, float)) and 0 <= b < 1 for b in params["betas"])):
+        raise ConfigError(f"{name}: optimizer.params.betas is {params['betas']!r}; it takes two numbers in [0, 1), "
+                          "e.g. [0.9, 0.95]")
+    _fill(params, "lr", cfg.lr, "optimizer.params.", "--lr", f"pass --lr {params.get('lr')}", name, clashes)
     sched = ds.get("scheduler")
+    if sched is not None and not (isinstance(sched, dict) and sched.get("type") in scheduler_types()):
+        raise ConfigError(f"{name}: scheduler {sched.get('type') if isinstance(sched, dict) else sched!r} is not one "
+                          f"of DeepSpeed's ({', '.join(sorted(scheduler_types()))}); mtgpt's warmup and cosine is "
+                          "WarmupCosineLR (ds_configs/zero1_fp32.json)")
+    takes = SCHEDULE_KEYS.get(sched["type"], ()) if sched else ()
+    ignored = [opt for opt, key, given in (("--warmup-steps", "warmup_num_steps", cfg.warmup_steps is not None),
+                                           ("--min-lr-ratio", "cos_min_ratio", cfg.min_lr_ratio != MIN_LR_RATIO))
+               if given and key not in takes]
+    if ignored:
+        raise ConfigError(f"{name}: {' and '.join(ignored)} set{'s' if len(ignored) == 1 else ''} what its "
+                          f"{'scheduler ' + sched['type'] if sched else 'lack of a scheduler (a constant --lr)'} does "
+                          f"not have; leave {'it' if len(ignored) == 1 else 'them'} out, or use a WarmupCosineLR "
+                          "scheduler block (ds_configs/zero1_fp32.json has one)")
     if isinstance(sched, dict) and sched.get("type") in SCHEDULE_KEYS:
         sp = sched.setdefault("params", {})  # (other schedulers, e.g. OneCycle, are the JSON's own)
         warmup = cfg.warmup_steps if cfg.warmup_steps is not None else warmup_default(schedule_steps)
@@ -255,7 +304,18 @@ def resolve(cfg: TrainConfig, ds: dict[str, Any], world_size: int, schedule_step
         sp.setdefault("warmup_min_ratio" if sched["type"] == "WarmupCosineLR" else "warmup_min_lr", 0.0)
         for key in SCHEDULE_KEYS[sched["type"]]:
             value, source = values[key]
-            _fill(sp, key, value, "scheduler.params.", source, f"pass {source.split(' ')[0]} {sp.get(key)}", name)
+            _fill(sp, key, value, "scheduler.params.", source, f"pass {source.split(' ')[0]} {sp.get(key)}", name,
+                  clashes)
+    _refuse_clashes(clashes, name)
+    for block, package in (("wandb", "wandb"), ("comet", "comet_ml")):  # DeepSpeed imports these in every rank
+        if _enabled(ds.get(block)) and importlib.util.find_spec(package) is None:
+            raise ConfigError(f"{name}: its {block} block needs the {package} package, which is not installed: "
+                              f"pip install {package}, or remove the block (mtgpt logs to TensorBoard either way)")
+    if _enabled(ds.get("activation_checkpointing")) or (isinstance(ds.get("activation_checkpointing"), dict)
+                                                        and ds["activation_checkpointing"]):
+        raise ConfigError(f"{name}: mtgpt's model does not use DeepSpeed's activation checkpointing, so its "
+                          "activation_checkpointing block would do nothing; remove it (a smaller --micro-batch "
+                          "with a larger --grad-accum saves the same memory)")
     ds.setdefault("timers", {"throughput": {"enabled": False}})  # no host sync per micro-step
     for key in ("bf16", "bfloat16"):
         if isinstance(ds.get(key), dict) and _enabled(ds[key]):
@@ -265,6 +325,14 @@ def resolve(cfg: TrainConfig, ds: dict[str, Any], world_size: int, schedule_step
         raise ConfigError(f"{name}: mtgpt cannot fill \"auto\" for {', '.join(leftover)}; give numbers")
     _validate_with_deepspeed(ds, name)
     return ds
+
+
+def scheduler_types() -> set[str]:
+    """The scheduler "type"s DeepSpeed builds (deepspeed.runtime.lr_schedules.VALID_LR_SCHEDULES)."""
+    import_deepspeed()
+    from deepspeed.runtime.lr_schedules import VALID_LR_SCHEDULES
+
+    return set(VALID_LR_SCHEDULES)
 
 
 def optimizer_params(params: dict[str, Any]) -> set[str]:

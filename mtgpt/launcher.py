@@ -37,18 +37,19 @@ def default_nproc(resumed: int | None = None) -> int:
     return gpus or 2
 
 
-def command(config_file: str, nproc: int, master_port: int) -> list[str]:
+def command(config_file: str, nproc: int, master_port: int, ds_config: str | None = None) -> list[str]:
     """DeepSpeed's node launcher (deepspeed.launcher.launch), called directly: it starts the
     ranks with their environment and stops them all when one fails. Its front end, the
     `deepspeed` runner, would only add a process that imports DeepSpeed once more before the
-    ranks start (and would read a /job/hostfile if one exists)."""
+    ranks start (and would read a /job/hostfile if one exists). `ds_config`: the --ds-config
+    given on the command line, passed on as given (a resumed run reads it as it is now)."""
     world_info = base64.urlsafe_b64encode(json.dumps({"localhost": list(range(nproc))}).encode()).decode()
     return [sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world_info}",
             "--master_addr=127.0.0.1", f"--master_port={master_port}", "--no_local_rank", "--log_level=error",
-            "--module", "mtgpt", "worker", "--config", config_file]
+            "--module", "mtgpt", "worker", "--config", config_file, *(["--ds-config", ds_config] if ds_config else [])]
 
 
-def launch_local(cfg: TrainConfig, nproc: int) -> int:
+def launch_local(cfg: TrainConfig, nproc: int, ds_config_given: bool = False) -> int:
     """Run training on this machine with nproc ranks; returns the exit code."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="mtgpt-train-", delete=False) as f:
         json.dump(cfg.to_dict(), f)
@@ -60,7 +61,7 @@ def launch_local(cfg: TrainConfig, nproc: int) -> int:
         env.setdefault("DS_ACCELERATOR", "cpu")
     started = time.time()
     env[monitor.LAUNCHED_AT] = str(started)
-    proc = subprocess.Popen(command(config_file, nproc, world.free_port()), env=env, process_group=0,
+    proc = subprocess.Popen(command(config_file, nproc, world.free_port(), cfg.ds_config if ds_config_given else None), env=env, process_group=0,
                             preexec_fn=_die_with_parent)
     got_signal: list[int] = []
     tree: list[psutil.Process] = []  # the processes under the launcher when a signal came

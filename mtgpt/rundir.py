@@ -34,6 +34,13 @@ def has_run(out: str | Path) -> bool:
                                 (TRAIN_CONFIG, checkpoint.CKPT_DIR, checkpoint.WEIGHTS))
 
 
+def never_saved(out: Path) -> bool:
+    """Whether `out` holds a run that stopped before its first save (its settings are written,
+    no checkpoint or model is): `--resume auto` starts it again from step 0."""
+    return (out / TRAIN_CONFIG).is_file() and checkpoint.latest_complete(out) is None and \
+        not (out / checkpoint.WEIGHTS).exists()
+
+
 def run_of(found: Path) -> Path:
     """The run folder that holds checkpoint folder `found` (RUN/checkpoints/TAG, or a save kept
     one level further down, e.g. RUN/checkpoints/abandoned-.../TAG)."""
@@ -76,7 +83,12 @@ def resumed_settings(resume: str | None, out: str | None, given: set[str]) -> di
     if not resume or resume == "never" or (resume == "auto" and not out):
         return None
     found = _checkpoint_for(resume, Path(out or "."))
-    saved = saved_settings(found) if found is not None else None
+    if found is not None:
+        saved = saved_settings(found)
+    elif resume == "auto" and never_saved(Path(out)):  # it starts again from step 0, with its settings
+        saved = run_settings(Path(out))
+    else:
+        return None
     if saved is None:
         return None
     dropped = set(given) | set(DERIVED_KEYS) | (set(STOP_KEYS) if given & set(STOP_KEYS) else set())
@@ -98,11 +110,15 @@ def keep_run_settings(cfg: TrainConfig, found: Path) -> TrainConfig:
 
 
 def saved_settings(found: Path) -> dict[str, Any] | None:
-    """The settings of the run that saved checkpoint folder `found` (its train_config.json; None
-    if it has none), with what older mtgpt left out of it filled in: the DeepSpeed config it chose
-    (in run_info.json), its global batch (micro x accum x ranks) and the vocabulary padding (none
-    before it existed: its checkpoints hold exactly vocab_size rows)."""
-    run = run_of(found)
+    """The settings of the run that saved checkpoint folder `found` (run_settings)."""
+    return run_settings(run_of(found))
+
+
+def run_settings(run: Path) -> dict[str, Any] | None:
+    """The settings of run folder `run` (its train_config.json; None if it has none), with what
+    older mtgpt left out of it filled in: the DeepSpeed config it chose (in run_info.json), its
+    global batch (micro x accum x ranks) and the vocabulary padding (none before it existed: its
+    checkpoints hold exactly vocab_size rows)."""
     try:
         saved, info = load_json(run / TRAIN_CONFIG), load_json(run / RUN_INFO) if (run / RUN_INFO).is_file() else {}
     except ConfigError:
@@ -161,6 +177,10 @@ def resume_point(cfg: TrainConfig) -> Path | None:
         raise ConfigError("--out is required: the run folder for checkpoints, logs and the model")
     check_out_folder(out)
     if cfg.resume == "never":
+        if has_run(out) and never_saved(out):
+            raise ConfigError(f"{out} holds a run that stopped before its first save; pass --resume auto to start "
+                              "it again from step 0 with its settings (options given again replace them), or "
+                              "choose another --out (nothing was changed)")
         if has_run(out):
             raise ConfigError(f"{out} already holds a run; pass --resume auto to continue it, or "
                               "choose another --out (nothing was changed)")
@@ -188,15 +208,17 @@ def resume_point(cfg: TrainConfig) -> Path | None:
     return found
 
 
-def own_ds_config(cfg: TrainConfig, found: Path) -> tuple[str, dict[str, Any]] | None:
+def own_ds_config(cfg: TrainConfig, found: Path, given: bool = False) -> tuple[str, dict[str, Any]] | None:
     """The DeepSpeed config a run resumed from checkpoint `found` goes on with, unless --ds-config
-    names another: the dict it trained with (its ds_config.json, which `ds_config.find` reads back
-    unresolved), named as it was started, whatever the file it was started from holds now or
-    wherever it went. None for another --ds-config, or a run from before ds_config.json existed."""
+    is given (`given`: on the command line, even the file it started from, which then counts as
+    it is now) or names another: the dict it trained with (its ds_config.json, which
+    `ds_config.find` reads back unresolved), named as it was started, whatever the file it was
+    started from holds now or wherever it went. None for a --ds-config to read, or a run from
+    before ds_config.json existed."""
     from mtgpt import ds_config
 
     saved, file = saved_settings(found) or {}, run_of(found) / DS_CONFIG
-    if not file.is_file() or (cfg.ds_config and cfg.ds_config != saved.get("ds_config")):
+    if not file.is_file() or given or (cfg.ds_config and cfg.ds_config != saved.get("ds_config")):
         return None
     return saved.get("ds_config") or str(file), ds_config.find(str(file))[1]
 

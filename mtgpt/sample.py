@@ -19,6 +19,7 @@ from typing import Iterator
 
 import torch
 
+from mtgpt.config import MAX_SEED
 from mtgpt.model import GPT, KVCache
 from mtgpt.tokenizer import Tokenizer
 
@@ -27,7 +28,6 @@ class SampleError(ValueError):
     """A bad sampling option; the message says which and what is allowed."""
 
 
-MAX_SEED = 2**32 - 1  # PyTorch's CPU generator keeps the low 32 bits of a seed: 2**32 + s drew the text of s
 
 
 def seed_problem(seed: int | None) -> str | None:

@@ -143,9 +143,12 @@ def device_defaults(cfg: TrainConfig, raw_ds: dict[str, Any], cuda: bool, gpu_me
     return cfg.replace(micro_batch=micro, eval_every=cfg.eval_every or (GPU_EVAL_EVERY if cuda else CPU_EVAL_EVERY))
 
 
-def make_plan(cfg: TrainConfig, world_size: int, cuda: bool | None = None, gpu_memory: int | None = None) -> Plan:
+def make_plan(cfg: TrainConfig, world_size: int, cuda: bool | None = None, gpu_memory: int | None = None,
+              ds_config_given: bool = False) -> Plan:
     """Check everything that can be checked before training; raise with a fix on failure.
-    gpu_memory (bytes; default: this machine's first GPU's) sizes the default micro-batch."""
+    gpu_memory (bytes; default: this machine's first GPU's) sizes the default micro-batch.
+    ds_config_given: --ds-config was on the command line (a resumed run then reads that file as
+    it is now, not its own copy)."""
     cuda = torch.cuda.is_available() if cuda is None else cuda
     if cuda and gpu_memory is None and torch.cuda.is_available():
         gpu_memory = torch.cuda.get_device_properties(0).total_memory
@@ -161,7 +164,7 @@ def make_plan(cfg: TrainConfig, world_size: int, cuda: bool | None = None, gpu_m
         check_compatible(m, source.path, cfg.model.vocab_size, cfg.model.block_size)
     if resume_from is not None:
         cfg = rundir.keep_run_settings(cfg, resume_from)
-    own = rundir.own_ds_config(cfg, resume_from) if resume_from is not None else None  # the JSON it trained with
+    own = rundir.own_ds_config(cfg, resume_from, ds_config_given) if resume_from is not None else None  # the JSON it trained with
     ds_name, raw = own or ds_config.find(cfg.ds_config or ds_config.default_name(cuda, cuda and torch.cuda.is_bf16_supported()))
     cfg = device_defaults(cfg, raw, cuda, gpu_memory).replace(ds_config=cfg.ds_config or ds_name)
     if cfg.model.vocab_multiple is None:  # what fits the device: tensor cores want a multiple of 64
@@ -494,8 +497,8 @@ def fit(plan: Plan, early_signals: list[int] | tuple[int, ...] = ()) -> dict[str
                            start=start, device=me.device, weights=plan.weights, counts=counts)
     vals = {s.name: load_val(d, m, cfg.eval_samples, me.rank, me.world_size, cfg.model.vocab_size)
             for s, d, m in zip(plan.sources, data_dirs, plan.manifests)}
-    log = monitor.Monitor(cfg.out, enabled=world.is_rank0(),
-                          resume_step=state.step if plan.resume_from is not None else None)
+    # logs past the step it goes on from are dropped (a run started again from step 0: all of them)
+    log = monitor.Monitor(cfg.out, enabled=world.is_rank0(), resume_step=state.step)
     clock.mark("data and resume")
     perf = monitor.Throughput(flops_per_token(cfg.model), me.device, me.world_size, ds_config.precision(plan.ds))
     world.print0(banner(plan, state.step))

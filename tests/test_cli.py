@@ -450,7 +450,7 @@ def test_a_resumed_run_starts_on_its_own_number_of_ranks(tiny_data, tmp_path, mo
                           batch_size=4).to_dict(), run / "train_config.json")
     dump_json({"world_size": 1}, run / "run_info.json")
     started = []
-    monkeypatch.setattr(launcher, "launch_local", lambda cfg, nproc: started.append(nproc) or 0)
+    monkeypatch.setattr(launcher, "launch_local", lambda cfg, nproc, **_: started.append(nproc) or 0)
     assert invoke("train", "--out", run, "--resume", "auto", "--max-steps", 10).exit_code == 0
     assert invoke("train", "--out", run, "--resume", "auto", "--max-steps", 10, "--nproc", 2,
                   "--micro-batch", 2).exit_code == 0

@@ -20,6 +20,8 @@ def test_roundtrip(tmp_path):
     ({"max_time": "infh"}, "max_time must be a positive, finite duration"),
     ({"max_time": "0"}, "max_time must be a positive, finite duration"),
     ({"patience": 0}, "patience"),
+    ({"seed": -1}, "seed must be between 0 and 4294967295, got -1"),  # (was a traceback in every rank)
+    ({"seed": 2**32}, "seed must be between 0 and 4294967295"),
     ({"min_lr_ratio": 2.0}, "min_lr_ratio"),
     ({"warmup_steps": 0}, "warmup_steps must be >= 1"),
     ({"learning_rate": 1e-3}, "unknown key.*learning_rate"),
@@ -42,6 +44,18 @@ def test_load_json_errors(tmp_path):
     (tmp_path / "list.json").write_text(json.dumps([1]))
     with pytest.raises(ConfigError, match="expected a JSON object"):
         load_json(tmp_path / "list.json")
+    # a key twice (at any depth) took the last silently: ZeRO stage 1 then 3 trained at stage 3
+    (tmp_path / "dup.json").write_text('{"zero_optimization": {"stage": 1}, "zero_optimization": {"stage": 3}}')
+    with pytest.raises(ConfigError, match=r"dup.json: the key 'zero_optimization' is given twice in one object"):
+        load_json(tmp_path / "dup.json")
+    (tmp_path / "dup2.json").write_text('{"optimizer": {"params": {"lr": 1, "lr": 2}}}')
+    with pytest.raises(ConfigError, match="the key 'lr' is given twice"):
+        load_json(tmp_path / "dup2.json")
+    (tmp_path / "comment.json").write_text('{"a": 1, // no\n}')
+    with pytest.raises(ConfigError, match="not valid JSON .*mtgpt reads strict JSON"):
+        load_json(tmp_path / "comment.json")
+    with pytest.raises(ConfigError, match="is a folder, not a JSON file"):
+        load_json(tmp_path)
 
 
 def test_batch_size_derives_grad_accum_for_any_number_of_ranks():

@@ -201,3 +201,53 @@ def test_a_resolved_config_unresolves_to_one_that_resolves_again_for_another_pla
                                                         "gradient_accumulation_steps", "scheduler")} == \
         {k: v for k, v in first.items() if k not in ("train_batch_size", "train_micro_batch_size_per_gpu",
                                                      "gradient_accumulation_steps", "scheduler", "checkpoint")}
+
+
+def test_a_deepspeed_users_json_is_checked_before_any_process_starts():
+    """What a DeepSpeed user writes by hand, refused in one line before any rank starts (each
+    was a traceback in every rank, a silent no-op or one fix at a time)."""
+    _, raw = ds_config.find("zero1_fp32")
+    opt, sched = raw["optimizer"], raw["scheduler"]
+
+    def refused(match: str, ds: dict, **kw) -> None:
+        with pytest.raises(ConfigError, match=match):
+            ds_config.resolve(cfg(**kw), ds, 2, 100)
+
+    refused(r"train_batch_size is '16'; it must be a number \(1e-3, not \"1e-3\"\) or \"auto\"",
+            {**raw, "train_batch_size": "16"})  # (a TypeError traceback)
+    refused(r"optimizer.params.lr is '1e-3'; it must be a number",  # (said "pass --lr 1e-3", given already)
+            {**raw, "optimizer": {**opt, "params": {**opt["params"], "lr": "1e-3"}}}, lr=1e-3)
+    refused(r"train_batch_size 24 is not train_micro_batch_size_per_gpu 4 x gradient_accumulation_steps 2 x 2 "
+            r"rank\(s\) = 16; give at most two of the three",  # (each fix it gave pointed at the other)
+            {**raw, "train_batch_size": 24, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2})
+    decay = {"type": "WarmupDecayLR", "params": {"warmup_num_steps": 2, "total_num_steps": 20, "warmup_max_lr": "auto"}}
+    refused(r"pass --micro-batch 4 --grad-accum 2\.$",  # every number that differs, in one error (was one per try)
+            {**raw, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2})
+    refused(r"lr is 0.001 .*; scheduler.params.warmup_num_steps is 2 .*; scheduler.params.total_num_steps is 20 .* "
+            r"Set them to \"auto\" .* or pass --lr 0.001 --warmup-steps 2 --max-steps 20\.$",
+            {**raw, "optimizer": {**opt, "params": {**opt["params"], "lr": 1e-3}}, "scheduler": decay})
+    refused(r"optimizer.params.betas is \[0.9\]; it takes two numbers",  # (an IndexError in every rank)
+            {**raw, "optimizer": {**opt, "params": {**opt["params"], "betas": [0.9]}}})
+    refused(r"scheduler 'CosineAnnealing' is not one of DeepSpeed's \(LRRangeTest, OneCycle, WarmupCosineLR",
+            {**raw, "scheduler": {"type": "CosineAnnealing", "params": {}}})  # (an AssertionError in every rank)
+    # schedule options the JSON's schedule has no place for (were ignored silently)
+    no_schedule = {k: v for k, v in raw.items() if k != "scheduler"}
+    refused(r"--warmup-steps sets what its lack of a scheduler \(a constant --lr\) does not have", no_schedule,
+            warmup_steps=3)
+    assert "scheduler" not in ds_config.resolve(cfg(), no_schedule, 2, 100)  # a constant --lr, as asked
+    cycle = {"type": "OneCycle", "params": {"cycle_min_lr": 1e-4, "cycle_max_lr": 1e-3, "cycle_first_step_size": 5}}
+    refused(r"--warmup-steps and --min-lr-ratio set what its scheduler OneCycle does not have",
+            {**raw, "scheduler": cycle}, warmup_steps=3, min_lr_ratio=0.5)
+    refused(r"--min-lr-ratio sets what its scheduler WarmupLR does not have",
+            {**raw, "scheduler": {"type": "WarmupLR", "params": {}}}, min_lr_ratio=0.5)
+    assert ds_config.resolve(cfg(warmup_steps=3), {**raw, "scheduler": sched}, 2, 100)  # WarmupCosineLR takes both
+    # sections that would crash every rank, or do nothing
+    import importlib.util
+
+    wandb = {**raw, "wandb": {"enabled": True, "project": "x"}}
+    if importlib.util.find_spec("wandb") is None:  # (ModuleNotFoundError in every rank)
+        refused(r"its wandb block needs the wandb package, which is not installed: pip install wandb", wandb)
+    else:
+        assert ds_config.resolve(cfg(), wandb, 2, 100)["wandb"]["enabled"]
+    refused(r"does not use DeepSpeed's activation checkpointing, so its activation_checkpointing block would do "
+            r"nothing", {**raw, "activation_checkpointing": {"partition_activations": True}})

@@ -19,6 +19,8 @@ def test_command_runs_the_worker_under_deepspeeds_node_launcher():
     assert json.loads(base64.urlsafe_b64decode(info)) == {"localhost": [0, 1]}
     assert "--master_port=29555" in cmd
     assert cmd[-5:] == ["--module", "mtgpt", "worker", "--config", "/tmp/cfg.json"]
+    # a --ds-config given on the command line reaches the ranks as given (a resume then reads it as it is now)
+    assert launcher.command("/tmp/cfg.json", 2, 29555, "/my.json")[-2:] == ["--ds-config", "/my.json"]
 
 
 def test_default_nproc():

@@ -319,6 +319,38 @@ def test_a_diverged_run_saves_nothing_a_nan_trained(tiny_data, tmp_path, world_o
     assert checkpoint.latest_complete(run) is None and not (run / "model.safetensors").exists()
 
 
+def test_a_run_that_stopped_before_its_first_save_starts_again_with_resume_auto(tiny_data, tmp_path, world_of_one):
+    """A run that died before its first save (a traceback in the ranks, a kill) left its settings
+    and logs but no checkpoint: without --resume it was "already holds a run; pass --resume auto",
+    and with --resume auto "--data is required". --resume auto now starts it again from step 0
+    with its settings, its old logs dropped."""
+    import shutil
+
+    from mtgpt import cli
+    from mtgpt.config import ConfigError
+    from mtgpt.train import fit, make_plan
+
+    run = tmp_path / "run"
+    _fit(TrainConfig(data=str(tiny_data), out=str(run), model=dict(TINY), micro_batch=2, lr=3e-3, eval_samples=4,
+                     log_every=1, eval_every=100, max_steps=3, ds_config="zero0_fp32"))
+    shutil.rmtree(run / "checkpoints")
+    (run / "model.safetensors").unlink()
+
+    def config(*args: str) -> TrainConfig:
+        options = cli.train.make_context("train", ["--out", str(run), *args]).params
+        options.pop("nproc")
+        return cli.build_config(options)
+
+    with pytest.raises(ConfigError, match="holds a run that stopped before its first save; pass --resume auto"):
+        make_plan(config("--data", str(tiny_data), "--max-steps", "2"), 1)
+    again = config("--resume", "auto", "--max-steps", "2")
+    assert again.data == [str(tiny_data)] and again.lr == 3e-3 and again.model.n_embd == TINY["n_embd"]
+    plan = make_plan(again, 1)
+    assert plan.resume_from is None
+    assert fit(plan)["step"] == 2
+    assert [r["step"] for r in metrics(run) if "train/loss" in r] == [1, 2]  # the old attempt's 1..3 dropped
+
+
 def test_fit_resume_and_go_back_in_process(tiny_data, tmp_path, world_of_one, capsys):
     """A world of one trains, saves, resumes exactly where it stopped, and goes back to an older
     checkpoint (the later saves set aside), all in this process."""
@@ -852,6 +884,15 @@ def test_a_resumed_run_trains_with_the_deepspeed_json_it_started_with(tiny_data,
     mine.write_text(json.dumps({**raw, "gradient_clipping": 3.0}))
     resumed = make_plan(TrainConfig(**args, out="run", max_steps=4, resume="auto"), 1)
     assert resumed.ds["gradient_clipping"] == 0.5 and resumed.ds_name == str(mine)
+    # --ds-config given again, even the same file: that file as it is now (it was the run's copy, silently)
+    given = make_plan(TrainConfig(**args, out="run", max_steps=4, resume="auto", ds_config=str(mine)), 1,
+                      ds_config_given=True)
+    assert given.ds["gradient_clipping"] == 3.0
+    from mtgpt import cli
+
+    options = cli.train.make_context("train", ["--out", "run", "--resume", "auto", "--ds-config", str(mine)]).params
+    options.pop("nproc")
+    assert cli.build_config(options).ds_config == str(mine)  # what the front end and every rank plan with
     mine.unlink()
     _fit(TrainConfig(**args, out="run", max_steps=4, resume="auto"))
     assert json.loads((tmp_path / "run" / "ds_config.json").read_text())["gradient_clipping"] == 0.5
