@@ -344,10 +344,21 @@ def run_worker(options: dict) -> None:
     given_ds = options.get("ds_config") is not None
     try:
         cfg = build_config(options)
-        plan = make_plan(cfg, world_size=world_size, ds_config_given=given_ds)
+        plan, problem = make_plan(cfg, world_size=world_size, ds_config_given=given_ds), None
     except (ConfigError, DataError) as e:
+        plan, problem = None, str(e)
+    # The ranks agree before any of them trains: a mistake only some see (a node that cannot see
+    # the data folder) ends them all now, said by rank 0, where rank 0 alone would wait for the
+    # others until the collective timeout (30 min) and the one that saw it said nothing.
+    if world_size > 1:
+        world.init()
+    problems = world.all_gather_object(problem)  # ([problem] in a world of one)
+    if any(problems):
         if rank == 0:
-            click.echo(f"Error: {e}", err=True)
+            alike = all(p == problems[0] for p in problems)
+            for r, p in enumerate(problems[:1] if alike else problems):
+                if p:
+                    click.echo(f"Error{'' if alike else f' (rank {r})'}: {p}", err=True)
         sys.exit(2)
     try:
         fit(plan, early)

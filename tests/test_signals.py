@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -154,6 +155,29 @@ def test_dead_peer_without_a_launcher(tiny_data, tmp_path):
     procs[0].wait(timeout=180)
     assert procs[0].returncode != 0
     assert time.time() - killed < 90
+
+
+def test_a_mistake_only_one_rank_sees_ends_every_rank_and_is_said(tiny_data, tmp_path):
+    """Ranks started one by one (srun, torchrun on each node) where one node cannot see the data
+    folder: that rank exited 2 saying nothing (only rank 0 prints errors) and rank 0 waited for it
+    until the collective timeout (30 min). Now rank 0 says which rank saw what, and all exit 2."""
+    from mtgpt.world import free_port
+
+    (tmp_path / "node0").mkdir()
+    (tmp_path / "node1").mkdir()
+    shutil.copytree(tiny_data, tmp_path / "node0" / "data")  # node 1 has no data/
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2",
+           "MTGPT_COLLECTIVE_TIMEOUT": "600", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    cmd = [sys.executable, "-m", "mtgpt", "worker", "--data", "data", "--out", str(tmp_path / "run"), *ARGS]
+    procs = [subprocess.Popen(cmd, cwd=tmp_path / f"node{r}", env={**env, "RANK": str(r), "LOCAL_RANK": "0"},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    began = time.time()
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [2, 2] and time.time() - began < 120
+    said = outs[0][1]
+    assert said.count("Error") == 1 and f"Error (rank 1): {tmp_path / 'node1' / 'data'}: no such folder" in said, said
+    assert "Error" not in outs[1][1] and not (tmp_path / "run").exists()
 
 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(tiny_data, tmp_path):
