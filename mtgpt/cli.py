@@ -336,7 +336,7 @@ def run_worker(options: dict) -> None:
     early: list[int] = []
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, lambda signum, frame: early.append(signum))
-    from mtgpt import world
+    from mtgpt import rundir, world
     from mtgpt.data import DataError
     from mtgpt.train import TrainingDiverged, fit, make_plan
 
@@ -347,6 +347,11 @@ def run_worker(options: dict) -> None:
         plan, problem = make_plan(cfg, world_size=world_size, ds_config_given=given_ds), None
     except (ConfigError, DataError) as e:
         plan, problem = None, str(e)
+    if rank == 0 and problem is None:
+        try:  # rank 0 holds the run folder's lock while it trains: a second mtgpt there is refused
+            rundir.lock_run(plan.cfg.out)
+        except ConfigError as e:
+            problem = str(e)
     # The ranks agree before any of them trains: a mistake only some see (a node that cannot see
     # the data folder) ends them all now, said by rank 0, where rank 0 alone would wait for the
     # others until the collective timeout (30 min) and the one that saw it said nothing.

@@ -26,6 +26,8 @@ DS_CONFIG = folders.DS_CONFIG
 RUN_INFO = checkpoint.RUN_INFO
 LAST_STOP = "last_stop.json"  # rank 0, at the end of fit: why and where the run stopped
 COMMAND_ENV = "MTGPT_COMMAND"  # the user's command line, passed by `mtgpt train` to its ranks
+LOCK = ".mtgpt.lock"  # held (flock) by rank 0 of the run training in the folder: "PID on HOST since TIME"
+_held: list[Any] = []  # the lock files this process holds, open until it exits
 
 
 def has_run(out: str | Path) -> bool:
@@ -145,6 +147,39 @@ def resumed_world_size(cfg: TrainConfig) -> int | None:
         return None
 
 
+def lock_run(out: str | Path, hold: bool = True) -> None:
+    """Refuse a run folder that another mtgpt is training in (its rank 0 holds an flock on
+    RUN/.mtgpt.lock until it exits, whatever way: a crash or SIGKILL frees it). hold: take the
+    lock and keep it while this process lives (rank 0, before training); else only check (the
+    front end, before it starts any rank). A filesystem without flock is not checked."""
+    import fcntl
+
+    path = Path(out) / LOCK
+    if not hold and not path.exists():
+        return
+    if hold:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    f = path.open("a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        who = f.read().strip() or "another process"
+        f.close()
+        raise ConfigError(f"{out} is being trained by another mtgpt ({who}); wait for it to stop, or stop it "
+                          "(nothing was changed)") from None
+    except OSError:  # (no flock on this filesystem: not checked)
+        f.close()
+        return
+    if not hold:
+        f.close()
+        return
+    f.truncate(0)
+    f.write(f"PID {os.getpid()} on {platform.node()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    _held.append(f)
+
+
 def check_out_folder(out: Path) -> None:
     """--out must be a new or empty folder, or one that holds an mtgpt run: never a data folder,
     a folder inside a run, or a folder of other files (the run's files would be mixed into them).
@@ -162,7 +197,7 @@ def check_out_folder(out: Path) -> None:
     if kind != "folder":
         raise ConfigError(f"--out {out} is {folders.what(out)}; the run needs a folder of its own, e.g. "
                           "--out runs/NAME (nothing was changed)")
-    others = sorted(p.name for p in out.iterdir() if p.name != "logs")
+    others = sorted(p.name for p in out.iterdir() if p.name not in ("logs", LOCK))
     if others:
         shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
         raise ConfigError(f"--out {out} is not empty ({shown}) and holds no mtgpt run; choose a new or empty "
@@ -176,6 +211,7 @@ def resume_point(cfg: TrainConfig) -> Path | None:
     if not cfg.out:
         raise ConfigError("--out is required: the run folder for checkpoints, logs and the model")
     check_out_folder(out)
+    lock_run(out, hold=False)
     if cfg.resume == "never":
         if has_run(out) and never_saved(out):
             raise ConfigError(f"{out} holds a run that stopped before its first save; pass --resume auto to start "

@@ -185,3 +185,23 @@ def test_a_resume_under_another_optimizer_layout_is_refused_with_a_fix_that_work
         with pytest.raises(ConfigError, match=rf"saved at ZeRO stage 1 and {other} is stage {stage}") as e:
             rundir.check_resumable_ds(found, ds_config.find(other)[1], other)
         assert str(e.value).endswith(fix)
+
+
+def test_a_run_folder_another_mtgpt_trains_in_is_refused(tmp_path, tiny_data):
+    """Two trainings in one run folder (a run started twice, a requeued job while the old one
+    lives) both trained on, each pruning the other's checkpoints: rank 0 now holds a lock on the
+    folder while it trains, and a second `mtgpt train` there is refused before any rank starts."""
+    from tests.conftest import TINY_ARGS, run_mtgpt
+
+    run = tmp_path / "run"
+    rundir.lock_run(run)  # as rank 0 of a training does
+    try:
+        with pytest.raises(ConfigError, match=r"run is being trained by another mtgpt \(PID \d+ on .+ since "):
+            rundir.lock_run(run, hold=False)
+        proc = run_mtgpt("train", "--data", tiny_data, "--out", run, *TINY_ARGS, "--max-steps", "2", check=False)
+        assert proc.returncode == 1 and "is being trained by another mtgpt" in proc.stderr, proc.stderr
+        assert [p.name for p in run.iterdir()] == [rundir.LOCK]
+    finally:
+        rundir._held.pop().close()  # the training stops (or dies): the lock is free
+    rundir.lock_run(run, hold=False)
+    rundir.check_out_folder(run)  # a folder holding only a lock file takes a new run
