@@ -72,16 +72,16 @@ def _checkpoint_for(resume: str, out: Path) -> Path | None:
                       + "; use --resume auto, --resume never, or the path of a run or checkpoint")
 
 
-STOP_KEYS = ("max_steps", "max_tokens", "max_epochs", "max_time")
+LENGTH_KEYS = ("max_steps", "max_tokens", "max_epochs")  # the schedule's length: one given replaces all three
 DERIVED_KEYS = ("grad_accum",)  # derived again from the batch on this run's number of ranks
 
 
 def resumed_settings(resume: str | None, out: str | None, given: set[str]) -> dict[str, Any] | None:
     """The settings a resumed run starts from: the train_config.json of the run that saved the
     checkpoint it resumes, less what the command line gives again (`given`: option names) and
-    less what is derived anew (--grad-accum, from the batch on this number of ranks). Stop
-    conditions go together: giving any of --max-steps/-tokens/-epochs/-time replaces all the
-    run's. None when nothing is resumed (then the options and their defaults are the settings)."""
+    less what is derived anew (--grad-accum, from the batch on this number of ranks). The
+    schedule's length goes together: giving any of --max-steps/-tokens/-epochs replaces all three
+    of the run's (--max-time, which plans no schedule, only replaces itself). None when nothing is resumed (then the options and their defaults are the settings)."""
     if not resume or resume == "never" or (resume == "auto" and not out):
         return None
     found = _checkpoint_for(resume, Path(out or "."))
@@ -93,7 +93,7 @@ def resumed_settings(resume: str | None, out: str | None, given: set[str]) -> di
         return None
     if saved is None:
         return None
-    dropped = set(given) | set(DERIVED_KEYS) | (set(STOP_KEYS) if given & set(STOP_KEYS) else set())
+    dropped = set(given) | set(DERIVED_KEYS) | (set(LENGTH_KEYS) if given & set(LENGTH_KEYS) else set())
     if not out:  # the run goes on in the folder that holds its checkpoint (the saved --out may be
         saved["out"] = str(run_of(found))  # relative to another directory, or the run was moved since)
     return {k: v for k, v in saved.items() if k not in dropped}

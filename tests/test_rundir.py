@@ -110,7 +110,10 @@ def test_resumed_settings_are_the_runs_less_what_is_given(tmp_path):
     assert kept["max_steps"] == 20 and kept["max_time"] == "1h" and "grad_accum" not in kept  # derived anew
     given = rundir.resumed_settings(str(run), str(tmp_path / "elsewhere"), {"lr", "max_tokens"})
     assert "lr" not in given and given["seed"] == 7
-    assert not {"max_steps", "max_time", "max_tokens"} & set(given)  # new stop conditions replace all the run's
+    assert not {"max_steps", "max_tokens"} & set(given)  # a new length replaces the run's (all three limits)
+    assert given["max_time"] == "1h"  # (--max-time plans no schedule: only one given replaces it)
+    # following "give a larger --max-time" dropped --max-steps, and the schedule shrank to one epoch
+    assert rundir.resumed_settings("auto", str(run), {"out", "resume", "max_time"})["max_steps"] == 20
     assert (kept["ds_config"], kept["batch_size"], kept["model"]["vocab_multiple"]) == ("zero2_bf16", 8, 64)
     # a run of an older mtgpt: its DeepSpeed config from run_info.json, its batch from micro x accum x
     # ranks, no vocabulary padding (its checkpoints hold exactly vocab_size rows)
