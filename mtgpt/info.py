@@ -106,9 +106,13 @@ def describe_run(path: Path) -> list[str]:
         vocab = config.vocab_size
     if (path / checkpoint.MODEL_CONFIG).is_file():
         lines.append(f"tokenizer: {tokenizer.describe(checkpoint.recorded_tokenizer(path))}")
-    if (path / rundir.LAST_STOP).is_file():
+    if who := rundir.training_now(path):
+        lines.append(f"training now: {who}")
+    elif (path / rundir.LAST_STOP).is_file():
         stop = json.loads((path / rundir.LAST_STOP).read_text())
         lines.append(f"last stop: {stop['reason']} at step {stop['step']} ({stop['tokens']:,} tokens)")
+    elif (path / rundir.TRAIN_CONFIG).is_file():
+        lines.append("last stop: none recorded (its last training ended without a clean stop: a crash or a kill)")
     if (path / METRICS).is_file():
         rows = read_metrics(path / METRICS, warn=lines.append)
         train = [r for r in rows if isinstance(r.get("train/loss"), float)]

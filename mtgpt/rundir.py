@@ -24,7 +24,7 @@ from mtgpt.config import ConfigError, ModelConfig, TrainConfig, dump_json, load_
 TRAIN_CONFIG = folders.TRAIN_CONFIG
 DS_CONFIG = folders.DS_CONFIG
 RUN_INFO = checkpoint.RUN_INFO
-LAST_STOP = "last_stop.json"  # rank 0, at the end of fit: why and where the run stopped
+LAST_STOP = "last_stop.json"  # rank 0, at the end of fit: why and where the run stopped (removed at its start)
 COMMAND_ENV = "MTGPT_COMMAND"  # the user's command line, passed by `mtgpt train` to its ranks
 LOCK = ".mtgpt.lock"  # held (flock) by rank 0 of the run training in the folder: "PID on HOST since TIME"
 _held: list[Any] = []  # the lock files this process holds, open until it exits
@@ -180,6 +180,15 @@ def lock_run(out: str | Path, hold: bool = True) -> None:
     _held.append(f)
 
 
+def training_now(out: str | Path) -> str | None:
+    """Who trains in run folder `out` now ("PID N on HOST since TIME"), or None."""
+    try:
+        lock_run(out, hold=False)
+    except ConfigError:
+        return (Path(out) / LOCK).read_text().strip() or "another process"
+    return None
+
+
 def check_out_folder(out: Path) -> None:
     """--out must be a new or empty folder, or one that holds an mtgpt run: never a data folder,
     a folder inside a run, or a folder of other files (the run's files would be mixed into them).
@@ -309,6 +318,7 @@ def write_run_files(out: str | Path, train_config: dict[str, Any], ds: dict[str,
                     world_size: int, val_samples: int, resumed_from: Path | None) -> None:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / LAST_STOP).unlink(missing_ok=True)  # an earlier stop's: this start's is written when it stops
     dump_json(train_config, out / TRAIN_CONFIG)
     dump_json(ds, out / DS_CONFIG)
     dump_json({

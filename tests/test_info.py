@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -40,6 +41,15 @@ def test_run_folder(tmp_path):
     assert "train loss: 4.0000 at step 20" in text and "best 4.7500 at step 20" in text
     assert "checkpoints: step_00000020 (incomplete, ignored: step_00000030)" in text
     assert "val loss: none" not in text  # unknown whether the data had val: say nothing
+    # a run training now said "last stop: max_steps at step 20" (an earlier start's) next to newer losses
+    rundir.write_run_files(run, json.loads((run / rundir.TRAIN_CONFIG).read_text()), {}, "x", 1, 0, None)
+    rundir.lock_run(run)  # as its rank 0 does
+    try:
+        text, _ = info.describe(str(run))
+        assert "last stop" not in text and f"training now: PID {os.getpid()} on " in text
+    finally:
+        rundir._held.pop().close()
+    assert "last stop: none recorded (its last training ended without a clean stop" in info.describe(str(run))[0]
 
 
 def test_not_a_known_folder(tmp_path):
