@@ -89,8 +89,10 @@ class Monitor:
             plot_losses(self.history, self.run_dir / "loss.png")
 
     def text(self, tag: str, text: str, step: int) -> None:
+        """A text sample: TensorBoard renders text as Markdown (joining lines, reading * and #), so
+        it goes as a code block (each line indented 4 spaces): shown as written."""
         if self.enabled:
-            self.tb.add_text(tag, text, step)
+            self.tb.add_text(tag, "\n".join("    " + line for line in text.split("\n")), step)
             self.tb.flush()
 
     def close(self) -> None:

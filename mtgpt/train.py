@@ -504,7 +504,7 @@ def fit(plan: Plan, early_signals: list[int] | tuple[int, ...] = ()) -> dict[str
     world.print0(banner(plan, state.step))
     for warning in plan_warnings(plan):
         world.print0(warning, file=sys.stderr)
-    bar = progress_bar(plan, state.step)
+    bar = Progress(plan, state.step)
 
     writes = BackgroundWrite()
     began = time.time() - state.elapsed
@@ -536,16 +536,17 @@ def fit(plan: Plan, early_signals: list[int] | tuple[int, ...] = ()) -> dict[str
             metrics.update(train_metrics(engine, running.take(), state, cfg.out))
             metrics.update(data_metrics(plan, batches))
             metrics.update(perf.metrics())
-            bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", lr=f"{metrics['lr']:.2e}",
-                            tok_s=f"{metrics['perf/tokens_per_s']:.0f}")
-        if state.step % cfg.eval_every == 0 or reason:
+            bar.show(state.step, metrics)
+        evaluate_now = state.step % cfg.eval_every == 0 or reason
+        if evaluate_now:
             evaluated = time.time()
             with eager(engine):
                 metrics.update(evaluate_and_track(engine, vals, plan, state, log, writes))
             metrics["perf/eval_seconds"] = time.time() - evaluated  # what an evaluation costs every rank
-            perf.reset()  # tokens/s measures training, not evaluation
             reason = reason or planned_stop(cfg, state, plan.train_tokens)  # early stopping
-        log.log(metrics, state.step)
+        log.log(metrics, state.step)  # (redraws loss.png after an evaluation)
+        if evaluate_now:
+            perf.reset()  # tokens/s measures training, not the evaluation or its plot
         bar.update(1)
         if reason is None and state.step % cfg.save_every == 0:
             save(engine, plan, state, batches, running)
@@ -564,8 +565,10 @@ def fit(plan: Plan, early_signals: list[int] | tuple[int, ...] = ()) -> dict[str
     val_text = (f"val loss {val_loss:.4f}, best {state.best_val:.4f}, {monitor.last(log.history, 'val/bpb'):.4f} "
                 "bits/byte" if has_val(vals) and math.isfinite(val_loss) else "not evaluated yet" if has_val(vals)
                 else "no val split, so no val loss")
+    best = (f"; the best val loss's: {Path(cfg.out) / 'best'} (sample, eval, chat, export take --best)"
+            if reason == "early_stopping" and (Path(cfg.out) / "best" / checkpoint.WEIGHTS).is_file() else "")
     world.print0(f"stopped ({reason}) at step {state.step}, {state.tokens:,} tokens; {val_text}; "
-                 f"model: {Path(cfg.out) / checkpoint.WEIGHTS}")
+                 f"model: {Path(cfg.out) / checkpoint.WEIGHTS}{best}")
     world.print0(f"time: {clock.line()}")
     return {"step": state.step, "tokens": state.tokens, "val_loss": val_loss, "best_val": state.best_val,
             "reason": reason}
@@ -608,10 +611,42 @@ def data_lines(plan: Plan) -> list[str]:
     return lines
 
 
-def progress_bar(plan: Plan, step: int) -> tqdm:
-    """Rank 0's bar (hidden on other ranks and when stderr is not a terminal)."""
-    return tqdm(total=plan.schedule_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
-                disable=True if not world.is_rank0() else None)
+class Progress:
+    """Rank 0's progress: a tqdm bar on a terminal; where stderr is a file (nohup, a Slurm log) a
+    plain line at a log step at most every LINE_EVERY seconds instead, so that a log shows the
+    loss and the time left between evaluations. Other ranks show nothing."""
+
+    LINE_EVERY = 30.0
+
+    def __init__(self, plan: Plan, step: int):
+        self.bar = tqdm(total=plan.schedule_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
+                        disable=True if not world.is_rank0() else None)
+        self.lines = world.is_rank0() and self.bar.disable
+        self.total, self.first, self.began, self.last = plan.schedule_steps, step, time.time(), 0.0
+
+    def show(self, step: int, metrics: dict[str, float]) -> None:
+        """The numbers of a log step."""
+        self.bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", lr=f"{metrics['lr']:.2e}",
+                             tok_s=f"{metrics['perf/tokens_per_s']:.0f}")
+        now = time.time()
+        if self.lines and (now - self.last >= self.LINE_EVERY or step >= self.total):
+            self.last = now
+            left = (now - self.began) / max(1, step - self.first) * max(0, self.total - step)
+            print(f"step {step}/{self.total}: loss {metrics['train/loss']:.4f}, lr {metrics['lr']:.2e}, "
+                  f"{metrics['perf/tokens_per_s']:,.0f} tokens/s, {_duration(now - self.began)} elapsed, "
+                  f"{_duration(left)} left", file=sys.stderr, flush=True)
+
+    def update(self, n: int) -> None:
+        self.bar.update(n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
+        f"{seconds // 60}:{seconds % 60:02d}"
 
 
 def train_metrics(engine, loss: torch.Tensor, state: TrainState, out: str) -> dict[str, float]:

@@ -26,9 +26,13 @@ def test_log_then_resume_drops_the_later_steps(tmp_path):
     for step in range(1, 7):
         log.log({"train/loss": 10.0 - step}, step)
     log.log({"val/loss": 4.5}, 6)
-    log.text("sample", "some text", 6)
+    log.text("sample", "ROMEO:\nBut *soft*,\n# what light", 6)
     log.close()
     assert (tmp_path / "loss.png").is_file()
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"tensors": 0})
+    acc.Reload()
+    [event] = acc.Tensors("sample/text_summary")  # TensorBoard's Markdown keeps a code block's lines as written
+    assert event.tensor_proto.string_val[0].decode() == "    ROMEO:\n    But *soft*,\n    # what light"
     assert [r["step"] for r in monitor.read_metrics(tmp_path / monitor.METRICS, print)] == [1, 2, 3, 4, 5, 6, 6]
 
     log = monitor.Monitor(tmp_path, enabled=True, resume_step=4)  # resumed from the step-4 checkpoint

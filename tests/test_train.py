@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import time
 from pathlib import Path
 
 import pytest
@@ -282,7 +284,7 @@ def _fit(cfg):
     return fit(make_plan(cfg, world_size=1))
 
 
-def test_best_is_the_lowest_val_loss_whatever_min_delta_says(tiny_data, tmp_path, world_of_one):
+def test_best_is_the_lowest_val_loss_whatever_min_delta_says(tiny_data, tmp_path, world_of_one, capsys):
     """--min-delta sets what counts as progress for --patience, not which weights best/ holds: a
     run stopped early by it (the val loss fell, by less than 100) exports the lowest val loss's
     weights to best/, as the README says. (best/ stayed at the first evaluation's weights.)"""
@@ -298,6 +300,9 @@ def test_best_is_the_lowest_val_loss_whatever_min_delta_says(tiny_data, tmp_path
     assert lowest > 1 and summary["best_val"] == vals[lowest]
     with safe_open(str(run / "best" / "model.safetensors"), "pt") as f:
         assert int(f.metadata()["step"]) == lowest and float(f.metadata()["val_loss"]) == vals[lowest]
+    # the last line names best/ too: after early stopping the latest weights are not the best
+    assert f"model: {run / 'model.safetensors'}; the best val loss's: {run / 'best'} (sample, eval, chat, export take " \
+        "--best)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("eval_every", [3, 100])
@@ -349,6 +354,33 @@ def test_a_run_that_stopped_before_its_first_save_starts_again_with_resume_auto(
     assert plan.resume_from is None
     assert fit(plan)["step"] == 2
     assert [r["step"] for r in metrics(run) if "train/loss" in r] == [1, 2]  # the old attempt's 1..3 dropped
+
+
+def test_progress_lines_where_stderr_is_a_file(tiny_data, tmp_path, world_of_one, capsys):
+    """Under nohup or Slurm (stderr not a terminal: no bar) a run printed only its evaluations:
+    now a line with the loss and the time left, at the first log step, then at most every 30 s,
+    and at the last step."""
+    cfg = TrainConfig(data=str(tiny_data), out=str(tmp_path / "run"), model=dict(TINY), micro_batch=2,
+                      eval_samples=4, log_every=2, eval_every=100, max_steps=6, ds_config="zero0_fp32")
+    _fit(cfg)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("step ") and "/6: loss" in line]
+    assert [line.split(":")[0] for line in lines] == ["step 2/6", "step 6/6"], err
+    assert re.fullmatch(r"step 6/6: loss \d+\.\d{4}, lr \S+, [\d,]+ tokens/s, 0:\d\d elapsed, 0:00 left", lines[1])
+
+
+def test_tokens_per_second_leaves_out_the_loss_plot_of_an_evaluation(tiny_data, tmp_path, world_of_one, monkeypatch):
+    """perf/tokens_per_s at the log step after an evaluation counted the redraw of loss.png (0.1 to
+    0.6 s): a dip at every evaluation. Here the plot takes a second and must not show."""
+    from mtgpt import monitor
+
+    draw = monitor.plot_losses
+    monkeypatch.setattr(monitor, "plot_losses", lambda *a: (time.sleep(1.0), draw(*a)))
+    cfg = TrainConfig(data=str(tiny_data), out=str(tmp_path / "run"), model=dict(TINY), micro_batch=2,
+                      eval_samples=4, log_every=2, eval_every=2, max_steps=4, ds_config="zero0_fp32")
+    _fit(cfg)
+    speed = {r["step"]: r["perf/tokens_per_s"] for r in metrics(tmp_path / "run") if "perf/tokens_per_s" in r}
+    assert speed[4] > 2 * 64 / 0.5, speed  # two steps of 64 tokens in well under the plot's second
 
 
 def test_fit_resume_and_go_back_in_process(tiny_data, tmp_path, world_of_one, capsys):
