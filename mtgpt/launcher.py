@@ -59,25 +59,32 @@ def launch_local(cfg: TrainConfig, nproc: int, ds_config_given: bool = False) ->
     env[monitor.STARTED_AT] = str(psutil.Process().create_time())
     if not world.gpu_count():
         env.setdefault("DS_ACCELERATOR", "cpu")
-    started = time.time()
-    env[monitor.LAUNCHED_AT] = str(started)
-    proc = subprocess.Popen(command(config_file, nproc, world.free_port(), cfg.ds_config if ds_config_given else None), env=env, process_group=0,
-                            preexec_fn=_die_with_parent)
     got_signal: list[int] = []
     tree: list[psutil.Process] = []  # the processes under the launcher when a signal came
+    before_ranks: list[bool] = []  # whether the first signal came before the launcher had started any rank
+    launched: list[subprocess.Popen] = []
 
     def forward(signum, frame):
         # The ranks (the processes under the launcher) get SIGTERM, whichever signal came (a
         # rank's stop flag is set once, however often); the launcher only if it has none yet.
         got_signal.append(signum)
-        tree[:] = _descendants(proc.pid)
+        tree[:] = _descendants(launched[0].pid) if launched else []
+        if len(got_signal) == 1:
+            before_ranks.append(len(tree) <= 1)
         for child in tree[1:] or tree:
             try:
                 child.send_signal(signal.SIGTERM)
             except psutil.NoSuchProcess:
                 pass
 
-    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}  # before it starts
+    started = time.time()
+    env[monitor.LAUNCHED_AT] = str(started)
+    launched.append(subprocess.Popen(command(config_file, nproc, world.free_port(), cfg.ds_config if ds_config_given
+                                             else None), env=env, process_group=0, preexec_fn=_die_with_parent))
+    proc = launched[0]
+    if got_signal:  # (it came while the launcher was being started)
+        proc.send_signal(signal.SIGTERM)
     try:
         rc = proc.wait()
         psutil.wait_procs(tree, timeout=600)  # after a signal, ranks may still be saving
@@ -86,6 +93,10 @@ def launch_local(cfg: TrainConfig, nproc: int, ds_config_given: bool = False) ->
             signal.signal(s, handler)
         Path(config_file).unlink(missing_ok=True)
     if rc != 0 and got_signal and clean_stop_since(cfg.out, started):
+        return 0
+    if rc != 0 and got_signal and before_ranks[0]:  # the launcher itself, still starting, was stopped
+        print(f"stopped by {signal.Signals(got_signal[0]).name} before the ranks started: nothing was trained or "
+              "saved", file=sys.stderr)
         return 0
     if rc != 0 and got_signal:  # (a rank that had not yet installed its handler, or one that failed)
         print(f"Error: stopped by {signal.Signals(got_signal[0]).name} before the run saved; see any error above",

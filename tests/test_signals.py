@@ -85,6 +85,30 @@ def test_a_signal_while_the_ranks_start_stops_before_the_first_step(tiny_data, t
     assert checkpoint.latest_complete(run) is None and not rows(run)
 
 
+def test_a_signal_before_the_launcher_started_any_rank(tiny_data, tmp_path):
+    """Ctrl-C a second after `mtgpt train` started (its DeepSpeed launcher importing, no rank yet)
+    said "Error: stopped by SIGINT before the run saved; see any error above" with no error above,
+    and exited 130. Now: one line that nothing was trained or saved, exit 0, as for the ranks."""
+    run = tmp_path / "run"
+    proc = start("train", "--data", tiny_data, "--out", run, "--nproc", "2", *ARGS)
+
+    def launcher_alone() -> bool:
+        try:
+            children = psutil.Process(proc.pid).children()
+            return len(children) == 1 and not children[0].children()
+        except psutil.Error:
+            return False
+
+    wait_for(launcher_alone, proc, poll=0.01)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+    out, err = proc.stdout.read().decode(), proc.stderr.read().decode()
+    assert proc.returncode == 0, out[-2000:] + err[-3000:]
+    assert "stopped by SIGINT before the ranks started: nothing was trained or saved" in err, err[-3000:]
+    assert "Error" not in err and "Traceback" not in err, err[-3000:]
+    assert checkpoint.latest_complete(run) is None and not rows(run)
+
+
 def test_a_stop_that_takes_longer_than_30_seconds_still_saves(tiny_data, tmp_path):
     """After a signal a rank trains on to its next log step, then evaluates and saves: on a CPU
     with the default model (10 steps of seconds each) that takes more than 30 s. DeepSpeed's
