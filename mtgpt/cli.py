@@ -338,7 +338,7 @@ def run_worker(options: dict) -> None:
         signal.signal(s, lambda signum, frame: early.append(signum))
     from mtgpt import rundir, world
     from mtgpt.data import DataError
-    from mtgpt.train import TrainingDiverged, fit, make_plan
+    from mtgpt.train import SaveError, TrainingDiverged, fit, make_plan
 
     rank, _, world_size = world.env_world()
     given_ds = options.get("ds_config") is not None
@@ -371,8 +371,15 @@ def run_worker(options: dict) -> None:
         if rank == 0:
             click.echo(f"Error: {e}", err=True)
         sys.exit(1)
-    except DataError as e:  # only the rank that read the bad shard knows
+    except (DataError, SaveError) as e:  # only the rank that read the bad shard (or wrote) knows
         click.echo(f"Error (rank {rank}): {str(e).removeprefix(f'rank {rank}: ')}", err=True)
+        sys.exit(1)
+    except RuntimeError as e:
+        if world_size == 1 or not world.lost_peer(e):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        click.echo(f"Error (rank {rank}): lost contact with another rank ({first[:200]}); that rank's error, "
+                   "above or in its log, says why", err=True)
         sys.exit(1)
 
 

@@ -43,6 +43,26 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or inf."""
 
 
+class SaveError(RuntimeError):
+    """A checkpoint could not be written for lack of space (the message says where and what to do)."""
+
+
+def save_problem(root: Path, tag: str, params: int, error: BaseException) -> SaveError | None:
+    """The SaveError for a failed write of checkpoint `tag` when its filesystem is full (ENOSPC,
+    a quota, or what torch's writer says instead, "unexpected pos", when it finds no space
+    left); None for other failures (raised as they are)."""
+    import errno
+    import shutil
+
+    free = shutil.disk_usage(root if root.exists() else root.parent).free
+    if not (getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or free < 64 * 2**20):
+        return None
+    return SaveError(f"could not save {root / tag}: no space left on its filesystem ({free / 2**20:.0f} MB free; "
+                     f"a checkpoint of this model takes about {params * 16 / 2**20:,.0f} MB, 16 bytes per parameter, "
+                     f"and the model file {params * 4 / 2**20:,.0f} MB). Free some space (fewer checkpoints: "
+                     "--keep-last), then go on with --resume auto from the last complete checkpoint")
+
+
 def diverged(what: str, value: float, state: TrainState, out: str) -> TrainingDiverged:
     """The error for a non-finite loss: what is kept (no checkpoint holds weights after a
     non-finite loss: the train loss is checked at every log step and save, the val loss at
@@ -790,9 +810,14 @@ def save(engine, plan: Plan, state: TrainState, batches: TrainBatches, running: 
         mine["grad_scaler"] = scaler.state_dict()  # zero0_fp16's loss scale (DeepSpeed does not save it)
         mine["grad_scaler_skipped"] = int(scaler.skipped)
     client = state.client_state(mine)
-    engine.save_checkpoint(str(root), tag=tag, client_state=client, save_latest=False)
-    world.barrier()  # every rank's shard is on disk
-    export(engine, plan, state, Path(plan.cfg.out))
+    try:
+        engine.save_checkpoint(str(root), tag=tag, client_state=client, save_latest=False)
+        world.barrier()  # every rank's shard is on disk
+        export(engine, plan, state, Path(plan.cfg.out))
+    except (OSError, RuntimeError) as e:
+        if (problem := save_problem(root, tag, param_count(plan.cfg.model), e)) is not None:
+            raise problem from None
+        raise
     if world.is_rank0():
         info = {"step": state.step, "tokens": state.tokens, "world_size": plan.world_size,
                 "zero_stage": engine.zero_optimization_stage(), "precision": ds_config.precision(plan.ds)}

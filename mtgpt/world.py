@@ -86,6 +86,8 @@ def init() -> Rank:
     if "MASTER_ADDR" not in os.environ:  # a plain `python` run: a world of one
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world_size),
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    for key, value in (("RANK", rank), ("LOCAL_RANK", local_rank), ("WORLD_SIZE", world_size)):
+        os.environ.setdefault(key, str(value))  # (DeepSpeed falls back to MPI discovery without them all)
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         device, backend = torch.device("cuda", local_rank), "nccl"
@@ -139,6 +141,14 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
     return t
+
+
+def lost_peer(error: BaseException) -> bool:
+    """Whether a collective failed because another rank is gone (it died, or its node did): NCCL
+    raises torch.distributed.DistError, gloo a RuntimeError naming the closed connection."""
+    text = str(error)
+    return isinstance(error, torch.distributed.DistError) or "Connection closed by peer" in text or \
+        "Connection reset by peer" in text
 
 
 def all_gather_object(obj):

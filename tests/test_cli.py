@@ -4,6 +4,7 @@ training process starts."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from click.testing import CliRunner
@@ -168,12 +169,21 @@ def test_info_not_a_folder_we_know(tmp_path):
 
 
 def test_worker_error_printed_once(tiny_data, tmp_path):
-    """Started directly by a launcher with a bad option, only rank 0 prints the error."""
+    """Started directly by a launcher with a bad option, only rank 0 prints the error (the ranks
+    agree on it before any trains)."""
+    import subprocess
+    import sys
+
+    from mtgpt.world import free_port
+
     args = ["worker", "--data", tiny_data, "--out", tmp_path / "run", *TINY_ARGS, "--n-head", "3"]
-    rank0 = run_mtgpt(*args, check=False, env={"RANK": "0", "WORLD_SIZE": "2"})
-    rank1 = run_mtgpt(*args, check=False, env={"RANK": "1", "WORLD_SIZE": "2"})
-    assert rank0.returncode == rank1.returncode == 2
-    assert rank0.stderr.count("does not divide") == 1 and rank1.stderr.strip() == ""
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+           "DS_ACCELERATOR": "cpu"}
+    procs = [subprocess.Popen([sys.executable, "-m", "mtgpt", *map(str, args)], env={**env, "RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    (_, err0), (_, err1) = (p.communicate(timeout=120) for p in procs)
+    assert [p.returncode for p in procs] == [2, 2], err0 + err1
+    assert err0.count("does not divide") == 1 and "Error" not in err1
 
 
 def test_every_training_option_is_declared_once(tiny_data):

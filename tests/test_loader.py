@@ -232,3 +232,16 @@ def test_three_ranks_over_four_uneven_shards_never_hang(tmp_path):
         p.join(timeout=120)
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
     assert sorted(out.get(timeout=5) for _ in range(3)) == [(r, steps * 2 * 3) for r in range(3)]
+
+
+def test_a_data_folder_removed_while_training_is_one_line(tiny_data, tmp_path):
+    """`rm -rf` of the data folder mid-run: the next shard a rank opened raised FileNotFoundError
+    through the DataLoader's internals (a 150-line traceback); now a DataError naming the fix."""
+    data = shutil.copytree(tiny_data, tmp_path / "data")
+    split = Split(data, load_manifest(data), "train")
+    assert len(split.paths) > 1
+    split.read(np.array([0]))  # the first shard is open (mapped): it stays readable
+    shutil.rmtree(data)
+    with pytest.raises(DataError, match=r"shard .*train-\d+\.tar is gone: the data folder was moved or removed "
+                                        r"while training; put it back and resume with --resume auto"):
+        split.read(np.array([len(split) - 1]))  # a sample of the last shard

@@ -179,6 +179,8 @@ def test_dead_peer_without_a_launcher(tiny_data, tmp_path):
     procs[0].wait(timeout=180)
     assert procs[0].returncode != 0
     assert time.time() - killed < 90
+    err = procs[0].stderr.read().decode()  # one line, not gloo's traceback
+    assert "Error (rank 0): lost contact with another rank (" in err and "Traceback" not in err, err[-3000:]
 
 
 def test_a_mistake_only_one_rank_sees_ends_every_rank_and_is_said(tiny_data, tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import time
 from pathlib import Path
@@ -381,6 +382,29 @@ def test_tokens_per_second_leaves_out_the_loss_plot_of_an_evaluation(tiny_data, 
     _fit(cfg)
     speed = {r["step"]: r["perf/tokens_per_s"] for r in metrics(tmp_path / "run") if "perf/tokens_per_s" in r}
     assert speed[4] > 2 * 64 / 0.5, speed  # two steps of 64 tokens in well under the plot's second
+
+
+def test_a_full_disk_at_a_save_is_one_line(tiny_data, tmp_path, world_of_one):
+    """A checkpoint on a full filesystem (a 2 MB tmpfs here) crashed with torch's 55-line
+    traceback ("unexpected pos 4736 vs 4628"); now a SaveError saying how much space it takes."""
+    import subprocess
+
+    from mtgpt.train import SaveError
+
+    small = tmp_path / "small"
+    small.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small)]).returncode:
+        if os.environ.get("CI", "").lower() in ("true", "1"):
+            pytest.fail("cannot mount a tmpfs under CI (needs root)")
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        cfg = TrainConfig(data=str(tiny_data), out=str(small / "run"), model=dict(TINY), micro_batch=2,
+                          eval_samples=4, log_every=1, eval_every=100, save_every=2, max_steps=4, ds_config="zero0_fp32")
+        with pytest.raises(SaveError, match=r"could not save .*step_00000002: no space left on its filesystem \(\d+ MB "
+                                            r"free; a checkpoint of this model takes about 25 MB"):
+            _fit(cfg)
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=True)
 
 
 def test_fit_resume_and_go_back_in_process(tiny_data, tmp_path, world_of_one, capsys):

@@ -115,8 +115,13 @@ class Split:
 
     def _map(self, k: int) -> mmap.mmap:
         if self._maps[k] is None:
-            with self.paths[k].open("rb") as f:
-                self._maps[k] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            try:
+                with self.paths[k].open("rb") as f:
+                    self._maps[k] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            except FileNotFoundError:
+                raise DataError(f"shard {self.paths[k]} is gone: the data folder was moved or removed while "
+                                "training; put it back and resume with --resume auto (--data NEW_PATH if it "
+                                "moved)") from None
         return self._maps[k]
 
 
