@@ -2,7 +2,9 @@
 (node1, node2) on this machine. prepare.sbatch writes the data; train.sbatch trains the tiny model
 with one CPU rank on each node; a job requeued twice in the middle (Slurm's time-limit warning,
 then `scontrol requeue`) resumes and logs the same loss at every step as an uninterrupted job; a
-cancelled job saves and stays cancelled.
+cancelled job saves and stays cancelled. The data and run folder given as the script's arguments
+(--data, --out) replace DATA_DIR and RUN_DIR; a failed job's log says why; a last_stop.json left by
+an earlier try does not make the script requeue.
 
 Needs root and Slurm (installed with apt-get if missing). Skipped where that is not possible,
 except under CI (CI=true), where it fails instead."""
@@ -56,7 +58,8 @@ def free_ports(n: int) -> int:
 class Cluster:
     def __init__(self, root: Path):
         self.root = root
-        self.env = {**os.environ, "SLURM_CONF": str(root / "slurm.conf"), "SLURM_TEST_PORT": str(free_ports(3)),
+        mine = {k: v for k, v in os.environ.items() if k not in ("DATA_DIR", "RUN_DIR")}  # each job sets its own
+        self.env = {**mine, "SLURM_CONF": str(root / "slurm.conf"), "SLURM_TEST_PORT": str(free_ports(3)),
                     # what the job sees (sbatch passes the environment on): this venv's python,
                     # one thread per rank (two ranks share this machine's two cores)
                     "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHON": sys.executable,
@@ -131,11 +134,14 @@ def data(cluster, tmp_path_factory) -> Path:
     return out
 
 
-def train_job(cluster: Cluster, data: Path | str, run: Path, steps: int = STEPS) -> str:
-    """Submit train.sbatch on both nodes; its output goes to RUN.out."""
-    env = {"DATA_DIR": str(data), "RUN_DIR": str(run), "DS_CONFIG": "zero1_fp32"}
+def train_job(cluster: Cluster, data: Path | str | None, run: Path, steps: int = STEPS, args: list = (),
+              run_dir: bool = True) -> str:
+    """Submit train.sbatch on both nodes; its output goes to RUN.out. The data is DATA_DIR (None:
+    the arguments give --data); the run folder RUN_DIR (run_dir=False: the arguments give --out)."""
+    env = {"DS_CONFIG": "zero1_fp32", **({"DATA_DIR": str(data)} if data is not None else {}),
+           **({"RUN_DIR": str(run)} if run_dir else {})}
     return cluster.sbatch(["--nodes", 2, "--output", f"{run}.out"], "slurm/train.sbatch",
-                          [*TRAIN_ARGS, "--max-steps", steps], env=env)
+                          [*TRAIN_ARGS, "--max-steps", steps, *args], env=env)
 
 
 def losses(run: Path) -> dict[int, float]:
@@ -174,23 +180,26 @@ def test_uninterrupted_job_trains_on_two_nodes(straight):
 
 def test_a_mixture_job(cluster, data, tmp_path):
     """DATA_DIR="a=DIR:0.7 b=DIR2:0.3": one --data per source on every node (two folders: one
-    folder given twice is refused)."""
-    import shutil
-
+    folder given twice is refused). The run folder given as `--out=RUN`: the script's log is
+    there too."""
     run, other = tmp_path / "mix", tmp_path / "sonnets32-copy"
     shutil.copytree(data, other)
-    job_id = train_job(cluster, f"a={data}:0.7 b={other}:0.3", run, steps=4)
+    job_id = train_job(cluster, f"a={data}:0.7 b={other}:0.3", run, steps=4, run_dir=False, args=[f"--out={run}"])
     job = cluster.wait(job_id, lambda j: j["JobState"] in DONE, "the end", files=(Path(f"{run}.out"), run / "logs"))
-    assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), cluster.logs(run)
+    assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), cluster.logs(Path(f"{run}.out"), run)
     last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["data/a/tokens"] + last["data/b/tokens"] == last["train/tokens"] and "val/b/loss" in last
+    assert (run / "logs" / f"job-{job_id}.log").is_file()  # the script's own log, in the same folder
 
 
 def test_requeued_job_resumes_bit_identical(cluster, data, straight, tmp_path):
+    """The data and run folder given as the script's arguments, `--data=DIR --out RUN` (no DATA_DIR,
+    RUN_DIR): the ranks train on DIR alone (no data/shakespeare added), and the script finds their
+    last_stop.json in RUN after the time-limit warning, and requeues."""
     run = tmp_path / "run"
     out = Path(f"{run}.out")
     files = (out, run / "logs")
-    job_id = train_job(cluster, data, run)
+    job_id = train_job(cluster, None, run, args=[f"--data={data}", "--out", run], run_dir=False)
 
     # 1. Slurm's warning before the time limit (--signal=B:USR1@300), sent now: the script has the
     #    ranks save, then requeues the job itself.
@@ -238,3 +247,64 @@ def test_cancelled_job_saves_and_stays_cancelled(cluster, data, tmp_path):
     stop = last_stop(run)
     assert stop["reason"] == "signal" and stop["step"] < STEPS
     assert checkpoint.latest_complete(run).name == checkpoint.tag_for(stop["step"])
+
+
+def test_failed_job_says_why(cluster, tmp_path):
+    """No -J, no DATA_DIR, RUN_DIR or --out, and data that is not there: the run folder is the
+    job's own, runs/mtgpt-<job id> (not runs/mtgpt, which every unnamed job would share and
+    resume); the ranks get only the --data given (not data/shakespeare besides); the job's log
+    says why it failed (the ranks' Error line) and that no GPU was found."""
+    # (run elsewhere: this repository's mtgpt all the same)
+    pythonpath = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
+    job_id = cluster.sbatch(["--nodes", 1, "--chdir", tmp_path], "slurm/train.sbatch", ["--data", "no-such-data"],
+                            env={"PYTHONPATH": pythonpath})
+    out = tmp_path / f"slurm-mtgpt-{job_id}.out"
+    run = tmp_path / "runs" / f"mtgpt-{job_id}"
+    job = cluster.wait(job_id, lambda j: j["JobState"] in DONE, "the end", files=(out, tmp_path / "runs"))
+    assert job["JobState"] == "FAILED", cluster.logs(out, tmp_path / "runs")
+    assert (run / "logs" / f"job-{job_id}-run0-node0.log").is_file(), sorted(map(str, tmp_path.rglob("*")))
+    text = out.read_text()
+    assert any("Error: " in line and "no-such-data: no such folder" in line for line in text.splitlines()), text
+    assert "shakespeare" not in text
+    assert "no GPU on this node" in text and "1 CPU rank(s) per node" in text
+
+
+def test_stale_last_stop_does_not_requeue(cluster, tmp_path):
+    """The time-limit warning, and ranks that do not stop cleanly (a stand-in python that never
+    trains, killed by the SIGTERM): a last_stop.json saying "signal" from an earlier try must not
+    make the script requeue the job; it fails."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last_stop.json").write_text(json.dumps({"reason": "signal", "step": 2, "time": time.time() - 600},
+                                                   indent=2) + "\n")
+    python = tmp_path / "python"
+    python.write_text('#!/bin/sh\n[ "$1" = -c ] && exit 0  # "import mtgpt" works\nexec sleep 300\n')
+    python.chmod(0o755)
+    out = Path(f"{run}.out")
+    job_id = cluster.sbatch(["--nodes", 1, "--output", out], "slurm/train.sbatch", [],
+                            env={"PYTHON": str(python), "RUN_DIR": str(run)})
+    try:
+        node0 = run / "logs" / f"job-{job_id}-run0-node0.log"
+        cluster.wait(job_id, lambda j: j["JobState"] == "RUNNING" and node0.is_file(), "srun", files=(out,))
+        time.sleep(1)
+        cluster.run("scancel", "--batch", "--signal=USR1", job_id)
+        job = cluster.wait(job_id, lambda j: j["JobState"] in DONE or j["Restarts"] != "0", "the end", files=(out,))
+        assert (job["JobState"], job["Restarts"]) == ("FAILED", "0"), cluster.logs(out)
+        assert "not requeued" in out.read_text() and "training exited with status" in out.read_text()
+    finally:
+        subprocess.run(["scancel", job_id], env=cluster.env, capture_output=True)
+
+
+def test_conflicting_data_or_run_folders_are_refused(tmp_path):
+    """DATA_DIR and the arguments' --data, or RUN_DIR and --out, saying different things: one
+    line, exit 1, before anything starts (the script alone, no cluster)."""
+    env = {**{k: v for k, v in os.environ.items() if k not in ("DATA_DIR", "RUN_DIR")},
+           "SLURM_JOB_NAME": "mtgpt", "SLURM_JOB_ID": "7"}
+    for extra, args, words in [({"DATA_DIR": "a"}, ["--data=a", "--data", "b"], ["DATA_DIR", "--data a b"]),
+                               ({"RUN_DIR": "r"}, ["--out", "s"], ["RUN_DIR=r", "--out s"])]:
+        proc = subprocess.run(["bash", REPO / "slurm" / "train.sbatch", *args], capture_output=True, text=True,
+                              env={**env, **extra}, cwd=tmp_path, timeout=30)
+        lines = (proc.stdout + proc.stderr).splitlines()
+        assert proc.returncode == 1 and len(lines) == 1 and "error:" in lines[0], lines
+        assert all(w in lines[0] for w in words), lines
+    assert not list(tmp_path.iterdir())  # no run folder made
