@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from mtgpt.cli import main
 from mtgpt.config import ModelConfig, TrainConfig, dump_json
-from tests.conftest import SONNETS, TINY_ARGS, run_mtgpt
+from tests.conftest import SONNETS, TINY_ARGS
 
 
 def invoke(*args):
