@@ -11,6 +11,7 @@ Model 4 x 256, context 128, batch 8, lr 2e-3, 300 steps. About 4 minutes a seed 
 
 from __future__ import annotations
 
+import argparse
 import copy
 import statistics
 import sys
@@ -33,9 +34,11 @@ STEPS = 300
 
 
 def main() -> None:
-    if len(sys.argv) < 2 or sys.argv[1] not in ("fp32", "bf16"):
-        raise SystemExit(__doc__)
-    precision, seeds = sys.argv[1], [int(s) for s in sys.argv[2:]] or [0]
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("precision", choices=["fp32", "bf16"])
+    p.add_argument("seeds", nargs="*", type=int, default=[0], help="one run per seed (default: 0)")
+    args = p.parse_args()
+    precision, seeds = args.precision, args.seeds
     world.init()
     cfg = ModelConfig(block_size=128, n_layer=4, n_head=4, n_embd=256)
     tc = TrainConfig(data="-", out="-", model=cfg, micro_batch=8, lr=2e-3, compile=False, max_steps=STEPS)

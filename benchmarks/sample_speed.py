@@ -24,7 +24,7 @@ import torch
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", help="a run folder (default: the default model, random weights)")
-    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--new-tokens", type=int, help="default: 256, or 64 with --tiny (whose context is 128)")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--greedy", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -32,6 +32,7 @@ def main() -> None:
     p.add_argument("--json", help="also write the numbers to this JSON file")
     p.add_argument("--tiny", action="store_true", help="a tiny random model (a quick check, not a benchmark)")
     args = p.parse_args()
+    args.new_tokens = args.new_tokens or (64 if args.tiny else 256)
     if args.threads:
         torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM

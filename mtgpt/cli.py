@@ -73,7 +73,7 @@ DEVICE_OPTION = click.option("--device", default="auto", show_default=True,
                              help="auto (a GPU if one is visible), cpu, cuda or cuda:N.")
 
 
-def _sampling_options(max_new_tokens: int):
+def _sampling_options(max_new_tokens: int, num_samples: bool = False):
     def wrap(f):
         for option in reversed([
             click.option("--max-new-tokens", default=max_new_tokens, show_default=True, help="Tokens to generate."),
@@ -81,7 +81,8 @@ def _sampling_options(max_new_tokens: int):
             click.option("--top-k", default=200, show_default=True,
                          help="Sample from the k most likely tokens; 0 keeps all tokens."),
             click.option("--top-p", type=float, help="Sample from the smallest set with this probability mass."),
-            click.option("--seed", type=int, help="Same seed (and --num-samples), same text (0 to 4294967295)."),
+            click.option("--seed", type=int, help="Same seed, same text (0 to 4294967295)" +
+                         (", for the same --num-samples." if num_samples else ".")),
             click.option("--best", is_flag=True, help="Use the weights with the best val loss, not the latest."),
             DEVICE_OPTION,
             click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
@@ -321,10 +322,12 @@ def train(nproc, **options):
     sys.exit(launcher.launch_local(cfg, nproc, ds_config_given=given_ds))
 
 
-@main.command(hidden=True)
+@main.command(hidden=True, context_settings={"help_option_names": ["-h", "--help"]})  # (launch/train.py -h too)
 @_train_options
 @click.option("--local_rank", "--local-rank", type=int, hidden=True, help="Set by the deepspeed launcher.")
-def worker(local_rank, **options):
+@click.option("--deepspeed", "deepspeed_flag", is_flag=True, hidden=True,
+              help="DeepSpeed's own flag (deepspeed.add_config_arguments): taken, and nothing to do.")
+def worker(local_rank, deepspeed_flag, **options):
     """One training process, as started by deepspeed / torchrun / srun (= launch/train.py)."""
     run_worker(options)
 
@@ -391,7 +394,7 @@ def run_worker(options: dict) -> None:
 @click.option("--stop", "stops", multiple=True, metavar="TEXT",
               help="Stop a sample when it writes this text (it is not printed); repeat it for several, the first "
                    "written stops.")
-@_sampling_options(max_new_tokens=200)
+@_sampling_options(max_new_tokens=200, num_samples=True)
 def sample(run_dir, prompt, prompt_file, num_samples, stops, max_new_tokens, temperature, top_k, top_p, seed,
            best, device, dtype):
     """Continue a prompt with a trained model, streamed as it comes (KV cache, top-k/top-p)."""

@@ -103,7 +103,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)  # its options are listed here, in its place
     ds_config: str | None = option(None, "DeepSpeed JSON: a path or a bundled name (zero0..3 x fp32/bf16/fp16, "
                                    "e.g. zero2_bf16).", default_help="zero0_bf16 on a GPU (autocast), zero1_fp32 on CPU; a resumed run keeps its own",
-                                   aliases=["--ds_config"])
+                                   aliases=["--ds_config", "--deepspeed_config"])
     batch_size: int | None = option(None, "Sequences per optimizer step, all ranks together. --grad-accum is "
                                     "derived from it, so 1 or 8 GPUs, or a resume on another number of ranks, train "
                                     "with the same batch, schedule and learning rate.",

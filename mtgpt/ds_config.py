@@ -373,4 +373,28 @@ def _validate_with_deepspeed(ds: dict[str, Any], name: str) -> None:
     try:
         DeepSpeedConfig(probe)
     except Exception as e:  # DeepSpeed raises assorted types (pydantic ValidationError, AssertionError)
-        raise ConfigError(f"{name}: DeepSpeed rejects this config: {e}") from None
+        raise ConfigError(f"{name}: DeepSpeed rejects this config: {_one_line(e)}") from None
+
+
+BLOCKS = {"DeepSpeedZeroConfig": "zero_optimization", "DeepSpeedBF16Config": "bf16", "DeepSpeedFP16Config": "fp16"}
+
+
+def _one_line(error: Exception) -> str:
+    """A pydantic ValidationError in one line ("zero_optimization.overlap_com: Extra inputs are
+    not permitted", not four lines and a URL); other errors as they are."""
+    try:
+        where = BLOCKS.get(error.title, error.title)  # type: ignore[attr-defined]
+        return "; ".join(f"{'.'.join(map(str, (where, *e['loc'])))}: {e['msg']}"
+                         + (" (did you mean " + m[0] + "?)" if e.get("type") == "extra_forbidden" and
+                            (m := difflib.get_close_matches(str(e["loc"][-1]), _model_fields(error), 1)) else "")
+                         for e in error.errors())  # type: ignore[attr-defined]
+    except AttributeError:
+        return str(error)
+
+
+def _model_fields(error: Exception) -> list[str]:
+    """The keys the pydantic model that raised `error` takes (DeepSpeed's config classes)."""
+    import deepspeed.runtime.zero.config as zero_config
+
+    model = getattr(zero_config, error.title, None)  # type: ignore[attr-defined]
+    return list(getattr(model, "model_fields", {})) if model is not None else []

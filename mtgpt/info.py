@@ -92,6 +92,26 @@ def describe_data(path: Path, verify: bool) -> tuple[list[str], bool]:
     return lines, not problems
 
 
+def describe_checkpoint(path: Path) -> list[str]:
+    """A checkpoint folder (or the run's checkpoints/): what it holds, then its run."""
+    run = folders.run_holding(path)
+    if checkpoint.TAG_RE.match(path.name):
+        try:
+            saved = json.loads((path / checkpoint.COMPLETE).read_text())
+            lines = [f"checkpoint {path.name} of the run {run}: step {saved.get('step')}, {saved.get('tokens', 0):,} "
+                     f"tokens, saved by {saved.get('world_size')} rank(s) at ZeRO-{saved.get('zero_stage')} in "
+                     f"{saved.get('precision')}; resume from it: mtgpt train --resume {path}"]
+        except (OSError, ValueError):
+            lines = [f"checkpoint {path.name} of the run {run}: incomplete (a save cut short), which --resume auto "
+                     "skips"]
+    else:
+        tags = checkpoint.complete_tags(run)
+        latest = checkpoint.latest_complete(run)
+        lines = [f"{path} is in the run {run}: complete checkpoints {', '.join(tags) or 'none'}"
+                 + (f"; --resume auto takes {latest.name}" if latest else "")]
+    return [*lines, "", *describe_run(run)]
+
+
 def describe_run(path: Path) -> list[str]:
     lines = [f"run folder {path}"]
     vocab = ModelConfig().vocab_size
@@ -175,6 +195,6 @@ def describe(path: str | None, verify: bool = False) -> tuple[str, bool]:
     if kind == "missing":
         raise ValueError(f"{path}: no such file or folder")
     if kind == "checkpoint":
-        raise ValueError(f"{path} is {folders.what(p)}; `mtgpt info {folders.run_holding(p)}` describes the run")
+        return "\n".join(describe_checkpoint(p)), True
     raise ValueError(f"{path} is not a data folder (no {MANIFEST}), a run folder (no {rundir.TRAIN_CONFIG} or "
                      f"{checkpoint.WEIGHTS}) or a tokenizer folder (no {tokenizer.TOKENIZER_JSON})")

@@ -246,6 +246,11 @@ def plan_warnings(plan: Plan) -> list[str]:
     if plan.cfg.warmup_steps is not None and plan.cfg.warmup_steps >= plan.schedule_steps:
         out.append(f"warning: --warmup-steps {plan.cfg.warmup_steps} is not shorter than the {plan.schedule_steps}-step "
                    "schedule: the learning rate never reaches --lr; lower --warmup-steps or train longer")
+    params = (plan.ds.get("optimizer") or {}).get("params") or {}
+    if not params.get("torch_adam"):
+        out.append('note: the DeepSpeed JSON\'s optimizer has no "torch_adam": true, so DeepSpeed builds its own '
+                   "FusedAdam op: a compile of a minute or more at the first start on this machine, which prints "
+                   "nothing (the bundled JSONs use PyTorch's fused AdamW)")
     if plan.cfg.max_epochs is not None and len(plan.sources) == 1:
         return out
     for source, w, epochs, m in zip(plan.sources, plan.weights, plan.epochs(), plan.manifests):

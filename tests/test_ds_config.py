@@ -117,6 +117,10 @@ def test_deepspeed_rejects_bad_value():
     _, raw = ds_config.find("zero1_fp32")
     with pytest.raises(ConfigError, match="DeepSpeed rejects"):
         ds_config.resolve(cfg(), {**raw, "zero_optimization": {"stage": 2, "no_such_option": 1}}, 1, 100)
+    # pydantic's four lines and a URL, in one line, with the key it is close to
+    with pytest.raises(ConfigError, match=r"DeepSpeed rejects this config: zero_optimization.overlap_com: Extra "
+                                          r"inputs are not permitted \(did you mean overlap_comm\?\)$"):
+        ds_config.resolve(cfg(), {**raw, "zero_optimization": {"stage": 2, "overlap_com": True}}, 1, 100)
 
 
 def test_missing_file_and_optimizer(tmp_path):

@@ -75,8 +75,17 @@ def test_folder_kinds(tiny_data, tmp_path):
              tmp_path / "missing": "missing"}
     assert {path: folders.kind(path) for path in kinds} == kinds
     assert folders.what(run / "checkpoints" / "step_00000010") == f"a checkpoint inside the run {run}"
-    with pytest.raises(ValueError, match=f"is a checkpoint inside the run {run}; `mtgpt info {run}` describes the run"):
-        info.describe(str(run / "checkpoints" / "step_00000010"))
+    # `mtgpt info --help` says it describes checkpoints: it refused them
+    text, ok = info.describe(str(run / "checkpoints" / "step_00000010"))
+    assert ok and text.startswith(f"checkpoint step_00000010 of the run {run}: incomplete (a save cut short)")
+    assert f"run folder {run}" in text
+    checkpoint.mark_complete(run, "step_00000010", {"step": 10, "tokens": 640, "world_size": 2, "zero_stage": 1,
+                                                   "precision": "fp32"}, keep_last=2)
+    assert info.describe(str(run / "checkpoints" / "step_00000010"))[0].startswith(
+        f"checkpoint step_00000010 of the run {run}: step 10, 640 tokens, saved by 2 rank(s) at ZeRO-1 in fp32; "
+        f"resume from it: mtgpt train --resume {run / 'checkpoints' / 'step_00000010'}")
+    assert info.describe(str(run / "checkpoints"))[0].startswith(
+        f"{run / 'checkpoints'} is in the run {run}: complete checkpoints step_00000010; --resume auto takes step_00000010")
 
 
 def test_verify_reports_damaged_shards_of_an_own_tokenizer_folder(tmp_path):

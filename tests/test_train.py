@@ -277,6 +277,13 @@ def test_make_plan_checks(tiny_data, tmp_path, monkeypatch):
     assert plan_warnings(plan) == [] and plan_warnings(make_plan(cfg.replace(warmup_steps=4), 2, cuda=False)) == []
     warned = plan_warnings(make_plan(cfg.replace(warmup_steps=5), world_size=2, cuda=False))
     assert len(warned) == 1 and "--warmup-steps 5 is not shorter than the 5-step schedule" in warned[0]
+    from mtgpt import ds_config
+
+    _, raw = ds_config.find("zero1_fp32")  # a JSON of the user's without torch_adam: a silent minute of compiling
+    del raw["optimizer"]["params"]["torch_adam"], raw["optimizer"]["params"]["fused"]
+    (tmp_path / "fused.json").write_text(json.dumps(raw))
+    [note] = plan_warnings(make_plan(cfg.replace(ds_config=str(tmp_path / "fused.json")), 2, cuda=False))
+    assert note.startswith('note: the DeepSpeed JSON\'s optimizer has no "torch_adam": true')
 
 
 def _fit(cfg):
