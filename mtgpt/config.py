@@ -199,9 +199,12 @@ class TrainConfig:
                  "learning rate stay the same)" if resumed else f"--batch-size {self.batch_size}")
         if left or not accum:
             near = " or ".join(map(str, sorted({max(1, accum) * per_pass, (accum + 1) * per_pass})))
-            fix = (f"resume with a --micro-batch and number of ranks whose product divides {self.batch_size}, or give "
-                   f"--batch-size {near} to change the run's batch" if resumed else
-                   f"use --batch-size {near}, or a --micro-batch that divides it")
+            ranks = sorted((r for r in range(1, 2 * world_size + 1) if r != world_size and
+                            self.batch_size % (self.micro_batch * r) == 0), key=lambda r: abs(r - world_size))
+            on = f" (or run on {ranks[0]} rank(s): --nproc {ranks[0]})" if ranks else ""
+            fix = (f"resume with a --micro-batch and number of ranks whose product divides {self.batch_size}{on}, or "
+                   f"give --batch-size {near} to change the run's batch" if resumed else
+                   f"use --batch-size {near}, or a --micro-batch that divides it{on}")
             raise ConfigError(f"{batch} is not a multiple of micro-batch {self.micro_batch} x {world_size} rank(s) = "
                               f"{per_pass}: {fix}")
         if self.grad_accum not in (1, accum):

@@ -174,7 +174,12 @@ def make_plan(cfg: TrainConfig, world_size: int, cuda: bool | None = None, gpu_m
         gpu_memory = torch.cuda.get_device_properties(0).total_memory
     monitor.env_peak_flops()  # a bad MTGPT_PEAK_FLOPS is refused now, not at the first log step
     world.collective_timeout()  # and a bad MTGPT_COLLECTIVE_TIMEOUT, not in every rank
-    manifests = load_sources(cfg.sources, cfg.data_cache)
+    try:
+        manifests = load_sources(cfg.sources, cfg.data_cache)
+    except DataError as e:
+        if cfg.resume != "never" and "no such folder" in str(e):  # (a resumed run's data that moved)
+            raise DataError(f"{e}; if it moved, give --data NEW_PATH: a resumed run takes it") from None
+        raise
     manifest = manifests[0]
     resume_from = rundir.resume_point(cfg)
     if resume_from is None:  # a resumed fine-tune needs its checkpoint, not the model it started from
@@ -537,7 +542,10 @@ def fit(plan: Plan, early_signals: list[int] | tuple[int, ...] = ()) -> dict[str
     if reason is None and cfg.max_time is not None and state.elapsed >= parse_duration(cfg.max_time):
         reason = "max_time"  # (its saved training time is the same on every rank)
     idle = reason is not None  # resumed a run that had already reached its stop
-    if idle:
+    if idle and reason == "max_steps" and cfg.max_steps < state.step:
+        world.print0(f"nothing to train: the run is at step {state.step}, past --max-steps {cfg.max_steps}; to go on, "
+                     f"give a --max-steps above {state.step}")
+    elif idle:
         world.print0(f"nothing to train: the run had already stopped ({reason}) at step {state.step}; to go on, "
                      f"give {GO_ON[reason]}")
     elif agreed_stop(cfg, 0.0, flag, me.device) == "signal":  # Ctrl-C while starting: stop before the first step

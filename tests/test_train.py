@@ -284,6 +284,11 @@ def test_make_plan_checks(tiny_data, tmp_path, monkeypatch):
     (tmp_path / "fused.json").write_text(json.dumps(raw))
     [note] = plan_warnings(make_plan(cfg.replace(ds_config=str(tmp_path / "fused.json")), 2, cuda=False))
     assert note.startswith('note: the DeepSpeed JSON\'s optimizer has no "torch_adam": true')
+    from mtgpt.data import DataError
+
+    with pytest.raises(DataError, match="no such folder; create it with .*; if it moved, give --data NEW_PATH: a "
+                                        "resumed run takes it"):  # (a resume whose data folder moved)
+        make_plan(cfg.replace(data=str(tmp_path / "moved"), resume="auto"), 2, cuda=False)
 
 
 def _fit(cfg):
@@ -433,6 +438,9 @@ def test_fit_resume_and_go_back_in_process(tiny_data, tmp_path, world_of_one, ca
     assert "nothing to train: the run had already stopped (max_steps) at step 8; to go on, give a larger --max-steps" \
         in capsys.readouterr().out
     assert [r["step"] for r in metrics(run) if "train/loss" in r] == [2, 4, 6, 8]
+    assert _fit(cfg.replace(resume="auto", max_steps=5))["step"] == 8  # a limit below the step: said so
+    assert "nothing to train: the run is at step 8, past --max-steps 5; to go on, give a --max-steps above 8" \
+        in capsys.readouterr().out
     assert _fit(cfg.replace(resume="auto", max_steps=None, max_time="0.01"))["step"] == 8  # trained longer already
     assert "nothing to train: the run had already stopped (max_time) at step 8; to go on, give a larger --max-time" \
         in capsys.readouterr().out
