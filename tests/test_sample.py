@@ -249,3 +249,15 @@ def test_stop_is_repeatable(model_dir):
     out = run_mtgpt("sample", model_dir, *args, "--stop", late, "--stop", early).stdout
     assert out == "a" + full.split(early)[0] + "\n"
     assert "repeat" in run_mtgpt("sample", "--help").stdout.split("--stop")[1].split("--")[0]
+
+
+def test_the_readmes_python_example_runs(model_dir, capsys):
+    """README, "From Python": the block as written, on a saved run."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("### From Python\n\n```python\n", 1)[1].split("```", 1)[0]
+    exec(block.replace('"runs/demo"', repr(str(model_dir))), {})
+    out = capsys.readouterr().out.splitlines()
+    model = checkpoint.load_model(model_dir)
+    assert out[0] == f"{model.num_params():,} parameters" and len(out) >= 2
