@@ -350,24 +350,16 @@ def run_worker(options: dict) -> None:
         plan, problem = make_plan(cfg, world_size=world_size, ds_config_given=given_ds), None
     except (ConfigError, DataError) as e:
         plan, problem = None, str(e)
-    if rank == 0 and problem is None:
+    if world_size > 1:
+        world.init()
+    agree(problem, rank)
+    lock = None
+    if rank == 0:
         try:  # rank 0 holds the run folder's lock while it trains: a second mtgpt there is refused
             rundir.lock_run(plan.cfg.out)
         except ConfigError as e:
-            problem = str(e)
-    # The ranks agree before any of them trains: a mistake only some see (a node that cannot see
-    # the data folder) ends them all now, said by rank 0, where rank 0 alone would wait for the
-    # others until the collective timeout (30 min) and the one that saw it said nothing.
-    if world_size > 1:
-        world.init()
-    problems = world.all_gather_object(problem)  # ([problem] in a world of one)
-    if any(problems):
-        if rank == 0:
-            alike = all(p == problems[0] for p in problems)
-            for r, p in enumerate(problems[:1] if alike else problems):
-                if p:
-                    click.echo(f"Error{'' if alike else f' (rank {r})'}: {p}", err=True)
-        sys.exit(2)
+            lock = str(e)
+    agree(lock, rank)
     try:
         fit(plan, early)
     except TrainingDiverged as e:  # every rank sees the same (all-reduced) loss
@@ -384,6 +376,22 @@ def run_worker(options: dict) -> None:
         click.echo(f"Error (rank {rank}): lost contact with another rank ({first[:200]}); that rank's error, "
                    "above or in its log, says why", err=True)
         sys.exit(1)
+
+
+def agree(problem: str | None, rank: int) -> None:
+    """The ranks agree before any of them trains: a mistake only some see (a node that cannot see
+    the data folder) ends them all now (exit 2), said once by rank 0, where rank 0 alone would
+    wait for the others until the collective timeout (30 min) and the one that saw it said nothing."""
+    from mtgpt import world
+
+    problems = world.all_gather_object(problem)  # ([problem] in a world of one)
+    if any(problems):
+        if rank == 0:
+            alike = all(p == problems[0] for p in problems)
+            for r, p in enumerate(problems[:1] if alike else problems):
+                if p:
+                    click.echo(f"Error{'' if alike else f' (rank {r})'}: {p}", err=True)
+        sys.exit(2)
 
 
 @main.command()
