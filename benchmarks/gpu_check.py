@@ -27,14 +27,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
 from pathlib import Path
+
+import psutil
 
 HERE = Path(__file__).resolve().parent
 TINY = {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64}
@@ -117,8 +117,16 @@ def resume(args, work: Path, data: Path) -> dict:
     marker = run / "checkpoints" / f"step_{save:08d}" / "COMPLETE"
     while not marker.exists() and proc.poll() is None:
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
+    # a crash of the whole job (the machine, the OOM killer): SIGKILL to every process, the ranks first
+    # (`mtgpt train` alone killed is no crash: its launcher then stops the ranks cleanly, and they save)
+    tree = psutil.Process(proc.pid).children(recursive=True)
+    for p in [*reversed(tree), psutil.Process(proc.pid)]:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
     proc.wait()
+    psutil.wait_procs(tree, timeout=30)
     killed_at = max(losses(run), default=0)
     mtgpt("train", *common, "--out", run, "--save-every", save, "--resume", "auto")
     want, got = losses(work / "straight"), losses(run)

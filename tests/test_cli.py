@@ -439,7 +439,7 @@ def test_a_fine_tune_resumes_without_the_model_it_started_from(tiny_data, tmp_pa
 
     def options(command, *args):
         params = getattr(cli, command).make_context(command, [str(a) for a in args]).params
-        return {k: v for k, v in params.items() if k not in ("nproc", "local_rank")}
+        return {k: v for k, v in params.items() if k not in ("nproc", "local_rank", "deepspeed_flag")}
 
     cfg = cli.build_config(options("train", "--out", run, "--resume", "auto", "--max-steps", 10))
     assert cfg.to_dict() == {**saved, "resume": "auto", "max_steps": 10}

@@ -557,7 +557,8 @@ def test_a_run_resumed_on_another_number_of_ranks_keeps_its_batch(tiny_data, tmp
     from mtgpt.config import ConfigError
     with pytest.raises(ConfigError, match=r"^the resumed run's batch of 8 sequences per step .* is not a multiple of "
                                           r"micro-batch 2 x 3 rank\(s\) = 6: resume with a --micro-batch and number "
-                                          r"of ranks whose product divides 8, or give --batch-size 6 or 12"):
+                                          r"of ranks whose product divides 8 \(or run on 2 rank\(s\): --nproc 2\), or "
+                                          r"give --batch-size 6 or 12"):
         make_plan(again, world_size=3)
     with pytest.raises(ConfigError, match=r"^--grad-accum 3 disagrees with the resumed run's batch of 8"):
         make_plan(again.replace(grad_accum=3), world_size=2)
