@@ -159,7 +159,12 @@ def lock_run(out: str | Path, hold: bool = True) -> None:
         return
     if hold:
         path.parent.mkdir(parents=True, exist_ok=True)
-    f = path.open("a+")
+    try:
+        f = path.open("a+" if hold else "r")  # (only reading: a run on a read-only mount is checked too)
+    except OSError:
+        if hold:
+            raise
+        return
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -208,3 +208,18 @@ def test_a_run_folder_another_mtgpt_trains_in_is_refused(tmp_path, tiny_data):
         rundir._held.pop().close()  # the training stops (or dies): the lock is free
     rundir.lock_run(run, hold=False)
     rundir.check_out_folder(run)  # a folder holding only a lock file takes a new run
+    # `mtgpt info` of a run on a read-only mount (docker/README: -v runs:/runs:ro) only reads the lock
+    import os
+    import subprocess
+
+    view = tmp_path / "ro"
+    view.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "--bind", str(run), str(view)]).returncode:
+        if os.environ.get("CI", "").lower() in ("true", "1"):
+            pytest.fail("cannot bind-mount under CI (needs root)")
+        return
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(view)], check=True)
+        assert rundir.training_now(view) is None  # (opening it to append raised "Read-only file system")
+    finally:
+        subprocess.run(["umount", str(view)], check=True)
