@@ -391,6 +391,8 @@ def agree(problem: str | None, rank: int) -> None:
             for r, p in enumerate(problems[:1] if alike else problems):
                 if p:
                     click.echo(f"Error{'' if alike else f' (rank {r})'}: {p}", err=True)
+        world.barrier()  # every rank has the answer before any tears the group down
+        world.destroy()  # (exiting with a live gloo group could abort: "terminate called without an active exception")
         sys.exit(2)
 
 
