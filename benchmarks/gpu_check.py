@@ -9,7 +9,8 @@ Writes gpu_report.json and gpu_report.md (a Markdown table headed by the device'
 
   throughput  the seed model (6 x 384, context 512, batch 64, bf16) through mtgpt's DeepSpeed
               path, zero0_bf16 (the GPU default) and zero1_bf16, against the plain compiled PyTorch
-              loop (benchmarks/train_throughput.py): tokens/s, MFU, peak memory, ratio, host syncs
+              loop (benchmarks/train_throughput.py): tokens/s, MFU, peak memory, ratio, host syncs,
+              and a profile of 3 steps of each (ms per kernel category, the device's idle time)
   defaults    `mtgpt train` with the defaults a user gets here: the micro-batch chosen, tokens/s,
               memory against the estimate, what one evaluation costs at the old and the new cadence
   configs     20 steps of each of the 12 bundled DeepSpeed configs on real shards (`mtgpt
@@ -67,7 +68,7 @@ def throughput(args, work: Path) -> dict:
     cmd = [sys.executable, str(HERE / "train_throughput.py"), "--json", str(out), *model_args(shape),
            "--batch", "4" if args.tiny else "64", "--precision", "fp32" if args.tiny else "bf16",
            "--steps", "3" if args.tiny else "30", "--warmup", "1" if args.tiny else "10",
-           "--repeat", "1"]
+           "--repeat", "1", "--profile"]
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=900)
     r = json.loads(out.read_text())
     import torch
@@ -81,9 +82,11 @@ def throughput(args, work: Path) -> dict:
     per_token = flops_per_token(ModelConfig(**shape, vocab_multiple=r["model"]["vocab_multiple"]))
     mfu = {mode: rate * per_token / peak for mode, rate in r["tokens_per_s"].items()} if peak else None
     default = r["configs"][0]  # ZeRO-0: what `mtgpt train` runs on a GPU (torch autocast)
-    goal = r["ratio"][default] >= 0.97 and ("H100" not in r["device"] or r["tokens_per_s"][default] >= 1.8e6)
+    ratio_goal = r["ratio"][default] >= 0.97
+    speed_goal = r["tokens_per_s"][default] >= 1.8e6 if "H100" in r["device"] else None  # an H100's number
     return {"ok": all(x > 0 for x in r["ratio"].values()), **r, "default": default, "mfu": mfu,
-            "meets_goal": None if args.tiny else goal, "goal": "ratio >= 0.97; >= 1.8 M tokens/s on an H100"}
+            "meets_ratio_goal": None if args.tiny else ratio_goal, "meets_speed_goal": None if args.tiny else speed_goal,
+            "goal": "ratio >= 0.97; >= 1.8 M tokens/s on an H100"}
 
 
 def configs(args, work: Path, data: Path) -> dict:
@@ -271,12 +274,20 @@ def summary(name: str, r: dict) -> str:
             waits = f", host syncs per step {syncs[mode]['per_step']:g}" if syncs.get(mode) else ""
             where = f" {syncs[mode]['where']}" if syncs.get(mode) and syncs[mode]["per_step"] else ""
             mfu = f", MFU {m[mode]:.1%}" if m else ""
+            prof = (r.get("profile") or {}).get(mode)
+            if prof:
+                idle = f", idle {prof['idle_ms_per_step']:.1f}" if prof["idle_ms_per_step"] is not None else ""
+                where += (f" (ms per step: {prof['step_ms']:.1f}{idle}, kernels " +
+                          ", ".join(f"{c} {ms:.1f}" for c, ms in prof["categories_ms"].items()) + ")")
             versus = f", ratio {r['ratio'][mode]:.3f}" if mode in r["ratio"] else ""
             return (f"{'plain' if mode == 'plain' else 'mtgpt ' + mode} {t[mode]:,.0f} tokens/s{versus}{mfu}, peak "
                     f"{r['memory_bytes'][mode] / 2**30:.2f} GiB{waits}{where}")
 
-        goal = {True: "; the default meets the goal", False: f"; the default misses the goal ({r['goal']})"}.get(
-            r["meets_goal"], "")
+        goal = ""
+        if r.get("meets_ratio_goal") is not None:
+            goal = f"; the default {'meets' if r['meets_ratio_goal'] else 'misses'} the ratio goal (>= 0.97)"
+            goal += {True: ", and 1.8 M tokens/s", False: ", and misses 1.8 M tokens/s on an H100",
+                     None: " (1.8 M tokens/s is the goal on an H100, not this GPU)"}[r["meets_speed_goal"]]
         return (f"batch {r['batch']}, {r['precision']}, compile {r['compile']}, {r['memory_kind']} memory: "
                 + "; ".join(one(mode) for mode in [*r["configs"], "plain"]) + goal)
     if name == "configs":

@@ -13,6 +13,9 @@ ZeRO-1, DeepSpeed's ZeRO optimizer), and `mtgpt.train.train_step`. The plain loo
 step: autocast, loss.backward(), clip_grad_norm_, AdamW (fused), torch.compile on GPU. All see
 the same random token batches. Host reads: on CUDA, PyTorch's sync debug mode; on CPU,
 mtgpt.monitor.HostReads (the calls that would sync on a GPU), each with where they are made.
+With --profile, 3 more steps of each under torch.profiler: milliseconds per step by kernel
+category (matmul, attention, loss, optimizer, ...) and, on a GPU, the device's idle time between
+kernels, so a gap between the two sides shows where it is.
 """
 
 from __future__ import annotations
@@ -116,6 +119,55 @@ def host_syncs(step, device: torch.device, steps: int = 3) -> dict:
     return {"per_step": seen.total / steps, "where": dict(seen.reads.most_common(5)), "how": "HostReads (CPU)"}
 
 
+# what a kernel (GPU) or an operator (CPU) name says it is, first match wins
+CATEGORIES = [("loss", ("log_softmax", "nll_loss", "cross_entropy", "logsumexp")),
+              ("attention", ("flash", "fmha", "attention", "sdpa", "efficient_attention")),
+              ("layernorm", ("layer_norm", "layernorm")),
+              ("optimizer", ("adam", "multi_tensor", "foreach", "clip")),
+              ("matmul", ("gemm", "matmul", "cutlass", "xmma", "nvjet", "aten::mm", "aten::addmm", "aten::bmm",
+                          "aten::linear")),
+              ("communication", ("nccl", "allreduce", "all_reduce", "gloo")),
+              ("copies", ("memcpy", "memset", "copy_", "fill_"))]
+
+
+def category(name: str) -> str:
+    low = name.lower()
+    return next((c for c, keys in CATEGORIES if any(k in low for k in keys)), "other")
+
+
+def profiled(step, device: torch.device, step_ms: float, steps: int = 3) -> dict:
+    """Where a step's time goes: milliseconds per step by kernel category (on CUDA the kernels'
+    own device time; on CPU the operators' self time), the ten largest kernels or operators, and on
+    CUDA the device's idle time: `step_ms` (a step timed without the profiler, which slows the
+    host) less the kernels' time, i.e. what host overhead and syncs cost."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
+        for _ in range(steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+    totals: Counter = Counter()
+    if cuda:  # kernels and copies: events that ran on the device
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                totals[e.name] += e.time_range.elapsed_us()
+    else:  # operators' self time (nested ones are not counted twice)
+        for e in prof.key_averages():
+            totals[e.key] += e.self_cpu_time_total
+    by_category: Counter = Counter()
+    for name, us in totals.items():
+        by_category[category(name)] += us / 1e3 / steps
+    busy = sum(by_category.values())
+    return {"step_ms": step_ms, "busy_ms_per_step": busy, "idle_ms_per_step": max(step_ms - busy, 0.0) if cuda else None,
+            "categories_ms": {c: round(ms, 3) for c, ms in by_category.most_common()},
+            "top": [[name[:120], round(us / 1e3 / steps, 3)] for name, us in totals.most_common(10)],
+            "how": "torch.profiler, CUDA kernels" if cuda else "torch.profiler, CPU operators' self time"}
+
+
 def child(args) -> None:
     from mtgpt.config import ModelConfig
 
@@ -127,8 +179,9 @@ def child(args) -> None:
     seconds = timed(step, args, device)
     memory = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
     syncs = host_syncs(step, device) if not args.compile or device.type == "cuda" else None
+    prof = profiled(step, device, seconds * 1e3 / args.steps) if args.profile else None
     print(json.dumps({"tokens_per_s": args.steps * args.batch * args.block_size / seconds, "gpu_memory": memory,
-                      "host_syncs": syncs,
+                      "host_syncs": syncs, "profile": prof,
                       "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                       "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}))
 
@@ -152,6 +205,8 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3, help="alternating runs of each (medians are printed)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile both (default: on GPUs)")
+    p.add_argument("--profile", action="store_true",
+                   help="after timing, profile 3 more steps of each: milliseconds per kernel category, idle time")
     p.add_argument("--json", help="also write the numbers to this JSON file")
     args = p.parse_args()
     if args.compile is None:
@@ -182,6 +237,11 @@ def main() -> None:
         syncs = (f"   host syncs per step {r['host_syncs']['per_step']:g} {r['host_syncs']['where']}"
                  if r["host_syncs"] else "")
         print(f"  {name:32s} {rate[mode]:>12,.0f} tokens/s{versus}   {mem}{syncs}")
+        if r.get("profile"):
+            prof = r["profile"]
+            idle = f", idle {prof['idle_ms_per_step']:.2f}" if prof["idle_ms_per_step"] is not None else ""
+            print(f"    per step (ms): {prof['step_ms']:.2f}, kernels {prof['busy_ms_per_step']:.2f}{idle}; "
+                  + ", ".join(f"{c} {ms:.2f}" for c, ms in prof["categories_ms"].items()))
     if args.json:
         memory = {mode: max((x["gpu_memory"] or x["peak_rss"]) for x in rs) for mode, rs in runs.items()}
         Path(args.json).write_text(json.dumps({
@@ -189,6 +249,7 @@ def main() -> None:
             "configs": modes[1:], "compile": args.compile, "tokens_per_s": rate, "memory_bytes": memory,
             "memory_kind": "gpu" if runs["plain"][0]["gpu_memory"] else "rss", "ratio": ratio,
             "host_syncs": {mode: rs[0]["host_syncs"] for mode, rs in runs.items()},
+            "profile": {mode: rs[0].get("profile") for mode, rs in runs.items()},
             "model": {"n_layer": args.n_layer, "n_head": args.n_head, "n_embd": args.n_embd,
                       "block_size": args.block_size, "vocab_size": args.vocab_size,
                       "vocab_multiple": args.vocab_multiple or (64 if torch.cuda.is_available() else 1)}}, indent=1))

@@ -278,20 +278,6 @@ def grad_scaler(engine):
     return getattr(engine, "torch_autocast_z0_gradscaler", None)
 
 
-def keep_grad_norm(engine) -> None:
-    """ZeRO-0: DeepSpeed clips the gradients with their global norm (a device tensor) and drops
-    it, so engine.get_global_grad_norm() says None; keep it for train/grad_norm, as ZeRO 1-3 do."""
-    if engine.zero_optimization_stage() != 0 or engine.gradient_clipping() <= 0:
-        return
-    from deepspeed.runtime.utils import clip_grad_norm_
-
-    def clip_and_keep() -> None:  # DeepSpeed's own clip_fp32_gradients, plus the norm kept
-        engine._global_grad_norm = clip_grad_norm_(parameters=engine.module.parameters(),
-                                                   max_norm=engine.gradient_clipping(), mpu=engine.mpu)
-
-    engine.clip_fp32_gradients = clip_and_keep
-
-
 def count_scaler_skips(engine) -> None:
     """zero0_fp16: make PyTorch's GradScaler count the optimizer steps it skips (on an overflow its
     update backs the scale off) in a device tensor, `scaler.skipped`, with no host sync per step.
