@@ -11,6 +11,9 @@ Writes gpu_report.json and gpu_report.md (a Markdown table headed by the device'
               path, zero0_bf16 (the GPU default) and zero1_bf16, against the plain compiled PyTorch
               loop (benchmarks/train_throughput.py): tokens/s, MFU, peak memory, ratio, host syncs,
               and a profile of 3 steps of each (ms per kernel category, the device's idle time)
+  loss        the output layer's cross-entropy, forward + backward over the seed model's 32768 x
+              50304 logits, with the padding columns masked (mtgpt) against sliced off (before):
+              ms each, the same loss and gradients (benchmarks/loss_speed.py)
   defaults    `mtgpt train` with the defaults a user gets here: the micro-batch chosen, tokens/s,
               memory against the estimate, what one evaluation costs at the old and the new cadence
   configs     20 steps of each of the 12 bundled DeepSpeed configs on real shards (`mtgpt
@@ -176,6 +179,15 @@ def defaults(args, work: Path) -> dict:
                                                                  or [None])[-1]}
 
 
+def loss(args, work: Path) -> dict:
+    out = work / "loss.json"
+    subprocess.run([sys.executable, str(HERE / "loss_speed.py"), "--json", str(out),
+                    *(["--rows", "256", "--repeat", "1", "--iters", "1"] if args.tiny else [])],
+                   check=True, capture_output=True, text=True, timeout=900)
+    r = json.loads(out.read_text())
+    return {"ok": r["loss_difference"] < 1e-4 and r["grad_difference"] < 1e-6 and r["padding_grad_max"] == 0, **r}
+
+
 def sampling(args, work: Path) -> dict:
     out = work / "sampling.json"
     subprocess.run([sys.executable, str(HERE / "sample_speed.py"), "--json", str(out),
@@ -290,6 +302,10 @@ def summary(name: str, r: dict) -> str:
                      None: " (1.8 M tokens/s is the goal on an H100, not this GPU)"}[r["meets_speed_goal"]]
         return (f"batch {r['batch']}, {r['precision']}, compile {r['compile']}, {r['memory_kind']} memory: "
                 + "; ".join(one(mode) for mode in [*r["configs"], "plain"]) + goal)
+    if name == "loss":
+        return (f"cross-entropy forward + backward over {r['rows']} x {r['padded']} {r['dtype']} logits: padding "
+                f"sliced {r['ms']['sliced']:.2f} ms, masked (mtgpt) {r['ms']['masked']:.2f} ms, {r['speedup']:.2f}x; "
+                f"|loss difference| {r['loss_difference']:.1e}, max |gradient difference| {r['grad_difference']:.1e}")
     if name == "configs":
         ran = {k: v for k, v in r["runs"].items() if "first" in v}
         return "; ".join(f"{k} {v['first']:.2f}->{v['last']:.2f}" for k, v in ran.items()) + \
@@ -363,7 +379,8 @@ def main() -> None:
         mtgpt("prepare", *text, "--out", data, "--block-size", TINY["block_size"] if args.tiny else 128,
               "--val-fraction", "0.05", "--quiet")
         # the open questions first (a run cut short by a time limit keeps them)
-        checks = {"throughput": lambda: throughput(args, work), "defaults": lambda: defaults(args, work),
+        checks = {"throughput": lambda: throughput(args, work), "loss": lambda: loss(args, work),
+                  "defaults": lambda: defaults(args, work),
                   "configs": lambda: configs(args, work, data), "compile": lambda: compile_breaks(args, work, data),
                   "resume": lambda: resume(args, work, data), "hf_export": lambda: hf_export(args, work),
                   "sampling": lambda: sampling(args, work)}

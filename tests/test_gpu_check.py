@@ -21,7 +21,8 @@ def test_gpu_check_in_tiny_cpu_mode(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     report = json.loads((tmp_path / "gpu_report.json").read_text())
     checks = report["checks"]
-    assert set(checks) == {"sampling", "throughput", "defaults", "configs", "compile", "resume", "hf_export"}
+    assert set(checks) == {"sampling", "throughput", "loss", "defaults", "configs", "compile", "resume",
+                           "hf_export"}
     assert all(c["ok"] for c in checks.values())
     runs = checks["configs"]["runs"]
     assert len(runs) == 12 and sum("first" in r for r in runs.values()) == 9  # DeepSpeed's fp16 needs a GPU
@@ -30,4 +31,4 @@ def test_gpu_check_in_tiny_cpu_mode(tmp_path):
     assert checks["compile"]["zero0_bf16"]["graph_breaks"] == 0  # the GPU default: autocast around the graph
     assert checks["resume"]["max_abs_loss_difference"] == 0.0
     md = (tmp_path / "gpu_report.md").read_text()
-    assert md.startswith(f"### mtgpt gpu-check on {report['device']}") and md.count("| ok |") == 7
+    assert md.startswith(f"### mtgpt gpu-check on {report['device']}") and md.count("| ok |") == 8

@@ -1,0 +1,108 @@
+"""The output layer's cross-entropy, forward + backward, two ways on the same padded logits:
+the vocabulary's padding columns sliced off (`mtgpt.model.cross_entropy`, what mtgpt does) and
+masked to -inf (the candidate). Same loss and gradients; the question is speed. On a GPU the loss
+was a third of the seed model's training step (gpu-check's profile on an H200: its backward
+kernel 5.3 ms and forward 2.7 ms of 23.6), and the slice makes each row 50257 values of a 50304
+stride, which a compiled kernel over the flattened view cannot read or write with vectorized
+accesses, and adds a zero-filled copy for the padded gradient; masking keeps rows whole.
+
+    python benchmarks/loss_speed.py                  # CPU: 2048 rows of 50304 logits, compiled
+    python benchmarks/loss_speed.py --rows 32768     # GPU: the seed model's 64 x 512 batch
+
+Prints milliseconds per forward + backward for each (median of --repeat alternating timings), the
+ratio, and the largest differences of loss and gradient between the two.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from mtgpt.model import cross_entropy
+
+
+def sliced(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    return cross_entropy(logits, targets, vocab_size, "mean")
+
+
+def masked(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """The padding columns masked to -inf: exp(-inf) adds exactly 0 and they get no gradient."""
+    padding = torch.arange(logits.size(-1), device=logits.device) >= vocab_size
+    flat = logits.masked_fill(padding, float("-inf")).float().reshape(-1, logits.size(-1))
+    return F.cross_entropy(flat, targets.reshape(-1), ignore_index=-1)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, default=None, help="logit rows (tokens): default 32768 on a GPU, 2048 on CPU")
+    p.add_argument("--vocab-size", type=int, default=50257)
+    p.add_argument("--vocab-multiple", type=int, default=64)
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="the logits' dtype (the loss is fp32)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="torch.compile each")
+    p.add_argument("--iters", type=int, default=None, help="forward + backward per timing (default 20 GPU, 3 CPU)")
+    p.add_argument("--repeat", type=int, default=5, help="alternating timings of each (the median is printed)")
+    p.add_argument("--json", type=Path, help="also write the numbers to this JSON file")
+    args = p.parse_args()
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    rows = args.rows or (32768 if cuda else 2048)
+    iters = args.iters or (20 if cuda else 3)
+    padded = -(-args.vocab_size // args.vocab_multiple) * args.vocab_multiple
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(rows, padded, generator=g) * 2).to(device, dtype).requires_grad_()
+    targets = torch.randint(0, args.vocab_size, (rows,), generator=g).to(device)
+    targets[::17] = -1  # some not scored, as chat data has
+    ways = {"sliced": sliced, "masked": masked}
+    if args.compile:
+        ways = {name: torch.compile(fn) for name, fn in ways.items()}
+
+    def once(fn) -> tuple[torch.Tensor, torch.Tensor]:
+        logits.grad = None
+        loss = fn(logits, targets, args.vocab_size)
+        loss.backward()
+        return loss.detach(), logits.grad
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    results = {name: once(fn) for name, fn in ways.items()}  # warm-up (compiles) and the values compared
+    results = {name: (loss.clone(), grad.clone()) for name, (loss, grad) in results.items()}
+    times: dict[str, list[float]] = {name: [] for name in ways}
+    for _ in range(args.repeat):
+        for name, fn in ways.items():
+            sync()
+            start = time.perf_counter()
+            for _ in range(iters):
+                once(fn)
+            sync()
+            times[name].append((time.perf_counter() - start) * 1e3 / iters)
+    ms = {name: statistics.median(t) for name, t in times.items()}
+    (loss_a, grad_a), (loss_b, grad_b) = results["sliced"], results["masked"]
+    report = {
+        "device": torch.cuda.get_device_name() if cuda else "cpu", "rows": rows, "vocab_size": args.vocab_size,
+        "padded": padded, "dtype": args.dtype, "compile": args.compile, "ms": ms,
+        "speedup": ms["sliced"] / ms["masked"],
+        "loss_difference": (loss_a - loss_b).abs().item(),
+        "grad_difference": (grad_a.float() - grad_b.float()).abs().max().item(),
+        "padding_grad_max": grad_b[:, args.vocab_size:].abs().max().item() if padded > args.vocab_size else 0.0,
+    }
+    print(f"{report['device']}: cross-entropy forward + backward over {rows} x {padded} {args.dtype} logits "
+          f"({args.vocab_size} scored columns), compile {args.compile}, median of {args.repeat} x {iters}")
+    print(f"  sliced (mtgpt)      {ms['sliced']:8.2f} ms")
+    print(f"  masked (candidate)  {ms['masked']:8.2f} ms   speed-up {report['speedup']:.2f}x")
+    print(f"  |loss difference| {report['loss_difference']:.1e}, max |gradient difference| "
+          f"{report['grad_difference']:.1e}, max |gradient| of a padding column {report['padding_grad_max']:.1e}")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
