@@ -578,6 +578,20 @@ def test_one_and_two_ranks_with_the_same_batch_size_train_the_same_tokens(tiny_d
     assert logged[1] == logged[2] == [(s, s * 8 * TINY["block_size"]) for s in (1, 2, 3, 4)]
 
 
+@pytest.mark.slow
+def test_zero0_clips_two_ranks_with_the_global_gradient_norm(tiny_data, tmp_path):
+    """ZeRO-0 clips with PyTorch's clip_grad_norm_ on each rank's own gradients, which are the
+    all-reduced mean by then: on 2 ranks the norm it clips with (train/grad_norm) is ZeRO-1's,
+    whose optimizer computes it over both ranks' shards."""
+    norms = {}
+    for name in ("zero0_fp32", "zero1_fp32"):
+        run = tmp_path / name
+        run_mtgpt("train", "--data", tiny_data, "--out", run, "--nproc", 2, *TINY_ARGS, "--ds-config", name,
+                  "--micro-batch", "2", "--max-steps", "3", "--log-every", "1", "--eval-every", "100")
+        norms[name] = [r["train/grad_norm"] for r in metrics(run) if "train/loss" in r]
+    assert len(norms["zero0_fp32"]) == 3 and norms["zero0_fp32"] == pytest.approx(norms["zero1_fp32"], rel=1e-4)
+
+
 def test_the_vocabulary_is_padded_on_a_gpu_and_a_resumed_run_keeps_its_padding(tiny_data, tmp_path):
     from mtgpt.config import ConfigError
     from mtgpt.train import make_plan
