@@ -28,7 +28,7 @@ from mtgpt.model import cross_entropy
 
 
 def sliced(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    return cross_entropy(logits, targets, vocab_size, "mean")
+    return cross_entropy(logits[..., :vocab_size], targets, "mean")  # as GPT.forward does
 
 
 def masked(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:

@@ -129,14 +129,14 @@ class Block(nn.Module):
         return x
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, reduction: str) -> torch.Tensor:
-    """The cross-entropy of logits (..., Vp) against targets (...) in fp32, over the first
-    vocab_size columns (the padding columns sliced off); a target of -1 is not scored. On a GPU
-    this is a third of the seed model's training step (`make gpu-check`'s profile): the
-    alternative of masking the padding to -inf instead, which keeps rows Vp wide and contiguous,
-    is measured against it by benchmarks/loss_speed.py (slower on CPU; on a GPU still to measure)."""
-    flat = logits[..., :vocab_size].float().reshape(-1, vocab_size)  # (N, V)
-    return F.cross_entropy(flat, targets.reshape(-1), ignore_index=-1, reduction=reduction)
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:
+    """The cross-entropy of logits (..., V) against targets (...) in fp32; a target of -1 is not
+    scored. With a padded vocabulary GPT.forward passes the logits with the padding columns sliced
+    off. On a GPU this loss is a third of the seed model's training step (`make gpu-check`'s
+    profile); benchmarks/loss_speed.py measures the alternative of masking the padding to -inf,
+    which keeps the rows Vp wide and contiguous (slower on CPU; on a GPU still to measure)."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+                           reduction=reduction)
 
 
 class GPT(nn.Module):
@@ -215,8 +215,9 @@ class GPT(nn.Module):
             cache.length += T
         x = self.transformer.ln_f(x[:, -1:] if last_only else x)
         logits = self.lm_head(x)  # (B, T, Vp), or (B, 1, Vp)
-        loss = None if targets is None else cross_entropy(logits, targets, self.config.vocab_size, reduction)
-        return logits[..., :self.config.vocab_size], loss  # padding rows: never scored or sampled
+        if logits.size(-1) != self.config.vocab_size:
+            logits = logits[..., :self.config.vocab_size]  # padding rows: never scored or sampled
+        return logits, None if targets is None else cross_entropy(logits, targets, reduction)
 
     def decode(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """idx (B, 1): one new token per sequence, at position cache.position (a (1,) tensor) ->

@@ -338,18 +338,19 @@ def load_val(data_dir: str | Path, manifest: dict[str, Any], n_samples: int, ran
     """The fixed val set: n_samples val samples spread evenly over the whole val split (so every
     part of the corpus, every file, is evaluated, not just the first), this rank's share (every
     world-th of them), as (x, y) int64 (n_local, block_size) (y -1 where not trained on, as in
-    training); the same tokens at every evaluation. Every rank gets the same number of samples
-    (ZeRO-3 needs the same number of forward passes on every rank): n is rounded down to a
-    multiple of world, and with fewer samples than ranks each rank evaluates them all."""
+    training); the same tokens at every evaluation, on any number of ranks (a run resumed on
+    another number compares its val loss with the same set's). Every rank gets the same number
+    of rows (ZeRO-3 needs the same number of forward passes on every rank): a rank whose share is
+    one short gets a filler row whose targets are all -1, which is run but not scored."""
     total = manifest["splits"]["val"]["samples"]
     n = min(n_samples, total)
-    if n >= world:
-        n = n // world * world
     if n == 0:
         empty = torch.zeros(0, manifest["block_size"], dtype=torch.int64)
         return empty, empty.clone()
     wanted = ((np.arange(n) + 0.5) * total / n).astype(np.int64)  # evenly spaced, distinct
-    if n >= world:
-        wanted = wanted[rank::world]
-    x, y = torch.from_numpy(Split(data_dir, manifest, "val", vocab_size).examples(wanted))
+    mine = wanted[rank::world]
+    filler = -(-n // world) - len(mine)  # 0 or 1
+    x, y = torch.from_numpy(Split(data_dir, manifest, "val", vocab_size).examples(
+        np.concatenate([mine, wanted[:filler]])))
+    y[len(mine):] = -1
     return x, y
