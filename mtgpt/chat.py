@@ -32,6 +32,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
+from mtgpt.config import MAX_SEED
 from mtgpt.data.sources import decode_utf8, strip_bom
 from mtgpt.tokenizer import Tokenizer
 
@@ -326,6 +327,7 @@ def run_chat(run_dir: str, cfg, best: bool = False, device: str = "auto", system
     if note := dialogue_note(run_dir):
         warn(note)
     history: list[tuple[str, str]] = []
+    turn = 0  # with --seed, reply N draws from seed + N: one seed, one conversation, not one stream per reply
     while True:
         try:
             message = read("you> ")
@@ -345,7 +347,9 @@ def run_chat(run_dir: str, cfg, best: bool = False, device: str = "auto", system
             warn(warning)
         write("bot> ")
         pieces = []
-        for piece in reply_stream(model, tok, ids, dataclasses.replace(cfg, max_new_tokens=reply)):
+        seed = None if cfg.seed is None else (cfg.seed + turn) % (MAX_SEED + 1)
+        turn += 1
+        for piece in reply_stream(model, tok, ids, dataclasses.replace(cfg, max_new_tokens=reply, seed=seed)):
             pieces.append(piece)
             write(piece)
         write("\n")

@@ -118,7 +118,14 @@ def describe_run(path: Path) -> list[str]:
     if (path / rundir.TRAIN_CONFIG).is_file():
         cfg = TrainConfig.from_dict(load_json(path / rundir.TRAIN_CONFIG))
         lines += describe_model(cfg.model)
-        lines.append(f"data: {' + '.join(cfg.data)}; batch: micro {cfg.micro_batch} x accum {cfg.grad_accum}; lr {cfg.lr}")
+        try:
+            ranks = json.loads((path / rundir.RUN_INFO).read_text())["world_size"]
+        except (OSError, ValueError, KeyError, TypeError):
+            ranks = None
+        batch = f"micro {cfg.micro_batch} x accum {cfg.grad_accum}" + (
+            f" x {ranks} rank(s) = {cfg.micro_batch * cfg.grad_accum * ranks} sequences per step"
+            if isinstance(ranks, int) and isinstance(cfg.micro_batch, int) and isinstance(cfg.grad_accum, int) else "")
+        lines.append(f"data: {' + '.join(cfg.data)}; batch: {batch}; lr {cfg.lr}")
         vocab = cfg.model.vocab_size
     elif (path / checkpoint.MODEL_CONFIG).is_file():
         config = checkpoint.load_model_config(path)

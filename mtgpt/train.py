@@ -537,7 +537,16 @@ def fit(plan: Plan, early_signals: list[int] | tuple[int, ...] = ()) -> dict[str
     running = RunningLoss(me.device)
     train_splits = [Split(d, m, "train", cfg.model.vocab_size) for d, m in zip(data_dirs, plan.manifests)]
     state, start, counts = resume(engine, plan, running, [len(s) for s in train_splits])
-    if world.is_rank0():
+    reason = planned_stop(cfg, state, plan.train_tokens)
+    if reason is None and cfg.max_time is not None and state.elapsed >= parse_duration(cfg.max_time):
+        reason = "max_time"  # (its saved training time is the same on every rank)
+    idle = reason is not None  # resumed a run that had already reached its stop
+    stopped_early = not idle and agreed_stop(cfg, 0.0, flag, me.device) == "signal"  # Ctrl-C while starting
+    if stopped_early:
+        reason, idle = "signal", True
+    # the run's record (train_config.json, run_info.json): how it was trained, so a resume that
+    # trains nothing leaves it alone; a new run writes it even so (`--resume auto` restarts from it)
+    if world.is_rank0() and (not idle or plan.resume_from is None):
         rundir.write_run_files(cfg.out, cfg.to_dict(), plan.ds, plan.ds_name, plan.world_size, plan.val_samples,
                                plan.resume_from)
     batches = TrainBatches(train_splits, cfg.micro_batch, me.rank, me.world_size, cfg.seed, cfg.num_workers,
@@ -555,20 +564,15 @@ def fit(plan: Plan, early_signals: list[int] | tuple[int, ...] = ()) -> dict[str
 
     writes = BackgroundWrite()
     began = time.time() - state.elapsed
-    reason = planned_stop(cfg, state, plan.train_tokens)
-    if reason is None and cfg.max_time is not None and state.elapsed >= parse_duration(cfg.max_time):
-        reason = "max_time"  # (its saved training time is the same on every rank)
-    idle = reason is not None  # resumed a run that had already reached its stop
-    if idle and reason == "max_steps" and cfg.max_steps < state.step:
+    if stopped_early:
+        world.print0(f"stopped by {flag.signal or 'a signal'} on a rank before the first step: nothing was trained or "
+                     "saved" + (f" (the run is as it was at step {state.step})" if plan.resume_from else ""))
+    elif idle and reason == "max_steps" and cfg.max_steps < state.step:
         world.print0(f"nothing to train: the run is at step {state.step}, past --max-steps {cfg.max_steps}; to go on, "
                      f"give a --max-steps above {state.step}")
     elif idle:
         world.print0(f"nothing to train: the run had already stopped ({reason}) at step {state.step}; to go on, "
                      f"give {GO_ON[reason]}")
-    elif agreed_stop(cfg, 0.0, flag, me.device) == "signal":  # Ctrl-C while starting: stop before the first step
-        reason, idle = "signal", True
-        world.print0(f"stopped by {flag.signal or 'a signal'} on a rank before the first step: nothing was trained or "
-                     "saved" + (f" (the run is as it was at step {state.step})" if plan.resume_from else ""))
     while reason is None:
         running.add(train_step(engine, batches, cfg.grad_accum))
         if "first step" not in clock.phases:
@@ -617,8 +621,10 @@ def fit(plan: Plan, early_signals: list[int] | tuple[int, ...] = ()) -> dict[str
                 else "no val split, so no val loss")
     best = (f"; the best val loss's: {Path(cfg.out) / 'best'} (sample, eval, chat, export take --best)"
             if reason == "early_stopping" and (Path(cfg.out) / "best" / checkpoint.WEIGHTS).is_file() else "")
-    world.print0(f"stopped ({reason}) at step {state.step}, {state.tokens:,} tokens; {val_text}; "
-                 f"model: {Path(cfg.out) / checkpoint.WEIGHTS}{best}")
+    weights = Path(cfg.out) / checkpoint.WEIGHTS
+    if not stopped_early:  # (that stop has said its one line)
+        world.print0(f"stopped ({reason}) at step {state.step}, {state.tokens:,} tokens; {val_text}; "
+                     + (f"model: {weights}{best}" if weights.is_file() else "no model saved"))
     world.print0(f"time: {clock.line()}")
     return {"step": state.step, "tokens": state.tokens, "val_loss": val_loss, "best_val": state.best_val,
             "reason": reason}

@@ -319,6 +319,29 @@ def test_a_message_or_system_line_that_does_not_fit_is_cropped_with_a_warning(mo
     assert proc.returncode == 0 and "warning: your message is longer than the context of 64" in proc.stderr
 
 
+def test_one_seed_gives_one_conversation_not_one_reply_again(model_dir):
+    """With --seed every reply drew the same noise, so replies to "hi" began alike (after /reset,
+    to the same context, were the same); now reply N draws from seed + N: the same conversation
+    again, but not the same reply."""
+    from mtgpt.sample import SampleConfig
+
+    def talk(seed):
+        lines, out = iter(["hi", "/reset", "hi", "/reset", "hi"]), []
+
+        def read(prompt):
+            if (line := next(lines, None)) is None:
+                raise EOFError
+            return line
+
+        chat.run_chat(str(model_dir), SampleConfig(max_new_tokens=6, seed=seed), device="cpu", read=read,
+                      write=out.append, warn=lambda s: None)
+        return [r.split("\n")[0] for r in "".join(out).split("bot> ")[1:]]
+
+    replies = talk(1)
+    assert len(replies) == 3 and len(set(replies)) == 3, replies
+    assert talk(1) == replies and talk(2) != replies
+
+
 def test_chatting_with_a_model_that_never_saw_dialogue_says_so(tmp_path, tiny_data):
     """`mtgpt chat runs/demo` (trained on Shakespeare) answered in verse without a word: a note
     says it continues text rather than answering. A run that saw dialogue (alone or in a mixture),

@@ -83,6 +83,21 @@ def test_missing_path(tmp_path):
     _nothing_written(tmp_path, tmp_path / "d")
 
 
+def test_a_quoted_pattern_is_answered_with_glob(tmp_path, monkeypatch):
+    """`mtgpt prepare 'corpus/*.txt'` (quoted: the shell passes the pattern) was answered with the
+    built-in corpora; now with the command that reads those files."""
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("some text\n" * 50)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=r"corpus/\*\.txt: no such file or folder; mtgpt does not expand patterns "
+                                        r"itself: give its folder and the pattern apart: corpus --glob '\*\.txt'$"):
+        prepare(["corpus/*.txt"], tmp_path / "d", quiet=True)
+    with pytest.raises(DataError, match=r"--glob '\*\*/b\?\.md'$"):
+        prepare(["corpus/**/b?.md"], tmp_path / "d", quiet=True)
+    with pytest.raises(DataError, match=r"give its folder and the pattern apart: \. --glob '\*\.txt'$"):
+        prepare(["*.txt"], tmp_path / "d", quiet=True)
+
+
 def test_empty_file(tmp_path):
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(DataError, match="empty.txt: the file is empty"):

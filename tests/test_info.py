@@ -50,6 +50,9 @@ def test_run_folder(tmp_path):
     finally:
         rundir._held.pop().close()
     assert "last stop: none recorded (its last training ended without a clean stop" in info.describe(str(run))[0]
+    cfg = TrainConfig(data="d", out=str(run), model=dict(TINY), micro_batch=4, grad_accum=3).to_dict()
+    rundir.write_run_files(run, cfg, {}, "x", 2, 0, None)  # the banner's batch, ranks included
+    assert "batch: micro 4 x accum 3 x 2 rank(s) = 24 sequences per step;" in info.describe(str(run))[0]
 
 
 def test_not_a_known_folder(tmp_path):

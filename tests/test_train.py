@@ -440,9 +440,11 @@ def test_fit_resume_and_go_back_in_process(tiny_data, tmp_path, world_of_one, ca
     assert "nothing to train: the run had already stopped (max_steps) at step 8; to go on, give a larger --max-steps" \
         in capsys.readouterr().out
     assert [r["step"] for r in metrics(run) if "train/loss" in r] == [2, 4, 6, 8]
-    assert _fit(cfg.replace(resume="auto", max_steps=5))["step"] == 8  # a limit below the step: said so
+    record = {name: (run / name).read_text() for name in ("train_config.json", "run_info.json")}
+    assert _fit(cfg.replace(resume="auto", max_steps=5, lr=0.5))["step"] == 8  # a limit below the step: said so
     assert "nothing to train: the run is at step 8, past --max-steps 5; to go on, give a --max-steps above 8" \
         in capsys.readouterr().out
+    assert {name: (run / name).read_text() for name in record} == record  # how it was trained, still
     assert _fit(cfg.replace(resume="auto", max_steps=None, max_time="0.01"))["step"] == 8  # trained longer already
     assert "nothing to train: the run had already stopped (max_time) at step 8; to go on, give a larger --max-time" \
         in capsys.readouterr().out

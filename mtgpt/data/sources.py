@@ -151,6 +151,14 @@ def _some(names: list[str], n: int = 3) -> str:
     return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
+def _pattern_parts(item: str) -> tuple[str, str]:
+    """'corpus/*.txt' -> ('corpus', '*.txt'); 'a/**/b*.md' -> ('a', '**/b*.md'): the folders before
+    the first part with a wildcard, and the rest."""
+    parts = PurePosixPath(item).parts
+    first = next(i for i, part in enumerate(parts) if any(c in part for c in "*?["))
+    return str(PurePosixPath(*parts[:first])) if first else ".", str(PurePosixPath(*parts[first:]))
+
+
 def resolve_sources(inputs: list[str], glob: str | tuple[str, ...] = "**/*.txt",
                     glob_fix: str = "use --glob to choose others", warn: Callable[[str], None] = _stderr
                     ) -> list[Source]:
@@ -220,6 +228,11 @@ def resolve_sources(inputs: list[str], glob: str | tuple[str, ...] = "**/*.txt",
         elif item in CORPORA:
             for p in corpus_files(item):
                 named(p, f"{item}:{p.name}")
+        elif any(c in item for c in "*?["):  # a pattern the shell did not expand (quoted, or nothing matched)
+            folder, pattern = _pattern_parts(item)
+            fix = (f"give its folder and the pattern apart: {shlex.quote(folder)} --glob {shlex.quote(pattern)}"
+                   if "--glob" in glob_fix else glob_fix)
+            raise DataError(f"{item}: no such file or folder; mtgpt does not expand patterns itself: {fix}")
         else:
             raise DataError(f"{item}: no such file or folder (built-in corpora: "
                             f"{', '.join(CORPORA)}; `mtgpt prepare --list` describes them)")
