@@ -41,7 +41,7 @@ from importlib import resources
 from typing import Any, Literal, Union
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
@@ -69,20 +69,26 @@ class ApiError(Exception):
 
 # ---- requests (OpenAI's fields; those mtgpt cannot honour are refused, not ignored)
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt include_usage is refused
+    include_usage: bool = False
+    include_obfuscation: bool = True  # (random padding against length side channels: mtgpt sends none)
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     top_k: int | None = Field(200, ge=0, description="mtgpt's extra: sample from the k best tokens (0: all)")
     n: int = Field(1, ge=1, le=16)
     stop: Union[str, list[str], None] = None
     seed: int | None = None
     stream: bool = False
-    stream_options: dict | None = None
+    stream_options: StreamOptions | None = None
     # accepted at their no-op values only
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float = Field(0.0, allow_inf_nan=False)
+    frequency_penalty: float = Field(0.0, allow_inf_nan=False)
     logit_bias: dict | None = None
     logprobs: Any = None
     user: str | None = None
@@ -101,6 +107,18 @@ class CompletionRequest(_Request):
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_form(cls, prompt: Any) -> Any:
+        forms = (isinstance(prompt, str) or isinstance(prompt, list) and (
+            all(isinstance(p, str) for p in prompt) or all(isinstance(p, int) and not isinstance(p, bool) for p in prompt)
+            or all(isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
+                   for p in prompt)))
+        if not forms:
+            raise PydanticCustomError("prompt_form", "must be a string, a list of strings, a list of token ids or a "
+                                                     "list of lists of token ids")
+        return prompt
 
 
 class Message(BaseModel):
@@ -128,6 +146,15 @@ def _unsupported(req: _Request) -> None:
     extra = sorted(set(req.model_extra or {}) - known)
     if extra:  # a misspelt option must not be ignored silently
         raise ApiError(400, f"unknown parameter(s): {', '.join(extra)}", param=extra[0])
+    if req.stream_options is not None and not req.stream:
+        raise ApiError(400, "stream_options is only allowed when stream is true", param="stream_options")
+    if (req.model_extra or {}).get("tool_choice") not in (None, "none"):
+        raise ApiError(400, "tool_choice needs tools, which mtgpt serve does not support", param="tool_choice")
+    if isinstance(req, ChatRequest) and None not in (req.max_tokens, req.max_completion_tokens) \
+            and req.max_tokens != req.max_completion_tokens:
+        raise ApiError(400, f"max_tokens ({req.max_tokens}) and max_completion_tokens ({req.max_completion_tokens}) "
+                            "disagree: give one (max_completion_tokens is OpenAI's newer name)",
+                       param="max_completion_tokens")
     for name in ("tools", "response_format"):
         if (req.model_extra or {}).get(name):
             raise ApiError(400, f"{name} is not supported by mtgpt serve", param=name)
@@ -398,7 +425,9 @@ def create_app(server: Server):
             req = kind.model_validate(data)
         except ValidationError as e:
             err = e.errors()[0]
-            where = ".".join(str(x) for x in err["loc"])
+            # pydantic names the member of a union it tried (prompt.str, stop.list[str]): not a field
+            where = ".".join(str(x) for x in err["loc"] if isinstance(x, int) or x.isidentifier()
+                             and x not in ("str", "int", "float", "bool", "list", "dict", "none"))
             raise ApiError(400, f"{where}: {err['msg']}", param=where) from None
         server.check_model(req.model)
         _unsupported(req)
@@ -438,7 +467,7 @@ def create_app(server: Server):
         if max(len(p) for p in prompts) > server.block_size:
             warning = (f"the prompt has {max(len(p) for p in prompts)} tokens, more than the context of "
                        f"{server.block_size}; the model sees its last {server.block_size}")
-        return await respond(req, jobs, "text_completion", "cmpl", sum(len(p) for p in prompts), warning)
+        return await respond(request, req, jobs, "text_completion", "cmpl", sum(len(p) for p in prompts), warning)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -453,9 +482,10 @@ def create_app(server: Server):
             warning = (f"the conversation is longer than the context of {server.block_size} tokens: "
                        "its oldest turns (or the start of the last message) were left out")
         job = server.job(ids, req, min(max_tokens, reply), chat_reply=True)
-        return await respond(req, [job], "chat.completion", "chatcmpl", whole, warning)
+        return await respond(request, req, [job], "chat.completion", "chatcmpl", whole, warning)
 
-    async def respond(req, jobs: list[Job], obj: str, prefix: str, prompt_tokens: int, warning: str | None):
+    async def respond(request: Request, req, jobs: list[Job], obj: str, prefix: str, prompt_tokens: int,
+                      warning: str | None):
         try:
             for job in jobs:
                 server.worker.submit(job)
@@ -471,11 +501,12 @@ def create_app(server: Server):
         n = req.n
         if req.stream:
             events = _stream_events(jobs, n, base, obj, prompt_tokens,
-                                    bool((req.stream_options or {}).get("include_usage")))
+                                    bool(req.stream_options and req.stream_options.include_usage))
             return StreamingResponse(events, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", **headers})
         texts, reasons = {}, {}
-        try:
+
+        async def collect() -> None:
             for j, job in enumerate(jobs):
                 while (event := await job.events.get())[0] != "done":
                     kind, i, value = event
@@ -485,9 +516,18 @@ def create_app(server: Server):
                         texts[j * n + i] = texts.get(j * n + i, "") + value
                     else:
                         reasons[j * n + i] = value
+
+        collecting, left = asyncio.ensure_future(collect()), asyncio.ensure_future(client_left(request))
+        try:  # a client that leaves before the answer (a timeout, Ctrl-C) has its generation dropped
+            await asyncio.wait({collecting, left}, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            for task in (collecting, left):
+                task.cancel()
             for job in jobs:
                 job.cancelled = True  # a no-op once done; frees the worker if the client left
+        if not collecting.done() or collecting.cancelled():
+            return Response(status_code=499)  # (nobody reads it: nginx's "client closed request")
+        collecting.result()  # (raises an error event's ApiError)
         choices = []
         for k in range(len(jobs) * n):
             if obj == "chat.completion":
@@ -533,6 +573,13 @@ def create_app(server: Server):
         return events()
 
     return app
+
+
+async def client_left(request: Request) -> None:
+    """Returns when the client of a request whose body has been read disconnects: the next ASGI
+    message is then http.disconnect (it comes only after the response otherwise)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _usage(jobs: list[Job], prompt_tokens: int) -> dict[str, int]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import math
 import os
 import shutil
 import signal
@@ -338,7 +339,20 @@ def test_a_long_conversation_is_cropped_with_a_warning(server):
      "seed: must be between 0 and 4294967295"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "temprature": 0.5}, 400, "temprature"),
     ("/v1/completions", {"model": "tiny", "prompt": [1, 99999999]}, 400, "vocabulary"),
-    ("/v1/completions", {"model": "tiny", "prompt": 5}, 400, "prompt"),
+    ("/v1/completions", {"model": "tiny", "prompt": 5}, 400, "prompt: must be a string, a list of strings, a list of "
+                                                              "token ids or a list of lists of token ids"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "stop": 5}, 400, "stop: Input should be a valid string"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "temperature": math.nan}, 400,
+     "temperature: Input should be a finite number"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "stream": True, "stream_options": {"include_usag": True}},
+     400, "stream_options.include_usag: Extra inputs are not permitted"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "stream_options": {"include_usage": True}}, 400,
+     "stream_options is only allowed when stream is true"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+                              "tool_choice": "required"}, 400, "tool_choice needs tools"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
+                              "max_completion_tokens": 1000}, 400, "max_tokens (3) and max_completion_tokens (1000) "
+                                                                   "disagree"),
     ("/v1/completions", {"model": "tiny", "prompt": ["a"] * 10, "n": 7}, 400, "more than 64"),
     ("/v1/chat/completions", {"model": "tiny", "messages": []}, 400, "messages"),
     ("/v1/chat/completions", {"model": "tiny"}, 400, "messages"),
@@ -439,6 +453,25 @@ def test_a_client_that_disconnects_stops_its_generation(server):
     began = time.perf_counter()
     server.client().completions.create(model="tiny", prompt="Next", max_tokens=5, temperature=0)
     assert time.perf_counter() - began < 5
+
+
+@pytest.mark.parametrize("n", [1, 4])
+def test_a_client_that_leaves_before_a_plain_answer_stops_its_generation(server, n):
+    """Not streamed: the answer comes whole at the end, and a client that gave up (a timeout,
+    Ctrl-C) kept the worker generating all its tokens, slowing every other client."""
+    before = server.request("GET", "/health")[1]["generated_tokens"]
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    conn.request("POST", "/v1/completions", body=json.dumps({"model": "tiny", "prompt": "Long", "n": n,
+                                                             "max_tokens": 1000, "temperature": 1.0}),
+                 headers={"Content-Type": "application/json"})
+    assert wait_for(lambda: server.request("GET", "/health")[1]["generated_tokens"] > before + 5 * n, 10)
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    assert wait_for(lambda: server.request("GET", "/health")[1]["active"] == 0, 5)
+    generated = server.request("GET", "/health")[1]["generated_tokens"] - before
+    assert generated < 500 * n, f"{generated} of {1000 * n} tokens generated for a client that had left"
+    got = server.client().completions.create(model="tiny", prompt="Next", max_tokens=5, temperature=0)
+    assert got.usage.completion_tokens <= 5  # the server answers the next one
 
 
 def test_api_key(run_dir):
