@@ -87,8 +87,8 @@ def conversations_from_yaml(path: Path, strict: bool = False, replaced: dict[Pat
     """chatterbot-corpus YAML: `conversations:` lists of alternating user and bot lines. Every line
     is the text as written: YAML 1.1 would read `Yes`, `off`, `12:30`, `007`, `null` as True,
     False, 750, 7, None (BaseLoader types nothing). A line YAML reads as a mapping (`Note: x`,
-    unquoted) or a list is refused; an entry of `conversations` that is not a list of two or
-    more lines is skipped."""
+    unquoted) or a list is refused; an entry of `conversations` that is one line (a user line
+    with no reply) is read as it is: it gives nothing to train on, which prepare counts."""
     import yaml
 
     try:
@@ -98,8 +98,7 @@ def conversations_from_yaml(path: Path, strict: bool = False, replaced: dict[Pat
     if not isinstance(data, dict) or not isinstance(data.get("conversations"), list):
         raise ChatDataError(f"{path}: expected a chatterbot YAML file with a 'conversations' list")
     for k, conv in enumerate(data["conversations"], 1):
-        if not (isinstance(conv, list) and len(conv) >= 2):
-            continue
+        conv = [conv] if not isinstance(conv, list) else conv  # `- hello`: one line
         for i, text in enumerate(conv, 1):
             if not isinstance(text, str):
                 kind = "mapping" if isinstance(text, dict) else "list"
@@ -120,7 +119,7 @@ def _turns(conversation: Any, where: str) -> list[tuple[str, str]]:
         if not (isinstance(m, dict) and "role" in m and "content" in m):
             raise ChatDataError(f"{where}: message {i} has no \"role\" or no \"content\"; expected {MESSAGES}")
         if not isinstance(m["role"], str) or m["role"] not in ROLES:
-            raise ChatDataError(f"{where}: unknown role {m['role']!r} (message {i}); roles are user, assistant, system")
+            raise ChatDataError(f"{where}: unknown role {m['role']!r} (message {i}); roles are {', '.join(ROLES)}")
         if not isinstance(m["content"], str):  # str(None) would train the word "None"
             raise ChatDataError(f"{where}: message {i} has \"content\": {json.dumps(m['content'])[:40]}; "
                                 "give its text as a string (\"\" for an empty message)")

@@ -71,7 +71,8 @@ def describe_data(path: Path, verify: bool) -> tuple[list[str], bool]:
              f"({m['dropped_tail_tokens']} left over at the end, not used)"]
     for split in ("train", "val"):
         s = m["splits"][split]
-        lines.append(f"{split}: {s['samples']:,} sequences, {s['tokens']:,} tokens in {len(s['shards'])} shard(s)")
+        lines.append(f"{split}: {s['samples']:,} sequences = {s['samples'] * m['block_size']:,} {split} tokens (what "
+                     f"`mtgpt train` counts: the predicted ones; {s['tokens']:,} stored) in {len(s['shards'])} shard(s)")
     total = sum(src["bytes"] or 0 for src in m["sources"])
     lines.append(f"sources: {len(m['sources'])} ({total / 1e6:.1f} MB)")
     if m.get("text_bytes"):

@@ -61,6 +61,27 @@ def test_chat_files_with_a_byte_order_mark(tmp_path):
         assert list(chat.conversations([tmp_path / name])) == [[(chat.USER, "Hey"), (chat.BOT, "Hi.")]]
 
 
+def test_conversations_with_nothing_to_train_on_are_said(tmp_path):
+    """A YAML entry of one line, or one that is a list of lists, was skipped without a word (the
+    latter should be refused as any list line is); JSONL lines with no messages or no reply were
+    counted as documents that trained nothing. Now a list line is refused and the others counted."""
+    good = "".join(f"- - Question {i}?\n  - Answer {i}.\n" for i in range(20))
+    (tmp_path / "nested.yml").write_text("conversations:\n- - - hi\n    - hello\n" + good)
+    with pytest.raises(DataError, match="nested.yml: conversation 1, turn 1 is a YAML list"):
+        prepare([str(tmp_path / "nested.yml")], tmp_path / "a", fmt="chat", quiet=True)
+    (tmp_path / "one.yml").write_text("conversations:\n- - just a line\n- alone\n" + good)
+    pair = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    lines = [{"messages": []}, {"messages": [{"role": "user", "content": "no reply"}]}] + [pair] * 20
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    for name, idle in (("one.yml", 2), ("c.jsonl", 2)):
+        said = []
+        m = prepare([str(tmp_path / name)], tmp_path / name.replace(".", "_"), fmt="chat", quiet=True,
+                    val_fraction=0.0, warn=said.append)
+        assert m["documents"] == 22
+        assert f"note: {idle} of 22 conversation(s) give nothing to train on (no bot reply: one line, no messages, " \
+               "or only user and system turns); they are left out" in said, said
+
+
 def test_yaml_replies_are_the_text_written(tmp_path):
     """YAML 1.1 reads Yes, off, 12:30, 007 and null as True, False, 750, 7 and None; a reply is the
     text as written. A turn YAML reads as a mapping ("Note: ..." unquoted) is refused, not trained."""
@@ -125,7 +146,7 @@ def test_chat_input_files(tmp_path):
     (tmp_path / "roles.jsonl").write_text(json.dumps(conv("q", "a")) + "\n" + json.dumps(
         {"messages": [{"role": "human", "content": "q"}, {"role": "gpt", "content": "a"}]}) + "\n")
     with pytest.raises(DataError, match=r"roles.jsonl:2: unknown role 'human' \(message 1\); roles are user, assistant, "
-                                        r"system$"):
+                                        r"bot, system, developer$"):  # every role it takes
         prepare([str(tmp_path / "roles.jsonl")], tmp_path / "e", fmt="chat", quiet=True)
     assert not (tmp_path / "e").exists()
 

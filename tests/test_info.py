@@ -9,6 +9,7 @@ import pytest
 
 from mtgpt import checkpoint, info, rundir, tokenizer
 from mtgpt.config import ModelConfig, TrainConfig
+from mtgpt.data.manifest import load_manifest
 from mtgpt.model import GPT
 from tests.conftest import TINY
 
@@ -21,6 +22,10 @@ def test_default_model():
 def test_data_folder(tiny_data):
     text, ok = info.describe(str(tiny_data), verify=True)
     assert ok and "block size: 32" in text and "match their sha256" in text
+    m = load_manifest(tiny_data)  # the train tokens `mtgpt train` prints, and what is stored
+    n = m["splits"]["train"]["samples"]
+    assert f"train: {n:,} sequences = {n * 32:,} train tokens (what `mtgpt train` counts: the predicted ones; " \
+           f"{n * 33:,} stored)" in text
 
 
 def test_run_folder(tmp_path):

@@ -427,6 +427,10 @@ def _write_chat_shards(paths: list[Path], tmp: Path, block_size: int, val_fracti
         if replaced.get(src.path):
             warn(replaced_warning(src.name, replaced[src.path]))
     stats["replaced_bytes"] = sum(replaced.values())
+    if (idle := kept_samples.count(0)) and stats["trained_targets"]:
+        warn(f"note: {idle} of {len(kept_samples)} conversation(s) give nothing to train on (no "
+             f"{'bot reply' if train_on == 'bot' else 'text'}: one line, no messages, or only user and system "
+             "turns); they are left out")
     if stats["trained_targets"] == 0:
         raise DataError("the conversations have no bot replies to train on; give dialogue with the bot's turns "
                         "(chatterbot YAML alternates user and bot lines)")
