@@ -115,13 +115,15 @@ class TrainConfig:
                              default_help="1, or --batch-size / (micro-batch x ranks)")
     lr: float = option(6e-4, "Peak learning rate after warmup (benchmarks/lr_sweep.py; the seed had 5e-5).")
     min_lr_ratio: float = option(0.1, "The cosine ends at --lr x this.")
-    warmup_steps: int | None = option(None, "Linear warmup steps from 0 to --lr.", default_help="5% of the schedule")
+    warmup_steps: int | None = option(None, "Linear warmup steps from 0 to --lr (DeepSpeed's schedule takes at "
+                                      "least 2).", default_help="5% of the schedule")
     max_steps: int | None = option(None, "Stop after N optimizer steps (also the cosine schedule's length).")
     max_tokens: int | None = option(None, "Stop after N training tokens (all ranks together).")
     max_epochs: float | None = option(None, "Stop after N passes over the train split.",
                                       default_help="1 if no --max-steps or --max-tokens")
-    max_time: str | None = option(None, "Stop cleanly (with a checkpoint) after this long: 90s, 30m, 2h, 1d, 1:30:00. "
-                                  "It plans no schedule: the other limits do (alone, one epoch).")
+    max_time: str | None = option(None, "Stop cleanly (with a checkpoint) after this long: 90s, 30m, 2h, 1d, 1:30:00; "
+                                  "checked at each --log-every step. It plans no schedule: the other limits do (alone, "
+                                  "one epoch).")
     patience: int | None = option(None, "Early stopping: evaluations without a better val loss.", default_help="off")
     min_delta: float = option(0.0, "Early stopping: an improvement is a val loss below best - this.")
     eval_every: int | None = option(None, "Evaluate the val loss every N steps (and at the end).",
@@ -165,8 +167,8 @@ class TrainConfig:
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.warmup_steps is not None and self.warmup_steps < 1:
-            raise ConfigError(f"warmup_steps must be >= 1 (DeepSpeed's warmup schedules need a step; "
-                              f"1 is no warmup), got {self.warmup_steps}")
+            raise ConfigError(f"warmup_steps must be >= 1, got {self.warmup_steps} (DeepSpeed's WarmupCosineLR warms "
+                              "up over at least 2 steps: the first trains at lr 0, the second at half of --lr)")
         if self.num_workers < 0:
             raise ConfigError(f"num_workers must be >= 0, got {self.num_workers}")
         if not self.resume:
@@ -202,9 +204,13 @@ class TrainConfig:
             ranks = sorted((r for r in range(1, 2 * world_size + 1) if r != world_size and
                             self.batch_size % (self.micro_batch * r) == 0), key=lambda r: abs(r - world_size))
             on = f" (or run on {ranks[0]} rank(s): --nproc {ranks[0]})" if ranks else ""
+            micro = max((m for m in range(1, self.micro_batch) if self.batch_size % (m * world_size) == 0), default=None)
+            if not ranks and micro is None:  # only fewer ranks can: one always can, with a micro-batch that divides it
+                one = max(m for m in range(1, self.micro_batch + 1) if self.batch_size % m == 0)
+                on = f" (or run on 1 rank: --nproc 1 --micro-batch {one})"
             fix = (f"resume with a --micro-batch and number of ranks whose product divides {self.batch_size}{on}, or "
                    f"give --batch-size {near} to change the run's batch" if resumed else
-                   f"use --batch-size {near}, or a --micro-batch that divides it{on}")
+                   f"use --batch-size {near}" + (f", or --micro-batch {micro}" if micro else "") + on)
             raise ConfigError(f"{batch} is not a multiple of micro-batch {self.micro_batch} x {world_size} rank(s) = "
                               f"{per_pass}: {fix}")
         if self.grad_accum not in (1, accum):

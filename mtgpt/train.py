@@ -586,18 +586,24 @@ def fit(plan: Plan, early_signals: list[int] | tuple[int, ...] = ()) -> dict[str
         if reason is None and log_step:
             reason = agreed_stop(cfg, state.elapsed, flag, me.device)
         metrics: dict[str, float] = {}
-        if log_step or reason:  # the last step is always logged and evaluated
+        logged = log_step or reason is not None  # the last step is always logged and evaluated
+        if logged:
             metrics.update(train_metrics(engine, running.take(), state, cfg.out))
             metrics.update(data_metrics(plan, batches))
             metrics.update(perf.metrics())
             bar.show(state.step, metrics)
         evaluate_now = state.step % cfg.eval_every == 0 or reason
         if evaluate_now:
+            speed = None if logged else perf.metrics()  # (the training's, in case this evaluation stops it)
             evaluated = time.time()
             with eager(engine):
                 metrics.update(evaluate_and_track(engine, vals, plan, state, log, writes))
             metrics["perf/eval_seconds"] = time.time() - evaluated  # what an evaluation costs every rank
             reason = reason or planned_stop(cfg, state, plan.train_tokens)  # early stopping
+            if reason and not logged:  # it did: its last step is logged in full too
+                metrics.update({**train_metrics(engine, running.take(), state, cfg.out),
+                                **data_metrics(plan, batches), **speed})
+                bar.show(state.step, metrics)
         log.log(metrics, state.step)  # (redraws loss.png after an evaluation)
         if evaluate_now:
             perf.reset()  # tokens/s measures training, not the evaluation or its plot

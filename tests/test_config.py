@@ -68,9 +68,14 @@ def test_batch_size_derives_grad_accum_for_any_number_of_ranks():
     with pytest.raises(ConfigError, match=r"--batch-size 20 is not a multiple of micro-batch 2 x 4 rank\(s\) = 8: "
                                           r"use --batch-size 16 or 24"):
         TrainConfig(data="d", out="o", batch_size=20, micro_batch=2).for_world(4)
-    with pytest.raises(ConfigError, match=r"use --batch-size 8, or a --micro-batch that divides it \(or run on 1 "
+    with pytest.raises(ConfigError, match=r"use --batch-size 8, or --micro-batch 2 \(or run on 1 "
                                           r"rank\(s\): --nproc 1\)"):  # (a one-rank run's train_config.json as --config)
         TrainConfig(data="d", out="o", batch_size=4, micro_batch=4).for_world(2)
+    # a batch only fewer ranks can make: the fix says how (it named a --micro-batch that could not)
+    with pytest.raises(ConfigError, match=r"use --batch-size 8 \(or run on 1 rank: --nproc 1 --micro-batch 1\)$"):
+        TrainConfig(data="d", out="o", batch_size=1, micro_batch=4).for_world(2)
+    assert TrainConfig(data="d", out="o", batch_size=1, micro_batch=1).for_world(1).grad_accum == 1  # (it works)
+    assert TrainConfig(data="d", out="o", batch_size=4, micro_batch=2).for_world(2).grad_accum == 1
     with pytest.raises(ConfigError, match="--grad-accum 3 disagrees with --batch-size 16"):
         TrainConfig(data="d", out="o", batch_size=16, micro_batch=2, grad_accum=3).for_world(2)
     with pytest.raises(ConfigError, match="batch_size must be a positive integer"):

@@ -318,6 +318,20 @@ def test_best_is_the_lowest_val_loss_whatever_min_delta_says(tiny_data, tmp_path
         "--best)" in capsys.readouterr().out
 
 
+def test_a_run_stopped_by_an_evaluation_between_log_steps_logs_its_last_step(tiny_data, tmp_path, world_of_one):
+    """Early stopping at an evaluation that is not a --log-every step: the last step's train loss,
+    tokens and speed were never logged (metrics.jsonl ended with the val row alone)."""
+    run = tmp_path / "run"
+    cfg = TrainConfig(data=str(tiny_data), out=str(run), model=dict(TINY), micro_batch=2, lr=3e-3, eval_samples=4,
+                      log_every=3, eval_every=2, max_steps=20, patience=1, min_delta=100.0, ds_config="zero0_fp32")
+    summary = _fit(cfg)
+    assert summary["reason"] == "early_stopping" and summary["step"] == 4
+    last = {k: v for r in metrics(run) if r["step"] == 4 for k, v in r.items()}
+    assert last["train/tokens"] == 4 * 2 * TINY["block_size"] and math.isfinite(last["train/loss"])
+    assert last["perf/tokens_per_s"] > 0 and "val/loss" in last
+    assert [r["step"] for r in metrics(run) if "train/loss" in r] == [3, 4]
+
+
 @pytest.mark.parametrize("eval_every", [3, 100])
 def test_a_diverged_run_saves_nothing_a_nan_trained(tiny_data, tmp_path, world_of_one, eval_every):
     """A NaN or inf loss stops the run before anything it trained is saved: a non-finite val loss
