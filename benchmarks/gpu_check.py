@@ -1,6 +1,6 @@
 """One command on a lent GPU: does mtgpt train, resume, sample and export there, and how fast?
 
-    make gpu-check                          # = python benchmarks/gpu_check.py (one GPU, ~9 minutes)
+    make gpu-check                          # = python benchmarks/gpu_check.py (one GPU, ~10 minutes)
     python benchmarks/gpu_check.py --tiny   # the same checks, tiny model, on CPU (the test suite runs it)
 
 Writes gpu_report.json and gpu_report.md (a Markdown table headed by the device's name) into
