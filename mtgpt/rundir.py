@@ -166,7 +166,16 @@ def lock_run(out: str | Path, hold: bool = True) -> None:
             raise
         return
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # a check takes a shared lock: the ranks of one job check at once, and two exclusive tries
+        # would refuse each other; rank 0's exclusive lock waits out a check in flight (`mtgpt info`)
+        for tries in range(40 if hold else 1):
+            try:
+                fcntl.flock(f, (fcntl.LOCK_EX if hold else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if tries + 1 == (40 if hold else 1):
+                    raise
+                time.sleep(0.05)
     except BlockingIOError:
         f.seek(0)
         who = f.read().strip() or "another process"

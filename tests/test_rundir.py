@@ -208,6 +208,34 @@ def test_a_run_folder_another_mtgpt_trains_in_is_refused(tmp_path, tiny_data):
         rundir._held.pop().close()  # the training stops (or dies): the lock is free
     rundir.lock_run(run, hold=False)
     rundir.check_out_folder(run)  # a folder holding only a lock file takes a new run
+    # the ranks of one job check at once: checks never refuse each other (an exclusive try each did,
+    # and a 2-rank resume failed "being trained by another mtgpt" naming the killed run before it)
+    import threading
+
+    refused, held = [], threading.Event()
+
+    def check() -> None:
+        for _ in range(3000):
+            try:
+                rundir.lock_run(run, hold=False)
+            except ConfigError as e:
+                if not held.is_set():  # (while rank 0 holds it, a check is right to refuse)
+                    refused.append(e)
+
+    threads = [threading.Thread(target=check) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not refused, f"{len(refused)} of 9000 checks refused: {refused[0]}"
+    threads = [threading.Thread(target=check) for _ in range(3)]
+    for t in threads:
+        t.start()
+    held.set()
+    rundir.lock_run(run)  # rank 0 takes it while checks are in flight (it waits one out, not refused)
+    rundir._held.pop().close()
+    for t in threads:
+        t.join()
     # `mtgpt info` of a run on a read-only mount (docker/README: -v runs:/runs:ro) only reads the lock
     import os
     import subprocess
