@@ -168,12 +168,13 @@ def lock_run(out: str | Path, hold: bool = True) -> None:
     try:
         # a check takes a shared lock: the ranks of one job check at once, and two exclusive tries
         # would refuse each other; rank 0's exclusive lock waits out a check in flight (`mtgpt info`)
-        for tries in range(40 if hold else 1):
+        deadline = time.monotonic() + (2.0 if hold else 0.0)
+        while True:
             try:
                 fcntl.flock(f, (fcntl.LOCK_EX if hold else fcntl.LOCK_SH) | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
-                if tries + 1 == (40 if hold else 1):
+                if time.monotonic() >= deadline:
                     raise
                 time.sleep(0.05)
     except BlockingIOError:
