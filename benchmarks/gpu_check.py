@@ -12,8 +12,9 @@ Writes gpu_report.json and gpu_report.md (a Markdown table headed by the device'
               loop (benchmarks/train_throughput.py): tokens/s, MFU, peak memory, ratio, host syncs,
               and a profile of 3 steps of each (ms per kernel category, the device's idle time)
   loss        the output layer's cross-entropy, forward + backward over the seed model's 32768 x
-              50304 logits, with the padding columns masked (mtgpt) against sliced off (before):
-              ms each, the same loss and gradients (benchmarks/loss_speed.py)
+              50304 logits, with the padding columns masked (mtgpt on a GPU) against sliced off
+              (mtgpt on CPU): ms each, the same loss and gradients, whether mtgpt's way here is
+              the faster (benchmarks/loss_speed.py)
   defaults    `mtgpt train` with the defaults a user gets here: the micro-batch chosen, tokens/s,
               memory against the estimate, what one evaluation costs at the old and the new cadence
   configs     20 steps of each of the 12 bundled DeepSpeed configs on real shards (`mtgpt
@@ -304,7 +305,8 @@ def summary(name: str, r: dict) -> str:
                 + "; ".join(one(mode) for mode in [*r["configs"], "plain"]) + goal)
     if name == "loss":
         return (f"cross-entropy forward + backward over {r['rows']} x {r['padded']} {r['dtype']} logits: padding "
-                f"sliced {r['ms']['sliced']:.2f} ms, masked (mtgpt) {r['ms']['masked']:.2f} ms, {r['speedup']:.2f}x; "
+                f"sliced {r['ms']['sliced']:.2f} ms, masked {r['ms']['masked']:.2f} ms, {r['speedup']:.2f}x: mtgpt's "
+                f"way here ({r['mtgpt_takes']}) is the {'faster' if r['mtgpt_takes_the_faster'] else 'SLOWER'}; "
                 f"|loss difference| {r['loss_difference']:.1e}, max |gradient difference| {r['grad_difference']:.1e}")
     if name == "configs":
         ran = {k: v for k, v in r["runs"].items() if "first" in v}

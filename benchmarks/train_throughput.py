@@ -5,6 +5,7 @@ step reads a value back to the host (on a GPU each read is a host sync).
     python benchmarks/train_throughput.py                       # CPU: seed model, batch 4, bf16
     python benchmarks/train_throughput.py --batch 64 --steps 50 # GPU: the reference setting
     python benchmarks/train_throughput.py --zero 0 1 2          # which bundled zero{N}_{precision}
+    python benchmarks/train_throughput.py --batch 64 --loss sliced  # the padding's loss forced one way
 
 The DeepSpeed path is what `mtgpt train` runs: `mtgpt.train.build_engine` (model compiled in
 place before deepspeed.initialize on GPUs, DeepSpeed-managed AdamW, gradient clipping 1.0) with
@@ -34,6 +35,9 @@ from pathlib import Path
 import torch
 
 
+MASK_PADDING = {"auto": None, "sliced": False, "masked": True}  # --loss: GPT.mask_padding
+
+
 def batches(batch: int, block: int, vocab: int, device: torch.device):
     g = torch.Generator().manual_seed(0)
     data = torch.randint(0, vocab, (8, batch, block + 1), generator=g)
@@ -49,6 +53,7 @@ def run_plain(args, cfg, device) -> float:
 
     torch.manual_seed(0)
     model = GPT(cfg).to(device)
+    model.mask_padding = MASK_PADDING[args.loss]
     if args.compile:
         model.compile()
     opt = torch.optim.AdamW(model.param_groups(0.1), lr=1e-3, betas=(0.9, 0.95), fused=True)
@@ -78,7 +83,9 @@ def run_deepspeed(args, cfg, device) -> float:
     _, raw = ds_config.find(f"zero{args.stage}_{args.precision}")
     ds = ds_config.resolve(tc, raw, 1, 10_000, cuda=device.type == "cuda")
     torch.manual_seed(0)
-    engine = build_engine(Plan(tc, ds, "", [{}], [1.0], 1, 10_000, None), GPT(cfg))
+    model = GPT(cfg)
+    model.mask_padding = MASK_PADDING[args.loss]
+    engine = build_engine(Plan(tc, ds, "", [{}], [1.0], 1, 10_000, None), model)
     it = batches(args.batch, cfg.block_size, cfg.vocab_size, device)
     return lambda: train_step(engine, it, 1)
 
@@ -202,6 +209,9 @@ def main() -> None:
     p.add_argument("--vocab-size", type=int, default=50257)
     p.add_argument("--vocab-multiple", type=int, default=None,
                    help="pad the vocabulary to a multiple of this (default: as mtgpt train, 64 on a GPU, 1 on CPU)")
+    p.add_argument("--loss", choices=list(MASK_PADDING), default="auto",
+                   help="how both sides' loss leaves out the vocabulary's padding: auto as mtgpt (masked on a GPU, "
+                        "sliced on CPU; mtgpt.model.cross_entropy), or forced")
     p.add_argument("--repeat", type=int, default=3, help="alternating runs of each (medians are printed)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile both (default: on GPUs)")
@@ -226,7 +236,7 @@ def main() -> None:
     ratio = {mode: statistics.median(d["tokens_per_s"] / p["tokens_per_s"] for d, p in zip(rs, runs["plain"]))
              for mode, rs in runs.items() if mode != "plain"}
     print(f"{runs['plain'][0]['device']}: {args.n_layer} layers x {args.n_embd} wide, context {args.block_size}, "
-          f"batch {args.batch}, {args.precision}, compile {args.compile}, {args.steps} timed steps after "
+          f"batch {args.batch}, {args.precision}, compile {args.compile}, loss {args.loss}, {args.steps} timed steps after "
           f"{args.warmup}, median of {args.repeat} alternating runs")
     for mode, rs in runs.items():
         r = rs[0]
@@ -245,7 +255,7 @@ def main() -> None:
     if args.json:
         memory = {mode: max((x["gpu_memory"] or x["peak_rss"]) for x in rs) for mode, rs in runs.items()}
         Path(args.json).write_text(json.dumps({
-            "device": runs["plain"][0]["device"], "batch": args.batch, "precision": args.precision,
+            "device": runs["plain"][0]["device"], "batch": args.batch, "precision": args.precision, "loss": args.loss,
             "configs": modes[1:], "compile": args.compile, "tokens_per_s": rate, "memory_bytes": memory,
             "memory_kind": "gpu" if runs["plain"][0]["gpu_memory"] else "rss", "ratio": ratio,
             "host_syncs": {mode: rs[0]["host_syncs"] for mode, rs in runs.items()},

@@ -129,17 +129,29 @@ class Block(nn.Module):
         return x
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:
-    """The cross-entropy of logits (..., V) against targets (...) in fp32; a target of -1 is not
-    scored. With a padded vocabulary GPT.forward passes the logits with the padding columns sliced
-    off. On a GPU this loss is a third of the seed model's training step (`make gpu-check`'s
-    profile); benchmarks/loss_speed.py measures the alternative of masking the padding to -inf,
-    which keeps the rows Vp wide and contiguous (slower on CPU; on a GPU still to measure)."""
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str, vocab_size: int | None = None,
+                  mask: bool | None = None) -> torch.Tensor:
+    """The cross-entropy of logits (..., Vp) against targets (...) in fp32; a target of -1 is not
+    scored. Columns from vocab_size on are the vocabulary's padding and never count: masked to -inf
+    (exp(-inf) adds exactly 0 and they get no gradient; rows stay Vp wide and contiguous) or sliced
+    off (rows of V values in a Vp stride). The same loss and gradients either way; the question is
+    speed (benchmarks/loss_speed.py, `make gpu-check`'s `loss` check). mask None: on a GPU mask, where
+    the loss was a third of the seed model's step (gpu-check's profile on an H200) and a compiled
+    kernel over sliced rows cannot use vectorized loads and adds a zero-filled copy for the padded
+    gradient; on CPU slice, measured faster there (128 against 192 ms compiled)."""
+    if vocab_size is not None and vocab_size < logits.size(-1):
+        if logits.is_cuda if mask is None else mask:  # the rule: a GPU masks, a CPU slices
+            padding = torch.arange(logits.size(-1), device=logits.device) >= vocab_size  # (Vp,)
+            logits = logits.masked_fill(padding, float("-inf"))
+        else:
+            logits = logits[..., :vocab_size]
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
                            reduction=reduction)
 
 
 class GPT(nn.Module):
+    mask_padding: bool | None = None  # how the loss leaves out the vocabulary's padding (cross_entropy)
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
@@ -215,9 +227,9 @@ class GPT(nn.Module):
             cache.length += T
         x = self.transformer.ln_f(x[:, -1:] if last_only else x)
         logits = self.lm_head(x)  # (B, T, Vp), or (B, 1, Vp)
-        if logits.size(-1) != self.config.vocab_size:
-            logits = logits[..., :self.config.vocab_size]  # padding rows: never scored or sampled
-        return logits, None if targets is None else cross_entropy(logits, targets, reduction)
+        V = self.config.vocab_size
+        loss = None if targets is None else cross_entropy(logits, targets, reduction, V, self.mask_padding)
+        return logits[..., :V], loss  # (B, T, V): the padding columns are never scored or sampled
 
     def decode(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """idx (B, 1): one new token per sequence, at position cache.position (a (1,) tensor) ->

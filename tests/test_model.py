@@ -178,3 +178,41 @@ def test_the_padded_output_layer_trains_like_the_plain_one():
     grad = padded.transformer.wte.weight.grad
     assert torch.allclose(grad[:50257], plain.transformer.wte.weight.grad, atol=1e-7)
     assert grad[50257:].abs().max() == 0  # the padding rows get no gradient: they are never used
+
+
+def test_the_padding_masked_or_sliced_gives_the_same_loss_and_gradients():
+    """A GPU masks the padding columns to -inf (rows stay whole for vectorized kernels), a CPU
+    slices them off (faster there): the two must train the same model."""
+    padded, _ = padded_and_plain()
+    idx = torch.randint(0, 50257, (2, 17), generator=torch.Generator().manual_seed(3))
+    idx[0, 5] = -1  # a target not scored, as chat data has
+    found = {}
+    for mask in (False, True):
+        padded.zero_grad(set_to_none=True)
+        padded.mask_padding = mask
+        logits, loss = padded(idx[:, :-1].clamp(min=0), idx[:, 1:])
+        loss.backward()
+        found[mask] = (logits.detach(), loss.detach(), padded.transformer.wte.weight.grad.clone())
+    (la, a, ga), (lb, b, gb) = found[False], found[True]
+    assert la.shape == lb.shape == (2, 16, 50257) and torch.equal(la, lb)
+    assert torch.allclose(a, b, rtol=0, atol=1e-6) and torch.allclose(ga, gb, rtol=0, atol=1e-8)
+    assert gb[50257:].abs().max() == 0  # masked: the padding rows still get no gradient
+
+
+def test_the_loss_masks_the_padding_on_a_gpu_and_slices_it_on_cpu():
+    from mtgpt.model import cross_entropy
+
+    logits = torch.randn(4, 128, requires_grad=True)
+    targets = torch.randint(0, 100, (4,))
+    ops = {}
+    for mask in (None, False, True):  # None: by device (this CPU: slice)
+        loss = cross_entropy(logits, targets, "mean", 100, mask)
+        fn, names = loss.grad_fn, set()
+        while fn is not None:  # walk the autograd graph back to the logits
+            names.add(type(fn).__name__)
+            fn = fn.next_functions[0][0] if fn.next_functions else None
+        ops[mask] = names
+    assert "SliceBackward0" in ops[None] and "MaskedFillBackward0" not in ops[None]
+    assert ops[False] == ops[None] and "MaskedFillBackward0" in ops[True]
+    assert torch.allclose(cross_entropy(logits, targets, "sum", 100, True), cross_entropy(logits, targets, "sum", 100))
+    assert torch.equal(cross_entropy(logits[:, :100], targets, "mean"), cross_entropy(logits[:, :100], targets, "mean", 100))
