@@ -42,7 +42,7 @@ from typing import Any, Literal, Union
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from mtgpt import chat
@@ -80,7 +80,7 @@ class _Request(BaseModel):
     model: str
     temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
-    top_k: int | None = Field(200, ge=0, description="mtgpt's extra: sample from the k best tokens (0: all)")
+    top_k: int = Field(200, ge=0, description="mtgpt's extra: sample from the k best tokens (0: all)")
     n: int = Field(1, ge=1, le=16)
     stop: Union[str, list[str], None] = None
     seed: int | None = None
@@ -92,6 +92,16 @@ class _Request(BaseModel):
     logit_bias: dict | None = None
     logprobs: Any = None
     user: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data: Any) -> Any:
+        """`null` for an option means its default, as in OpenAI's API (the official client sends
+        `temperature: null` for temperature=None, and so do wrappers that pass options through)."""
+        if isinstance(data, dict):
+            data = {k: v for k, v in data.items()
+                    if v is not None or k not in cls.model_fields or cls.model_fields[k].default is None}
+        return data
 
     @field_validator("seed")
     @classmethod

@@ -226,6 +226,23 @@ def test_greedy_and_seeded_completions_equal_mtgpt_sample(server, run_dir):
     assert out == "".join(f"--- sample {i + 1}\n{prompt}{c.text}\n" for i, c in enumerate(two.choices))
 
 
+def test_null_options_mean_their_defaults_as_in_openais_api(server):
+    """The official client sends `null` for an option given as None (so do wrappers passing options
+    through); OpenAI reads it as the default, and so must mtgpt (it answered 400 before)."""
+    client = server.client()
+    nulls = dict(temperature=None, top_p=None, n=None, stream=None, presence_penalty=None, frequency_penalty=None)
+    base = client.completions.create(model="tiny", prompt="From fairest", max_tokens=12, seed=5)
+    got = client.completions.create(model="tiny", prompt="From fairest", max_tokens=12, seed=5, echo=None, **nulls,
+                                    extra_body={"top_k": None})
+    assert got.choices[0].text == base.choices[0].text and len(got.choices) == 1
+    messages = [{"role": "user", "content": "hello"}]
+    base = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, seed=5)
+    got = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, seed=5, **nulls)
+    assert got.choices[0].message.content == base.choices[0].message.content
+    status, err, _ = server.request("POST", "/v1/completions", {"model": None, "prompt": "x"})
+    assert status == 400 and err["error"]["param"] == "model"  # a required field stays required
+
+
 def test_stop_strings(server):
     client = server.client()
     full = client.completions.create(model="tiny", prompt="From fairest", max_tokens=40, temperature=0).choices[0]
