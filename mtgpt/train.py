@@ -107,10 +107,15 @@ class Plan:
     def val_samples(self) -> int:
         return sum(m["splits"]["val"]["samples"] for m in self.manifests)
 
-    def epochs(self) -> list[float]:
-        """How many times the planned run reads each source's train split."""
-        samples = self.schedule_steps * self.tokens_per_step // self.cfg.model.block_size
-        return [w * samples / m["splits"]["train"]["samples"] for w, m in zip(self.weights, self.manifests)]
+    def epochs(self, step: int = 0, drawn: list[float] | None = None) -> list[float]:
+        """How many times the planned run reads each source's train split: the samples a resumed
+        run drew from each before `step` (`drawn`, all ranks together) and the rest of the
+        schedule's at the weights of now (a mixture resumed with new weights reads its sources
+        neither at the old weights nor at the new ones throughout)."""
+        left = max(self.schedule_steps - step, 0) * self.tokens_per_step // self.cfg.model.block_size
+        drawn = drawn or [0.0] * len(self.weights)
+        return [(d + w * left) / m["splits"]["train"]["samples"]
+                for d, w, m in zip(drawn, self.weights, self.manifests)]
 
 
 def train_tokens(manifests: list[dict[str, Any]], block_size: int) -> int:
@@ -243,7 +248,7 @@ def mixture_weights(sources: list[DataSource], manifests: list[dict[str, Any]]) 
     return [w / sum(raw) for w in raw]
 
 
-def plan_warnings(plan: Plan) -> list[str]:
+def plan_warnings(plan: Plan, step: int = 0, drawn: list[float] | None = None) -> list[str]:
     """What to tell the user before the start: a URL read from its cached copy, a warmup as long as
     the schedule, and a source read more than REPEAT_WARN times (unless --max-epochs asked for it,
     with one source)."""
@@ -258,7 +263,7 @@ def plan_warnings(plan: Plan) -> list[str]:
                    "nothing (the bundled JSONs use PyTorch's fused AdamW)")
     if plan.cfg.max_epochs is not None and len(plan.sources) == 1:
         return out
-    for source, w, epochs, m in zip(plan.sources, plan.weights, plan.epochs(), plan.manifests):
+    for source, w, epochs, m in zip(plan.sources, plan.weights, plan.epochs(step, drawn), plan.manifests):
         if epochs > REPEAT_WARN:
             share = f" at weight {w:.3g}" if len(plan.sources) > 1 else ""
             out.append(f"warning: the planned {plan.schedule_steps} steps read {source.name} ({source.path}, "
@@ -557,8 +562,9 @@ def fit(plan: Plan, early_signals: list[int] | tuple[int, ...] = ()) -> dict[str
     log = monitor.Monitor(cfg.out, enabled=world.is_rank0(), resume_step=state.step)
     clock.mark("data and resume")
     perf = monitor.Throughput(flops_per_token(cfg.model), me.device, me.world_size, ds_config.precision(plan.ds))
-    world.print0(banner(plan, state.step))
-    for warning in plan_warnings(plan):
+    drawn = counts if counts is not None else [w * start for w in plan.weights]  # samples read before
+    world.print0(banner(plan, state.step, drawn))
+    for warning in plan_warnings(plan, state.step, drawn):
         world.print0(warning, file=sys.stderr)
     bar = Progress(plan, state.step)
 
@@ -645,7 +651,7 @@ GO_ON = {"max_steps": "a larger --max-steps", "max_tokens": "a larger --max-toke
          "early_stopping": "a larger --patience (its val loss had not improved for that many evaluations)"}
 
 
-def banner(plan: Plan, step: int) -> str:
+def banner(plan: Plan, step: int, drawn: list[float] | None = None) -> str:
     """What rank 0 prints before the first step."""
     cfg, ds = plan.cfg, plan.ds
     lines = [
@@ -655,19 +661,20 @@ def banner(plan: Plan, step: int) -> str:
         f"{ds_config.zero_stage(ds)}, {ds_config.precision(ds)}",
         f"  batch {ds['train_batch_size']} sequences = micro {cfg.micro_batch} x accum {cfg.grad_accum} x "
         f"{plan.world_size} rank(s) = {plan.tokens_per_step:,} tokens/step; schedule {plan.schedule_steps} steps",
-        *data_lines(plan),
+        *data_lines(plan, step, drawn),
         f"  run {cfg.out}" + (f", resuming from {plan.resume_from} (step {step})" if plan.resume_from else ""),
     ]
     return "\n".join(lines)
 
 
-def data_lines(plan: Plan) -> list[str]:
-    """The banner's data: one line, or one per source of a mixture (weight, size, epochs planned)."""
+def data_lines(plan: Plan, step: int = 0, drawn: list[float] | None = None) -> list[str]:
+    """The banner's data: one line, or one per source of a mixture (weight, size, epochs planned:
+    `Plan.epochs`)."""
     block = plan.cfg.model.block_size
     if len(plan.sources) == 1:
         return [f"  data {plan.sources[0].path}: {plan.train_tokens:,} train tokens"]
     lines = [f"  data: a mixture of {len(plan.sources)} sources, {plan.train_tokens:,} train tokens"]
-    for source, w, m, epochs in zip(plan.sources, plan.weights, plan.manifests, plan.epochs()):
+    for source, w, m, epochs in zip(plan.sources, plan.weights, plan.manifests, plan.epochs(step, drawn)):
         lines.append(f"    {source.name} = {source.path}: weight {w:.3f}, {m['splits']['train']['samples'] * block:,} "
                      f"train tokens, read {epochs:.2f} times in {plan.schedule_steps} steps")
     return lines

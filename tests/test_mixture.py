@@ -4,6 +4,7 @@ disjoint tokens (shares, epochs, exact resume on any number of ranks and workers
 
 import math
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -218,6 +219,9 @@ def test_a_plan_refuses_sources_that_do_not_share_tokenizer_or_block_size(two_so
     assert plan.epochs()[1] == pytest.approx(0.5 * 400 * 8 / sizes[1]) and plan.epochs()[1] > 4  # 400 steps x 8
     warned = plan_warnings(plan)
     assert len(warned) == 1 and "words" in warned[0] and "lower its weight" in warned[0]
+    # resumed at step 300 of 400 after drawing [2200, 200] samples: those, and the rest at the weights of now
+    assert plan.epochs(300, [2200, 200]) == pytest.approx([(2200 + 400) / sizes[0], (200 + 400) / sizes[1]])
+    assert plan_warnings(plan, 300, [2200, 200]) == []  # the words were read little before: no warning
 
 
 @pytest.mark.slow
@@ -274,8 +278,12 @@ def test_a_mixture_on_two_ranks_logs_what_it_reads_and_resumes_bit_exactly(two_s
     swapped = ["--data", f"numbers={two_sources['numbers']}:0.3", "--data", f"words={two_sources['words']}:0.7"]
     out = run_mtgpt("train", "--out", run, *swapped, "--resume", "auto", "--max-steps", "50")
     assert "the mixture's weights were 0.7, 0.3 and are 0.3, 0.7 now" in out.stdout
+    # the banner's reads of the whole run: the samples drawn before (0.7 words) and after (0.3) the change
+    said = float(re.search(r"words = .*read ([0-9.]+) times in 50 steps", out.stdout).group(1))
+    words = Split(two_sources["words"], load_manifest(two_sources["words"]), "train")
     later = logged(run)
     drawn = [later[s]["data/numbers/tokens"] + later[s]["data/words/tokens"] for s in range(30, 51)]
     assert drawn == [(30 + i) * 64 for i in range(21)]  # 8 sequences of 8 tokens a step, never back to 0
     numbers_after = (later[50]["data/numbers/tokens"] - last["data/numbers/tokens"]) / (20 * 64)
     assert abs(numbers_after - 0.3) < 4 * math.sqrt(0.3 * 0.7 / 160)
+    assert abs(said - later[50]["data/words/tokens"] / 8 / len(words)) < 4 * math.sqrt(0.21 * 160) / len(words)
