@@ -229,7 +229,9 @@ class GPT(nn.Module):
         logits = self.lm_head(x)  # (B, T, Vp), or (B, 1, Vp)
         V = self.config.vocab_size
         loss = None if targets is None else cross_entropy(logits, targets, reduction, V, self.mask_padding)
-        return logits[..., :V], loss  # (B, T, V): the padding columns are never scored or sampled
+        if logits.size(-1) != V:
+            logits = logits[..., :V]  # (B, T, V): the padding columns are never scored or sampled
+        return logits, loss
 
     def decode(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """idx (B, 1): one new token per sequence, at position cache.position (a (1,) tensor) ->
