@@ -251,7 +251,8 @@ def prepare(inputs, out, block_size, val_fraction, seed, shard_size, glob, fmt, 
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: prepare removed its temporary folder
         _interrupted(e, out)
     tr, va = m["splits"]["train"], m["splits"]["val"]
-    click.echo(f"{out}: {m['documents']} document(s), {m['tokens']:,} tokens -> {tr['samples']:,} train + "
+    docs = "conversation(s)" if m.get("loss_mask") else "document(s)"  # those with something to train on
+    click.echo(f"{out}: {m['documents']} {docs}, {m['tokens']:,} tokens -> {tr['samples']:,} train + "
                f"{va['samples']:,} val sequences of {block_size + 1} tokens in {len(tr['shards'])} + "
                f"{len(va['shards'])} shard(s) ({m['seconds']:.1f} s); tokenizer {m['tokenizer']['name']} "
                f"({m['tokenizer']['vocab_size']:,} tokens, {m['text_bytes'] / max(1, m['tokens']):.2f} bytes/token)")

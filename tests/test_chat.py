@@ -64,7 +64,8 @@ def test_chat_files_with_a_byte_order_mark(tmp_path):
 def test_conversations_with_nothing_to_train_on_are_said(tmp_path):
     """A YAML entry of one line, or one that is a list of lists, was skipped without a word (the
     latter should be refused as any list line is); JSONL lines with no messages or no reply were
-    counted as documents that trained nothing. Now a list line is refused and the others counted."""
+    counted as documents that trained nothing. Now a list line is refused, the others said, left out
+    and not counted as documents (`prepare` printed "22 document(s)" after "2 ... are left out")."""
     good = "".join(f"- - Question {i}?\n  - Answer {i}.\n" for i in range(20))
     (tmp_path / "nested.yml").write_text("conversations:\n- - - hi\n    - hello\n" + good)
     with pytest.raises(DataError, match="nested.yml: conversation 1, turn 1 is a YAML list"):
@@ -77,9 +78,14 @@ def test_conversations_with_nothing_to_train_on_are_said(tmp_path):
         said = []
         m = prepare([str(tmp_path / name)], tmp_path / name.replace(".", "_"), fmt="chat", quiet=True,
                     val_fraction=0.0, warn=said.append)
-        assert m["documents"] == 22
+        assert m["documents"] == 20 and m["conversations"] == 22  # trained on, and read
         assert f"note: {idle} of 22 conversation(s) give nothing to train on (no bot reply: one line, no messages, " \
                "or only user and system turns); they are left out" in said, said
+    from tests.conftest import run_mtgpt
+
+    out = run_mtgpt("prepare", tmp_path / "c.jsonl", "--format", "chat", "--out", tmp_path / "cli",
+                    "--val-fraction", "0", "--quiet").stdout
+    assert f"{tmp_path / 'cli'}: 20 conversation(s), " in out
 
 
 def test_yaml_replies_are_the_text_written(tmp_path):

@@ -405,7 +405,6 @@ def _write_chat_shards(paths: list[Path], tmp: Path, block_size: int, val_fracti
     with _aborted_on_error(writers):
         for turns in chat.conversations(paths, strict, replaced):
             ids, mask = chat.training_tokens(tok, turns, train_on)
-            stats["text_bytes"] += len(chat.render(turns).encode("utf-8"))
             ids, mask = np.append(ids, tok.eot), np.append(mask, False)
             n = -(-len(ids) // S)
             pad = n * S - len(ids)
@@ -413,13 +412,16 @@ def _write_chat_shards(paths: list[Path], tmp: Path, block_size: int, val_fracti
             masks = np.concatenate([mask, np.zeros(pad, dtype=bool)]).reshape(n, S)
             keep = masks[:, 1:].any(1)  # a sample trains on targets 1..S-1
             writers["val" if is_val(1)[0] else "train"].add(samples[keep], masks[keep])
-            stats["documents"] += 1
-            stats["tokens"] += len(ids)
-            stats["padding_tokens"] += pad if keep[-1] else 0  # the padding stored (in the last sample, if kept)
-            stats["trained_targets"] += int(masks[keep, 1:].sum())
-            stats["left_out_samples"] += int((~keep).sum())
             kept_samples.append(int(keep.sum()))
             bar.update(1)
+            stats["left_out_samples"] += int((~keep).sum())
+            if not keep.any():  # nothing to train on: left out, and not counted as a document
+                continue
+            stats["documents"] += 1
+            stats["tokens"] += len(ids)
+            stats["text_bytes"] += len(chat.render(turns).encode("utf-8"))
+            stats["padding_tokens"] += pad if keep[-1] else 0  # the padding stored (in the last sample, if kept)
+            stats["trained_targets"] += int(masks[keep, 1:].sum())
     bar.close()
     for w in writers.values():
         w.close()
