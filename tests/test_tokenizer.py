@@ -190,6 +190,11 @@ def test_folder_holding_another_tokenizer_than_recorded(own, tmp_path):
     (tmp_path / tokenizer.TOKENIZER_JSON).unlink()
     with pytest.raises(TokenizerError, match=r"records tokenizer bpe-512 .* \(tokenizer.json is missing\)"):
         tokenizer.for_folder(tmp_path, own.identity())
+    # tokenizer.json replaced by another tokenizer's, tokenizer_info.json left: the name is the file's, not the info's
+    other = tokenizer.train([SONNETS.read_text()], 300)
+    (tmp_path / tokenizer.TOKENIZER_JSON).write_text(other.hf_json)
+    with pytest.raises(TokenizerError, match=r"records tokenizer bpe-512 \(512 tokens, .*\) but holds bpe-300 \(300 tokens"):
+        tokenizer.for_folder(tmp_path, own.identity())
 
 
 def test_encoding_numpy_matches_list(own):
