@@ -94,7 +94,8 @@ class TrainConfig:
     data: list[str] = option(
         list, "Data folder written by `mtgpt prepare`, or its URL: http(s)://HOST/PATH, or pipe:COMMAND that "
         "writes the file named {shard} to stdout (e.g. 'pipe:aws s3 cp s3://b/data/{shard} -'). Repeat it for a "
-        "mixture, each as [NAME=]DATA[:WEIGHT] (e.g. --data books=data/books:0.7 --data chat=data/chat:0.3); "
+        "mixture, each as [NAME=]DATA[:WEIGHT] (e.g. --data books=data/books:0.7 --data chat=data/chat:0.3; NAME "
+        "of letters, digits, _ . -); "
         "without weights the sources are mixed in proportion to their train tokens.",
         default_help="", multiple=True)
     data_cache: str | None = option(None, "Where the shards of a --data URL are copied (fetched once, then read "
@@ -283,6 +284,14 @@ def data_sources(specs: list[str]) -> list[DataSource]:
                 raise ConfigError(f"--data {spec}: the weight must be a positive finite number, got {m.group(2)}")
         if not rest.strip():
             raise ConfigError(f"--data {spec!r}: no data folder given")
+        if not os.path.exists(rest):  # a NAME or a WEIGHT mistyped would read as part of a missing path
+            bad_name = name is None and "=" in rest and any(os.path.exists(s.split("=", 1)[1]) for s in (spec, rest))
+            if bad_name:
+                raise ConfigError(f"--data {spec}: the source's name {spec.split('=', 1)[0]!r} may have only letters, "
+                                  "digits, _, . and - (e.g. --data books=data/books:0.7)")
+            if weight is None and ":" in rest and os.path.exists(rest.rsplit(":", 1)[0]):
+                raise ConfigError(f"--data {spec}: the weight {rest.rsplit(':', 1)[1]!r} is not a number "
+                                  "(e.g. --data books=data/books:0.7)")
         if (scheme := re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", rest)) and scheme.group(1) not in ("http", "https"):
             raise ConfigError(f"--data {spec}: mtgpt reads data folders at http(s):// URLs, or through a pipe: command "
                               f"that writes file {{shard}} to stdout, not {scheme.group(1)}:// (e.g. --data "

@@ -172,6 +172,14 @@ def test_the_data_option_with_real_folders(tmp_path, monkeypatch):
         for specs in ([f"d/t1k:{bad}"], ["a:1", f"d/t1k:{bad}"]):
             with pytest.raises(ConfigError, match=rf"--data d/t1k:{bad}: the weight must be a positive finite number"):
                 data_sources(specs)
+    # a name with other characters, or a weight that is no number, read as part of a missing path
+    # ("no such folder; create it with mtgpt prepare ... --out a/b=...")
+    for spec in (f"a/b={versioned}:1", f"my books={versioned}", f"ü={versioned}:2"):
+        with pytest.raises(ConfigError, match=r"the source's name '.*' may have only letters, digits, _, \. and -"):
+            data_sources([spec, f"c={tmp_path}:1"])
+    for spec in (f"a={versioned}:abc", f"{versioned}:0,5"):
+        with pytest.raises(ConfigError, match=r"the weight '(abc|0,5)' is not a number"):
+            data_sources([spec, f"c={tmp_path}:1"])
     monkeypatch.chdir(versioned)
     assert [data_sources([spec])[0].name for spec in (".", "./", "../ver:2/.", "..:1")] == ["ver_2", "ver_2", "ver_2", "d"]
 
