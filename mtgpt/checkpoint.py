@@ -231,7 +231,14 @@ def save_weights(weights: dict[str, torch.Tensor], config: ModelConfig, folder: 
     tok.save(folder)
     weights = {k: v.contiguous() for k, v in unpadded(weights, config).items() if k != "lm_head.weight"}
     tmp = folder / (WEIGHTS + ".tmp")
-    save_file(weights, str(tmp), metadata={"format": "pt", **(metadata or {})})
+    try:
+        save_file(weights, str(tmp), metadata={"format": "pt", **(metadata or {})})
+    except Exception as e:  # safetensors reports a failed write as its own error: raise the OSError it is
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise
+        code = re.search(r"os error (\d+)", str(e))
+        raise OSError(int(code.group(1)) if code else 5, f"could not write {folder / WEIGHTS}: {e}") from e
     os.chmod(tmp, 0o644)
     tmp.replace(folder / WEIGHTS)
     _write_atomic(folder / MODEL_CONFIG, json.dumps({"model_type": "mtgpt", **config.__dict__,

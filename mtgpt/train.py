@@ -834,11 +834,17 @@ def export(engine, plan: Plan, state: TrainState, folder: Path, extra: dict[str,
     weights = checkpoint.gather_weights(engine.module, engine.zero_optimization_stage(), me.rank)
     if me.rank == 0:
         meta = {"step": str(state.step), "tokens": str(state.tokens), **(extra or {})}
-        args = (weights, plan.cfg.model, folder, meta, plan.tok)
+
+        def write() -> None:
+            try:
+                checkpoint.save_weights(weights, plan.cfg.model, folder, meta, plan.tok)
+            except OSError as e:  # a full disk: one line that says what it takes
+                raise save_problem(folder, checkpoint.WEIGHTS, param_count(plan.cfg.model), e) or e
+
         if writes is not None:
-            writes.submit(checkpoint.save_weights, *args)
+            writes.submit(write)
         else:
-            checkpoint.save_weights(*args)
+            write()
 
 
 def save(engine, plan: Plan, state: TrainState, batches: TrainBatches, running: RunningLoss) -> None:
@@ -863,6 +869,8 @@ def save(engine, plan: Plan, state: TrainState, batches: TrainBatches, running: 
         engine.save_checkpoint(str(root), tag=tag, client_state=client, save_latest=False)
         world.barrier()  # every rank's shard is on disk
         export(engine, plan, state, Path(plan.cfg.out))
+    except SaveError:
+        raise
     except (OSError, RuntimeError) as e:
         if (problem := save_problem(root, tag, param_count(plan.cfg.model), e)) is not None:
             raise problem from None

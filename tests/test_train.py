@@ -435,6 +435,33 @@ def test_a_full_disk_at_a_save_is_one_line(tiny_data, tmp_path, world_of_one):
         subprocess.run(["umount", "-l", str(small)], check=True)
 
 
+def test_a_full_disk_at_the_model_file_is_one_line(tiny_data, tmp_path, world_of_one):
+    """The DeepSpeed checkpoint fits but model.safetensors does not: safetensors' own error came
+    out as a traceback; now the SaveError, and no half-written model file is left."""
+    import subprocess
+
+    from mtgpt.train import SaveError
+
+    cfg = TrainConfig(data=str(tiny_data), out=str(tmp_path / "sized"), model=dict(TINY), micro_batch=2,
+                      eval_samples=4, log_every=1, eval_every=100, save_every=2, max_steps=2, ds_config="zero0_fp32")
+    _fit(cfg)  # how much the first save takes
+    blocks = sum(-(-f.stat().st_size // 4096) * 4096 for f in (tmp_path / "sized").rglob("*") if f.is_file())
+    weights = (tmp_path / "sized" / "model.safetensors").stat().st_size
+    small = tmp_path / "small"
+    small.mkdir()
+    size = f"size={blocks - weights // 2}"  # all the run's files but half the model file
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", size, "tmpfs", str(small)]).returncode:
+        if os.environ.get("CI", "").lower() in ("true", "1"):
+            pytest.fail("cannot mount a tmpfs under CI (needs root)")
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        with pytest.raises(SaveError, match=r"could not save .*/run/model.safetensors: no space left on its filesystem"):
+            _fit(cfg.replace(out=str(small / "run")))
+        assert not list((small / "run").glob("model.safetensors*"))
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=True)
+
+
 def test_fit_resume_and_go_back_in_process(tiny_data, tmp_path, world_of_one, capsys):
     """A world of one trains, saves, resumes exactly where it stopped, and goes back to an older
     checkpoint (the later saves set aside), all in this process."""
