@@ -720,7 +720,7 @@ def _duration(seconds: float) -> str:
 
 def train_metrics(engine, loss: torch.Tensor, state: TrainState, out: str) -> dict[str, float]:
     """The train/ scalars of a log step (this is where the host waits for the GPU); a NaN or
-    inf loss raises TrainingDiverged."""
+    inf loss, or in fp32 and bf16 gradient norm, raises TrainingDiverged."""
     train_loss = float(world.all_reduce_sum(loss.detach().clone()) / world.get().world_size)
     if not math.isfinite(train_loss):
         raise diverged("training loss", train_loss, state, out)
@@ -728,6 +728,9 @@ def train_metrics(engine, loss: torch.Tensor, state: TrainState, out: str) -> di
     norm = engine.get_global_grad_norm()
     if norm is not None:
         metrics["train/grad_norm"] = float(norm)
+        fp16 = engine.fp16_enabled() or monitor.grad_scaler(engine) is not None  # (overflow skips are its way)
+        if not fp16 and not math.isfinite(metrics["train/grad_norm"]):  # DeepSpeed's ZeRO skips such steps
+            raise diverged("gradient norm", metrics["train/grad_norm"], state, out)  # in silence, lr frozen
     metrics.update(monitor.loss_scale_metrics(engine))
     return metrics
 

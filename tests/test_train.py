@@ -351,6 +351,18 @@ def test_a_diverged_run_saves_nothing_a_nan_trained(tiny_data, tmp_path, world_o
     assert checkpoint.latest_complete(run) is None and not (run / "model.safetensors").exists()
 
 
+def test_a_run_whose_gradients_overflow_at_zero1_fp32_stops_with_an_error(tiny_data, tmp_path, world_of_one):
+    """DeepSpeed's ZeRO optimizers skip a step whose gradient is not finite, fp32 too: a run at lr
+    10 skipped 53 of 60 steps in silence (its loss finite, the lr frozen, 'inf' grad norms in
+    metrics.jsonl) and exited 0. In fp32 and bf16 (no loss scale to back off) that is divergence."""
+    from mtgpt.train import TrainingDiverged
+
+    cfg = TrainConfig(data=str(tiny_data), out=str(tmp_path / "run"), model=dict(TINY), micro_batch=2, lr=1000.0,
+                      eval_samples=4, log_every=5, eval_every=100, max_steps=10, ds_config="zero1_fp32")
+    with pytest.raises(TrainingDiverged, match=r"the gradient norm is (nan|inf) at step \d+; stopping"):
+        _fit(cfg)
+
+
 def test_a_run_that_stopped_before_its_first_save_starts_again_with_resume_auto(tiny_data, tmp_path, world_of_one):
     """A run that died before its first save (a traceback in the ranks, a kill) left its settings
     and logs but no checkpoint: without --resume it was "already holds a run; pass --resume auto",
