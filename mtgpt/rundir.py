@@ -334,6 +334,11 @@ def write_run_files(out: str | Path, train_config: dict[str, Any], ds: dict[str,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / LAST_STOP).unlink(missing_ok=True)  # an earlier stop's: this start's is written when it stops
+    # the run folder and a checkpoint resumed from, recorded absolute as the other local paths are
+    # (cli.absolute_paths), so that `--config RUN/train_config.json` works from any directory
+    resume = train_config.get("resume")
+    train_config = {**train_config, "out": str(out.absolute()),
+                    **({"resume": str(Path(resume).absolute())} if resume and Path(resume).exists() else {})}
     dump_json(train_config, out / TRAIN_CONFIG)
     dump_json(ds, out / DS_CONFIG)
     dump_json({

@@ -488,6 +488,17 @@ def test_a_run_records_its_local_folders_as_absolute_paths(tiny_data, tmp_path, 
     assert absolute_paths("ds_config", "zero2_bf16") == "zero2_bf16"
     cfg = build_config({"data": ["d"], "out": "run"})
     assert cfg.data == [f"d={tmp_path / 'd'}"] and cfg.out == "run"
+    # the run's record: its folder too (`--config run/train_config.json` from elsewhere trained a new
+    # run in ./run there), and a checkpoint it resumed from
+    from mtgpt import rundir
+
+    (tmp_path / "run" / "checkpoints" / "step_2").mkdir(parents=True)
+    rundir.write_run_files("run", cfg.replace(resume="run/checkpoints/step_2").to_dict(), {}, "zero1_fp32", 1, 0, None)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    again = build_config({"config_file": "../run/train_config.json", "max_steps": 3})
+    assert again.out == str(tmp_path / "run") and again.resume == str(tmp_path / "run" / "checkpoints" / "step_2")
+    assert again.data == cfg.data
 
 
 def test_help_as_a_deepspeed_user_asks_for_it():
