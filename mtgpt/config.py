@@ -159,6 +159,10 @@ class TrainConfig:
                 continue  # chosen for the device by train.make_plan
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("lr", "min_lr_ratio", "max_epochs", "min_delta"):  # (inf and nan pass a comparison's check)
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ConfigError(f"{name} must be a finite number, got {value}")
         if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
             raise ConfigError(f"batch_size must be a positive integer, got {self.batch_size!r}")
         if self.max_steps is not None and self.max_steps < 1:

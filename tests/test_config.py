@@ -15,6 +15,12 @@ def test_roundtrip(tmp_path):
 @pytest.mark.parametrize("bad, match", [
     ({"micro_batch": 0}, "micro_batch must be a positive integer"),
     ({"lr": -1.0}, "lr must be positive"),
+    # inf and nan passed a comparison (--lr inf trained to an inf val loss and recorded "lr": Infinity,
+    # --max-epochs inf was a traceback, --min-delta nan stopped early while the val loss improved)
+    ({"lr": float("inf")}, "lr must be a finite number, got inf"),
+    ({"max_epochs": float("inf")}, "max_epochs must be a finite number"),
+    ({"min_delta": float("nan")}, "min_delta must be a finite number, got nan"),
+    ({"min_lr_ratio": float("nan")}, "min_lr_ratio must be a finite number"),
     ({"max_time": "soon"}, "not a duration"),
     ({"max_time": "nan"}, "max_time must be a positive, finite duration"),
     ({"max_time": "infh"}, "max_time must be a positive, finite duration"),
