@@ -497,9 +497,10 @@ def make_history(engine, plan: Plan, state: TrainState) -> None:
         return
     if world.is_rank0():
         moved, aside = checkpoint.set_aside_after(plan.cfg.out, state.step)
-        if moved:
+        if aside is not None:  # (best/ too when it is of a later step: a torn last save leaves only that)
+            best = [f"best/ of step {checkpoint.weights_step(aside / 'best')}"] if (aside / "best").is_dir() else []
             world.print0(f"resuming at step {state.step}, before this run's later saves "
-                         f"({', '.join(moved)}): they are set aside in {aside}, and the run goes on from "
+                         f"({', '.join(moved + best)}): they are set aside in {aside}, and the run goes on from "
                          f"step {state.step}")
         tag = checkpoint.tag_for(state.step)
         if (Path(plan.cfg.out) / checkpoint.CKPT_DIR / tag / checkpoint.COMPLETE).is_file():

@@ -509,6 +509,23 @@ def test_fit_resume_and_go_back_in_process(tiny_data, tmp_path, world_of_one, ca
     assert [r["step"] for r in metrics(run) if "train/loss" in r] == [2, 4, 6, 7]
 
 
+def test_a_torn_last_save_sets_best_aside_and_says_so(tiny_data, tmp_path, world_of_one, capsys):
+    """The last save torn (no COMPLETE), `--resume auto` goes on from the one before; best/, of the
+    torn save's step, belongs to the branch left and is set aside: it was moved without a word."""
+    run = tmp_path / "run"
+    cfg = TrainConfig(data=str(tiny_data), out=str(run), model=dict(TINY), micro_batch=2, eval_samples=4,
+                      log_every=2, eval_every=4, save_every=2, max_steps=4, ds_config="zero0_fp32")
+    _fit(cfg)
+    assert checkpoint.weights_step(run / "best") == 4
+    (run / "checkpoints" / "step_00000004" / checkpoint.COMPLETE).unlink()
+    capsys.readouterr()
+    assert _fit(cfg.replace(resume="auto", max_steps=5))["step"] == 5
+    said = capsys.readouterr().out
+    assert "resuming at step 2, before this run's later saves (best/ of step 4): they are set aside in " in said, said
+    [aside] = (run / "checkpoints").glob("abandoned-*")
+    assert checkpoint.weights_step(aside / "best") == 4
+
+
 def test_fit_without_a_val_split_in_process(tmp_path, world_of_one):
     from mtgpt.data.prepare import prepare
     from tests.conftest import SONNETS
