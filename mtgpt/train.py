@@ -191,7 +191,7 @@ def make_plan(cfg: TrainConfig, world_size: int, cuda: bool | None = None, gpu_m
         check_source(cfg, manifest)
     check_tokenizer(cfg, manifest, resume_from)
     for source, m in zip(cfg.sources, manifests):
-        check_compatible(m, source.path, cfg.model.vocab_size, cfg.model.block_size)
+        check_compatible(m, source.path, cfg.model.vocab_size, cfg.model.block_size, resume_from is not None)
     if resume_from is not None:
         cfg = rundir.keep_run_settings(cfg, resume_from)
     own = rundir.own_ds_config(cfg, resume_from, ds_config_given) if resume_from is not None else None  # the JSON it trained with

@@ -84,9 +84,10 @@ def test_train_batch_disagreement(tiny_data, tmp_path):
                    "train_batch_size is 24 but micro_batch 4 x grad_accum 1 x 2 rank(s) = 8")
 
 
-def _fake_run(run, n_layer):
+def _fake_run(run, n_layer, block_size=32):
     """A run folder as training leaves it: its config and one complete checkpoint tag."""
-    cfg = TrainConfig(data="d", out=str(run), model=ModelConfig(n_layer=n_layer, n_head=2, n_embd=32, block_size=32))
+    cfg = TrainConfig(data="d", out=str(run), model=ModelConfig(n_layer=n_layer, n_head=2, n_embd=32,
+                                                                 block_size=block_size))
     run.mkdir()
     dump_json(cfg.to_dict(), run / "train_config.json")
     (run / "checkpoints" / "step_00000010").mkdir(parents=True)
@@ -145,6 +146,16 @@ def test_resume_other_shape(tiny_data, tmp_path):
     _fake_run(tmp_path / "run", 3)
     one_error_line(invoke("train", "--data", tiny_data, "--out", tmp_path / "run", *TINY_ARGS, "--resume", "auto"),
                    "another shape (n_layer 3 -> 2)")
+
+
+def test_resume_on_data_of_another_block_size(tiny_data, tmp_path):
+    """The fix offered was '--block-size 32, or prepare again with --block-size 64'; the first one
+    then failed as 'another shape': a resumed run's context cannot change."""
+    run = tmp_path / "run"
+    _fake_run(run, 2, block_size=64)
+    one_error_line(invoke("train", "--data", tiny_data, "--out", run, "--resume", "auto"),
+                   "holds samples of block_size 32 but the resumed run's model has context 64, which a resume cannot "
+                   "change: prepare the data again with --block-size 64")
 
 
 def test_sample_without_model(tmp_path):

@@ -85,14 +85,20 @@ def _checked(manifest: Any, where: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def check_compatible(manifest: dict[str, Any], data_dir: str | Path, vocab_size: int, block_size: int) -> None:
+def check_compatible(manifest: dict[str, Any], data_dir: str | Path, vocab_size: int, block_size: int,
+                     resumed: bool = False) -> None:
     """Refuse data whose tokenizer has another vocabulary size than the model, or with blocks
-    shorter than the model's context. (Which tokenizer a model reads is checked where the model
-    comes from: mtgpt.train.check_tokenizer.)"""
+    of another size than the model's context (`resumed`: the model is a resumed run's, whose
+    context cannot change). (Which tokenizer a model reads is checked where the model comes
+    from: mtgpt.train.check_tokenizer.)"""
     tok = manifest["tokenizer"]
     if tok["vocab_size"] != vocab_size:
         raise DataError(f"{data_dir} was prepared with tokenizer {tok['name']} of {tok['vocab_size']:,} tokens but "
                         f"the model has {vocab_size:,}; leave vocab_size out of the config (it follows the data)")
+    if manifest["block_size"] != block_size and resumed:
+        raise DataError(f"{data_dir} holds samples of block_size {manifest['block_size']} but the resumed run's "
+                        f"model has context {block_size}, which a resume cannot change: prepare the data again "
+                        f"with --block-size {block_size}")
     if manifest["block_size"] != block_size:
         raise DataError(f"{data_dir} holds samples of block_size {manifest['block_size']} but the model's "
                         f"block_size is {block_size}: pass --block-size {manifest['block_size']}, or "
