@@ -127,9 +127,15 @@ def is_rank0() -> bool:
     return get().rank == 0
 
 
-def print0(*args, **kwargs) -> None:
+def print0(*args, file=None) -> None:
+    """Print on rank 0 only, through tqdm: a progress bar on the terminal is cleared first and
+    drawn again below (a plain print glued the line onto the bar)."""
     if is_rank0():
-        print(*args, **kwargs, flush=True)
+        from tqdm import tqdm
+
+        out = file or sys.stdout
+        tqdm.write(" ".join(map(str, args)), file=out)
+        out.flush()  # (a log file or a pipe sees each line as it is said)
 
 
 def barrier() -> None:

@@ -89,3 +89,20 @@ def test_collective_timeout_takes_a_duration(monkeypatch):
         monkeypatch.setenv("MTGPT_COLLECTIVE_TIMEOUT", bad)
         with pytest.raises(ConfigError, match=f"MTGPT_COLLECTIVE_TIMEOUT='{bad}' is not a duration"):
             world.collective_timeout()
+
+
+def test_a_line_printed_during_training_clears_the_progress_bar_first():
+    """The evaluation's line was printed after the bar's text on the same terminal line
+    ("...tok_s=1523]step 30: val loss 9.7504"); now the bar is cleared, the line printed, the bar
+    drawn again below."""
+    import io
+
+    from tqdm import tqdm
+
+    screen = io.StringIO()
+    bar = tqdm(total=10, file=screen, desc="train")
+    bar.update(3)
+    world.print0("step 3: val loss 9.7504", file=screen)
+    bar.close()
+    before, after = screen.getvalue().split("step 3: val loss 9.7504\n")
+    assert before.endswith("\r") and "train:" in before and "train:" in after  # cleared, then drawn again
