@@ -372,10 +372,20 @@ def test_prepare_bad_values_are_one_line(tmp_path, args, match):
     (["--format", "chat", "--doc-separator", "==="], "--doc-separator is for plain text"),
     (["-"], "- (stdin) is given more than once, and stdin can be read only once"),
     (["--tokenizer", "gpt2", "--vocab-size", "300"], "give --tokenizer (one made before) or --vocab-size"),
+    (["--glob", "*.md"], "--glob '*.md' picks files inside the folders given, and no folder is"),
 ])
 def test_prepare_options_that_would_be_ignored_are_refused(tmp_path, args, match):
     one_error_line(invoke("prepare", "-", "--out", tmp_path / "d", "-q", *args), match)
     assert not (tmp_path / "d").exists()
+
+
+def test_a_glob_with_only_files_is_refused(tmp_path):
+    """--glob picks files in the folders given: with files only it was ignored without a word."""
+    for command in (["prepare", SONNETS, "--out", tmp_path / "d"], ["tokenizer", "train", SONNETS, "--vocab-size",
+                                                                     "300", "--out", tmp_path / "d"]):
+        one_error_line(invoke(*command, "--glob", "*.md"), "picks files inside the folders given, and no folder is")
+    assert not (tmp_path / "d").exists()
+    assert invoke("prepare", SONNETS, tmp_path, "--glob", "*.md", "--out", tmp_path / "e", "-q").exit_code != 0  # a folder: used
 
 
 def test_nproc_at_least_one(tiny_data, tmp_path):

@@ -252,7 +252,8 @@ def prepare(
     folders.check_out(out, overwrite, error=DataError, writes=("data",))
     from mtgpt import chat  # (the files --format chat takes from a folder: chat.DIALOGUE_GLOBS)
 
-    sources = resolve_sources(inputs, glob or (chat.DIALOGUE_GLOBS if fmt == "chat" else "**/*.txt"), warn=warn)
+    sources = resolve_sources(inputs, glob or (chat.DIALOGUE_GLOBS if fmt == "chat" else "**/*.txt"), warn=warn,
+                              glob_given=glob is not None)
     if fmt == "text" and _looks_like_chat(sources):
         warn(f"note: {sources[0].name} looks like chat data (JSON lines of {{\"messages\": [...]}}), read here as "
              "plain text; to train on it as dialogue, prepare it with --format chat (which reads .jsonl files)")
@@ -563,7 +564,7 @@ def make_tokenizer(inputs: list[str], vocab_size: int, out: str | Path, overwrit
         raise DataError(str(e)) from None
     out = Path(out)
     folders.check_out(out, overwrite, error=DataError, writes=("tokenizer",))
-    sources = resolve_sources(inputs, glob or "**/*.txt")
+    sources = resolve_sources(inputs, glob or "**/*.txt", glob_given=glob is not None)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = folders.temporary(out)
     try:

@@ -160,10 +160,11 @@ def _pattern_parts(item: str) -> tuple[str, str]:
 
 
 def resolve_sources(inputs: list[str], glob: str | tuple[str, ...] = "**/*.txt",
-                    glob_fix: str = "use --glob to choose others", warn: Callable[[str], None] = _stderr
-                    ) -> list[Source]:
+                    glob_fix: str = "use --glob to choose others", warn: Callable[[str], None] = _stderr,
+                    glob_given: bool = False) -> list[Source]:
     """Turn the command line's TEXT... into a list of checked files (in a stable order), each
-    once; from a folder, the files matching `glob` (or any of several). `glob_fix` says what to do
+    once; from a folder, the files matching `glob` (or any of several; `glob_given`: the user's
+    --glob, refused when no folder is given). `glob_fix` says what to do
     about a folder with no file matching (a command without --glob says its own); a folder mtgpt
     wrote (data, run, model, tokenizer) is named as such.
     What a folder holds that is skipped (hidden, empty or not text) or a file reached twice is told
@@ -174,6 +175,9 @@ def resolve_sources(inputs: list[str], glob: str | tuple[str, ...] = "**/*.txt",
     if inputs.count("-") > 1:
         raise DataError("- (stdin) is given more than once, and stdin can be read only once; give - once")
     globs = (glob,) if isinstance(glob, str) else glob
+    if glob_given and not any(Path(item).is_dir() for item in inputs):  # it would be ignored
+        raise DataError(f"--glob {glob!r} picks files inside the folders given, and no folder is: give the "
+                        "folder as TEXT, or leave --glob out")
     if not all(globs) or any(PurePosixPath(g).is_absolute() for g in globs):
         raise DataError(f"--glob {glob!r}: the pattern is matched inside each folder given, so it is relative "
                         "to that folder (e.g. '**/*.md'); give the folder as TEXT and a relative --glob")
