@@ -248,18 +248,18 @@ def resolve(cfg: TrainConfig, ds: dict[str, Any], world_size: int, schedule_step
     clashes: list[tuple[str, str]] = []
     _fill(ds, "train_micro_batch_size_per_gpu", micro, "", "--micro-batch", f"pass --micro-batch {ds.get('train_micro_batch_size_per_gpu')}", name, clashes)
     _fill(ds, "gradient_accumulation_steps", accum, "", "--grad-accum", f"pass --grad-accum {ds.get('gradient_accumulation_steps')}", name, clashes)
-    _refuse_clashes(clashes, name)
     total = ds.get("train_batch_size", "auto")
     if total != "auto" and total != micro * accum * world_size:
         fits = total / (micro * world_size)
         micros = [m for m in range(micro, 0, -1) if isinstance(total, int) and total % (m * world_size) == 0]
-        fix = (f"pass --grad-accum {int(fits)}" if fits == int(fits) and fits >= 1
-               else f"pass --batch-size {total} --micro-batch {micros[0]}" if micros
-               else f"make it micro_batch x grad_accum x ranks = {micro * accum * world_size}")
-        raise ConfigError(f"{name}: train_batch_size is {total} but micro_batch {micro} x grad_accum "
-                          f"{accum} x {world_size} rank(s) = {micro * accum * world_size}. Set it to "
-                          f"\"auto\", or {fix}.")
-    ds["train_batch_size"] = micro * accum * world_size
+        if not (fits == int(fits) and fits >= 1 or micros):
+            raise ConfigError(f"{name}: train_batch_size is {total} but micro_batch {micro} x grad_accum "
+                              f"{accum} x {world_size} rank(s) = {micro * accum * world_size}. Set it to \"auto\", "
+                              f"or make it micro_batch x grad_accum x ranks = {micro * accum * world_size}.")
+        clashes.append((f"train_batch_size is {total} but micro_batch {micro} x grad_accum {accum} x {world_size} "
+                        f"rank(s) = {micro * accum * world_size}", f"pass --grad-accum {int(fits)}" if fits == int(fits)
+                        and fits >= 1 else f"pass --batch-size {total} --micro-batch {micros[0]}"))
+    ds["train_batch_size"] = micro * accum * world_size  # (a clash is refused with the others, below)
 
     opt = ds.get("optimizer")
     if not isinstance(opt, dict) or "type" not in opt:

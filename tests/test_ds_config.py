@@ -230,6 +230,11 @@ def test_a_deepspeed_users_json_is_checked_before_any_process_starts():
     refused(r"lr is 0.001 .*; scheduler.params.warmup_num_steps is 2 .*; scheduler.params.total_num_steps is 20 .* "
             r"Set them to \"auto\" .* or pass --lr 0.001 --warmup-steps 2 --max-steps 20\.$",
             {**raw, "optimizer": {**opt, "params": {**opt["params"], "lr": 1e-3}}, "scheduler": decay})
+    refused(r"train_batch_size is 24 but micro_batch 8 x grad_accum 1 x 2 rank\(s\) = 16; optimizer.params.lr is 0.001 "
+            r".*; scheduler.params.total_num_steps is 20 .* or pass --batch-size 24 --micro-batch 6 --lr 0.001 "
+            r".*--max-steps 20\.$",
+            {**raw, "train_batch_size": 24, "optimizer": {**opt, "params": {**opt["params"], "lr": 1e-3}},
+             "scheduler": decay})  # (the batch was refused alone, hiding the others)
     refused(r"optimizer.params.betas is \[0.9\]; it takes two numbers",  # (an IndexError in every rank)
             {**raw, "optimizer": {**opt, "params": {**opt["params"], "betas": [0.9]}}})
     refused(r"scheduler 'CosineAnnealing' is not one of DeepSpeed's \(LRRangeTest, OneCycle, WarmupCosineLR",
