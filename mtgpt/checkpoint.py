@@ -23,6 +23,8 @@ matrix is stored once, as transformer.wte.weight, and re-tied on load.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -146,6 +148,9 @@ def needs_universal(tag_dir: Path, world_size: int) -> bool:
     return saved is not None and saved != world_size and sharded
 
 
+DEEPSPEED_DEBUG_PRINTS = ("_load_legacy_checkpoint current_rank_sd",)  # runtime/bf16_optimizer.py:679 (0.19.8)
+
+
 def load_engine(engine, tag_dir: Path) -> dict[str, Any]:
     """Load a DeepSpeed checkpoint folder (or its universal form) into the engine; returns the
     client state. Two repairs for DeepSpeed 0.19's ZeRO-3 universal load, which (1) gives every
@@ -154,7 +159,11 @@ def load_engine(engine, tag_dir: Path) -> dict[str, Any]:
     group's update then increments, so Adam's bias correction runs ahead. Both would change every
     step after a resume on another number of ranks (tests/test_resume.py)."""
     decay = [group["weight_decay"] for group in engine.optimizer.param_groups]
-    _, client = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    said = io.StringIO()
+    with contextlib.redirect_stdout(said):  # DeepSpeed's bf16 optimizer prints a debug line with print()
+        _, client = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    sys.stdout.write("".join(line for line in said.getvalue().splitlines(keepends=True)
+                             if not line.startswith(DEEPSPEED_DEBUG_PRINTS)))  # anything else it says, as it was
     for group, value in zip(engine.optimizer.param_groups, decay):
         group["weight_decay"] = value
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)

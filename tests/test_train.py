@@ -526,6 +526,18 @@ def test_a_torn_last_save_sets_best_aside_and_says_so(tiny_data, tmp_path, world
     assert checkpoint.weights_step(aside / "best") == 4
 
 
+def test_a_bf16_resume_prints_nothing_of_deepspeeds_debugging(tiny_data, tmp_path, world_of_one, capsys):
+    """DeepSpeed's bf16 optimizer print()s '_load_legacy_checkpoint current_rank_sd[...]' at every
+    load: every `zero1_bf16` resume (make demo's config) said it once per rank."""
+    cfg = TrainConfig(data=str(tiny_data), out=str(tmp_path / "run"), model=dict(TINY), micro_batch=2, eval_samples=4,
+                      log_every=1, eval_every=100, max_steps=1, ds_config="zero1_bf16")
+    _fit(cfg)
+    capsys.readouterr()
+    assert _fit(cfg.replace(resume="auto", max_steps=2))["step"] == 2
+    said = capsys.readouterr()
+    assert "resuming from" in said.out and "_load_legacy_checkpoint" not in said.out + said.err
+
+
 def test_fit_without_a_val_split_in_process(tmp_path, world_of_one):
     from mtgpt.data.prepare import prepare
     from tests.conftest import SONNETS
