@@ -252,13 +252,13 @@ def resolve(cfg: TrainConfig, ds: dict[str, Any], world_size: int, schedule_step
     if total != "auto" and total != micro * accum * world_size:
         fits = total / (micro * world_size)
         micros = [m for m in range(micro, 0, -1) if isinstance(total, int) and total % (m * world_size) == 0]
+        what = (f"train_batch_size is {total} but micro_batch {micro} x grad_accum {accum} x {world_size} rank(s) = "
+                f"{micro * accum * world_size}")
         if not (fits == int(fits) and fits >= 1 or micros):
-            raise ConfigError(f"{name}: train_batch_size is {total} but micro_batch {micro} x grad_accum "
-                              f"{accum} x {world_size} rank(s) = {micro * accum * world_size}. Set it to \"auto\", "
-                              f"or make it micro_batch x grad_accum x ranks = {micro * accum * world_size}.")
-        clashes.append((f"train_batch_size is {total} but micro_batch {micro} x grad_accum {accum} x {world_size} "
-                        f"rank(s) = {micro * accum * world_size}", f"pass --grad-accum {int(fits)}" if fits == int(fits)
-                        and fits >= 1 else f"pass --batch-size {total} --micro-batch {micros[0]}"))
+            raise ConfigError(f"{name}: {what}. Set it to \"auto\", or make it micro_batch x grad_accum x ranks = "
+                              f"{micro * accum * world_size}.")
+        clashes.append((what, f"pass --grad-accum {int(fits)}" if fits == int(fits) and fits >= 1
+                        else f"pass --batch-size {total} --micro-batch {micros[0]}"))
     ds["train_batch_size"] = micro * accum * world_size  # (a clash is refused with the others, below)
 
     opt = ds.get("optimizer")
