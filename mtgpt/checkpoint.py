@@ -134,6 +134,11 @@ def set_aside_after(run_dir: str | Path, step: int) -> tuple[list[str], Path | N
     return moved, aside
 
 
+def set_aside(tag_dir: Path) -> bool:
+    """Whether a checkpoint folder is one `set_aside_after` moved out of its run's history."""
+    return tag_dir.parent.name.startswith("abandoned-")
+
+
 def saved_info(tag_dir: Path) -> dict[str, Any]:
     """What mark_complete recorded about a checkpoint (world size, ZeRO stage, ...)."""
     return json.loads((tag_dir / COMPLETE).read_text())

@@ -101,7 +101,8 @@ def describe_checkpoint(path: Path) -> list[str]:
             saved = json.loads((path / checkpoint.COMPLETE).read_text())
             lines = [f"checkpoint {path.name} of the run {run}: step {saved.get('step')}, {saved.get('tokens', 0):,} "
                      f"tokens, saved by {saved.get('world_size')} rank(s) at ZeRO-{saved.get('zero_stage')} in "
-                     f"{saved.get('precision')}; resume from it: mtgpt train --resume {path}"]
+                     f"{saved.get('precision')}; resume from it: mtgpt train "
+                     f"{'--out NEW_RUN ' if checkpoint.set_aside(path) else ''}--resume {path}"]
         except (OSError, ValueError):
             lines = [f"checkpoint {path.name} of the run {run}: incomplete (a save cut short), which --resume auto "
                      "skips"]

@@ -248,6 +248,10 @@ def resume_point(cfg: TrainConfig) -> Path | None:
     found = _checkpoint_for(cfg.resume, out)
     if found is None:
         return None
+    if checkpoint.set_aside(found) and run_of(found).resolve() == out.resolve():  # two branches in one history
+        raise ConfigError(f"--resume {cfg.resume} is a save set aside from a branch the run {out} left (its logs "
+                          "and checkpoints now go on another way): continue that branch as a run of its own, "
+                          f"mtgpt train --out NEW_RUN --resume {found} (nothing was changed)")
     if has_run(out) and run_of(found).resolve() != out.resolve():  # its history would be cut and mixed in
         raise ConfigError(f"--resume {cfg.resume} is a checkpoint of the run {run_of(found)}, and --out {out} holds "
                           f"another run: continue that run with --out {run_of(found)}, or start from its checkpoint "

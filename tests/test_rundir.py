@@ -165,6 +165,16 @@ def test_another_runs_checkpoint_is_not_resumed_into_a_run(tmp_path):
     aside.mkdir(parents=True)
     (aside / checkpoint.COMPLETE).write_text("{}")
     assert rundir.run_of(aside) == k and rundir.resumed_settings(str(aside), str(k), set())["lr"] == 2e-3
+    # resumed into its own run, a set-aside save mixed two branches: the run's saves and logs of the
+    # branch it took, then the left branch's from this step on; it goes on as a run of its own
+    with pytest.raises(ConfigError, match=rf"is a save set aside from a branch the run {k} left .* mtgpt train --out "
+                                          rf"NEW_RUN --resume {aside} \(nothing was changed\)"):
+        rundir.resume_point(_cfg(k, resume=str(aside)))
+    assert rundir.resume_point(_cfg(tmp_path / "branch2", resume=str(aside))) == aside
+    from mtgpt.info import describe_checkpoint
+
+    assert describe_checkpoint(aside)[0].endswith(f"resume from it: mtgpt train --out NEW_RUN --resume {aside}")
+    assert describe_checkpoint(saved)[0].endswith(f"resume from it: mtgpt train --resume {saved}")
 
 
 def test_a_resume_under_another_optimizer_layout_is_refused_with_a_fix_that_works(tmp_path):
