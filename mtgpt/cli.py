@@ -25,7 +25,7 @@ from typing import Iterator
 import click
 
 from mtgpt import __version__
-from mtgpt.config import ConfigError, ModelConfig, TrainConfig, load_json
+from mtgpt.config import LAUNCHER_RANKS, ConfigError, ModelConfig, TrainConfig, load_json
 
 
 def config_fields() -> list[tuple[str, dataclasses.Field]]:
@@ -348,7 +348,7 @@ def run_worker(options: dict) -> None:
     given_ds = options.get("ds_config") is not None
     try:
         cfg = build_config(options)
-        plan, problem = make_plan(cfg, world_size=world_size, ds_config_given=given_ds), None
+        plan, problem = make_plan(cfg, world_size=world_size, ds_config_given=given_ds, ranks=LAUNCHER_RANKS), None
     except (ConfigError, DataError) as e:
         plan, problem = None, str(e)
     if world_size > 1:

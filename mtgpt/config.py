@@ -89,6 +89,9 @@ RESUME_HELP = ("auto (the checkpoint `latest` names in --out, or start fresh), n
                "checkpoint folder")
 
 
+LAUNCHER_RANKS = "the launcher's --nproc_per_node {n} (torchrun) or --num_gpus {n} (deepspeed)"  # not mtgpt train's
+
+
 @dataclass
 class TrainConfig:
     data: list[str] = option(
@@ -193,11 +196,12 @@ class TrainConfig:
         if not 0 <= self.seed <= MAX_SEED:
             raise ConfigError(f"seed must be between 0 and {MAX_SEED}, got {self.seed}")
 
-    def for_world(self, world_size: int, resumed: bool = False) -> "TrainConfig":
+    def for_world(self, world_size: int, resumed: bool = False, ranks: str = "--nproc {n}") -> "TrainConfig":
         """This run on `world_size` ranks, its batch settled: with --batch-size, --grad-accum is
         derived from it (refused, with the nearest sizes that work, when it does not divide);
         without, the batch is micro-batch x grad-accum x ranks and is recorded as --batch-size.
-        `resumed`: the batch is the one a resumed run keeps (the messages say so)."""
+        `resumed`: the batch is the one a resumed run keeps (the messages say so). `ranks`: how
+        the user asks for n ranks (`mtgpt train`'s --nproc; LAUNCHER_RANKS under another launcher)."""
         per_pass = self.micro_batch * world_size
         if self.batch_size is None:
             return self.replace(batch_size=per_pass * self.grad_accum)
@@ -206,13 +210,13 @@ class TrainConfig:
                  "learning rate stay the same)" if resumed else f"--batch-size {self.batch_size}")
         if left or not accum:
             near = " or ".join(map(str, sorted({max(1, accum) * per_pass, (accum + 1) * per_pass})))
-            ranks = sorted((r for r in range(1, 2 * world_size + 1) if r != world_size and
-                            self.batch_size % (self.micro_batch * r) == 0), key=lambda r: abs(r - world_size))
-            on = f" (or run on {ranks[0]} rank(s): --nproc {ranks[0]})" if ranks else ""
+            counts = sorted((r for r in range(1, 2 * world_size + 1) if r != world_size and
+                             self.batch_size % (self.micro_batch * r) == 0), key=lambda r: abs(r - world_size))
+            on = f" (or run on {counts[0]} rank(s): {ranks.format(n=counts[0])})" if counts else ""
             micro = max((m for m in range(1, self.micro_batch) if self.batch_size % (m * world_size) == 0), default=None)
-            if not ranks and micro is None:  # only fewer ranks can: one always can, with a micro-batch that divides it
+            if not counts and micro is None:  # only fewer ranks can: one always can, with a micro-batch that divides it
                 one = max(m for m in range(1, self.micro_batch + 1) if self.batch_size % m == 0)
-                on = f" (or run on 1 rank: --nproc 1 --micro-batch {one})"
+                on = f" (or run on 1 rank with --micro-batch {one}: {ranks.format(n=1)})"
             fix = (f"resume with a --micro-batch and number of ranks whose product divides {self.batch_size}{on}, or "
                    f"give --batch-size {near} to change the run's batch" if resumed else
                    f"use --batch-size {near}" + (f", or --micro-batch {micro}" if micro else "") + on)

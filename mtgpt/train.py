@@ -169,11 +169,11 @@ def device_defaults(cfg: TrainConfig, raw_ds: dict[str, Any], cuda: bool, gpu_me
 
 
 def make_plan(cfg: TrainConfig, world_size: int, cuda: bool | None = None, gpu_memory: int | None = None,
-              ds_config_given: bool = False) -> Plan:
+              ds_config_given: bool = False, ranks: str = "--nproc {n}") -> Plan:
     """Check everything that can be checked before training; raise with a fix on failure.
     gpu_memory (bytes; default: this machine's first GPU's) sizes the default micro-batch.
     ds_config_given: --ds-config was on the command line (a resumed run then reads that file as
-    it is now, not its own copy)."""
+    it is now, not its own copy). ranks: how the user asks for n ranks (TrainConfig.for_world)."""
     cuda = torch.cuda.is_available() if cuda is None else cuda
     if cuda and gpu_memory is None and torch.cuda.is_available():
         gpu_memory = torch.cuda.get_device_properties(0).total_memory
@@ -200,7 +200,7 @@ def make_plan(cfg: TrainConfig, world_size: int, cuda: bool | None = None, gpu_m
     if cfg.model.vocab_multiple is None:  # what fits the device: tensor cores want a multiple of 64
         cfg = cfg.replace(model=replace(cfg.model, vocab_multiple=64 if cuda else 1))
     kept = resume_from is not None and cfg.batch_size == (rundir.saved_settings(resume_from) or {}).get("batch_size")
-    cfg = cfg.for_world(world_size, resumed=kept)
+    cfg = cfg.for_world(world_size, resumed=kept, ranks=ranks)
     steps = schedule_steps(cfg, manifests, world_size)
     if cfg.patience is not None and not any(m["splits"]["val"]["samples"] for m in manifests):
         raise ConfigError(f"--patience needs a val split, and {data_names(cfg)} has none (it was prepared with "

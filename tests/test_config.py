@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from mtgpt.config import ConfigError, ModelConfig, TrainConfig, dump_json, load_json, parse_duration
+from mtgpt.config import LAUNCHER_RANKS, ConfigError, ModelConfig, TrainConfig, dump_json, load_json, parse_duration
 
 
 def test_roundtrip(tmp_path):
@@ -78,8 +78,12 @@ def test_batch_size_derives_grad_accum_for_any_number_of_ranks():
                                           r"rank\(s\): --nproc 1\)"):  # (a one-rank run's train_config.json as --config)
         TrainConfig(data="d", out="o", batch_size=4, micro_batch=4).for_world(2)
     # a batch only fewer ranks can make: the fix says how (it named a --micro-batch that could not)
-    with pytest.raises(ConfigError, match=r"use --batch-size 8 \(or run on 1 rank: --nproc 1 --micro-batch 1\)$"):
+    with pytest.raises(ConfigError, match=r"use --batch-size 8 \(or run on 1 rank with --micro-batch 1: --nproc 1\)$"):
         TrainConfig(data="d", out="o", batch_size=1, micro_batch=4).for_world(2)
+    # under torchrun or deepspeed, whose ranks are the launcher's option (mtgpt's --nproc was "No such option")
+    with pytest.raises(ConfigError, match=r"--micro-batch 2 \(or run on 1 rank\(s\): the launcher's --nproc_per_node 1 "
+                                          r"\(torchrun\) or --num_gpus 1 \(deepspeed\)\)$"):
+        TrainConfig(data="d", out="o", batch_size=4, micro_batch=4).for_world(2, ranks=LAUNCHER_RANKS)
     assert TrainConfig(data="d", out="o", batch_size=1, micro_batch=1).for_world(1).grad_accum == 1  # (it works)
     assert TrainConfig(data="d", out="o", batch_size=4, micro_batch=2).for_world(2).grad_accum == 1
     with pytest.raises(ConfigError, match="--grad-accum 3 disagrees with --batch-size 16"):
