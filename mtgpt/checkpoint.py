@@ -101,12 +101,20 @@ def saves_after(run_dir: str | Path, step: int) -> list[str]:
     return sorted(p.name for p in root.iterdir() if TAG_RE.match(p.name) and int(p.name[5:]) > step)
 
 
+def weights_metadata(folder: str | Path) -> dict[str, str]:
+    """What a folder's model.safetensors records (step, tokens, a best/'s val_loss); {} if none."""
+    try:
+        with hf.open_safetensors(Path(folder) / WEIGHTS) as f:  # (damaged: an HFError, a ValueError)
+            return dict(f.metadata() or {})
+    except (OSError, ValueError):
+        return {}
+
+
 def weights_step(folder: str | Path) -> int | None:
     """The training step recorded in a folder's model.safetensors, or None."""
     try:
-        with hf.open_safetensors(Path(folder) / WEIGHTS) as f:  # (damaged: an HFError, a ValueError)
-            return int((f.metadata() or {}).get("step", ""))
-    except (OSError, ValueError):
+        return int(weights_metadata(folder).get("step", ""))
+    except ValueError:
         return None
 
 

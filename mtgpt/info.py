@@ -115,7 +115,17 @@ def describe_checkpoint(path: Path) -> list[str]:
 
 
 def describe_run(path: Path) -> list[str]:
-    lines = [f"run folder {path}"]
+    """A run folder, or a model folder (a run's best/ named as such, with the step it holds)."""
+    is_run = (path / rundir.TRAIN_CONFIG).is_file()
+    if is_run:
+        lines = [f"run folder {path}"]
+    else:
+        meta = checkpoint.weights_metadata(path)
+        best = path.name == "best" and (path.parent / rundir.TRAIN_CONFIG).is_file()
+        saved = ", ".join([*([f"step {meta['step']}"] if "step" in meta else []),
+                           *([f"val loss {float(meta['val_loss']):.4f}"] if "val_loss" in meta else [])])
+        lines = [(f"the best model of the run {path.parent} ({path})" if best else f"model folder {path}")
+                 + (f": {saved}" if saved else "")]
     vocab = ModelConfig().vocab_size
     if (path / rundir.TRAIN_CONFIG).is_file():
         cfg = TrainConfig.from_dict(load_json(path / rundir.TRAIN_CONFIG))
@@ -167,7 +177,9 @@ def describe_run(path: Path) -> list[str]:
     root = path / checkpoint.CKPT_DIR
     torn = sorted(p.name for p in root.iterdir() if checkpoint.TAG_RE.match(p.name) and p.name not in tags) \
         if root.is_dir() else []
-    lines.append(f"checkpoints: {', '.join(tags) or 'none'}" + (f" (incomplete, ignored: {', '.join(torn)})" if torn else ""))
+    if is_run or tags or torn:
+        lines.append(f"checkpoints: {', '.join(tags) or 'none'}" + (f" (incomplete, ignored: {', '.join(torn)})"
+                                                                      if torn else ""))
     for name, folder in (("model", path), ("best model", path / "best")):
         if (folder / checkpoint.WEIGHTS).is_file():
             lines.append(f"{name}: {folder / checkpoint.WEIGHTS}")
@@ -187,6 +199,8 @@ def describe_hf(path: Path) -> list[str]:
 def describe(path: str | None, verify: bool = False) -> tuple[str, bool]:
     """(text, ok). No path: the default model. ok is False when --verify found a problem."""
     if path is None:
+        if verify:
+            raise ValueError("--verify checks a data folder's shards: give the folder, mtgpt info DATA --verify")
         return "\n".join(["default " + line for line in describe_model(ModelConfig())]), True
     p = Path(path)
     kind = folders.kind(p)

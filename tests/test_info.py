@@ -58,6 +58,14 @@ def test_run_folder(tmp_path):
     cfg = TrainConfig(data="d", out=str(run), model=dict(TINY), micro_batch=4, grad_accum=3).to_dict()
     rundir.write_run_files(run, cfg, {}, "x", 2, 0, None)  # the banner's batch, ranks included
     assert "batch: micro 4 x accum 3 x 2 rank(s) = 24 sequences per step;" in info.describe(str(run))[0]
+    # its best/: called a run folder with "checkpoints: none"; now what it is, of which run, from which step
+    checkpoint.save_weights({k: v.detach() for k, v in model.named_parameters()}, model.config, run / "best",
+                            {"step": "20", "val_loss": "4.75"})
+    text = info.describe(str(run / "best"))[0]
+    assert text.startswith(f"the best model of the run {run} ({run / 'best'}): step 20, val loss 4.7500\n")
+    assert "checkpoints:" not in text and "run folder" not in text
+    with pytest.raises(ValueError, match="--verify checks a data folder's shards: give the folder"):
+        info.describe(None, verify=True)  # (with no PATH it was ignored)
 
 
 def test_not_a_known_folder(tmp_path):
