@@ -143,6 +143,8 @@ def build_config(options: dict) -> TrainConfig:
         manifest = load_manifest(data_sources(base["data"])[0].path, base.get("data_cache"))
         base["model"].setdefault("block_size", manifest["block_size"])
         base["model"].setdefault("vocab_size", manifest["tokenizer"]["vocab_size"])
+    if not base.get("data") and options.get("resume") not in (None, "never") and not base.get("out"):
+        raise ConfigError("--out is required: the run folder to resume (its data and settings come from it)")
     if not base.get("data"):
         raise ConfigError("--data is required: a folder written by `mtgpt prepare`")
     return TrainConfig.from_dict(base)

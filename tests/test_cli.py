@@ -148,6 +148,13 @@ def test_resume_other_shape(tiny_data, tmp_path):
                    "another shape (n_layer 3 -> 2)")
 
 
+def test_resume_without_out_asks_for_out(tmp_path, monkeypatch):
+    """`mtgpt train --resume auto` with no --out asked for --data, which a resumed run does not need."""
+    monkeypatch.chdir(tmp_path)
+    one_error_line(invoke("train", "--resume", "auto", "--max-steps", "5"),
+                   "--out is required: the run folder to resume (its data and settings come from it)")
+
+
 def test_resume_on_data_of_another_block_size(tiny_data, tmp_path):
     """The fix offered was '--block-size 32, or prepare again with --block-size 64'; the first one
     then failed as 'another shape': a resumed run's context cannot change."""
