@@ -549,10 +549,13 @@ def export(run_dir, hf_dir, best, overwrite):
     out = Path(hf_dir)
     try:
         model = load_model(run_dir, best=best)
-        hf.export(dict(model.named_parameters()), model.config, out, load_tokenizer(model_folder(run_dir, best)),
-                  overwrite=overwrite)
+        with _sigterm_interrupts():  # the folder is written whole: Ctrl-C or SIGTERM leave nothing
+            hf.export(dict(model.named_parameters()), model.config, out, load_tokenizer(model_folder(run_dir, best)),
+                      overwrite=overwrite)
     except ValueError as e:
         _fail(e)
+    except KeyboardInterrupt as e:
+        _interrupted(e, out)
     click.echo(f"{out}: GPT2LMHeadModel + tokenizer; load with "
                f"AutoModelForCausalLM.from_pretrained({str(out)!r}) and AutoTokenizer.from_pretrained({str(out)!r})")
 

@@ -103,6 +103,7 @@ def export(weights: dict[str, torch.Tensor], config: ModelConfig, out: str | Pat
     hf_logging.disable_progress_bar()  # its "Writing model shards" bar: one shard, written in a moment
     try:
         model.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "model.safetensors").chmod(0o644)  # (transformers writes it 0600; the other files are 0644)
         hf_tokenizer(tok, model_max_length=config.block_size).save_pretrained(tmp)
         folders.replace_folder(tmp, out)
     except BaseException:

@@ -335,28 +335,39 @@ def test_interrupted_leaves_nothing_and_no_traceback(command, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.txt"]
 
 
-def test_prepare_sigterm_leaves_nothing(tmp_path):
-    """SIGTERM (timeout, kill, a cancelled Slurm job) while the shards are written is cleaned up as
-    Ctrl-C is: one line, exit 143, no temporary folder of shards left beside --out."""
+@pytest.mark.parametrize("command", ["prepare", "export"])
+def test_sigterm_leaves_nothing(command, tmp_path):
+    """SIGTERM (timeout, kill, a cancelled Slurm job) while the shards (or a Hugging Face export)
+    are written is cleaned up as Ctrl-C is: one line, exit 143, no temporary folder left beside
+    --out (export left a 125 MB half-written one, and said nothing)."""
     import os
     import signal
     import subprocess
     import sys
     import time
 
-    (tmp_path / "big.txt").write_text(SONNETS.read_text() * 1600)  # 20 MB: seconds of tokenizing
-    proc = subprocess.Popen([sys.executable, "-m", "mtgpt", "prepare", "big.txt", "--block-size", "32",
-                             "--shard-size", "0.005", "--out", "out"], cwd=tmp_path, stdout=subprocess.PIPE,
+    if command == "prepare":
+        (tmp_path / "big.txt").write_text(SONNETS.read_text() * 1600)  # 20 MB: seconds of tokenizing
+        args, busy = ["prepare", "big.txt", "--block-size", "32", "--shard-size", "0.005", "--out"], ".out.tmp-*/train-*.tar"
+    else:  # a model big enough (45 M parameters, 180 MB) to be caught writing
+        from mtgpt import checkpoint
+        from mtgpt.model import GPT
+
+        model = GPT(ModelConfig(n_layer=6, n_head=8, n_embd=512, block_size=64))
+        checkpoint.save_weights({k: v.detach() for k, v in model.named_parameters()}, model.config, tmp_path / "big")
+        args, busy = ["export", "big", "--hf"], ".out.tmp-*"
+    before = sorted(p.name for p in tmp_path.iterdir())
+    proc = subprocess.Popen([sys.executable, "-m", "mtgpt", *args, "out"], cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     deadline = time.time() + 60
-    while not list(tmp_path.glob(".out.tmp-*/train-*.tar")) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    assert proc.poll() is None, "prepare finished before it could be terminated: give it more text"
+    while not list(tmp_path.glob(busy)) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, f"{command} finished before it could be terminated: give it more to write"
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143
     assert [line for line in err.splitlines() if line.strip()] == ["Error: terminated; nothing was written (out is as it was)"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
 @pytest.mark.parametrize("args, match", [

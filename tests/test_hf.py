@@ -91,6 +91,7 @@ def test_export_import_export_is_identical(exported, tmp_path):
     again = hf.export(dict(model.named_parameters()), config, tmp_path / "again")
     a, b = load_file(exported / "model.safetensors"), load_file(again / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert {p.name: p.stat().st_mode & 0o777 for p in again.iterdir()}["model.safetensors"] == 0o644  # (was 0600)
 
 
 @pytest.mark.slow
