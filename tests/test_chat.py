@@ -135,14 +135,16 @@ def test_chat_input_files(tmp_path):
     (talk / "b.yaml").write_text("conversations:\n- - yaml q\n  - yaml a\n")
     (talk / "sub" / "c.jsonl").write_text(json.dumps(conv("jsonl q", "jsonl a")) + "\n")
     (talk / "notes.txt").write_text("not dialogue")
+    (talk / "sub" / "d.YML").write_text("conversations:\n- - YML q\n  - YML a\n")  # (skipped without a word)
     (tmp_path / "UP.JSONL").write_text(json.dumps(conv("UP q", "UP a")) + "\n")
     (tmp_path / "conv.json").write_text(json.dumps([conv("json q", "json a"), conv("json q2", "json a2")], indent=1))
     m = prepare([str(talk), str(tmp_path / "UP.JSONL"), str(tmp_path / "conv.json")], tmp_path / "d", block_size=16,
                 val_fraction=0.0, fmt="chat", quiet=True)
     assert [s["name"] for s in m["sources"]] == [str(talk / "a.yml"), str(talk / "b.yaml"), str(talk / "sub" / "c.jsonl"),
-                                                 str(tmp_path / "UP.JSONL"), str(tmp_path / "conv.json")]
+                                                 str(talk / "sub" / "d.YML"), str(tmp_path / "UP.JSONL"),
+                                                 str(tmp_path / "conv.json")]
     texts = [GPT2.decode(np.frombuffer(s, "<u2").tolist()).split("<|endoftext|>")[0] for s in all_train_samples(tmp_path / "d")]
-    assert texts == [f"User: {k} q\nBot: {k} a\n" for k in ("yml", "yaml", "jsonl", "UP", "json")] + [
+    assert texts == [f"User: {k} q\nBot: {k} a\n" for k in ("yml", "yaml", "jsonl", "YML", "UP", "json")] + [
         "User: json q2\nBot: json a2\n"]
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("not dialogue")

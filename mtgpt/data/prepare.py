@@ -253,7 +253,7 @@ def prepare(
     from mtgpt import chat  # (the files --format chat takes from a folder: chat.DIALOGUE_GLOBS)
 
     sources = resolve_sources(inputs, glob or (chat.DIALOGUE_GLOBS if fmt == "chat" else "**/*.txt"), warn=warn,
-                              glob_given=glob is not None)
+                              glob_given=glob is not None, any_case=fmt == "chat" and glob is None)  # (b.YML too)
     if fmt == "text" and _looks_like_chat(sources):
         warn(f"note: {sources[0].name} looks like chat data (JSON lines of {{\"messages\": [...]}}), read here as "
              "plain text; to train on it as dialogue, prepare it with --format chat (which reads .jsonl files)")

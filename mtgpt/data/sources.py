@@ -114,19 +114,23 @@ def _not_text(path: Path, shown: str) -> tuple[str, str] | None:
     return None
 
 
-def _matches(parts: tuple[str, ...], pattern: tuple[str, ...]) -> bool:
+def _matches(parts: tuple[str, ...], pattern: tuple[str, ...], any_case: bool = False) -> bool:
     """Does a relative path match a glob (a "**" part: any number of folders, as in pathlib)?"""
     if not pattern:
         return not parts
     if pattern[0] == "**":
-        return any(_matches(parts[i:], pattern[1:]) for i in range(len(parts) + 1))
-    return bool(parts) and fnmatchcase(parts[0], pattern[0]) and _matches(parts[1:], pattern[1:])
+        return any(_matches(parts[i:], pattern[1:], any_case) for i in range(len(parts) + 1))
+    if not parts:
+        return False
+    name, glob = (parts[0].lower(), pattern[0].lower()) if any_case else (parts[0], pattern[0])
+    return fnmatchcase(name, glob) and _matches(parts[1:], pattern[1:], any_case)
 
 
-def _walk(folder: Path, globs: tuple[str, ...]) -> tuple[list[Path], list[Path]]:
-    """The files under `folder` whose path inside it matches one of `globs`, through linked folders
-    (each real folder once, so a link back to a folder above ends there), sorted: (files, hidden
-    files: those with a part of their path inside `folder` that starts with ".")."""
+def _walk(folder: Path, globs: tuple[str, ...], any_case: bool = False) -> tuple[list[Path], list[Path]]:
+    """The files under `folder` whose path inside it matches one of `globs` (`any_case`: in upper
+    or lower case), through linked folders (each real folder once, so a link back to a folder above
+    ends there), sorted: (files, hidden files: those with a part of their path inside `folder` that
+    starts with ".")."""
     patterns = [PurePosixPath(glob).parts for glob in globs]
     found: list[Path] = []
     walked: set[tuple[int, int]] = set()
@@ -138,7 +142,8 @@ def _walk(folder: Path, globs: tuple[str, ...]) -> tuple[list[Path], list[Path]]
         walked.add((st.st_dev, st.st_ino))
         inside = Path(root).relative_to(folder).parts
         found += [Path(root, name) for name in files
-                  if any(_matches((*inside, name), pattern) for pattern in patterns) and Path(root, name).is_file()]
+                  if any(_matches((*inside, name), pattern, any_case) for pattern in patterns)
+                  and Path(root, name).is_file()]
     hidden = {p for p in found if any(part.startswith(".") for part in p.relative_to(folder).parts)}
     return sorted(p for p in found if p not in hidden), sorted(hidden)
 
@@ -161,10 +166,11 @@ def _pattern_parts(item: str) -> tuple[str, str]:
 
 def resolve_sources(inputs: list[str], glob: str | tuple[str, ...] = "**/*.txt",
                     glob_fix: str = "use --glob to choose others", warn: Callable[[str], None] = _stderr,
-                    glob_given: bool = False) -> list[Source]:
+                    glob_given: bool = False, any_case: bool = False) -> list[Source]:
     """Turn the command line's TEXT... into a list of checked files (in a stable order), each
     once; from a folder, the files matching `glob` (or any of several; `glob_given`: the user's
-    --glob, refused when no folder is given). `glob_fix` says what to do
+    --glob, refused when no folder is given; `any_case`: `glob` matches names in any case, as
+    .YML for *.yml). `glob_fix` says what to do
     about a folder with no file matching (a command without --glob says its own); a folder mtgpt
     wrote (data, run, model, tokenizer) is named as such.
     What a folder holds that is skipped (hidden, empty or not text) or a file reached twice is told
@@ -208,7 +214,7 @@ def resolve_sources(inputs: list[str], glob: str | tuple[str, ...] = "**/*.txt",
         if item == "-":
             sources.append(Source("-", None, None))
         elif path.is_dir():
-            files, skipped = _walk(path, globs)
+            files, skipped = _walk(path, globs, any_case)
             hidden += map(str, skipped)
             if not files and folders.kind(path) not in ("folder", "file"):
                 raise DataError(f"{item} is {folders.what(path)}, not text; give text files, folders of "
