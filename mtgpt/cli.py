@@ -368,6 +368,7 @@ def run_worker(options: dict) -> None:
     except TrainingDiverged as e:  # every rank sees the same (all-reduced) loss
         if rank == 0:
             click.echo(f"Error: {e}", err=True)
+        world.destroy()
         sys.exit(1)
     except (DataError, SaveError) as e:  # only the rank that read the bad shard (or wrote) knows
         click.echo(f"Error (rank {rank}): {str(e).removeprefix(f'rank {rank}: ')}", err=True)
@@ -379,6 +380,8 @@ def run_worker(options: dict) -> None:
         click.echo(f"Error (rank {rank}): lost contact with another rank ({first[:200]}); that rank's error, "
                    "above or in its log, says why", err=True)
         sys.exit(1)
+    world.barrier()  # every rank is done with the group (rank 0 serves its store) before any tears it down:
+    world.destroy()  # a rank that exits with a live gloo group can abort ("terminate called without an active exception")
 
 
 def agree(problem: str | None, rank: int) -> None:
