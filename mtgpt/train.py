@@ -491,17 +491,23 @@ def make_history(engine, plan: Plan, state: TrainState) -> None:
     saves (a branch it left) are set aside, `latest` names the resumed checkpoint and the run's
     model.safetensors is the resumed weights again, so nothing of the left branch is taken for
     this one's (not by `--resume auto`, not by pruning, not by `mtgpt sample`)."""
-    later = checkpoint.saves_after(plan.cfg.out, state.step)  # every rank reads it before rank 0 moves
+    out = Path(plan.cfg.out)
+    later = checkpoint.saves_after(out, state.step)  # every rank reads these before rank 0 moves
+    # weights of a later step whose checkpoint was deleted, or cut short, count as later saves too
+    ahead = {f: n for f in (out, out / "best") if (n := checkpoint.weights_step(f) or 0) > state.step}
     world.barrier()
-    if not later:
+    if not later and not ahead:
         return
     if world.is_rank0():
-        moved, aside = checkpoint.set_aside_after(plan.cfg.out, state.step)
+        moved, aside = checkpoint.set_aside_after(out, state.step)
         if aside is not None:  # (best/ too when it is of a later step: a torn last save leaves only that)
             best = [f"best/ of step {checkpoint.weights_step(aside / 'best')}"] if (aside / "best").is_dir() else []
             world.print0(f"resuming at step {state.step}, before this run's later saves "
                          f"({', '.join(moved + best)}): they are set aside in {aside}, and the run goes on from "
                          f"step {state.step}")
+        if out in ahead and not moved:
+            world.print0(f"note: the run's {checkpoint.WEIGHTS} is of step {ahead[out]}, whose checkpoint is gone "
+                         f"or was cut short; it is written again with step {state.step}'s weights")
         tag = checkpoint.tag_for(state.step)
         if (Path(plan.cfg.out) / checkpoint.CKPT_DIR / tag / checkpoint.COMPLETE).is_file():
             checkpoint.point_latest(plan.cfg.out, tag)

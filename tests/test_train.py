@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -524,6 +525,26 @@ def test_a_torn_last_save_sets_best_aside_and_says_so(tiny_data, tmp_path, world
     assert "resuming at step 2, before this run's later saves (best/ of step 4): they are set aside in " in said, said
     [aside] = (run / "checkpoints").glob("abandoned-*")
     assert checkpoint.weights_step(aside / "best") == 4
+
+
+def test_a_deleted_last_checkpoint_sets_its_weights_aside_and_says_so(tiny_data, tmp_path, world_of_one, capsys):
+    """The newest checkpoint folder deleted whole (to free space, or thought bad), `--resume auto`
+    goes on from the one before: best/ and model.safetensors of the deleted step belong to the
+    branch left. Both stayed, without a word (best/ then held a later step than the run)."""
+    run = tmp_path / "run"
+    cfg = TrainConfig(data=str(tiny_data), out=str(run), model=dict(TINY), micro_batch=2, eval_samples=4,
+                      log_every=2, eval_every=4, save_every=2, max_steps=4, ds_config="zero0_fp32")
+    _fit(cfg)
+    assert checkpoint.weights_step(run / "best") == checkpoint.weights_step(run) == 4
+    shutil.rmtree(run / "checkpoints" / "step_00000004")
+    capsys.readouterr()
+    assert _fit(cfg.replace(resume="auto", max_steps=3, save_every=100))["step"] == 3
+    said = capsys.readouterr().out
+    assert "resuming at step 2, before this run's later saves (best/ of step 4): they are set aside in " in said, said
+    assert "note: the run's model.safetensors is of step 4, whose checkpoint is gone or was cut short; it is " \
+        "written again with step 2's weights" in said, said
+    [aside] = (run / "checkpoints").glob("abandoned-*")
+    assert checkpoint.weights_step(aside / "best") == 4 and checkpoint.weights_step(run) == 3
 
 
 def test_a_bf16_resume_prints_nothing_of_deepspeeds_debugging(tiny_data, tmp_path, world_of_one, capsys):
