@@ -413,7 +413,9 @@ def agree(problem: str | None, rank: int) -> None:
 @_sampling_options(max_new_tokens=200, num_samples=True)
 def sample(run_dir, prompt, prompt_file, num_samples, stops, max_new_tokens, temperature, top_k, top_p, seed,
            best, device, dtype):
-    """Continue a prompt with a trained model, streamed as it comes (KV cache, top-k/top-p)."""
+    """Continue a prompt with a trained model, streamed as it comes (KV cache, top-k/top-p).
+
+    Several samples are generated together and written when done; Ctrl-C writes the text so far."""
     from mtgpt.sample import SampleConfig, SampleError, run_sample
 
     if prompt is not None and prompt_file:
@@ -433,6 +435,9 @@ def sample(run_dir, prompt, prompt_file, num_samples, stops, max_new_tokens, tem
                    write=lambda s: click.echo(s, nl=False), warn=lambda s: click.echo(s, err=True))
     except (SampleError, ValueError) as e:
         _fail(e)
+    except KeyboardInterrupt:  # Ctrl-C: the text so far is written (every sample's); not click's "Aborted!"
+        click.echo("\ninterrupted", err=True)
+        sys.exit(128 + signal.SIGINT)
 
 
 @main.command()

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
+from tqdm import tqdm
 
 from mtgpt.config import MAX_SEED
 from mtgpt.model import GPT, KVCache
@@ -296,21 +297,29 @@ class SampleText:
         return text
 
 
+def grow(texts: list[SampleText], model: GPT, ids: list[int], cfg: SampleConfig, use_cache: bool = True,
+         decoder: str = "auto") -> Iterator[None]:
+    """Add each step's tokens to `texts` (one per sample) and yield after each step, until every
+    sample has finished; whatever stops the iteration early, each text holds what it has so far."""
+    for nxt in on_host(stream(model, ids, cfg, use_cache, decoder)):
+        for text, token in zip(texts, nxt):
+            if not text.finish:
+                text.add(token)
+        yield
+        if all(text.finish for text in texts):
+            return
+    for text in texts:
+        if not text.finish:
+            text.length()
+
+
 def generate(model: GPT, tok: Tokenizer, prompt: str, cfg: SampleConfig, use_cache: bool = True,
              decoder: str = "auto") -> list[str]:
     """Whole continuations of `prompt` (without the prompt), one per sample (`stream`'s decoder)."""
     cfg.check(model.config.vocab_size)
-    texts = [SampleText(tok, cfg.stops, stop_at_eot=cfg.stop_at_eot)
-             for _ in range(cfg.num_samples)]
-    for nxt in on_host(stream(model, tok.prompt(prompt), cfg, use_cache, decoder)):
-        for text, token in zip(texts, nxt):
-            if not text.finish:
-                text.add(token)
-        if all(text.finish for text in texts):
-            break
-    for text in texts:
-        if not text.finish:
-            text.length()
+    texts = [SampleText(tok, cfg.stops, stop_at_eot=cfg.stop_at_eot) for _ in range(cfg.num_samples)]
+    for _ in grow(texts, model, tok.prompt(prompt), cfg, use_cache, decoder):
+        pass
     return [text.out for text in texts]
 
 
@@ -353,11 +362,17 @@ def run_sample(run_dir: str, prompt: str, cfg: SampleConfig, best: bool = False,
     if len(ids) > model.config.block_size:
         warn(f"warning: the prompt has {len(ids)} tokens, more than the context of "
              f"{model.config.block_size}; the model sees its last {model.config.block_size}")
-    if cfg.num_samples > 1:
-        texts = generate(model, tok, prompt, cfg)
-        for i, text in enumerate(texts):
-            write(f"--- sample {i + 1}\n{prompt}{text}\n")
-        return texts
+    if cfg.num_samples > 1:  # generated together, written when done (a bar on a terminal meanwhile)
+        texts = [SampleText(tok, cfg.stops, stop_at_eot=cfg.stop_at_eot) for _ in range(cfg.num_samples)]
+        try:
+            with tqdm(grow(texts, model, ids, cfg), total=cfg.max_new_tokens, desc=f"{cfg.num_samples} samples",
+                      unit="tok", dynamic_ncols=True, leave=False, disable=None) as steps:
+                for _ in steps:
+                    pass
+        finally:  # Ctrl-C too: each sample as far as it got
+            for i, text in enumerate(texts):
+                write(f"--- sample {i + 1}\n{prompt}{text.out}\n")
+        return [text.out for text in texts]
     text = SampleText(tok, cfg.stops, stop_at_eot=cfg.stop_at_eot)
     write(prompt)
     for nxt in on_host(stream(model, ids, cfg)):

@@ -261,3 +261,34 @@ def test_the_readmes_python_example_runs(model_dir, capsys):
     out = capsys.readouterr().out.splitlines()
     model = checkpoint.load_model(model_dir)
     assert out[0] == f"{model.num_params():,} parameters" and len(out) >= 2
+
+
+@pytest.mark.parametrize("num_samples", [1, 3])
+def test_ctrl_c_keeps_the_text_so_far(model_dir, num_samples):
+    """Ctrl-C during `mtgpt sample`: the text so far is on stdout (with --num-samples N, every
+    sample as far as it got: they were written only when all were done, so all was lost), one
+    line says it was interrupted, exit 130; not click's "Aborted!" with exit 1."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "mtgpt", "sample", str(model_dir), "--prompt", "thee " * 40,
+                             "--num-samples", str(num_samples), "--max-new-tokens", "10000000", "--seed", "3"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        assert "warning: the prompt has" in proc.stderr.readline()  # (said before generating)
+        time.sleep(2)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and err.strip() == "interrupted" and "Aborted" not in err, err
+    if num_samples == 1:
+        assert out.startswith("thee " * 40) and len(out) > 200 + 20
+    else:
+        samples = out.split("--- sample ")[1:]
+        assert [s.split("\n")[0] for s in samples] == ["1", "2", "3"]
+        assert all(len(s) > 200 + 20 and s[2:].startswith("thee " * 40) for s in samples), out
