@@ -184,7 +184,19 @@ def _interrupted(e: KeyboardInterrupt, out) -> None:
     raise error from None
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class Commands(click.Group):
+    """mtgpt's commands: Ctrl-C ends any of them with "interrupted" and exit 130, as a shell counts
+    it (click says "Aborted!" and exits 1). Commands that write a folder say more themselves."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted", err=True)
+            ctx.exit(128 + signal.SIGINT)
+
+
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="mtgpt")
 @click.option("--local_rank", "--local-rank", type=int, hidden=True, expose_value=False,
               help="Set by the deepspeed launcher: `deepspeed --module mtgpt worker` puts it before the command.")
@@ -435,9 +447,6 @@ def sample(run_dir, prompt, prompt_file, num_samples, stops, max_new_tokens, tem
                    write=lambda s: click.echo(s, nl=False), warn=lambda s: click.echo(s, err=True))
     except (SampleError, ValueError) as e:
         _fail(e)
-    except KeyboardInterrupt:  # Ctrl-C: the text so far is written (every sample's); not click's "Aborted!"
-        click.echo("\ninterrupted", err=True)
-        sys.exit(128 + signal.SIGINT)
 
 
 @main.command()
