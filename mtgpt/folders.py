@@ -96,26 +96,51 @@ def what(path: str | Path) -> str:
     return f"a checkpoint inside the run {run_holding(path)}" if k == "checkpoint" else WRITTEN_BY[k]
 
 
+# The files a folder of each kind that --overwrite may replace holds when mtgpt wrote it (with
+# transformers' tokenizer files of other versions for "hf"): one with anything else is not replaced.
+OWN_FILES = {"data": (MANIFEST, TOKENIZER_JSON, "tokenizer_info.json", "train-*.tar", "val-*.tar"),
+             "tokenizer": (TOKENIZER_JSON, "tokenizer_info.json"),
+             "hf": (MODEL_CONFIG, "generation_config.json", WEIGHTS, TOKENIZER_JSON, "tokenizer_config.json",
+                    "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json")}
+
+
+def foreign(out: Path, k: str) -> list[str]:
+    """The entries of folder `out`, of kind `k`, that mtgpt does not write there (folders marked /)."""
+    own = OWN_FILES.get(k, ())
+    return sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir()
+                  if not (p.is_file() and any(p.match(pattern) for pattern in own)))
+
+
 def check_out(out: str | Path, overwrite: bool, option: str = "--out", error: type[ValueError] = ValueError,
-              writes: tuple[str, ...] = ()) -> None:
+              writes: tuple[str, ...] = ()) -> Path:
     """Refuse (raising `error`, the caller's own kind) to write a folder where it cannot be made
     (under a file, in a folder not writable, the current folder or one above it), over a file, or
     over a non-empty folder: with --overwrite only over one of the kinds in `writes` (what the
-    command itself writes), never over a run, data, text or anything else."""
+    command itself writes) that holds nothing else, never over a run, data, text or anything else.
+    Returns the folder to write: `out`, or where it links to when it is a symbolic link (the link
+    stays and names the new folder)."""
     out = Path(out)
+    if out.is_symlink():
+        out = out.resolve()
     here = Path.cwd().resolve()
     if out.resolve() == here or out.resolve() in here.parents:
         raise error(f"{option} {out} is the current folder or one above it; give a new folder, e.g. {option} NAME")
     check_creatable(out, option, error)
     if not (out.is_dir() and any(out.iterdir())):
-        return
+        return out
     k = kind(out)
+    mine = " or ".join(WRITTEN_BY[w].split(" (")[0] for w in writes if w in WRITTEN_BY)
     if k not in writes:
-        mine = " or ".join(WRITTEN_BY[w].split(" (")[0] for w in writes if w in WRITTEN_BY)
         raise error(f"{out} is {what(out)}{' and is not empty' if k == 'folder' else ''}; --overwrite replaces only "
                     f"{mine or 'what this command writes'}: choose another {option} (nothing was changed)")
+    if others := foreign(out, k):
+        shown = ", ".join(others[:4]) + (", ..." if len(others) > 4 else "")
+        raise error(f"{out} is {what(out)} that also holds what mtgpt does not write there ({shown}); --overwrite "
+                    f"replaces only {mine} that holds nothing else: move those out of it, or choose another "
+                    f"{option} (nothing was changed)")
     if not overwrite:
         raise error(f"{out} is not empty ({what(out)}); choose another {option} or pass --overwrite to replace it")
+    return out
 
 
 def check_creatable(out: str | Path, option: str = "--out", error: type[ValueError] = ValueError) -> None:

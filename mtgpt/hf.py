@@ -80,8 +80,7 @@ def export(weights: dict[str, torch.Tensor], config: ModelConfig, out: str | Pat
     """Write a GPT2LMHeadModel folder from mtgpt weights (names as GPT.named_parameters()) and
     `tok` (GPT-2's when None), whole (mtgpt.folders): a non-empty `out` is refused, or with
     overwrite replaced once the new folder is complete."""
-    out = Path(out)
-    folders.check_out(out, overwrite, "--hf", HFError, writes=("hf",))
+    out = folders.check_out(out, overwrite, "--hf", HFError, writes=("hf",))
     tok = tok or tokenizer.gpt2()
     if tok.vocab_size != config.vocab_size:
         raise HFError(f"the tokenizer has {tok.vocab_size} tokens but the model {config.vocab_size}")

@@ -436,7 +436,10 @@ def test_verify_is_for_data_folders(model_run, tmp_path):
 
 
 def test_export_overwrite(model_run, tmp_path, monkeypatch):
-    """--overwrite replaces an export only once the new one is complete; a failed export keeps the old."""
+    """--overwrite replaces an export only once the new one is complete; a failed export keeps the
+    old. It replaces only an export that holds nothing else (it deleted a model card, a run copied
+    in, anything), and through a symbolic link the folder linked to (it replaced the link with a
+    folder and left the old link behind as .NAME.old-PID)."""
     from mtgpt import hf
 
     out = tmp_path / "hf"
@@ -445,8 +448,21 @@ def test_export_overwrite(model_run, tmp_path, monkeypatch):
     one_error_line(invoke("export", model_run, "--hf", out), "is a folder and is not empty; --overwrite replaces")
     (out / "old.txt").unlink()
     assert invoke("export", model_run, "--hf", out).exit_code == 0  # (an empty folder is written into)
-    (out / "old.txt").write_text("the old export")
+    old = '{"the old export": 1}'
+    (out / "generation_config.json").write_text(old)
     one_error_line(invoke("export", model_run, "--hf", out), "is not empty (a Hugging Face model folder")
+
+    (out / "README.md").write_text("my model card")
+    (out / "my_run" / "checkpoints").mkdir(parents=True)
+    kept = _tree(out)
+    one_error_line(invoke("export", model_run, "--hf", out, "--overwrite"),
+                   f"{out} is a Hugging Face model folder (what `mtgpt export --hf` writes) that also holds what mtgpt "
+                   "does not write there (README.md, my_run/); --overwrite replaces only a Hugging Face model folder "
+                   "that holds nothing else: move those out of it, or choose another --hf (nothing was changed)")
+    assert _tree(out) == kept
+    (out / "README.md").unlink()
+    (out / "my_run" / "checkpoints").rmdir()
+    (out / "my_run").rmdir()
 
     def fail(*args, **kwargs):
         raise hf.HFError("the tokenizer cannot be written")
@@ -455,11 +471,19 @@ def test_export_overwrite(model_run, tmp_path, monkeypatch):
         m.setattr(hf, "hf_tokenizer", fail)  # after the model is written
         result = invoke("export", model_run, "--hf", out, "--overwrite")
         assert result.exit_code == 1 and "Error: the tokenizer cannot be written" in result.output
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"] and (out / "old.txt").read_text() == "the old export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"] and (out / "generation_config.json").read_text() == old
     result = invoke("export", model_run, "--hf", out, "--overwrite")
     assert result.exit_code == 0, result.output
-    assert not (out / "old.txt").exists() and (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    assert (out / "generation_config.json").read_text() != old and (out / "model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+    (tmp_path / "latest").symlink_to("hf")
+    (out / "generation_config.json").write_text(old)
+    result = invoke("export", model_run, "--hf", tmp_path / "latest", "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "latest").is_symlink() and (tmp_path / "latest").resolve() == out.resolve()
+    assert (out / "generation_config.json").read_text() != old and sorted(p.name for p in tmp_path.iterdir()) == \
+        ["hf", "latest"]
 
 
 def test_a_fine_tune_resumes_without_the_model_it_started_from(tiny_data, tmp_path):

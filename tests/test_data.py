@@ -133,6 +133,10 @@ def test_existing_out_refused_then_overwritten(tmp_path):
     prepare([str(SONNETS)], data, block_size=32, val_fraction=0.1, quiet=True)
     with pytest.raises(DataError, match="not empty"):
         prepare([str(SONNETS)], data, block_size=16, quiet=True)
+    (data / "NOTES.md").write_text("where this text came from")  # a data folder holding more: not replaced
+    with pytest.raises(DataError, match=r"also holds what mtgpt does not write there \(NOTES.md\)"):
+        prepare([str(SONNETS)], data, block_size=16, quiet=True, overwrite=True)
+    (data / "NOTES.md").unlink()
     prepare([str(SONNETS)], data, block_size=16, val_fraction=0.1, quiet=True, overwrite=True)
     assert load_manifest(data)["block_size"] == 16
 

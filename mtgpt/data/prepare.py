@@ -248,8 +248,7 @@ def prepare(
         raise DataError(str(e)) from None
     if workers is not None and workers < 1:
         raise DataError(f"--workers must be >= 1, got {workers}")
-    out = Path(out)
-    folders.check_out(out, overwrite, error=DataError, writes=("data",))
+    out = folders.check_out(out, overwrite, error=DataError, writes=("data",))
     from mtgpt import chat  # (the files --format chat takes from a folder: chat.DIALOGUE_GLOBS)
 
     sources = resolve_sources(inputs, glob or (chat.DIALOGUE_GLOBS if fmt == "chat" else "**/*.txt"), warn=warn,
@@ -562,8 +561,7 @@ def make_tokenizer(inputs: list[str], vocab_size: int, out: str | Path, overwrit
         tokenizer.check_vocab_size(vocab_size)
     except TokenizerError as e:
         raise DataError(str(e)) from None
-    out = Path(out)
-    folders.check_out(out, overwrite, error=DataError, writes=("tokenizer",))
+    out = folders.check_out(out, overwrite, error=DataError, writes=("tokenizer",))
     sources = resolve_sources(inputs, glob or "**/*.txt", glob_given=glob is not None)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = folders.temporary(out)
