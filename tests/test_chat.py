@@ -3,6 +3,7 @@ driven through a pseudo-terminal."""
 
 from __future__ import annotations
 
+import copy
 import fcntl
 import json
 import os
@@ -199,6 +200,36 @@ def test_history_drops_oldest_turns_first():
     assert kept == history[-len(kept):] and 0 < len(kept) < 6
     assert reply == 16 and len(ids) + 16 <= 96
     assert GPT2.decode(ids).endswith("User: latest question\nBot:")
+
+
+def test_fitting_keeps_the_most_recent_turns_that_fit_in_a_few_tokenizations():
+    """fit_turns keeps what dropping the oldest turn one at a time keeps, but tokenized the whole
+    conversation once per dropped turn: a request of 6,000 short turns held `mtgpt serve` for 30 s
+    (every client waiting). Now a few tokenizations of at most a context of turns."""
+    import random
+
+    def one_at_a_time(turns, block_size, reply):
+        head, middle, last = turns[:1], list(turns[1:-1]), turns[-1]
+        while len(chat.prompt_ids(GPT2, head + middle + [last])) + reply > block_size and middle:
+            del middle[:1]
+        return middle
+
+    rng = random.Random(0)
+    for _ in range(40):
+        turns = [(chat.SYSTEM, "Be brief.")] + [(rng.choice([chat.USER, chat.BOT]), " ".join(
+            rng.choice(["a", "word", "longer words here", "x" * rng.randint(1, 30)]) for _ in range(rng.randint(0, 6))))
+            for _ in range(rng.randint(1, 30))] + [(chat.USER, "and now?")]
+        block = rng.choice([32, 64, 128, 256])
+        kept, ids, reply = chat.fit_turns(GPT2, turns, block, 8)
+        assert kept == one_at_a_time(turns, block, reply) and len(ids) + reply <= block
+
+    encoded = []
+    tok = copy.copy(GPT2)
+    tok.encode = lambda text: (encoded.append(len(text)), GPT2.encode(text))[1]
+    turns = [(chat.USER if i % 2 == 0 else chat.BOT, "a") for i in range(6000)] + [(chat.USER, "hi")]
+    kept, ids, _ = chat.fit_turns(tok, turns, 64, 2)
+    assert kept == turns[-1 - len(kept):-1] and 10 < len(kept) < 64
+    assert sum(encoded) < 20 * 64 * len("User: a\n")  # (one at a time: 6,000 x 6,000 / 2 turns)
 
 
 @pytest.mark.parametrize("reply_tokens", [128, 120, 500])
