@@ -216,9 +216,26 @@ def training_tokens(tok: Tokenizer, turns: list[tuple[str, str]], train_on: str 
     return ids, np.ones(len(ids), dtype=bool) if train_on == "all" else is_reply
 
 
-def fit_turns(tok: Tokenizer, turns: list[tuple[str, str]], block_size: int, reply_tokens: int, unit: int = 1
-              ) -> tuple[list[tuple[str, str]], list[int], int]:
-    """Fit a conversation into the context; returns (middle turns kept, prompt ids, reply budget).
+@dataclasses.dataclass
+class Fit:
+    """A conversation fitted into the context (`fit_turns`), and what of it was left out."""
+    kept: list[tuple[str, str]]  # the turns between the leading System turns and the last that are kept
+    ids: list[int]  # the prompt
+    reply: int  # the reply's token budget
+    dropped: int = 0  # the oldest turns left out
+    head_out: bool = False  # the leading System turns left out (no room beside a long last turn)
+    cut: bool = False  # the last turn lost the beginning of its text
+
+    def left_out(self, turn: str = "turn") -> list[str]:
+        """What was left out, in words: ["the system message(s)", "the 3 oldest turns", ...]."""
+        return ((["the system message(s)"] if self.head_out else [])
+                + ([f"the {self.dropped} oldest {turn}s" if self.dropped > 1 else f"the oldest {turn}"]
+                   if self.dropped else [])
+                + ([f"the start of the last {turn}"] if self.cut else []))
+
+
+def fit_turns(tok: Tokenizer, turns: list[tuple[str, str]], block_size: int, reply_tokens: int, unit: int = 1) -> Fit:
+    """Fit a conversation into the context.
 
     `turns` is [(role marker, text), ...]: leading System turns, the conversation, and the turn
     to answer last. The prompt is their template text followed by "Bot:" (`prompt_ids`). The
@@ -226,7 +243,7 @@ def fit_turns(tok: Tokenizer, turns: list[tuple[str, str]], block_size: int, rep
     what the context leaves after them, then the oldest turns in between are dropped, `unit` at a
     time, until the rest fits. Only a last turn too long for the context loses the beginning of
     its text (its marker and the "Bot:" after it stay), with a quarter of the context left for
-    the reply."""
+    the reply, and the System turns too when there is no room for them beside it."""
     n_head = next((i for i, (marker, _) in enumerate(turns[:-1]) if marker != SYSTEM), len(turns) - 1)
     head, middle, last = turns[:n_head], turns[n_head:-1], turns[-1]
     turn = prompt_ids(tok, head + [last])
@@ -235,12 +252,14 @@ def fit_turns(tok: Tokenizer, turns: list[tuple[str, str]], block_size: int, rep
         reply = max(1, min(reply_tokens, block_size // 4))
         start = tok.encode(render(head)) + tok.encode(last[0].rstrip())
         tail = tok.encode("\n" + BOT.rstrip())
-        if block_size - reply - len(start) - len(tail) < 1:  # no room beside the System lines
+        head_out = bool(head) and block_size - reply - len(start) - len(tail) < 1  # no room beside the System lines
+        if head_out:
             start = tok.encode(last[0].rstrip())
         body = tok.encode(" " + _line(last[1]))
         room = max(1, block_size - reply - len(start) - len(tail))
         ids = (start + body[-room:] + tail)[-(block_size - reply):]
-        return [], ids, reply
+        return Fit([], ids, reply, dropped=len(middle), head_out=head_out, cut=len(body) > room)
+
     def fits(dropped: int) -> bool:  # with the oldest `dropped` units of the middle left out
         return len(prompt_ids(tok, head + middle[dropped * unit:] + [last])) + reply <= block_size
 
@@ -253,29 +272,28 @@ def fit_turns(tok: Tokenizer, turns: list[tuple[str, str]], block_size: int, rep
         mid = (low + high) // 2
         low, high = (low, mid) if fits(mid) else (mid + 1, high)
     kept = list(middle[low * unit:])
-    return kept, prompt_ids(tok, head + kept + [last]), reply
+    return Fit(kept, prompt_ids(tok, head + kept + [last]), reply, dropped=len(middle) - len(kept))
 
 
 def fit_history(tok: Tokenizer, history: list[tuple[str, str]], message: str, block_size: int, reply_tokens: int,
-                system: str | None = None) -> tuple[list[tuple[str, str]], list[int], int]:
-    """`fit_turns` for the terminal chat: (history of (user, bot) exchanges kept, prompt ids,
-    reply budget); the oldest exchanges are dropped whole."""
+                system: str | None = None) -> tuple[list[tuple[str, str]], Fit]:
+    """`fit_turns` for the terminal chat: (the history of (user, bot) exchanges kept, the fit);
+    the oldest exchanges are dropped whole."""
     turns = [(SYSTEM, system)] if system else []
     for user, bot in history:
         turns += [(USER, user), (BOT, bot)]
-    middle, ids, reply = fit_turns(tok, turns + [(USER, message)], block_size, reply_tokens, unit=2)
-    return list(history[len(history) - len(middle) // 2:]) if middle else [], ids, reply
+    fit = fit_turns(tok, turns + [(USER, message)], block_size, reply_tokens, unit=2)
+    return list(history[len(history) - len(fit.kept) // 2:]) if fit.kept else [], fit
 
 
-def crop_warnings(tok: Tokenizer, ids: list[int], message: str, system: str | None, block_size: int) -> list[str]:
-    """What the prompt `fit_history` made left out of the new message and the --system line (the
-    oldest exchanges are dropped without a word: that is the chat's rule), as warnings."""
-    text = tok.decode(ids)
+def crop_warnings(fit: Fit, block_size: int) -> list[str]:
+    """What of the new message and the --system line a `fit_history` left out, as warnings (the
+    oldest exchanges are dropped without a word: that is the chat's rule)."""
     warnings = []
-    if system and not text.startswith(SYSTEM.rstrip()):
+    if fit.head_out:
         warnings.append(f"warning: the --system line does not fit in the context of {block_size} tokens beside "
                         "your message; it was left out of this turn")
-    if not text.endswith(turn_line(USER, message) + BOT.rstrip()):
+    if fit.cut:
         warnings.append(f"warning: your message is longer than the context of {block_size} tokens allows (a quarter "
                         "of it is kept for the reply); the model sees only its end")
     return warnings
@@ -348,8 +366,9 @@ def run_chat(run_dir: str, cfg, best: bool = False, device: str = "auto", system
             continue
         if not message.strip():
             continue
-        history, ids, reply = fit_history(tok, history, message, model.config.block_size, cfg.max_new_tokens, system)
-        for warning in crop_warnings(tok, ids, message, system, model.config.block_size):
+        history, fit = fit_history(tok, history, message, model.config.block_size, cfg.max_new_tokens, system)
+        ids, reply = fit.ids, fit.reply
+        for warning in crop_warnings(fit, model.config.block_size):
             warn(warning)
         write("bot> ")
         pieces = []

@@ -485,13 +485,13 @@ def create_app(server: Server):
         turns = chat_turns(req.messages)
         max_tokens = server.budget(req.max_completion_tokens if req.max_completion_tokens is not None
                                    else req.max_tokens, server.max_tokens_limit)
-        _, ids, reply = chat.fit_turns(server.tok, turns, server.block_size, max(1, max_tokens))
+        fit = chat.fit_turns(server.tok, turns, server.block_size, max(1, max_tokens))
         whole = len(chat.prompt_ids(server.tok, turns))  # usage counts the prompt as sent, as for completions
         warning = None
-        if len(ids) < whole:
-            warning = (f"the conversation is longer than the context of {server.block_size} tokens: "
-                       "its oldest turns (or the start of the last message) were left out")
-        job = server.job(ids, req, min(max_tokens, reply), chat_reply=True)
+        if left_out := fit.left_out("message"):
+            warning = (f"the conversation is longer than the context of {server.block_size} tokens; left out: "
+                       f"{', '.join(left_out)}")
+        job = server.job(fit.ids, req, min(max_tokens, fit.reply), chat_reply=True)
         return await respond(request, req, [job], "chat.completion", "chatcmpl", whole, warning)
 
     async def respond(request: Request, req, jobs: list[Job], obj: str, prefix: str, prompt_tokens: int,

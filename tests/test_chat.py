@@ -196,7 +196,8 @@ def test_bad_dialogue_data(tmp_path):
 
 def test_history_drops_oldest_turns_first():
     history = [(f"question {i} " + "word " * 10, f"answer {i} " + "word " * 10) for i in range(6)]
-    kept, ids, reply = chat.fit_history(GPT2, history, "latest question", block_size=96, reply_tokens=16)
+    kept, fit = chat.fit_history(GPT2, history, "latest question", block_size=96, reply_tokens=16)
+    ids, reply = fit.ids, fit.reply
     assert kept == history[-len(kept):] and 0 < len(kept) < 6
     assert reply == 16 and len(ids) + 16 <= 96
     assert GPT2.decode(ids).endswith("User: latest question\nBot:")
@@ -220,14 +221,15 @@ def test_fitting_keeps_the_most_recent_turns_that_fit_in_a_few_tokenizations():
             rng.choice(["a", "word", "longer words here", "x" * rng.randint(1, 30)]) for _ in range(rng.randint(0, 6))))
             for _ in range(rng.randint(1, 30))] + [(chat.USER, "and now?")]
         block = rng.choice([32, 64, 128, 256])
-        kept, ids, reply = chat.fit_turns(GPT2, turns, block, 8)
+        fit = chat.fit_turns(GPT2, turns, block, 8)
+        kept, ids, reply = fit.kept, fit.ids, fit.reply
         assert kept == one_at_a_time(turns, block, reply) and len(ids) + reply <= block
 
     encoded = []
     tok = copy.copy(GPT2)
     tok.encode = lambda text: (encoded.append(len(text)), GPT2.encode(text))[1]
     turns = [(chat.USER if i % 2 == 0 else chat.BOT, "a") for i in range(6000)] + [(chat.USER, "hi")]
-    kept, ids, _ = chat.fit_turns(tok, turns, 64, 2)
+    kept = chat.fit_turns(tok, turns, 64, 2).kept
     assert kept == turns[-1 - len(kept):-1] and 10 < len(kept) < 64
     assert sum(encoded) < 20 * 64 * len("User: a\n")  # (one at a time: 6,000 x 6,000 / 2 turns)
 
@@ -237,15 +239,17 @@ def test_the_current_turn_is_kept_whole(reply_tokens):
     """A reply budget as large as the context used to crop the prompt to ":" (so the model never
     saw the question); the budget is capped instead."""
     history = [("hello", "hi there")] * 3
-    kept, ids, reply = chat.fit_history(GPT2, history, "What is your name?", block_size=128, reply_tokens=reply_tokens,
-                                        system="Be brief.")
+    kept, fit = chat.fit_history(GPT2, history, "What is your name?", block_size=128, reply_tokens=reply_tokens,
+                                 system="Be brief.")
+    ids, reply = fit.ids, fit.reply
     assert GPT2.decode(ids) == "System: Be brief.\nUser: What is your name?\nBot:"
     assert kept == [] and len(ids) + reply == 128
 
 
 def test_a_message_longer_than_the_context_keeps_its_end():
     message = " ".join(f"word{i}" for i in range(200))
-    kept, ids, reply = chat.fit_history(GPT2, [], message, block_size=64, reply_tokens=32, system="Be brief.")
+    kept, fit = chat.fit_history(GPT2, [], message, block_size=64, reply_tokens=32, system="Be brief.")
+    ids, reply = fit.ids, fit.reply
     text = GPT2.decode(ids)
     assert text.startswith("System: Be brief.\nUser:") and text.endswith("word199\nBot:")
     assert reply == 16 and len(ids) + reply <= 64 and "word0 " not in text
@@ -344,7 +348,8 @@ def test_a_fine_tune_with_an_own_tokenizer_answers_each_message(tmp_path, world_
     fit(make_plan(cfg, world_size=1))
     model, tok = load_for_inference(str(tmp_path / "run"), False, "cpu", "fp32")
     for message, reply in PAIRS:
-        _, ids, budget = chat.fit_history(tok, [], message, model.config.block_size, 16)
+        fit = chat.fit_history(tok, [], message, model.config.block_size, 16)[1]
+        ids, budget = fit.ids, fit.reply
         got = "".join(chat.reply_stream(model, tok, ids, SampleConfig(max_new_tokens=budget, temperature=0)))
         assert got == reply, (message, got)
 
@@ -370,6 +375,7 @@ def test_a_message_or_system_line_that_does_not_fit_is_cropped_with_a_warning(mo
 
     long = " ".join(f"word{i}" for i in range(200))
     assert talk(["Hello there"], system="Be brief.") == []
+    assert talk(["hi \udcff there"]) == []  # a byte not UTF-8 read from stdin (it warned: the text compared differed)
     assert talk([long]) == ["warning: your message is longer than the context of 64 tokens allows (a quarter of it "
                             "is kept for the reply); the model sees only its end"]
     assert talk(["Hello there"], system=long) == ["warning: the --system line does not fit in the context of 64 "

@@ -117,7 +117,7 @@ def test_every_token_chat_must_write_after_its_prompt_is_trained_with_an_own_tok
         message = f"Question {i}?"
         turns += [(chat.USER, message), (chat.BOT, reply)]
         ids, mask = chat.training_tokens(tok, turns)
-        _, prompt, _ = chat.fit_history(tok, history, message, block_size=4096, reply_tokens=16, system="Be brief.")
+        prompt = chat.fit_history(tok, history, message, block_size=4096, reply_tokens=16, system="Be brief.")[1].ids
         assert prompt == tok.encode(chat.prompt_for(history, message, system="Be brief."))
         n = len(prompt)
         assert ids[:n].tolist() == prompt and not mask[n - 1]  # "Bot:" is context

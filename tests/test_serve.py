@@ -310,7 +310,8 @@ def test_chat_completion_is_mtgpt_chats_reply(server, model, system):
     messages += [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi, how are you?"},
                  {"role": "user", "content": "What is your name?"}]
     got = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=30)
-    _, ids, reply = chat.fit_history(GPT2, [("Hello", "Hi, how are you?")], "What is your name?", 64, 30, system=system)
+    fit = chat.fit_history(GPT2, [("Hello", "Hi, how are you?")], "What is your name?", 64, 30, system=system)[1]
+    ids, reply = fit.ids, fit.reply
     expected = "".join(chat.reply_stream(model, GPT2, ids, SampleConfig(max_new_tokens=reply, temperature=0)))
     assert got.choices[0].message.content == expected and (expected.strip() or system)
     assert got.choices[0].message.role == "assistant" and "\n" not in expected
@@ -327,8 +328,16 @@ def test_a_long_conversation_is_cropped_with_a_warning(server):
     status, body, headers = server.request("POST", "/v1/chat/completions",
                                            {"model": "tiny", "messages": messages, "max_tokens": 8})
     assert status == 200 and "x-mtgpt-warning" in headers
+    assert headers["x-mtgpt-warning"] == "the conversation is longer than the context of 64 tokens; left out: the " \
+        "28 oldest messages", headers  # (each of 22 tokens: two and the last fit beside the 8 of the reply)
     whole = GPT2.encode(chat.render([(chat.USER, m["content"]) for m in messages]) + "Bot:")
     assert body["usage"]["prompt_tokens"] == len(whole) > 64  # the prompt as sent, not what was kept
+    # a system message with no room beside a long last message is left out: said so (it was not)
+    messages = [{"role": "system", "content": "Be brief. " * 20}, {"role": "user", "content": "weather " * 60}]
+    status, body, headers = server.request("POST", "/v1/chat/completions",
+                                           {"model": "tiny", "messages": messages, "max_tokens": 8})
+    assert status == 200 and headers["x-mtgpt-warning"] == "the conversation is longer than the context of 64 " \
+        "tokens; left out: the system message(s), the start of the last message", headers
     status, body, headers = server.request("POST", "/v1/completions", {"model": "tiny", "prompt": "word " * 200,
                                                                        "max_tokens": 8})
     assert status == 200 and "last 64" in headers["x-mtgpt-warning"]
