@@ -145,6 +145,8 @@ def build_config(options: dict) -> TrainConfig:
         base["model"].setdefault("vocab_size", manifest["tokenizer"]["vocab_size"])
     if not base.get("data") and options.get("resume") not in (None, "never") and not base.get("out"):
         raise ConfigError("--out is required: the run folder to resume (its data and settings come from it)")
+    if not base.get("data") and options.get("resume") not in (None, "never"):
+        rundir.check_out_folder(Path(base["out"]))  # an --out that can hold no run: that, not --data, is the error
     if not base.get("data"):
         raise ConfigError("--data is required: a folder written by `mtgpt prepare`")
     return TrainConfig.from_dict(base)

@@ -210,9 +210,9 @@ def check_out_folder(out: Path) -> None:
     An empty logs/ of a job script (slurm/train.sbatch makes RUN/logs first) is allowed."""
     folders.check_creatable(out, "--out", ConfigError)  # (a file, or a folder that cannot be made)
     kind = folders.kind(out)
-    if has_run(out):
+    if kind == "run":
         return
-    run = folders.run_holding(out) or out.resolve().parent
+    run = folders.run_holding(out) or out.resolve().parent  # (a run's best/ too: its model.safetensors is not a run)
     if kind == "checkpoint" or has_run(run):
         raise ConfigError(f"--out {out} is inside the run {run}; give the run folder itself with --resume auto "
                           "to continue it, or a new folder, e.g. --out runs/NAME (nothing was changed)")

@@ -136,6 +136,17 @@ def test_out_that_cannot_be_made(tiny_data, tmp_path):
     one_error_line(result, f"cannot create {tmp_path / 'afile' / 'run'}: {tmp_path / 'afile'} is a file")
 
 
+def test_resuming_an_out_that_holds_no_run_names_the_out_not_the_data(tmp_path):
+    """`mtgpt train --out RUN/best --resume auto` said "--data is required" (given, a new run
+    trained into best/): the --out is what is wrong."""
+    _fake_run(tmp_path / "run", 2)
+    (tmp_path / "run" / "best").mkdir()
+    (tmp_path / "run" / "best" / "model.safetensors").write_bytes(b"weights")
+    one_error_line(invoke("train", "--out", tmp_path / "run" / "best", "--resume", "auto"),
+                   f"--out {tmp_path / 'run' / 'best'} is inside the run {tmp_path / 'run'}")
+    one_error_line(invoke("train", "--out", tmp_path / "new", "--resume", "auto"), "--data is required")
+
+
 def test_out_is_another_run(tiny_data, tmp_path):
     _fake_run(tmp_path / "run", 2)
     one_error_line(invoke("train", "--data", tiny_data, "--out", tmp_path / "run", *TINY_ARGS),

@@ -93,6 +93,21 @@ def test_out_is_a_new_folder_or_a_run(tmp_path):
     for inside in (run / checkpoint.CKPT_DIR, run / "best"):
         with pytest.raises(ConfigError, match="is inside the run"):
             rundir.resume_point(_cfg(inside))
+    # best/ and an export hold a model.safetensors, which is not a run: a new run went into them
+    # (the error said "already holds a run; pass --resume auto", which then trained over the weights)
+    hf = tmp_path / "hf"
+    for model in (run / "best", hf):
+        model.mkdir()
+        (model / checkpoint.WEIGHTS).write_bytes(b"weights")
+    (run / "best" / "config.json").write_text("{}")
+    (hf / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}')
+    for resume in ("never", "auto"):
+        with pytest.raises(ConfigError, match=f"--out {run / 'best'} is inside the run {run.resolve()}; give the run"):
+            rundir.resume_point(_cfg(run / "best", resume=resume))
+        with pytest.raises(ConfigError, match=f"--out {hf} is a Hugging Face model folder .*; the run needs a folder "
+                                              "of its own"):
+            rundir.resume_point(_cfg(hf, resume=resume))
+    assert sorted(p.name for p in hf.iterdir()) == ["config.json", checkpoint.WEIGHTS]
     assert (mine / "notes.txt").read_text() == "keep me" and sorted(p.name for p in data.iterdir()) == ["manifest.json"]
 
 
