@@ -33,6 +33,7 @@ import copy
 import difflib
 import importlib.util
 import json
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -224,6 +225,7 @@ def resolve(cfg: TrainConfig, ds: dict[str, Any], world_size: int, schedule_step
         hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, DS_TOP_LEVEL_KEYS, 1))
                  else k for k in unknown]
         raise ConfigError(f"{name}: unknown DeepSpeed key(s): {', '.join(hints)}")
+    _refuse_quoted(ds, name)
     if _enabled(ds.get("fp16")) and (_enabled(ds.get("bf16")) or _enabled(ds.get("bfloat16"))):
         raise ConfigError(f"{name}: both fp16 and bf16 are enabled; enable one")
     if autocast(ds) and precision(ds) == "fp32":
@@ -353,6 +355,20 @@ def optimizer_params(params: dict[str, Any]) -> set[str]:
 
 
 OPTIMIZERS = {"adamw": "AdamW", "adam": "Adam"}  # DeepSpeed's optimizer "type", case-insensitive as DeepSpeed reads it
+
+
+QUOTED = re.compile(r"\s*([+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|true|false)\s*", re.IGNORECASE)
+NAMES = re.compile(r"name|path|dir|tag|project|team|group|id$")  # keys whose text may look like a number
+
+
+def _refuse_quoted(ds: dict[str, Any], name: str) -> None:
+    """Refuse a number or a true/false written in quotes anywhere in the JSON: DeepSpeed keeps
+    most values as given, so "0" for a scheduler's ratio silently made a constant lr, "1.0" for
+    gradient_clipping was a TypeError in every rank at the first step, and "false" enables."""
+    for key, value in _walk(ds):
+        if isinstance(value, str) and QUOTED.fullmatch(value) and not NAMES.search(key.rpartition(".")[2]):
+            bare = value.strip().lower() if value.strip().lower() in ("true", "false") else value.strip()
+            raise ConfigError(f"{name}: {key} is {value!r}; write it without quotes ({bare}, not \"{value}\")")
 
 
 def _walk(d: Any, prefix: str = ""):

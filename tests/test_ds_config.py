@@ -217,10 +217,21 @@ def test_a_deepspeed_users_json_is_checked_before_any_process_starts():
         with pytest.raises(ConfigError, match=match):
             ds_config.resolve(cfg(**kw), ds, 2, 100)
 
-    refused(r"train_batch_size is '16'; it must be a number \(1e-3, not \"1e-3\"\) or \"auto\"",
+    refused(r"train_batch_size is '16'; write it without quotes \(16, not \"16\"\)",
             {**raw, "train_batch_size": "16"})  # (a TypeError traceback)
-    refused(r"optimizer.params.lr is '1e-3'; it must be a number",  # (said "pass --lr 1e-3", given already)
+    refused(r"optimizer.params.lr is '1e-3'; write it without quotes",  # (said "pass --lr 1e-3", given already)
             {**raw, "optimizer": {**opt, "params": {**opt["params"], "lr": "1e-3"}}}, lr=1e-3)
+    refused(r"train_batch_size is True; it must be a number", {**raw, "train_batch_size": True})
+    # numbers in quotes anywhere: a constant lr at 10% of --lr with exit 0, a TypeError in every
+    # rank at the first step, or (true/false) the opposite of what was written
+    refused(r"scheduler.params.warmup_min_ratio is '0'; write it without quotes \(0, not \"0\"\)$",
+            {**raw, "scheduler": {**sched, "params": {**sched["params"], "warmup_min_ratio": "0"}}})
+    refused(r"gradient_clipping is '1.0'; write it without quotes", {**raw, "gradient_clipping": "1.0"})
+    refused(r"optimizer.params.eps is ' 1e-8'; write it without quotes \(1e-8, not",
+            {**raw, "optimizer": {**opt, "params": {**opt["params"], "eps": " 1e-8"}}})
+    refused(r"bf16.enabled is 'False'; write it without quotes \(false, not \"False\"\)",
+            {**raw, "bf16": {"enabled": "False"}})
+    ds_config.resolve(cfg(), {**raw, "tensorboard": {"enabled": False, "job_name": "2024"}}, 2, 100)  # (a name)
     refused(r"train_batch_size 24 is not train_micro_batch_size_per_gpu 4 x gradient_accumulation_steps 2 x 2 "
             r"rank\(s\) = 16; give at most two of the three",  # (each fix it gave pointed at the other)
             {**raw, "train_batch_size": 24, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2})
