@@ -422,6 +422,12 @@ def build_engine(plan: Plan, model: GPT):
         # gradient into a flat buffer, scale it and copy it back (at ZeRO 1-3 the optimizer's
         # reduce also moves the gradients into its own buffers, so it stays)
         engine.enable_backward_allreduce = False
+    sched = engine.lr_scheduler
+    if type(sched).__name__ in ds_config.SCHEDULE_KEYS and sched.last_batch_iteration == -1:
+        # DeepSpeed's Warmup* schedules start "before the first step" at lr 0 and take their first
+        # point (warmup_min_ratio) only after it: two steps trained at lr 0, and the schedule ran a
+        # step late. Taken now, step N trains at the schedule's point N - 1 (a resume loads its own).
+        sched.step()
     monitor.count_scaler_skips(engine)  # zero0_fp16: train/skipped_steps, as DeepSpeed counts its own
     clip_as_pytorch(engine)
     return engine
@@ -587,6 +593,7 @@ def fit(plan: Plan, early_signals: list[int] | tuple[int, ...] = ()) -> dict[str
         world.print0(f"nothing to train: the run had already stopped ({reason}) at step {state.step}; to go on, "
                      f"give {GO_ON[reason]}")
     while reason is None:
+        lr = engine.get_lr()[0]  # the rate this step trains at (engine.step() moves the schedule on)
         running.add(train_step(engine, batches, cfg.grad_accum))
         if "first step" not in clock.phases:
             clock.mark("first step")
@@ -601,7 +608,7 @@ def fit(plan: Plan, early_signals: list[int] | tuple[int, ...] = ()) -> dict[str
         metrics: dict[str, float] = {}
         logged = log_step or reason is not None  # the last step is always logged and evaluated
         if logged:
-            metrics.update(train_metrics(engine, running.take(), state, cfg.out))
+            metrics.update(train_metrics(engine, running.take(), lr, state, cfg.out))
             metrics.update(data_metrics(plan, batches))
             metrics.update(perf.metrics())
             bar.show(state.step, metrics)
@@ -614,7 +621,7 @@ def fit(plan: Plan, early_signals: list[int] | tuple[int, ...] = ()) -> dict[str
             metrics["perf/eval_seconds"] = time.time() - evaluated  # what an evaluation costs every rank
             reason = reason or planned_stop(cfg, state, plan.train_tokens)  # early stopping
             if reason and not logged:  # it did: its last step is logged in full too
-                metrics.update({**train_metrics(engine, running.take(), state, cfg.out),
+                metrics.update({**train_metrics(engine, running.take(), lr, state, cfg.out),
                                 **data_metrics(plan, batches), **speed})
                 bar.show(state.step, metrics)
         log.log(metrics, state.step)  # (redraws loss.png after an evaluation)
@@ -725,13 +732,14 @@ def _duration(seconds: float) -> str:
         f"{seconds // 60}:{seconds % 60:02d}"
 
 
-def train_metrics(engine, loss: torch.Tensor, state: TrainState, out: str) -> dict[str, float]:
-    """The train/ scalars of a log step (this is where the host waits for the GPU); a NaN or
-    inf loss, or in fp32 and bf16 gradient norm, raises TrainingDiverged."""
+def train_metrics(engine, loss: torch.Tensor, lr: float, state: TrainState, out: str) -> dict[str, float]:
+    """The train/ scalars of a log step (this is where the host waits for the GPU), with the
+    learning rate its step trained at; a NaN or inf loss, or in fp32 and bf16 gradient norm,
+    raises TrainingDiverged."""
     train_loss = float(world.all_reduce_sum(loss.detach().clone()) / world.get().world_size)
     if not math.isfinite(train_loss):
         raise diverged("training loss", train_loss, state, out)
-    metrics = {"train/loss": train_loss, "lr": engine.get_lr()[0], "train/tokens": state.tokens}
+    metrics = {"train/loss": train_loss, "lr": lr, "train/tokens": state.tokens}
     norm = engine.get_global_grad_norm()
     if norm is not None:
         metrics["train/grad_norm"] = float(norm)

@@ -298,6 +298,26 @@ def _fit(cfg):
     return fit(make_plan(cfg, world_size=1))
 
 
+@pytest.mark.parametrize("ds", ["zero0_fp32", "zero1_fp32"])
+def test_each_step_trains_at_the_lr_it_logs_and_only_the_first_at_0(tiny_data, tmp_path, world_of_one, ds):
+    """DeepSpeed's WarmupCosineLR starts "before its first step" at lr 0: steps 1 and 2 both
+    trained at lr 0 (the weights after 2 steps were those after 1) and each logged lr was the
+    next step's. Now the first trains at lr 0, the second at half of --lr (warmup 2), the last at
+    the cosine's floor, each logged at its own step."""
+    from safetensors.torch import load_file
+
+    cfg = TrainConfig(data=str(tiny_data), out="", model=dict(TINY), micro_batch=2, lr=1e-2, warmup_steps=2,
+                      min_lr_ratio=0.1, eval_samples=4, log_every=1, eval_every=100, max_steps=3, ds_config=ds)
+    weights = {}
+    for n in (1, 2, 3):
+        _fit(cfg.replace(out=str(tmp_path / f"run{n}"), max_steps=n))
+        weights[n] = load_file(tmp_path / f"run{n}" / "model.safetensors")
+    moved = [max((weights[n + 1][k] - weights[n][k]).abs().max().item() for k in weights[n]) for n in (1, 2)]
+    assert moved[0] > 1e-3 and moved[1] > 1e-4, moved  # (Adam's first steps move each weight by about the lr)
+    assert [(r["step"], r["lr"]) for r in metrics(tmp_path / "run3") if "lr" in r] == \
+        [(1, 0.0), (2, pytest.approx(5e-3)), (3, pytest.approx(1e-3))]
+
+
 def test_best_is_the_lowest_val_loss_whatever_min_delta_says(tiny_data, tmp_path, world_of_one, capsys):
     """--min-delta sets what counts as progress for --patience, not which weights best/ holds: a
     run stopped early by it (the val loss fell, by less than 100) exports the lowest val loss's
