@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import platform
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -299,9 +300,12 @@ def check_resumable_ds(found: Path, ds: dict[str, Any], ds_name: str) -> None:
         saved = load_json(out / DS_CONFIG)
     except ConfigError:
         return  # a run folder from before ds_config.json existed: nothing to compare with
-    own = (saved_settings(found) or {}).get("ds_config") or str(out / DS_CONFIG)
+    settings = saved_settings(found) or {}
+    own = settings.get("ds_config") or str(out / DS_CONFIG)
+    data = settings.get("data") or ["DATA"]
+    data = " ".join(f"--data {shlex.quote(d)}" for d in ([data] if isinstance(data, str) else data))
     fix = (f"resume without --ds-config (the run keeps its own, {own}), or start a new run from its weights: "
-           f"--init-from {out} --out NEW")
+           f"mtgpt train --init-from {shlex.quote(str(out))} {data} --ds-config {shlex.quote(ds_name)} --out NEW")
     old, new = ds_config.weights_dtype(saved), ds_config.weights_dtype(ds)
     if old != new:
         raise ConfigError(f"cannot resume {found}: it was trained with {old} weights ({own}) and {ds_name} trains "

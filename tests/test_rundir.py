@@ -204,15 +204,16 @@ def test_a_resume_under_another_optimizer_layout_is_refused_with_a_fix_that_work
     (run / rundir.RUN_INFO).write_text(json.dumps({"world_size": 1, "ds_config": "ds_configs/zero1_fp32.json"}))
     for ok in ("zero1_fp32", "zero2_fp32"):
         rundir.check_resumable_ds(found, ds_config.find(ok)[1], ok)
-    fix = f"resume without --ds-config (the run keeps its own, ds_configs/zero1_fp32.json), or start a new run " \
-          f"from its weights: --init-from {run} --out NEW"
+    def fix(other):  # (it said `--init-from RUN --out NEW`, which then asked for --data)
+        return f"resume without --ds-config (the run keeps its own, ds_configs/zero1_fp32.json), or start a new " \
+               f"run from its weights: mtgpt train --init-from {run} --data d --ds-config {other} --out NEW"
     with pytest.raises(ConfigError, match=r"trained with fp32 weights .* zero2_bf16 trains bf16 weights") as e:
         rundir.check_resumable_ds(found, ds_config.find("zero2_bf16")[1], "zero2_bf16")
-    assert str(e.value).endswith(fix)
+    assert str(e.value).endswith(fix("zero2_bf16"))
     for other, stage in (("zero3_fp32", 3), ("zero0_fp32", 0)):
         with pytest.raises(ConfigError, match=rf"saved at ZeRO stage 1 and {other} is stage {stage}") as e:
             rundir.check_resumable_ds(found, ds_config.find(other)[1], other)
-        assert str(e.value).endswith(fix)
+        assert str(e.value).endswith(fix(other))
 
 
 def test_a_run_folder_another_mtgpt_trains_in_is_refused(tmp_path, tiny_data):
