@@ -331,6 +331,10 @@ def model_folder(run_dir: str | Path, best: bool = False) -> Path:
     if best and not (folder / WEIGHTS).is_file():
         raise ModelFileError(f"{run_dir} has no best model (it is written at the first evaluation): "
                              f"{folder / WEIGHTS} is missing")
+    if not (folder / WEIGHTS).is_file() and kind == "run" and (saved := latest_complete(run_dir)) is not None:
+        raise ModelFileError(f"{run_dir} has checkpoints (the latest: {saved.name}) but no {WEIGHTS}; write it again "
+                             f"from the latest with `mtgpt train --out {run_dir} --resume auto` (a run that had "
+                             "stopped trains nothing more; one cut short goes on)")
     if not (folder / WEIGHTS).is_file() and kind == "run":
         raise ModelFileError(f"{run_dir} has no model yet: `mtgpt train` writes {WEIGHTS} at its first checkpoint "
                              "(--save-every) and at the end")

@@ -183,6 +183,9 @@ def describe_run(path: Path) -> list[str]:
     for name, folder in (("model", path), ("best model", path / "best")):
         if (folder / checkpoint.WEIGHTS).is_file():
             lines.append(f"{name}: {folder / checkpoint.WEIGHTS}")
+    if tags and not (path / checkpoint.WEIGHTS).is_file():
+        lines.append(f"model: {path / checkpoint.WEIGHTS} is missing; `mtgpt train --out {path} --resume auto` "
+                     "writes it again from the latest checkpoint")
     return lines
 
 

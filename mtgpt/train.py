@@ -562,6 +562,12 @@ def fit(plan: Plan, early_signals: list[int] | tuple[int, ...] = ()) -> dict[str
     stopped_early = not idle and agreed_stop(cfg, 0.0, flag, me.device) == "signal"  # Ctrl-C while starting
     if stopped_early:
         reason, idle = "signal", True
+    lost = idle and plan.resume_from is not None and not (Path(cfg.out) / checkpoint.WEIGHTS).is_file()
+    world.barrier()  # (every rank has looked before rank 0 writes it)
+    if lost:  # a stopped run whose model.safetensors was deleted: a resume writes it again
+        export(engine, plan, state, Path(cfg.out))  # (a collective under ZeRO-3)
+        world.print0(f"note: {Path(cfg.out) / checkpoint.WEIGHTS} was missing; written again from the checkpoint "
+                     f"of step {state.step}")
     # the run's record (train_config.json, run_info.json): how it was trained, so a resume that
     # trains nothing leaves it alone; a new run writes it even so (`--resume auto` restarts from it)
     if world.is_rank0() and (not idle or plan.resume_from is None):

@@ -567,6 +567,34 @@ def test_a_deleted_last_checkpoint_sets_its_weights_aside_and_says_so(tiny_data,
     assert checkpoint.weights_step(aside / "best") == 4 and checkpoint.weights_step(run) == 3
 
 
+def test_a_deleted_model_file_is_said_and_written_again_by_a_resume(tiny_data, tmp_path, world_of_one, capsys):
+    """A stopped run whose model.safetensors was deleted: sample said it "has no model yet: train
+    writes it at its first checkpoint" (it had two), info said nothing, and --resume auto trained
+    nothing and left it missing. Now each says so, and the resume writes it again."""
+    from safetensors.torch import load_file
+
+    from mtgpt.info import describe
+
+    run = tmp_path / "run"
+    cfg = TrainConfig(data=str(tiny_data), out=str(run), model=dict(TINY), micro_batch=2, eval_samples=4,
+                      log_every=1, eval_every=100, save_every=1, max_steps=2, ds_config="zero1_fp32")
+    _fit(cfg)
+    before = load_file(run / checkpoint.WEIGHTS)
+    (run / checkpoint.WEIGHTS).unlink()
+    with pytest.raises(checkpoint.ModelFileError, match=rf"{run} has checkpoints \(the latest: step_00000002\) but "
+                                                        rf"no model.safetensors; write it again from the latest with "
+                                                        rf"`mtgpt train --out {run} --resume auto`"):
+        checkpoint.model_folder(run)
+    assert f"model: {run / checkpoint.WEIGHTS} is missing; `mtgpt train --out {run} --resume auto` writes it" \
+        in describe(str(run))[0]
+    capsys.readouterr()
+    assert _fit(cfg.replace(resume="auto"))["step"] == 2
+    assert f"note: {run / checkpoint.WEIGHTS} was missing; written again from the checkpoint of step 2" \
+        in capsys.readouterr().out
+    after = load_file(run / checkpoint.WEIGHTS)
+    assert all(torch.equal(after[k], before[k]) for k in before) and checkpoint.weights_step(run) == 2
+
+
 def test_a_bf16_resume_prints_nothing_of_deepspeeds_debugging(tiny_data, tmp_path, world_of_one, capsys):
     """DeepSpeed's bf16 optimizer print()s '_load_legacy_checkpoint current_rank_sd[...]' at every
     load: every `zero1_bf16` resume (make demo's config) said it once per rank."""
