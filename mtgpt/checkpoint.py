@@ -275,6 +275,9 @@ def load_model_config(folder: str | Path) -> ModelConfig:
         raise ModelFileError(f"{path}: missing") from None
     except json.JSONDecodeError as e:
         raise ModelFileError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ModelFileError(f"{path}: expected a JSON object of the model's settings, got {type(d).__name__}; "
+                             "restore the folder's own file")
     d.pop("model_type", None)
     d.pop("tokenizer", None)
     try:

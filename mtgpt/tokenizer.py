@@ -291,6 +291,8 @@ def from_hf_json(text: str, where: str) -> Tokenizer:
             info = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             pass
+    if not isinstance(info, dict):  # (notes about the tokenizer: not what it is; any other JSON is dropped)
+        info = {}
     if info.get("sha256") not in (None, content_sha256(ranks, pattern)):
         info = {}  # written for another tokenizer (tokenizer.json replaced since): its name would be wrong
     name = info.get("name") or f"bpe-{len(ranks) + 1}"

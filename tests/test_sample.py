@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -160,6 +161,22 @@ def test_weights_that_do_not_fit_their_config(model_dir, tmp_path):
         checkpoint.load_model(tmp_path)
     proc = run_mtgpt("sample", tmp_path, "--max-new-tokens", "2", check=False)
     assert proc.returncode != 0 and "config.json edited" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("text", ["[]", '"x"', "null"])
+def test_a_config_or_tokenizer_info_that_is_json_but_no_object(model_dir, tmp_path, text):
+    """config.json or tokenizer_info.json holding valid JSON that is not an object was a TypeError
+    or AttributeError traceback in sample, eval, export; now config.json is one line and
+    tokenizer_info.json (notes about the tokenizer) is not needed."""
+    (tmp_path / checkpoint.WEIGHTS).write_bytes((model_dir / checkpoint.WEIGHTS).read_bytes())
+    (tmp_path / checkpoint.MODEL_CONFIG).write_text(text)
+    with pytest.raises(checkpoint.ModelFileError, match=r"config.json: expected a JSON object of the model's "
+                                                        r"settings, got (list|str|NoneType); restore"):
+        checkpoint.load_model(tmp_path)
+    own = tokenizer.train([(Path(__file__).parent / "data" / "sonnets.txt").read_text()], 300)
+    own.save(tmp_path / "tok")
+    (tmp_path / "tok" / tokenizer.INFO_JSON).write_text(text)
+    assert tokenizer.load(tmp_path / "tok").vocab_size == 300
 
 
 def test_pick_top_k_and_top_p():
