@@ -432,7 +432,7 @@ def create_app(server: Server):
         if not isinstance(data, dict):
             raise ApiError(400, "the body must be a JSON object")
         try:
-            req = kind.model_validate(data)
+            req = kind.model_validate(data, strict=True)  # "3" is no number, 1 no boolean (as OpenAI's API)
         except ValidationError as e:
             err = e.errors()[0]
             # pydantic names the member of a union it tried (prompt.str, stop.list[str]): not a field

@@ -351,6 +351,18 @@ def test_a_long_conversation_is_cropped_with_a_warning(server):
     ("/v1/completions", {"model": "gpt-4", "prompt": "x"}, 404, "does not exist"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": "many"}, 400, "max_tokens"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 1001}, 400, "limit of 1000"),
+    # wrong types that pydantic's lax mode took as the value they look like (OpenAI refuses them)
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": "3"}, 400, "max_tokens: Input should be a "
+                                                                                 "valid integer"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": True}, 400, "max_tokens: Input should be a "
+                                                                                  "valid integer"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "n": "2"}, 400, "n: Input should be a valid integer"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "temperature": "0.5"}, 400, "temperature: Input should be"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "seed": "1"}, 400, "seed: Input should be a valid integer"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, 400,
+     "stream: Input should be a valid boolean"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stream": 1}, 400,
+     "stream: Input should be a valid boolean"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "temperature": -1}, 400, "temperature"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "n": 0}, 400, "n"),
