@@ -51,7 +51,8 @@ from mtgpt.tokenizer import Tokenizer
 
 MAX_BODY = 1 << 20  # bytes a request body may have (a context of text is a few KB)
 MAX_JOBS = 256  # requests generating or waiting at once; more get 429
-STOPPING = "the server is stopping (mtgpt serve got Ctrl-C or SIGTERM); the text so far was sent"
+STOPPING = "the server is stopping (mtgpt serve got Ctrl-C or SIGTERM)"
+SENT = "; the text so far was sent"  # (a stream's error event; a whole response sends nothing of it)
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -245,7 +246,7 @@ class Worker:
                 self.stopped = True
                 queued = self._drain()
             for job in self.active + queued:
-                job.emit("error", None, ApiError(503, STOPPING, type_="server_error"))
+                job.emit("error", None, ApiError(503, STOPPING + SENT, type_="server_error"))
             self.active = []
 
     def _drain(self) -> list[Job]:
@@ -521,7 +522,8 @@ def create_app(server: Server):
                 while (event := await job.events.get())[0] != "done":
                     kind, i, value = event
                     if kind == "error":
-                        raise value
+                        raise ApiError(value.status, value.message.removesuffix(SENT) + "; the request was not "
+                                       "completed", value.type) if value.message.endswith(SENT) else value
                     if kind == "text":
                         texts[j * n + i] = texts.get(j * n + i, "") + value
                     else:

@@ -617,8 +617,22 @@ def test_ctrl_c_with_a_client_streaming_ends_its_stream_and_exits_cleanly(run_di
             conn.close()
             ended.set()
 
+    whole = []  # a request answered whole, cut off too: told that it was not completed (it was told
+                # "the text so far was sent", and nothing was)
+
+    def ask_whole():
+        conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30)
+        conn.request("POST", "/v1/completions", body=json.dumps({"model": "tiny", "prompt": "Long", "max_tokens": 5000,
+                                                                 "temperature": 1.0}),
+                     headers={"Content-Type": "application/json"})
+        r = conn.getresponse()
+        whole.append((r.status, json.loads(r.read())))
+        conn.close()
+
     reader = threading.Thread(target=read_slowly, daemon=True)
     reader.start()
+    asker = threading.Thread(target=ask_whole, daemon=True)
+    asker.start()
     assert wait_for(lambda: len(received) > 20, 30)
     began = time.perf_counter()
     s.proc.send_signal(signal.SIGINT)
@@ -630,3 +644,7 @@ def test_ctrl_c_with_a_client_streaming_ends_its_stream_and_exits_cleanly(run_di
     assert "Traceback" not in stderr and "ERROR" not in stderr and stderr.count("\n") == 1, stderr
     events = [json.loads(line[6:]) for line in received if line.startswith("data: {")]
     assert events[-1]["error"]["message"].startswith("the server is stopping") and "reading failed" not in received[-1]
+    assert events[-1]["error"]["message"].endswith("; the text so far was sent")
+    asker.join(10)
+    assert whole and whole[0][0] == 503 and whole[0][1]["error"]["message"] == \
+        "the server is stopping (mtgpt serve got Ctrl-C or SIGTERM); the request was not completed", whole
