@@ -155,6 +155,8 @@ def _unsupported(req: _Request) -> None:
             raise ApiError(400, f"{name} is not supported by mtgpt serve", param=name)
     known = set(type(req).model_fields) | {"tools", "tool_choice", "response_format", "parallel_tool_calls"}
     extra = sorted(set(req.model_extra or {}) - known)
+    if theirs := [name for name in extra if name in OPENAI_ONLY]:  # OpenAI's, with no meaning here
+        raise ApiError(400, f"{', '.join(theirs)}: OpenAI's, not supported by mtgpt serve", param=theirs[0])
     if extra:  # a misspelt option must not be ignored silently
         raise ApiError(400, f"unknown parameter(s): {', '.join(extra)}", param=extra[0])
     if req.stream_options is not None and not req.stream:
@@ -166,9 +168,18 @@ def _unsupported(req: _Request) -> None:
         raise ApiError(400, f"max_tokens ({req.max_tokens}) and max_completion_tokens ({req.max_completion_tokens}) "
                             "disagree: give one (max_completion_tokens is OpenAI's newer name)",
                        param="max_completion_tokens")
-    for name in ("tools", "response_format"):
-        if (req.model_extra or {}).get(name):
-            raise ApiError(400, f"{name} is not supported by mtgpt serve", param=name)
+    if (req.model_extra or {}).get("tools"):
+        raise ApiError(400, "tools is not supported by mtgpt serve", param="tools")
+    if (req.model_extra or {}).get("response_format") not in (None, {"type": "text"}):  # (text: the default)
+        raise ApiError(400, "response_format other than {\"type\": \"text\"} is not supported by mtgpt serve",
+                       param="response_format")
+
+
+# OpenAI's request parameters that mean nothing here (stored completions, reasoning, audio, ...):
+# refused as not supported rather than as unknown
+OPENAI_ONLY = {"store", "metadata", "top_logprobs", "reasoning_effort", "modalities", "audio", "prediction",
+               "service_tier", "web_search_options", "functions", "function_call", "verbosity", "prompt_cache_key",
+               "safety_identifier"}
 
 
 def _stops(stop: str | list[str] | None) -> list[str]:
@@ -322,8 +333,8 @@ class Server:
     def check_auth(self, headers) -> None:
         if self.api_key is None:
             return
-        got = headers.get("authorization", "")
-        if not hmac.compare_digest(got.encode(), f"Bearer {self.api_key}".encode()):
+        scheme, _, key = headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), self.api_key.encode()):
             raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
                            code="invalid_api_key")
 

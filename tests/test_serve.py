@@ -376,6 +376,10 @@ def test_a_long_conversation_is_cropped_with_a_warning(server):
     ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "seed": 2**32}, 400,
      "seed: must be between 0 and 4294967295"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "temprature": 0.5}, 400, "temprature"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "store": True}, 400,
+     "store: OpenAI's, not supported by mtgpt serve"),  # (it said "unknown parameter(s): store")
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+                              "response_format": {"type": "json_object"}}, 400, "response_format other than"),
     ("/v1/completions", {"model": "tiny", "prompt": [1, 99999999]}, 400, "vocabulary"),
     ("/v1/completions", {"model": "tiny", "prompt": 5}, 400, "prompt: must be a string, a list of strings, a list of "
                                                               "token ids or a list of lists of token ids"),
@@ -515,10 +519,13 @@ def test_a_client_that_leaves_before_a_plain_answer_stops_its_generation(server,
 def test_api_key(run_dir):
     s = Served(run_dir, "--api-key", "s3cret", "--model-name", "sonnets")
     try:
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"},
+                        {"Authorization": "Basic s3cret"}, {"Authorization": "Bearer s3cret2"}):
             got, err, _ = s.request("GET", "/v1/models", headers=headers)
             assert got == 401 and err["error"]["code"] == "invalid_api_key"
             assert s.request("POST", "/v1/completions", {"model": "sonnets", "prompt": "x"}, headers)[0] == 401
+        for scheme in ("bearer", "BEARER"):  # the scheme is case-insensitive (RFC 9110): these got 401
+            assert s.request("GET", "/v1/models", headers={"Authorization": f"{scheme} s3cret"})[0] == 200
         with pytest.raises(openai.AuthenticationError):
             s.client("wrong").models.list()
         assert s.client("s3cret").completions.create(model="sonnets", prompt="x", max_tokens=3).choices
@@ -648,3 +655,11 @@ def test_ctrl_c_with_a_client_streaming_ends_its_stream_and_exits_cleanly(run_di
     asker.join(10)
     assert whole and whole[0][0] == 503 and whole[0][1]["error"]["message"] == \
         "the server is stopping (mtgpt serve got Ctrl-C or SIGTERM); the request was not completed", whole
+
+
+def test_openais_defaults_for_what_mtgpt_lacks_are_accepted(server):
+    """response_format {"type": "text"} is the default (it was refused as unsupported)."""
+    got, body, _ = server.request("POST", "/v1/chat/completions", {
+        "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+        "response_format": {"type": "text"}, "tool_choice": "none", "presence_penalty": 0})
+    assert got == 200 and body["choices"][0]["message"]["role"] == "assistant", body
