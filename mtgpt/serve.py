@@ -455,11 +455,11 @@ def create_app(server: Server):
         _unsupported(req)
         return req
 
-    @app.get("/", response_class=HTMLResponse)
+    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse)  # (HEAD: link checkers, monitors)
     async def index():
         return HTMLResponse(page)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         return {"status": "ok", "model": server.name, "context": server.block_size,
                 "auth": server.api_key is not None, "max_tokens_limit": server.max_tokens_limit,
@@ -649,6 +649,8 @@ def run_serve(run_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: 
         raise SampleError(f"--max-tokens-limit must be >= 1, got {max_tokens_limit}")
     if api_key == "":
         raise SampleError("--api-key must not be empty")
+    if model_name is not None and not model_name.strip():
+        raise SampleError("--model-name must not be empty (leave it out for the run folder's name)")
     model, tok = load_for_inference(run_dir, best, device, dtype)
     sock = listen(host, port)
     if note := chat.dialogue_note(run_dir):  # the page and /v1/chat/completions would not answer

@@ -191,6 +191,10 @@ def test_models_health_and_page(server):
     assert r.status == 200 and r.getheader("content-type").startswith("text/html")
     assert "/v1/chat/completions" in page and "<script" in page
     assert "http://" not in page and "https://" not in page  # nothing fetched from elsewhere: works offline
+    for path in ("/", "/health"):  # HEAD, as link checkers and monitors ask (it was 405)
+        conn.request("HEAD", path)
+        r = conn.getresponse()
+        assert r.status == 200 and r.read() == b"", (path, r.status)
     for path in ("/../setup.py", "/assets/chat.html", "/%2e%2e/mtgpt/serve.py", "/mtgpt/serve.py", "/..%2fsetup.py"):
         assert server.request("GET", path)[0] == 404, path
 
@@ -663,3 +667,14 @@ def test_openais_defaults_for_what_mtgpt_lacks_are_accepted(server):
         "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
         "response_format": {"type": "text"}, "tool_choice": "none", "presence_penalty": 0})
     assert got == 200 and body["choices"][0]["message"]["role"] == "assistant", body
+
+
+@pytest.mark.parametrize("args, says", [(["--api-key", ""], "--api-key must not be empty"),
+                                        (["--model-name", " "], "--model-name must not be empty"),
+                                        (["--max-tokens-limit", "0"], "--max-tokens-limit must be >= 1")])
+def test_empty_or_bad_serve_options_are_one_line(run_dir, args, says):
+    """An empty --model-name was ignored without a word (the folder's name served), as the others were not."""
+    proc = subprocess.run([sys.executable, "-m", "mtgpt", "serve", str(run_dir), *args],
+                          capture_output=True, text=True, timeout=120)  # (refused before it binds a port)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith(f"Error: {says}"), proc.stderr
