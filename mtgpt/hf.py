@@ -144,9 +144,12 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
     if (folder / "pytorch_model.bin").is_file():
         try:
             return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
+        except pickle.UnpicklingError as e:  # (torch's text suggests weights_only=False, which mtgpt never does)
+            why = next((line.strip().rstrip(".") for line in str(e).splitlines()
+                        if "Unpickler error" in line or "unsupported GLOBAL" in line), "")
             raise HFError(f"{folder / 'pytorch_model.bin'} is a pickle that is not plain weights (it could run "
-                          f"code when loaded), so it was not loaded: {str(e).splitlines()[0]}") from None
+                          "code when loaded), so it was not loaded" + (f" ({why})" if why else "")
+                          + "; use the model's model.safetensors instead") from None
     raise HFError(f"{folder}: no model.safetensors or pytorch_model.bin")
 
 
