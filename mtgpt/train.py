@@ -467,6 +467,8 @@ def resume(engine, plan: Plan, running: RunningLoss, train_samples: list[int]
         path = checkpoint.universal(path, is_writer=me.rank == 0)
         world.print0(f"world size changed: resuming through DeepSpeed's universal checkpoint {path}")
     state = TrainState.from_client_state(checkpoint.load_engine(engine, path))
+    if (sched := engine.lr_scheduler) is not None:  # the optimizer's saved lr is the old plan's: the first step
+        sched.step(sched.last_batch_iteration)     # resumed trains at this plan's point (a longer one re-warms)
     mine = state.of_rank(me.world_size, me.rank)
     if mine is None:  # saved by another number of ranks: per-rank state cannot carry over
         seed_all(plan.cfg.seed + me.rank + 7919 * state.step)

@@ -295,7 +295,8 @@ def test_sample_a_data_folder_or_a_checkpoint(tiny_data, tmp_path):
     one_error_line(invoke("sample", step, "--prompt", "hi"),
                    f"{step} is a checkpoint inside the run {tmp_path / 'run'}; give the run folder: {tmp_path / 'run'}")
     one_error_line(invoke("sample", tmp_path / "run", "--prompt", "hi"),
-                   f"{tmp_path / 'run'} has no model yet: `mtgpt train` writes model.safetensors at its first checkpoint")
+                   f"{tmp_path / 'run'} has checkpoints (the latest: step_00000010) but no model.safetensors; write it "
+                   f"again from the latest with `mtgpt train --out {tmp_path / 'run'} --resume auto`")
 
 
 @pytest.mark.parametrize("workers", ["0", "-1"])

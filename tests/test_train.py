@@ -316,6 +316,14 @@ def test_each_step_trains_at_the_lr_it_logs_and_only_the_first_at_0(tiny_data, t
     assert moved[0] > 1e-3 and moved[1] > 1e-4, moved  # (Adam's first steps move each weight by about the lr)
     assert [(r["step"], r["lr"]) for r in metrics(tmp_path / "run3") if "lr" in r] == \
         [(1, 0.0), (2, pytest.approx(5e-3)), (3, pytest.approx(1e-3))]
+    # the 2-step run resumed for 6 trains as a 6-step run: its step 3 trained at the lr the optimizer
+    # had saved, the 2-step plan's floor (1e-3), not the 6-step plan's point (8.7e-3)
+    _fit(cfg.replace(out=str(tmp_path / "run6"), max_steps=6))
+    _fit(cfg.replace(out=str(tmp_path / "run2"), max_steps=6, resume="auto"))
+    lrs = {k: [r["lr"] for r in metrics(tmp_path / k) if "lr" in r] for k in ("run2", "run6")}
+    assert lrs["run2"] == lrs["run6"] and lrs["run6"][2] == pytest.approx(1e-2 * (0.1 + 0.9 * (1 + math.cos(math.pi / 4)) / 2))
+    six, again = load_file(tmp_path / "run6" / "model.safetensors"), load_file(tmp_path / "run2" / "model.safetensors")
+    assert all(torch.equal(again[k], six[k]) for k in six)
 
 
 def test_best_is_the_lowest_val_loss_whatever_min_delta_says(tiny_data, tmp_path, world_of_one, capsys):
