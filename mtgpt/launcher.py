@@ -92,6 +92,9 @@ def launch_local(cfg: TrainConfig, nproc: int, ds_config_given: bool = False) ->
         for s, handler in old.items():
             signal.signal(s, handler)
         Path(config_file).unlink(missing_ok=True)
+    if got_signal and got_signal[0] != signal.SIGTERM and not before_ranks[0]:  # (what the ranks' lines name)
+        print(f"(mtgpt train got {signal.Signals(got_signal[0]).name} and passed it on to the ranks as SIGTERM)",
+              file=sys.stderr)
     if rc != 0 and got_signal and clean_stop_since(cfg.out, started):
         return 0
     if rc != 0 and got_signal and before_ranks[0]:  # the launcher itself, still starting, was stopped

@@ -82,6 +82,8 @@ def test_a_signal_while_the_ranks_start_stops_before_the_first_step(tiny_data, t
     assert re.search(r"stopped by SIG(INT|TERM) on a rank before the first step: nothing was trained or saved",
                      out), out[-2000:] + err[-2000:]
     assert "stopped (signal)" not in out and "model.safetensors" not in out, out[-2000:]  # (there is none)
+    assert "(mtgpt train got SIGINT and passed it on to the ranks as SIGTERM)" in err, err[-2000:]  # (a rank's
+    # line named SIGTERM after a Ctrl-C without a word why)
     assert "Traceback" not in err, err[-3000:]
     assert checkpoint.latest_complete(run) is None and not rows(run)
 
