@@ -322,7 +322,7 @@ def load(spec: str | Path) -> Tokenizer:
         return gpt2()
     path = Path(spec)
     if path.is_dir():
-        if not (path / TOKENIZER_JSON).is_file() and (found := recorded(path)) is not None:
+        if (found := recorded(path)) is not None:  # a data or run folder: the tokenizer it records, checked
             return for_folder(path, found)
         path = path / TOKENIZER_JSON
         if not path.is_file():
@@ -330,6 +330,10 @@ def load(spec: str | Path) -> Tokenizer:
                                  "`mtgpt tokenizer train` (or a data or run folder, to use its tokenizer)")
     elif not path.is_file():
         raise TokenizerError(f"{spec}: no such tokenizer; give gpt2, or a folder made by `mtgpt tokenizer train`")
+    return _read(path)
+
+
+def _read(path: Path) -> Tokenizer:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -341,7 +345,7 @@ def for_folder(folder: str | Path, identity: dict[str, Any] | None = None) -> To
     """The tokenizer of a data or model folder: its tokenizer.json, or GPT-2's when it has none.
     `identity` (what its manifest or config.json records) is checked against what is found."""
     folder = Path(folder)
-    tok = load(folder) if (folder / TOKENIZER_JSON).is_file() else gpt2()
+    tok = _read(folder / TOKENIZER_JSON) if (folder / TOKENIZER_JSON).is_file() else gpt2()
     if identity is not None and not same(identity, tok.identity()):
         missing = "" if (folder / TOKENIZER_JSON).is_file() else f" ({TOKENIZER_JSON} is missing)"
         raise TokenizerError(f"{folder} records tokenizer {describe(identity)} but holds {describe(tok.identity())}"

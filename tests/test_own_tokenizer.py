@@ -236,6 +236,22 @@ def test_data_folder_with_its_tokenizer_gone(data512, tmp_path):
         load_manifest(broken)
 
 
+def test_a_data_folders_replaced_tokenizer_is_refused_as_prepare_tokenizer(data512, tok_dir, tmp_path):
+    """`prepare --tokenizer DATA_DIR` whose tokenizer.json was replaced by another tokenizer's used
+    it without a word (train and info refuse that folder): the one it records is checked."""
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(data512, other)
+    tokenizer.train([SONNETS.read_text()], 300).save(tmp_path / "t300")
+    shutil.copy(tmp_path / "t300" / "tokenizer.json", other / "tokenizer.json")
+    with pytest.raises(tokenizer.TokenizerError, match=rf"{other} records tokenizer bpe-512 .* but holds bpe-300"):
+        tokenizer.load(other)
+    with pytest.raises(DataError, match="records tokenizer bpe-512 .* but holds bpe-300"):
+        prepare([str(SONNETS)], tmp_path / "d", block_size=32, tok=str(other), quiet=True)
+    assert not (tmp_path / "d").exists() and tokenizer.load(data512).vocab_size == 512
+
+
 def test_serve_reads_the_runs_tokenizer(run512):
     """mtgpt serve, through the official openai client: the greedy text is `mtgpt sample`'s, and
     the prompt is counted in the run's tokens."""
