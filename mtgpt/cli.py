@@ -569,8 +569,8 @@ def export(run_dir, hf_dir, best, overwrite):
     try:
         model = load_model(run_dir, best=best)
         with _sigterm_interrupts():  # the folder is written whole: Ctrl-C or SIGTERM leave nothing
-            hf.export(dict(model.named_parameters()), model.config, out, load_tokenizer(model_folder(run_dir, best)),
-                      overwrite=overwrite)
+            hf.export(dict(model.named_parameters()), model.config, hf_dir, load_tokenizer(model_folder(run_dir, best)),
+                      overwrite=overwrite)  # (hf_dir as given: Path() would make http:// of a URL http:/)
     except ValueError as e:
         _fail(e)
     except KeyboardInterrupt as e:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -111,6 +112,9 @@ def foreign(out: Path, k: str) -> list[str]:
                   if not (p.is_file() and any(p.match(pattern) for pattern in own)))
 
 
+URL = re.compile(r"(https?|pipe|s3|gs|ais|ftp|sftp|scp|hdfs|file):", re.IGNORECASE)  # what webdataset opens
+
+
 def check_out(out: str | Path, overwrite: bool, option: str = "--out", error: type[ValueError] = ValueError,
               writes: tuple[str, ...] = ()) -> Path:
     """Refuse (raising `error`, the caller's own kind) to write a folder where it cannot be made
@@ -119,6 +123,9 @@ def check_out(out: str | Path, overwrite: bool, option: str = "--out", error: ty
     command itself writes) that holds nothing else, never over a run, data, text or anything else.
     Returns the folder to write: `out`, or where it links to when it is a symbolic link (the link
     stays and names the new folder)."""
+    if URL.match(str(out)):  # (webdataset's writer would PUT to it, or run a pipe: command)
+        raise error(f"{option} {out}: a URL; {option} is a local folder: write it here, then copy it where it goes "
+                    "(mtgpt train reads --data from a URL)")
     out = Path(out)
     if out.is_symlink():
         out = out.resolve()

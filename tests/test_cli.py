@@ -130,6 +130,20 @@ def test_overwrite_replaces_only_what_the_command_writes(tiny_data, model_run, t
         assert invoke(*args, option, tmp_path / command, "--overwrite").exit_code == 0
 
 
+@pytest.mark.parametrize("command", [["prepare", SONNETS, "--block-size", "32", "--out"],
+                                     ["tokenizer", "train", SONNETS, "--vocab-size", "300", "--out"],
+                                     ["export", "RUN", "--hf"]])
+@pytest.mark.parametrize("url", ["http://127.0.0.1:9/data/x", "pipe:cat>out.tar", "s3://bucket/x"])
+def test_an_out_that_is_a_url_is_refused(model_run, tmp_path, monkeypatch, command, url):
+    """prepare --out http://... PUT its shards to the server (webdataset's writer opens URLs), and
+    pipe:... ran the command, left folders named after them and said "nothing was written"."""
+    monkeypatch.chdir(tmp_path)
+    option = command[-1]
+    one_error_line(invoke(*[model_run if a == "RUN" else a for a in command], url),
+                   f"{option} {url}: a URL; {option} is a local folder: write it here, then copy it where it goes")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_out_that_cannot_be_made(tiny_data, tmp_path):
     (tmp_path / "afile").write_text("")
     result = invoke("train", "--data", tiny_data, "--out", tmp_path / "afile" / "run", *TINY_ARGS)

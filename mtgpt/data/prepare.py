@@ -72,7 +72,7 @@ class SplitWriter:
 
     def _write(self, record: np.ndarray, mask: np.ndarray | None = None) -> None:
         if self._writer is None:  # lazily: ShardWriter opens its first file at construction
-            pattern = str(self.folder / f"{self.split}-%06d.tar")
+            pattern = str(self.folder.absolute() / f"{self.split}-%06d.tar")  # (never taken for a URL)
             self._writer = wds.ShardWriter(pattern, maxsize=self.shard_bytes, maxcount=10**9,
                                            post=self._finished, verbose=0, mtime=0.0)
         sample = {"__key__": f"{self._records:09d}", "tokens.u16": record.astype("<u2").tobytes()}
