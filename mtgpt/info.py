@@ -11,7 +11,7 @@ import numpy as np
 
 from mtgpt import checkpoint, folders, hf, rundir, tokenizer
 from mtgpt.config import ModelConfig, TrainConfig, load_json
-from mtgpt.data.manifest import MANIFEST, load_manifest, verify as verify_shards
+from mtgpt.data.manifest import MANIFEST, load_manifest, missing, verify as verify_shards
 from mtgpt.model import param_count
 from mtgpt.monitor import METRICS, read_metrics
 
@@ -62,8 +62,8 @@ def mask_line(m: dict[str, Any]) -> str:
 def describe_data(path: Path, verify: bool) -> tuple[list[str], bool]:
     """(lines, ok). verify: check every file's size and sha256 first, and read no sample of a
     folder that fails (GPT-2's bytes per token would stop at the damage instead of reporting it)."""
-    m = load_manifest(path)
-    problems = verify_shards(path, m) if verify else []
+    m = load_manifest(path, whole=False)  # (files missing are said below, after what the folder is)
+    problems = verify_shards(path, m) if verify else missing(path, m)
     lines = [f"data folder {path} (mtgpt {m['mtgpt_version']}, {m['created']})",
              f"tokenizer: {tokenizer.describe(m['tokenizer'])}",
              f"block size: {m['block_size']} ({m['sample_tokens']} tokens per sequence)",
@@ -90,6 +90,9 @@ def describe_data(path: Path, verify: bool) -> tuple[list[str], bool]:
         lines.append(mask_line(m))
     if verify:
         lines += [f"verify: {p}" for p in problems] or [f"verify: all {sum(len(m['splits'][s]['shards']) for s in ('train', 'val'))} shard(s) match their sha256"]
+    elif problems:
+        lines += [f"damaged: {p}" for p in problems] + ["damaged: prepare the data again (--verify checks every "
+                                                        "file's sha256 too)"]
     return lines, not problems
 
 

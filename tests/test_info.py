@@ -133,3 +133,12 @@ def test_verify_reports_damaged_shards_of_an_own_tokenizer_folder(tmp_path):
         assert not ok and f"verify: {folder / problem}" in text and "val-000000" not in text
     text, ok = info.describe(str(data), verify=True)
     assert ok and "GPT-2's, 50,257 tokens, on ~1 MB of this text" in text
+    # a shard missing as well: --verify names every problem (it stopped at the missing one, and so
+    # did plain info, before saying what the folder is)
+    (flipped / "val-000000.tar").unlink()
+    text, ok = info.describe(str(flipped), verify=True)
+    assert not ok and f"verify: {flipped / 'val-000000.tar'}: listed in manifest.json but missing" in text
+    assert f"verify: {flipped / 'train-000000.tar'}: sha256 differs" in text and "data folder" in text
+    text, ok = info.describe(str(flipped))
+    assert not ok and text.startswith(f"data folder {flipped}") and \
+        f"damaged: {flipped / 'val-000000.tar'}: listed in manifest.json but missing" in text

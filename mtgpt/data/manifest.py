@@ -32,10 +32,11 @@ def sha256_file(path: Path, bufsize: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def load_manifest(data_dir: str | Path, cache: str | Path | None = None) -> dict[str, Any]:
-    """Read and sanity-check a data folder's manifest; DataError says what to run if it is not one.
-    `data_dir` may be a URL (mtgpt.data.remote): its manifest is fetched and checked alike (from
-    its copy in `cache`, --data-cache, when the URL cannot be reached)."""
+def load_manifest(data_dir: str | Path, cache: str | Path | None = None, whole: bool = True) -> dict[str, Any]:
+    """Read and sanity-check a data folder's manifest; DataError says what to run if it is not one,
+    or (`whole`) if a file it lists is missing. `data_dir` may be a URL (mtgpt.data.remote): its
+    manifest is fetched and checked alike (from its copy in `cache`, --data-cache, when the URL
+    cannot be reached)."""
     if remote.is_url(data_dir):
         return _checked(remote.read_manifest(str(data_dir), cache=cache)[0], str(data_dir))
     data_dir = Path(data_dir)
@@ -46,10 +47,16 @@ def load_manifest(data_dir: str | Path, cache: str | Path | None = None) -> dict
         manifest = _checked(json.loads(path.read_text()), path)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON ({e}); prepare the data again") from None
-    for entry in data_files(manifest):
+    for entry in data_files(manifest) if whole else []:
         if not (data_dir / entry["file"]).is_file():
             raise DataError(f"{data_dir / entry['file']}: listed in {MANIFEST} but missing; prepare the data again")
     return manifest
+
+
+def missing(data_dir: Path, manifest: dict[str, Any]) -> list[str]:
+    """The files the manifest lists that are not there, each as a problem."""
+    return [f"{data_dir / e['file']}: listed in {MANIFEST} but missing" for e in data_files(manifest)
+            if not (data_dir / e["file"]).is_file()]
 
 
 def _not_data(path: Path) -> DataError:
@@ -111,9 +118,11 @@ def verify(data_dir: str | Path, manifest: dict[str, Any] | None = None) -> list
     """Check every shard's size and sha256 against the manifest. Returns the problems found."""
     data_dir = Path(data_dir)
     manifest = manifest or load_manifest(data_dir)
-    problems = []
+    problems = missing(data_dir, manifest)  # (each file checked, whatever the others are)
     for entry in data_files(manifest):
         path = data_dir / entry["file"]
+        if not path.is_file():
+            continue
         if path.stat().st_size != entry["bytes"]:
             problems.append(f"{path}: {path.stat().st_size} bytes, manifest says {entry['bytes']}")
         elif sha256_file(path) != entry["sha256"]:
