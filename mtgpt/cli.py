@@ -303,7 +303,7 @@ def tokenizer_train(inputs, vocab_size, out, glob, strict, overwrite, quiet):
     try:
         with _sigterm_interrupts():
             tok = make_tokenizer(list(inputs), vocab_size, out, overwrite=overwrite, glob=glob, strict=strict,
-                                 quiet=quiet)
+                                 quiet=quiet, warn=lambda s: click.echo(s, err=True))
     except DataError as e:
         _fail(e)
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: make_tokenizer removed its temporary folder

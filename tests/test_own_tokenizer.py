@@ -213,6 +213,11 @@ def test_tokenizer_train_bad_input(tmp_path):
     proc = run_mtgpt("tokenizer", "train", SONNETS, "--vocab-size", "300", "--out", tmp_path / "t", check=False)
     one_error_line(proc, "not empty")
     assert (tmp_path / "t" / "keep.txt").read_text() == "mine"
+    # invalid UTF-8 is replaced, and said as prepare says it (it was replaced without a word)
+    (tmp_path / "bad.txt").write_bytes(SONNETS.read_bytes() + b"ab\xffcd\n" * 3)
+    proc = run_mtgpt("tokenizer", "train", tmp_path / "bad.txt", "--vocab-size", "300", "--out", tmp_path / "t2")
+    assert f"warning: {tmp_path / 'bad.txt'}: 3 invalid UTF-8 byte(s) replaced with U+FFFD (use --strict to refuse " \
+        "such files)" in proc.stderr, proc.stderr
 
 
 def test_stdin(tmp_path):

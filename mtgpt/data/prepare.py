@@ -505,25 +505,29 @@ def _finish(tmp: Path, writers: dict[str, SplitWriter], tok: Tokenizer, block_si
     return manifest
 
 
-def _texts(sources: list[Source], strict: bool, separator: str | None, bar: tqdm):
-    """The text of `sources` as prepare reads it (chunks, without document separator lines)."""
+def _texts(sources: list[Source], strict: bool, separator: str | None, bar: tqdm, replaced: dict[str, int]):
+    """The text of `sources` as prepare reads it (chunks, without document separator lines); the
+    invalid UTF-8 bytes replaced are counted per source name in `replaced`."""
     sep = _separator_pattern(separator)
     for src in sources:
         for offset, data in read_chunks(src, CHUNK_BYTES, separator):
-            text, _ = decode_utf8(data, strict, src.name, offset)
+            text, bad = decode_utf8(data, strict, src.name, offset)
+            if bad:
+                replaced[src.name] = replaced.get(src.name, 0) + bad
             bar.update(len(data))
             yield from (sep.split(text) if sep else [text])
 
 
 def train_tokenizer(sources: list[Source], vocab_size: int, strict: bool = False, separator: str | None = None,
-                    quiet: bool = False) -> Tokenizer:
-    """A byte-level BPE of `vocab_size` tokens trained on the text of `sources` (mtgpt.tokenizer.train)."""
+                    quiet: bool = False, replaced: dict[str, int] | None = None) -> Tokenizer:
+    """A byte-level BPE of `vocab_size` tokens trained on the text of `sources` (mtgpt.tokenizer.train);
+    the invalid UTF-8 bytes it replaced are counted per source in `replaced`."""
     known = all(s.size is not None for s in sources)
     with tqdm(total=sum(s.size for s in sources) if known else None, unit="B", unit_scale=True, unit_divisor=1024,
               desc="tokenizer: read", disable=True if quiet else None, dynamic_ncols=True) as bar:
         try:
-            return tokenizer.train(_texts(sources, strict, separator, bar), vocab_size,
-                                   progress=not quiet and sys.stderr.isatty())
+            return tokenizer.train(_texts(sources, strict, separator, bar, {} if replaced is None else replaced),
+                                   vocab_size, progress=not quiet and sys.stderr.isatty())
         except TokenizerError as e:
             raise DataError(str(e)) from None
 
@@ -554,7 +558,8 @@ def tokenizer_info(tok: Tokenizer, read: list[Source], listed: list[Source]) -> 
 
 
 def make_tokenizer(inputs: list[str], vocab_size: int, out: str | Path, overwrite: bool = False,
-                   glob: str | None = None, strict: bool = False, quiet: bool = False) -> Tokenizer:
+                   glob: str | None = None, strict: bool = False, quiet: bool = False,
+                   warn: Callable[[str], None] = print) -> Tokenizer:
     """`mtgpt tokenizer train`: train on `inputs` (what prepare reads) and write the folder `out`
     (tokenizer.json, tokenizer_info.json) through a temporary folder, renamed when complete."""
     try:
@@ -574,7 +579,10 @@ def make_tokenizer(inputs: list[str], vocab_size: int, out: str | Path, overwrit
                     for _, data in read_chunks(src, CHUNK_BYTES):
                         f.write(data)
                 sources[i] = Source(src.name, kept, kept.stat().st_size)
-        tok = train_tokenizer(sources, vocab_size, strict, quiet=quiet)
+        replaced: dict[str, int] = {}
+        tok = train_tokenizer(sources, vocab_size, strict, quiet=quiet, replaced=replaced)
+        for name, count in replaced.items():  # (as prepare says it)
+            warn(replaced_warning(name, count))
         tok.info = tokenizer_info(tok, sources, sources)
         tok.save(tmp)
         (tmp / ".stdin.txt").unlink(missing_ok=True)
