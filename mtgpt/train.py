@@ -250,8 +250,8 @@ def mixture_weights(sources: list[DataSource], manifests: list[dict[str, Any]]) 
 
 def plan_warnings(plan: Plan, step: int = 0, drawn: list[float] | None = None) -> list[str]:
     """What to tell the user before the start: a URL read from its cached copy, a warmup as long as
-    the schedule, and a source read more than REPEAT_WARN times (unless --max-epochs asked for it,
-    with one source)."""
+    the schedule, a source of a mixture with no val split, and a source read more than
+    REPEAT_WARN times (unless --max-epochs asked for it, with one source)."""
     out = [f"warning: {remote.from_cache[s.path]}" for s in plan.sources if s.path in remote.from_cache]
     if plan.cfg.warmup_steps is not None and plan.cfg.warmup_steps >= plan.schedule_steps:
         out.append(f"warning: --warmup-steps {plan.cfg.warmup_steps} is not shorter than the {plan.schedule_steps}-step "
@@ -261,6 +261,10 @@ def plan_warnings(plan: Plan, step: int = 0, drawn: list[float] | None = None) -
         out.append('note: the DeepSpeed JSON\'s optimizer has no "torch_adam": true, so DeepSpeed builds its own '
                    "FusedAdam op: a compile of a minute or more at the first start on this machine, which prints "
                    "nothing (the bundled JSONs use PyTorch's fused AdamW)")
+    without = [s.name for s, m in zip(plan.sources, plan.manifests) if not m["splits"]["val"]["samples"]]
+    if len(plan.sources) > 1 and without and len(without) < len(plan.sources):
+        out.append(f"note: {', '.join(without)} {'has' if len(without) == 1 else 'have'} no val split (prepared with "
+                   "--val-fraction 0): val/loss, early stopping and best/ are the other sources' alone")
     if plan.cfg.max_epochs is not None and len(plan.sources) == 1:
         return out
     for source, w, epochs, m in zip(plan.sources, plan.weights, plan.epochs(step, drawn), plan.manifests):

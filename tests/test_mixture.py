@@ -230,6 +230,12 @@ def test_a_plan_refuses_sources_that_do_not_share_tokenizer_or_block_size(two_so
     # resumed at step 300 of 400 after drawing [2200, 200] samples: those, and the rest at the weights of now
     assert plan.epochs(300, [2200, 200]) == pytest.approx([(2200 + 400) / sizes[0], (200 + 400) / sizes[1]])
     assert plan_warnings(plan, 300, [2200, 200]) == []  # the words were read little before: no warning
+    # a source with no val split: val/loss is the others' alone, and said so (it was not)
+    prepare([str(text)], tmp_path / "noval", block_size=8, val_fraction=0, quiet=True)
+    plan = make_plan(TrainConfig(data=[str(two_sources["numbers"]), f"nv={tmp_path / 'noval'}"], **base, max_steps=10),
+                     1, cuda=False)
+    assert plan_warnings(plan) == ["note: nv has no val split (prepared with --val-fraction 0): val/loss, early "
+                                   "stopping and best/ are the other sources' alone"]
 
 
 @pytest.mark.slow
