@@ -347,6 +347,9 @@ def test_bad_shard_size_and_a_one_sample_corpus(tmp_path):
     assert "raise --val-fraction" not in str(e.value) and "--val-fraction 0" in str(e.value)
     prepare([str(tmp_path / "one.txt")], tmp_path / "d", block_size=32, val_fraction=0, quiet=True)  # as told
     _nothing_written(tmp_path, tmp_path / "e")
+    # a size below a byte: a record per shard (the first shard of each split was empty)
+    m = prepare([str(SONNETS)], tmp_path / "tiny", block_size=512, val_fraction=0.2, shard_size_mb=1e-9, quiet=True)
+    assert all(shard["samples"] > 0 for split in ("train", "val") for shard in m["splits"][split]["shards"]), m
 
 
 def test_stale_temporary_folders_removed(tmp_path):

@@ -319,10 +319,15 @@ def _looks_like_chat(sources: list[Source]) -> bool:
     return bool(sources)
 
 
+def bytes_per_shard(shard_size_mb: float) -> int:
+    """--shard-size in bytes, at least 1 (0 made every shard full at once: the first one empty)."""
+    return max(1, int(shard_size_mb * 1e6))
+
+
 def _write_shards(sources, tmp, block_size, val_fraction, seed, shard_size_mb, strict, separator,
                   workers, quiet, warn, listed, extra, tok: Tokenizer, started: float) -> dict[str, Any]:
     S = block_size + 1
-    shard_bytes = int(shard_size_mb * 1e6)
+    shard_bytes = bytes_per_shard(shard_size_mb)
     writers = {s: SplitWriter(tmp, s, shard_bytes) for s in ("train", "val")}
     is_val = ValSelector(val_fraction, seed)
     carry = np.zeros(0, dtype=np.uint16)
@@ -394,7 +399,7 @@ def _write_chat_shards(paths: list[Path], tmp: Path, block_size: int, val_fracti
     from mtgpt import chat
 
     S = block_size + 1
-    writers = {s: SplitWriter(tmp, s, int(shard_size_mb * 1e6)) for s in ("train", "val")}
+    writers = {s: SplitWriter(tmp, s, bytes_per_shard(shard_size_mb)) for s in ("train", "val")}
     is_val = ValSelector(val_fraction, seed)
     stats = {"documents": 0, "tokens": 0, "text_bytes": 0, "dropped_tail_tokens": 0, "replaced_bytes": 0,
              "loss_mask": True, "train_on": train_on, "trained_targets": 0, "padding_tokens": 0, "left_out_samples": 0}
