@@ -302,8 +302,8 @@ def check_resumable_ds(found: Path, ds: dict[str, Any], ds_name: str) -> None:
         return  # a run folder from before ds_config.json existed: nothing to compare with
     settings = saved_settings(found) or {}
     own = settings.get("ds_config") or str(out / DS_CONFIG)
-    data = settings.get("data") or ["DATA"]
-    data = " ".join(f"--data {shlex.quote(d)}" for d in ([data] if isinstance(data, str) else data))
+    sources = settings.get("data") or ["DATA"]  # (one string in a run of an older mtgpt)
+    data = " ".join(f"--data {shlex.quote(d)}" for d in ([sources] if isinstance(sources, str) else sources))
     fix = (f"resume without --ds-config (the run keeps its own, {own}), or start a new run from its weights: "
            f"mtgpt train --init-from {shlex.quote(str(out))} {data} --ds-config {shlex.quote(ds_name)} --out NEW")
     old, new = ds_config.weights_dtype(saved), ds_config.weights_dtype(ds)

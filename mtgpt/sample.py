@@ -297,6 +297,11 @@ class SampleText:
         return text
 
 
+def sample_texts(tok: Tokenizer, cfg: SampleConfig) -> list[SampleText]:
+    """One SampleText per sample of `cfg`."""
+    return [SampleText(tok, cfg.stops, stop_at_eot=cfg.stop_at_eot) for _ in range(cfg.num_samples)]
+
+
 def grow(texts: list[SampleText], model: GPT, ids: list[int], cfg: SampleConfig, use_cache: bool = True,
          decoder: str = "auto") -> Iterator[None]:
     """Add each step's tokens to `texts` (one per sample) and yield after each step, until every
@@ -317,7 +322,7 @@ def generate(model: GPT, tok: Tokenizer, prompt: str, cfg: SampleConfig, use_cac
              decoder: str = "auto") -> list[str]:
     """Whole continuations of `prompt` (without the prompt), one per sample (`stream`'s decoder)."""
     cfg.check(model.config.vocab_size)
-    texts = [SampleText(tok, cfg.stops, stop_at_eot=cfg.stop_at_eot) for _ in range(cfg.num_samples)]
+    texts = sample_texts(tok, cfg)
     for _ in grow(texts, model, tok.prompt(prompt), cfg, use_cache, decoder):
         pass
     return [text.out for text in texts]
@@ -363,7 +368,7 @@ def run_sample(run_dir: str, prompt: str, cfg: SampleConfig, best: bool = False,
         warn(f"warning: the prompt has {len(ids)} tokens, more than the context of "
              f"{model.config.block_size}; the model sees its last {model.config.block_size}")
     if cfg.num_samples > 1:  # generated together, written when done (a bar on a terminal meanwhile)
-        texts = [SampleText(tok, cfg.stops, stop_at_eot=cfg.stop_at_eot) for _ in range(cfg.num_samples)]
+        texts = sample_texts(tok, cfg)
         try:
             with tqdm(grow(texts, model, ids, cfg), total=cfg.max_new_tokens, desc=f"{cfg.num_samples} samples",
                       unit="tok", dynamic_ncols=True, leave=False, disable=None) as steps:
@@ -373,7 +378,7 @@ def run_sample(run_dir: str, prompt: str, cfg: SampleConfig, best: bool = False,
             for i, text in enumerate(texts):
                 write(f"--- sample {i + 1}\n{prompt}{text.out}\n")
         return [text.out for text in texts]
-    text = SampleText(tok, cfg.stops, stop_at_eot=cfg.stop_at_eot)
+    [text] = sample_texts(tok, cfg)
     write(prompt)
     for nxt in on_host(stream(model, ids, cfg)):
         write(text.add(nxt[0]))

@@ -51,8 +51,6 @@ from mtgpt.tokenizer import Tokenizer
 
 MAX_BODY = 1 << 20  # bytes a request body may have (a context of text is a few KB)
 MAX_JOBS = 256  # requests generating or waiting at once; more get 429
-STOPPING = "the server is stopping (mtgpt serve got Ctrl-C or SIGTERM)"
-SENT = "; the text so far was sent"  # (a stream's error event; a whole response sends nothing of it)
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -66,6 +64,14 @@ class ApiError(Exception):
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class Stopping(ApiError):
+    """503: the server is stopping; `done` says what became of the request (a stream has sent its
+    text so far, a whole response nothing)."""
+
+    def __init__(self, done: str = ""):
+        super().__init__(503, "the server is stopping (mtgpt serve got Ctrl-C or SIGTERM)" + done, "server_error")
 
 
 # ---- requests (OpenAI's fields; those mtgpt cannot honour are refused, not ignored)
@@ -226,7 +232,7 @@ class Worker:
     def submit(self, job: Job) -> None:
         with self.lock:
             if self.stopped:
-                raise ApiError(503, STOPPING, type_="server_error")
+                raise Stopping()
             if self.incoming.qsize() + len(self.active) >= MAX_JOBS:
                 raise ApiError(429, f"the server is busy ({MAX_JOBS} requests in flight); retry later",
                                type_="rate_limit_error")
@@ -257,7 +263,7 @@ class Worker:
                 self.stopped = True
                 queued = self._drain()
             for job in self.active + queued:
-                job.emit("error", None, ApiError(503, STOPPING + SENT, type_="server_error"))
+                job.emit("error", None, Stopping("; the text so far was sent"))
             self.active = []
 
     def _drain(self) -> list[Job]:
@@ -533,8 +539,7 @@ def create_app(server: Server):
                 while (event := await job.events.get())[0] != "done":
                     kind, i, value = event
                     if kind == "error":
-                        raise ApiError(value.status, value.message.removesuffix(SENT) + "; the request was not "
-                                       "completed", value.type) if value.message.endswith(SENT) else value
+                        raise Stopping("; the request was not completed") if isinstance(value, Stopping) else value
                     if kind == "text":
                         texts[j * n + i] = texts.get(j * n + i, "") + value
                     else:

@@ -521,9 +521,9 @@ def make_history(engine, plan: Plan, state: TrainState) -> None:
             world.print0(f"note: the run's {checkpoint.WEIGHTS} is of step {ahead[out]}, whose checkpoint is gone "
                          f"or was cut short; it is written again with step {state.step}'s weights")
         tag = checkpoint.tag_for(state.step)
-        if (Path(plan.cfg.out) / checkpoint.CKPT_DIR / tag / checkpoint.COMPLETE).is_file():
-            checkpoint.point_latest(plan.cfg.out, tag)
-    export(engine, plan, state, Path(plan.cfg.out))  # a collective under ZeRO-3
+        if (out / checkpoint.CKPT_DIR / tag / checkpoint.COMPLETE).is_file():
+            checkpoint.point_latest(out, tag)
+    export(engine, plan, state, out)  # a collective under ZeRO-3
     world.barrier()
 
 
@@ -568,9 +568,10 @@ def fit(plan: Plan, early_signals: list[int] | tuple[int, ...] = ()) -> dict[str
     stopped_early = not idle and agreed_stop(cfg, 0.0, flag, me.device) == "signal"  # Ctrl-C while starting
     if stopped_early:
         reason, idle = "signal", True
-    lost = idle and plan.resume_from is not None and not (Path(cfg.out) / checkpoint.WEIGHTS).is_file()
-    world.barrier()  # (every rank has looked before rank 0 writes it)
-    if lost:  # a stopped run whose model.safetensors was deleted: a resume writes it again
+    if idle and plan.resume_from is not None and not (Path(cfg.out) / checkpoint.WEIGHTS).is_file():
+        # a stopped run whose model.safetensors was deleted: a resume writes it again (every rank has
+        # looked before rank 0 writes: the barrier waits for all, and a rank that saw it gets here too)
+        world.barrier()
         export(engine, plan, state, Path(cfg.out))  # (a collective under ZeRO-3)
         world.print0(f"note: {Path(cfg.out) / checkpoint.WEIGHTS} was missing; written again from the checkpoint "
                      f"of step {state.step}")
