@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -417,6 +418,25 @@ def test_linked_folders_followed_and_each_file_read_once(tmp_path):
     assert m["tokens"] == len(GPT2.encode(_text(300))) + len(GPT2.encode(_text(200))) + 2
     assert len(warnings) == 1 and warnings[0].startswith("note: 4 file(s) given more than once"), warnings
     assert f"{corpus / 'alias.txt'} (= {corpus / 'a.txt'})" in warnings[0]
+
+
+def test_broken_links_in_a_folder_said(tmp_path):
+    """A link to nothing inside a folder (a moved file, an unmounted drive) is skipped with a
+    warning naming it, not silently; a folder holding only such links names them in its error."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text(_text(300))
+    (corpus / "moved.txt").symlink_to(tmp_path / "gone" / "moved.txt")
+    (corpus / "other.md").symlink_to(tmp_path / "gone" / "other.md")  # not matched by the glob: not said
+    warnings: list[str] = []
+    m = prepare([str(corpus)], tmp_path / "d", block_size=8, val_fraction=0.0, quiet=True, warn=warnings.append)
+    assert [s["name"] for s in m["sources"]] == [str(corpus / "a.txt")]
+    assert warnings == [f"warning: skipped 1 link(s) found in folders whose target does not exist: "
+                        f"{corpus / 'moved.txt'}; fix or remove the link"]
+    (corpus / "a.txt").unlink()
+    with pytest.raises(DataError, match=r"no files matching '\*\*/\*.txt' in this folder \(1 link\(s\) to nothing: "
+                                        + re.escape(str(corpus / "moved.txt"))):
+        prepare([str(corpus)], tmp_path / "e", quiet=True)
 
 
 def test_empty_or_binary_files_in_a_folder_skipped(tmp_path):

@@ -126,13 +126,15 @@ def _matches(parts: tuple[str, ...], pattern: tuple[str, ...], any_case: bool = 
     return fnmatchcase(name, glob) and _matches(parts[1:], pattern[1:], any_case)
 
 
-def _walk(folder: Path, globs: tuple[str, ...], any_case: bool = False) -> tuple[list[Path], list[Path]]:
+def _walk(folder: Path, globs: tuple[str, ...], any_case: bool = False
+          ) -> tuple[list[Path], list[Path], list[Path]]:
     """The files under `folder` whose path inside it matches one of `globs` (`any_case`: in upper
     or lower case), through linked folders (each real folder once, so a link back to a folder above
     ends there), sorted: (files, hidden files: those with a part of their path inside `folder` that
-    starts with ".")."""
+    starts with ".", broken links: names that match but link to nothing)."""
     patterns = [PurePosixPath(glob).parts for glob in globs]
     found: list[Path] = []
+    broken: list[Path] = []
     walked: set[tuple[int, int]] = set()
     for root, dirs, files in os.walk(folder, followlinks=True):
         st = os.stat(root)
@@ -141,11 +143,15 @@ def _walk(folder: Path, globs: tuple[str, ...], any_case: bool = False) -> tuple
             continue
         walked.add((st.st_dev, st.st_ino))
         inside = Path(root).relative_to(folder).parts
-        found += [Path(root, name) for name in files
-                  if any(_matches((*inside, name), pattern, any_case) for pattern in patterns)
-                  and Path(root, name).is_file()]
+        for name in files:
+            if any(_matches((*inside, name), pattern, any_case) for pattern in patterns):
+                path = Path(root, name)
+                if path.is_file():
+                    found.append(path)
+                elif not path.exists():
+                    broken.append(path)
     hidden = {p for p in found if any(part.startswith(".") for part in p.relative_to(folder).parts)}
-    return sorted(p for p in found if p not in hidden), sorted(hidden)
+    return sorted(p for p in found if p not in hidden), sorted(hidden), sorted(broken)
 
 
 def _stderr(message: str) -> None:
@@ -173,7 +179,7 @@ def resolve_sources(inputs: list[str], glob: str | tuple[str, ...] = "**/*.txt",
     .YML for *.yml). `glob_fix` says what to do
     about a folder with no file matching (a command without --glob says its own); a folder mtgpt
     wrote (data, run, model, tokenizer) is named as such.
-    What a folder holds that is skipped (hidden, empty or not text) or a file reached twice is told
+    What a folder holds that is skipped (hidden, empty or not text, a broken link) or a file reached twice is told
     through `warn`, one line for each kind."""
     if not inputs:
         raise DataError("no input given: name text files, folders, - for stdin, or a built-in "
@@ -192,6 +198,7 @@ def resolve_sources(inputs: list[str], glob: str | tuple[str, ...] = "**/*.txt",
     seen: dict[tuple[int, int], str] = {}  # (device, inode) of each file read -> its name
     hidden: list[str] = []
     not_text: list[str] = []
+    broken: list[str] = []
     twice: list[str] = []
 
     def add(path: Path, shown: str) -> None:  # a file checked to be text
@@ -214,13 +221,16 @@ def resolve_sources(inputs: list[str], glob: str | tuple[str, ...] = "**/*.txt",
         if item == "-":
             sources.append(Source("-", None, None))
         elif path.is_dir():
-            files, skipped = _walk(path, globs, any_case)
+            files, skipped, dangling = _walk(path, globs, any_case)
             hidden += map(str, skipped)
+            broken += map(str, dangling)
             if not files and folders.kind(path) not in ("folder", "file"):
                 raise DataError(f"{item} is {folders.what(path)}, not text; give text files, folders of "
                                 f"{', '.join(g.removeprefix('**/') for g in globs)}, - for stdin, or a built-in corpus")
             if not files:
                 hint = f" ({len(skipped)} under a hidden name, skipped: name such a file to read it)" if skipped else ""
+                if dangling:
+                    hint += f" ({len(dangling)} link(s) to nothing: {_some([str(p) for p in dangling])})"
                 raise DataError(f"{item}: no files matching {matching} in this folder{hint}; {glob_fix}")
             problems = [(p, _not_text(p, str(p))) for p in files]
             if all(problem for _, problem in problems):
@@ -249,6 +259,9 @@ def resolve_sources(inputs: list[str], glob: str | tuple[str, ...] = "**/*.txt",
     if hidden:
         warn(f"note: skipped {len(hidden)} file(s) found in folders under a hidden name (starting with '.'): "
              f"{_some(hidden)}; name such a file to read it")
+    if broken:
+        warn(f"warning: skipped {len(broken)} link(s) found in folders whose target does not exist: "
+             f"{_some(broken)}; fix or remove the link")
     if not_text:
         warn(f"warning: skipped {len(not_text)} file(s) found in folders that are empty or not text: "
              f"{_some(not_text)}; name such a file to see how to fix it")
