@@ -26,6 +26,7 @@ import functools
 import hashlib
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -374,7 +375,7 @@ def train(texts: Iterable[str], vocab_size: int, progress: bool = False) -> Toke
             seen += len(text)
             yield text
 
-    hf.train_from_iterator(counted(), trainer)
+    _interruptible(lambda: hf.train_from_iterator(counted(), trainer))
     if seen == 0:
         raise TokenizerError("the text is empty: give files with text in them")
     vocab = hf.get_vocab()
@@ -387,6 +388,28 @@ def train(texts: Iterable[str], vocab_size: int, progress: bool = False) -> Toke
     by_id = sorted(vocab, key=vocab.__getitem__)
     tokens = [bytes([b]) for b in range(256)] + [t for t in (bytes(u2b[c] for c in s) for s in by_id) if len(t) > 1]
     return Tokenizer(f"bpe-{vocab_size}", {t: i for i, t in enumerate(tokens)})
+
+
+def _interruptible(work) -> None:
+    """Run `work` in a thread while this one waits: Python runs a Ctrl-C (or SIGTERM) handler only in
+    the main thread, between bytecodes, so while tokenizers' Rust merge loop ran (minutes on a large
+    corpus) Ctrl-C did nothing until it ended. The loop releases the GIL, so the wait here is
+    interrupted at once; the thread is a daemon, ended with the process. An error in `work` is
+    raised here."""
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            work()
+        except BaseException as e:  # raised in the caller's thread below
+            failed.append(e)
+
+    thread = threading.Thread(target=run, name="bpe-train", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.1)
+    if failed:
+        raise failed[0]
 
 
 def check_vocab_size(vocab_size: int) -> None:

@@ -2,7 +2,11 @@
 the trainer's and the encoder's cuts, the Hugging Face form, identities, bad input)."""
 
 import json
+import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -167,6 +171,45 @@ def test_vocab_larger_than_the_text_can_fill():
 def test_empty_text_refused():
     with pytest.raises(TokenizerError, match="the text is empty"):
         tokenizer.train(["", ""], 300)
+
+
+INTERRUPTED_IN_MERGES = """
+import os, random, signal, threading, time
+from mtgpt import tokenizer
+random.seed(0)
+words = ["".join(random.choices("abcdefghijklmnopqrstuvwxyz", k=random.randint(3, 10))) for _ in range(100_000)]
+sent = []
+def texts():
+    for _ in range(300):
+        yield " ".join(random.choices(words, k=2000))
+    def interrupt():
+        sent.append(time.perf_counter())
+        os.kill(os.getpid(), signal.SIGINT)
+    threading.Timer(0.5, interrupt).start()  # the text is read: tokenizers is merging (2-3 s here)
+try:
+    tokenizer.train(texts(), 30_000)
+    print("finished")
+except KeyboardInterrupt:
+    print(f"interrupted {time.perf_counter() - sent[0]:.2f}")
+"""
+
+
+def test_ctrl_c_stops_training_in_the_merge_phase():
+    """Ctrl-C in tokenizers' Rust merge loop (minutes on a large corpus) is taken at once; it
+    waited for the loop to end (2-3 s after the signal on this corpus)."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    out = subprocess.run([sys.executable, "-c", INTERRUPTED_IN_MERGES], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert out.stdout.startswith("interrupted"), (out.stdout, out.stderr[-2000:])
+    assert float(out.stdout.split()[1]) < 0.5, out.stdout
+
+
+def test_an_error_reading_the_text_is_raised():
+    def texts():
+        yield SONNETS.read_text()
+        raise OSError("the disk went away")
+    with pytest.raises(OSError, match="the disk went away"):
+        tokenizer.train(texts(), 300)
 
 
 def test_not_a_tokenizer(tmp_path):
