@@ -308,3 +308,70 @@ def test_conflicting_data_or_run_folders_are_refused(tmp_path):
         assert proc.returncode == 1 and len(lines) == 1 and "error:" in lines[0], lines
         assert all(w in lines[0] for w in words), lines
     assert not list(tmp_path.iterdir())  # no run folder made
+
+
+FAKE_SRUN = """#!/usr/bin/env bash
+printf '%s\\n' "$@" > "$FAKE_SRUN_ARGS"
+"""
+FAKE_SCONTROL = """#!/usr/bin/env bash
+[[ $1 == show && $2 == hostnames ]] && echo localhost
+"""
+
+
+def _script_alone(tmp_path: Path, args: list[str], **env_extra: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """train.sbatch run by bash with a srun that records its arguments (and a scontrol that knows
+    one host): what the script would start, without a cluster."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    recorded = tmp_path / "srun_args"
+    recorded.unlink(missing_ok=True)
+    env = {**{k: v for k, v in os.environ.items() if k not in ("DATA_DIR", "RUN_DIR", "DS_CONFIG")},
+           "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": sys.executable, "PYTHONPATH": str(REPO),
+           "SLURM_JOB_NAME": "mtgpt", "SLURM_JOB_ID": "7", "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "localhost",
+           "FAKE_SRUN_ARGS": str(recorded), **env_extra}
+    proc = subprocess.run(["bash", REPO / "slurm" / "train.sbatch", *args], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=60)
+    return proc, recorded.read_text().splitlines() if recorded.exists() else []
+
+
+def _after(srun_args: list[str], option: str) -> list[str]:
+    return [srun_args[i + 1] for i, a in enumerate(srun_args[:-1]) if a == option]
+
+
+def test_config_file_gives_the_data_and_run_folder(tmp_path):
+    """`train.sbatch --config FILE` (a run's train_config.json) trains on the file's data into its
+    run folder; the script's defaults (data/shakespeare, runs/<job>) replaced both. DATA_DIR and
+    RUN_DIR, given too, replace the file's (as --data and --out do)."""
+    config = tmp_path / "train_config.json"
+    config.write_text(json.dumps({"data": ["books=/somewhere/books"], "out": str(tmp_path / "run1")}))
+    proc, srun = _script_alone(tmp_path, ["--config", str(config), "--max-steps", "2"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert _after(srun, "--out") == [str(tmp_path / "run1")] and _after(srun, "--data") == [], srun
+    assert f"data books=/somewhere/books, run {tmp_path / 'run1'}" in proc.stdout
+    proc, srun = _script_alone(tmp_path, [f"--config={config}"], DATA_DIR="d/x", RUN_DIR="r")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert _after(srun, "--data") == ["d/x"] and _after(srun, "--out") == ["r"], srun
+    (tmp_path / "bad.json").write_text("{")
+    proc, srun = _script_alone(tmp_path, ["--config", str(tmp_path / "bad.json")])
+    assert proc.returncode == 1 and srun == [] and f"error: --config {tmp_path / 'bad.json'}: cannot read it" \
+        in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_the_same_folder_written_two_ways_is_no_conflict_and_ds_config_is_checked(tmp_path):
+    """DATA_DIR=data/ and --data data are one folder (they were refused as different); DS_CONFIG
+    and a different --ds-config among the arguments are refused (the last one had won silently)."""
+    proc, srun = _script_alone(tmp_path, ["--data", "data/books"], DATA_DIR="./data/books/")
+    assert proc.returncode == 0 and _after(srun, "--data") == ["data/books"], proc.stdout + proc.stderr
+    for i, arg in enumerate((["--ds-config", "zero2_fp32"], ["--ds_config=zero2_fp32"],
+                             ["--deepspeed_config", "zero2_fp32"])):
+        (tmp_path / str(i)).mkdir()
+        proc, srun = _script_alone(tmp_path / str(i), arg, DS_CONFIG="zero1_fp32")
+        assert not (tmp_path / str(i) / "runs").exists()  # refused before a run folder is made
+        lines = (proc.stdout + proc.stderr).splitlines()
+        assert proc.returncode == 1 and srun == [] and len(lines) == 1, lines
+        assert "DS_CONFIG=zero1_fp32 and the arguments' --ds-config zero2_fp32 differ" in lines[0], lines
+    proc, srun = _script_alone(tmp_path, ["--ds-config", "zero1_fp32"], DS_CONFIG="zero1_fp32")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
