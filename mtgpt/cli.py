@@ -61,7 +61,7 @@ def _train_options(f):
     fields. All default to None so that only options given on the command line override
     --config and the defaults."""
     options = [click.option("--config", "config_file", type=click.Path(dir_okay=False),
-                            help="A train_config.json to start from (e.g. a run's own); options given here "
+                            help="A train_config.json to start from (e.g. a run's own: its data, --out and --resume too); options given here "
                                  "override it.")]
     options += [_config_option(field) for _, field in config_fields()]
     for option in reversed(options):

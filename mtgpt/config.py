@@ -346,7 +346,21 @@ def parse_duration(text: str | int | float) -> float:
     return seconds
 
 
+_JSON_TYPES = {  # a field's annotation (a string) -> (the JSON values it takes, said in words)
+    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "a whole number"),
+    "float": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "list[str]": (lambda v: isinstance(v, str) or isinstance(v, list) and all(isinstance(x, str) for x in v),
+                  "a list of strings"),
+    "ModelConfig": (lambda v: isinstance(v, (dict, ModelConfig)), "an object"),
+}
+
+
 def _from_dict(cls, d: dict[str, Any], what: str):
+    """`cls` from a JSON object: unknown keys and values of the wrong JSON type are refused (a
+    number or true/false in quotes, e.g. "compile": "false", would otherwise be taken as true,
+    or fail deep inside with a TypeError)."""
     if not isinstance(d, dict):
         raise ConfigError(f"{what} must be a JSON object, got {type(d).__name__}")
     known = {f.name for f in fields(cls)}
@@ -354,6 +368,17 @@ def _from_dict(cls, d: dict[str, Any], what: str):
     if unknown:
         raise ConfigError(f"unknown key(s) in {what}: {', '.join(unknown)}; "
                           f"known keys are: {', '.join(sorted(known))}")
+    for f in fields(cls):
+        kinds = f.type.split(" | ")
+        if f.name not in d or d[f.name] is None and "None" in kinds:
+            continue
+        takes, words = _JSON_TYPES[kinds[0]]
+        if not takes(d[f.name]):
+            value = d[f.name]
+            quoted = isinstance(value, str) and value.strip().lower() in ("true", "false", "null") or \
+                isinstance(value, str) and re.fullmatch(r"\s*[-+]?(\d+\.?\d*|\.\d+)(e[-+]?\d+)?\s*", value, re.I)
+            raise ConfigError(f"{what}: {f.name} must be {words}{', or null' if 'None' in kinds else ''}, got "
+                              f"{json.dumps(value)}" + ("; write it without the quotes" if quoted else ""))
     return cls(**d)
 
 
@@ -370,7 +395,9 @@ def load_json(path: str | Path) -> dict[str, Any]:
     naming the file."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8-sig")  # (a byte-order mark, as some editors write, is dropped)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
     except IsADirectoryError:

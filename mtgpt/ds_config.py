@@ -94,19 +94,21 @@ def find(name_or_path: str) -> tuple[str, dict[str, Any]]:
         raise ConfigError(f"DeepSpeed config {name_or_path} is a folder; give a JSON file in it, or one of the "
                           f"bundled configs ({', '.join(bundled_names())})")
     name = path.name[:-5] if path.name.endswith(".json") else path.name
-    if str(path.parent) == "." or path.parent.name == "ds_configs":
+    if str(path.parent) in (".", "ds_configs"):  # (launch/train.py's examples name ds_configs/NAME.json)
         bundled = bundled_dir() / f"{name}.json"
-        if bundled.is_file():
-            return f"ds_configs/{name}.json", json.loads(bundled.read_text())
+        if bundled.is_file():  # named by its name: a ds_configs/ folder of the user's is not what was read
+            return name, json.loads(bundled.read_text())
     raise ConfigError(f"DeepSpeed config {name_or_path}: no such file, and not one of the bundled "
                       f"configs ({', '.join(bundled_names())})")
 
 
 def shown(name: str) -> str:
-    """A config's name for people: a file by its path, a bundled one by its name (after a pip
-    install "ds_configs/zero1_fp32.json" is no path the user has)."""
-    if name.startswith("ds_configs/") and not Path(name).is_file():
-        return f"{Path(name).stem} (bundled with mtgpt)"
+    """A config's name for people: a file by its path, a bundled one by its name and where it is
+    from (also as older runs recorded it, "ds_configs/zero1_fp32.json", no path after a pip install)."""
+    path = Path(name)
+    if str(path.parent) in (".", "ds_configs") and not path.is_file() and \
+            (bundled_dir() / f"{path.name.removesuffix('.json')}.json").is_file():
+        return f"{path.name.removesuffix('.json')} (bundled with mtgpt)"
     return name
 
 

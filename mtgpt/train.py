@@ -209,7 +209,7 @@ def make_plan(cfg: TrainConfig, world_size: int, cuda: bool | None = None, gpu_m
     universal = resume_from is not None and checkpoint.needs_universal(resume_from, world_size)
     if universal:  # optimizer state saved in shards of another world size
         raw = {**raw, "checkpoint": {**raw.get("checkpoint", {}), "load_universal": True}}
-    ds = ds_config.resolve(cfg, raw, world_size, steps, name=ds_name, cuda=cuda)
+    ds = ds_config.resolve(cfg, raw, world_size, steps, name=ds_config.shown(ds_name), cuda=cuda)
     if resume_from is not None:
         rundir.check_resumable_ds(resume_from, ds, ds_name)
     return Plan(cfg, ds, ds_name, manifests, mixture_weights(cfg.sources, manifests), world_size, steps,

@@ -75,6 +75,15 @@ def test_train_config_errors(tiny_data, tmp_path, args, match):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_config_file_of_wrong_types_is_one_line(tiny_data, tmp_path):
+    """`--config FILE` with "compile": "false" (compiled) or "lr": "1e-3" (a traceback in every rank)."""
+    for bad, match in (({"compile": "false"}, 'compile must be true or false, or null, got "false"'),
+                       ({"lr": "1e-3"}, 'lr must be a number, got "1e-3"; write it without the quotes')):
+        (tmp_path / "c.json").write_text(json.dumps({"data": [str(tiny_data)], **bad}))
+        one_error_line(invoke("train", "--config", tmp_path / "c.json", "--out", tmp_path / "run", *TINY_ARGS), match)
+        assert not (tmp_path / "run").exists()
+
+
 def test_train_batch_disagreement(tiny_data, tmp_path):
     ds = json.loads((__import__("mtgpt.ds_config", fromlist=["x"]).bundled_dir() / "zero1_fp32.json").read_text())
     ds["train_batch_size"] = 24

@@ -38,6 +38,27 @@ def test_bad_values(bad, match):
         TrainConfig.from_dict({"data": "d", "out": "o", **bad})
 
 
+@pytest.mark.parametrize("bad, match", [
+    # a --config file's wrong JSON types: tracebacks in every rank, or taken as true ("compile": "false"
+    # compiled; "bias": "no" trained biases) and recorded so in the run's train_config.json
+    ({"lr": "1e-3"}, 'lr must be a number, got "1e-3"; write it without the quotes'),
+    ({"max_steps": "3"}, 'max_steps must be a whole number, or null, got "3"; write it without the quotes'),
+    ({"max_steps": 3.5}, "max_steps must be a whole number, or null, got 3.5"),
+    ({"compile": "false"}, 'compile must be true or false, or null, got "false"; write it without the quotes'),
+    ({"tf32": 1}, "tf32 must be true or false, got 1"),
+    ({"seed": True}, "seed must be a whole number, got true"),
+    ({"lr": None}, "lr must be a number, got null"),
+    ({"data": 5}, "data must be a list of strings, got 5"),
+    ({"data": ["d", 7]}, r'data must be a list of strings, got \["d", 7\]'),
+    ({"model": [1]}, r"model must be an object, got \[1\]"),
+    ({"model": {"bias": "no"}}, 'model config: bias must be true or false, got "no"$'),
+    ({"model": {"n_layer": "2"}}, 'n_layer must be a whole number, got "2"; write it without the quotes'),
+])
+def test_wrong_json_types_refused(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        TrainConfig.from_dict({"data": "d", "out": "o", **bad})
+
+
 @pytest.mark.parametrize("text, seconds", [("90", 90), ("90s", 90), ("30m", 1800), ("2h", 7200),
                                            ("1d", 86400), ("1:30:00", 5400), ("05:00", 300)])
 def test_durations(text, seconds):
@@ -62,6 +83,11 @@ def test_load_json_errors(tmp_path):
         load_json(tmp_path / "comment.json")
     with pytest.raises(ConfigError, match="is a folder, not a JSON file"):
         load_json(tmp_path)
+    (tmp_path / "bom.json").write_bytes(b'\xef\xbb\xbf{"a": 1}')  # (Windows editors write a byte-order mark)
+    assert load_json(tmp_path / "bom.json") == {"a": 1}
+    (tmp_path / "wide.json").write_bytes('{"a": 1}'.encode("utf-16"))  # was a UnicodeDecodeError traceback
+    with pytest.raises(ConfigError, match=r"wide.json: not UTF-8 text \(invalid start byte at byte 0\); save it as UTF-8"):
+        load_json(tmp_path / "wide.json")
 
 
 def test_batch_size_derives_grad_accum_for_any_number_of_ranks():

@@ -258,21 +258,30 @@ def test_schedule_steps(tiny_data):
 
 def test_make_plan_checks(tiny_data, tmp_path, monkeypatch):
     from mtgpt.config import ConfigError
+    from mtgpt import ds_config
     from mtgpt.train import make_plan
 
     cfg = TrainConfig(data=str(tiny_data), out=str(tmp_path / "run"), model=dict(TINY), micro_batch=2, max_steps=5)
     plan = make_plan(cfg, world_size=2, cuda=False)
-    assert plan.ds_name.endswith("zero1_fp32.json") and plan.ds["train_batch_size"] == 4 and plan.schedule_steps == 5
+    assert plan.ds_name == "zero1_fp32" and plan.ds["train_batch_size"] == 4 and plan.schedule_steps == 5
     assert plan.resume_from is None and not plan.universal and plan.tokens_per_step == 128
     from mtgpt.train import banner
 
-    # the banner names a bundled config by its name where ds_configs/ is no folder of the user's (a pip install)
-    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the checkout, which has ds_configs/
-    assert ", ds_configs/zero1_fp32.json: ZeRO-1, fp32" in banner(plan, 0)
+    # a bundled config is named by its name, wherever the command runs: a ds_configs/zero1_fp32.json of
+    # the user's in the current folder (here: another stage) was named as what was read, and reading
+    # the run's train_config.json there took it
     monkeypatch.chdir(tmp_path)
-    assert ", zero1_fp32 (bundled with mtgpt): ZeRO-1, fp32" in banner(plan, 0)
-    with pytest.raises(ConfigError, match="fp16 needs a GPU"):
+    (tmp_path / "ds_configs").mkdir()
+    shadow = json.loads((ds_config.bundled_dir() / "zero1_fp32.json").read_text())
+    (tmp_path / "ds_configs" / "zero1_fp32.json").write_text(json.dumps({**shadow, "zero_optimization": {"stage": 2}}))
+    assert ", zero1_fp32 (bundled with mtgpt): ZeRO-1, fp32" in banner(make_plan(cfg, world_size=2, cuda=False), 0)
+    assert make_plan(cfg.replace(ds_config=plan.cfg.ds_config), world_size=2, cuda=False).ds["zero_optimization"]["stage"] == 1
+    assert make_plan(cfg.replace(ds_config="ds_configs/zero1_fp32.json"), world_size=2,  # a path: that file
+                     cuda=False).ds["zero_optimization"]["stage"] == 2
+    with pytest.raises(ConfigError, match=r"^zero1_fp16 \(bundled with mtgpt\): DeepSpeed's fp16 needs a GPU"):
         make_plan(cfg.replace(ds_config="zero1_fp16"), world_size=1, cuda=False)
+    with pytest.raises(ConfigError, match="DeepSpeed config /no/ds_configs/zero2_fp32.json: no such file"):
+        make_plan(cfg.replace(ds_config="/no/ds_configs/zero2_fp32.json"), world_size=1, cuda=False)  # was the bundled one
     from mtgpt.train import plan_warnings
 
     assert plan_warnings(plan) == [] and plan_warnings(make_plan(cfg.replace(warmup_steps=4), 2, cuda=False)) == []
@@ -1094,7 +1103,7 @@ def test_a_resumed_run_keeps_its_deepspeed_config_and_a_weights_change_is_refuse
     _fit(TrainConfig(**args, max_steps=2, ds_config="zero0_fp32"))
     resumed = make_plan(TrainConfig(**args, max_steps=4, resume="auto"), 1, cuda=False)
     assert "zero0_fp32" in resumed.ds_name  # not the CPU default, zero1_fp32
-    with pytest.raises(ConfigError, match=r"fp32 weights .*zero1_bf16.json trains bf16 weights.*--ds-config (\S+)"):
+    with pytest.raises(ConfigError, match=r"fp32 weights .*zero1_bf16 trains bf16 weights.*--ds-config (\S+)"):
         make_plan(TrainConfig(**args, max_steps=2, resume="auto", ds_config="zero1_bf16"), 1, cuda=False)
     fix = make_plan(TrainConfig(**args, max_steps=2, resume="auto", ds_config=str(run / "ds_config.json")), 1, cuda=False)
     assert fix.ds["zero_optimization"]["stage"] == 0  # the fix the message gives is accepted
