@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from mtgpt import __version__, checkpoint, ds_config, monitor, rundir, tokenizer, world
-from mtgpt.config import ConfigError, DataSource, ModelConfig, TrainConfig, parse_duration
+from mtgpt.config import ConfigError, DataSource, ModelConfig, TrainConfig, data_sources, parse_duration
 from mtgpt.data import DataError, check_compatible, load_manifest, remote
 from mtgpt.data.loader import Split, TrainBatches, load_val, resume_position
 from mtgpt.model import GPT, flops_per_token, param_count, training_bytes_per_token
@@ -193,6 +193,7 @@ def make_plan(cfg: TrainConfig, world_size: int, cuda: bool | None = None, gpu_m
     for source, m in zip(cfg.sources, manifests):
         check_compatible(m, source.path, cfg.model.vocab_size, cfg.model.block_size, resume_from is not None)
     if resume_from is not None:
+        check_source_order(cfg, resume_from)
         cfg = rundir.keep_run_settings(cfg, resume_from)
     own = rundir.own_ds_config(cfg, resume_from, ds_config_given) if resume_from is not None else None  # the JSON it trained with
     ds_name, raw = own or ds_config.find(cfg.ds_config or ds_config.default_name(cuda, cuda and torch.cuda.is_bf16_supported()))
@@ -239,6 +240,24 @@ def load_sources(sources: list[DataSource], cache: str | None = None) -> list[di
                             f"{source.path} {m['block_size']}; prepare {source.path} again with --block-size "
                             f"{m0['block_size']}")
     return manifests
+
+
+def check_source_order(cfg: TrainConfig, found: Path) -> None:
+    """A resumed mixture's sources in another order than the run's: refused, with the order to give.
+    Each source's shuffle is that of its place, so reordered sources could not go on where they were
+    (each would start over). Other changes (a source added, dropped, replaced) are resume's notes."""
+    try:
+        saved = [s.name for s in data_sources((rundir.saved_settings(found) or {}).get("data") or [])]
+    except ConfigError:  # (a saved source that no longer parses: nothing to compare)
+        return
+    names = [s.name for s in cfg.sources]
+    if len(names) > 1 and sorted(names) == sorted(saved) and names != saved:
+        by_name = {s.name: s for s in cfg.sources}
+        order = " ".join(f"--data {s.name}={s.path}" + (f":{s.weight:g}" if s.weight is not None else "")
+                         for s in (by_name[n] for n in saved))
+        raise ConfigError(f"the sources are given in another order ({', '.join(names)}) than the run saved "
+                          f"({', '.join(saved)}); each source's shuffle is that of its place, so give them in the "
+                          f"run's order to have each go on where it was: {order}")
 
 
 def mixture_weights(sources: list[DataSource], manifests: list[dict[str, Any]]) -> list[float]:
@@ -485,17 +504,31 @@ def resume(engine, plan: Plan, running: RunningLoss, train_samples: list[int]
         scaler.load_state_dict(state.ranks[0]["grad_scaler"])
         scaler.skipped.fill_(state.ranks[0].get("grad_scaler_skipped", 0))
     saved = state.ranks[0]["data"]  # the same on every rank
-    where = resume_position(saved, plan.cfg.seed, train_samples, plan.weights)
+    names = [s.name for s in plan.sources]
+    where = resume_position(saved, plan.cfg.seed, train_samples, plan.weights, names)
     if where is None:
-        world.print0("warning: the data order was saved for another seed or other train splits (or by an older "
-                     "mtgpt): it starts a new shuffle now")
-        where = (0, None)
+        world.print0("warning: the data order was saved for another seed (or by an older mtgpt): it starts a new "
+                     "shuffle now")
+        where = (0, None, [])
+    position, counts, fresh = where
+    if fresh:
+        new = [names[j] for j in fresh]
+        world.print0(f"note: {', '.join(new)} {'is' if len(new) == 1 else 'are'} not the source(s) the run saved in "
+                     f"{'its place' if len(new) == 1 else 'their places'} (added, replaced, or prepared again): "
+                     f"{'it starts its' if len(new) == 1 else 'each starts its'} own shuffle"
+                     + (", and the others go on where they were" if len(new) < len(names) else ""))
     elif len(plan.weights) > 1 and saved.get("weights") != plan.weights:
         world.print0(f"note: the mixture's weights were {', '.join(f'{w:.3g}' for w in saved['weights'])} and are "
                      f"{', '.join(f'{w:.3g}' for w in plan.weights)} now: each source goes on where it was in its "
                      "own shuffle, drawn at the new weights")
+    if (fresh or saved.get("weights", [1.0]) != plan.weights) and state.best_val < float("inf"):
+        # the val loss is the weighted mean over the sources: another mixture's is another measure
+        world.print0(f"note: the val loss now weighs other sources or weights than the best so far ({state.best_val:.4f}) "
+                     "did: best/ and early stopping start again from this run's next evaluation")
+        state.best_val = state.patience_best = float("inf")
+        state.evals_since_best = 0
     make_history(engine, plan, state)
-    return state, *where
+    return state, position, counts
 
 
 def make_history(engine, plan: Plan, state: TrainState) -> None:
@@ -581,7 +614,8 @@ def fit(plan: Plan, early_signals: list[int] | tuple[int, ...] = ()) -> dict[str
         rundir.write_run_files(cfg.out, cfg.to_dict(), plan.ds, plan.ds_name, plan.world_size, plan.val_samples,
                                plan.resume_from)
     batches = TrainBatches(train_splits, cfg.micro_batch, me.rank, me.world_size, cfg.seed, cfg.num_workers,
-                           start=start, device=me.device, weights=plan.weights, counts=counts)
+                           start=start, device=me.device, weights=plan.weights, counts=counts,
+                           names=[s.name for s in plan.sources])
     vals = {s.name: load_val(d, m, cfg.eval_samples, me.rank, me.world_size, cfg.model.vocab_size)
             for s, d, m in zip(plan.sources, data_dirs, plan.manifests)}
     # logs past the step it goes on from are dropped (a run started again from step 0: all of them)

@@ -125,9 +125,12 @@ def val_rows(data: Path, m: dict, n: int, rank: int, world: int) -> torch.Tensor
 
 def test_resume_position_rules():
     saved = {"samples": 96, "seed": 1, "train_samples": 400}
-    assert resume_position(saved, 1, 400) == (96, None)
+    assert resume_position(saved, 1, 400) == (96, None, [])
     assert resume_position(saved, 2, 400) is None  # another seed: another order
-    assert resume_position(saved, 1, 401) is None  # another train split
+    assert resume_position(saved, 1, 401) == (0, None, [0])  # another train split: its shuffle starts over
+    named = {**saved, "names": ["books"]}
+    assert resume_position(named, 1, 400, names=["books"]) == (96, None, [])
+    assert resume_position(named, 1, 400, names=["other"]) == (0, None, [0])  # another source of the same size
     assert resume_position({"batches": 12, "world": 2, "num_workers": 0, "micro_batch": 4, "seed": 1},
                            1, 400) is None  # saved by mtgpt before the global order
 

@@ -2,6 +2,7 @@
 error, draw indices that continue exactly from saved counts; the loader on two real sources with
 disjoint tokens (shares, epochs, exact resume on any number of ranks and workers)."""
 
+import json
 import math
 import random
 import re
@@ -83,7 +84,8 @@ def is_number(x: torch.Tensor) -> np.ndarray:
 
 def mixed(sources: dict[str, Path], weights, micro, rank, world, workers=0, start=0, counts=None, seed=4):
     splits = [Split(d, load_manifest(d), "train") for d in sources.values()]
-    return TrainBatches(splits, micro, rank, world, seed, workers, start, weights=weights, counts=counts)
+    return TrainBatches(splits, micro, rank, world, seed, workers, start, weights=weights, counts=counts,
+                        names=list(sources))
 
 
 def test_two_ranks_draw_the_weights_from_disjoint_sources(two_sources):
@@ -117,7 +119,8 @@ def test_a_mixture_resumes_exactly_at_a_position(two_sources, workers):
     take(at, 12)
     state = at.state_dict()
     assert state["samples"] == 48 and sum(state["counts"]) == 48 and state["weights"] == [1, 3]
-    position, counts = resume_position(state, 4, at.train_samples, [1, 3])
+    position, counts, fresh = resume_position(state, 4, at.train_samples, [1, 3])
+    assert fresh == []
     for saved in (counts, None):
         resumed = take(mixed(two_sources, [1, 3], 4, 0, 1, workers=workers, start=position, counts=saved), 18)
         assert all(torch.equal(a, b) for a, b in zip(resumed, first[12:]))
@@ -126,7 +129,7 @@ def test_a_mixture_resumes_exactly_at_a_position(two_sources, workers):
     assert all(torch.equal(torch.cat([a, b]), c) for a, b, c in zip(*halves, first[12:]))
     assert resume_position(state, 5, state["train_samples"], [1, 3]) is None  # another seed: a new order
     # other weights: each source goes on where it was, drawn at the new weights
-    assert resume_position(state, 4, state["train_samples"], [1, 1]) == (48, state["counts"])
+    assert resume_position(state, 4, state["train_samples"], [1, 1]) == (48, state["counts"], [])
     assert resume_position({**state, "counts": None}, 4, state["train_samples"], [1, 1]) is None
     before = torch.cat(take(mixed(two_sources, [1, 3], 4, 0, 1), 12))
     reweighted = mixed(two_sources, [1, 1], 4, 0, 1, start=position, counts=counts)
@@ -136,6 +139,38 @@ def test_a_mixture_resumes_exactly_at_a_position(two_sources, workers):
         assert len(set(drawn)) == len(drawn)
     assert reweighted.counts == [counts[0] + int(is_number(after).sum()), counts[1] + int((~is_number(after)).sum())]
     assert is_number(after).mean() > is_number(before).mean()  # drawn at the new weights (1:1, was 1:3)
+
+
+def test_a_source_added_or_replaced_starts_its_own_shuffle_and_the_others_go_on(two_sources):
+    """Sources are matched to the saved ones by name and train split size, each in its place: one
+    added, replaced or prepared again starts its own shuffle and the others go on where they were.
+    (A third source added had restarted every source's shuffle, with a warning naming the seed; a
+    source replaced by another of the same size had taken over its draws.)"""
+    take = lambda stream, k: torch.cat([torch.cat(next(stream), 1) for _ in range(k)])  # noqa: E731
+    at = mixed(two_sources, [1, 3], 4, 0, 1)
+    before = take(at, 12)
+    state = at.state_dict()
+    assert state["names"] == ["numbers", "words"]
+    sizes = state["train_samples"]
+    position, counts, fresh = resume_position(state, 4, [*sizes, sizes[1]], [1, 3, 1], ["numbers", "words", "more"])
+    assert (position, counts, fresh) == (48, [*state["counts"], 0], [2])
+    after = take(mixed({**two_sources, "more": two_sources["words"]}, [1, 3, 1], 4, 0, 1, start=position,
+                       counts=counts), 30)
+    numbers = [tuple(r.tolist()) for r in torch.cat([before, after]) if is_number(r[None])[0]]
+    assert len(set(numbers)) == len(numbers) > state["counts"][0]  # the numbers' shuffle went on, not over
+    assert resume_position(state, 4, sizes, [1, 3], ["numbers", "other"]) == (48, [state["counts"][0], 0], [1])
+    older = {k: v for k, v in state.items() if k != "names"}  # saved by an mtgpt without names: by place and size
+    assert resume_position(older, 4, sizes, [1, 3], ["numbers", "other"]) == (48, state["counts"], [])
+    assert resume_position(state, 4, sizes[0], None, ["numbers"]) == (0, None, [0])  # one source after a mixture
+    # a run of one source that becomes a mixture: the source goes on (its order is the mixture's source 0's)
+    one = TrainBatches([Split(two_sources["numbers"], load_manifest(two_sources["numbers"]), "train")], 4, 0, 1, 4,
+                       names=["numbers"])
+    first = take(one, 10)
+    position, counts, fresh = resume_position(one.state_dict(), 4, sizes, [1, 3], ["numbers", "words"])
+    assert (position, counts, fresh) == (40, [40, 0], [1])
+    after = take(mixed(two_sources, [1, 3], 4, 0, 1, start=position, counts=counts), 30)
+    numbers = [tuple(r.tolist()) for r in torch.cat([first, after]) if is_number(r[None])[0]]
+    assert len(set(numbers)) == len(numbers) > 40
 
 
 # ---------------------------------------------------------------- --data, the plan, refusals
@@ -238,13 +273,33 @@ def test_a_plan_refuses_sources_that_do_not_share_tokenizer_or_block_size(two_so
                                    "stopping and best/ are the other sources' alone"]
 
 
+def test_a_resumed_mixture_in_another_order_is_refused_with_the_order(two_sources, tmp_path):
+    """The same sources in another order: each would continue at the other's place in its shuffle
+    (the saved counts swapped, said as changed weights). Refused, with the --data in the run's order."""
+    from mtgpt.config import ConfigError, TrainConfig
+    from mtgpt.train import check_source_order
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_00000010").mkdir(parents=True)
+    saved = [f"numbers={two_sources['numbers']}:0.9", f"words={two_sources['words']}:0.1"]
+    (run / "train_config.json").write_text(json.dumps({"data": saved, "out": str(run)}))
+    found = run / "checkpoints" / "step_00000010"
+    check_source_order(TrainConfig(data=saved, out=str(run)), found)
+    check_source_order(TrainConfig(data=[*saved, f"more={tmp_path}:1"], out=str(run)), found)  # one added: notes
+    with pytest.raises(ConfigError, match=re.escape(
+            "the sources are given in another order (words, numbers) than the run saved (numbers, words); each "
+            "source's shuffle is that of its place, so give them in the run's order to have each go on where it "
+            f"was: --data numbers={two_sources['numbers']}:0.1 --data words={two_sources['words']}:0.9")):
+        check_source_order(TrainConfig(data=[f"words={two_sources['words']}:0.9",
+                                             f"numbers={two_sources['numbers']}:0.1"], out=str(run)), found)
+
+
 @pytest.mark.slow
 def test_a_mixture_on_two_ranks_logs_what_it_reads_and_resumes_bit_exactly(two_sources, tmp_path):
     """`mtgpt train --data numbers=...:0.7 --data words=...:0.3` on 2 gloo ranks: data/NAME/tokens
     are the samples the loader really reads (told apart by their tokens), within binomial error of
     the weights; val/loss is the weighted mean of val/NAME/loss; SIGKILL after a save and
     `--resume auto` give every logged number and the final weights bit for bit."""
-    import json
 
     from safetensors.torch import load_file
 
@@ -292,6 +347,8 @@ def test_a_mixture_on_two_ranks_logs_what_it_reads_and_resumes_bit_exactly(two_s
     swapped = ["--data", f"numbers={two_sources['numbers']}:0.3", "--data", f"words={two_sources['words']}:0.7"]
     out = run_mtgpt("train", "--out", run, *swapped, "--resume", "auto", "--max-steps", "50")
     assert "the mixture's weights were 0.7, 0.3 and are 0.3, 0.7 now" in out.stdout
+    # ... and the val loss is another mean: best/ and early stopping start again (the old best had stayed)
+    assert f"note: the val loss now weighs other sources or weights than the best so far ({min(r['val/loss'] for r in want.values() if 'val/loss' in r):.4f})" in out.stdout
     # the banner's reads of the whole run: the samples drawn before (0.7 words) and after (0.3) the change
     said = float(re.search(r"words = .*read ([0-9.]+) times in 50 steps", out.stdout).group(1))
     words = Split(two_sources["words"], load_manifest(two_sources["words"]), "train")

@@ -264,9 +264,11 @@ class TrainBatches:
 
     def __init__(self, splits: Split | list[Split], micro_batch: int, rank: int, world: int, seed: int,
                  num_workers: int = 0, start: int = 0, device: torch.device | str = "cpu",
-                 weights: list[float] | None = None, counts: list[int] | None = None):
+                 weights: list[float] | None = None, counts: list[int] | None = None,
+                 names: list[str] | None = None):
         splits = [splits] if isinstance(splits, Split) else list(splits)
         weights = list(weights) if weights is not None else [1.0] * len(splits)
+        self.names = list(names) if names is not None else None  # the sources', saved to match them on resume
         if len(weights) != len(splits):
             raise ValueError(f"{len(splits)} sources but {len(weights)} weights")
         self.micro_batch, self.world, self.seed, self.start = micro_batch, world, seed, start
@@ -306,31 +308,45 @@ class TrainBatches:
         return self.draws.counts.tolist()
 
     def state_dict(self) -> dict[str, Any]:
+        names = {"names": self.names} if self.names is not None else {}
         if len(self.train_samples) == 1:
-            return {"samples": self.position, "seed": self.seed, "train_samples": self.train_samples[0]}
+            return {"samples": self.position, "seed": self.seed, "train_samples": self.train_samples[0], **names}
         return {"samples": self.position, "seed": self.seed, "train_samples": self.train_samples,
-                "weights": self.weights, "counts": self.counts}
+                "weights": self.weights, "counts": self.counts, **names}
 
 
 def resume_position(state: dict[str, Any], seed: int, train_samples: list[int] | int,
-                    weights: list[float] | None = None) -> tuple[int, list[int] | None] | None:
-    """(global position, per-source draw counts) to continue a saved order
-    (`TrainBatches.state_dict()`), or None when it cannot continue: another seed, other train
-    splits, or a checkpoint from before the global order (then the data order starts over, a new
+                    weights: list[float] | None = None, names: list[str] | None = None
+                    ) -> tuple[int, list[int] | None, list[int]] | None:
+    """(global position, per-source draw counts, the sources that start their shuffle over) to
+    continue a saved order (`TrainBatches.state_dict()`), or None when it cannot continue: another
+    seed, or a checkpoint from before the global order (then the data order starts over, a new
     shuffle). A mixture resumed with other weights goes on from its saved counts: each source
     continues its own shuffle where it was, drawn at the new weights from then on (a checkpoint
-    without counts cannot, and starts over)."""
+    without counts cannot, and starts over). A source is the saved one in its place when its
+    name (where the checkpoint has names) and its train split's size are the same; one that is
+    not (added, replaced, prepared again) starts its own shuffle, and the others go on. A source's
+    shuffle is that of its place (Order's stream), so sources given in another order cannot go on:
+    mtgpt.train refuses that before it gets here. One source after a mixture starts over (its
+    draws are the global positions)."""
     sizes = [train_samples] if isinstance(train_samples, int) else list(train_samples)
     if "samples" not in state or state["seed"] != seed:
         return None
-    saved = state["train_samples"]
-    if (saved if isinstance(saved, list) else [saved]) != sizes:
-        return None
-    if len(sizes) == 1:
-        return state["samples"], None
-    if weights is not None and list(state.get("weights", [])) != list(weights) and state.get("counts") is None:
-        return None
-    return state["samples"], state.get("counts")
+    saved = state["train_samples"] if isinstance(state["train_samples"], list) else [state["train_samples"]]
+    saved_names = state.get("names")
+    same = [j < len(saved) and saved[j] == n and (saved_names is None or names is None or saved_names[j] == names[j])
+            for j, n in enumerate(sizes)]
+    if all(same) and len(saved) == len(sizes):
+        if len(sizes) == 1:
+            return state["samples"], None, []
+        if weights is not None and list(state.get("weights", [])) != list(weights) and state.get("counts") is None:
+            return None
+        return state["samples"], state.get("counts"), []
+    counts = state.get("counts") if len(saved) > 1 else [state["samples"]]
+    if len(sizes) == 1 or counts is None:
+        return 0, None, list(range(len(sizes)))
+    return state["samples"], [int(counts[j]) if ok else 0 for j, ok in enumerate(same)], \
+        [j for j, ok in enumerate(same) if not ok]
 
 
 def load_val(data_dir: str | Path, manifest: dict[str, Any], n_samples: int, rank: int, world: int,
