@@ -193,6 +193,9 @@ class TrainConfig:
             raise ConfigError("give --init-from or --init-from-hf, not both")
         if self.min_delta < 0:
             raise ConfigError(f"min_delta must be >= 0, got {self.min_delta}")
+        if self.min_delta > 0 and self.patience is None:  # (it would do nothing, silently)
+            raise ConfigError("--min-delta is early stopping's and needs --patience N (evaluations without a "
+                              "better val loss); give --patience too, or leave --min-delta out")
         if not 0 <= self.seed <= MAX_SEED:
             raise ConfigError(f"seed must be between 0 and {MAX_SEED}, got {self.seed}")
 

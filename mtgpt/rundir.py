@@ -317,13 +317,18 @@ def check_resumable_ds(found: Path, ds: dict[str, Any], ds_name: str) -> None:
                           f"checkpoints DeepSpeed lays out differently (stages 1 and 2 share one); {fix}")
 
 
-def git_commit() -> str | None:
+def git_commit(package: Path = Path(__file__).resolve().parent) -> str | None:
+    """The commit of mtgpt's checkout, when mtgpt runs from one (an editable install); None for a
+    pip install, also one into a virtualenv inside another git repository (whose commit it was)."""
     try:
-        out = subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"],
+        out = subprocess.run(["git", "-C", str(package), "rev-parse", "--show-toplevel", "HEAD"],
                              capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or None if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
+    lines = out.stdout.split()
+    if out.returncode != 0 or len(lines) != 2 or Path(lines[0]).resolve() != package.parent:
+        return None
+    return lines[1]
 
 
 def versions() -> dict[str, str]:

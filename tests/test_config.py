@@ -30,6 +30,7 @@ def test_roundtrip(tmp_path):
     ({"seed": 2**32}, "seed must be between 0 and 4294967295"),
     ({"min_lr_ratio": 2.0}, "min_lr_ratio"),
     ({"warmup_steps": 0}, "warmup_steps must be >= 1"),
+    ({"min_delta": 0.1}, "--min-delta is early stopping's and needs --patience N"),  # (it did nothing, silently)
     ({"learning_rate": 1e-3}, "unknown key.*learning_rate"),
     ({"model": {"n_head": 5, "n_embd": 64}}, "does not divide"),
 ])

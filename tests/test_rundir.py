@@ -277,3 +277,20 @@ def test_a_run_folder_another_mtgpt_trains_in_is_refused(tmp_path, tiny_data):
         assert rundir.training_now(view) is None  # (opening it to append raised "Read-only file system")
     finally:
         subprocess.run(["umount", str(view)], check=True)
+
+
+def test_git_commit_is_mtgpts_own_checkouts_only(tmp_path):
+    """run_info.json's git_commit: the checkout's HEAD when mtgpt runs from one; none for mtgpt
+    installed into a virtualenv inside the user's own git project (its HEAD was recorded)."""
+    import subprocess
+
+    repo = Path(rundir.__file__).resolve().parents[1]
+    head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True)
+    assert rundir.git_commit() == (head.stdout.strip() if head.returncode == 0 else None)
+    project = tmp_path / "project"
+    installed = project / ".venv" / "lib" / "site-packages" / "mtgpt"
+    installed.mkdir(parents=True)
+    git = ["git", "-C", str(project), "-c", "user.email=u@example.org", "-c", "user.name=u"]
+    for args in (["init", "-q"], ["commit", "-q", "--allow-empty", "-m", "theirs"]):
+        subprocess.run([*git, *args], check=True, capture_output=True)
+    assert rundir.git_commit(installed) is None
