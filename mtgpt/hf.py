@@ -104,6 +104,7 @@ def export(weights: dict[str, torch.Tensor], config: ModelConfig, out: str | Pat
         model.save_pretrained(tmp, safe_serialization=True)
         (tmp / "model.safetensors").chmod(0o644)  # (transformers writes it 0600; the other files are 0644)
         hf_tokenizer(tok, model_max_length=config.block_size).save_pretrained(tmp)
+        _loadable_by_transformers_4(tmp / "tokenizer_config.json")
         folders.replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -112,6 +113,16 @@ def export(weights: dict[str, torch.Tensor], config: ModelConfig, out: str | Pat
         if bar:
             hf_logging.enable_progress_bar()
     return out
+
+
+def _loadable_by_transformers_4(path: Path) -> None:
+    """transformers 5 saves a PreTrainedTokenizerFast as "tokenizer_class": "TokenizersBackend", a
+    class transformers 4 (which setup.py allows) does not have: its AutoTokenizer then refuses the
+    folder. PreTrainedTokenizerFast is that class's name in both."""
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        path.write_text(json.dumps({**config, "tokenizer_class": "PreTrainedTokenizerFast"}, indent=2,
+                                   ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def _damaged(path: Path, reason: str) -> HFError:

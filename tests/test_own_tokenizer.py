@@ -137,6 +137,9 @@ def test_export_to_hugging_face_gives_the_same_ids_and_logits(run512, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     run_mtgpt("export", run512, "--hf", tmp_path / "hf")
+    # a class transformers 4 has as well (setup.py allows it): 5 wrote "TokenizersBackend", which 4 refuses
+    assert json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())["tokenizer_class"] == \
+        "PreTrainedTokenizerFast"
     tok = checkpoint.load_tokenizer(run512)
     theirs = AutoTokenizer.from_pretrained(tmp_path / "hf")
     for text in (MIXED, SONNETS.read_text()):
