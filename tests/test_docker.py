@@ -124,9 +124,9 @@ def test_build_context_holds_only_what_the_install_needs(base, tmp_path):
     finally:
         run("podman", "rmi", "-f", tag, check=False)
     tops = {Path(f).relative_to("/context").parts[0] for f in files}
-    assert tops == {"setup.py", "README.md", "mtgpt", "ds_configs"}
+    assert tops == {"setup.py", "LICENSE", "README.md", "mtgpt", "ds_configs"}
     assert not [f for f in files if "__pycache__" in f or f.endswith(".pyc")]
-    assert "/context/mtgpt/assets/gpt2/encoder.json" in files
+    assert {"/context/mtgpt/assets/gpt2/encoder.json", "/context/mtgpt/assets/gpt2/LICENSE"} <= set(files)
 
 
 def test_image_is_non_root_and_prints_help(image):
