@@ -188,7 +188,9 @@ def _interrupted(e: KeyboardInterrupt, out) -> None:
 
 class Commands(click.Group):
     """mtgpt's commands: Ctrl-C ends any of them with "interrupted" and exit 130, as a shell counts
-    it (click says "Aborted!" and exits 1). Commands that write a folder say more themselves."""
+    it (click says "Aborted!" and exits 1). Commands that write a folder say more themselves. A
+    mistyped option of a command the launchers start on every rank (worker) is said by rank 0
+    alone (the others exit 2 too), as the errors found after the ranks agree are."""
 
     def invoke(self, ctx: click.Context):
         try:
@@ -196,6 +198,12 @@ class Commands(click.Group):
         except KeyboardInterrupt:
             click.echo("\ninterrupted", err=True)
             ctx.exit(128 + signal.SIGINT)
+        except click.UsageError:
+            from mtgpt.world import env_world
+
+            if env_world()[0] != 0:
+                ctx.exit(2)
+            raise
 
 
 @click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -228,14 +228,16 @@ def test_worker_error_printed_once(tiny_data, tmp_path):
 
     from mtgpt.world import free_port
 
-    args = ["worker", "--data", tiny_data, "--out", tmp_path / "run", *TINY_ARGS, "--n-head", "3"]
-    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-           "DS_ACCELERATOR": "cpu"}
-    procs = [subprocess.Popen([sys.executable, "-m", "mtgpt", *map(str, args)], env={**env, "RANK": str(r)},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
-    (_, err0), (_, err1) = (p.communicate(timeout=120) for p in procs)
-    assert [p.returncode for p in procs] == [2, 2], err0 + err1
-    assert err0.count("does not divide") == 1 and "Error" not in err1
+    for bad, said in ((["--n-head", "3"], "does not divide"),
+                      (["--max-step", "6"], "No such option '--max-step'")):  # (click's: every rank printed it)
+        args = ["worker", "--data", tiny_data, "--out", tmp_path / "run", *TINY_ARGS, *bad]
+        env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+               "DS_ACCELERATOR": "cpu"}
+        procs = [subprocess.Popen([sys.executable, "-m", "mtgpt", *map(str, args)], env={**env, "RANK": str(r)},
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+        (_, err0), (_, err1) = (p.communicate(timeout=120) for p in procs)
+        assert [p.returncode for p in procs] == [2, 2], err0 + err1
+        assert err0.count(said) == 1 and "Error" not in err1 and "Usage" not in err1, (err0, err1)
 
 
 def test_every_training_option_is_declared_once(tiny_data):
