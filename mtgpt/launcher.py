@@ -25,7 +25,7 @@ from pathlib import Path
 
 import psutil
 
-from mtgpt import monitor, rundir, world
+from mtgpt import checkpoint, monitor, rundir, world
 from mtgpt.config import TrainConfig
 
 def default_nproc(resumed: int | None = None) -> int:
@@ -105,7 +105,21 @@ def launch_local(cfg: TrainConfig, nproc: int, ds_config_given: bool = False) ->
         print(f"Error: stopped by {signal.Signals(got_signal[0]).name} before the run saved; see any error above",
               file=sys.stderr)
         return 128 + got_signal[0]
+    if rc > 128 and (died := _signal_name(256 - rc)):  # DeepSpeed's launcher exits with a rank's -N as 256 - N
+        saved = checkpoint.latest_complete(Path(cfg.out))
+        print(f"Error: a rank was killed by {died}"
+              + (" (the kernel's out-of-memory killer, or kill -9)" if died == "SIGKILL" else "") + "; "
+              + (f"`mtgpt train --out {shlex.quote(cfg.out)} --resume auto` goes on from its last save, {saved.name}"
+                 if saved else "nothing was saved yet"), file=sys.stderr)
+        return 128 + 256 - rc
     return 128 - rc if rc < 0 else rc  # the launcher killed by a signal: the shell's convention, not rc % 256
+
+
+def _signal_name(number: int) -> str | None:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return None
 
 
 def _die_with_parent() -> None:
