@@ -99,6 +99,12 @@ def describe_data(path: Path, verify: bool) -> tuple[list[str], bool]:
 def describe_checkpoint(path: Path) -> list[str]:
     """A checkpoint folder (or the run's checkpoints/): what it holds, then its run."""
     run = folders.run_holding(path)
+    if checkpoint.TAG_RE.match(path.name) and path.parent.name == "universal":
+        original = path.parent.parent / path.name
+        return [f"{path} is DeepSpeed's universal form of the checkpoint {original}, written to resume it on "
+                "another number of ranks" + (f"; resume from that one: mtgpt train --resume {original}"
+                                             if (original / checkpoint.COMPLETE).is_file() else
+                                             " (which is gone: resume from the run, --resume auto)")]
     if checkpoint.TAG_RE.match(path.name):
         try:
             saved = json.loads((path / checkpoint.COMPLETE).read_text())

@@ -54,6 +54,12 @@ def _checkpoint_for(resume: str, out: Path) -> Path | None:
     if resume == "auto":
         return checkpoint.latest_complete(out)
     path = Path(resume)
+    if path.parent.name == "universal" and path.parent.parent.name == checkpoint.CKPT_DIR:
+        original = path.parent.parent / path.name  # (DeepSpeed's universal form of it: what a resume on another
+        if (original / checkpoint.COMPLETE).is_file():  # number of ranks converts, and loads only with that flag)
+            return original
+        raise ConfigError(f"--resume {resume}: this is DeepSpeed's universal form of the checkpoint {original}, "
+                          "which is gone; resume from the run (--resume auto) or another of its checkpoints")
     if (path / checkpoint.COMPLETE).is_file():
         return path
     if path.is_dir() and (path / checkpoint.CKPT_DIR).is_dir():

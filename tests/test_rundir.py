@@ -190,6 +190,20 @@ def test_another_runs_checkpoint_is_not_resumed_into_a_run(tmp_path):
 
     assert describe_checkpoint(aside)[0].endswith(f"resume from it: mtgpt train --out NEW_RUN --resume {aside}")
     assert describe_checkpoint(saved)[0].endswith(f"resume from it: mtgpt train --resume {saved}")
+    # DeepSpeed's universal form (written for a resume on another number of ranks) is its checkpoint's:
+    # info offered it as a resume point, and that resume was a DeepSpeed traceback (it loads only as universal)
+    universal = k / checkpoint.CKPT_DIR / "universal" / saved.name
+    universal.mkdir(parents=True)
+    (universal / checkpoint.COMPLETE).write_text("{}")
+    assert rundir.resume_point(_cfg(tmp_path / "branch3", resume=str(universal))) == saved
+    assert describe_checkpoint(universal) == [f"{universal} is DeepSpeed's universal form of the checkpoint {saved}, "
+                                              "written to resume it on another number of ranks; resume from that "
+                                              f"one: mtgpt train --resume {saved}"]
+    gone = universal.parent / checkpoint.tag_for(3)
+    gone.mkdir()
+    (gone / checkpoint.COMPLETE).write_text("{}")
+    with pytest.raises(ConfigError, match="is DeepSpeed's universal form of the checkpoint .*, which is gone"):
+        rundir.resume_point(_cfg(tmp_path / "branch4", resume=str(gone)))
 
 
 def test_a_resume_under_another_optimizer_layout_is_refused_with_a_fix_that_works(tmp_path):
