@@ -72,8 +72,10 @@ class Monitor:
         self.tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=purge)
         self.file = path.open("a")
 
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        """One logged step: every scalar to TensorBoard, and one line to metrics.jsonl."""
+    def log(self, metrics: dict[str, float], step: int, evaluated: bool = False) -> None:
+        """One logged step: every scalar to TensorBoard, and one line to metrics.jsonl; loss.png is
+        redrawn after an evaluation (`evaluated`, or a val loss logged), also of a run with no val
+        split (the train loss alone)."""
         if not self.enabled or not metrics:
             return
         clean = {k: (float(v) if math.isfinite(float(v)) else str(float(v))) for k, v in metrics.items()}
@@ -85,7 +87,7 @@ class Monitor:
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
         self.tb.flush()
-        if "val/loss" in metrics:
+        if evaluated or "val/loss" in metrics:
             plot_losses(self.history, self.run_dir / "loss.png")
 
     def text(self, tag: str, text: str, step: int) -> None:

@@ -671,7 +671,7 @@ def fit(plan: Plan, early_signals: list[int] | tuple[int, ...] = ()) -> dict[str
                 metrics.update({**train_metrics(engine, running.take(), lr, state, cfg.out),
                                 **data_metrics(plan, batches), **speed})
                 bar.show(state.step, metrics)
-        log.log(metrics, state.step)  # (redraws loss.png after an evaluation)
+        log.log(metrics, state.step, evaluated=bool(evaluate_now))  # (redraws loss.png after an evaluation)
         if evaluate_now:
             perf.reset()  # tokens/s measures training, not the evaluation or its plot
         bar.update(1)

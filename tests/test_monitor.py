@@ -146,3 +146,15 @@ def test_a_loss_plot_with_no_finite_loss_yet_warns_nothing(tmp_path):
         warnings.simplefilter("error")
         monitor.plot_losses([{"step": 1, "val/loss": None}], tmp_path / "loss.png")
     assert (tmp_path / "loss.png").stat().st_size > 0
+
+
+def test_loss_png_of_a_run_without_a_val_split(tmp_path):
+    """A run of data prepared with --val-fraction 0 evaluates no val loss: loss.png is drawn at its
+    evaluations with the train loss alone (it was never written)."""
+    log = monitor.Monitor(tmp_path, enabled=True)
+    for step in range(1, 5):
+        log.log({"train/loss": 10.0 - step}, step)
+    assert not (tmp_path / "loss.png").exists()
+    log.log({"train/loss": 5.0, "perf/eval_seconds": 0.3}, 5, evaluated=True)
+    log.close()
+    assert (tmp_path / "loss.png").stat().st_size > 1000
