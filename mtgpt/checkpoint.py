@@ -423,6 +423,11 @@ def source_tokenizer(init_from: str | None, init_from_hf: str | None) -> tokeniz
     if init_from:
         return load_tokenizer(model_folder(init_from))
     if init_from_hf:
+        size = hf.read_config(init_from_hf).vocab_size
+        if not (Path(init_from_hf) / tokenizer.TOKENIZER_JSON).is_file() and size != tokenizer.GPT2_VOCAB_SIZE:
+            raise hf.HFError(f"{init_from_hf} has no {tokenizer.TOKENIZER_JSON}, and its vocabulary of {size:,} tokens "
+                             f"is not GPT-2's ({tokenizer.GPT2_VOCAB_SIZE:,}): copy in the {tokenizer.TOKENIZER_JSON} "
+                             "of the model it was exported from (`mtgpt export` writes one)")
         try:
             return tokenizer.for_folder(init_from_hf)
         except ValueError as e:

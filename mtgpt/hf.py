@@ -167,6 +167,12 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
 def read_config(folder: str | Path) -> ModelConfig:
     """The mtgpt ModelConfig of a GPT-2-shaped Hugging Face folder (refuses other shapes)."""
     folder = Path(folder)
+    if (folder / "config.json").is_file():  # (one that does not parse made the folder look like an mtgpt model's)
+        try:
+            json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise HFError(f"{folder / 'config.json'}: not valid JSON ({e}); export or download the folder again") \
+                from None
     kind = folders.kind(folder)
     if kind in ("run", "model", "checkpoint"):
         run = folders.run_holding(folder) or folder

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -199,13 +200,20 @@ def describe_run(path: Path) -> list[str]:
 
 
 def describe_hf(path: Path) -> list[str]:
-    lines = [f"Hugging Face model folder {path} (what `mtgpt export --hf` writes); mtgpt trains from it with "
-             f"--init-from-hf {path}"]
+    """A Hugging Face model folder: whether mtgpt can start from it (the checks --init-from-hf
+    makes), its shape, dropout as its config.json says, and its tokenizer."""
     try:
-        lines += describe_model(hf.read_config(path))
-    except hf.HFError as e:
-        lines.append(f"mtgpt cannot start from it: {e}")
-    return lines
+        config = hf.check(path)
+        tok = checkpoint.source_tokenizer(None, str(path))
+    except ValueError as e:  # HFError, and a tokenizer.json that is not one
+        return [f"Hugging Face model folder {path}; mtgpt cannot start from it: {e}"]
+    saved = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    dropout = saved.get("resid_pdrop", 0.0)  # (--init-from-hf trains at --dropout, whatever this says)
+    return [f"Hugging Face model folder {path}, GPT-2-shaped: mtgpt trains from it with --init-from-hf {path}",
+            *describe_model(replace(config, dropout=float(dropout) if isinstance(dropout, (int, float)) and
+                                    0 <= dropout < 1 else 0.0)),
+            f"tokenizer: {tokenizer.describe(tok.identity())}"
+            + ("" if (path / tokenizer.TOKENIZER_JSON).is_file() else f" (no {tokenizer.TOKENIZER_JSON}: GPT-2's is taken)")]
 
 
 def describe(path: str | None, verify: bool = False) -> tuple[str, bool]:

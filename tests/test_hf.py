@@ -232,3 +232,35 @@ def test_an_hf_folder_where_a_run_is_expected_and_a_run_for_init_from_hf(exporte
     result = CliRunner().invoke(main, ["info", str(exported)], catch_exceptions=False)
     assert result.exit_code == 0 and result.output.startswith(f"Hugging Face model folder {exported}"), result.output
     assert "model: 2 layers, 2 heads, 32 wide, context 32" in result.output
+
+
+def test_info_of_hugging_face_folders_says_what_init_from_hf_would(exported, tmp_path):
+    """`mtgpt info HF_DIR` made the checks --init-from-hf makes: an untied model was "trains from
+    it" with a parameter count without its lm_head, a relu one "trains from it" then "cannot";
+    its dropout was 0.0 whatever config.json said, and its tokenizer was not named."""
+    from mtgpt.info import describe_hf
+
+    untied = _hf_gpt2(tmp_path / "untied", tie_word_embeddings=False)
+    relu = _hf_gpt2(tmp_path / "relu", activation_function="relu")
+    for folder, why in ((untied, "lm_head"), (relu, "activation_function = 'relu'")):
+        lines = describe_hf(folder)
+        assert len(lines) == 1 and lines[0].startswith(f"Hugging Face model folder {folder}; mtgpt cannot start "
+                                                       "from it:") and why in lines[0], lines
+    dropped = _hf_gpt2(tmp_path / "dropout", resid_pdrop=0.1)
+    lines = describe_hf(dropped)
+    assert lines[0] == f"Hugging Face model folder {dropped}, GPT-2-shaped: mtgpt trains from it with --init-from-hf {dropped}"
+    assert "dropout 0.1" in lines[1] and lines[-1].startswith("tokenizer: gpt2") and "no tokenizer.json" in lines[-1]
+    assert describe_hf(exported)[-1] == f"tokenizer: {tokenizer.describe(tokenizer.gpt2().identity())}"
+
+
+def test_a_hugging_face_folder_without_its_tokenizer_or_with_a_damaged_config(tmp_path, tiny_data):
+    """No tokenizer.json and a vocabulary that is not GPT-2's: said (it was taken as GPT-2's, and the
+    fix offered, prepare --tokenizer FOLDER, then failed); a config.json that does not parse is said
+    as that (the folder was called an mtgpt model folder, to start with --init-from)."""
+    small = _hf_gpt2(tmp_path / "small", vocab_size=512)
+    with pytest.raises(hf.HFError, match=r"has no tokenizer.json, and its vocabulary of 512 tokens is not GPT-2's "
+                                         r"\(50,257\): copy in the tokenizer.json"):
+        checkpoint.source_tokenizer(None, str(small))
+    (small / "config.json").write_text((small / "config.json").read_text()[:-10])
+    with pytest.raises(hf.HFError, match=r"config.json: not valid JSON .*; export or download the folder again"):
+        hf.read_config(small)
