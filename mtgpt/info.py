@@ -38,13 +38,21 @@ def gpt2_bytes_per_token(path: Path, m: dict, tok: tokenizer.Tokenizer) -> float
     return len(text.encode("utf-8")) / max(1, len(tokenizer.gpt2().encode(text)))
 
 
+def _size(n: int) -> str:
+    """Bytes for people: 12.3 KB, 4.5 MB, 1.2 GB (a 12 KB text was "0.0 MB")."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
 def describe_tokenizer(path: Path) -> list[str]:
     tok = tokenizer.load(path)
     lines = [f"tokenizer folder {path}: {tokenizer.describe(tok.identity())}"]
     trained = tok.info.get("trained_on")
     if trained:
         names = trained["names"][:3] + (["..."] if trained["sources"] > 3 else [])
-        lines.append(f"trained on: {trained['sources']} source(s), {trained['bytes'] / 1e6:.1f} MB ({', '.join(names)})")
+        lines.append(f"trained on: {trained['sources']} source(s), {_size(trained['bytes'])} ({', '.join(names)})")
     if "bytes_per_token" in tok.info:
         lines.append(f"bytes per token on that text: {tok.info['bytes_per_token']:.2f} (GPT-2's: "
                      f"{tok.info['gpt2_bytes_per_token']:.2f}, {tokenizer.GPT2_VOCAB_SIZE:,} tokens)")
@@ -75,7 +83,7 @@ def describe_data(path: Path, verify: bool) -> tuple[list[str], bool]:
         lines.append(f"{split}: {s['samples']:,} sequences = {s['samples'] * m['block_size']:,} {split} tokens (what "
                      f"`mtgpt train` counts: the predicted ones; {s['tokens']:,} stored) in {len(s['shards'])} shard(s)")
     total = sum(src["bytes"] or 0 for src in m["sources"])
-    lines.append(f"sources: {len(m['sources'])} ({total / 1e6:.1f} MB)")
+    lines.append(f"sources: {len(m['sources'])} ({_size(total)})")
     if m.get("text_bytes"):
         line = f"bytes per token: {m['text_bytes'] / max(1, m['tokens']):.2f}"
         if not tokenizer.same(m["tokenizer"], tokenizer.GPT2_IDENTITY) and m["splits"]["train"]["samples"]:

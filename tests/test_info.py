@@ -11,7 +11,7 @@ from mtgpt import checkpoint, info, rundir, tokenizer
 from mtgpt.config import ModelConfig, TrainConfig
 from mtgpt.data.manifest import load_manifest
 from mtgpt.model import GPT
-from tests.conftest import TINY
+from tests.conftest import SONNETS, TINY
 
 
 def test_default_model():
@@ -26,6 +26,9 @@ def test_data_folder(tiny_data):
     n = m["splits"]["train"]["samples"]
     assert f"train: {n:,} sequences = {n * 32:,} train tokens (what `mtgpt train` counts: the predicted ones; " \
            f"{n * 33:,} stored)" in text
+    assert f"sources: 1 ({SONNETS.stat().st_size / 1e3:.1f} KB)" in text  # (the 12 KB sonnets were "0.0 MB")
+    assert [info._size(n) for n in (999, 12_345, 4_500_000, 1_234_567_890)] == ["999 bytes", "12.3 KB", "4.5 MB",
+                                                                            "1.2 GB"]
 
 
 def test_run_folder(tmp_path):
