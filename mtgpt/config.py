@@ -335,7 +335,7 @@ def parse_duration(text: str | int | float) -> float:
     try:
         if ":" in s:
             parts = [float(p) for p in s.split(":")]
-            if len(parts) > 3:
+            if len(parts) > 3 or any(not 0 <= p < 60 for p in parts[1:]):  # (1:99 is no time of day)
                 raise ValueError
             seconds = sum(p * 60 ** i for i, p in enumerate(reversed(parts)))
         elif s and s[-1] in units:

@@ -626,7 +626,7 @@ def fit(plan: Plan, early_signals: list[int] | tuple[int, ...] = ()) -> dict[str
     world.print0(banner(plan, state.step, drawn))
     for warning in plan_warnings(plan, state.step, drawn):
         world.print0(warning, file=sys.stderr)
-    bar = Progress(plan, state.step)
+    bar = Progress(plan, state.step, state.elapsed)
 
     writes = BackgroundWrite()
     began = time.time() - state.elapsed
@@ -748,11 +748,13 @@ class Progress:
 
     LINE_EVERY = 30.0
 
-    def __init__(self, plan: Plan, step: int):
+    def __init__(self, plan: Plan, step: int, elapsed: float = 0.0):
         self.bar = tqdm(total=plan.schedule_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
                         disable=True if not world.is_rank0() else None)
         self.lines = world.is_rank0() and self.bar.disable
         self.total, self.first, self.began, self.last = plan.schedule_steps, step, time.time(), 0.0
+        # --max-time: the training time left when this process started (`elapsed`: the run's before it)
+        self.time_left = parse_duration(plan.cfg.max_time) - elapsed if plan.cfg.max_time else math.inf
 
     def show(self, step: int, metrics: dict[str, float]) -> None:
         """The numbers of a log step."""
@@ -761,7 +763,8 @@ class Progress:
         now = time.time()
         if self.lines and (now - self.last >= self.LINE_EVERY or step >= self.total):
             self.last = now
-            left = (now - self.began) / max(1, step - self.first) * max(0, self.total - step)
+            left = min((now - self.began) / max(1, step - self.first) * max(0, self.total - step),
+                       max(0.0, self.time_left - (now - self.began)))  # (--max-time stops it sooner)
             print(f"step {step}/{self.total}: loss {metrics['train/loss']:.4f}, lr {metrics['lr']:.2e}, "
                   f"{metrics['perf/tokens_per_s']:,.0f} tokens/s, {_duration(now - self.began)} elapsed, "
                   f"{_duration(left)} left", file=sys.stderr, flush=True)

@@ -25,6 +25,8 @@ def test_roundtrip(tmp_path):
     ({"max_time": "nan"}, "max_time must be a positive, finite duration"),
     ({"max_time": "infh"}, "max_time must be a positive, finite duration"),
     ({"max_time": "0"}, "max_time must be a positive, finite duration"),
+    ({"max_time": "1:99"}, "not a duration"),  # (was 159 s)
+    ({"max_time": "1:60:00"}, "not a duration"),
     ({"patience": 0}, "patience"),
     ({"seed": -1}, "seed must be between 0 and 4294967295, got -1"),  # (was a traceback in every rank)
     ({"seed": 2**32}, "seed must be between 0 and 4294967295"),

@@ -9,6 +9,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -444,6 +445,22 @@ def test_progress_lines_where_stderr_is_a_file(tiny_data, tmp_path, world_of_one
     lines = [line for line in err.splitlines() if line.startswith("step ") and "/6: loss" in line]
     assert [line.split(":")[0] for line in lines] == ["step 2/6", "step 6/6"], err
     assert re.fullmatch(r"step 6/6: loss \d+\.\d{4}, lr \S+, [\d,]+ tokens/s, 0:\d\d elapsed, 0:00 left", lines[1])
+
+
+def test_progress_lines_count_down_to_max_time(world_of_one, capsys):
+    """With --max-time the time left is the smaller of the steps' and the clock's (a run stopping
+    in 8 s said "8:02 left" for its steps); the clock counts the run's training time before this
+    process too."""
+    from types import SimpleNamespace
+
+    from mtgpt.train import Progress
+
+    plan = SimpleNamespace(schedule_steps=1000, cfg=SimpleNamespace(max_time="1000s"))
+    bar = Progress(plan, step=0, elapsed=500.0)
+    bar.lines, bar.began = True, time.time() - 100  # 100 s for the first step: 27 h for the steps left
+    bar.show(1, {"train/loss": 3.0, "lr": 1e-3, "perf/tokens_per_s": 1000.0})
+    bar.close()
+    assert re.search(r"step 1/1000: .*, 1:40 elapsed, 6:(39|40) left$", capsys.readouterr().err.strip())
 
 
 def test_tokens_per_second_leaves_out_the_loss_plot_of_an_evaluation(tiny_data, tmp_path, world_of_one, monkeypatch):
