@@ -326,6 +326,9 @@ def model_folder(run_dir: str | Path, best: bool = False) -> Path:
     if kind in ("file", "tokenizer"):
         raise ModelFileError(f"{run_dir} is {folders.what(run_dir)}, not a run folder; give a folder written by "
                              "`mtgpt train --out RUN_DIR`")
+    if best and kind == "model":
+        raise ModelFileError(f"{run_dir} is a model folder itself (a run's best/ is one), with no best/ of its own; "
+                             "leave out --best")
     folder = run_dir / "best" if best else run_dir
     if best and not (folder / WEIGHTS).is_file() and not has_val(run_dir):
         raise ModelFileError(f"{run_dir} has no best model: its data has no val split (it was prepared "

@@ -79,7 +79,7 @@ def kind(path: str | Path) -> str:
         return "data"
     if (path / TRAIN_CONFIG).is_file() or (path / CKPT_DIR).is_dir():
         return "run"
-    if run_holding(path) is not None:
+    if run_holding(path) is not None and not (path / WEIGHTS).is_file():  # (a best/ set aside there is a model)
         return "checkpoint"
     if is_hf(path):
         return "hf"

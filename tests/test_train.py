@@ -579,6 +579,14 @@ def test_a_torn_last_save_sets_best_aside_and_says_so(tiny_data, tmp_path, world
     assert "resuming at step 2, before this run's later saves (best/ of step 4): they are set aside in " in said, said
     [aside] = (run / "checkpoints").glob("abandoned-*")
     assert checkpoint.weights_step(aside / "best") == 4
+    # the set-aside best/ is a model to sample, eval or export (it was "a checkpoint inside the run; give the
+    # run folder", whose weights are another branch's now)
+    from mtgpt import folders
+
+    assert folders.kind(aside / "best") == "model" and checkpoint.model_folder(aside / "best") == aside / "best"
+    assert checkpoint.load_model(aside / "best").config.n_layer == TINY["n_layer"]
+    with pytest.raises(checkpoint.ModelFileError, match="is a model folder itself .* leave out --best"):
+        checkpoint.model_folder(aside / "best", best=True)
 
 
 def test_a_deleted_last_checkpoint_sets_its_weights_aside_and_says_so(tiny_data, tmp_path, world_of_one, capsys):
