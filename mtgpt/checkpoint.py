@@ -294,8 +294,15 @@ def recorded_tokenizer(folder: str | Path) -> dict[str, Any]:
 
 def load_tokenizer(folder: str | Path) -> tokenizer.Tokenizer:
     """The tokenizer of a model folder (a run, best/, or one written by save_weights): the one its
-    config.json records (GPT-2's for folders saved before mtgpt had others)."""
+    config.json records (GPT-2's for folders saved before mtgpt had others). A data, tokenizer or
+    Hugging Face folder: its own (`tokenizer.load`); a folder of another kind is refused as
+    model_folder refuses it."""
     folder = Path(folder)
+    kind = folders.kind(folder)
+    if kind in ("data", "tokenizer", "hf"):  # (their tokenizer was called damaged: "records gpt2 but holds ...")
+        return tokenizer.load(folder)
+    if kind not in ("run", "model"):
+        model_folder(folder)  # (raises what it is and what to give)
     try:
         tok = tokenizer.for_folder(folder, recorded_tokenizer(folder))
     except (OSError, ValueError) as e:
@@ -445,6 +452,9 @@ def source_weights(init_from: str | None, init_from_hf: str | None) -> dict[str,
 
 def load_model(run_dir: str | Path, best: bool = False, device: str | torch.device = "cpu") -> GPT:
     """A GPT from a run folder's consolidated safetensors (no DeepSpeed), in eval mode."""
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():  # (torch's own: an AssertionError)
+        raise ValueError(f"device {str(device)!r}: no CUDA GPU is visible (this torch: {torch.__version__}); use "
+                         "device='cpu'")
     folder = model_folder(run_dir, best)
     model = GPT(load_model_config(folder))
     return load_weights(model, read_safetensors(folder), folder).to(device).eval()

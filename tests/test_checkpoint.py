@@ -7,7 +7,7 @@ from pathlib import Path
 from mtgpt import checkpoint
 from mtgpt.config import ModelConfig
 from mtgpt.model import GPT
-from tests.conftest import TINY
+from tests.conftest import SONNETS, TINY
 
 
 def _save(run: Path, step: int, complete: bool = True, keep_last: int = 10) -> None:
@@ -133,3 +133,26 @@ def test_a_damaged_weights_file_is_one_line_that_says_what_to_do(tmp_path):
             assert result.exit_code == 1 and len(lines) == 1, result.output
             assert lines[0].startswith(f"Error: {tmp_path / 'run' / 'model.safetensors'} is damaged ("), lines[0]
     assert checkpoint.weights_step(tmp_path / "run") is None
+
+
+def test_load_tokenizer_of_other_folders_and_load_model_on_a_missing_gpu(tiny_data, tmp_path):
+    """The Python API: the tokenizer of a data, tokenizer or Hugging Face folder is its own (each was
+    called damaged: "records tokenizer gpt2 but holds ..."); a checkpoint folder is named as one;
+    device="cuda" without a GPU is one ValueError (torch's own was a bare AssertionError)."""
+    import pytest
+    import torch
+
+    from mtgpt import tokenizer
+
+    assert checkpoint.load_tokenizer(tiny_data).identity() == tokenizer.gpt2().identity()
+    own = tokenizer.train([SONNETS.read_text()], 300)
+    own.save(tmp_path / "tok")
+    assert checkpoint.load_tokenizer(tmp_path / "tok").identity() == own.identity()
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_00000002").mkdir(parents=True)
+    (run / "train_config.json").write_text("{}")
+    with pytest.raises(checkpoint.ModelFileError, match="is a checkpoint inside the run"):
+        checkpoint.load_tokenizer(run / "checkpoints" / "step_00000002")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device 'cuda': no CUDA GPU is visible"):
+            checkpoint.load_model(run, device="cuda")
