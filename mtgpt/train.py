@@ -503,6 +503,15 @@ def resume(engine, plan: Plan, running: RunningLoss, train_samples: list[int]
     if (scaler := monitor.grad_scaler(engine)) is not None and "grad_scaler" in state.ranks[0]:  # same on every rank
         scaler.load_state_dict(state.ranks[0]["grad_scaler"])
         scaler.skipped.fill_(state.ranks[0].get("grad_scaler_skipped", 0))
+    position, counts = continue_data(state, plan, train_samples)
+    make_history(engine, plan, state)
+    return state, position, counts
+
+
+def continue_data(state: TrainState, plan: Plan, train_samples: list[int]) -> tuple[int, list[int] | None]:
+    """Where a resumed run's data order goes on (the global position, each source's draws before
+    it), said when a source or the weights changed; with other sources or weights the val loss is
+    another mean, so best/ and early stopping start again (`state` is changed)."""
     saved = state.ranks[0]["data"]  # the same on every rank
     names = [s.name for s in plan.sources]
     where = resume_position(saved, plan.cfg.seed, train_samples, plan.weights, names)
@@ -527,8 +536,7 @@ def resume(engine, plan: Plan, running: RunningLoss, train_samples: list[int]
                      "did: best/ and early stopping start again from this run's next evaluation")
         state.best_val = state.patience_best = float("inf")
         state.evals_since_best = 0
-    make_history(engine, plan, state)
-    return state, position, counts
+    return position, counts
 
 
 def make_history(engine, plan: Plan, state: TrainState) -> None:
