@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 import subprocess
 import sys
 import tempfile
@@ -340,13 +341,33 @@ def summary(name: str, r: dict) -> str:
     return ""
 
 
+def stop(signum: int, frame) -> None:
+    import psutil
+
+    for child in psutil.Process().children(recursive=True):
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    sys.exit(128 + signum)
+
+
+def cell(text: str) -> str:
+    """Text for a Markdown table cell: a | (as in "max |loss difference|") would end the cell there."""
+    return text.replace("|", "\\|")
+
+
+CHECKS = ("throughput", "loss", "defaults", "configs", "compile", "resume", "hf_export", "sampling")
+
+
 def write_report(report: dict, out: Path) -> str:
     """gpu_report.json and gpu_report.md in `out`; returns the Markdown table."""
     (out / "gpu_report.json").write_text(json.dumps(report, indent=1))
     lines = [f"### mtgpt gpu-check on {report['device']}{' (tiny mode)' if report['tiny'] else ''}", "",
              f"torch {report['torch']}, {report['seconds']:.0f} s in all", "", "| check | result | numbers |",
              "|---|---|---|"]
-    lines += [f"| {name} | {'ok' if r['ok'] else 'FAILED'} | {summary(name, r)} |" for name, r in report["checks"].items()]
+    lines += [f"| {name} | {'ok' if r['ok'] else 'FAILED'} | {cell(summary(name, r))} |"
+              for name, r in report["checks"].items()]
     (out / "gpu_report.md").write_text("\n".join(lines) + "\n")
     return "\n".join(lines)
 
@@ -356,7 +377,8 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true", help="a tiny model and few steps (CPU, for the test suite)")
     p.add_argument("--out", type=Path, default=Path("."), help="where gpu_report.json and gpu_report.md go")
     p.add_argument("--text", type=Path, help="text to prepare shards from (default: the built-in shakespeare corpus)")
-    p.add_argument("--only", nargs="+", help="run only these checks")
+    p.add_argument("--only", nargs="+", choices=CHECKS, metavar="CHECK",
+                   help=f"run only these checks (of {', '.join(CHECKS)})")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--child-out", help=argparse.SUPPRESS)
@@ -374,7 +396,10 @@ def main() -> None:
     began = time.time()
     report["seconds"] = 0.0
     table = write_report(report, args.out)
-    with tempfile.TemporaryDirectory() as tmp:
+    # `timeout`, Slurm or kill: SIGTERM kills the commands this started (ranks included: they would save on
+    # into it) and ends this one as an exception, so the temporary folder (a GB of runs) is removed
+    signal.signal(signal.SIGTERM, stop)
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:
         work = Path(tmp)
         data = work / "data"
         text = args.text_args = [str(args.text)] if args.text else ["shakespeare"]
@@ -386,6 +411,7 @@ def main() -> None:
                   "configs": lambda: configs(args, work, data), "compile": lambda: compile_breaks(args, work, data),
                   "resume": lambda: resume(args, work, data), "hf_export": lambda: hf_export(args, work),
                   "sampling": lambda: sampling(args, work)}
+        assert tuple(checks) == CHECKS
         for name, check in checks.items():
             if args.only and name not in args.only:
                 continue
