@@ -133,4 +133,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from _children import run_main  # (benchmarks/ is the script's folder, first on sys.path)
+
+    run_main(main)

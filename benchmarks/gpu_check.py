@@ -307,7 +307,8 @@ def summary(name: str, r: dict) -> str:
     if name == "loss":
         return (f"cross-entropy forward + backward over {r['rows']} x {r['padded']} {r['dtype']} logits: padding "
                 f"sliced {r['ms']['sliced']:.2f} ms, masked {r['ms']['masked']:.2f} ms, {r['speedup']:.2f}x: mtgpt's "
-                f"way here ({r['mtgpt_takes']}) is the {'faster' if r['mtgpt_takes_the_faster'] else 'SLOWER'}; "
+                f"way here ({r['mtgpt_takes']}) is " + ("as fast, within noise" if r.get("within_noise") else
+                                                  f"the {'faster' if r['mtgpt_takes_the_faster'] else 'SLOWER'}") + "; "
                 f"|loss difference| {r['loss_difference']:.1e}, max |gradient difference| {r['grad_difference']:.1e}")
     if name == "configs":
         ran = {k: v for k, v in r["runs"].items() if "first" in v}

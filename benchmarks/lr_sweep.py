@@ -37,7 +37,7 @@ def main() -> None:
             start = time.time()
             subprocess.run([sys.executable, "-m", "mtgpt", "train", "--data", str(data), "--out", str(run),
                             "--nproc", "2", "--micro-batch", str(args.micro_batch), "--lr", str(lr),
-                            "--max-steps", str(args.steps), "--eval-every", str(args.steps // 4),
+                            "--max-steps", str(args.steps), "--eval-every", str(max(1, args.steps // 4)),
                             "--eval-samples", "64", "--save-every", str(10 * args.steps),
                             "--ds-config", args.ds_config], check=True, capture_output=True)
             rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -48,4 +48,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from _children import run_main  # (benchmarks/ is the script's folder, first on sys.path)
+
+    run_main(main)

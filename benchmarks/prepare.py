@@ -25,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from mtgpt import folders
 from mtgpt.data.sources import corpus_files
 
 
@@ -62,6 +63,11 @@ def main() -> None:
     parser.add_argument("--tokenizers", nargs="+", default=["gpt2"],
                         help="gpt2, a tokenizer folder, or a vocabulary size to train one of on the plays first")
     args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
+    if args.keep and args.keep.exists() and any(args.keep.iterdir()) and folders.kind(args.keep) != "data":
+        parser.error(f"--keep {args.keep} holds something that is not a data folder (it would be replaced): give "
+                     "an empty or new folder")
     print(f"mtgpt prepare, {os.cpu_count()} cores, block size {args.block_size}")
     print(f"{'input':>7} {'tokenizer':>10} {'seconds (median, min-max)':>26} {'MB/s':>6} {'peak RSS':>9} {'tokens':>13}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -90,9 +96,11 @@ def main() -> None:
                       f"{rss / 2**20:>7.0f}MB {manifest['tokens']:>13,}", flush=True)
             text.unlink()
             if args.keep and mb == max(args.sizes):
-                shutil.rmtree(args.keep, ignore_errors=True)
+                shutil.rmtree(args.keep, ignore_errors=True)  # (a data folder of an earlier run: checked above)
                 shutil.move(str(out), args.keep)
 
 
 if __name__ == "__main__":
-    main()
+    from _children import run_main  # (benchmarks/ is the script's folder, first on sys.path)
+
+    run_main(main)

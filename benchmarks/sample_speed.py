@@ -42,20 +42,23 @@ def main() -> None:
     from mtgpt.model import GPT
     from mtgpt.sample import SampleConfig, on_host, stream
 
-    GPT2 = tokenizer.gpt2()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tok = tokenizer.gpt2()
     if args.run:
-        model = checkpoint.load_model(args.run)
+        model, tok = checkpoint.load_model(args.run), checkpoint.load_tokenizer(args.run)  # (its own vocabulary)
     else:
         torch.manual_seed(0)
         shape = dict(n_layer=2, n_head=2, n_embd=64, block_size=128) if args.tiny else {}
         model = GPT(ModelConfig(**shape)).eval()
+    prompt = tok.encode("Shall I compare thee to a summer's day? Thou art more lovely and more temperate:")
+    if len(prompt) + args.new_tokens > model.config.block_size:  # (generate() fails past the positions it has)
+        p.error(f"--new-tokens {args.new_tokens} and the {len(prompt)}-token prompt exceed the model's context of "
+                f"{model.config.block_size}: give --new-tokens {model.config.block_size - len(prompt)} or fewer")
     with tempfile.TemporaryDirectory() as tmp:
-        hf.export(dict(model.named_parameters()), model.config, tmp)
+        hf.export(dict(model.named_parameters()), model.config, tmp, tok)
         theirs = AutoModelForCausalLM.from_pretrained(tmp).eval()
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     model, theirs = model.to(device, dtype), theirs.to(device, dtype)
-    prompt = GPT2.encode("Shall I compare thee to a summer's day? Thou art more lovely and more temperate:")
     temperature, top_k = (0.0, None) if args.greedy else (0.8, 200)
     cfg = SampleConfig(max_new_tokens=args.new_tokens, temperature=temperature, top_k=top_k, seed=0,
                        stop_at_eot=False)
@@ -81,7 +84,7 @@ def main() -> None:
     def hugging_face() -> int:
         kw = dict(do_sample=False) if args.greedy else dict(do_sample=True, top_k=200, temperature=0.8)
         out = theirs.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
-                              min_new_tokens=args.new_tokens, pad_token_id=GPT2.eot, **kw)
+                              min_new_tokens=args.new_tokens, pad_token_id=tok.eot, **kw)
         return out.shape[1] - ids.shape[1]
 
     def timed(fn) -> float:

@@ -28,12 +28,10 @@ from pathlib import Path
 
 import torch
 
-from mtgpt import checkpoint, tokenizer
+from mtgpt import checkpoint
 from mtgpt.config import ModelConfig
 from mtgpt.model import GPT
 from mtgpt.sample import SampleConfig, load_for_inference, stream
-
-GPT2 = tokenizer.gpt2()
 
 PROMPT = "Shall I compare thee to a summer's day? Thou art more lovely and more temperate."
 
@@ -110,10 +108,10 @@ def clients(url: str, name: str, count: int, tokens: int, raw: bool = False) -> 
 def sample_alone(run: Path, tokens: int, seed: int) -> float:
     """Tokens/s of mtgpt sample's generation loop, timed from its first token to its last, as the
     server's per-client rate is."""
-    model = load_for_inference(str(run), False, "cpu")[0]
+    model, tok = load_for_inference(str(run), False, "cpu")  # (the run's own vocabulary: GPT-2's ids overran 512)
     cfg = SampleConfig(max_new_tokens=tokens, temperature=1.0, top_k=200, seed=seed)
     stamps = []
-    for nxt, _ in stream(model, GPT2.encode(PROMPT), cfg):
+    for nxt, _ in stream(model, tok.encode(PROMPT), cfg):
         int(nxt[0])  # the host sees the token, as `mtgpt sample` does to print it
         stamps.append(time.perf_counter())
     return (len(stamps) - 1) / (stamps[-1] - stamps[0])

