@@ -21,6 +21,7 @@ folder of a process killed outright is removed by the next one that writes the s
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import re
@@ -171,14 +172,25 @@ def check_creatable(out: str | Path, option: str = "--out", error: type[ValueErr
                         f"choose another {option}") from None
 
 
+def _beside(out: Path, what: str, pid: int | str) -> Path:
+    """`.NAME.what-PID` beside `out`: the folder written first (tmp) or the one replaced (old). A
+    name too long for one more suffix (255 bytes) is cut and told apart by a hash."""
+    name = out.name
+    if len(name.encode()) > 200:
+        name = name.encode()[:180].decode(errors="ignore") + "-" + hashlib.sha1(out.name.encode()).hexdigest()[:12]
+    return out.with_name(f".{name}.{what}-{pid}")
+
+
 def temporary(out: Path) -> Path:
     """The temporary folder beside `out` that is written first (a fresh, empty one). Those that
-    processes no longer running left for the same `out` (SIGKILL, a power cut) are removed."""
-    for stale in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"):
-        pid = stale.name.rpartition(".tmp-")[2]
-        if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)) and stale.is_dir():
-            shutil.rmtree(stale, ignore_errors=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    processes no longer running left for the same `out` (SIGKILL, a power cut), and old folders
+    whose removal they did not finish, are removed."""
+    for what in ("tmp", "old"):
+        for stale in out.parent.glob(glob.escape(_beside(out, what, "").name) + "*"):
+            pid = stale.name.rpartition(f".{what}-")[2]
+            if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)) and stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+    tmp = _beside(out, "tmp", os.getpid())
     shutil.rmtree(tmp, ignore_errors=True)
     return tmp
 
@@ -193,13 +205,22 @@ def _running(pid: int) -> bool:
     return True
 
 
-def replace_folder(tmp: Path, out: Path) -> None:
+def replace_folder(tmp: Path, out: Path, overwrite: bool = False, error: type[ValueError] = ValueError) -> None:
     """Rename tmp to out. An existing out (allowed by --overwrite) is moved aside first and
-    deleted only after the new folder is in place."""
+    deleted only after the new folder is in place; without `overwrite`, an out that another
+    command filled while this one wrote is refused (raising `error`), not replaced. Ctrl-C while
+    the old folder is deleted ends the deleting (the new one is in place; the next command that
+    writes `out` removes the rest)."""
     old = None
     if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        if not overwrite and out.is_dir() and any(out.iterdir()):
+            raise error(f"{out} was written by another command while this one ran; it is left as that one wrote "
+                        "it (give another --out, or --overwrite to replace it)")
+        old = _beside(out, "old", os.getpid())
         out.rename(old)
     tmp.rename(out)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        try:
+            shutil.rmtree(old, ignore_errors=True)
+        except KeyboardInterrupt:
+            pass

@@ -105,7 +105,7 @@ def export(weights: dict[str, torch.Tensor], config: ModelConfig, out: str | Pat
         (tmp / "model.safetensors").chmod(0o644)  # (transformers writes it 0600; the other files are 0644)
         hf_tokenizer(tok, model_max_length=config.block_size).save_pretrained(tmp)
         _loadable_by_transformers_4(tmp / "tokenizer_config.json")
-        folders.replace_folder(tmp, out)
+        folders.replace_folder(tmp, out, overwrite, HFError)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

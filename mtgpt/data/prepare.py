@@ -293,7 +293,7 @@ def prepare(
             manifest = _write_shards(read, tmp, block_size, val_fraction, seed, shard_size_mb, strict,
                                      doc_separator, workers, quiet, warn, sources, extra, tok, started)
         conversations.unlink(missing_ok=True)
-        folders.replace_folder(tmp, out)
+        folders.replace_folder(tmp, out, overwrite, DataError)
     except BaseException as e:  # nothing half-written survives: not a crash, not Ctrl-C, not ENOSPC
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and not isinstance(e, DataError):
@@ -591,7 +591,7 @@ def make_tokenizer(inputs: list[str], vocab_size: int, out: str | Path, overwrit
         tok.info = tokenizer_info(tok, sources, sources)
         tok.save(tmp)
         (tmp / ".stdin.txt").unlink(missing_ok=True)
-        folders.replace_folder(tmp, out)
+        folders.replace_folder(tmp, out, overwrite, DataError)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

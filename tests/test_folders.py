@@ -1,0 +1,68 @@
+"""mtgpt.folders in process: writing a folder whole. Another command that filled --out while this
+one wrote is not replaced; Ctrl-C while the old folder is deleted leaves the new one in place and
+the rest of the old is removed by the next command; a --out name too long for the temporary
+folder's suffix still works."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from mtgpt import folders
+from mtgpt.data import DataError
+from mtgpt.data.prepare import prepare
+from tests.conftest import SONNETS
+
+
+def _made(path, text: str):
+    path.mkdir()
+    (path / "f.txt").write_text(text)
+    return path
+
+
+def test_an_out_another_command_filled_meanwhile_is_not_replaced(tmp_path):
+    """Two prepares (or exports) into one new --out: both said they had written it, and the
+    second's replaced the first's without --overwrite."""
+    out = tmp_path / "out"
+    tmp = _made(folders.temporary(out), "mine")
+    _made(out, "theirs")  # written by another command while this one ran
+    with pytest.raises(DataError, match="was written by another command while this one ran; it is left as that"):
+        folders.replace_folder(tmp, out, error=DataError)
+    assert (out / "f.txt").read_text() == "theirs"
+    folders.replace_folder(tmp, out, overwrite=True)
+    assert (out / "f.txt").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    empty = tmp_path / "empty"
+    empty.mkdir()  # an empty --out is taken without --overwrite, as at the start
+    folders.replace_folder(_made(folders.temporary(empty), "new"), empty)
+    assert (empty / "f.txt").read_text() == "new"
+
+
+def test_ctrl_c_while_the_old_folder_is_deleted(tmp_path, monkeypatch):
+    """It said "nothing was written (out is as it was)" with the new folder in place, and left the
+    half-deleted old one (159 MB there) for good: the next command now removes it."""
+    out = _made(tmp_path / "out", "old")
+    tmp = _made(folders.temporary(out), "new")
+    rmtree = shutil.rmtree
+
+    def interrupted(path, *args, **kwargs):
+        if ".old-" in str(path):
+            raise KeyboardInterrupt
+        rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", interrupted)
+    folders.replace_folder(tmp, out, overwrite=True)
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    assert (out / "f.txt").read_text() == "new"
+    [left] = tmp_path.glob(".out.old-*")
+    left.rename(tmp_path / ".out.old-999999999")  # as if of a process that has ended
+    folders.temporary(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_long_out_name(tmp_path):
+    """A 250-byte --out (a legal name) was "File name too long" for its `.NAME.tmp-PID`."""
+    out = tmp_path / ("d" * 250)
+    assert len(folders.temporary(out).name.encode()) <= 255
+    prepare([str(SONNETS)], out, block_size=8, val_fraction=0.0, quiet=True)
+    assert (out / "manifest.json").is_file() and sorted(p.name for p in tmp_path.iterdir()) == [out.name]
