@@ -9,7 +9,6 @@ import math
 import os
 import re
 import shutil
-import sys
 import time
 from pathlib import Path
 
