@@ -102,12 +102,18 @@ def absolute_paths(key: str, value):
 
     if key == "data":
         value = [value] if isinstance(value, str) else value  # (one source, as older config files give it)
-        return [spec if remote.is_url(s.path) else f"{s.name}={Path(s.path).absolute()}"
+        return [spec if remote.is_url(s.path) else f"{s.name}={_absolute(s.path)}"
                 + (f":{spec.rsplit(':', 1)[1]}" if s.weight is not None else "")
                 for spec, s in zip(value, data_sources(value))]
     if key in ("init_from", "init_from_hf", "data_cache", "ds_config") and Path(value).exists():
-        return str(Path(value).absolute())
+        return _absolute(value)
     return value
+
+
+def _absolute(path: str) -> str:
+    """`path` from / with no `..` in it: data/x from /work as /work/data/x, ../x as /x (not /work/../x,
+    which a resume from another directory could not find once /work was gone)."""
+    return os.path.normpath(Path(path).absolute())
 
 
 def build_config(options: dict) -> TrainConfig:
@@ -148,6 +154,8 @@ def build_config(options: dict) -> TrainConfig:
         raise ConfigError("--out is required: the run folder to resume (its data and settings come from it)")
     if not base.get("data") and options.get("resume") not in (None, "never"):
         rundir.check_out_folder(Path(base["out"]))  # an --out that can hold no run: that, not --data, is the error
+        if options.get("resume") == "auto":
+            rundir.check_something_to_resume(Path(base["out"]))  # (a run whose checkpoints are gone: that too)
     if not base.get("data"):
         raise ConfigError("--data is required: a folder written by `mtgpt prepare`")
     return TrainConfig.from_dict(base)

@@ -37,6 +37,18 @@ def has_run(out: str | Path) -> bool:
                                 (TRAIN_CONFIG, checkpoint.CKPT_DIR, checkpoint.WEIGHTS))
 
 
+def check_something_to_resume(out: Path) -> None:
+    """`--resume auto` of a run with a trained model but no complete checkpoint (its checkpoints/
+    deleted to free space) is refused: it started a fresh run of the default shape over it,
+    replacing model.safetensors, best/ and the logs."""
+    if has_run(out) and not never_saved(out) and checkpoint.latest_complete(out) is None:
+        step = checkpoint.weights_step(out) if (out / checkpoint.WEIGHTS).is_file() else None
+        raise ConfigError(f"{out} holds a trained run{f' (model.safetensors of step {step})' if step else ''} but no "
+                          "complete checkpoint to continue from (its optimizer state is gone): start a new run from its "
+                          f"weights, mtgpt train --init-from {shlex.quote(str(out))} --data DATA --out NEW_RUN "
+                          "(nothing was changed)")
+
+
 def never_saved(out: Path) -> bool:
     """Whether `out` holds a run that stopped before its first save (its settings are written,
     no checkpoint or model is): `--resume auto` starts it again from step 0."""
@@ -164,13 +176,15 @@ def lock_run(out: str | Path, hold: bool = True) -> None:
     path = Path(out) / LOCK
     if not hold and not path.exists():
         return
-    if hold:
-        path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        f = path.open("a+" if hold else "r")  # (only reading: a run on a read-only mount is checked too)
-    except OSError:
         if hold:
-            raise
+            path.parent.mkdir(parents=True, exist_ok=True)
+        f = path.open("a+" if hold else "r")  # (only reading: a run on a read-only mount is checked too)
+    except OSError as e:
+        if hold:  # (a read-only run folder: a traceback in every rank)
+            raise ConfigError(f"cannot write in the run folder {out} ({e.strerror}): a run trains only where it can "
+                              f"save; to go on from its checkpoint elsewhere: mtgpt train --resume {shlex.quote(str(out))} "
+                              "--out NEW_RUN") from None
         return
     try:
         # a check takes a shared lock: the ranks of one job check at once, and two exclusive tries
@@ -254,6 +268,7 @@ def resume_point(cfg: TrainConfig) -> Path | None:
         return None
     found = _checkpoint_for(cfg.resume, out)
     if found is None:
+        check_something_to_resume(out)
         return None
     if checkpoint.set_aside(found) and run_of(found).resolve() == out.resolve():  # two branches in one history
         raise ConfigError(f"--resume {cfg.resume} is a save set aside from a branch the run {out} left (its logs "

@@ -578,6 +578,9 @@ def test_a_run_records_its_local_folders_as_absolute_paths(tiny_data, tmp_path, 
     (tmp_path / "base").mkdir()
     monkeypatch.chdir(tmp_path)
     assert absolute_paths("data", ["d"]) == [f"d={tmp_path / 'd'}"]
+    monkeypatch.chdir(tmp_path / "base")  # ../d recorded as .../base/../d: a resume failed once base/ was gone
+    assert absolute_paths("data", ["../d"]) == [f"d={tmp_path / 'd'}"]
+    monkeypatch.chdir(tmp_path)
     given = ["d:3", "b=e:0.25", "http://127.0.0.1:8000/x:0.5"]  # (one folder twice is refused: data_sources)
     recorded = absolute_paths("data", given)
     assert recorded[0] == f"d={tmp_path / 'd'}:3" and recorded[1] == f"b={tmp_path / 'e'}:0.25" and recorded[2] == given[2]

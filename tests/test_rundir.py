@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from mtgpt import checkpoint, rundir
-from mtgpt.config import ConfigError, TrainConfig
+from mtgpt.config import ConfigError, ModelConfig, TrainConfig
 from tests.conftest import TINY
 
 
@@ -308,3 +308,34 @@ def test_git_commit_is_mtgpts_own_checkouts_only(tmp_path):
     for args in (["init", "-q"], ["commit", "-q", "--allow-empty", "-m", "theirs"]):
         subprocess.run([*git, *args], check=True, capture_output=True)
     assert rundir.git_commit(installed) is None
+
+
+def test_a_run_whose_checkpoints_were_deleted_is_not_started_over(tmp_path):
+    """checkpoints/ deleted to free space, model.safetensors kept: `--resume auto --data D` started
+    a fresh run of the default shape over it (model, best/ and logs replaced), and without --data
+    the error asked for --data. Both now say what is there and how to go on from its weights."""
+    from mtgpt import cli
+    from mtgpt.model import GPT
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / rundir.TRAIN_CONFIG).write_text(json.dumps(_cfg(run).to_dict()))
+    model = GPT(ModelConfig(**TINY))
+    checkpoint.save_weights({k: v.detach() for k, v in model.named_parameters()}, model.config, run,
+                            metadata={"step": "300"})
+    said = (rf"{run} holds a trained run \(model.safetensors of step 300\) but no complete checkpoint to continue "
+            rf"from .* mtgpt train --init-from {run} --data DATA --out NEW_RUN \(nothing was changed\)")
+    with pytest.raises(ConfigError, match=said):
+        rundir.resume_point(_cfg(run, resume="auto"))
+    options = {k: None for k in ("data", "resume", "out")} | {"out": str(run), "resume": "auto"}
+    with pytest.raises(ConfigError, match=said):
+        cli.build_config(options)
+
+
+def test_a_run_folder_that_cannot_be_written_is_one_line(tmp_path):
+    """Rank 0's lock in a run folder it cannot write (a read-only mount; here: under a file, as root
+    ignores permissions) was an OSError traceback in every rank."""
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match=r"cannot write in the run folder .*file/run \(Not a directory\): a run "
+                                          r"trains only where it can save; .* --out NEW_RUN"):
+        rundir.lock_run(tmp_path / "file" / "run")
