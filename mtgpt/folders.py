@@ -134,6 +134,12 @@ def check_out(out: str | Path, overwrite: bool, option: str = "--out", error: ty
     if out.resolve() == here or out.resolve() in here.parents:
         raise error(f"{option} {out} is the current folder or one above it; give a new folder, e.g. {option} NAME")
     check_creatable(out, option, error)
+    if out.exists():  # the new folder is written beside it, then renamed: its folder must take one too
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".mtgpt-check-", dir=out.resolve().parent))
+        except OSError as e:
+            raise error(f"cannot write {out}: the new folder is written beside it first, and {out.resolve().parent} "
+                        f"does not take new folders ({e.strerror}); choose another {option}") from None
     if not (out.is_dir() and any(out.iterdir())):
         return out
     k = kind(out)

@@ -106,8 +106,11 @@ def export(weights: dict[str, torch.Tensor], config: ModelConfig, out: str | Pat
         hf_tokenizer(tok, model_max_length=config.block_size).save_pretrained(tmp)
         _loadable_by_transformers_4(tmp / "tokenizer_config.json")
         folders.replace_folder(tmp, out, overwrite, HFError)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) or type(e).__name__ == "SafetensorError":  # (a full disk: safetensors' own error)
+            raise HFError(f"export to {out} failed: {e}; nothing was written (if the disk is full, free some space "
+                          "or choose another --hf)") from None
         raise
     finally:
         if bar:

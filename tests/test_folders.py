@@ -1,7 +1,7 @@
 """mtgpt.folders in process: writing a folder whole. Another command that filled --out while this
 one wrote is not replaced; Ctrl-C while the old folder is deleted leaves the new one in place and
 the rest of the old is removed by the next command; a --out name too long for the temporary
-folder's suffix still works."""
+folder's suffix still works; a folder that takes no new one, and a full disk, are one line."""
 
 from __future__ import annotations
 
@@ -66,3 +66,40 @@ def test_a_long_out_name(tmp_path):
     assert len(folders.temporary(out).name.encode()) <= 255
     prepare([str(SONNETS)], out, block_size=8, val_fraction=0.0, quiet=True)
     assert (out / "manifest.json").is_file() and sorted(p.name for p in tmp_path.iterdir()) == [out.name]
+
+
+def test_an_existing_out_whose_folder_takes_no_new_one(tmp_path):
+    """An existing (empty) --out in a folder that takes no new folder (a read-only mount; /proc
+    here, for root too): the temporary folder beside it was an OSError traceback."""
+    with pytest.raises(DataError, match=r"cannot write /proc/sys/kernel: the new folder is written beside it first, "
+                                        r"and /proc/sys does not take new folders"):
+        folders.check_out("/proc/sys/kernel", overwrite=True, error=DataError)
+
+
+def test_a_full_disk_is_one_line_for_export_and_tokenizer_train(tmp_path, monkeypatch):
+    """ENOSPC while writing: export and tokenizer train were tracebacks (prepare said it in one line)."""
+    import errno
+
+    import torch
+
+    from mtgpt import hf, tokenizer
+    from mtgpt.config import ModelConfig
+    from mtgpt.data.prepare import make_tokenizer
+    from mtgpt.model import GPT
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tokenizer.Tokenizer, "save", full)
+    with pytest.raises(DataError, match=r"tokenizer train .*tok failed: \[Errno 28\] No space left on device; nothing "
+                                        r"was written \(if the disk is full"):
+        make_tokenizer([str(SONNETS)], 300, tmp_path / "tok", quiet=True)
+    from transformers import GPT2LMHeadModel
+
+    monkeypatch.setattr(GPT2LMHeadModel, "save_pretrained", full)
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32))
+    with pytest.raises(hf.HFError, match=r"export to .*hf failed: \[Errno 28\] No space left on device; nothing was "
+                                         r"written"):
+        hf.export(dict(model.named_parameters()), model.config, tmp_path / "hf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

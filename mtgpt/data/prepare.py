@@ -592,7 +592,10 @@ def make_tokenizer(inputs: list[str], vocab_size: int, out: str | Path, overwrit
         tok.save(tmp)
         (tmp / ".stdin.txt").unlink(missing_ok=True)
         folders.replace_folder(tmp, out, overwrite, DataError)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):  # (a full disk: a traceback)
+            raise DataError(f"tokenizer train {out} failed: {e}; nothing was written (if the disk is full, free "
+                            "some space or choose another --out)") from None
         raise
     return tok
