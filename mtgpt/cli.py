@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -335,7 +336,7 @@ def tokenizer_train(inputs, vocab_size, out, glob, strict, overwrite, quiet):
         _interrupted(e, out)
     click.echo(f"{out}: {tok.name}, {tok.vocab_size:,} tokens; {tok.info['bytes_per_token']:.2f} bytes/token on its "
                f"text (GPT-2's: {tok.info['gpt2_bytes_per_token']:.2f}); use it with `mtgpt prepare TEXT... "
-               f"--tokenizer {out} --out DATA_DIR`")
+               f"--tokenizer {shlex.quote(str(out))} --out DATA_DIR`")
 
 
 @main.command()

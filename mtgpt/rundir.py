@@ -284,7 +284,7 @@ def resume_point(cfg: TrainConfig) -> Path | None:
         if old.shape() != cfg.model.shape():
             diff = ", ".join(f"{k} {old.shape()[k]} -> {v}" for k, v in cfg.model.shape().items()
                              if old.shape()[k] != v)
-            fix = (f"the data's tokenizer is not the run's: prepare the data with --tokenizer {out}"
+            fix = (f"the data's tokenizer is not the run's: prepare the data with --tokenizer {shlex.quote(str(out))}"
                    if old.vocab_size != cfg.model.vocab_size else "use the run's own model options")
             raise ConfigError(f"cannot resume {found}: it holds a model of another shape ({diff}); {fix}, or "
                               "start a new run with another --out")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import math
+import shlex
 import sys
 import threading
 import time
@@ -324,7 +325,7 @@ def check_tokenizer(cfg: TrainConfig, manifest: dict[str, Any], resume_from: Pat
             raise ConfigError(f"cannot resume {cfg.out} on {data_names(cfg)}: the run reads tokenizer "
                               f"{tokenizer.describe(saved)}, the data was prepared with {tokenizer.describe(data)}; "
                               "prepare the data with "
-                              f"--tokenizer {cfg.out}, or start a new run with another --out")
+                              f"--tokenizer {shlex.quote(cfg.out)}, or start a new run with another --out")
     source = cfg.init_from or cfg.init_from_hf
     if source and resume_from is None:
         try:
@@ -334,7 +335,7 @@ def check_tokenizer(cfg: TrainConfig, manifest: dict[str, Any], resume_from: Pat
         if not tokenizer.same(theirs, data):
             raise ConfigError(f"the model you start from ({source}) reads tokenizer {tokenizer.describe(theirs)}, but "
                               f"{data_names(cfg)} was prepared with {tokenizer.describe(data)}: prepare the data again with "
-                              f"--tokenizer {source}")
+                              f"--tokenizer {shlex.quote(source)}")
 
 
 def source_config(cfg: TrainConfig):

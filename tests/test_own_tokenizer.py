@@ -276,3 +276,15 @@ def test_serve_reads_the_runs_tokenizer(run512):
         assert status == 400 and "outside the vocabulary" in body["error"]["message"]
     finally:
         assert served.stop() == 0
+
+
+def test_suggested_commands_quote_paths_with_spaces(tmp_path):
+    """`tokenizer train --out "my tok"` said `--tokenizer my tok`, which a shell splits in two."""
+    from click.testing import CliRunner
+
+    from mtgpt.cli import main
+
+    out = tmp_path / "my tok"
+    result = CliRunner().invoke(main, ["tokenizer", "train", str(SONNETS), "--vocab-size", "300", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert f"--tokenizer '{out}' --out DATA_DIR" in result.output
