@@ -288,6 +288,16 @@ def resume_point(cfg: TrainConfig) -> Path | None:
                    if old.vocab_size != cfg.model.vocab_size else "use the run's own model options")
             raise ConfigError(f"cannot resume {found}: it holds a model of another shape ({diff}); {fix}, or "
                               "start a new run with another --out")
+        model_file = run_of(found) / checkpoint.MODEL_CONFIG  # (what its weights are: a train_config.json
+        if model_file.is_file():                                # edited to another shape was a DeepSpeed traceback)
+            try:
+                weights = checkpoint.load_model_config(run_of(found)).shape()
+            except ValueError:
+                weights = old.shape()
+            if weights != old.shape():
+                diff = ", ".join(f"{k} {v} -> {old.shape()[k]}" for k, v in weights.items() if old.shape()[k] != v)
+                raise ConfigError(f"cannot resume {found}: {saved} gives another model shape ({diff}) than its "
+                                  f"weights ({model_file}) have; restore {saved.name}, or start a new run")
         if cfg.model.vocab_multiple not in (None, old.vocab_multiple or 1):
             raise ConfigError(f"cannot resume {found}: its vocabulary is padded to a multiple of "
                               f"{old.vocab_multiple or 1}, not {cfg.model.vocab_multiple}; leave out --vocab-multiple")

@@ -339,3 +339,21 @@ def test_a_run_folder_that_cannot_be_written_is_one_line(tmp_path):
     with pytest.raises(ConfigError, match=r"cannot write in the run folder .*file/run \(Not a directory\): a run "
                                           r"trains only where it can save; .* --out NEW_RUN"):
         rundir.lock_run(tmp_path / "file" / "run")
+
+
+def test_a_train_config_edited_to_another_shape_is_refused_in_one_line(tmp_path):
+    """train_config.json edited by hand to another width: the resume got past every check and
+    DeepSpeed's load printed 65 lines of size mismatches in every rank."""
+    from mtgpt.model import GPT
+
+    run = tmp_path / "run"
+    _complete(run, 4)
+    model = GPT(ModelConfig(**TINY))
+    checkpoint.save_weights({k: v.detach() for k, v in model.named_parameters()}, model.config, run)
+    edited = TrainConfig(data="d", out=str(run), model={**TINY, "n_embd": 2 * TINY["n_embd"]})
+    (run / rundir.TRAIN_CONFIG).write_text(json.dumps(edited.to_dict()))
+    with pytest.raises(ConfigError, match=rf"gives another model shape \(n_embd {TINY['n_embd']} -> "
+                                          rf"{2 * TINY['n_embd']}\) than its weights .* restore train_config.json"):
+        rundir.resume_point(edited.replace(resume="auto"))
+    (run / rundir.TRAIN_CONFIG).write_text(json.dumps(_cfg(run).to_dict()))
+    assert rundir.resume_point(_cfg(run, resume="auto")) == run / "checkpoints" / checkpoint.tag_for(4)
