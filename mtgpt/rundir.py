@@ -230,6 +230,11 @@ def check_out_folder(out: Path) -> None:
     a folder inside a run, or a folder of other files (the run's files would be mixed into them).
     An empty logs/ of a job script (slurm/train.sbatch makes RUN/logs first) is allowed."""
     folders.check_creatable(out, "--out", ConfigError)  # (a file, or a folder that cannot be made)
+    try:
+        str(out.absolute()).encode("utf-8")
+    except UnicodeEncodeError:  # (TensorBoard's writer failed on it, after the run's first files were written)
+        raise ConfigError(f"--out {str(out)!r}: a name that is not UTF-8 text; give a run folder whose name is "
+                          "(nothing was changed)") from None
     kind = folders.kind(out)
     if kind == "run":
         return

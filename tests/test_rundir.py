@@ -357,3 +357,14 @@ def test_a_train_config_edited_to_another_shape_is_refused_in_one_line(tmp_path)
         rundir.resume_point(edited.replace(resume="auto"))
     (run / rundir.TRAIN_CONFIG).write_text(json.dumps(_cfg(run).to_dict()))
     assert rundir.resume_point(_cfg(run, resume="auto")) == run / "checkpoints" / checkpoint.tag_for(4)
+
+
+def test_an_out_whose_name_is_not_utf8_is_refused_before_anything_is_written(tmp_path):
+    """A run folder named with a Latin-1 byte: TensorBoard's writer failed (UnicodeEncodeError)
+    after train_config.json, tb/ and the lock were written, and the next try said "holds a run"."""
+    import os
+
+    out = Path(os.fsdecode(os.fsencode(str(tmp_path)) + b"/caf\xe9"))
+    with pytest.raises(ConfigError, match="a name that is not UTF-8 text"):
+        rundir.check_out_folder(out)
+    assert not list(tmp_path.iterdir())
