@@ -134,12 +134,9 @@ def check_out(out: str | Path, overwrite: bool, option: str = "--out", error: ty
     if out.resolve() == here or out.resolve() in here.parents:
         raise error(f"{option} {out} is the current folder or one above it; give a new folder, e.g. {option} NAME")
     check_creatable(out, option, error)
-    if out.exists():  # the new folder is written beside it, then renamed: its folder must take one too
-        try:
-            os.rmdir(tempfile.mkdtemp(prefix=".mtgpt-check-", dir=out.resolve().parent))
-        except OSError as e:
-            raise error(f"cannot write {out}: the new folder is written beside it first, and {out.resolve().parent} "
-                        f"does not take new folders ({e.strerror}); choose another {option}") from None
+    if out.exists() and (refused := _refuses_folders(out.resolve().parent)):  # (the new one is written beside it)
+        raise error(f"cannot write {out}: the new folder is written beside it first, and {out.resolve().parent} "
+                    f"does not take new folders ({refused}); choose another {option}")
     if not (out.is_dir() and any(out.iterdir())):
         return out
     k = kind(out)
@@ -170,12 +167,17 @@ def check_creatable(out: str | Path, option: str = "--out", error: type[ValueErr
         raise error(f"cannot create {out}: {parent} is a file; choose another {option}")
     if not out.exists() and not os.access(parent, os.W_OK | os.X_OK):
         raise error(f"cannot create {out}: {parent} is not writable; choose another {option}")
-    if not out.exists():  # where access() cannot tell (root in /proc, some network mounts): try
-        try:
-            os.rmdir(tempfile.mkdtemp(prefix=".mtgpt-check-", dir=parent))
-        except OSError as e:
-            raise error(f"cannot create {out}: {parent} does not take new folders ({e.strerror}); "
-                        f"choose another {option}") from None
+    if not out.exists() and (refused := _refuses_folders(parent)):  # (where access() cannot tell: root in /proc)
+        raise error(f"cannot create {out}: {parent} does not take new folders ({refused}); choose another {option}")
+
+
+def _refuses_folders(parent: Path) -> str | None:
+    """Why a new folder cannot be made in `parent` (tried: a read-only mount, /proc), or None."""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".mtgpt-check-", dir=parent))
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
 
 
 def _beside(out: Path, what: str, pid: int | str) -> Path:

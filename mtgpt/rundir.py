@@ -41,8 +41,8 @@ def check_something_to_resume(out: Path) -> None:
     """`--resume auto` of a run with a trained model but no complete checkpoint (its checkpoints/
     deleted to free space) is refused: it started a fresh run of the default shape over it,
     replacing model.safetensors, best/ and the logs."""
-    if has_run(out) and not never_saved(out) and checkpoint.latest_complete(out) is None:
-        step = checkpoint.weights_step(out) if (out / checkpoint.WEIGHTS).is_file() else None
+    if has_run(out) and (out / checkpoint.WEIGHTS).is_file() and checkpoint.latest_complete(out) is None:
+        step = checkpoint.weights_step(out)
         raise ConfigError(f"{out} holds a trained run{f' (model.safetensors of step {step})' if step else ''} but no "
                           "complete checkpoint to continue from (its optimizer state is gone): start a new run from its "
                           f"weights, mtgpt train --init-from {shlex.quote(str(out))} --data DATA --out NEW_RUN "
