@@ -355,7 +355,7 @@ def run_chat(run_dir: str, cfg, best: bool = False, device: str = "auto", system
     while True:
         try:
             message = read("you> ")
-        except (EOFError, KeyboardInterrupt):
+        except EOFError:  # (Ctrl-C ends it as it ends every command: `interrupted`, exit 130)
             write("\n")
             return
         if message.strip() in ("/quit", "/exit"):

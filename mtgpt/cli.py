@@ -98,23 +98,18 @@ def _sampling_options(max_new_tokens: int, num_samples: bool = False):
 def absolute_paths(key: str, value):
     """A path option as the run records it: local folders absolute, so that a resume started from
     another directory finds them (URLs, pipe: commands and names of sources kept as given)."""
+    from mtgpt import folders
     from mtgpt.config import data_sources
     from mtgpt.data import remote
 
     if key == "data":
         value = [value] if isinstance(value, str) else value  # (one source, as older config files give it)
-        return [spec if remote.is_url(s.path) else f"{s.name}={_absolute(s.path)}"
+        return [spec if remote.is_url(s.path) else f"{s.name}={folders.absolute(s.path)}"
                 + (f":{spec.rsplit(':', 1)[1]}" if s.weight is not None else "")
                 for spec, s in zip(value, data_sources(value))]
     if key in ("init_from", "init_from_hf", "data_cache", "ds_config") and Path(value).exists():
-        return _absolute(value)
+        return folders.absolute(value)
     return value
-
-
-def _absolute(path: str) -> str:
-    """`path` from / with no `..` in it: data/x from /work as /work/data/x, ../x as /x (not /work/../x,
-    which a resume from another directory could not find once /work was gone)."""
-    return os.path.normpath(Path(path).absolute())
 
 
 def build_config(options: dict) -> TrainConfig:
@@ -127,6 +122,8 @@ def build_config(options: dict) -> TrainConfig:
     given = {key for key, value in options.items() if value is not None and value != ()}
     resumed = None if config_file else rundir.resumed_settings(options.get("resume"), options.get("out"), given)
     base = load_json(config_file) if config_file else (resumed or {})
+    if config_file and "out" not in given:
+        rundir.check_config_of_its_run(Path(config_file), base)
     base.setdefault("model", {})
     for key in given:
         if key in MODEL_KEYS:
@@ -484,8 +481,9 @@ def sample(run_dir, prompt, prompt_file, num_samples, stops, max_new_tokens, tem
 def chat(run_dir, system, max_new_tokens, temperature, top_k, top_p, seed, best, device, dtype):
     """Talk to a model in the terminal (/reset forgets, /quit or Ctrl-D ends).
 
-    The model answers well only if it was fine-tuned on dialogue in mtgpt's chat template:
-    `mtgpt prepare chatterbot --format chat --out data/chat` then
+    The model answers well only if it was fine-tuned on dialogue in mtgpt's chat template (make
+    chat-demo does this): `mtgpt prepare chatterbot --format chat --out data/chat --tokenizer RUN_DIR
+    --block-size N` (N: the run's context, `mtgpt info RUN_DIR` says it) then
     `mtgpt train --init-from RUN_DIR --data data/chat --out runs/chat`.
     """
     from mtgpt.chat import run_chat

@@ -181,6 +181,10 @@ class TrainConfig:
             raise ConfigError(f"num_workers must be >= 0, got {self.num_workers}")
         if not self.resume:
             raise ConfigError(f"resume must be {RESUME_HELP}")
+        # folders as paths without `..` after a name: runs/nope/../x is runs/x, which the checks of
+        # an existing run see (they had looked at the missing runs/nope and let it be trained over)
+        self.out = os.path.normpath(self.out) if self.out else self.out
+        self.resume = self.resume if self.resume in ("auto", "never") else os.path.normpath(self.resume)
         for name in ("max_tokens", "patience"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):

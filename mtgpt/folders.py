@@ -44,6 +44,12 @@ WRITTEN_BY = {"data": "a data folder (what `mtgpt prepare` writes)", "run": "a r
               "folder": "a folder", "missing": "missing"}
 
 
+def absolute(path: str | Path) -> str:
+    """`path` from /, with no `..` in it: data/x from /work is /work/data/x, ../x is /x (not
+    /work/../x, which a resume from another directory could not find once /work was gone)."""
+    return os.path.normpath(Path(path).absolute())
+
+
 def run_holding(path: str | Path) -> Path | None:
     """The run folder whose checkpoints/ is `path` or holds it (a save, or a save in a subfolder
     such as universal/), if any."""

@@ -49,6 +49,21 @@ def check_something_to_resume(out: Path) -> None:
                           "(nothing was changed)")
 
 
+def check_config_of_its_run(config_file: Path, settings: dict[str, Any]) -> None:
+    """`--config RUN/train_config.json` (no --out) of a run that was moved or copied since: its
+    recorded --out is another folder, where it had started a new run (the original gone) or
+    continued the original (a copy). Refused, with the commands for either meaning."""
+    here = config_file.parent
+    if config_file.name != TRAIN_CONFIG or not has_run(here) or not isinstance(settings.get("out"), str):
+        return
+    if Path(settings["out"]).resolve() == here.resolve():
+        return
+    raise ConfigError(f"{config_file} holds the settings of the run in {here}, but names --out {settings['out']} "
+                      "(the run was moved or copied since): to continue this run, mtgpt train --out "
+                      f"{shlex.quote(str(here))} --resume auto; to start a new run with its settings, add --out NEW_RUN "
+                      "(nothing was changed)")
+
+
 def never_saved(out: Path) -> bool:
     """Whether `out` holds a run that stopped before its first save (its settings are written,
     no checkpoint or model is): `--resume auto` starts it again from step 0."""
@@ -157,11 +172,12 @@ def run_settings(run: Path) -> dict[str, Any] | None:
 
 
 def resumed_world_size(cfg: TrainConfig) -> int | None:
-    """The number of ranks the run that `cfg` resumes last trained on; None when nothing is
-    resumed or its run folder does not say."""
+    """The number of ranks the run that `cfg` resumes last trained on (one that stopped before its
+    first save: started on); None when nothing is resumed or its run folder does not say."""
     found = None if cfg.resume == "never" else _checkpoint_for(cfg.resume, Path(cfg.out))
+    run = run_of(found) if found else Path(cfg.out) if cfg.resume == "auto" and never_saved(Path(cfg.out)) else None
     try:
-        return int(load_json(run_of(found) / RUN_INFO)["world_size"]) if found else None
+        return int(load_json(run / RUN_INFO)["world_size"]) if run else None
     except (ConfigError, KeyError, TypeError, ValueError):
         return None
 
@@ -386,14 +402,14 @@ def write_run_files(out: str | Path, train_config: dict[str, Any], ds: dict[str,
     # the run folder and a checkpoint resumed from, recorded absolute as the other local paths are
     # (cli.absolute_paths), so that `--config RUN/train_config.json` works from any directory
     resume = train_config.get("resume")
-    train_config = {**train_config, "out": str(out.absolute()),
-                    **({"resume": str(Path(resume).absolute())} if resume and Path(resume).exists() else {})}
+    train_config = {**train_config, "out": folders.absolute(out),
+                    **({"resume": folders.absolute(resume)} if resume not in (None, "auto", "never") else {})}
     dump_json(train_config, out / TRAIN_CONFIG)
     dump_json(ds, out / DS_CONFIG)
     dump_json({
         "command": os.environ.get(COMMAND_ENV) or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "resumed_from": str(resumed_from) if resumed_from else None,
+        "resumed_from": folders.absolute(resumed_from) if resumed_from else None,
         "git_commit": git_commit(),
         "versions": versions(),
         "world_size": world_size,

@@ -30,6 +30,7 @@ from mtgpt import __version__, checkpoint, ds_config, monitor, rundir, tokenizer
 from mtgpt.config import ConfigError, DataSource, ModelConfig, TrainConfig, data_sources, parse_duration
 from mtgpt.data import DataError, check_compatible, load_manifest, remote
 from mtgpt.data.loader import Split, TrainBatches, load_val, resume_position
+from mtgpt.data.manifest import identity
 from mtgpt.model import GPT, flops_per_token, param_count, training_bytes_per_token
 from mtgpt.sample import SampleConfig, generate
 from mtgpt.state import (RunningLoss, StopFlag, TrainState, agreed_stop, planned_stop, seed_all,
@@ -95,6 +96,11 @@ class Plan:
     def manifest(self) -> dict[str, Any]:
         """The first source's manifest (all sources share the tokenizer and the block size)."""
         return self.manifests[0]
+
+    @property
+    def data_ids(self) -> list[str]:
+        """What each source holds (manifest.identity): a resume matches the saved sources by it."""
+        return [identity(m) for m in self.manifests]
 
     @property
     def tokens_per_step(self) -> int:
@@ -515,7 +521,7 @@ def continue_data(state: TrainState, plan: Plan, train_samples: list[int]) -> tu
     another mean, so best/ and early stopping start again (`state` is changed)."""
     saved = state.ranks[0]["data"]  # the same on every rank
     names = [s.name for s in plan.sources]
-    where = resume_position(saved, plan.cfg.seed, train_samples, plan.weights, names)
+    where = resume_position(saved, plan.cfg.seed, train_samples, plan.weights, names, plan.data_ids)
     if where is None:
         world.print0("warning: the data order was saved for another seed (or by an older mtgpt): it starts a new "
                      "shuffle now")
@@ -624,7 +630,7 @@ def fit(plan: Plan, early_signals: list[int] | tuple[int, ...] = ()) -> dict[str
                                plan.resume_from)
     batches = TrainBatches(train_splits, cfg.micro_batch, me.rank, me.world_size, cfg.seed, cfg.num_workers,
                            start=start, device=me.device, weights=plan.weights, counts=counts,
-                           names=[s.name for s in plan.sources])
+                           names=[s.name for s in plan.sources], ids=plan.data_ids)
     vals = {s.name: load_val(d, m, cfg.eval_samples, me.rank, me.world_size, cfg.model.vocab_size)
             for s, d, m in zip(plan.sources, data_dirs, plan.manifests)}
     # logs past the step it goes on from are dropped (a run started again from step 0: all of them)

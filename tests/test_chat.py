@@ -8,6 +8,7 @@ import fcntl
 import json
 import os
 import pty
+import signal
 import struct
 import subprocess
 import sys
@@ -314,6 +315,15 @@ def test_chat_ends_on_ctrl_d(model_dir):
     term.read_until("you> ")
     term.type("\x04")  # Ctrl-D at an empty prompt: end of input
     assert term.close() == 0
+
+
+def test_chat_ends_on_ctrl_c_as_every_command_does(model_dir):
+    """Ctrl-C at the prompt ended chat silently with exit 0; it is `interrupted`, exit 130."""
+    term = Terminal(model_dir)
+    term.read_until("you> ")
+    term.proc.send_signal(signal.SIGINT)
+    term.read_until("interrupted", timeout=30)
+    assert term.close() == 130
 
 
 def test_chat_without_a_model(tmp_path):

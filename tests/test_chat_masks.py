@@ -138,9 +138,29 @@ def test_long_conversations_go_on_in_the_next_samples(chat_data):
     starts = [i for i, row in enumerate(x) if GPT2.decode(row[:1].tolist()) in ("User", "System")]
     assert 0 < len(starts) < len(x)  # some samples go on mid-conversation
     goes_on = [GPT2.decode(y[i][y[i] >= 0].tolist()) for i in range(len(x)) if i not in starts]
-    assert any("my long answer today." in text for text in goes_on)
+    assert any("my long answer today" in text for text in goes_on)
     vx, vy = examples(chat_data, "val")
     assert len(vx) > 0 and m["trained_targets"] == int((y >= 0).sum() + (vy >= 0).sum())
+
+
+def test_every_reply_token_is_trained_whatever_the_block_size(tmp_path):
+    """A sample's first token is context only: a conversation going on in the next sample lost the
+    reply token it started with (3.2% of them with an own vocabulary at block 32). Continuation
+    samples overlap by one token, so the same conversations train the same targets at any block
+    size, and each sample's first token is the last of the sample before it."""
+    (tmp_path / "talk.yml").write_text("conversations:\n" + DIALOGUE * 3)
+    trained = {}
+    for block in (8, 13, 32, 512):
+        m = prepare([str(tmp_path / "talk.yml")], tmp_path / f"b{block}", block_size=block, val_fraction=0.0,
+                    fmt="chat", quiet=True)
+        trained[block] = m["trained_targets"]
+    turns = list(chat.conversations([tmp_path / "talk.yml"]))
+    assert trained[512] == sum(int(chat.training_tokens(GPT2, c)[1].sum()) for c in turns)
+    assert trained[8] == trained[13] == trained[32] == trained[512], trained
+    (tmp_path / "long.yml").write_text("conversations:\n- - Hi\n  - " + "Very fine, thank you for asking. " * 4 + "\n")
+    prepare([str(tmp_path / "long.yml")], tmp_path / "long", block_size=8, val_fraction=0.0, fmt="chat", quiet=True)
+    x, y = examples(tmp_path / "long")
+    assert len(x) > 3 and all(x[i + 1][0] == y[i][-1] >= 0 for i in range(len(x) - 1))  # the reply's, trained once
 
 
 def test_loader_and_val_carry_the_mask(chat_data):

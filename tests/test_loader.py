@@ -131,6 +131,10 @@ def test_resume_position_rules():
     named = {**saved, "names": ["books"]}
     assert resume_position(named, 1, 400, names=["books"]) == (96, None, [])
     assert resume_position(named, 1, 400, names=["other"]) == (0, None, [0])  # another source of the same size
+    held = {**named, "ids": ["a1"]}  # what it holds (manifest.identity) decides, whatever its name now
+    assert resume_position(held, 1, 400, names=["moved"], ids=["a1"]) == (96, None, [])  # a folder moved or renamed
+    assert resume_position(held, 1, 400, names=["books"], ids=["b2"]) == (0, None, [0])  # prepared again
+    assert resume_position(named, 1, 400, names=["books"], ids=["b2"]) == (96, None, [])  # saved without ids: by name
     assert resume_position({"batches": 12, "world": 2, "num_workers": 0, "micro_batch": 4, "seed": 1},
                            1, 400) is None  # saved by mtgpt before the global order
 

@@ -368,3 +368,56 @@ def test_an_out_whose_name_is_not_utf8_is_refused_before_anything_is_written(tmp
     with pytest.raises(ConfigError, match="a name that is not UTF-8 text"):
         rundir.check_out_folder(out)
     assert not list(tmp_path.iterdir())
+
+
+def test_an_out_through_a_missing_folder_and_dotdot_is_the_run_it_names(tmp_path, monkeypatch):
+    """--out runs/nope/../x, where runs/x holds a run: the checks looked at the missing runs/nope
+    and let a fresh run be trained over runs/x (checkpoints, logs replaced). It is runs/x."""
+    run = tmp_path / "runs" / "x"
+    _complete(run, 5)
+    cfg = _cfg(tmp_path / "runs" / "nope" / ".." / "x")
+    assert cfg.out == str(run)
+    with pytest.raises(ConfigError, match="already holds a run; pass --resume auto"):
+        rundir.resume_point(cfg)
+    assert not (tmp_path / "runs" / "nope").exists()
+    assert TrainConfig(data="d", out="a/b/../c", resume="a/b/../c/checkpoints/step_5").resume == "a/c/checkpoints/step_5"
+
+
+def test_recorded_paths_are_absolute_whatever_the_directory(tmp_path, monkeypatch):
+    """A resume by the step_N shorthand from another directory recorded "resume":
+    "../run/checkpoints/step_10", "out": "/B/../run" and "resumed_from" relative: `--config
+    RUN/train_config.json` from elsewhere then failed to find them."""
+    run = tmp_path / "run"
+    four = _complete(run, 4)
+    (tmp_path / "B").mkdir()
+    monkeypatch.chdir(tmp_path / "B")
+    cfg = _cfg("../run", resume="../run/checkpoints/step_4")
+    found = rundir.resume_point(cfg)
+    rundir.write_run_files(cfg.out, cfg.to_dict(), {}, "zero1_fp32", 1, 0, found)
+    saved = json.loads((run / rundir.TRAIN_CONFIG).read_text())
+    assert saved["out"] == str(run) and saved["resume"] == str(four.parent / "step_4")
+    assert json.loads((run / rundir.RUN_INFO).read_text())["resumed_from"] == str(four)
+    monkeypatch.chdir(tmp_path)
+    assert rundir.resume_point(TrainConfig.from_dict(saved)) == four
+
+
+def test_the_config_file_of_a_moved_or_copied_run_names_the_run_to_continue(tmp_path, monkeypatch):
+    """`--config MOVED/train_config.json --resume auto` started a new run at the run's old path
+    (its recorded --out), and a copy's continued the original: both are refused with the commands
+    for either meaning. Its own run, or with --out given, it is taken as before."""
+    from mtgpt import cli
+
+    old, moved = tmp_path / "run", tmp_path / "moved"
+    _complete(old, 4)
+    (old / rundir.TRAIN_CONFIG).write_text(json.dumps({**_cfg(old).to_dict(), "resume": "auto"}))
+    options = lambda **kw: {"config_file": str(kw.pop("config")), **{k: None for k in ("data", "resume", "out")},  # noqa: E731
+                            **kw}
+    assert cli.build_config(options(config=old / rundir.TRAIN_CONFIG)).out == str(old)  # its own run: taken
+    old.rename(moved)
+    with pytest.raises(ConfigError, match=rf"{moved}/train_config.json holds the settings of the run in {moved}, but "
+                                          rf"names --out {old} \(the run was moved or copied since\): to continue this "
+                                          rf"run, mtgpt train --out {moved} --resume auto; .* add --out NEW_RUN"):
+        cli.build_config(options(config=moved / rundir.TRAIN_CONFIG))
+    assert not old.exists()
+    given = cli.build_config(options(config=moved / rundir.TRAIN_CONFIG, out=str(tmp_path / "new")))
+    assert given.out == str(tmp_path / "new")  # --out given: a new run with its settings

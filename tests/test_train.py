@@ -408,7 +408,7 @@ def test_a_run_that_stopped_before_its_first_save_starts_again_with_resume_auto(
     with its settings, its old logs dropped."""
     import shutil
 
-    from mtgpt import cli
+    from mtgpt import cli, rundir
     from mtgpt.config import ConfigError
     from mtgpt.train import fit, make_plan
 
@@ -427,6 +427,7 @@ def test_a_run_that_stopped_before_its_first_save_starts_again_with_resume_auto(
         make_plan(config("--data", str(tiny_data), "--max-steps", "2"), 1)
     again = config("--resume", "auto", "--max-steps", "2")
     assert again.data == [str(tiny_data)] and again.lr == 3e-3 and again.model.n_embd == TINY["n_embd"]
+    assert rundir.resumed_world_size(again) == 1  # its ranks (was None: 2 on a CPU, and its batch refused)
     plan = make_plan(again, 1)
     assert plan.resume_from is None
     assert fit(plan)["step"] == 2
@@ -561,6 +562,31 @@ def test_fit_resume_and_go_back_in_process(tiny_data, tmp_path, world_of_one, ca
     assert checkpoint.complete_tags(run) == ["step_00000006", "step_00000007"]
     assert checkpoint.weights_step(run) == 7
     assert [r["step"] for r in metrics(run) if "train/loss" in r] == [2, 4, 6, 7]
+
+
+def test_a_data_folder_moved_goes_on_where_it_was_and_keeps_best(tiny_data, tmp_path, world_of_one, capsys):
+    """The data folder moved (or renamed), and the resume given its new path as the error asks:
+    its new name made it "not the source the run saved", so its shuffle started over and best/ was
+    replaced by a worse model. The same data is known by what it holds, wherever it is: the resume
+    trains exactly as one from the unmoved folder."""
+    import shutil
+
+    data, run, twin = tmp_path / "books", tmp_path / "run", tmp_path / "twin"
+    shutil.copytree(tiny_data, data)
+    cfg = TrainConfig(data=str(data), out=str(run), model=dict(TINY), micro_batch=2, lr=3e-3, eval_samples=4,
+                      log_every=1, eval_every=2, save_every=2, max_steps=4, ds_config="zero0_fp32")
+    _fit(cfg)
+    shutil.copytree(run, twin)
+    best = (run / "best" / "model.safetensors").read_bytes()
+    _fit(cfg.replace(out=str(twin), resume="auto", max_steps=6, lr=30.0))  # (a worse model than best/)
+    data.rename(tmp_path / "books-moved")
+    capsys.readouterr()
+    _fit(cfg.replace(data=str(tmp_path / "books-moved"), resume="auto", max_steps=6, lr=30.0))
+    out = capsys.readouterr().out
+    assert "own shuffle" not in out and "start again" not in out, out
+    losses = lambda r: [(m["step"], m["train/loss"]) for m in metrics(r) if "train/loss" in m]  # noqa: E731
+    assert losses(run) == losses(twin) and losses(run)[-1][0] == 6
+    assert (run / "best" / "model.safetensors").read_bytes() == best  # step 4's better model kept
 
 
 def test_a_torn_last_save_sets_best_aside_and_says_so(tiny_data, tmp_path, world_of_one, capsys):

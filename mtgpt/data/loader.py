@@ -265,10 +265,11 @@ class TrainBatches:
     def __init__(self, splits: Split | list[Split], micro_batch: int, rank: int, world: int, seed: int,
                  num_workers: int = 0, start: int = 0, device: torch.device | str = "cpu",
                  weights: list[float] | None = None, counts: list[int] | None = None,
-                 names: list[str] | None = None):
+                 names: list[str] | None = None, ids: list[str] | None = None):
         splits = [splits] if isinstance(splits, Split) else list(splits)
         weights = list(weights) if weights is not None else [1.0] * len(splits)
-        self.names = list(names) if names is not None else None  # the sources', saved to match them on resume
+        # the sources' names and what they hold (manifest.identity), saved to match them on resume
+        self.names, self.ids = (list(names) if names is not None else None), (list(ids) if ids is not None else None)
         if len(weights) != len(splits):
             raise ValueError(f"{len(splits)} sources but {len(weights)} weights")
         self.micro_batch, self.world, self.seed, self.start = micro_batch, world, seed, start
@@ -308,7 +309,8 @@ class TrainBatches:
         return self.draws.counts.tolist()
 
     def state_dict(self) -> dict[str, Any]:
-        names = {"names": self.names} if self.names is not None else {}
+        names = {**({"names": self.names} if self.names is not None else {}),
+                 **({"ids": self.ids} if self.ids is not None else {})}
         if len(self.train_samples) == 1:
             return {"samples": self.position, "seed": self.seed, "train_samples": self.train_samples[0], **names}
         return {"samples": self.position, "seed": self.seed, "train_samples": self.train_samples,
@@ -316,16 +318,17 @@ class TrainBatches:
 
 
 def resume_position(state: dict[str, Any], seed: int, train_samples: list[int] | int,
-                    weights: list[float] | None = None, names: list[str] | None = None
-                    ) -> tuple[int, list[int] | None, list[int]] | None:
+                    weights: list[float] | None = None, names: list[str] | None = None,
+                    ids: list[str] | None = None) -> tuple[int, list[int] | None, list[int]] | None:
     """(global position, per-source draw counts, the sources that start their shuffle over) to
     continue a saved order (`TrainBatches.state_dict()`), or None when it cannot continue: another
     seed, or a checkpoint from before the global order (then the data order starts over, a new
     shuffle). A mixture resumed with other weights goes on from its saved counts: each source
     continues its own shuffle where it was, drawn at the new weights from then on (a checkpoint
     without counts cannot, and starts over). A source is the saved one in its place when its
-    name (where the checkpoint has names) and its train split's size are the same; one that is
-    not (added, replaced, prepared again) starts its own shuffle, and the others go on. A source's
+    train split's size and what it holds (`ids`, manifest.identity; a checkpoint from before them:
+    its name) are the same, whatever its folder or name now; one that is not (added, replaced,
+    prepared again) starts its own shuffle, and the others go on. A source's
     shuffle is that of its place (Order's stream), so sources given in another order cannot go on:
     mtgpt.train refuses that before it gets here. One source after a mixture starts over (its
     draws are the global positions)."""
@@ -333,8 +336,8 @@ def resume_position(state: dict[str, Any], seed: int, train_samples: list[int] |
     if "samples" not in state or state["seed"] != seed:
         return None
     saved = state["train_samples"] if isinstance(state["train_samples"], list) else [state["train_samples"]]
-    saved_names = state.get("names")
-    same = [j < len(saved) and saved[j] == n and (saved_names is None or names is None or saved_names[j] == names[j])
+    saved_ids, now_ids = (state.get("ids"), ids) if state.get("ids") and ids else (state.get("names"), names)
+    same = [j < len(saved) and saved[j] == n and (saved_ids is None or now_ids is None or saved_ids[j] == now_ids[j])
             for j, n in enumerate(sizes)]
     if all(same) and len(saved) == len(sizes):
         if len(sizes) == 1:

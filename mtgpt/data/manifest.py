@@ -85,6 +85,14 @@ def data_files(manifest: dict[str, Any]) -> list[dict[str, Any]]:
             + list(manifest["tokenizer"].get("files", [])))
 
 
+def identity(manifest: dict[str, Any]) -> str:
+    """What the train split holds, in 16 hex digits (of its shards' sha256s, in order): the same for
+    the same prepared data wherever its folder is, or under another --data name; another for data
+    prepared again from other text or with another seed (a resume tells them apart by it)."""
+    shards = manifest["splits"]["train"]["shards"]
+    return hashlib.sha256(" ".join(s["sha256"] for s in shards).encode()).hexdigest()[:16]
+
+
 def _checked(manifest: Any, where: str | Path) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise DataError(f"{where}: not an mtgpt manifest of format {FORMAT}; prepare the data again "

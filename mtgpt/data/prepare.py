@@ -390,7 +390,9 @@ def _write_chat_shards(paths: list[Path], tmp: Path, block_size: int, val_fracti
                        ) -> dict[str, Any]:
     """Chat data: each conversation (its template text and <|endoftext|>) starts its own sample, so
     no sample lets one conversation attend to another; one longer than a sample goes on in the
-    next ones, and the last is padded with <|endoftext|>. Each sample is stored with its loss mask
+    next ones, each starting with the token the one before ended with (a sample's first token is
+    never a target: without the overlap, a reply token there was never trained), and the last is
+    padded with <|endoftext|>. Each sample is stored with its loss mask
     (mtgpt.chat.training_tokens; padding is never trained on); a sample with no trained target
     (the user's part of a long conversation) is left out. A conversation's samples all go to the
     same split, so val holds conversations the model never saw (and an empty val split is met with
@@ -411,10 +413,11 @@ def _write_chat_shards(paths: list[Path], tmp: Path, block_size: int, val_fracti
         for turns in chat.conversations(paths, strict, replaced):
             ids, mask = chat.training_tokens(tok, turns, train_on)
             ids, mask = np.append(ids, tok.eot), np.append(mask, False)
-            n = -(-len(ids) // S)
-            pad = n * S - len(ids)
-            samples = np.concatenate([ids, np.full(pad, tok.eot)]).astype(np.uint16).reshape(n, S)
-            masks = np.concatenate([mask, np.zeros(pad, dtype=bool)]).reshape(n, S)
+            n = -(-(len(ids) - 1) // block_size)  # samples of S tokens, block_size apart
+            pad = n * block_size + 1 - len(ids)
+            at = np.arange(n)[:, None] * block_size + np.arange(S)
+            samples = np.concatenate([ids, np.full(pad, tok.eot)]).astype(np.uint16)[at]
+            masks = np.concatenate([mask, np.zeros(pad, dtype=bool)])[at]
             keep = masks[:, 1:].any(1)  # a sample trains on targets 1..S-1
             writers["val" if is_val(1)[0] else "train"].add(samples[keep], masks[keep])
             kept_samples.append(int(keep.sum()))
