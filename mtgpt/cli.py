@@ -137,7 +137,9 @@ def build_config(options: dict) -> TrainConfig:
         try:
             source = checkpoint.source_config(base.get("init_from"), base.get("init_from_hf"))
         except ValueError as e:
-            raise ConfigError(f"cannot start from it: {e}") from None
+            option = "init_from" if base.get("init_from") else "init_from_hf"
+            recorded = "" if option in given else f", as {'--config' if config_file else 'the run'} gives it"
+            raise ConfigError(f"cannot start from --{option.replace('_', '-')} {base[option]}{recorded}: {e}") from None
         base["model"] = {**source.shape(), **base["model"]}
     if isinstance(base.get("data"), str):  # a config file of an older mtgpt: one source
         base["data"] = [base["data"]]
@@ -191,6 +193,29 @@ def _sigterm_interrupts() -> Iterator[None]:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+@contextmanager
+def _imports_interruptible() -> Iterator[None]:
+    """Around the seconds a command spends importing torch and DeepSpeed: Ctrl-C there ends it even
+    when it comes while torch imports NumPy, which turns the KeyboardInterrupt into a warning and
+    goes on (Ctrl-C 0.3 s after `mtgpt train` started had the whole run train)."""
+    came: list[int] = []
+
+    def interrupt(signum, frame):
+        came.append(signum)
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():  # (only the main thread takes signals)
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if came:  # (raised in there, and swallowed)
+        raise KeyboardInterrupt
 
 
 def _interrupted(e: KeyboardInterrupt, out) -> None:
@@ -343,14 +368,16 @@ def tokenizer_train(inputs, vocab_size, out, glob, strict, overwrite, quiet):
 def train(nproc, **options):
     """Train a GPT with DeepSpeed on N local processes (the launcher is started for you).
 
-    Batch size is mtgpt's: --micro-batch x --grad-accum x processes. The DeepSpeed JSON says
+    Batch size is mtgpt's: --batch-size sequences per step (--grad-accum derived from it), or
+    --micro-batch x --grad-accum x processes. The DeepSpeed JSON says
     "auto" for it (and for lr and the schedule) and mtgpt fills it in; a JSON that states other
     numbers is refused before anything starts. On several nodes, or under Slurm, start
     launch/train.py with `deepspeed` or `torchrun` instead (see the README).
     """
-    from mtgpt import launcher, rundir
-    from mtgpt.data import DataError
-    from mtgpt.train import make_plan
+    with _imports_interruptible():
+        from mtgpt import launcher, rundir
+        from mtgpt.data import DataError
+        from mtgpt.train import make_plan
 
     given_ds = options.get("ds_config") is not None
     try:

@@ -156,7 +156,7 @@ def check_out(out: str | Path, overwrite: bool, option: str = "--out", error: ty
                     f"replaces only {mine} that holds nothing else: move those out of it, or choose another "
                     f"{option} (nothing was changed)")
     if not overwrite:
-        raise error(f"{out} is not empty ({what(out)}); choose another {option} or pass --overwrite to replace it")
+        raise error(f"{out} is not empty: it is {what(out)}; choose another {option} or pass --overwrite to replace it")
     return out
 
 

@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 
 from mtgpt import checkpoint, folders, hf, rundir, tokenizer
-from mtgpt.config import ModelConfig, TrainConfig, load_json
+from mtgpt.config import ModelConfig, TrainConfig, data_sources, load_json
+from mtgpt.data import remote
 from mtgpt.data.manifest import MANIFEST, load_manifest, missing, verify as verify_shards
 from mtgpt.model import param_count
 from mtgpt.monitor import METRICS, read_metrics
@@ -156,6 +157,9 @@ def describe_run(path: Path) -> list[str]:
             f" x {ranks} rank(s) = {cfg.micro_batch * cfg.grad_accum * ranks} sequences per step"
             if isinstance(ranks, int) and isinstance(cfg.micro_batch, int) and isinstance(cfg.grad_accum, int) else "")
         lines.append(f"data: {' + '.join(cfg.data)}; batch: {batch}; lr {cfg.lr}")
+        gone = [s.path for s in data_sources(cfg.data) if not remote.is_url(s.path) and not Path(s.path).is_dir()]
+        if gone:  # (moved or deleted since: what a resume will ask for)
+            lines.append(f"data gone: {', '.join(gone)} no longer exist(s); a resume takes --data NEW_PATH")
         vocab = cfg.model.vocab_size
     elif (path / checkpoint.MODEL_CONFIG).is_file():
         config = checkpoint.load_model_config(path)

@@ -191,9 +191,11 @@ class GPT(nn.Module):
                 torch.nn.init.normal_(p, mean=0.0, std=std)
 
     def num_params(self, non_embedding: bool = False) -> int:
-        """Parameters, the tied wte/lm_head matrix counted once (`parameters()` already dedups).
-        With non_embedding, position embeddings are left out too (as in the scaling-law papers)."""
-        n = sum(p.numel() for p in self.parameters())
+        """Parameters, the tied wte/lm_head matrix counted once (`parameters()` already dedups)
+        and without its padding rows (vocab_multiple: never trained, never saved). With
+        non_embedding, position embeddings are left out too (as in the scaling-law papers)."""
+        c = self.config
+        n = sum(p.numel() for p in self.parameters()) - (c.padded_vocab_size - c.vocab_size) * c.n_embd
         if non_embedding:
             n -= self.transformer.wpe.weight.numel()
         return n

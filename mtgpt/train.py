@@ -87,6 +87,7 @@ class Plan:
     resume_from: Path | None  # a complete checkpoint folder, or None to start fresh
     universal: bool = False  # resume through DeepSpeed's universal checkpoint (world size changed)
     tok: tokenizer.Tokenizer | None = None  # the data's tokenizer, read by fit() (the data may be a URL)
+    ds_own: bool = False  # a resumed run goes on with the DeepSpeed dict it saved (ds_config.json), not ds_name's file
 
     @property
     def sources(self) -> list[DataSource]:
@@ -221,7 +222,7 @@ def make_plan(cfg: TrainConfig, world_size: int, cuda: bool | None = None, gpu_m
     if resume_from is not None:
         rundir.check_resumable_ds(resume_from, ds, ds_name)
     return Plan(cfg, ds, ds_name, manifests, mixture_weights(cfg.sources, manifests), world_size, steps,
-                resume_from, universal)
+                resume_from, universal, ds_own=own is not None)
 
 
 def data_names(cfg: TrainConfig) -> str:
@@ -337,7 +338,7 @@ def check_tokenizer(cfg: TrainConfig, manifest: dict[str, Any], resume_from: Pat
         try:
             theirs = checkpoint.source_tokenizer(cfg.init_from, cfg.init_from_hf).identity()
         except ValueError as e:
-            raise ConfigError(f"cannot start from it: {e}") from None
+            raise ConfigError(f"cannot start from {source_option(cfg)}: {e}") from None
         if not tokenizer.same(theirs, data):
             raise ConfigError(f"the model you start from ({source}) reads tokenizer {tokenizer.describe(theirs)}, but "
                               f"{data_names(cfg)} was prepared with {tokenizer.describe(data)}: prepare the data again with "
@@ -350,7 +351,12 @@ def source_config(cfg: TrainConfig):
     try:
         return checkpoint.source_config(cfg.init_from, cfg.init_from_hf)
     except ValueError as e:  # ModelFileError, HFError
-        raise ConfigError(f"cannot start from it: {e}") from None
+        raise ConfigError(f"cannot start from {source_option(cfg)}: {e}") from None
+
+
+def source_option(cfg: TrainConfig) -> str:
+    """--init-from RUN or --init-from-hf DIR, as given, for messages."""
+    return f"--init-from {cfg.init_from}" if cfg.init_from else f"--init-from-hf {cfg.init_from_hf}"
 
 
 # ----------------------------------------------------------------------------- the step
@@ -512,6 +518,11 @@ def resume(engine, plan: Plan, running: RunningLoss, train_samples: list[int]
         scaler.skipped.fill_(state.ranks[0].get("grad_scaler_skipped", 0))
     position, counts = continue_data(state, plan, train_samples)
     make_history(engine, plan, state)
+    best = Path(plan.cfg.out) / "best"
+    if state.best_val < float("inf") and not (best / checkpoint.WEIGHTS).is_file():  # (after make_history's barrier)
+        world.print0(f"note: the best val loss so far ({state.best_val:.4f}) is of weights that {best} does not "
+                     "hold (another run's, or of saves set aside): best/ starts again at the next evaluation")
+        state.best_val = float("inf")  # (best/ holds the weights of the best val loss, or there is none)
     return state, position, counts
 
 
@@ -537,10 +548,16 @@ def continue_data(state: TrainState, plan: Plan, train_samples: list[int]) -> tu
         world.print0(f"note: the mixture's weights were {', '.join(f'{w:.3g}' for w in saved['weights'])} and are "
                      f"{', '.join(f'{w:.3g}' for w in plan.weights)} now: each source goes on where it was in its "
                      "own shuffle, drawn at the new weights")
-    if (fresh or saved.get("weights", [1.0]) != plan.weights) and state.best_val < float("inf"):
-        # the val loss is the weighted mean over the sources: another mixture's is another measure
-        world.print0(f"note: the val loss now weighs other sources or weights than the best so far ({state.best_val:.4f}) "
-                     "did: best/ and early stopping start again from this run's next evaluation")
+    # the val loss is the weighted mean over the sources' val sets: another mixture's, or another
+    # --eval-samples', is another measure
+    before = (rundir.saved_settings(plan.resume_from) or {}).get("eval_samples", plan.cfg.eval_samples)
+    other = ("weighs other sources or weights than" if fresh or saved.get("weights", [1.0]) != plan.weights else
+             f"is measured on other val samples (--eval-samples {before} -> {plan.cfg.eval_samples}) than"
+             if any(min(before, n) != min(plan.cfg.eval_samples, n) for n in (m["splits"]["val"]["samples"]
+                                                                              for m in plan.manifests)) else None)
+    if other and state.best_val < float("inf"):
+        world.print0(f"note: the val loss now {other} the best so far ({state.best_val:.4f}) did: best/ and early "
+                     "stopping start again from this run's next evaluation")
         state.best_val = state.patience_best = float("inf")
         state.evals_since_best = 0
     return position, counts
@@ -733,7 +750,8 @@ def banner(plan: Plan, step: int, drawn: list[float] | None = None) -> str:
     lines = [
         f"mtgpt {__version__}: {param_count(cfg.model):,} parameters ({cfg.model.n_layer} layers, "
         f"{cfg.model.n_head} heads, {cfg.model.n_embd} wide, context {cfg.model.block_size})",
-        f"  {plan.world_size} rank(s) on {world.get().device.type}, {ds_config.shown(plan.ds_name)}: ZeRO-"
+        f"  {plan.world_size} rank(s) on {world.get().device.type}, {ds_config.shown(plan.ds_name)}"
+        f"{' as the run saved it (its ds_config.json)' if plan.ds_own and ds_config.shown(plan.ds_name) == plan.ds_name else ''}: ZeRO-"
         f"{ds_config.zero_stage(ds)}, {ds_config.precision(ds)}",
         f"  batch {ds['train_batch_size']} sequences = micro {cfg.micro_batch} x accum {cfg.grad_accum} x "
         f"{plan.world_size} rank(s) = {plan.tokens_per_step:,} tokens/step; schedule {plan.schedule_steps} steps",

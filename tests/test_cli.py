@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import time
 
 import pytest
 from click.testing import CliRunner
@@ -487,7 +489,7 @@ def test_export_overwrite(model_run, tmp_path, monkeypatch):
     assert invoke("export", model_run, "--hf", out).exit_code == 0  # (an empty folder is written into)
     old = '{"the old export": 1}'
     (out / "generation_config.json").write_text(old)
-    one_error_line(invoke("export", model_run, "--hf", out), "is not empty (a Hugging Face model folder")
+    one_error_line(invoke("export", model_run, "--hf", out), "is not empty: it is a Hugging Face model folder")
 
     (out / "README.md").write_text("my model card")
     (out / "my_run" / "checkpoints").mkdir(parents=True)
@@ -618,3 +620,22 @@ def test_help_as_a_deepspeed_user_asks_for_it():
     options = main.commands["worker"].make_context("worker", ["--deepspeed", "--deepspeed_config", "zero1_fp32"]).params
     assert options["ds_config"] == "zero1_fp32" and options["deepspeed_flag"]
     assert "--num-samples" not in invoke("chat", "--help").output and "--num-samples" in invoke("sample", "--help").output
+
+
+def test_ctrl_c_that_an_import_swallows_still_ends_the_command():
+    """`import torch` turns a KeyboardInterrupt raised at one moment of its start (about 0.2 s in,
+    here) into nothing and goes on: Ctrl-C then had `mtgpt train` train the whole run. The window
+    in which `train` imports keeps the signal, and raises it again after the import."""
+    from mtgpt import cli
+
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        with cli._imports_interruptible():
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1)  # (the handler runs here)
+            except KeyboardInterrupt:
+                pass  # what the import does
+    assert signal.getsignal(signal.SIGINT) is before
+    with cli._imports_interruptible():  # no signal: nothing
+        pass

@@ -153,7 +153,7 @@ def test_what_mtgpt_cannot_represent_is_refused(tiny_data, tmp_path, setting, ma
     with pytest.raises(hf.HFError, match=match):
         hf.load(folder)
     proc = run_mtgpt("train", "--data", tiny_data, "--out", tmp_path / "run", "--init-from-hf", folder, check=False)
-    assert proc.returncode != 0 and "cannot start from it" in proc.stderr
+    assert proc.returncode != 0 and f"cannot start from --init-from-hf {folder}" in proc.stderr
     assert re.search(match, proc.stderr) and "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
 
 

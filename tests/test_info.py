@@ -49,6 +49,7 @@ def test_run_folder(tmp_path):
     assert "train loss: 4.0000 at step 20" in text and "best 4.7500 at step 20" in text
     assert "checkpoints: step_00000020 (incomplete, ignored: step_00000030)" in text
     assert "val loss: none" not in text  # unknown whether the data had val: say nothing
+    assert "data gone: d no longer exist(s); a resume takes --data NEW_PATH" in text  # (moved: it said nothing)
     # a run training now said "last stop: max_steps at step 20" (an earlier start's) next to newer losses
     rundir.write_run_files(run, json.loads((run / rundir.TRAIN_CONFIG).read_text()), {}, "x", 1, 0, None)
     rundir.lock_run(run)  # as its rank 0 does

@@ -77,6 +77,8 @@ def test_default_parameter_count():
     # 50257*384 (wte, = lm_head) + 512*384 (wpe) + 6 blocks * 1,774,464 + 768 (ln_f)
     assert param_count(ModelConfig()) == 30_142_848
     assert tiny().num_params() == param_count(ModelConfig(**TINY))
+    padded = ModelConfig(**{**TINY, "vocab_multiple": 64})  # (the padding rows are no parameters: info said so)
+    assert padded.padded_vocab_size > padded.vocab_size and param_count(padded) == param_count(ModelConfig(**TINY))
 
 
 @torch.no_grad()

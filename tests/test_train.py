@@ -589,6 +589,37 @@ def test_a_data_folder_moved_goes_on_where_it_was_and_keeps_best(tiny_data, tmp_
     assert (run / "best" / "model.safetensors").read_bytes() == best  # step 4's better model kept
 
 
+def test_best_is_written_again_after_going_back_or_branching(tiny_data, tmp_path, world_of_one, capsys):
+    """A run taken back to an older checkpoint (its later best/ set aside), or branched into a new
+    --out, kept the checkpoint's best val loss without the weights behind it: no later evaluation
+    beat it, so no best/ was written, and `sample --best` said there was none. best/ starts again."""
+    run = tmp_path / "run"
+    cfg = TrainConfig(data=str(tiny_data), out=str(run), model=dict(TINY), micro_batch=2, lr=3e-3, eval_samples=4,
+                      log_every=2, eval_every=2, save_every=2, max_steps=6, ds_config="zero0_fp32")
+    _fit(cfg)
+    assert checkpoint.weights_step(run / "best") == 6  # (the loss still falls at step 6)
+    worse = dict(max_steps=5, lr=30.0, eval_every=1)
+    for out, resume in ((run, run / "checkpoints" / "step_00000004"), (tmp_path / "branch", run / "checkpoints" / "step_00000004")):
+        capsys.readouterr()
+        _fit(cfg.replace(out=str(out), resume=str(resume), **worse))
+        assert "best/ starts again at the next evaluation" in capsys.readouterr().out
+        assert checkpoint.weights_step(out / "best") == 5, out
+
+
+def test_a_resume_with_other_eval_samples_starts_best_again(tiny_data, tmp_path, world_of_one, capsys):
+    """--eval-samples changed on resume: the val loss of another val set was compared with the
+    old best, silently. Like a mixture's new weights, best/ and early stopping start again."""
+    run = tmp_path / "run"
+    cfg = TrainConfig(data=str(tiny_data), out=str(run), model=dict(TINY), micro_batch=2, lr=3e-3, eval_samples=4,
+                      log_every=2, eval_every=2, save_every=2, max_steps=4, ds_config="zero0_fp32")
+    _fit(cfg)
+    capsys.readouterr()
+    _fit(cfg.replace(resume="auto", max_steps=6, eval_samples=16, lr=30.0))
+    assert "note: the val loss now is measured on other val samples (--eval-samples 4 -> 16) than the best so far" \
+        in capsys.readouterr().out
+    assert checkpoint.weights_step(run / "best") == 6
+
+
 def test_a_torn_last_save_sets_best_aside_and_says_so(tiny_data, tmp_path, world_of_one, capsys):
     """The last save torn (no COMPLETE), `--resume auto` goes on from the one before; best/, of the
     torn save's step, belongs to the branch left and is set aside: it was moved without a word."""
@@ -1203,6 +1234,9 @@ def test_a_resumed_run_trains_with_the_deepspeed_json_it_started_with(tiny_data,
     given = make_plan(TrainConfig(**args, out="run", max_steps=4, resume="auto", ds_config=str(mine)), 1,
                       ds_config_given=True)
     assert given.ds["gradient_clipping"] == 3.0
+    from mtgpt.train import banner  # (it named the file alone, edited since or gone, as the one in use)
+    assert f"{mine} as the run saved it (its ds_config.json): ZeRO-0" in banner(resumed, 2)
+    assert f"{mine}: ZeRO-0" in banner(given, 2)
     from mtgpt import cli
 
     options = cli.train.make_context("train", ["--out", "run", "--resume", "auto", "--ds-config", str(mine)]).params
