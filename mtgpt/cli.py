@@ -408,6 +408,7 @@ def run_worker(options: dict) -> None:
         signal.signal(s, lambda signum, frame: early.append(signum))
     from mtgpt import rundir, world
     from mtgpt.data import DataError
+    from mtgpt.monitor import RunFolderGone
     from mtgpt.train import SaveError, TrainingDiverged, fit, make_plan
 
     rank, _, world_size = world.env_world()
@@ -434,7 +435,7 @@ def run_worker(options: dict) -> None:
             click.echo(f"Error: {e}", err=True)
         world.destroy()
         sys.exit(1)
-    except (DataError, SaveError) as e:  # only the rank that read the bad shard (or wrote) knows
+    except (DataError, SaveError, RunFolderGone) as e:  # only the rank that read the bad shard (or wrote) knows
         click.echo(f"Error (rank {rank}): {str(e).removeprefix(f'rank {rank}: ')}", err=True)
         sys.exit(1)
     except RuntimeError as e:

@@ -51,6 +51,10 @@ class StartupClock:
         return ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self.phases.items())
 
 
+class RunFolderGone(OSError):
+    """The run folder was moved or deleted while the run trained (found at a log step)."""
+
+
 class Monitor:
     def __init__(self, run_dir: str | Path, enabled: bool, resume_step: int | None = None):
         self.enabled = enabled
@@ -58,6 +62,7 @@ class Monitor:
         self.history: list[dict[str, Any]] = []
         if not enabled:
             return
+        self.folder = _identity(self.run_dir)
         from torch.utils.tensorboard import SummaryWriter
 
         path = self.run_dir / METRICS
@@ -78,6 +83,7 @@ class Monitor:
         split (the train loss alone)."""
         if not self.enabled or not metrics:
             return
+        self._check_folder()
         clean = {k: (float(v) if math.isfinite(float(v)) else str(float(v))) for k, v in metrics.items()}
         for k, v in clean.items():
             if isinstance(v, float):
@@ -94,14 +100,33 @@ class Monitor:
         """A text sample: TensorBoard renders text as Markdown (joining lines, reading * and #), so
         it goes as a code block (each line indented 4 spaces): shown as written."""
         if self.enabled:
+            self._check_folder()
             self.tb.add_text(tag, "\n".join("    " + line for line in text.split("\n")), step)
             self.tb.flush()
+
+    def _check_folder(self) -> None:
+        """The run folder moved or deleted while training: TensorBoard's writer thread failed with a
+        traceback, and the next save made a new folder at the old path. Stopped with one line."""
+        if _identity(self.run_dir) == self.folder:
+            return
+        self.enabled = False  # (nothing more is written, not at the old path: no flush, no close)
+        raise RunFolderGone(f"the run folder {self.run_dir} was moved or deleted while the run trained: stopped, and "
+                            "nothing more written at that path; continue it from its last checkpoint where it is now: "
+                            "mtgpt train --out NEW_PATH --resume auto")
 
     def close(self) -> None:
         if self.enabled:
             self.tb.close()
             self.file.close()
             self.enabled = False
+
+
+def _identity(folder: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(folder)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 class MetricsError(ValueError):

@@ -49,6 +49,22 @@ def test_log_then_resume_drops_the_later_steps(tmp_path):
     log.close()
 
 
+def test_a_run_folder_moved_while_training_stops_the_log_in_one_line(tmp_path):
+    """`mv RUN elsewhere` while it trained: TensorBoard's writer thread died with a traceback and the
+    next save made a new RUN at the old path. The next log step says what happened, writes nothing."""
+    run = tmp_path / "run"
+    run.mkdir()
+    log = monitor.Monitor(run, enabled=True)
+    log.log({"train/loss": 5.0}, 1)
+    run.rename(tmp_path / "moved")
+    with pytest.raises(monitor.RunFolderGone, match=rf"the run folder {run} was moved or deleted while the run "
+                                                    r"trained: .* mtgpt train --out NEW_PATH --resume auto"):
+        log.log({"train/loss": 4.0}, 2)
+    log.text("sample", "x", 2)  # (nothing more: not at the old path)
+    log.close()
+    assert not run.exists() and len((tmp_path / "moved" / monitor.METRICS).read_text().splitlines()) == 1
+
+
 def test_non_finite_values_and_other_ranks(tmp_path):
     log = monitor.Monitor(tmp_path, enabled=True)
     log.log({"train/loss": float("nan"), "lr": 1e-3}, 1)
