@@ -406,17 +406,21 @@ def write_run_files(out: str | Path, train_config: dict[str, Any], ds: dict[str,
                     **({"resume": folders.absolute(resume)} if resume not in (None, "auto", "never") else {})}
     dump_json(train_config, out / TRAIN_CONFIG)
     dump_json(ds, out / DS_CONFIG)
-    dump_json({
+    start = {
         "command": os.environ.get(COMMAND_ENV) or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "resumed_from": folders.absolute(resumed_from) if resumed_from else None,
         "git_commit": git_commit(),
-        "versions": versions(),
         "world_size": world_size,
-        "val_samples": val_samples,  # 0: no evaluation, no best/
-        "ds_config": ds_name,
         "host": platform.node(),
-    }, out / RUN_INFO)
+    }
+    try:  # the run's earlier starts (a resume's record replaced the first command, its time and commit)
+        before = load_json(out / RUN_INFO) if resumed_from and (out / RUN_INFO).is_file() else {}
+        earlier = [*before.get("earlier_starts", []), {k: before[k] for k in start if k in before}] if before else []
+    except (ConfigError, AttributeError, TypeError):
+        earlier = []
+    dump_json({**start, "versions": versions(), "val_samples": val_samples,  # val_samples 0: no evaluation, no best/
+               "ds_config": ds_name, **({"earlier_starts": earlier[-100:]} if earlier else {})}, out / RUN_INFO)
 
 
 def write_last_stop(out: str | Path, **info) -> None:

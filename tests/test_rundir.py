@@ -70,6 +70,15 @@ def test_run_files(tmp_path, monkeypatch):
     assert rundir.has_run(tmp_path / "run") and not checkpoint.has_val(tmp_path / "run")
     rundir.write_last_stop(tmp_path / "run", reason="max_steps", step=3)
     assert json.loads((tmp_path / "run" / rundir.LAST_STOP).read_text())["reason"] == "max_steps"
+    assert "earlier_starts" not in info
+    # a resume's record keeps the starts before it (it replaced the first command, time and commit)
+    for n in (1, 2):
+        monkeypatch.setenv(rundir.COMMAND_ENV, f"mtgpt train --out run --resume auto # {n}")
+        rundir.write_run_files(cfg.out, cfg.to_dict(), {}, "zero1_fp32", 1, 0, tmp_path / "run" / "checkpoints" / "x")
+    info = json.loads((tmp_path / "run" / rundir.RUN_INFO).read_text())
+    assert info["command"].endswith("# 2") and info["world_size"] == 1
+    assert [(e["command"], e["world_size"]) for e in info["earlier_starts"]] == [
+        ("mtgpt train --data d", 2), ("mtgpt train --out run --resume auto # 1", 1)]
 
 
 def test_out_is_a_new_folder_or_a_run(tmp_path):
