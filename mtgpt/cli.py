@@ -294,6 +294,7 @@ def prepare(inputs, out, block_size, val_fraction, seed, shard_size, glob, fmt, 
     Each file is a document; <|endoftext|> separates documents.
     Training, sampling and export use the data's tokenizer with no further option.
     """
+    from mtgpt.data.manifest import bytes_per_token
     from mtgpt.data.prepare import prepare as run_prepare
     from mtgpt.data.sources import CORPORA, DataError
 
@@ -316,10 +317,10 @@ def prepare(inputs, out, block_size, val_fraction, seed, shard_size, glob, fmt, 
         _interrupted(e, out)
     tr, va = m["splits"]["train"], m["splits"]["val"]
     docs = "conversation(s)" if m.get("loss_mask") else "document(s)"  # those with something to train on
-    click.echo(f"{out}: {m['documents']} {docs}, {m['tokens']:,} tokens -> {tr['samples']:,} train + "
-               f"{va['samples']:,} val sequences of {block_size + 1} tokens in {len(tr['shards'])} + "
-               f"{len(va['shards'])} shard(s) ({m['seconds']:.1f} s); tokenizer {m['tokenizer']['name']} "
-               f"({m['tokenizer']['vocab_size']:,} tokens, {m['text_bytes'] / max(1, m['tokens']):.2f} bytes/token)")
+    click.echo(f"{out}: {m['documents']:,} {docs}, {m['tokens']:,} tokens -> {tr['samples']:,} train + "
+               f"{va['samples']:,} val sequences of {block_size + 1} tokens in {len(tr['shards']):,} + "
+               f"{len(va['shards']):,} shard(s) ({m['seconds']:.1f} s); tokenizer {m['tokenizer']['name']} "
+               f"({m['tokenizer']['vocab_size']:,} tokens, {bytes_per_token(m):.2f} bytes/token)")
     if m.get("loss_mask"):
         from mtgpt.info import mask_line
 
@@ -590,20 +591,30 @@ def eval_(run_dir, texts, stride, best, device, dtype, strict, as_json):
     if swapped and folders.kind(run_dir) in ("file", "folder", "missing"):
         raise click.ClickException(f"{run_dir} is {folders.what(run_dir)} and {swapped} is {folders.what(swapped)}: "
                                    f"give the run first: `mtgpt eval {swapped} {run_dir}`")
+    def row(r) -> None:  # (the table: each file's line as soon as it is scored, the header before the first)
+        if len(scores) == 1 and r is scores[0]:
+            click.echo(f"{'text':30s} {'tokens':>9} {'loss':>8} {'ppl':>10} {'bits/byte':>10}")
+        click.echo(f"{r.name[-30:]:30s} {r.tokens:>9,} {r.loss:>8.4f} {r.ppl:>10.2f} {r.bpb:>10.4f}")
+
+    scores = []
     try:  # every input checked before the model loads (eval has no --glob)
         sources = resolve_sources(list(texts), glob_fix="name the text files to score")
         model, tok = load_for_inference(run_dir, best, device, dtype)
-        read = (read_text(src, strict, warn=lambda s: click.echo(s, err=True)) for src in sources)
-        scores = [score_text(model, tok, text, src.name, stride) for src, text in zip(sources, read)]
+        for src in sources:
+            text = read_text(src, strict, warn=lambda s: click.echo(s, err=True))
+            scores.append(score_text(model, tok, text, src.name, stride))
+            if not as_json:
+                row(scores[-1])
     except ValueError as e:
         _fail(e)
-    rows = scores + ([total(scores)] if len(scores) > 1 else [])
+    except OSError as e:  # (a file removed or unreadable since it was listed)
+        _fail(f"{e.filename or src.name}: {e.strerror or e}" + (f"; the {len(scores)} file(s) above were scored"
+                                                                 if scores and not as_json else ""))
     if as_json:
-        click.echo(json_mod.dumps([r.as_dict() for r in rows], indent=2))
-        return
-    click.echo(f"{'text':30s} {'tokens':>9} {'loss':>8} {'ppl':>10} {'bits/byte':>10}")
-    for r in rows:
-        click.echo(f"{r.name[-30:]:30s} {r.tokens:>9,} {r.loss:>8.4f} {r.ppl:>10.2f} {r.bpb:>10.4f}")
+        click.echo(json_mod.dumps([r.as_dict() for r in scores + ([total(scores)] if len(scores) > 1 else [])],
+                                  indent=2))
+    elif len(scores) > 1:
+        row(total(scores))
 
 
 @main.command()

@@ -13,7 +13,7 @@ import numpy as np
 from mtgpt import checkpoint, folders, hf, rundir, tokenizer
 from mtgpt.config import ModelConfig, TrainConfig, data_sources, load_json
 from mtgpt.data import remote
-from mtgpt.data.manifest import MANIFEST, load_manifest, missing, verify as verify_shards
+from mtgpt.data.manifest import MANIFEST, bytes_per_token, load_manifest, missing, verify as verify_shards
 from mtgpt.model import param_count
 from mtgpt.monitor import METRICS, read_metrics
 
@@ -83,10 +83,13 @@ def describe_data(path: Path, verify: bool) -> tuple[list[str], bool]:
         s = m["splits"][split]
         lines.append(f"{split}: {s['samples']:,} sequences = {s['samples'] * m['block_size']:,} {split} tokens (what "
                      f"`mtgpt train` counts: the predicted ones; {s['tokens']:,} stored) in {len(s['shards'])} shard(s)")
-    total = sum(src["bytes"] or 0 for src in m["sources"])
-    lines.append(f"sources: {len(m['sources'])} ({_size(total)})")
+    sizes = [src["bytes"] for src in m["sources"]]
+    if None in sizes:  # standard input (its size is not known before it is read): the bytes read
+        lines.append(f"sources: {len(sizes)}, standard input among them ({_size(m.get('text_bytes') or 0)} read)")
+    else:
+        lines.append(f"sources: {len(sizes)} ({_size(sum(sizes))})")
     if m.get("text_bytes"):
-        line = f"bytes per token: {m['text_bytes'] / max(1, m['tokens']):.2f}"
+        line = f"bytes per token: {bytes_per_token(m):.2f}"
         if not tokenizer.same(m["tokenizer"], tokenizer.GPT2_IDENTITY) and m["splits"]["train"]["samples"]:
             if problems:
                 line += " (GPT-2's not measured: the folder is damaged, see verify below)"

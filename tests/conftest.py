@@ -39,7 +39,7 @@ def tiny_data(tmp_path_factory) -> Path:
     from mtgpt.data.prepare import prepare
 
     out = tmp_path_factory.mktemp("data") / "sonnets32"
-    prepare([str(SONNETS)], out, block_size=32, val_fraction=0.1, shard_size_mb=0.002, quiet=True)
+    prepare([str(SONNETS)], out, block_size=32, val_fraction=0.1, shard_size_mb=0.004, quiet=True)
     return out
 
 

@@ -412,6 +412,7 @@ def test_sigterm_leaves_nothing(command, tmp_path):
 @pytest.mark.parametrize("args, match", [
     (["--shard-size", "inf"], "--shard-size must be a positive number of MB, got inf"),
     (["--glob", "/tmp/*.txt"], "--glob '/tmp/*.txt': the pattern is matched inside each folder given, so it is relative"),
+    (["--glob", ""], "--glob '': the pattern is matched inside each folder"),  # (it was the default, silently)
     (["--out", "/proc/nope/x"], "cannot create /proc/nope/x: /proc"),
 ])
 def test_prepare_bad_values_are_one_line(tmp_path, args, match):

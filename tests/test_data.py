@@ -30,7 +30,7 @@ def test_manifest_and_shards(tiny_data):
     assert m["block_size"] == 32 and m["sample_tokens"] == 33
     assert m["tokenizer"]["vocab_size"] == 50257 and m["tokenizer"]["sha256"].startswith("196139")
     train, val = m["splits"]["train"], m["splits"]["val"]
-    assert len(train["shards"]) >= 3  # --shard-size 0.002 MB
+    assert len(train["shards"]) >= 3  # --shard-size 0.004 MB
     assert train["samples"] == sum(s["samples"] for s in train["shards"]) == len(all_train_samples(tiny_data))
     assert abs(val["samples"] - (train["samples"] + val["samples"]) * 0.1) < 1  # evenly spaced
     assert train["samples"] + val["samples"] == m["tokens"] // 33
@@ -60,6 +60,18 @@ def test_documents_separated_by_endoftext(tmp_path):
     text = GPT2.decode(ids)
     assert "DOC" not in text
     assert text.startswith("first document\n") and "<|endoftext|>second document" in text
+    notes: list[str] = []
+    prepare([str(tmp_path / "b.txt")], tmp_path / "e", block_size=8, val_fraction=0.0, doc_separator="DOC", quiet=True,
+            warn=notes.append)
+    assert not notes
+    (tmp_path / "cr.txt").write_bytes(b"doc one\rDOC\rdoc two\r" * 20)  # (lone \r: no line of its own)
+    for name, marker in (("cr.txt", "DOC"), ("b.txt", "DCO")):  # never matched: it had gone unsaid
+        notes.clear()
+        m = prepare([str(tmp_path / name)], tmp_path / name.replace(".", "_"), block_size=8, val_fraction=0.0,
+                    doc_separator=marker, quiet=True, warn=notes.append)
+        assert m["documents"] == 1 and notes == [f"note: --doc-separator {marker!r} is never a line of its own in the "
+                                                 "text (the marker alone on a line that ends with a newline, \\n or "
+                                                 "\\r\\n), so each source is one document"]
 
 
 def test_val_split_is_deterministic(tmp_path):
@@ -278,7 +290,9 @@ def _shapes() -> dict[str, str]:
         "crlf": SONNETS.read_text().replace("\n", "\r\n"),
         "runs of spaces": "   ".join(words) + "\n",
         "no spaces": "".join(words)[:20000],
-    }
+        "cr": SONNETS.read_text().replace("\n", "\r"),  # old Mac line ends
+        "cr, no spaces": "\r".join("".join(words[i:i + 8]) for i in range(0, len(words), 8)),  # (cut after \r only:
+    }  # it was cut at 64 MB, mid-word, and the ids there differed)
 
 
 @pytest.mark.parametrize("shape", list(_shapes()))
@@ -492,6 +506,30 @@ def test_utf16_and_gzip_named_as_such(tmp_path):
         assert (tmp_path / "le.txt.utf8.txt").read_text() == text
 
 
+def test_standard_input_and_nul_bytes_past_the_start_are_checked_as_files_are(tmp_path):
+    """Text piped on stdin skipped every check a file gets: gzip, UTF-16 and binary were tokenized
+    as text (1.0 bytes/token) and prepare exited 0. NUL bytes past the first 8 KB of a file (which
+    listing reads) went through too. Each is refused in one line, nothing written."""
+    import gzip
+    import subprocess
+    import sys
+
+    text = SONNETS.read_text()
+    for data, said in ((gzip.compress(text.encode()), "-: is gzip-compressed; decompress it first (gunzip -c FILE.gz "
+                                                      "| mtgpt ... -)"),
+                       (text.encode("utf-16"), "-: is UTF-16 text (it starts with a UTF-16 byte-order mark), not UTF-8; "
+                                               "convert it: iconv -f UTF-16 -t UTF-8 FILE | mtgpt ... -"),
+                       (b"\x7fELF\x02\x01\x01\0" + bytes(5000), "-: looks like a binary file (it contains NUL bytes)")):
+        proc = subprocess.run([sys.executable, "-m", "mtgpt", "prepare", "-", "--out", str(tmp_path / "d"), "-q"],
+                              input=data, capture_output=True, timeout=120)
+        assert proc.returncode == 1 and proc.stderr.decode().startswith(f"Error: {said}"), proc.stderr[-2000:]
+        assert not (tmp_path / "d").exists()
+    (tmp_path / "late.txt").write_bytes(text.encode()[:12000] + b"\0" + text.encode()[12000:])
+    with pytest.raises(DataError, match=r"late.txt: looks like a binary file \(a NUL byte at byte 12,000\)"):
+        prepare([str(tmp_path / "late.txt")], tmp_path / "d", quiet=True)
+    assert not (tmp_path / "d").exists()
+
+
 def test_chat_looking_jsonl_prepared_as_text_gets_a_note(tmp_path):
     line = json.dumps({"messages": [{"role": "user", "content": "hi " * 20}, {"role": "assistant", "content": "yo"}]})
     (tmp_path / "talk.jsonl").write_text((line + "\n") * 20)
@@ -504,3 +542,23 @@ def test_chat_looking_jsonl_prepared_as_text_gets_a_note(tmp_path):
     prepare([str(tmp_path / "plain.jsonl")], tmp_path / "e", block_size=8, val_fraction=0.0, quiet=True,
             warn=warnings.append)
     assert warnings == []
+
+
+@pytest.mark.parametrize("block, fmt", [(64, "text"), (1, "text"), (32, "chat")])
+def test_shards_are_the_size_asked(tmp_path, block, fmt):
+    """--shard-size 10 gave 19.7 MB shards at block 64 (and 32x the size at block 1): the writer
+    counted the members' bytes, not their tar headers and padding, and a float mtime added a 1 KB
+    PAX header to every member. The files are now the size asked, within one record."""
+    import tarfile
+
+    if fmt == "chat":
+        (tmp_path / "talk.yml").write_text("conversations:\n" + "- - Hello there\n  - Hi, how are you today?\n" * 6000)
+        inputs = [str(tmp_path / "talk.yml")]
+    else:
+        (tmp_path / "text.txt").write_text(SONNETS.read_text() * (80 if block > 1 else 8))
+        inputs = [str(tmp_path / "text.txt")]
+    m = prepare(inputs, tmp_path / "d", block_size=block, val_fraction=0.0, shard_size_mb=0.1, fmt=fmt, quiet=True)
+    sizes = [s["bytes"] for s in m["splits"]["train"]["shards"]]
+    assert len(sizes) > 2 and all(90_000 <= n <= 100_000 + 2 * 10_240 for n in sizes[:-1]), sizes
+    with tarfile.open(tmp_path / "d" / m["splits"]["train"]["shards"][0]["file"]) as tar:
+        assert not any(member.pax_headers for member in tar.getmembers())

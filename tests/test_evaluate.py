@@ -165,6 +165,27 @@ def test_reads_the_bytes_as_prepare_does(tmp_path):
     assert {k: rows[1][k] for k in ("bytes", "tokens", "nll")} == {k: rows[0][k] for k in ("bytes", "tokens", "nll")}
 
 
+def test_a_file_gone_before_its_turn_is_one_line_after_the_scores_so_far(run, tmp_path, monkeypatch):
+    """A file removed after eval listed it (it scores one file at a time, for minutes on a folder)
+    was a FileNotFoundError traceback, and nothing of the files scored before it was shown."""
+    from mtgpt import evaluate
+
+    text = SONNETS.read_text()[:300]
+    for name in ("a.txt", "b.txt", "c.txt"):
+        (tmp_path / name).write_text(text)
+    scored = evaluate.score_text
+
+    def score_then_remove(*args, **kw):  # (while a.txt is scored, b.txt goes)
+        (tmp_path / "b.txt").unlink(missing_ok=True)
+        return scored(*args, **kw)
+
+    monkeypatch.setattr(evaluate, "score_text", score_then_remove)
+    result = invoke("eval", run, tmp_path / "a.txt", tmp_path / "b.txt", tmp_path / "c.txt")
+    lines = result.output.splitlines()
+    assert result.exit_code == 1 and lines[0].startswith("text ") and lines[1].startswith(str(tmp_path / "a.txt")[-30:])
+    assert lines[2:] == [f"Error: {tmp_path / 'b.txt'}: No such file or directory; the 1 file(s) above were scored"]
+
+
 def test_a_text_with_no_tokens_is_refused_in_one_line(run, tmp_path):
     """Empty stdin, or a file holding only a byte-order mark (not text), has nothing to score:
     one error line, as prepare refuses such files, with --json too."""

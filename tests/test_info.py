@@ -31,6 +31,19 @@ def test_data_folder(tiny_data):
                                                                             "1.2 GB"]
 
 
+def test_data_from_standard_input(tmp_path, monkeypatch):
+    """Data prepared from stdin said "sources: 1 (0 bytes)" (its size is unknown before reading)."""
+    import io
+    import sys
+
+    from mtgpt.data.prepare import prepare
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(SONNETS.read_bytes())))
+    prepare(["-"], tmp_path / "d", block_size=16, val_fraction=0.0, quiet=True)
+    assert f"sources: 1, standard input among them ({SONNETS.stat().st_size / 1e3:.1f} KB read)" in \
+        info.describe(str(tmp_path / "d"))[0]
+
+
 def test_run_folder(tmp_path):
     run = tmp_path / "run"
     model = GPT(ModelConfig(**TINY))

@@ -230,7 +230,7 @@ def test_three_ranks_over_four_uneven_shards_never_hang(tmp_path):
     from mtgpt.world import free_port
 
     data = tmp_path / "d"
-    m = prepare([str(SONNETS)], data, block_size=32, val_fraction=0.0, shard_size_mb=0.002, quiet=True)
+    m = prepare([str(SONNETS)], data, block_size=32, val_fraction=0.0, shard_size_mb=0.004, quiet=True)
     assert len(m["splits"]["train"]["shards"]) == 4
     assert len({s["samples"] for s in m["splits"]["train"]["shards"]}) > 1
     steps = 3 * m["splits"]["train"]["samples"] // (2 * 3) + 1  # three epochs

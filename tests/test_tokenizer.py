@@ -168,6 +168,23 @@ def test_vocab_larger_than_the_text_can_fill():
         tokenizer.train([SONNETS.read_text()[:2000]], 4096)
 
 
+def test_runs_without_whitespace_are_seen_in_bounded_pieces():
+    """BpeTrainer's time grows with the longest word: a 1 MB run of letters held a 512-token
+    training for over 400 s. Training sees such runs cut to LONGEST_WORD; all the text, in order;
+    ordinary text is one piece, as it was."""
+    import random
+
+    text = SONNETS.read_text()
+    assert list(tokenizer._bounded_words(text)) == [text]
+    blob = "".join(random.Random(0).choice("abcdefghij") for _ in range(100_000))
+    mixed = text + " x" + blob + "\n" + text
+    pieces = list(tokenizer._bounded_words(mixed))
+    assert "".join(pieces) == mixed and len(pieces) > 100_000 // tokenizer.LONGEST_WORD
+    assert max(len(w) for p in pieces for w in p.split()) == tokenizer.LONGEST_WORD
+    own = tokenizer.train([mixed], 400)  # (it learns from the blob's letters too)
+    assert own.encode(mixed) and own.decode(own.encode(mixed)) == mixed
+
+
 def test_empty_text_refused():
     with pytest.raises(TokenizerError, match="the text is empty"):
         tokenizer.train(["", ""], 300)

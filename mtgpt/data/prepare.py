@@ -71,13 +71,18 @@ class SplitWriter:
         self._pending_mask = None if masks is None else masks[full:].copy()
 
     def _write(self, record: np.ndarray, mask: np.ndarray | None = None) -> None:
-        if self._writer is None:  # lazily: ShardWriter opens its first file at construction
-            pattern = str(self.folder.absolute() / f"{self.split}-%06d.tar")  # (never taken for a URL)
-            self._writer = wds.ShardWriter(pattern, maxsize=self.shard_bytes, maxcount=10**9,
-                                           post=self._finished, verbose=0, mtime=0.0)
         sample = {"__key__": f"{self._records:09d}", "tokens.u16": record.astype("<u2").tobytes()}
         if mask is not None:  # one byte per token: 1 = train on it as a target
             sample["mask.u8"] = mask.astype(np.uint8).tobytes()
+        if self._writer is None:  # lazily: ShardWriter opens its first file at construction
+            pattern = str(self.folder.absolute() / f"{self.split}-%06d.tar")  # (never taken for a URL)
+            # ShardWriter counts the members' bytes; a member takes a 512-byte header and is padded
+            # to 512 on disk (a record of 16 x 65 tokens: 2,080 bytes in 3,072): --shard-size is the
+            # files' size. (A float mtime added a 1 KB PAX header to every member: 4,096.)
+            data = sum(len(v) for k, v in sample.items() if k != "__key__")
+            disk = sum(512 + -(-len(v) // 512) * 512 for k, v in sample.items() if k != "__key__")
+            self._writer = wds.ShardWriter(pattern, maxsize=max(1, self.shard_bytes * data // disk), maxcount=10**9,
+                                           post=self._finished, verbose=0, mtime=0)
         self._writer.write(sample)
         self._records += 1
         self._in_shard += len(record)
@@ -251,7 +256,8 @@ def prepare(
     out = folders.check_out(out, overwrite, error=DataError, writes=("data",))
     from mtgpt import chat  # (the files --format chat takes from a folder: chat.DIALOGUE_GLOBS)
 
-    sources = resolve_sources(inputs, glob or (chat.DIALOGUE_GLOBS if fmt == "chat" else "**/*.txt"), warn=warn,
+    default = chat.DIALOGUE_GLOBS if fmt == "chat" else "**/*.txt"
+    sources = resolve_sources(inputs, glob if glob is not None else default, warn=warn,  # (--glob '' is refused there)
                               glob_given=glob is not None, any_case=fmt == "chat" and glob is None)  # (b.YML too)
     if fmt == "text" and _looks_like_chat(sources):
         warn(f"note: {sources[0].name} looks like chat data (JSON lines of {{\"messages\": [...]}}), read here as "
@@ -331,7 +337,7 @@ def _write_shards(sources, tmp, block_size, val_fraction, seed, shard_size_mb, s
     writers = {s: SplitWriter(tmp, s, shard_bytes) for s in ("train", "val")}
     is_val = ValSelector(val_fraction, seed)
     carry = np.zeros(0, dtype=np.uint16)
-    total_tokens = text_bytes = 0
+    total_tokens = text_bytes = separators = 0
     documents = Documents(tok.eot)
     sep = _separator_pattern(separator)
     replaced = [0] * len(sources)
@@ -357,6 +363,7 @@ def _write_shards(sources, tmp, block_size, val_fraction, seed, shard_size_mb, s
             i, nbytes, source_ends, fut = inflight.popleft()
             pieces, bad = fut.result()
             submit_next()
+            separators += len(pieces) - 1
             replaced[i] += bad
             text_bytes += nbytes
             ids = documents.join(pieces, source_ends)
@@ -376,6 +383,9 @@ def _write_shards(sources, tmp, block_size, val_fraction, seed, shard_size_mb, s
     for src, bad in zip(sources, replaced):
         if bad:
             warn(replaced_warning(src.name, bad))
+    if separator is not None and separators == 0:  # (a typo, or lines that end in a lone \r, went unsaid)
+        warn(f"note: --doc-separator {separator!r} is never a line of its own in the text (the marker alone on a "
+             "line that ends with a newline, \\n or \\r\\n), so each source is one document")
     if total_tokens == 0:
         raise DataError("the input holds no text; give files with text in them")
     stats = {"documents": documents.count, "tokens": total_tokens,
@@ -575,7 +585,7 @@ def make_tokenizer(inputs: list[str], vocab_size: int, out: str | Path, overwrit
     except TokenizerError as e:
         raise DataError(str(e)) from None
     out = folders.check_out(out, overwrite, error=DataError, writes=("tokenizer",))
-    sources = resolve_sources(inputs, glob or "**/*.txt", glob_given=glob is not None)
+    sources = resolve_sources(inputs, glob if glob is not None else "**/*.txt", glob_given=glob is not None)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = folders.temporary(out)
     try:

@@ -95,22 +95,33 @@ def _not_text(path: Path, shown: str) -> tuple[str, str] | None:
                 blank = not more.strip()
     except PermissionError:
         raise DataError(f"{shown}: permission denied") from None
-    quoted = shlex.quote(shown)
     if size == 0:
         return "empty", f"{shown}: the file is empty; give a file with text in it"
-    for bom, encoding in ((b"\xff\xfe\0\0", "UTF-32"), (b"\0\0\xfe\xff", "UTF-32"),
-                          (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16")):
-        if head.startswith(bom):
-            return encoding, (f"{shown}: is {encoding} text (it starts with a {encoding} byte-order mark), not "
-                              f"UTF-8; convert it: iconv -f {encoding} -t UTF-8 {quoted} > {quoted}.utf8.txt")
-    if head.startswith(b"\x1f\x8b"):
-        how = f"gunzip -k {quoted}" if shown.endswith(".gz") else f"gunzip -c {quoted} > {quoted}.txt"
-        return "gzip", f"{shown}: is gzip-compressed; decompress it first ({how}) and give the text"
-    if b"\0" in head:
-        return "binary", f"{shown}: looks like a binary file (it contains NUL bytes); give plain UTF-8 text"
+    if problem := _not_text_start(head, shown):
+        return problem
     if blank:
         only = "a byte-order mark (not text)" if size <= 3 and not strip_bom(head) else "whitespace"
         return "whitespace", f"{shown}: the file holds only {only}; give a file with text in it"
+    return None
+
+
+def _not_text_start(head: bytes, shown: str) -> tuple[str, str] | None:
+    """Why text that starts with `head` is not UTF-8 text (UTF-16/32, gzip, binary), or None;
+    `shown` is "-" for standard input, which is checked alike (read_chunks)."""
+    quoted = shlex.quote(shown)
+    for bom, encoding in ((b"\xff\xfe\0\0", "UTF-32"), (b"\0\0\xfe\xff", "UTF-32"),
+                          (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16")):
+        if head.startswith(bom):
+            how = (f"iconv -f {encoding} -t UTF-8 FILE | mtgpt ... -" if shown == "-" else
+                   f"iconv -f {encoding} -t UTF-8 {quoted} > {quoted}.utf8.txt")
+            return encoding, (f"{shown}: is {encoding} text (it starts with a {encoding} byte-order mark), not "
+                              f"UTF-8; convert it: {how}")
+    if head.startswith(b"\x1f\x8b"):
+        how = ("gunzip -c FILE.gz | mtgpt ... -" if shown == "-" else f"gunzip -k {quoted}" if shown.endswith(".gz")
+               else f"gunzip -c {quoted} > {quoted}.txt")
+        return "gzip", f"{shown}: is gzip-compressed; decompress it first ({how}) and give the text"
+    if b"\0" in head:
+        return "binary", f"{shown}: looks like a binary file (it contains NUL bytes); give plain UTF-8 text"
     return None
 
 
@@ -330,7 +341,8 @@ def _cut(buf: bytes | bytearray, separator: str | None = None) -> int | None:
     r"""Where to cut buf so that tokenizing the two parts gives exactly the ids of tokenizing it
     whole, or None if there is no such place. GPT-2's pre-tokenizer has no look-behind and
     looks at most one character ahead, so two places are safe (X, Y not whitespace):
-      X \n | Y  the line break is a token of its own either way ("\n" before Y, "\n" at the end);
+      X \n | Y  the line break is a token of its own either way ("\n" before Y, "\n" at the end;
+                 a lone \r alike);
       | ' 'Y     a space before a non-space starts a new piece (" Y...") either way, and the
                  whitespace before it, if any, is one piece either way (all of it at the end of
                  a chunk; all but the space that goes with Y when Y follows).
@@ -346,11 +358,13 @@ def _cut(buf: bytes | bytearray, separator: str | None = None) -> int | None:
             best = pos
             break
         pos = buf.rfind(b" ", 0, pos)
-    pos = buf.rfind(b"\n", 0, limit)
-    while pos > 0 and (best is None or pos >= best):
-        if not _space_before(buf, pos) and not _space_at(buf, pos + 1):
-            return pos + 1
-        pos = buf.rfind(b"\n", 0, pos)
+    for brk in (b"\n", b"\r"):  # (a lone \r ends the lines of old Mac text as \n does: a token of its own)
+        pos = buf.rfind(brk, 0, limit)
+        while pos > 0 and (best is None or pos >= best):
+            if not _space_before(buf, pos) and not _space_at(buf, pos + 1):
+                best = pos + 1
+                break
+            pos = buf.rfind(brk, 0, pos)
     return best
 
 
@@ -367,7 +381,8 @@ def _char_boundary(buf: bytes | bytearray) -> int:
 def read_chunks(src: Source, chunk_bytes: int, separator: str | None = None) -> Iterator[tuple[int, bytes]]:
     """Yield (byte offset, chunk) for one source, cut only where the token ids cannot change
     (see _cut): tokenizing chunk by chunk gives the ids of tokenizing the file whole. A leading
-    byte-order mark is dropped."""
+    byte-order mark is dropped. Text that is not (standard input starting as UTF-16, gzip or
+    binary; NUL bytes anywhere, past the start that file listing checked) is a DataError."""
     stream: BinaryIO = sys.stdin.buffer if src.path is None else src.path.open("rb")
     try:
         carry = b""
@@ -375,11 +390,16 @@ def read_chunks(src: Source, chunk_bytes: int, separator: str | None = None) -> 
         first = True
         while True:
             block = stream.read(chunk_bytes)
+            if first and src.path is None and (problem := _not_text_start(block, "-")):
+                raise DataError(problem[1])
             if first and block.startswith(BOM):
                 block, offset = block[len(BOM):], len(BOM)
             first = False
             if not block:
                 break
+            if (nul := block.find(b"\0")) >= 0:
+                raise DataError(f"{src.name}: looks like a binary file (a NUL byte at byte {offset + len(carry) + nul:,}); "
+                                "give plain UTF-8 text")
             buf = carry + block
             cut = _cut(buf, separator)
             if cut is None:
