@@ -596,7 +596,7 @@ def eval_(run_dir, texts, stride, best, device, dtype, strict, as_json):
             click.echo(f"{'text':30s} {'tokens':>9} {'loss':>8} {'ppl':>10} {'bits/byte':>10}")
         click.echo(f"{r.name[-30:]:30s} {r.tokens:>9,} {r.loss:>8.4f} {r.ppl:>10.2f} {r.bpb:>10.4f}")
 
-    scores = []
+    scores, src = [], None
     try:  # every input checked before the model loads (eval has no --glob)
         sources = resolve_sources(list(texts), glob_fix="name the text files to score")
         model, tok = load_for_inference(run_dir, best, device, dtype)
@@ -608,8 +608,9 @@ def eval_(run_dir, texts, stride, best, device, dtype, strict, as_json):
     except ValueError as e:
         _fail(e)
     except OSError as e:  # (a file removed or unreadable since it was listed)
-        _fail(f"{e.filename or src.name}: {e.strerror or e}" + (f"; the {len(scores)} file(s) above were scored"
-                                                                 if scores and not as_json else ""))
+        where = e.filename or (src.name if src else run_dir)
+        _fail(f"{where}: {e.strerror or e}" + (f"; the {len(scores)} file(s) above were scored"
+                                               if scores and not as_json else ""))
     if as_json:
         click.echo(json_mod.dumps([r.as_dict() for r in scores + ([total(scores)] if len(scores) > 1 else [])],
                                   indent=2))
