@@ -406,7 +406,7 @@ def _bounded_words(text: str) -> Iterable[str]:
         yield from (text[i:min(i + LONGEST_WORD, run.end())] for i in range(run.start(), run.end(), LONGEST_WORD))
         at = run.end()
     if at < len(text):
-        yield text[at:] if at else text
+        yield text[at:]
 
 
 def _interruptible(work) -> None:

@@ -551,10 +551,11 @@ def continue_data(state: TrainState, plan: Plan, train_samples: list[int]) -> tu
     # the val loss is the weighted mean over the sources' val sets: another mixture's, or another
     # --eval-samples', is another measure
     before = (rundir.saved_settings(plan.resume_from) or {}).get("eval_samples", plan.cfg.eval_samples)
+    val_sizes = [m["splits"]["val"]["samples"] for m in plan.manifests]
+    other_val = any(min(before, n) != min(plan.cfg.eval_samples, n) for n in val_sizes)
     other = ("weighs other sources or weights than" if fresh or saved.get("weights", [1.0]) != plan.weights else
              f"is measured on other val samples (--eval-samples {before} -> {plan.cfg.eval_samples}) than"
-             if any(min(before, n) != min(plan.cfg.eval_samples, n) for n in (m["splits"]["val"]["samples"]
-                                                                              for m in plan.manifests)) else None)
+             if other_val else None)
     if other and state.best_val < float("inf"):
         world.print0(f"note: the val loss now {other} the best so far ({state.best_val:.4f}) did: best/ and early "
                      "stopping start again from this run's next evaluation")
