@@ -43,10 +43,11 @@ def split_text(files: list[Path], heldout: float) -> tuple[str, str]:
 
 
 def lr_at(step: int, args) -> float:
-    """DeepSpeed's WarmupCosineLR as mtgpt configures it: linear warmup from 0, cosine to lr x 0.1."""
+    """DeepSpeed's WarmupCosineLR as mtgpt configures it: linear warmup, step s (from 0) at (s + 1) / (W + 1)
+    of the lr (mtgpt.ds_config.first_warmup_ratio), cosine to lr x 0.1."""
     warmup = max(1, round(0.05 * args.steps))
     if step < warmup:
-        return args.lr * step / warmup
+        return args.lr * (step + 1) / (warmup + 1)
     progress = (step - warmup) / max(1, args.steps - warmup)
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 

@@ -176,7 +176,7 @@ class TrainConfig:
             raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.warmup_steps is not None and self.warmup_steps < 1:
             raise ConfigError(f"warmup_steps must be >= 1, got {self.warmup_steps} (DeepSpeed's WarmupCosineLR warms "
-                              "up over at least 2 steps: the first trains at lr 0, the second at half of --lr)")
+                              "up over at least 2 steps: the first trains at a third of --lr, the second at two thirds)")
         if self.num_workers < 0:
             raise ConfigError(f"num_workers must be >= 0, got {self.num_workers}")
         if not self.resume:

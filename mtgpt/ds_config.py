@@ -190,6 +190,15 @@ def warmup_default(schedule_steps: int) -> int:
     return max(1, schedule_steps // 20)
 
 
+def first_warmup_ratio(warmup: int) -> float:
+    """The fraction of --lr the warmup starts from ("auto" warmup_min_ratio). DeepSpeed's Warmup*
+    schedules warm up over W = max(2, warmup) steps, from the start ratio m to 1, and mtgpt's step N
+    trains at their point N - 1 (train.build_engine): m + (1 - m)(N - 1)/W. With m = 1/(W + 1) that is
+    N/(W + 1), nanoGPT's warmup: the first step trains at --lr/(W + 1), not at 0 (a 1-step run had
+    learned nothing, whatever its --lr)."""
+    return 1 / (max(2, warmup) + 1)
+
+
 MIN_LR_RATIO = TrainConfig.__dataclass_fields__["min_lr_ratio"].default  # (another given: the schedule must take it)
 BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
 SCHEDULE_KEYS = {  # what mtgpt fills in each of DeepSpeed's Warmup* schedulers (others keep the JSON's numbers)
@@ -305,7 +314,13 @@ def resolve(cfg: TrainConfig, ds: dict[str, Any], world_size: int, schedule_step
         values = {"warmup_num_steps": (warmup, "--warmup-steps"), "warmup_max_lr": (cfg.lr, "--lr"),
                   "total_num_steps": (schedule_steps, "--max-steps (or the length --max-tokens/--max-epochs give)"),
                   "cos_min_ratio": (cfg.min_lr_ratio, "--min-lr-ratio")}
-        sp.setdefault("warmup_min_ratio" if sched["type"] == "WarmupCosineLR" else "warmup_min_lr", 0.0)
+        start = first_warmup_ratio(warmup)  # where the warmup starts: its first step never trains at lr 0
+        if sched["type"] == "WarmupCosineLR":
+            _number(sp, "warmup_min_ratio", "scheduler.params.", name)
+            if sp.get("warmup_min_ratio", "auto") == "auto":
+                sp["warmup_min_ratio"] = start
+        elif sp.get("warmup_min_lr", "auto") == "auto":
+            sp["warmup_min_lr"] = start * cfg.lr
         for key in SCHEDULE_KEYS[sched["type"]]:
             value, source = values[key]
             _fill(sp, key, value, "scheduler.params.", source, f"pass {source.split(' ')[0]} {sp.get(key)}", name,

@@ -103,7 +103,9 @@ def init() -> Rank:
 
     ds_logger.setLevel(logging.WARNING if rank == 0 else logging.ERROR)
     # DeepSpeed asks its LR scheduler for the lr once before the first step and warns about it.
-    ds_logger.addFilter(lambda record: "before it has started" not in record.getMessage())
+    # and about a schedule shorter than its warmup (mtgpt warns about a --warmup-steps that is, in words)
+    ds_logger.addFilter(lambda record: "before it has started" not in record.getMessage()
+                        and "is less than warmup_num_steps" not in record.getMessage())
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
 
     # DeepSpeed's CPU shared-memory all-reduce is JIT-compiled with g++ on first use (~30 s);

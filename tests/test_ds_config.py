@@ -35,6 +35,7 @@ def test_bundled_configs_parse(name):
     assert ds["optimizer"]["type"] == "AdamW" and ds["optimizer"]["params"]["lr"] == 6e-4
     assert ds["scheduler"]["params"]["total_num_steps"] == 100
     assert ds["scheduler"]["params"]["warmup_num_steps"] == 5  # 5% of the schedule
+    assert ds["scheduler"]["params"]["warmup_min_ratio"] == pytest.approx(1 / 6)  # step 1 at lr/6, step 5 at 5/6
     assert ds["zero_optimization"]["stage"] == int(name[4])
     assert ds_config.precision(ds) == name.split("_")[1]
     from deepspeed.runtime.config import DeepSpeedConfig
@@ -261,6 +262,14 @@ def test_a_deepspeed_users_json_is_checked_before_any_process_starts():
     refused(r"--min-lr-ratio sets what its scheduler WarmupLR does not have",
             {**raw, "scheduler": {"type": "WarmupLR", "params": {}}}, min_lr_ratio=0.5)
     assert ds_config.resolve(cfg(warmup_steps=3), {**raw, "scheduler": sched}, 2, 100)  # WarmupCosineLR takes both
+    # the warmup's start: "auto" or absent, where step 1 trains at lr/(W + 1) (W >= 2, DeepSpeed's); a number stays
+    start = {**sched, "params": {k: v for k, v in sched["params"].items() if k != "warmup_min_ratio"}}
+    assert ds_config.resolve(cfg(warmup_steps=1), {**raw, "scheduler": start}, 2, 100)["scheduler"]["params"][
+        "warmup_min_ratio"] == pytest.approx(1 / 3)
+    zero = {**sched, "params": {**sched["params"], "warmup_min_ratio": 0.0}}
+    assert ds_config.resolve(cfg(), {**raw, "scheduler": zero}, 2, 100)["scheduler"]["params"]["warmup_min_ratio"] == 0
+    warm = ds_config.resolve(cfg(warmup_steps=4, lr=1e-3), {**raw, "scheduler": {"type": "WarmupLR", "params": {}}}, 2, 100)
+    assert warm["scheduler"]["params"]["warmup_min_lr"] == pytest.approx(1e-3 / 5)
     # sections that would crash every rank, or do nothing
     import importlib.util
 

@@ -42,7 +42,9 @@ def test_loss_goes_down(trained):
     val = [r["val/loss"] for r in rows if "val/loss" in r]
     assert [r["step"] for r in rows if "val/loss" in r] == [10, 20, 30]
     assert abs(train[0] - math.log(50257)) < 1.0
-    assert train[-1] < train[0] - 2.0 and val[-1] < val[0] - 1.0
+    # (val against the untrained loss: at step 10 the model has already learned, more since no step
+    # trains at lr 0, and this tiny val set is noisy after step 20)
+    assert train[-1] < train[0] - 2.0 and val[-1] < val[0] and val[-1] < math.log(50257) - 3.0
     assert all(set(r) >= {"step", "train/loss", "lr"} for r in rows if r["step"] % 5 == 0)
 
 
@@ -308,11 +310,12 @@ def _fit(cfg):
 
 
 @pytest.mark.parametrize("ds", ["zero0_fp32", "zero1_fp32"])
-def test_each_step_trains_at_the_lr_it_logs_and_only_the_first_at_0(tiny_data, tmp_path, world_of_one, ds):
+def test_each_step_trains_at_the_lr_it_logs_and_none_at_0(tiny_data, tmp_path, world_of_one, ds):
     """DeepSpeed's WarmupCosineLR starts "before its first step" at lr 0: steps 1 and 2 both
     trained at lr 0 (the weights after 2 steps were those after 1) and each logged lr was the
-    next step's. Now the first trains at lr 0, the second at half of --lr (warmup 2), the last at
-    the cosine's floor, each logged at its own step."""
+    next step's. Then the first step trained at lr 0 (a 1-step run learned nothing, whatever its
+    --lr). Now the warmup is nanoGPT's, step N at N/(W + 1) of --lr (W = 2: a third, two thirds),
+    the last step at the cosine's floor, each logged at its own step."""
     from safetensors.torch import load_file
 
     cfg = TrainConfig(data=str(tiny_data), out="", model=dict(TINY), micro_batch=2, lr=1e-2, warmup_steps=2,
@@ -324,7 +327,11 @@ def test_each_step_trains_at_the_lr_it_logs_and_only_the_first_at_0(tiny_data, t
     moved = [max((weights[n + 1][k] - weights[n][k]).abs().max().item() for k in weights[n]) for n in (1, 2)]
     assert moved[0] > 1e-3 and moved[1] > 1e-4, moved  # (Adam's first steps move each weight by about the lr)
     assert [(r["step"], r["lr"]) for r in metrics(tmp_path / "run3") if "lr" in r] == \
-        [(1, 0.0), (2, pytest.approx(5e-3)), (3, pytest.approx(1e-3))]
+        [(1, pytest.approx(1e-2 / 3)), (2, pytest.approx(2e-2 / 3)), (3, pytest.approx(1e-3))]
+    # a 1-step run learns, at its --lr: another --lr gives other weights
+    _fit(cfg.replace(out=str(tmp_path / "run1b"), max_steps=1, lr=1e-3))
+    other = load_file(tmp_path / "run1b" / "model.safetensors")
+    assert max((other[k] - weights[1][k]).abs().max().item() for k in other) > 1e-4
     # the 2-step run resumed for 6 trains as a 6-step run: its step 3 trained at the lr the optimizer
     # had saved, the 2-step plan's floor (1e-3), not the 6-step plan's point (8.7e-3)
     _fit(cfg.replace(out=str(tmp_path / "run6"), max_steps=6))
