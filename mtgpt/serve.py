@@ -120,7 +120,7 @@ class _Request(BaseModel):
 
 class CompletionRequest(_Request):
     prompt: Union[str, list[str], list[int], list[list[int]]] = ""
-    max_tokens: int | None = Field(16, ge=0)  # OpenAI's default
+    max_tokens: int | None = Field(None, ge=0)  # None: OpenAI's default of 16 (the server's limit if lower)
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
@@ -489,7 +489,7 @@ def create_app(server: Server):
                            param="prompt")
         if any(t < 0 or t >= server.model.config.vocab_size for p in prompts for t in p):
             raise ApiError(400, "prompt: a token id is outside the vocabulary", param="prompt")
-        max_tokens = server.budget(req.max_tokens, 16)
+        max_tokens = server.budget(req.max_tokens, min(16, server.max_tokens_limit))
         jobs = [server.job(p, req, max_tokens, chat_reply=False) for p in prompts]
         warning = None
         if max(len(p) for p in prompts) > server.block_size:

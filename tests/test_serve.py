@@ -538,6 +538,22 @@ def test_api_key(run_dir):
         assert s.stop(signal.SIGINT) == 0
 
 
+def test_a_request_without_max_tokens_gets_the_default_within_the_servers_limit(run_dir):
+    """OpenAI's default of 16 completion tokens, capped at --max-tokens-limit: a completion that
+    sent no max_tokens was refused for "max_tokens is 16" (chat completions already capped)."""
+    s = Served(run_dir, "--max-tokens-limit", "5")
+    try:
+        client = s.client()
+        done = client.completions.create(model="tiny", prompt="x", seed=1)
+        assert 1 <= done.usage.completion_tokens <= 5
+        reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], seed=1)
+        assert 1 <= reply.usage.completion_tokens <= 5
+        with pytest.raises(openai.BadRequestError, match=r"max_tokens is 6, above this server's limit of 5"):
+            client.completions.create(model="tiny", prompt="x", max_tokens=6)
+    finally:
+        assert s.stop(signal.SIGINT) == 0
+
+
 def test_open_host_warns_without_a_key_and_sigterm_exits_cleanly(run_dir, server, tiny_data, tmp_path):
     """Also: serving a model trained on plain text notes that its chat will not answer (as
     `mtgpt chat` does)."""
