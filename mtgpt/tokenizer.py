@@ -318,6 +318,24 @@ def recorded(folder: str | Path) -> dict[str, Any] | None:
     return None
 
 
+def _saved_before_tokenizers(folder: Path) -> bool:
+    """A model (run, best/) or data folder of an mtgpt that had only GPT-2's tokenizer: its
+    config.json (model_type mtgpt, not Hugging Face's gpt2) or manifest.json records none, and no
+    tokenizer.json is beside it. (Sample, eval and --init-from read such a run as GPT-2's; a
+    --tokenizer of it was refused, and the error that asked for it named it as the fix.)"""
+    if (folder / TOKENIZER_JSON).exists():
+        return False
+    for name, mtgpt_keys in (("config.json", "n_embd"), ("manifest.json", "splits")):
+        try:
+            found = json.loads((folder / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(found, dict) and mtgpt_keys in found and found.get("model_type", "mtgpt") == "mtgpt" \
+                and "tokenizer" not in found:
+            return True
+    return False
+
+
 def load(spec: str | Path) -> Tokenizer:
     """`gpt2`; a folder: a tokenizer folder (`mtgpt tokenizer train`), or a data, run or model
     folder (its own tokenizer: GPT-2's if it records that), or a Hugging Face folder holding
@@ -328,6 +346,8 @@ def load(spec: str | Path) -> Tokenizer:
     if path.is_dir():
         if (found := recorded(path)) is not None:  # a data or run folder: the tokenizer it records, checked
             return for_folder(path, found)
+        if _saved_before_tokenizers(path):
+            return gpt2()
         path = path / TOKENIZER_JSON
         if not path.is_file():
             raise TokenizerError(f"{spec}: not a tokenizer (no {TOKENIZER_JSON} in it); give gpt2, or a folder made by "

@@ -260,3 +260,23 @@ def test_folder_holding_another_tokenizer_than_recorded(own, tmp_path):
 def test_encoding_numpy_matches_list(own):
     text = SONNETS.read_text()
     assert np.array_equal(own.encode_to_numpy(text), np.array(own.encode(text)))
+
+
+def test_a_folder_saved_before_tokenizers_were_recorded_is_gpt2s(tmp_path):
+    """A run (config.json) or data folder (manifest.json) of an mtgpt that had only GPT-2's
+    tokenizer records none: `--tokenizer OLD_RUN` was refused as "not a tokenizer", though the
+    error of a fine-tune from that run named it as the fix, and sample/eval read it as GPT-2's.
+    A Hugging Face folder without tokenizer.json, and a run with no model yet, are still refused."""
+    run, data, hf, empty_run = (tmp_path / n for n in ("run", "data", "hf", "empty_run"))
+    for folder in (run, data, hf, empty_run):
+        folder.mkdir()
+    (run / "config.json").write_text(json.dumps({"model_type": "mtgpt", "n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64,
+                                                 "vocab_size": 50257}))
+    (data / "manifest.json").write_text(json.dumps({"splits": {"train": {}, "val": {}}, "vocab_size": 50257}))
+    (hf / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 64}))
+    (empty_run / "train_config.json").write_text("{}")
+    for folder in (run, data):
+        assert tokenizer.load(folder).name == "gpt2"
+    for folder in (hf, empty_run):
+        with pytest.raises(TokenizerError, match="not a tokenizer"):
+            tokenizer.load(folder)
