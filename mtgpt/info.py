@@ -13,7 +13,7 @@ import numpy as np
 from mtgpt import checkpoint, folders, hf, rundir, tokenizer
 from mtgpt.config import ModelConfig, TrainConfig, data_sources, load_json
 from mtgpt.data import remote
-from mtgpt.data.manifest import MANIFEST, bytes_per_token, load_manifest, missing, verify as verify_shards
+from mtgpt.data.manifest import MANIFEST, bytes_per_token, load_manifest, missing, older_chat, verify as verify_shards
 from mtgpt.model import param_count
 from mtgpt.monitor import METRICS, read_metrics
 
@@ -101,6 +101,8 @@ def describe_data(path: Path, verify: bool) -> tuple[list[str], bool]:
         lines.append(f"invalid UTF-8 bytes replaced: {m['replaced_bytes']}")
     if m.get("loss_mask"):
         lines.append(mask_line(m))
+    if older := older_chat(m):
+        lines.append(f"note: {older}")
     if verify:
         lines += [f"verify: {p}" for p in problems] or [f"verify: all {sum(len(m['splits'][s]['shards']) for s in ('train', 'val'))} shard(s) match their sha256"]
     elif problems:

@@ -30,7 +30,7 @@ from mtgpt import __version__, checkpoint, ds_config, monitor, rundir, tokenizer
 from mtgpt.config import ConfigError, DataSource, ModelConfig, TrainConfig, data_sources, parse_duration
 from mtgpt.data import DataError, check_compatible, load_manifest, remote
 from mtgpt.data.loader import Split, TrainBatches, load_val, resume_position
-from mtgpt.data.manifest import identity
+from mtgpt.data.manifest import identity, older_chat
 from mtgpt.model import GPT, flops_per_token, param_count, training_bytes_per_token
 from mtgpt.sample import SampleConfig, generate
 from mtgpt.state import (RunningLoss, StopFlag, TrainState, agreed_stop, planned_stop, seed_all,
@@ -277,7 +277,7 @@ def mixture_weights(sources: list[DataSource], manifests: list[dict[str, Any]]) 
 
 def plan_warnings(plan: Plan, step: int = 0, drawn: list[float] | None = None) -> list[str]:
     """What to tell the user before the start: a URL read from its cached copy, a warmup as long as
-    the schedule, a source of a mixture with no val split, and a source read more than
+    the schedule, chat data of an mtgpt before loss masks, a source of a mixture with no val split, and a source read more than
     REPEAT_WARN times (unless --max-epochs asked for it, with one source)."""
     out = [f"warning: {remote.from_cache[s.path]}" for s in plan.sources if s.path in remote.from_cache]
     if plan.cfg.warmup_steps is not None and plan.cfg.warmup_steps >= plan.schedule_steps:
@@ -292,6 +292,8 @@ def plan_warnings(plan: Plan, step: int = 0, drawn: list[float] | None = None) -
     if len(plan.sources) > 1 and without and len(without) < len(plan.sources):
         out.append(f"note: {', '.join(without)} {'has' if len(without) == 1 else 'have'} no val split (prepared with "
                    "--val-fraction 0): val/loss, early stopping and best/ are the other sources' alone")
+    out += [f"warning: {s.name} ({s.path}): {older}" for s, m in zip(plan.sources, plan.manifests)
+            if (older := older_chat(m))]
     if plan.cfg.max_epochs is not None and len(plan.sources) == 1:
         return out
     for source, w, epochs, m in zip(plan.sources, plan.weights, plan.epochs(step, drawn), plan.manifests):

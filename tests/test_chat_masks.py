@@ -323,3 +323,28 @@ def test_a_chat_fine_tune_through_the_cli(chat_data, tiny_data, tmp_path):
     assert last["val/loss"] == pytest.approx(expected, abs=2e-5) and abs(expected - everything) > 0.05
     chat_out = run_mtgpt("chat", tuned, "--seed", "1", "--max-new-tokens", "8", input="Hello\n/quit\n").stdout
     assert "bot> " in chat_out
+
+
+def test_chat_data_of_an_mtgpt_before_loss_masks_is_named(chat_data, tmp_path):
+    """Chat data prepared before loss masks ("content": "chat", no "loss_mask") trained every token,
+    the users' lines too, and neither `info` nor `train` said so to a user who had upgraded."""
+    import json
+    import shutil
+
+    from mtgpt.config import TrainConfig
+    from mtgpt.info import describe
+    from mtgpt.train import make_plan, plan_warnings
+
+    old = tmp_path / "old"
+    shutil.copytree(chat_data, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    for key in ("loss_mask", "train_on", "trained_targets", "padding_tokens", "left_out_samples"):
+        manifest.pop(key, None)
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    says = "chat data prepared by an older mtgpt, without loss masks"
+    for data, named in ((chat_data, False), (old, True)):
+        cfg = TrainConfig(data=str(data), out=str(tmp_path / "run"), model=dict(TINY), micro_batch=2)
+        warned = [w for w in plan_warnings(make_plan(cfg, world_size=1, cuda=False)) if says in w]
+        noted = [line for line in describe(str(data))[0].splitlines() if says in line]
+        assert (len(warned), len(noted)) == ((1, 1) if named else (0, 0))
+    assert warned[0].startswith("warning: old (") and "prepare it again" in warned[0]

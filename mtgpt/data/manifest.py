@@ -93,6 +93,16 @@ def bytes_per_token(manifest: dict[str, Any]) -> float:
     return manifest["text_bytes"] / max(1, manifest["tokens"] - manifest.get("documents", 0))
 
 
+def older_chat(manifest: dict[str, Any]) -> str | None:
+    """What to say about chat data (`--format chat`) prepared by an mtgpt before loss masks: it
+    trains on every token, the users' lines too, with conversations packed across samples; None
+    for any other folder."""
+    if manifest.get("content") != "chat" or manifest.get("loss_mask"):
+        return None
+    return ("chat data prepared by an older mtgpt, without loss masks: training on it learns the users' lines "
+            "too, not the replies alone; prepare it again (mtgpt prepare ... --format chat)")
+
+
 def identity(manifest: dict[str, Any]) -> str:
     """What the train split holds, in 16 hex digits (of its shards' sha256s, in order): the same for
     the same prepared data wherever its folder is, or under another --data name; another for data
