@@ -138,6 +138,20 @@ def describe_checkpoint(path: Path) -> list[str]:
     return [*lines, "", *describe_run(run)]
 
 
+def best_row(path: Path, val: list[dict[str, Any]]) -> dict[str, Any]:
+    """The evaluation whose weights best/ holds (its own step and val loss; the last evaluation
+    logged at that step, for its bits per byte), else the lowest val loss logged. (The lowest
+    logged was named even where best/ had started again, after a resume on other data or with
+    another val set, and held another step.)"""
+    meta = checkpoint.weights_metadata(path / "best") if (path / "best" / checkpoint.WEIGHTS).is_file() else {}
+    try:
+        step, loss = int(meta["step"]), float(meta["val_loss"])
+    except (KeyError, TypeError, ValueError):
+        return min(val, key=lambda r: r["val/loss"])
+    logged = next((r for r in reversed(val) if r["step"] == step), {})
+    return {**logged, "step": step, "val/loss": loss}
+
+
 def describe_run(path: Path) -> list[str]:
     """A run folder, or a model folder (a run's best/ named as such, with the step it holds)."""
     is_run = (path / rundir.TRAIN_CONFIG).is_file()
@@ -186,13 +200,14 @@ def describe_run(path: Path) -> list[str]:
         if train:
             lines.append(f"train loss: {train[-1]['train/loss']:.4f} at step {train[-1]['step']}")
         if val:
-            best = min(val, key=lambda r: r["val/loss"])
+            best = best_row(path, val)
             lines.append(f"val loss: {val[-1]['val/loss']:.4f} at step {val[-1]['step']}; best "
                          f"{best['val/loss']:.4f} at step {best['step']} (an untrained model scores "
                          f"ln({vocab}) = {math.log(vocab):.2f})")
             if isinstance(val[-1].get("val/bpb"), float):
-                lines.append(f"val bits per byte: {val[-1]['val/bpb']:.4f} at step {val[-1]['step']}; best "
-                             f"{best.get('val/bpb', float('nan')):.4f} (comparable across tokenizers)")
+                lines.append(f"val bits per byte: {val[-1]['val/bpb']:.4f} at step {val[-1]['step']}"
+                             + (f"; best {best['val/bpb']:.4f}" if isinstance(best.get("val/bpb"), float) else "")
+                             + " (comparable across tokenizers)")
             each = {k.split("/")[1]: v for k, v in val[-1].items() if k.count("/") == 2 and k.endswith("/loss")}
             if each:  # a mixture: each source's own val split
                 lines.append(f"val loss per source at step {val[-1]['step']}: "

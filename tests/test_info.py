@@ -81,6 +81,18 @@ def test_run_folder(tmp_path):
     text = info.describe(str(run / "best"))[0]
     assert text.startswith(f"the best model of the run {run} ({run / 'best'}): step 20, val loss 4.7500\n")
     assert "checkpoints:" not in text and "run folder" not in text
+    # the run's best is best/'s, also where best/ started again (a resume on other data, another val
+    # set) and holds a later step than the lowest val loss logged: that one was named, best/ not
+    rows += [{"step": 30, "val/loss": 4.9, "val/bpb": 1.5}, {"step": 40, "val/loss": 4.8, "val/bpb": 1.4}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    checkpoint.save_weights({k: v.detach() for k, v in model.named_parameters()}, model.config, run / "best",
+                            {"step": "40", "val_loss": "4.8"})
+    text = info.describe(str(run))[0]
+    assert "val loss: 4.8000 at step 40; best 4.8000 at step 40" in text, text
+    assert "val bits per byte: 1.4000 at step 40; best 1.4000 (comparable" in text
+    checkpoint.save_weights({k: v.detach() for k, v in model.named_parameters()}, model.config, run / "best",
+                            {"step": "20", "val_loss": "4.75"})  # a best without bits per byte logged: none named
+    assert "val bits per byte: 1.4000 at step 40 (comparable" in info.describe(str(run))[0]
     with pytest.raises(ValueError, match="--verify checks a data folder's shards: give the folder"):
         info.describe(None, verify=True)  # (with no PATH it was ignored)
 
