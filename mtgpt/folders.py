@@ -162,8 +162,14 @@ def check_out(out: str | Path, overwrite: bool, option: str = "--out", error: ty
 
 def check_creatable(out: str | Path, option: str = "--out", error: type[ValueError] = ValueError) -> None:
     """Refuse a folder `out` that is a file or cannot be made: under a file, or in a folder this
-    user cannot write to."""
+    user cannot write to, or named with bytes that are not UTF-8 text (a Latin-1 name: the
+    folder's files, a run's TensorBoard log, its JSON, cannot record it)."""
     out = Path(out)
+    try:
+        str(out.absolute()).encode("utf-8")
+    except UnicodeEncodeError:  # (prepare, tokenizer train: a traceback; export: the codec's words alone)
+        raise error(f"{option} {str(out)!r}: a name that is not UTF-8 text; give a folder whose name is "
+                    "(nothing was changed)") from None
     if out.exists() and not out.is_dir():
         raise error(f"{out} exists and is not a folder; choose another {option}")
     parent = out.resolve().parent

@@ -245,12 +245,9 @@ def check_out_folder(out: Path) -> None:
     """--out must be a new or empty folder, or one that holds an mtgpt run: never a data folder,
     a folder inside a run, or a folder of other files (the run's files would be mixed into them).
     An empty logs/ of a job script (slurm/train.sbatch makes RUN/logs first) is allowed."""
-    folders.check_creatable(out, "--out", ConfigError)  # (a file, or a folder that cannot be made)
-    try:
-        str(out.absolute()).encode("utf-8")
-    except UnicodeEncodeError:  # (TensorBoard's writer failed on it, after the run's first files were written)
-        raise ConfigError(f"--out {str(out)!r}: a name that is not UTF-8 text; give a run folder whose name is "
-                          "(nothing was changed)") from None
+    # (a file, a folder that cannot be made, a name not UTF-8: TensorBoard's writer failed on it, after
+    # the run's first files were written)
+    folders.check_creatable(out, "--out", ConfigError)
     kind = folders.kind(out)
     if kind == "run":
         return

@@ -68,6 +68,32 @@ def test_a_long_out_name(tmp_path):
     assert (out / "manifest.json").is_file() and sorted(p.name for p in tmp_path.iterdir()) == [out.name]
 
 
+def test_an_out_whose_name_is_not_utf8_is_one_line_for_prepare_tokenizer_and_export(tmp_path):
+    """A Latin-1 byte in the name: prepare and tokenizer train were a UnicodeEncodeError traceback,
+    export --hf the codec's words alone ('utf-8' codec can't encode ...), train --out one line."""
+    import os
+
+    from tests.conftest import run_mtgpt
+    from tests.test_own_tokenizer import one_error_line
+
+    bad = os.fsdecode(os.fsencode(str(tmp_path)) + b"/caf\xe9")
+    model = tmp_path / "model"
+    from mtgpt import checkpoint
+    from mtgpt.config import ModelConfig
+    from mtgpt.model import GPT
+    from tests.conftest import TINY
+
+    tiny = GPT(ModelConfig(**TINY))
+    checkpoint.save_weights({k: v.detach() for k, v in tiny.named_parameters()}, tiny.config, model)
+    for args, option in ((["prepare", SONNETS, "--out", bad], "--out"),
+                         (["tokenizer", "train", SONNETS, "--vocab-size", "300", "--out", bad], "--out"),
+                         (["export", model, "--hf", bad], "--hf")):
+        proc = run_mtgpt(*args, check=False)
+        one_error_line(proc, f"{option} {bad!r}: a name that is not UTF-8 text; give a folder whose name is "
+                             "(nothing was changed)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
 def test_an_existing_out_whose_folder_takes_no_new_one(tmp_path):
     """An existing (empty) --out in a folder that takes no new folder (a read-only mount; /proc
     here, for root too): the temporary folder beside it was an OSError traceback."""
