@@ -261,7 +261,7 @@ def save_weights(weights: dict[str, torch.Tensor], config: ModelConfig, folder: 
             raise
         code = re.search(r"os error (\d+)", str(e))
         raise OSError(int(code.group(1)) if code else 5, f"could not write {folder / WEIGHTS}: {e}") from e
-    os.chmod(tmp, 0o644)
+    os.chmod(tmp, folders.FILE_MODE)  # (safetensors writes it 0600; the others follow the umask)
     tmp.replace(folder / WEIGHTS)
     _write_atomic(folder / MODEL_CONFIG, json.dumps({"model_type": "mtgpt", **config.__dict__,
                                                      "tokenizer": tok.identity()}, indent=2) + "\n")

@@ -119,6 +119,11 @@ def foreign(out: Path, k: str) -> list[str]:
                   if not (p.is_file() and any(p.match(pattern) for pattern in own)))
 
 
+_UMASK = os.umask(0o022)  # the process's umask, read once at import (setting it is process-wide: not in threads)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK  # what open() gives a new file: for files written first under another mode
+
+
 URL = re.compile(r"(https?|pipe|s3|gs|ais|ftp|sftp|scp|hdfs|file):", re.IGNORECASE)  # what webdataset opens
 
 
@@ -225,7 +230,8 @@ def _running(pid: int) -> bool:
     return True
 
 
-def replace_folder(tmp: Path, out: Path, overwrite: bool = False, error: type[ValueError] = ValueError) -> None:
+def replace_folder(tmp: Path, out: Path, overwrite: bool = False, error: type[ValueError] = ValueError,
+                   option: str = "--out") -> None:
     """Rename tmp to out. An existing out (allowed by --overwrite) is moved aside first and
     deleted only after the new folder is in place; without `overwrite`, an out that another
     command filled while this one wrote is refused (raising `error`), not replaced. Ctrl-C while
@@ -235,7 +241,7 @@ def replace_folder(tmp: Path, out: Path, overwrite: bool = False, error: type[Va
     if out.exists():
         if not overwrite and out.is_dir() and any(out.iterdir()):
             raise error(f"{out} was written by another command while this one ran; it is left as that one wrote "
-                        "it (give another --out, or --overwrite to replace it)")
+                        f"it (give another {option}, or --overwrite to replace it)")
         old = _beside(out, "old", os.getpid())
         out.rename(old)
     tmp.rename(out)

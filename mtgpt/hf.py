@@ -102,10 +102,10 @@ def export(weights: dict[str, torch.Tensor], config: ModelConfig, out: str | Pat
     hf_logging.disable_progress_bar()  # its "Writing model shards" bar: one shard, written in a moment
     try:
         model.save_pretrained(tmp, safe_serialization=True)
-        (tmp / "model.safetensors").chmod(0o644)  # (transformers writes it 0600; the other files are 0644)
+        (tmp / "model.safetensors").chmod(folders.FILE_MODE)  # (transformers writes it 0600, the others as the umask says)
         hf_tokenizer(tok, model_max_length=config.block_size).save_pretrained(tmp)
         _loadable_by_transformers_4(tmp / "tokenizer_config.json")
-        folders.replace_folder(tmp, out, overwrite, HFError)
+        folders.replace_folder(tmp, out, overwrite, HFError, "--hf")
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) or type(e).__name__ == "SafetensorError":  # (a full disk: safetensors' own error)

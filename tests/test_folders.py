@@ -30,6 +30,8 @@ def test_an_out_another_command_filled_meanwhile_is_not_replaced(tmp_path):
     with pytest.raises(DataError, match="was written by another command while this one ran; it is left as that"):
         folders.replace_folder(tmp, out, error=DataError)
     assert (out / "f.txt").read_text() == "theirs"
+    with pytest.raises(DataError, match=r"\(give another --hf, or --overwrite to replace it\)"):  # (export: "--out")
+        folders.replace_folder(tmp, out, error=DataError, option="--hf")
     folders.replace_folder(tmp, out, overwrite=True)
     assert (out / "f.txt").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     empty = tmp_path / "empty"
@@ -129,3 +131,29 @@ def test_a_full_disk_is_one_line_for_export_and_tokenizer_train(tmp_path, monkey
                                          r"written"):
         hf.export(dict(model.named_parameters()), model.config, tmp_path / "hf")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_weights_follow_the_umask(tmp_path):
+    """model.safetensors of a run, best/ and an export were chmod 0644 whatever the umask (077:
+    every other file 0600, the weights world-readable)."""
+    import subprocess
+    import sys
+
+    script = """
+import os, sys
+from pathlib import Path
+os.umask(int(sys.argv[2], 8))
+from mtgpt import checkpoint, hf
+from mtgpt.config import ModelConfig
+from mtgpt.model import GPT
+m = GPT(ModelConfig(n_layer=1, n_head=1, n_embd=8, block_size=8))
+w = {k: v.detach() for k, v in m.named_parameters()}
+out = Path(sys.argv[1])
+checkpoint.save_weights(w, m.config, out / "run")
+hf.export(w, m.config, out / "hf")
+"""
+    for umask, mode in (("077", 0o600), ("022", 0o644), ("002", 0o664)):
+        out = tmp_path / umask
+        subprocess.run([sys.executable, "-c", script, str(out), umask], check=True)
+        for f in (out / "run" / "model.safetensors", out / "hf" / "model.safetensors", out / "run" / "config.json"):
+            assert f.stat().st_mode & 0o777 == mode, (umask, f, oct(f.stat().st_mode))
