@@ -10,6 +10,7 @@ purge_step), so curves never show a step twice.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -162,11 +163,19 @@ def last(history: list[dict[str, Any]], key: str) -> float:
 
 
 def plot_losses(history: list[dict[str, Any]], path: Path) -> None:
-    """loss.png: train and val loss against step (written to a temp name, then renamed)."""
-    import matplotlib
+    """loss.png: train and val loss against step (written to a temp name, then renamed). A home
+    folder matplotlib cannot write its config and font cache into (read-only, missing) is no
+    news for the console: it works in a temporary folder, without its two warnings."""
+    quiet = logging.getLogger("matplotlib")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    finally:
+        quiet.setLevel(level)
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     for key, style in (("train/loss", "-"), ("val/loss", "o-")):

@@ -174,3 +174,20 @@ def test_loss_png_of_a_run_without_a_val_split(tmp_path):
     log.log({"train/loss": 5.0, "perf/eval_seconds": 0.3}, 5, evaluated=True)
     log.close()
     assert (tmp_path / "loss.png").stat().st_size > 1000
+
+
+def test_loss_png_with_a_home_matplotlib_cannot_write_says_nothing(tmp_path):
+    """HOME read-only (or not a folder): every training printed matplotlib's "mkdir -p failed" and
+    "created a temporary cache directory" between its progress lines, at the first evaluation."""
+    import os
+    import subprocess
+    import sys
+
+    blocked = tmp_path / "file"
+    blocked.write_text("")  # HOME under a file: matplotlib cannot make its folders there
+    env = {k: v for k, v in os.environ.items() if k not in ("MPLCONFIGDIR", "XDG_CONFIG_HOME", "XDG_CACHE_HOME")}
+    script = ("import sys; from pathlib import Path; from mtgpt import monitor; "
+              "monitor.plot_losses([{'step': 1, 'train/loss': 3.0}], Path(sys.argv[1]))")
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "loss.png")], capture_output=True, text=True,
+                          env={**env, "HOME": str(blocked / "home")}, check=True)
+    assert proc.stderr == "" and (tmp_path / "loss.png").stat().st_size > 1000
