@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shlex
 import signal
 import sys
@@ -158,7 +159,13 @@ def build_config(options: dict) -> TrainConfig:
             rundir.check_something_to_resume(Path(base["out"]))  # (a run whose checkpoints are gone: that too)
     if not base.get("data"):
         raise ConfigError("--data is required: a folder written by `mtgpt prepare`")
-    return TrainConfig.from_dict(base)
+    try:
+        return TrainConfig.from_dict(base)
+    except ConfigError as e:  # a value given on the command line: named as its option (max_steps -> --max-steps)
+        field = re.match(r"(\w+) must ", str(e))
+        if field and field.group(1) in given:
+            raise ConfigError(f"--{field.group(1).replace('_', '-')}{str(e)[len(field.group(1)):]}") from None
+        raise
 
 
 def _fail(e: Exception) -> None:

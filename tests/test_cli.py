@@ -71,6 +71,11 @@ def test_train_on_folder_that_is_not_data(tmp_path):
     (["--max-time", "later"], "not a duration"),
     (["--resume", "/no/such/run"], "not a run folder"),
     (["--data", "b=x:-1"], "the weight must be a positive finite number, got -1"),
+    # a value given as an option is named as the option (it said "max_steps must ...")
+    (["--max-steps", "0"], "Error: --max-steps must be a positive integer, got 0"),
+    (["--block-size", "0"], "Error: --block-size must be a positive integer, got 0"),
+    (["--min-lr-ratio", "2"], "Error: --min-lr-ratio must be in [0, 1], got 2.0"),
+    (["--eval-samples", "0"], "Error: --eval-samples must be a positive integer, got 0"),
 ])
 def test_train_config_errors(tiny_data, tmp_path, args, match):
     one_error_line(invoke("train", "--data", tiny_data, "--out", tmp_path / "run", *TINY_ARGS, *args), match)
