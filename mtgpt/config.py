@@ -41,6 +41,14 @@ def option(default: Any = None, help: str = "", default_help: str | None = None,
 MAX_SEED = 2**32 - 1  # PyTorch's CPU generator keeps the low 32 bits of a seed: 2**32 + s draws what s draws
 
 
+def seed_problem(seed: int | None) -> str | None:
+    """What is wrong with a seed (None: nothing). Every --seed (prepare, train, sample, chat) and
+    `mtgpt serve`'s requests take 0..MAX_SEED, so that two seeds never give one result."""
+    if seed is None or 0 <= seed <= MAX_SEED:
+        return None
+    return f"must be between 0 and {MAX_SEED} (2**32 - 1: the seeds PyTorch's generator tells apart), got {seed}"
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 50257  # the tokenizer's: GPT-2's by default, a run's is its data's (last id: <|endoftext|>)
@@ -200,8 +208,8 @@ class TrainConfig:
         if self.min_delta > 0 and self.patience is None:  # (it would do nothing, silently)
             raise ConfigError("--min-delta is early stopping's and needs --patience N (evaluations without a "
                               "better val loss); give --patience too, or leave --min-delta out")
-        if not 0 <= self.seed <= MAX_SEED:
-            raise ConfigError(f"seed must be between 0 and {MAX_SEED}, got {self.seed}")
+        if (problem := seed_problem(self.seed)) is not None:
+            raise ConfigError(f"seed {problem}")
 
     def for_world(self, world_size: int, resumed: bool = False, ranks: str = "--nproc {n}") -> "TrainConfig":
         """This run on `world_size` ranks, its batch settled: with --batch-size, --grad-accum is

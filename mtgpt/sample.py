@@ -20,7 +20,7 @@ from typing import Iterator
 import torch
 from tqdm import tqdm
 
-from mtgpt.config import MAX_SEED
+from mtgpt.config import seed_problem
 from mtgpt.model import GPT, KVCache
 from mtgpt.tokenizer import Tokenizer
 
@@ -29,14 +29,6 @@ class SampleError(ValueError):
     """A bad sampling option; the message says which and what is allowed."""
 
 
-
-
-def seed_problem(seed: int | None) -> str | None:
-    """What is wrong with a seed (None: nothing). `mtgpt sample`/`chat` and `mtgpt serve`'s
-    requests take 0..MAX_SEED, so that two seeds never give one text."""
-    if seed is None or 0 <= seed <= MAX_SEED:
-        return None
-    return f"must be between 0 and {MAX_SEED} (2**32 - 1: the seeds PyTorch's generator tells apart), got {seed}"
 
 
 @dataclass

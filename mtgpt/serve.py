@@ -46,7 +46,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from mtgpt import chat
-from mtgpt.sample import SampleConfig, SampleText, on_host, seed_problem, stream
+from mtgpt.config import seed_problem
+from mtgpt.sample import SampleConfig, SampleText, on_host, stream
 from mtgpt.tokenizer import Tokenizer
 
 MAX_BODY = 1 << 20  # bytes a request body may have (a context of text is a few KB)

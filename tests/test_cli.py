@@ -416,6 +416,8 @@ def test_sigterm_leaves_nothing(command, tmp_path):
 
 @pytest.mark.parametrize("args, match", [
     (["--shard-size", "inf"], "--shard-size must be a positive number of MB, got inf"),
+    (["--seed", "-1"], "--seed must be between 0 and 4294967295"),  # (train's range; any int was taken)
+    (["--seed", "99999999999999999999"], "--seed must be between 0 and 4294967295"),
     (["--glob", "/tmp/*.txt"], "--glob '/tmp/*.txt': the pattern is matched inside each folder given, so it is relative"),
     (["--glob", ""], "--glob '': the pattern is matched inside each folder"),  # (it was the default, silently)
     (["--out", "/proc/nope/x"], "cannot create /proc/nope/x: /proc"),

@@ -28,7 +28,7 @@ def test_roundtrip(tmp_path):
     ({"max_time": "1:99"}, "not a duration"),  # (was 159 s)
     ({"max_time": "1:60:00"}, "not a duration"),
     ({"patience": 0}, "patience"),
-    ({"seed": -1}, "seed must be between 0 and 4294967295, got -1"),  # (was a traceback in every rank)
+    ({"seed": -1}, "seed must be between 0 and 4294967295 .*, got -1"),  # (was a traceback in every rank)
     ({"seed": 2**32}, "seed must be between 0 and 4294967295"),
     ({"min_lr_ratio": 2.0}, "min_lr_ratio"),
     ({"warmup_steps": 0}, "warmup_steps must be >= 1"),

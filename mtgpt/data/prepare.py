@@ -34,6 +34,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 from mtgpt import __version__, folders, tokenizer
+from mtgpt.config import seed_problem
 from mtgpt.data.manifest import FORMAT, MANIFEST, sha256_file
 from mtgpt.data.sources import DataError, Source, decode_utf8, read_chunks, replaced_warning, resolve_sources
 from mtgpt.tokenizer import Tokenizer, TokenizerError
@@ -224,6 +225,8 @@ def prepare(
         raise DataError(f"--block-size must be positive, got {block_size}")
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if (problem := seed_problem(seed)) is not None:  # (any int was taken, and recorded in manifest.json)
+        raise DataError(f"--seed {problem}")
     if not 0 < shard_size_mb < float("inf"):
         raise DataError(f"--shard-size must be a positive number of MB, got {shard_size_mb}")
     if fmt not in ("text", "chat"):
