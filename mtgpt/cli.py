@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import os
 import re
@@ -530,6 +531,9 @@ def chat(run_dir, system, max_new_tokens, temperature, top_k, top_p, seed, best,
     from mtgpt.chat import run_chat
     from mtgpt.sample import SampleConfig, SampleError
 
+    if codecs.lookup(sys.stdin.encoding or "ascii").name == "ascii":  # (PYTHONIOENCODING=ascii: a non-ASCII
+        # line ended the chat with the codec's error) read UTF-8, as click writes it for an ASCII stream
+        sys.stdin.reconfigure(encoding="utf-8", errors="surrogateescape")
     cfg = SampleConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     try:
         run_chat(run_dir, cfg, best=best, device=device, system=system, read=_read_line,

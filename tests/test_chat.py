@@ -24,7 +24,7 @@ from mtgpt.config import ModelConfig
 from mtgpt.data import DataError, load_manifest
 from mtgpt.data.prepare import prepare
 from mtgpt.model import GPT
-from tests.conftest import TINY
+from tests.conftest import TINY, run_mtgpt
 from tests.test_data import all_train_samples
 
 GPT2 = tokenizer.gpt2()
@@ -441,3 +441,12 @@ def test_chatting_with_a_model_that_never_saw_dialogue_says_so(tmp_path, tiny_da
     chat.run_chat(str(tmp_path / "text"), SampleConfig(max_new_tokens=2, seed=1), device="cpu", read=lambda _: "/quit",
                   write=lambda _: None, warn=warnings.append)
     assert len(warnings) == 1 and warnings[0].startswith(f"note: {tmp_path / 'text'} was trained on plain text")
+
+
+def test_chat_reads_utf8_from_a_pipe_when_python_says_ascii(model_dir):
+    """PYTHONIOENCODING=ascii: the output was UTF-8 (click's), but a non-ASCII line read from stdin
+    ended the chat with "'ascii' codec can't decode byte 0xc3"."""
+    proc = run_mtgpt("chat", model_dir, "--max-new-tokens", "4", "--seed", "1", input="Grüße\n/quit\n",
+                     env={"PYTHONIOENCODING": "ascii"}, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "you> Grüße\n" in proc.stdout and "bot> " in proc.stdout
