@@ -42,10 +42,12 @@ def command(config_file: str, nproc: int, master_port: int, ds_config: str | Non
     ranks with their environment and stops them all when one fails. Its front end, the
     `deepspeed` runner, would only add a process that imports DeepSpeed once more before the
     ranks start (and would read a /job/hostfile if one exists). `ds_config`: the --ds-config
-    given on the command line, passed on as given (a resumed run reads it as it is now)."""
+    given on the command line, passed on as given (a resumed run reads it as it is now). Its log
+    level is critical: a rank that exits non-zero has said why, and the launcher's "[ERROR] ...
+    exits with return code" line (naming the removed temporary config) only added noise."""
     world_info = base64.urlsafe_b64encode(json.dumps({"localhost": list(range(nproc))}).encode()).decode()
     return [sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world_info}",
-            "--master_addr=127.0.0.1", f"--master_port={master_port}", "--no_local_rank", "--log_level=error",
+            "--master_addr=127.0.0.1", f"--master_port={master_port}", "--no_local_rank", "--log_level=critical",
             "--module", "mtgpt", "worker", "--config", config_file, *(["--ds-config", ds_config] if ds_config else [])]
 
 

@@ -7,6 +7,7 @@ library versions, world size). See mtgpt.checkpoint for the rest of the folder.
 
 from __future__ import annotations
 
+import errno
 import os
 import platform
 import re
@@ -198,9 +199,7 @@ def lock_run(out: str | Path, hold: bool = True) -> None:
         f = path.open("a+" if hold else "r")  # (only reading: a run on a read-only mount is checked too)
     except OSError as e:
         if hold:  # (a read-only run folder: a traceback in every rank)
-            raise ConfigError(f"cannot write in the run folder {out} ({e.strerror}): a run trains only where it can "
-                              f"save; to go on from its checkpoint elsewhere: mtgpt train --resume {shlex.quote(str(out))} "
-                              "--out NEW_RUN") from None
+            raise unwritable_run(out, e.strerror) from None
         return
     try:
         # a check takes a shared lock: the ranks of one job check at once, and two exclusive tries
@@ -241,6 +240,11 @@ def training_now(out: str | Path) -> str | None:
     return None
 
 
+def unwritable_run(out: str | Path, reason: str) -> ConfigError:
+    return ConfigError(f"cannot write in the run folder {out} ({reason}): a run trains only where it can save; to go "
+                       f"on from its checkpoint elsewhere: mtgpt train --resume {shlex.quote(str(out))} --out NEW_RUN")
+
+
 def check_out_folder(out: Path) -> None:
     """--out must be a new or empty folder, or one that holds an mtgpt run: never a data folder,
     a folder inside a run, or a folder of other files (the run's files would be mixed into them).
@@ -250,6 +254,9 @@ def check_out_folder(out: Path) -> None:
     folders.check_creatable(out, "--out", ConfigError)
     kind = folders.kind(out)
     if kind == "run":
+        if not os.access(out, os.W_OK | os.X_OK):  # (read-only: refused by rank 0 only after the launcher started)
+            read_only = os.statvfs(out).f_flag & os.ST_RDONLY
+            raise unwritable_run(out, os.strerror(errno.EROFS if read_only else errno.EACCES))
         return
     run = folders.run_holding(out) or out.resolve().parent  # (a run's best/ too: its model.safetensors is not a run)
     if kind == "checkpoint" or has_run(run):

@@ -9,6 +9,8 @@ import math
 import os
 import re
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -174,6 +176,35 @@ def test_corrupt_shard_during_training(tiny_data, tmp_path):
     assert proc.returncode != 0
     assert "is truncated or replaced" in proc.stderr and "train-00000" in proc.stderr
     assert "mtgpt info DATA_DIR --verify" in proc.stderr
+    # the ranks said why; DeepSpeed's launcher added "[ERROR] [launch.py:...] [...] exits with return code = 1"
+    assert "[ERROR]" not in proc.stdout + proc.stderr
+
+
+def test_a_read_only_run_is_refused_before_the_launcher_starts(trained, tmp_path):
+    """`--resume auto` of a run on a read-only mount (as root: a read-only bind mount in a mount
+    namespace; else a folder without write permission): refused by rank 0 after the launcher had
+    started, exit 2, with DeepSpeed's launcher's "[ERROR] ... exits with return code = 2" line
+    naming a removed temporary file. Now one line before anything starts, exit 1."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    (run / "last_stop.json").unlink()  # (no "stopped" to say first)
+    resume = [sys.executable, "-m", "mtgpt", "train", "--out", str(run), "--resume", "auto", "--max-steps", "40",
+              "--nproc", "1"]
+    if os.geteuid() == 0:
+        if subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode != 0:
+            pytest.fail("as root this test needs mount namespaces (unshare --mount)")
+        cmd = ["unshare", "--mount", "sh", "-c", 'mount --bind -o ro "$1" "$1" && shift && exec "$@"', "sh",
+               str(run), *resume]
+    else:
+        run.chmod(0o555)
+        cmd = resume
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    finally:
+        run.chmod(0o755)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1 and len(lines) == 1 and "[ERROR]" not in proc.stdout, proc.stderr
+    assert lines[0].startswith(f"Error: cannot write in the run folder {run} (") and "--out NEW_RUN" in lines[0]
 
 
 def test_data_block_size_mismatch(tiny_data, tmp_path):
