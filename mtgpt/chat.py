@@ -94,7 +94,8 @@ def conversations_from_yaml(path: Path, strict: bool = False, replaced: dict[Pat
     try:
         data = yaml.load("".join(line for _, line in read_lines(path, strict, replaced)), Loader=yaml.BaseLoader)
     except yaml.YAMLError as e:
-        raise ChatDataError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise ChatDataError(f"{path}: not valid YAML ({str(e).splitlines()[0]}); --format chat reads chatterbot YAML or "
+                            'JSONL of {"messages": [...]} (plain text is --format text, the default)') from None
     if not isinstance(data, dict) or not isinstance(data.get("conversations"), list):
         raise ChatDataError(f"{path}: expected a chatterbot YAML file with a 'conversations' list")
     for k, conv in enumerate(data["conversations"], 1):

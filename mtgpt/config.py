@@ -110,7 +110,7 @@ class TrainConfig:
         "without weights the sources are mixed in proportion to their train tokens.",
         default_help="", multiple=True)
     data_cache: str | None = option(None, "Where the shards of a --data URL are copied (fetched once, then read "
-                                    "locally).", default_help="~/.cache/mtgpt/data")
+                                    "locally).", default_help="$XDG_CACHE_HOME/mtgpt/data, else ~/.cache/mtgpt/data")
     out: str = option("", "Run folder: checkpoints, model.safetensors, tb/, metrics.jsonl.", default_help="")
     model: ModelConfig = field(default_factory=ModelConfig)  # its options are listed here, in its place
     ds_config: str | None = option(None, "DeepSpeed JSON: a path or a bundled name (zero0..3 x fp32/bf16/fp16, "
@@ -125,10 +125,11 @@ class TrainConfig:
                                      "32,768 tokens per pass")
     grad_accum: int = option(1, "Forward passes per optimizer step; batch = micro x accum x ranks.",
                              default_help="1, or --batch-size / (micro-batch x ranks)")
-    lr: float = option(6e-4, "Peak learning rate after warmup (benchmarks/lr_sweep.py; the seed had 5e-5).")
+    lr: float = option(6e-4, "Peak learning rate after warmup (benchmarks/lr_sweep.py; MyTalkGPT's original 5e-5 is too low "
+                          "to train from scratch).")
     min_lr_ratio: float = option(0.1, "The cosine ends at --lr x this.")
-    warmup_steps: int | None = option(None, "Linear warmup steps from 0 to --lr (DeepSpeed's schedule takes at "
-                                      "least 2).", default_help="5% of the schedule")
+    warmup_steps: int | None = option(None, "Linear warmup steps W up to --lr: step N trains at N/(W+1) of it "
+                                      "(DeepSpeed's schedule takes at least 2).", default_help="5% of the schedule")
     max_steps: int | None = option(None, "Stop after N optimizer steps (also the cosine schedule's length).")
     max_tokens: int | None = option(None, "Stop after N training tokens (all ranks together).")
     max_epochs: float | None = option(None, "Stop after N passes over the train split.",
@@ -151,7 +152,8 @@ class TrainConfig:
     num_workers: int = option(0, "DataLoader worker processes per rank (0: load in the training process).")
     compile: bool | None = option(None, "torch.compile the model.", default_help="on GPUs", flag="--compile/--no-compile")
     tf32: bool = option(True, "On CUDA GPUs, fp32 matmuls use TF32 tensor cores (Ampere and newer; about "
-                        "8x faster, 10-bit mantissa inputs, fp32 accumulation).", flag="--tf32/--no-tf32")
+                        "8x faster, 10-bit mantissa inputs, fp32 accumulation).", default_help="on",
+                        flag="--tf32/--no-tf32")
     init_from: str | None = option(None, "Start from the weights of an mtgpt run (fine-tune it).")
     init_from_hf: str | None = option(None, "Start from a GPT-2-shaped Hugging Face folder.")
 

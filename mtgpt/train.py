@@ -757,7 +757,7 @@ def banner(plan: Plan, step: int, drawn: list[float] | None = None) -> str:
         f"{' as the run saved it (its ds_config.json)' if plan.ds_own and ds_config.shown(plan.ds_name) == plan.ds_name else ''}: ZeRO-"
         f"{ds_config.zero_stage(ds)}, {ds_config.precision(ds)}",
         f"  batch {ds['train_batch_size']} sequences = micro {cfg.micro_batch} x accum {cfg.grad_accum} x "
-        f"{plan.world_size} rank(s) = {plan.tokens_per_step:,} tokens/step; schedule {plan.schedule_steps} steps",
+        f"{plan.world_size} rank(s) = {plan.tokens_per_step:,} tokens/step; schedule {plan.schedule_steps} step{'s' if plan.schedule_steps != 1 else ''}",
         *data_lines(plan, step, drawn),
         f"  run {cfg.out}" + (f", resuming from {plan.resume_from} (step {step})" if plan.resume_from else ""),
     ]
