@@ -191,7 +191,10 @@ def make_plan(cfg: TrainConfig, world_size: int, cuda: bool | None = None, gpu_m
         manifests = load_sources(cfg.sources, cfg.data_cache)
     except DataError as e:
         if cfg.resume != "never" and "no such folder" in str(e):  # (a resumed run's data that moved)
-            raise DataError(f"{e}; if it moved, give --data NEW_PATH: a resumed run takes it") from None
+            relative = [s.path for s in cfg.sources if not remote.is_url(s.path) and not Path(s.path).is_absolute()]
+            where = (f" ({', '.join(relative)}: a relative path, as an older mtgpt recorded it, is looked for from "
+                     "this folder: give its path from here)" if relative else "")
+            raise DataError(f"{e}; if it moved, give --data NEW_PATH: a resumed run takes it{where}") from None
         raise
     manifest = manifests[0]
     resume_from = rundir.resume_point(cfg)

@@ -1299,3 +1299,16 @@ def test_deepspeeds_memory_reports_stay_out_of_the_output(world_of_one, capfd):
     _engine("zero1_bf16", ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=16))
     out = capfd.readouterr().out
     assert "bf16_optimizer" not in out and "Max_MA" not in out and "CPU Virtual Memory" not in out, out
+
+
+def test_a_relative_data_path_an_older_mtgpt_recorded_is_named_as_such(tmp_path, monkeypatch):
+    """A run of an older mtgpt recorded --data relative: resumed from another folder, the error
+    said "no such folder; create it with mtgpt prepare ... --out A_data", though nothing moved."""
+    from mtgpt.data import DataError
+    from mtgpt.train import make_plan
+
+    monkeypatch.chdir(tmp_path)
+    cfg = TrainConfig(data="A_data", out=str(tmp_path / "run"), model=dict(TINY), resume="auto")
+    with pytest.raises(DataError, match=r"give --data NEW_PATH: a resumed run takes it \(A_data: a relative path, as "
+                                        r"an older mtgpt recorded it, is looked for from this folder"):
+        make_plan(cfg, world_size=1, cuda=False)
