@@ -246,11 +246,14 @@ class Commands(click.Group):
         except KeyboardInterrupt:
             click.echo("\ninterrupted", err=True)
             ctx.exit(128 + signal.SIGINT)
-        except click.UsageError:
+        except click.UsageError as e:
             from mtgpt.world import env_world
 
             if env_world()[0] != 0:
                 ctx.exit(2)
+            if ctx.invoked_subcommand in ("train", "worker") and e.message.startswith("Got unexpected extra argument"):
+                e.message += ("; train takes options only: the data is --data DIR, a run to go on with is "
+                              "--out RUN --resume auto")
             raise
 
 
@@ -271,6 +274,21 @@ def main() -> None:
     The default model (6 layers x 384 wide, context 512, GPT-2's 50,257 tokens) is sized for a GPU:
     on a CPU it trains at a few hundred tokens/s.
     """
+
+
+@main.command(name="help", hidden=True)
+@click.argument("command", required=False)
+@click.pass_context
+def help_command(ctx: click.Context, command: str | None) -> None:
+    """`mtgpt help [COMMAND]` = `mtgpt [COMMAND] --help`."""
+    if not command:
+        click.echo(ctx.parent.get_help())
+        return
+    found = ctx.parent.command.get_command(ctx, command)
+    if found is None:
+        raise click.UsageError(f"no command {command!r}; `mtgpt --help` lists them")
+    with click.Context(found, info_name=command, parent=ctx.parent) as shown:
+        click.echo(found.get_help(shown))
 
 
 @main.command()

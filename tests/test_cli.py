@@ -26,6 +26,16 @@ def test_help(command):
     assert result.exit_code == 0 and "Usage:" in result.output
 
 
+def test_help_command_and_a_positional_argument_to_train():
+    """`mtgpt help train` was "No such command 'help'"; `mtgpt train data` and `mtgpt train RUN`
+    were click's bare "Got unexpected extra argument"."""
+    assert invoke("help", "train").output == invoke("train", "--help").output
+    assert invoke("help").output == invoke("--help").output
+    usage_error(invoke("help", "trian"), "no command 'trian'; `mtgpt --help` lists them")
+    usage_error(invoke("train", "data", "--out", "x"), "Got unexpected extra argument (data); train takes options "
+                "only: the data is --data DIR, a run to go on with is --out RUN --resume auto")
+
+
 def test_prepare_list():
     result = invoke("prepare", "--list")
     assert result.exit_code == 0 and "shakespeare" in result.output and "pip install" in result.output
