@@ -421,7 +421,22 @@ def train(nproc, **options):
     sys.exit(launcher.launch_local(cfg, nproc, ds_config_given=given_ds))
 
 
-@main.command(hidden=True, context_settings={"help_option_names": ["-h", "--help"]})  # (launch/train.py -h too)
+class OneRank(click.Command):
+    """`mtgpt worker` = launch/train.py: --nproc, which `mtgpt train` takes, is refused with the
+    launchers that start N of it."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.NoSuchOption as e:
+            if e.option_name == "--nproc":
+                e.message += (" (launch/train.py is one rank: start N with `deepspeed --num_gpus N launch/train.py "
+                              "...` or `torchrun --nproc_per_node N launch/train.py ...`; `mtgpt train --nproc N` "
+                              "starts them for you)")
+            raise
+
+
+@main.command(cls=OneRank, hidden=True, context_settings={"help_option_names": ["-h", "--help"]})  # (launch/train.py -h too)
 @_train_options
 @click.option("--local_rank", "--local-rank", type=int, hidden=True, help="Set by the deepspeed launcher.")
 @click.option("--deepspeed", "deepspeed_flag", is_flag=True, hidden=True,

@@ -34,6 +34,9 @@ def test_help_command_and_a_positional_argument_to_train():
     usage_error(invoke("help", "trian"), "no command 'trian'; `mtgpt --help` lists them")
     usage_error(invoke("train", "data", "--out", "x"), "Got unexpected extra argument (data); train takes options "
                 "only: the data is --data DIR, a run to go on with is --out RUN --resume auto")
+    # launch/train.py (= mtgpt worker) is one rank: --nproc names the launchers that start N
+    usage_error(invoke("worker", "--nproc", "2"), "(launch/train.py is one rank: start N with `deepspeed --num_gpus N "
+                "launch/train.py ...` or `torchrun --nproc_per_node N launch/train.py ...`")
 
 
 def test_prepare_list():
