@@ -287,7 +287,7 @@ class DataSource:
     weight: float | None = None
 
 
-_NAME = re.compile(r"^([A-Za-z0-9_.-]+)=(.+)$")
+_NAME = re.compile(r"^([\w.-]+)=(.+)$")  # (\w: letters of any script, digits, _)
 _WEIGHT = re.compile(r"^(.*):([-+]?(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?|[-+]?(?:nan|inf|infinity))$", re.IGNORECASE)
 # (signed, nan, inf: :-1 or :nan is a bad weight, not part of a path)
 _HOST = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/:]*$")  # http://host:8000 ends in a port, not a weight
@@ -325,7 +325,7 @@ def data_sources(specs: list[str]) -> list[DataSource]:
             name = f"data{i}"
         elif name is None:  # (a local path made absolute first: `.` and `..` are named after the folder)
             last = rest.rstrip("/").rsplit("/", 1)[-1] if scheme else os.path.basename(os.path.abspath(rest))
-            name = re.sub(r"[^A-Za-z0-9_.-]+", "_", last).strip("_") or f"data{i}"
+            name = re.sub(r"[^\w.-]+", "_", last).strip("_") or f"data{i}"
         out.append(DataSource(name, rest, weight))
         where.append(rest if scheme or rest.startswith("pipe:") else os.path.realpath(rest))
         if where[-1] in where[:-1]:

@@ -185,6 +185,10 @@ def test_the_data_option_syntax():
     assert data_sources(["http://host:8000"]) == [DataSource("host_8000", "http://host:8000")]  # a port, no weight
     assert data_sources(["https://h.org:8443/data/books:2"]) == [DataSource("books", "https://h.org:8443/data/books", 2)]
     assert data_sources(["pipe:aws s3 cp s3://b/x/{shard} -"])[0].name == "data0"
+    # letters of any script are letters (a folder "dätä out" was named d_t_out, and dätä= was refused)
+    assert data_sources(["/x/dätä out"]) == [DataSource("dätä_out", "/x/dätä out")]
+    assert data_sources(["bücher=data/b:0.7", "чат=data/c:0.3"]) == [DataSource("bücher", "data/b", 0.7),
+                                                                    DataSource("чат", "data/c", 0.3)]
     for bad, match in ((["a:0", "b:1"], "positive"), (["x/a:1", "y/a:1"], "named 'a'"), (["a:1", "b"], "to none"),
                        (["n=:1"], "no data folder"), (["ftp://h.org/data"], r"not ftp://.*pipe:aws s3 cp"),
                        (["s3://bucket/data:2"], "not s3://")):
