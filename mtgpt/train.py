@@ -297,6 +297,10 @@ def plan_warnings(plan: Plan, step: int = 0, drawn: list[float] | None = None) -
                    "--val-fraction 0): val/loss, early stopping and best/ are the other sources' alone")
     out += [f"warning: {s.name} ({s.path}): {older}" for s, m in zip(plan.sources, plan.manifests)
             if (older := older_chat(m))]
+    if ds_config.precision(plan.ds) == "bf16" and not torch.cuda.is_available() and not world.cpu_bf16_fast():
+        out.append(f"warning: {plan.ds_name} trains in bf16, which this CPU has no instructions for (no AVX-512): "
+                   "PyTorch emulates it, tens of times slower than fp32; --ds-config zero1_fp32 (the CPU default) "
+                   "is the fast one here")
     if plan.cfg.max_epochs is not None and len(plan.sources) == 1:
         return out
     for source, w, epochs, m in zip(plan.sources, plan.weights, plan.epochs(step, drawn), plan.manifests):

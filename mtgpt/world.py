@@ -67,6 +67,16 @@ def gpu_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def cpu_bf16_fast() -> bool:
+    """Whether this CPU runs bf16 matmuls fast (AVX-512 or newer, as oneDNN sees it). Without, PyTorch
+    emulates them: on an AVX2-only AMD EPYC, 0.55 GFLOP/s against 40 in fp32, and `make demo` in
+    bf16 ran at 214 tokens/s where fp32 runs 4,300 (and an AVX-512 machine 13,000 in bf16)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # (a build without oneDNN: nothing known, nothing said)
+        return True
+
+
 def import_deepspeed():
     """Import deepspeed, telling it up front when there is no GPU (otherwise it probes for one
     and warns about it on every import)."""
