@@ -268,8 +268,9 @@ def main() -> None:
     On a laptop's CPU, in minutes (what `make demo` runs):
     mtgpt prepare shakespeare --vocab-size 2048 --block-size 128 --out data/shk2k
     mtgpt train --data data/shk2k --out runs/demo --n-layer 4 --n-head 4 --n-embd 256 \\
-        --lr 2e-3 --ds-config zero1_bf16 --max-steps 1000 --eval-every 100
+        --lr 2e-3 --max-steps 1000 --eval-every 100
     mtgpt sample runs/demo --prompt "ROMEO:"
+    (with AVX-512, --ds-config zero1_bf16 is faster; without, bf16 is emulated, far slower)
 
     The default model (6 layers x 384 wide, context 512, GPT-2's 50,257 tokens) is sized for a GPU:
     on a CPU it trains at a few hundred tokens/s.
