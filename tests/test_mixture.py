@@ -213,7 +213,7 @@ def test_the_data_option_with_real_folders(tmp_path, monkeypatch):
                 data_sources(specs)
     # a name with other characters, or a weight that is no number, read as part of a missing path
     # ("no such folder; create it with mtgpt prepare ... --out a/b=...")
-    for spec in (f"a/b={versioned}:1", f"my books={versioned}", f"ü={versioned}:2"):
+    for spec in (f"a/b={versioned}:1", f"my books={versioned}", f"a+b={versioned}:2"):  # (ü= is a name: letters of any script)
         with pytest.raises(ConfigError, match=r"the source's name '.*' may have only letters, digits, _, \. and -"):
             data_sources([spec, f"c={tmp_path}:1"])
     for spec in (f"a={versioned}:abc", f"{versioned}:0,5"):
