@@ -51,6 +51,7 @@ def main() -> None:
         a = GPT(cfg)
         b = copy.deepcopy(a)
         engine = build_engine(Plan(tc, ds, "", [{}], [1.0], 1, STEPS, None), a)
+        b.fused_loss = a.fused_loss  # the loss build_engine chose (fused on CPU: mtgpt.train.fused_loss)
         opt = torch.optim.AdamW(b.param_groups(0.1), lr=2e-3, betas=(0.9, 0.95), eps=1e-8, fused=True)
         g = torch.Generator().manual_seed(seed)
         batches = [torch.stack([ids[s:s + 129] for s in torch.randint(len(ids) - 130, (8,), generator=g).tolist()])

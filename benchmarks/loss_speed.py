@@ -1,6 +1,10 @@
-"""The output layer's cross-entropy, forward + backward, two ways on the same padded logits:
-the vocabulary's padding columns sliced off (what `mtgpt.model.cross_entropy` does on CPU) and
-masked to -inf (what it does on a GPU). Same loss and gradients; the question is speed. On a GPU
+"""The output layer's cross-entropy, forward + backward, three ways: on the same padded logits,
+the vocabulary's padding columns sliced off (what `mtgpt.model.cross_entropy` does on CPU) or
+masked to -inf (what it does on a GPU); and fused, from the hidden states and the output layer's
+weight, chunk by chunk, the logits never whole (`mtgpt.model.linear_cross_entropy`, what `mtgpt
+train` does on CPU: mtgpt.train.fused_loss). The fused way's timing includes the output layer's
+matmuls (forward and both of backward's); the other two are timed with the same matmuls, so all
+three do the same work. Same loss and gradients; the questions are speed and memory. On a GPU
 the loss was a third of the seed model's training step (gpu-check's profile on an H200, when mtgpt
 sliced everywhere: its backward kernel 5.3 ms and forward 2.7 ms of 23.6): the slice makes each
 row 50257 values of a 50304 stride, which a compiled kernel over the flattened view cannot read or
@@ -11,8 +15,8 @@ rows whole.
     python benchmarks/loss_speed.py --rows 32768     # GPU: the seed model's 64 x 512 batch
 
 Prints milliseconds per forward + backward for each (median of --repeat alternating timings), the
-ratio, the largest differences of loss and gradient between the two, and whether the way mtgpt
-takes on this device is the faster one.
+peak memory each allocates on a GPU, the largest differences of loss and gradients against the
+masked way, and whether the way mtgpt takes on this device is the fastest.
 """
 
 from __future__ import annotations
@@ -25,28 +29,40 @@ from pathlib import Path
 
 import torch
 
-from mtgpt.model import cross_entropy
+from mtgpt.model import cross_entropy, linear_cross_entropy
 
 
-def sliced(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    return cross_entropy(logits, targets, "mean", vocab_size, mask=False)  # what a CPU does
+def sliced(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    return cross_entropy(x @ w.T, targets, "mean", vocab_size, mask=False)  # cross_entropy on CPU
 
 
-def masked(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    return cross_entropy(logits, targets, "mean", vocab_size, mask=True)  # what a GPU does
+def masked(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    return cross_entropy(x @ w.T, targets, "mean", vocab_size, mask=True)  # cross_entropy on a GPU
+
+
+CHUNK = None  # --chunk
+
+
+def fused(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    return linear_cross_entropy(x, w, targets, "mean", vocab_size, chunk=CHUNK)  # mtgpt train on CPU
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", type=int, default=None, help="logit rows (tokens): default 32768 on a GPU, 2048 on CPU")
+    p.add_argument("--rows", type=int, default=None, help="tokens: default 32768 on a GPU, 2048 on CPU")
+    p.add_argument("--n-embd", type=int, default=384, help="width of the hidden states")
     p.add_argument("--vocab-size", type=int, default=50257)
     p.add_argument("--vocab-multiple", type=int, default=64)
-    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="the logits' dtype (the loss is fp32)")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="hidden states' and weight's dtype "
+                   "(the loss is fp32)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="torch.compile each")
     p.add_argument("--iters", type=int, default=None, help="forward + backward per timing (default 20 GPU, 3 CPU)")
     p.add_argument("--repeat", type=int, default=5, help="alternating timings of each (the median is printed)")
+    p.add_argument("--chunk", type=int, help="the fused way's rows per chunk (default linear_cross_entropy's)")
     p.add_argument("--json", type=Path, help="also write the numbers to this JSON file")
     args = p.parse_args()
+    global CHUNK
+    CHUNK = args.chunk
     if args.vocab_multiple < 1 or args.vocab_size < 1:
         p.error("--vocab-size and --vocab-multiple must be at least 1")
     cuda = torch.cuda.is_available()
@@ -56,25 +72,33 @@ def main() -> None:
     padded = -(-args.vocab_size // args.vocab_multiple) * args.vocab_multiple
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     g = torch.Generator().manual_seed(0)
-    logits = (torch.randn(rows, padded, generator=g) * 2).to(device, dtype).requires_grad_()
+    x = torch.randn(rows, args.n_embd, generator=g).to(device, dtype).requires_grad_()
+    w = (torch.randn(padded, args.n_embd, generator=g) * 0.1).to(device, dtype).requires_grad_()
     targets = torch.randint(0, args.vocab_size, (rows,), generator=g).to(device)
     targets[::17] = -1  # some not scored, as chat data has
-    ways = {"sliced": sliced, "masked": masked}
+    ways = {"sliced": sliced, "masked": masked, "fused": fused}
     if args.compile:
         ways = {name: torch.compile(fn) for name, fn in ways.items()}
 
-    def once(fn) -> tuple[torch.Tensor, torch.Tensor]:
-        logits.grad = None
-        loss = fn(logits, targets, args.vocab_size)
+    def once(fn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x.grad = w.grad = None
+        loss = fn(x, w, targets, args.vocab_size)
         loss.backward()
-        return loss.detach(), logits.grad
+        return loss.detach(), x.grad, w.grad
 
     def sync() -> None:
         if cuda:
             torch.cuda.synchronize()
 
-    results = {name: once(fn) for name, fn in ways.items()}  # warm-up (compiles) and the values compared
-    results = {name: (loss.clone(), grad.clone()) for name, (loss, grad) in results.items()}
+    results, memory = {}, {}
+    for name, fn in ways.items():  # warm-up (compiles), the values compared and the peak memory
+        once(fn)
+        x.grad = w.grad = None
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated() if cuda else 0
+        results[name] = [t.clone() for t in once(fn)]
+        memory[name] = torch.cuda.max_memory_allocated() - before if cuda else None
     times: dict[str, list[float]] = {name: [] for name in ways}
     for _ in range(args.repeat):
         for name, fn in ways.items():
@@ -85,28 +109,41 @@ def main() -> None:
             sync()
             times[name].append((time.perf_counter() - start) * 1e3 / iters)
     ms = {name: statistics.median(t) for name, t in times.items()}
-    (loss_a, grad_a), (loss_b, grad_b) = results["sliced"], results["masked"]
+
+    def differences(name: str) -> dict:  # against the masked way
+        (loss, gx, gw), (loss0, gx0, gw0) = results[name], results["masked"]
+        return {"loss": (loss - loss0).abs().item(),
+                "grad_x": (gx.float() - gx0.float()).abs().max().item() / gx0.float().abs().max().item(),
+                "grad_w": (gw.float() - gw0.float()).abs().max().item() / gw0.float().abs().max().item()}
+
+    takes = "fused" if not cuda else "masked"  # mtgpt.train.fused_loss, mtgpt.model.cross_entropy's rule
+    fastest = min(ms, key=ms.get)
     report = {
-        "device": torch.cuda.get_device_name() if cuda else "cpu", "rows": rows, "vocab_size": args.vocab_size,
-        "padded": padded, "dtype": args.dtype, "compile": args.compile, "ms": ms,
-        "speedup": ms["sliced"] / ms["masked"],
-        "mtgpt_takes": "masked" if cuda else "sliced",  # the rule in mtgpt.model.cross_entropy
-        "mtgpt_takes_the_faster": ms["masked" if cuda else "sliced"] <= ms["sliced" if cuda else "masked"],
+        "device": torch.cuda.get_device_name() if cuda else "cpu", "rows": rows, "n_embd": args.n_embd,
+        "vocab_size": args.vocab_size, "padded": padded, "dtype": args.dtype, "compile": args.compile,
+        "chunk": args.chunk, "ms": ms,
+        "peak_memory_bytes": memory, "fastest": fastest, "mtgpt_takes": takes,
         # the timings' ranges overlap: the difference is this machine's noise, no reason to change the rule
-        "within_noise": max(map(min, times.values())) <= min(map(max, times.values())),
-        "loss_difference": (loss_a - loss_b).abs().item(),
-        "grad_difference": (grad_a.float() - grad_b.float()).abs().max().item(),
-        "padding_grad_max": grad_b[:, args.vocab_size:].abs().max().item() if padded > args.vocab_size else 0.0,
+        "within_noise": min(times[takes]) <= max(times[fastest]),
+        "relative_differences": {name: differences(name) for name in ("sliced", "fused")},
+        "padding_grad_max": max(results[n][2][args.vocab_size:].abs().max().item() if padded > args.vocab_size
+                                else 0.0 for n in ways),
     }
-    print(f"{report['device']}: cross-entropy forward + backward over {rows} x {padded} {args.dtype} logits "
-          f"({args.vocab_size} scored columns), compile {args.compile}, median of {args.repeat} x {iters}")
-    print(f"  sliced (mtgpt on CPU)    {ms['sliced']:8.2f} ms")
-    print(f"  masked (mtgpt on a GPU)  {ms['masked']:8.2f} ms   speed-up {report['speedup']:.2f}x")
-    print(f"  mtgpt takes the {report['mtgpt_takes']} loss here: "
-          + ("as fast, within this machine's noise (the timings' ranges overlap)" if report["within_noise"]
-             else "the faster one" if report["mtgpt_takes_the_faster"] else "the SLOWER one (change the rule)"))
-    print(f"  |loss difference| {report['loss_difference']:.1e}, max |gradient difference| "
-          f"{report['grad_difference']:.1e}, max |gradient| of a padding column {report['padding_grad_max']:.1e}")
+    print(f"{report['device']}: output layer + cross-entropy, forward + backward, {rows} x {args.n_embd} "
+          f"{args.dtype} hidden states, {padded} x {args.n_embd} weight ({args.vocab_size} scored rows), "
+          f"compile {args.compile}, median of {args.repeat} x {iters}")
+    for name, what in (("sliced", "logits, padding sliced"), ("masked", "logits, padding masked"),
+                       ("fused", "no whole logits")):
+        mem = f"   peak {memory[name] / 2**30:6.2f} GiB" if memory[name] is not None else ""
+        diff = report["relative_differences"].get(name)
+        diff = (f"   vs masked: |loss| {diff['loss']:.1e}, gradients x {diff['grad_x']:.1e} w {diff['grad_w']:.1e} "
+                f"(relative)" if diff else "")
+        print(f"  {name:7s} ({what:22s}) {ms[name]:8.2f} ms{mem}{diff}")
+    print(f"  mtgpt train takes {takes} here: "
+          + ("the fastest" if fastest == takes else
+             f"as fast as {fastest}, within this machine's noise" if report["within_noise"] else
+             f"SLOWER than {fastest} ({ms[takes] / ms[fastest]:.2f}x: change the rule)")
+          + f"; max |gradient| of a padding row {report['padding_grad_max']:.1e}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
 

@@ -6,6 +6,7 @@ step reads a value back to the host (on a GPU each read is a host sync).
     python benchmarks/train_throughput.py --batch 64 --steps 50 # GPU: the reference setting
     python benchmarks/train_throughput.py --zero 0 1 2          # which bundled zero{N}_{precision}
     python benchmarks/train_throughput.py --batch 64 --loss sliced  # the padding's loss forced one way
+    python benchmarks/train_throughput.py --batch 64 --loss fused   # the loss without whole logits
 
 The DeepSpeed path is what `mtgpt train` runs: `mtgpt.train.build_engine` (model compiled in
 place before deepspeed.initialize on GPUs, DeepSpeed-managed AdamW, gradient clipping 1.0) with
@@ -35,7 +36,16 @@ from pathlib import Path
 import torch
 
 
-MASK_PADDING = {"auto": None, "sliced": False, "masked": True}  # --loss: GPT.mask_padding
+LOSSES = ["auto", "sliced", "masked", "fused"]  # --loss
+
+
+def set_loss(model, loss: str) -> None:
+    """--loss: GPT.fused_loss, or not and GPT.mask_padding; auto as `mtgpt train` (on CPU fused, on a
+    GPU masked: mtgpt.train.fused_loss, mtgpt.model.cross_entropy)."""
+    from mtgpt.train import fused_loss
+
+    model.mask_padding = {"sliced": False, "masked": True}.get(loss)
+    model.fused_loss = loss == "fused" or loss == "auto" and fused_loss({})
 
 
 def batches(batch: int, block: int, vocab: int, device: torch.device):
@@ -53,7 +63,7 @@ def run_plain(args, cfg, device) -> float:
 
     torch.manual_seed(0)
     model = GPT(cfg).to(device)
-    model.mask_padding = MASK_PADDING[args.loss]
+    set_loss(model, args.loss)
     if args.compile:
         model.compile()
     opt = torch.optim.AdamW(model.param_groups(0.1), lr=1e-3, betas=(0.9, 0.95), fused=True)
@@ -84,8 +94,9 @@ def run_deepspeed(args, cfg, device) -> float:
     ds = ds_config.resolve(tc, raw, 1, 10_000, cuda=device.type == "cuda")
     torch.manual_seed(0)
     model = GPT(cfg)
-    model.mask_padding = MASK_PADDING[args.loss]
     engine = build_engine(Plan(tc, ds, "", [{}], [1.0], 1, 10_000, None), model)
+    if args.loss != "auto":
+        set_loss(model, args.loss)  # over build_engine's choice
     it = batches(args.batch, cfg.block_size, cfg.vocab_size, device)
     return lambda: train_step(engine, it, 1)
 
@@ -210,9 +221,10 @@ def main() -> None:
     p.add_argument("--vocab-size", type=int, default=50257)
     p.add_argument("--vocab-multiple", type=int, default=None,
                    help="pad the vocabulary to a multiple of this (default: as mtgpt train, 64 on a GPU, 1 on CPU)")
-    p.add_argument("--loss", choices=list(MASK_PADDING), default="auto",
-                   help="how both sides' loss leaves out the vocabulary's padding: auto as mtgpt (masked on a GPU, "
-                        "sliced on CPU; mtgpt.model.cross_entropy), or forced")
+    p.add_argument("--loss", choices=LOSSES, default="auto",
+                   help="both sides' loss: auto as mtgpt train (fused on CPU, padding masked on a GPU: "
+                        "mtgpt.train.fused_loss), or forced: sliced or masked (mtgpt.model.cross_entropy), fused "
+                        "(from the hidden states, no whole logits: mtgpt.model.linear_cross_entropy)")
     p.add_argument("--repeat", type=int, default=3, help="alternating runs of each (medians are printed)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile both (default: on GPUs)")

@@ -155,8 +155,81 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str, v
                            reduction=reduction)
 
 
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, reduction: str,
+                         vocab_size: int, dtype: torch.dtype | None = None, chunk: int | None = None) -> torch.Tensor:
+    """cross_entropy(x @ weight.T, targets, reduction, vocab_size) for x (..., C), weight (Vp, C),
+    reduction "sum" or "mean", without the (..., Vp) logits: `chunk` rows at a time (default: ~128
+    MiB of fp32 logits each) make their logits, their share of the loss and, when a gradient is
+    wanted, their gradients, which backward only scales (Liger's fused linear cross-entropy, in
+    plain PyTorch). Matmuls in `dtype` (autocast's when None and it is on, else x's), the loss in
+    fp32 as in cross_entropy; padding rows of weight are never read and get a zero gradient. What
+    it saves is the memory of the logits and their gradient (8 bytes per token per vocabulary row,
+    training_bytes_per_token); its speed is measured by benchmarks/loss_speed.py."""
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"linear_cross_entropy sums or averages, not {reduction!r}")
+    if dtype is None:
+        on = torch.is_autocast_enabled(x.device.type)
+        dtype = torch.get_autocast_dtype(x.device.type) if on else x.dtype
+    x2, t = x.reshape(-1, x.size(-1)), targets.reshape(-1)
+    chunk = chunk or max(64, 2 ** 25 // vocab_size // 64 * 64)  # rows: a multiple of 64 for tensor cores
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        loss = _LinearCrossEntropy.apply(x2, weight, t, vocab_size, dtype, chunk)
+    else:
+        loss = _chunked_loss(x2, weight, t, vocab_size, dtype, chunk, grads=False)[0]
+    return loss / (t >= 0).sum().clamp(min=1) if reduction == "mean" else loss
+
+
+def _chunked_loss(x, weight, targets, vocab_size, dtype, chunk, grads):
+    """The summed loss of x (N, C) against targets (N,), and with grads its gradients for x (N, C)
+    and weight (Vp, C), both fp32, chunk rows at a time."""
+    with torch.autocast(x.device.type, enabled=False):
+        w, xs = weight[:vocab_size].to(dtype), x.to(dtype)  # (V, C), (N, C)
+        loss = torch.zeros((), dtype=torch.float32, device=x.device)
+        grad_x = torch.empty(x.shape, dtype=torch.float32, device=x.device) if grads else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if grads else None
+        for start in range(0, x.size(0), chunk):
+            xc, tc = xs[start:start + chunk], targets[start:start + chunk]  # (n, C), (n,)
+            logits = (xc @ w.T).float()  # (n, V): the one buffer of this size, all below is in place
+            scored = tc >= 0
+            picked = logits.gather(1, tc.clamp(min=0)[:, None])[:, 0]  # (n,) the targets' logits
+            top = logits.amax(dim=-1, keepdim=True)  # (n, 1)
+            e = logits.sub_(top).exp_()  # (n, V)
+            total = e.sum(dim=-1)  # (n,)
+            loss = loss + ((top[:, 0] + total.log() - picked) * scored).sum()  # logsumexp - target's logit
+            if grads:  # d loss / d logits = softmax - one-hot, 0 for rows not scored
+                g = e.div_(total[:, None])  # (n, V) softmax
+                g.scatter_add_(1, tc.clamp(min=0)[:, None], -torch.ones_like(total)[:, None])
+                g = g.mul_(scored[:, None]).to(dtype)
+                grad_x[start:start + chunk] = (g @ w).float()  # (n, C)
+                if dtype == torch.float32:
+                    grad_w[:vocab_size].addmm_(g.T, xc)  # (V, C), in place
+                else:
+                    grad_w[:vocab_size] += (g.T @ xc).float()
+    return loss, grad_x, grad_w
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """The summed loss; its gradients are made in forward, chunk by chunk, and scaled in backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, vocab_size, dtype, chunk):
+        loss, grad_x, grad_w = _chunked_loss(x, weight, targets, vocab_size, dtype, chunk, grads=True)
+        ctx.save_for_backward(grad_x, grad_w)
+        ctx.dtypes = x.dtype, weight.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_w = ctx.saved_tensors
+        x_dtype, w_dtype = ctx.dtypes
+        return (grad_x * grad_loss).to(x_dtype), (grad_w * grad_loss).to(w_dtype), None, None, None, None
+
+
 class GPT(nn.Module):
     mask_padding: bool | None = None  # how the loss leaves out the vocabulary's padding (cross_entropy)
+    # The loss straight from the last hidden states, the logits never whole (linear_cross_entropy):
+    # forward then returns no logits. Training decides (mtgpt.train.build_engine).
+    fused_loss: bool = False
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -216,7 +289,8 @@ class GPT(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) token ids -> logits (B, T, V), and the cross-entropy if targets (B, T): its
         mean over the scored targets, or with reduction="sum" their sum. A target of -1 is not
-        scored (chat data trains only on the bot's tokens).
+        scored (chat data trains only on the bot's tokens). With fused_loss the loss of a sum or
+        mean comes without logits (None).
 
         With a cache, idx holds only the new tokens; they sit at positions P..P+T-1.
         last_only: logits of the last position only, (B, 1, V) (generation needs no more).
@@ -234,8 +308,10 @@ class GPT(nn.Module):
         if cache is not None:
             cache.length += T
         x = self.transformer.ln_f(x[:, -1:] if last_only else x)
-        logits = self.lm_head(x)  # (B, T, Vp), or (B, 1, Vp)
         V = self.config.vocab_size
+        if self.fused_loss and targets is not None and reduction in ("sum", "mean"):
+            return None, linear_cross_entropy(x, self.lm_head.weight, targets, reduction, V)
+        logits = self.lm_head(x)  # (B, T, Vp), or (B, 1, Vp)
         loss = None if targets is None else cross_entropy(logits, targets, reduction, V, self.mask_padding)
         if logits.size(-1) != V:
             logits = logits[..., :V]  # (B, T, V): the padding columns are never scored or sampled

@@ -55,7 +55,7 @@ def test_gpu_check_in_tiny_cpu_mode(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     report = json.loads((tmp_path / "gpu_report.json").read_text())
     checks = report["checks"]
-    assert set(checks) == {"sampling", "throughput", "loss", "defaults", "configs", "compile", "resume",
+    assert set(checks) == {"sampling", "throughput", "loss", "fused", "defaults", "configs", "compile", "resume",
                            "hf_export"}
     assert all(c["ok"] for c in checks.values())
     runs = checks["configs"]["runs"]
@@ -65,7 +65,7 @@ def test_gpu_check_in_tiny_cpu_mode(tmp_path):
     assert checks["compile"]["zero0_bf16"]["graph_breaks"] == 0  # the GPU default: autocast around the graph
     assert checks["resume"]["max_abs_loss_difference"] == 0.0
     md = (tmp_path / "gpu_report.md").read_text()
-    assert md.startswith(f"### mtgpt gpu-check on {report['device']}") and md.count("| ok |") == 8
+    assert md.startswith(f"### mtgpt gpu-check on {report['device']}") and md.count("| ok |") == 9
     rows = [line for line in md.splitlines() if line.startswith("| ") and "| ok |" in line]
     # three cells a row: a | inside one ("max |loss difference|") is escaped, or the table loses the numbers
     assert all(len(re.findall(r"(?<!\\)\|", row)) == 4 for row in rows), rows

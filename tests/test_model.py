@@ -253,3 +253,98 @@ def test_the_masked_loss_allocates_no_more_than_the_sliced_one():
     assert loss_masked == pytest.approx(loss_sliced, rel=1e-6)
     assert sliced > 256 * 50257 * 8  # the fp32 copy and its log-softmax are counted
     assert masked <= sliced * 1.01, (masked, sliced)  # a masked bf16 copy of the logits would be +25%
+
+
+def test_the_fused_loss_is_the_loss_of_the_logits():
+    """linear_cross_entropy (the loss straight from the hidden states, chunk by chunk, the logits
+    never whole: what mtgpt train does on CPU) gives cross_entropy's loss and gradients: summed or
+    averaged, chunks that do not divide the rows, targets -1 not scored, the padding rows never
+    read and left with no gradient, in fp32 and under bf16 autocast (matmuls in bf16, loss in fp32)."""
+    import torch.nn.functional as F
+
+    from mtgpt.model import cross_entropy, linear_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    x0, w0 = torch.randn(2, 150, 32, generator=g), torch.randn(1024, 32, generator=g) * 0.5
+    t = torch.randint(0, 1000, (2, 150), generator=g)
+    t[:, ::7] = -1
+    for bf16 in (False, True):
+        for reduction in ("sum", "mean"):
+            found = []
+            for fused in (False, True):
+                x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+                with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+                    loss = (linear_cross_entropy(x, w, t, reduction, 1000, chunk=64) if fused else
+                            cross_entropy(F.linear(x, w), t, reduction, 1000, mask=True))
+                loss.backward()
+                found.append((loss.detach(), x.grad, w.grad))
+            (a, gxa, gwa), (b, gxb, gwb) = found
+            tol = 2e-2 if bf16 else 1e-5  # of the largest gradient: bf16 rounds sums of chunks differently
+            assert b.dtype == torch.float32 and b.item() == pytest.approx(a.item(), rel=1e-3 if bf16 else 1e-6)
+            assert gxb.dtype == gwb.dtype == torch.float32
+            assert (gxa - gxb).abs().max() <= tol * gxa.abs().max()
+            assert (gwa - gwb).abs().max() <= tol * gwa.abs().max()
+            assert gwb[1000:].abs().max() == 0
+    with torch.no_grad():  # evaluation: no gradients made, the same loss
+        assert linear_cross_entropy(x0, w0, t, "sum", 1000, chunk=64).item() == \
+            pytest.approx(cross_entropy(x0 @ w0.T, t, "sum", 1000).item(), rel=1e-6)
+    with pytest.raises(ValueError, match="sums or averages"):
+        linear_cross_entropy(x0, w0, t, "none", 1000)
+
+
+def test_a_model_with_the_fused_loss_trains_the_same_and_compiles_whole():
+    model = tiny(vocab_size=1000, vocab_multiple=64)  # 24 padding rows
+    idx = torch.randint(0, 1000, (4, 33), generator=torch.Generator().manual_seed(4))
+    x, y = idx[:, :-1], idx[:, 1:].clone()
+    y[0, :5] = -1
+    found = []
+    for fused in (False, True):
+        model.zero_grad(set_to_none=True)
+        model.fused_loss = fused
+        logits, loss = model(x, y, reduction="sum")
+        loss.backward()
+        found.append((logits, loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (logits, a, ga), (none, b, gb) = found
+    assert logits.shape == (4, 32, 1000) and none is None  # fused: no logits made
+    assert b.item() == pytest.approx(a.item(), rel=1e-6)
+    for name in ga:
+        assert (ga[name] - gb[name]).abs().max() <= 1e-5 * ga[name].abs().max(), name
+    assert model(x)[0].shape == (4, 32, 1000) and model(x, y, reduction="none")[0] is not None  # sampling, eval
+    explained = torch._dynamo.explain(model)(x, y, reduction="sum")
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+
+
+def test_the_fused_loss_takes_less_memory():
+    """The seed model's output layer for 1024 tokens, forward + backward, each way in a fresh process:
+    its peak resident memory (Linux's high-water mark, reset just before). The logits (1024 x 50304
+    fp32 = 206 MB) and their copies are never whole."""
+    import subprocess
+    import sys
+
+    code = ("import re, torch, torch.nn.functional as F\n"
+            "from mtgpt.model import cross_entropy, linear_cross_entropy\n"
+            "def status(key): return int(re.search(key + r':\\s+(\\d+) kB', open('/proc/self/status').read())[1]) * 1024\n"
+            "torch.manual_seed(0); x = torch.randn(1024, 384, requires_grad=True)\n"
+            "w = (torch.randn(50304, 384) * 0.02).requires_grad_(); t = torch.randint(0, 50257, (1024,))\n"
+            "open('/proc/self/clear_refs', 'w').write('5'); before = status('VmRSS')\n"
+            "loss = linear_cross_entropy(x, w, t, 'sum', 50257) if {fused} else "
+            "cross_entropy(F.linear(x, w), t, 'sum', 50257)\n"
+            "loss.backward(); print(status('VmHWM') - before, loss.item())")
+    peak = {}
+    for fused in (False, True):
+        out = subprocess.run([sys.executable, "-c", code.format(fused=fused)], capture_output=True, text=True,
+                             timeout=120, check=True).stdout.split()
+        peak[fused] = int(out[0]), float(out[1])
+    assert peak[True][1] == pytest.approx(peak[False][1], rel=1e-5)
+    assert peak[False][0] > 2 * 206e6, peak  # the logits, their log-softmax, their gradient
+    assert peak[True][0] < 0.6 * peak[False][0], peak  # a 640-row chunk of them, the weight's gradient
+
+
+def test_training_fuses_the_loss_on_cpu_below_zero_3_and_not_in_fp16():
+    from mtgpt.train import fused_loss
+
+    assert fused_loss({"zero_optimization": {"stage": 1}}) and fused_loss({})
+    assert not fused_loss({"zero_optimization": {"stage": 3}})  # its hooks gather lm_head's weight for lm_head only
+    assert not fused_loss({"fp16": {"enabled": True}})  # gradients made in forward have no loss scale
+    assert not fused_loss({"torch_autocast": {"enabled": True, "dtype": "torch.float16"}})
+    assert fused_loss({"torch_autocast": {"enabled": True, "dtype": "torch.bfloat16"}})

@@ -936,7 +936,7 @@ def _accumulated_grad_error(raw: dict, stage: int, accum: int = 8) -> float:
     from mtgpt import ds_config
     from mtgpt.config import ModelConfig
     from mtgpt.model import GPT
-    from mtgpt.train import Plan, build_engine
+    from mtgpt.train import Plan, build_engine, fused_loss
 
     cfg = ModelConfig(n_layer=2, n_head=2, n_embd=64, block_size=32)
     torch.manual_seed(0)
@@ -944,6 +944,7 @@ def _accumulated_grad_error(raw: dict, stage: int, accum: int = 8) -> float:
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, 50257, (2, 33), generator=g) for _ in range(accum)]
     bf16 = copy.deepcopy(base).to(torch.bfloat16)
+    bf16.fused_loss = fused_loss({"zero_optimization": {"stage": stage}})  # the engine's loss (build_engine)
     exact = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in bf16.named_parameters()}
     for x in batches:
         (bf16(x[:, :-1], x[:, 1:])[1] / accum).backward()
@@ -1171,6 +1172,7 @@ def test_zero0_autocast_is_the_plain_pytorch_mixed_precision_step(world_of_one):
     engine = _engine("zero0_bf16", cfg)
     torch.manual_seed(0)
     plain = GPT(cfg)
+    plain.fused_loss = engine.module.fused_loss  # the same loss (on CPU fused: mtgpt.train.fused_loss)
     assert type(engine.optimizer) is torch.optim.AdamW and engine.optimizer.defaults["fused"]
     assert all(p.dtype == torch.float32 and get_comm_dtype(p) == torch.float32 for p in engine.module.parameters())
     assert engine.enable_backward_allreduce is False  # one rank: DeepSpeed's all-reduce (copies) skipped
