@@ -22,6 +22,7 @@ masked way, and whether the way mtgpt takes on this device is the fastest.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -30,6 +31,7 @@ from pathlib import Path
 import torch
 
 from mtgpt.model import cross_entropy, linear_cross_entropy
+from mtgpt.train import fused_loss
 
 
 def sliced(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -40,11 +42,9 @@ def masked(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, vocab_size: 
     return cross_entropy(x @ w.T, targets, "mean", vocab_size, mask=True)  # cross_entropy on a GPU
 
 
-CHUNK = None  # --chunk
-
-
-def fused(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    return linear_cross_entropy(x, w, targets, "mean", vocab_size, chunk=CHUNK)  # mtgpt train on CPU
+def fused(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, vocab_size: int, chunk: int | None = None
+          ) -> torch.Tensor:
+    return linear_cross_entropy(x, w, targets, "mean", vocab_size, chunk=chunk)  # mtgpt train on CPU
 
 
 def main() -> None:
@@ -61,8 +61,6 @@ def main() -> None:
     p.add_argument("--chunk", type=int, help="the fused way's rows per chunk (default linear_cross_entropy's)")
     p.add_argument("--json", type=Path, help="also write the numbers to this JSON file")
     args = p.parse_args()
-    global CHUNK
-    CHUNK = args.chunk
     if args.vocab_multiple < 1 or args.vocab_size < 1:
         p.error("--vocab-size and --vocab-multiple must be at least 1")
     cuda = torch.cuda.is_available()
@@ -76,7 +74,7 @@ def main() -> None:
     w = (torch.randn(padded, args.n_embd, generator=g) * 0.1).to(device, dtype).requires_grad_()
     targets = torch.randint(0, args.vocab_size, (rows,), generator=g).to(device)
     targets[::17] = -1  # some not scored, as chat data has
-    ways = {"sliced": sliced, "masked": masked, "fused": fused}
+    ways = {"sliced": sliced, "masked": masked, "fused": functools.partial(fused, chunk=args.chunk)}
     if args.compile:
         ways = {name: torch.compile(fn) for name, fn in ways.items()}
 
@@ -116,7 +114,7 @@ def main() -> None:
                 "grad_x": (gx.float() - gx0.float()).abs().max().item() / gx0.float().abs().max().item(),
                 "grad_w": (gw.float() - gw0.float()).abs().max().item() / gw0.float().abs().max().item()}
 
-    takes = "fused" if not cuda else "masked"  # mtgpt.train.fused_loss, mtgpt.model.cross_entropy's rule
+    takes = "fused" if fused_loss({}) else "masked" if cuda else "sliced"  # as mtgpt train (bundled JSONs)
     fastest = min(ms, key=ms.get)
     report = {
         "device": torch.cuda.get_device_name() if cuda else "cpu", "rows": rows, "n_embd": args.n_embd,

@@ -39,13 +39,14 @@ import torch
 LOSSES = ["auto", "sliced", "masked", "fused"]  # --loss
 
 
-def set_loss(model, loss: str) -> None:
-    """--loss: GPT.fused_loss, or not and GPT.mask_padding; auto as `mtgpt train` (on CPU fused, on a
-    GPU masked: mtgpt.train.fused_loss, mtgpt.model.cross_entropy)."""
+def set_loss(model, loss: str, precision: str) -> None:
+    """--loss: GPT.fused_loss, or not and GPT.mask_padding; auto as `mtgpt train` with zero0_{precision}
+    (on CPU fused but in fp16, on a GPU masked: mtgpt.train.fused_loss, mtgpt.model.cross_entropy)."""
+    from mtgpt import ds_config
     from mtgpt.train import fused_loss
 
     model.mask_padding = {"sliced": False, "masked": True}.get(loss)
-    model.fused_loss = loss == "fused" or loss == "auto" and fused_loss({})
+    model.fused_loss = loss == "fused" or loss == "auto" and fused_loss(ds_config.find(f"zero0_{precision}")[1])
 
 
 def batches(batch: int, block: int, vocab: int, device: torch.device):
@@ -63,7 +64,7 @@ def run_plain(args, cfg, device) -> float:
 
     torch.manual_seed(0)
     model = GPT(cfg).to(device)
-    set_loss(model, args.loss)
+    set_loss(model, args.loss, args.precision)
     if args.compile:
         model.compile()
     opt = torch.optim.AdamW(model.param_groups(0.1), lr=1e-3, betas=(0.9, 0.95), fused=True)
@@ -96,7 +97,7 @@ def run_deepspeed(args, cfg, device) -> float:
     model = GPT(cfg)
     engine = build_engine(Plan(tc, ds, "", [{}], [1.0], 1, 10_000, None), model)
     if args.loss != "auto":
-        set_loss(model, args.loss)  # over build_engine's choice
+        set_loss(model, args.loss, args.precision)  # over build_engine's choice
     it = batches(args.batch, cfg.block_size, cfg.vocab_size, device)
     return lambda: train_step(engine, it, 1)
 
