@@ -69,11 +69,16 @@ serve-demo: $(STAMP)
 	@test -f $(CHAT_RUN)/model.safetensors || { echo "run make demo and make chat-demo first"; exit 1; }
 	$(BIN)/mtgpt serve $(CHAT_RUN)
 
+# The quick tests run in TEST_JOBS processes (pytest-xdist), a test file to a process (its fixtures
+# are made once); the slow ones one at a time, as each starts ranks that use every core.
+TEST_JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n < 4 ? n : 4 )))
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(BIN)/python -m pytest -q -m "not slow" -n $(TEST_JOBS) --dist loadfile tests
 
 test-all: $(STAMP) browser
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -m "not slow" -n $(TEST_JOBS) --dist loadfile tests
+	$(BIN)/python -m pytest -q -m slow tests
 
 # Debian's Chromium and its driver, for the test of mtgpt serve's page (tests/test_serve.py);
 # installed from the distribution when missing, never downloaded by a test.

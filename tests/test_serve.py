@@ -40,6 +40,7 @@ def run_dir(tmp_path_factory) -> Path:
     process), saved the way `mtgpt train` saves it."""
     torch.manual_seed(0)
     model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=64))
+    model.fused_loss = True  # as `mtgpt train` trains on a CPU: the same loss, ~40% less time a step
     ids = GPT2.encode(SONNETS.read_text() + DIALOGUE)
     ids = torch.tensor(ids[:len(ids) // 65 * 65]).view(-1, 65)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
