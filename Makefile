@@ -1,7 +1,7 @@
 # mtgpt's commands:
 #   make demo       set up .venv, prepare Shakespeare with its own vocabulary, train a small GPT with
 #                   DeepSpeed, sample from it
-#   make test       set up .venv, the quick loop: every module in process + real 2-rank runs (~14 min on a 2-core AVX2 CPU)
+#   make test       set up .venv, the quick loop: every module in process + real 2-rank runs (~9 min on a 2-core AVX2 CPU)
 #   make test-all   set up .venv, everything: multi-rank resume and signals, Slurm, container, the
 #                   served page in a real Chromium (make browser installs it from apt) (CI)
 #   make gpu-check  on a GPU: throughput vs a plain loop, all 12 configs, compile, resume, sampling,
