@@ -476,13 +476,13 @@ def run_worker(options: dict) -> None:
         except ConfigError as e:
             lock = str(e)
     agree(lock, rank)
+    diverged = False
     try:
         fit(plan, early)
-    except TrainingDiverged as e:  # every rank sees the same (all-reduced) loss
+    except TrainingDiverged as e:  # every rank sees the same (all-reduced) loss: all end as below, exit 1
         if rank == 0:
             click.echo(f"Error: {e}", err=True)
-        world.destroy()
-        sys.exit(1)
+        diverged = True
     except (DataError, SaveError, RunFolderGone) as e:  # only the rank that read the bad shard (or wrote) knows
         click.echo(f"Error (rank {rank}): {str(e).removeprefix(f'rank {rank}: ')}", err=True)
         sys.exit(1)
@@ -495,6 +495,8 @@ def run_worker(options: dict) -> None:
         sys.exit(1)
     world.barrier()  # every rank is done with the group (rank 0 serves its store) before any tears it down:
     world.destroy()  # a rank that exits with a live gloo group can abort ("terminate called without an active exception")
+    if diverged:
+        sys.exit(1)
 
 
 def agree(problem: str | None, rank: int) -> None:

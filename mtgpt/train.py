@@ -692,53 +692,57 @@ def fit(plan: Plan, early_signals: list[int] | tuple[int, ...] = ()) -> dict[str
     elif idle:
         world.print0(f"nothing to train: the run had already stopped ({reason}) at step {state.step}; to go on, "
                      f"give {GO_ON[reason]}")
-    while reason is None:
-        lr = engine.get_lr()[0]  # the rate this step trains at (engine.step() moves the schedule on)
-        running.add(train_step(engine, batches, cfg.grad_accum))
-        if "first step" not in clock.phases:
-            clock.mark("first step")
-        state.step += 1
-        state.tokens += plan.tokens_per_step
-        perf.add(plan.tokens_per_step)
-        state.elapsed = time.time() - began
-        log_step = state.step % cfg.log_every == 0
-        reason = planned_stop(cfg, state, plan.train_tokens)
-        if reason is None and log_step:
-            reason = agreed_stop(cfg, state.elapsed, flag, me.device)
-        metrics: dict[str, float] = {}
-        logged = log_step or reason is not None  # the last step is always logged and evaluated
-        if logged:
-            metrics.update(train_metrics(engine, running.take(), lr, state, cfg.out))
-            metrics.update(data_metrics(plan, batches))
-            metrics.update(perf.metrics())
-            bar.show(state.step, metrics)
-        evaluate_now = state.step % cfg.eval_every == 0 or reason
-        if evaluate_now:
-            speed = None if logged else perf.metrics()  # (the training's, in case this evaluation stops it)
-            evaluated = time.time()
-            with eager(engine):
-                metrics.update(evaluate_and_track(engine, vals, plan, state, log, writes))
-            metrics["perf/eval_seconds"] = time.time() - evaluated  # what an evaluation costs every rank
-            reason = reason or planned_stop(cfg, state, plan.train_tokens)  # early stopping
-            if reason and not logged:  # it did: its last step is logged in full too
-                metrics.update({**train_metrics(engine, running.take(), lr, state, cfg.out),
-                                **data_metrics(plan, batches), **speed})
+    try:  # however it ends (a diverged loss, a full disk), no writer thread or bar outlives fit
+        while reason is None:
+            lr = engine.get_lr()[0]  # the rate this step trains at (engine.step() moves the schedule on)
+            running.add(train_step(engine, batches, cfg.grad_accum))
+            if "first step" not in clock.phases:
+                clock.mark("first step")
+            state.step += 1
+            state.tokens += plan.tokens_per_step
+            perf.add(plan.tokens_per_step)
+            state.elapsed = time.time() - began
+            log_step = state.step % cfg.log_every == 0
+            reason = planned_stop(cfg, state, plan.train_tokens)
+            if reason is None and log_step:
+                reason = agreed_stop(cfg, state.elapsed, flag, me.device)
+            metrics: dict[str, float] = {}
+            logged = log_step or reason is not None  # the last step is always logged and evaluated
+            if logged:
+                metrics.update(train_metrics(engine, running.take(), lr, state, cfg.out))
+                metrics.update(data_metrics(plan, batches))
+                metrics.update(perf.metrics())
                 bar.show(state.step, metrics)
-        log.log(metrics, state.step, evaluated=bool(evaluate_now))  # (redraws loss.png after an evaluation)
-        if evaluate_now:
-            perf.reset()  # tokens/s measures training, not the evaluation or its plot
-        bar.update(1)
-        if reason is None and state.step % cfg.save_every == 0:
+            evaluate_now = state.step % cfg.eval_every == 0 or reason
+            if evaluate_now:
+                speed = None if logged else perf.metrics()  # (the training's, in case this evaluation stops it)
+                evaluated = time.time()
+                with eager(engine):
+                    metrics.update(evaluate_and_track(engine, vals, plan, state, log, writes))
+                metrics["perf/eval_seconds"] = time.time() - evaluated  # what an evaluation costs every rank
+                reason = reason or planned_stop(cfg, state, plan.train_tokens)  # early stopping
+                if reason and not logged:  # it did: its last step is logged in full too
+                    metrics.update({**train_metrics(engine, running.take(), lr, state, cfg.out),
+                                    **data_metrics(plan, batches), **speed})
+                    bar.show(state.step, metrics)
+            log.log(metrics, state.step, evaluated=bool(evaluate_now))  # (redraws loss.png after an evaluation)
+            if evaluate_now:
+                perf.reset()  # tokens/s measures training, not the evaluation or its plot
+            bar.update(1)
+            if reason is None and state.step % cfg.save_every == 0:
+                save(engine, plan, state, batches, running)
+                perf.reset()
+        bar.close()
+        writes.wait()  # best/ is on disk before the final save and before fit returns
+        if not idle:
+            clock.last = time.time()
             save(engine, plan, state, batches, running)
-            perf.reset()
-    bar.close()
-    writes.wait()  # best/ is on disk before the final save and before fit returns
-    if not idle:
-        clock.last = time.time()
-        save(engine, plan, state, batches, running)
-        clock.mark("final save")
+            clock.mark("final save")
+    finally:
+        bar.close()
+        writes.join()
+        log.close()
     val_loss = monitor.last(log.history, "val/loss")
-    log.close()
     if world.is_rank0():
         rundir.write_last_stop(cfg.out, reason=reason, step=state.step, tokens=state.tokens,
                                val_loss=_finite(val_loss), best_val=_finite(state.best_val), seconds=clock.phases)
@@ -940,12 +944,16 @@ class BackgroundWrite:
         self.thread.start()
 
     def wait(self) -> None:
-        if self.thread is not None:
-            self.thread.join()
-            self.thread = None
+        self.join()
         if self.error is not None:
             error, self.error = self.error, None
             raise error
+
+    def join(self) -> None:
+        """Finish the write in progress, if any, and keep its error for `wait()`."""
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
 
 
 def export(engine, plan: Plan, state: TrainState, folder: Path, extra: dict[str, str] | None = None,

@@ -414,7 +414,10 @@ def test_a_diverged_run_saves_nothing_a_nan_trained(tiny_data, tmp_path, world_o
     at an evaluation (eval every 3: the weights are 1e29 there), and the train loss at a save
     between two log steps (save every 4, log every 5: step 4's loss is the first NaN). Before: a
     NaN val loss counted as "no improvement" (a run ending there exited 0) and step 4's NaN
-    weights were saved."""
+    weights were saved. Nor does a thread of fit's outlive it (TensorBoard's writer ran on into
+    the rank's exit, with the progress bar open: a rank of a diverged 2-rank run once aborted there)."""
+    import threading
+
     from mtgpt.train import TrainingDiverged
 
     run = tmp_path / "run"
@@ -422,9 +425,11 @@ def test_a_diverged_run_saves_nothing_a_nan_trained(tiny_data, tmp_path, world_o
                       eval_samples=4, log_every=5, eval_every=eval_every, save_every=4, max_steps=8,
                       ds_config="zero0_fp32")
     what, step = ("val loss", 3) if eval_every == 3 else ("training loss", 4)
+    threads = set(threading.enumerate())
     with pytest.raises(TrainingDiverged, match=f"the {what} is (nan|inf) at step {step}; stopping. Nothing was saved"):
         _fit(cfg)
     assert checkpoint.latest_complete(run) is None and not (run / "model.safetensors").exists()
+    assert [t.name for t in set(threading.enumerate()) - threads] == []
 
 
 def test_a_run_whose_gradients_overflow_at_zero1_fp32_stops_with_an_error(tiny_data, tmp_path, world_of_one):
