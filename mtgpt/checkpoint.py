@@ -40,16 +40,9 @@ from safetensors.torch import save_file
 
 from mtgpt import folders, hf, tokenizer
 from mtgpt.config import ConfigError, ModelConfig
-from mtgpt.folders import CKPT_DIR, MODEL_CONFIG, WEIGHTS
+from mtgpt.folders import (CKPT_DIR, COMPLETE, MODEL_CONFIG, RUN_INFO, TAG_RE, WEIGHTS, ModelFileError,  # noqa: F401
+                           complete_tags, has_val, latest_complete, model_folder)  # (checkpoint.X for callers)
 from mtgpt.model import GPT, WTE, unpadded
-
-COMPLETE = "COMPLETE"
-TAG_RE = re.compile(r"^step_(\d{8})$")
-RUN_INFO = "run_info.json"  # written by mtgpt.rundir; read here for what a run lacks and why
-
-
-class ModelFileError(ValueError):
-    """A run folder without a usable model. The message says what to do."""
 
 
 def tag_for(step: int) -> str:
@@ -63,30 +56,6 @@ def _write_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     tmp.replace(path)
-
-
-def complete_tags(run_dir: str | Path) -> list[str]:
-    """Tags of complete checkpoints, oldest first."""
-    root = Path(run_dir) / CKPT_DIR
-    if not root.is_dir():
-        return []
-    tags = [p.name for p in root.iterdir() if TAG_RE.match(p.name) and (p / COMPLETE).is_file()]
-    return sorted(tags)
-
-
-def latest_complete(run_dir: str | Path) -> Path | None:
-    """The checkpoint a run continues from: the one `latest` names when it is complete (after a
-    resume from an older point, that is the newest save of the run's history, not the highest
-    step on disk), else the newest complete one; None when there is none."""
-    root = Path(run_dir) / CKPT_DIR
-    try:
-        tag = (root / "latest").read_text().strip()
-    except OSError:
-        tag = ""
-    if TAG_RE.match(tag) and (root / tag / COMPLETE).is_file():
-        return root / tag
-    tags = complete_tags(run_dir)
-    return root / tags[-1] if tags else None
 
 
 def point_latest(run_dir: str | Path, tag: str) -> None:
@@ -312,57 +281,6 @@ def load_tokenizer(folder: str | Path) -> tokenizer.Tokenizer:
         raise ModelFileError(f"{folder}: the model has {vocab_size} tokens but its tokenizer {tok.vocab_size}; "
                              "restore the folder's own files")
     return tok
-
-
-def model_folder(run_dir: str | Path, best: bool = False) -> Path:
-    """The folder holding model.safetensors for a run (or a folder that is itself a model)."""
-    run_dir = Path(run_dir)
-    kind = folders.kind(run_dir)
-    if kind == "missing":
-        raise ModelFileError(f"{run_dir}: no such folder; give a run folder written by `mtgpt train`")
-    if kind == "data":
-        raise ModelFileError(f"{run_dir} is {folders.what(run_dir)}, not a run folder; train a model on it: "
-                             f"`mtgpt train --data {run_dir} --out RUN_DIR`, then give RUN_DIR")
-    if kind == "checkpoint":
-        run = folders.run_holding(run_dir)
-        raise ModelFileError(f"{run_dir} is a checkpoint inside the run {run}; give the run folder: {run} "
-                             f"(its {WEIGHTS} is the latest checkpoint's weights)")
-    if kind == "hf":
-        raise ModelFileError(f"{run_dir} is {folders.what(run_dir)}; give the run it was exported from, or train "
-                             f"from it with --init-from-hf {run_dir}")
-    if kind in ("file", "tokenizer"):
-        raise ModelFileError(f"{run_dir} is {folders.what(run_dir)}, not a run folder; give a folder written by "
-                             "`mtgpt train --out RUN_DIR`")
-    if best and kind == "model":
-        raise ModelFileError(f"{run_dir} is a model folder itself (a run's best/ is one), with no best/ of its own; "
-                             "leave out --best")
-    folder = run_dir / "best" if best else run_dir
-    if best and not (folder / WEIGHTS).is_file() and not has_val(run_dir):
-        raise ModelFileError(f"{run_dir} has no best model: its data has no val split (it was prepared "
-                             "with --val-fraction 0), so nothing is evaluated; leave out --best to use "
-                             "the latest weights")
-    if best and not (folder / WEIGHTS).is_file():
-        raise ModelFileError(f"{run_dir} has no best model (it is written at the first evaluation): "
-                             f"{folder / WEIGHTS} is missing")
-    if not (folder / WEIGHTS).is_file() and kind == "run" and (saved := latest_complete(run_dir)) is not None:
-        raise ModelFileError(f"{run_dir} has checkpoints (the latest: {saved.name}) but no {WEIGHTS}; write it again "
-                             f"from the latest with `mtgpt train --out {run_dir} --resume auto` (a run that had "
-                             "stopped trains nothing more; one cut short goes on)")
-    if not (folder / WEIGHTS).is_file() and kind == "run":
-        raise ModelFileError(f"{run_dir} has no model yet: `mtgpt train` writes {WEIGHTS} at its first checkpoint "
-                             "(--save-every) and at the end")
-    if not (folder / WEIGHTS).is_file():
-        raise ModelFileError(f"{run_dir} has no model: {folder / WEIGHTS} is missing; give a run folder written by "
-                             f"`mtgpt train --data DATA_DIR --out RUN_DIR`")
-    return folder
-
-
-def has_val(run_dir: str | Path) -> bool:
-    """False when the run was trained on data without a val split (True when unknown)."""
-    try:
-        return json.loads((Path(run_dir) / RUN_INFO).read_text()).get("val_samples") != 0
-    except (OSError, ValueError):
-        return True
 
 
 def load_weights(model: GPT, weights: dict[str, torch.Tensor], source: str | Path) -> GPT:

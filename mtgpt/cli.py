@@ -169,8 +169,19 @@ def build_config(options: dict) -> TrainConfig:
         raise
 
 
-def _fail(e: Exception) -> None:
+def _fail(e: Exception | str) -> None:
     raise click.ClickException(str(e))
+
+
+def _check_model_folder(run_dir: str, best: bool) -> None:
+    """Say at once what is wrong with the run a command loads (mistyped, a data folder, no best/):
+    checked before the command imports torch, which takes seconds."""
+    from mtgpt import folders
+
+    try:
+        folders.model_folder(run_dir, best)
+    except folders.ModelFileError as e:
+        _fail(e)
 
 
 class Terminated(KeyboardInterrupt):
@@ -247,10 +258,11 @@ class Commands(click.Group):
             click.echo("\ninterrupted", err=True)
             ctx.exit(128 + signal.SIGINT)
         except click.UsageError as e:
-            from mtgpt.world import env_world
+            if "RANK" in os.environ:  # (only a launcher makes a rank other than 0; torch is not imported for a typo)
+                from mtgpt.world import env_world
 
-            if env_world()[0] != 0:
-                ctx.exit(2)
+                if env_world()[0] != 0:
+                    ctx.exit(2)
             if ctx.invoked_subcommand in ("train", "worker") and e.message.startswith("Got unexpected extra argument"):
                 e.message += ("; train takes options only: the data is --data DIR, a run to go on with is "
                               "--out RUN --resume auto")
@@ -326,8 +338,6 @@ def prepare(inputs, out, block_size, val_fraction, seed, shard_size, glob, fmt, 
     Each file is a document; <|endoftext|> separates documents.
     Training, sampling and export use the data's tokenizer with no further option.
     """
-    from mtgpt.data.manifest import bytes_per_token
-    from mtgpt.data.prepare import prepare as run_prepare
     from mtgpt.data.sources import CORPORA, DataError
 
     if list_corpora:
@@ -336,6 +346,9 @@ def prepare(inputs, out, block_size, val_fraction, seed, shard_size, glob, fmt, 
         return
     if not out:
         raise click.UsageError("--out is required")
+    from mtgpt.data.manifest import bytes_per_token
+    from mtgpt.data.prepare import prepare as run_prepare
+
     try:
         with _sigterm_interrupts():
             m = run_prepare(list(inputs), out, block_size=block_size, val_fraction=val_fraction, seed=seed,
@@ -531,21 +544,22 @@ def sample(run_dir, prompt, prompt_file, num_samples, stops, max_new_tokens, tem
     """Continue a prompt with a trained model, streamed as it comes (KV cache, top-k/top-p).
 
     Several samples are generated together and written when done; Ctrl-C writes the text so far."""
-    from mtgpt.sample import SampleConfig, SampleError, run_sample
-
     if prompt is not None and prompt_file:
         raise click.UsageError("give --prompt or --prompt-file, not both")
+    if prompt_file:
+        try:
+            prompt = Path(prompt_file).read_text(encoding="utf-8-sig")  # a byte-order mark is not text
+        except UnicodeDecodeError:
+            _fail(f"{prompt_file}: not UTF-8 text")
+        except OSError as e:
+            _fail(f"{prompt_file}: {e.strerror}")
     prompt = prompt or ""
+    _check_model_folder(run_dir, best)
+    from mtgpt.sample import SampleConfig, SampleError, run_sample
+
     cfg = SampleConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                        seed=seed, num_samples=num_samples, stops=list(stops))
     try:
-        if prompt_file:
-            try:
-                prompt = Path(prompt_file).read_text(encoding="utf-8-sig")  # a byte-order mark is not text
-            except UnicodeDecodeError:
-                raise SampleError(f"{prompt_file}: not UTF-8 text") from None
-            except OSError as e:
-                raise SampleError(f"{prompt_file}: {e.strerror}") from None
         run_sample(run_dir, prompt, cfg, best=best, device=device, dtype=dtype,
                    write=lambda s: click.echo(s, nl=False), warn=lambda s: click.echo(s, err=True))
     except (SampleError, ValueError) as e:
@@ -564,6 +578,7 @@ def chat(run_dir, system, max_new_tokens, temperature, top_k, top_p, seed, best,
     --block-size N` (N: the run's context, `mtgpt info RUN_DIR` says it) then
     `mtgpt train --init-from RUN_DIR --data data/chat --out runs/chat`.
     """
+    _check_model_folder(run_dir, best)
     from mtgpt.chat import run_chat
     from mtgpt.sample import SampleConfig, SampleError
 
@@ -606,6 +621,7 @@ def serve(run_dir, host, port, api_key, best, device, dtype, max_tokens_limit, m
     curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
          -d '{"model": "chat", "prompt": "ROMEO:", "max_tokens": 40}'
     """
+    _check_model_folder(run_dir, best)
     from mtgpt.sample import SampleError
     from mtgpt.serve import run_serve
 
@@ -636,21 +652,26 @@ def eval_(run_dir, texts, stride, best, device, dtype, strict, as_json):
 
     from mtgpt import folders
     from mtgpt.data.sources import read_text, resolve_sources
-    from mtgpt.evaluate import score_text, total
-    from mtgpt.sample import load_for_inference
 
     swapped = next((t for t in texts if folders.kind(t) in ("run", "model", "checkpoint")), None)
     if swapped and folders.kind(run_dir) in ("file", "folder", "missing"):
         raise click.ClickException(f"{run_dir} is {folders.what(run_dir)} and {swapped} is {folders.what(swapped)}: "
                                    f"give the run first: `mtgpt eval {swapped} {run_dir}`")
+    try:  # every input checked before torch is imported and the model loads (eval has no --glob)
+        sources = resolve_sources(list(texts), glob_fix="name the text files to score")
+    except ValueError as e:
+        _fail(e)
+    _check_model_folder(run_dir, best)
+    from mtgpt.evaluate import score_text, total
+    from mtgpt.sample import load_for_inference
+
     def row(r) -> None:  # (the table: each file's line as soon as it is scored, the header before the first)
         if len(scores) == 1 and r is scores[0]:
             click.echo(f"{'text':30s} {'tokens':>9} {'loss':>8} {'ppl':>10} {'bits/byte':>10}")
         click.echo(f"{r.name[-30:]:30s} {r.tokens:>9,} {r.loss:>8.4f} {r.ppl:>10.2f} {r.bpb:>10.4f}")
 
     scores, src = [], None
-    try:  # every input checked before the model loads (eval has no --glob)
-        sources = resolve_sources(list(texts), glob_fix="name the text files to score")
+    try:
         model, tok = load_for_inference(run_dir, best, device, dtype)
         for src in sources:
             text = read_text(src, strict, warn=lambda s: click.echo(s, err=True))
@@ -678,6 +699,7 @@ def eval_(run_dir, texts, stride, best, device, dtype, strict, as_json):
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --hf (only once the new export is complete).")
 def export(run_dir, hf_dir, best, overwrite):
     """Write a run's model as a Hugging Face GPT-2 folder (config, safetensors, tokenizer)."""
+    _check_model_folder(run_dir, best)
     from mtgpt import hf
     from mtgpt.checkpoint import load_model, load_tokenizer, model_folder
 

@@ -13,6 +13,10 @@ something else). The first kind whose files it holds:
     tokenizer   tokenizer.json                        `mtgpt tokenizer train`
     file        any file; folder: any other folder; missing: nothing there
 
+Which folder of a run holds the model a command loads (`model_folder`, with its complete checkpoints)
+is said here too, without torch: sample, chat, serve, eval and export check the path they are given
+before the seconds of importing torch, so a mistyped one is said at once.
+
 A folder is written whole: into a temporary folder beside it, renamed into place when complete
 (`replace_folder`), so a crash, Ctrl-C or a full disk never leaves half of one (and the temporary
 folder of a process killed outright is removed by the next one that writes the same folder).
@@ -36,6 +40,14 @@ CKPT_DIR = "checkpoints"
 WEIGHTS = "model.safetensors"
 MODEL_CONFIG = "config.json"
 TOKENIZER_JSON = "tokenizer.json"
+COMPLETE = "COMPLETE"  # in a checkpoint: written after every rank finished saving (mtgpt.checkpoint)
+TAG_RE = re.compile(r"^step_(\d{8})$")
+RUN_INFO = "run_info.json"  # written by mtgpt.rundir; read here for what a run lacks and why
+
+
+class ModelFileError(ValueError):
+    """A run folder without a usable model. The message says what to do."""
+
 
 WRITTEN_BY = {"data": "a data folder (what `mtgpt prepare` writes)", "run": "a run folder (what `mtgpt train` writes)",
               "hf": "a Hugging Face model folder (what `mtgpt export --hf` writes)",
@@ -102,6 +114,81 @@ def what(path: str | Path) -> str:
     inside the run runs/x", ..."""
     k = kind(path)
     return f"a checkpoint inside the run {run_holding(path)}" if k == "checkpoint" else WRITTEN_BY[k]
+
+
+def complete_tags(run_dir: str | Path) -> list[str]:
+    """Tags of complete checkpoints, oldest first."""
+    root = Path(run_dir) / CKPT_DIR
+    if not root.is_dir():
+        return []
+    tags = [p.name for p in root.iterdir() if TAG_RE.match(p.name) and (p / COMPLETE).is_file()]
+    return sorted(tags)
+
+
+def latest_complete(run_dir: str | Path) -> Path | None:
+    """The checkpoint a run continues from: the one `latest` names when it is complete (after a
+    resume from an older point, that is the newest save of the run's history, not the highest
+    step on disk), else the newest complete one; None when there is none."""
+    root = Path(run_dir) / CKPT_DIR
+    try:
+        tag = (root / "latest").read_text().strip()
+    except OSError:
+        tag = ""
+    if TAG_RE.match(tag) and (root / tag / COMPLETE).is_file():
+        return root / tag
+    tags = complete_tags(run_dir)
+    return root / tags[-1] if tags else None
+
+
+def model_folder(run_dir: str | Path, best: bool = False) -> Path:
+    """The folder holding model.safetensors for a run (or a folder that is itself a model)."""
+    run_dir = Path(run_dir)
+    k = kind(run_dir)
+    if k == "missing":
+        raise ModelFileError(f"{run_dir}: no such folder; give a run folder written by `mtgpt train`")
+    if k == "data":
+        raise ModelFileError(f"{run_dir} is {what(run_dir)}, not a run folder; train a model on it: "
+                             f"`mtgpt train --data {run_dir} --out RUN_DIR`, then give RUN_DIR")
+    if k == "checkpoint":
+        run = run_holding(run_dir)
+        raise ModelFileError(f"{run_dir} is a checkpoint inside the run {run}; give the run folder: {run} "
+                             f"(its {WEIGHTS} is the latest checkpoint's weights)")
+    if k == "hf":
+        raise ModelFileError(f"{run_dir} is {what(run_dir)}; give the run it was exported from, or train "
+                             f"from it with --init-from-hf {run_dir}")
+    if k in ("file", "tokenizer"):
+        raise ModelFileError(f"{run_dir} is {what(run_dir)}, not a run folder; give a folder written by "
+                             "`mtgpt train --out RUN_DIR`")
+    if best and k == "model":
+        raise ModelFileError(f"{run_dir} is a model folder itself (a run's best/ is one), with no best/ of its own; "
+                             "leave out --best")
+    folder = run_dir / "best" if best else run_dir
+    if best and not (folder / WEIGHTS).is_file() and not has_val(run_dir):
+        raise ModelFileError(f"{run_dir} has no best model: its data has no val split (it was prepared "
+                             "with --val-fraction 0), so nothing is evaluated; leave out --best to use "
+                             "the latest weights")
+    if best and not (folder / WEIGHTS).is_file():
+        raise ModelFileError(f"{run_dir} has no best model (it is written at the first evaluation): "
+                             f"{folder / WEIGHTS} is missing")
+    if not (folder / WEIGHTS).is_file() and k == "run" and (saved := latest_complete(run_dir)) is not None:
+        raise ModelFileError(f"{run_dir} has checkpoints (the latest: {saved.name}) but no {WEIGHTS}; write it again "
+                             f"from the latest with `mtgpt train --out {run_dir} --resume auto` (a run that had "
+                             "stopped trains nothing more; one cut short goes on)")
+    if not (folder / WEIGHTS).is_file() and k == "run":
+        raise ModelFileError(f"{run_dir} has no model yet: `mtgpt train` writes {WEIGHTS} at its first checkpoint "
+                             "(--save-every) and at the end")
+    if not (folder / WEIGHTS).is_file():
+        raise ModelFileError(f"{run_dir} has no model: {folder / WEIGHTS} is missing; give a run folder written by "
+                             f"`mtgpt train --data DATA_DIR --out RUN_DIR`")
+    return folder
+
+
+def has_val(run_dir: str | Path) -> bool:
+    """False when the run was trained on data without a val split (True when unknown)."""
+    try:
+        return json.loads((Path(run_dir) / RUN_INFO).read_text()).get("val_samples") != 0
+    except (OSError, ValueError):
+        return True
 
 
 # The files a folder of each kind that --overwrite may replace holds when mtgpt wrote it (with

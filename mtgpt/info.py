@@ -1,4 +1,8 @@
-"""`mtgpt info`: what a data, run or tokenizer folder holds, as text."""
+"""`mtgpt info`: what a data, run or tokenizer folder holds, as text.
+
+A data or tokenizer folder, or a path that is neither, is told without importing torch (seconds):
+the modules that need it are imported by the functions that describe models.
+"""
 
 from __future__ import annotations
 
@@ -10,15 +14,15 @@ from typing import Any
 
 import numpy as np
 
-from mtgpt import checkpoint, folders, hf, rundir, tokenizer
+from mtgpt import folders, tokenizer
 from mtgpt.config import ModelConfig, TrainConfig, data_sources, load_json
 from mtgpt.data import remote
 from mtgpt.data.manifest import MANIFEST, bytes_per_token, load_manifest, missing, older_chat, verify as verify_shards
-from mtgpt.model import param_count
-from mtgpt.monitor import METRICS, read_metrics
 
 
 def describe_model(config: ModelConfig) -> list[str]:
+    from mtgpt.model import param_count
+
     return [f"model: {config.n_layer} layers, {config.n_head} heads, {config.n_embd} wide, context "
             f"{config.block_size}, vocab {config.vocab_size}, dropout {config.dropout}",
             f"parameters: {param_count(config):,} (token embedding tied to the output layer, counted once)"]
@@ -113,6 +117,8 @@ def describe_data(path: Path, verify: bool) -> tuple[list[str], bool]:
 
 def describe_checkpoint(path: Path) -> list[str]:
     """A checkpoint folder (or the run's checkpoints/): what it holds, then its run."""
+    from mtgpt import checkpoint
+
     run = folders.run_holding(path)
     if checkpoint.TAG_RE.match(path.name) and path.parent.name == "universal":
         original = path.parent.parent / path.name
@@ -143,6 +149,8 @@ def best_row(path: Path, val: list[dict[str, Any]]) -> dict[str, Any]:
     logged at that step, for its bits per byte), else the lowest val loss logged. (The lowest
     logged was named even where best/ had started again, after a resume on other data or with
     another val set, and held another step.)"""
+    from mtgpt import checkpoint
+
     meta = checkpoint.weights_metadata(path / "best") if (path / "best" / checkpoint.WEIGHTS).is_file() else {}
     try:
         step, loss = int(meta["step"]), float(meta["val_loss"])
@@ -154,6 +162,9 @@ def best_row(path: Path, val: list[dict[str, Any]]) -> dict[str, Any]:
 
 def describe_run(path: Path) -> list[str]:
     """A run folder, or a model folder (a run's best/ named as such, with the step it holds)."""
+    from mtgpt import checkpoint, rundir
+    from mtgpt.monitor import METRICS, read_metrics
+
     is_run = (path / rundir.TRAIN_CONFIG).is_file()
     if is_run:
         lines = [f"run folder {path}"]
@@ -234,6 +245,8 @@ def describe_run(path: Path) -> list[str]:
 def describe_hf(path: Path) -> list[str]:
     """A Hugging Face model folder: whether mtgpt can start from it (the checks --init-from-hf
     makes), its shape, dropout as its config.json says, and its tokenizer."""
+    from mtgpt import checkpoint, hf
+
     try:
         config = hf.check(path)
         tok = checkpoint.source_tokenizer(None, str(path))
@@ -271,5 +284,5 @@ def describe(path: str | None, verify: bool = False) -> tuple[str, bool]:
         raise ValueError(f"{path}: no such file or folder")
     if kind == "checkpoint":
         return "\n".join(describe_checkpoint(p)), True
-    raise ValueError(f"{path} is not a data folder (no {MANIFEST}), a run folder (no {rundir.TRAIN_CONFIG} or "
-                     f"{checkpoint.WEIGHTS}) or a tokenizer folder (no {tokenizer.TOKENIZER_JSON})")
+    raise ValueError(f"{path} is not a data folder (no {MANIFEST}), a run folder (no {folders.TRAIN_CONFIG} or "
+                     f"{folders.WEIGHTS}) or a tokenizer folder (no {tokenizer.TOKENIZER_JSON})")

@@ -660,3 +660,49 @@ def test_ctrl_c_that_an_import_swallows_still_ends_the_command():
     assert signal.getsignal(signal.SIGINT) is before
     with cli._imports_interruptible():  # no signal: nothing
         pass
+
+
+# `mtgpt ARGS` in a fresh Python that says, last, whether it imported torch (seconds on a laptop).
+TELLS_TORCH = ("import sys\nfrom mtgpt.cli import main\ntry:\n    main()\nfinally:\n"
+               "    print('torch imported:', 'torch' in sys.modules, file=sys.stderr)\n")
+
+
+@pytest.mark.parametrize("args, rc, match", [
+    (["sample", "{missing}"], 1, "missing: no such folder; give a run folder written by `mtgpt train`"),
+    (["sample", "{data}", "--best"], 1, "is a data folder (what `mtgpt prepare` writes), not a run folder"),
+    (["chat", "{missing}"], 1, "no such folder"),
+    (["serve", "{data}"], 1, "not a run folder; train a model on it"),
+    (["export", "{missing}", "--hf", "{tmp}/hf"], 1, "no such folder"),
+    (["eval", "{missing}", str(SONNETS)], 1, "no such folder"),
+    (["eval", "{tmp}", "{missing}"], 1, "missing: no such file or folder"),
+    (["info", "{missing}"], 1, "missing: no such file or folder"),
+    (["prepare", "{missing}", "--out", "{tmp}/out"], 1, "missing: no such file or folder"),
+    (["prepare", str(SONNETS)], 2, "--out is required"),
+    (["eval", "{missing}"], 2, "Missing argument 'TEXT...'"),
+    (["train", "--n-layers", "2"], 2, "No such option '--n-layers'"),
+])
+def test_a_mistake_is_said_before_torch_is_imported(tmp_path, args, rc, match):
+    """A mistyped path or option took 2 to 4 s to be said here: every command imported torch (and
+    a usage error imported it to ask which rank it was) before looking at what it was given."""
+    import subprocess
+    import sys
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "manifest.json").write_text("{}")
+    args = [a.format(missing=tmp_path / "missing", data=tmp_path / "data", tmp=tmp_path) for a in args]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    proc = subprocess.run([sys.executable, "-c", TELLS_TORCH, *args], capture_output=True, text=True, timeout=60,
+                          env=env)
+    assert proc.returncode == rc and match in proc.stderr, proc.stderr
+    assert proc.stderr.splitlines()[-1] == "torch imported: False", proc.stderr
+
+
+def test_info_of_a_data_folder_imports_no_torch(tiny_data):
+    """`mtgpt info DATA` reads a manifest and a tokenizer: it took 3.7 s here, of which 3 importing torch."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", TELLS_TORCH, "info", str(tiny_data)], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0 and f"data folder {tiny_data}" in proc.stdout, proc.stdout + proc.stderr
+    assert proc.stderr.splitlines()[-1] == "torch imported: False", proc.stderr

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
-import webdataset as wds
 from tqdm import tqdm
 
 from mtgpt import __version__, folders, tokenizer
@@ -52,7 +51,7 @@ class SplitWriter:
     shard_bytes: int
     shards: list[dict[str, Any]] = field(default_factory=list)
     samples: int = 0
-    _writer: wds.ShardWriter | None = None
+    _writer: Any = None  # a webdataset.ShardWriter
     _records: int = 0
     _in_shard: int = 0
     _pending: np.ndarray | None = None
@@ -76,6 +75,8 @@ class SplitWriter:
         if mask is not None:  # one byte per token: 1 = train on it as a target
             sample["mask.u8"] = mask.astype(np.uint8).tobytes()
         if self._writer is None:  # lazily: ShardWriter opens its first file at construction
+            import webdataset as wds  # (here: it imports torch, seconds a mistyped TEXT... need not wait)
+
             pattern = str(self.folder.absolute() / f"{self.split}-%06d.tar")  # (never taken for a URL)
             # ShardWriter counts the members' bytes; a member takes a 512-byte header and is padded
             # to 512 on disk (a record of 16 x 65 tokens: 2,080 bytes in 3,072): --shard-size is the
