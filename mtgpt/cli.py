@@ -665,10 +665,13 @@ def eval_(run_dir, texts, stride, best, device, dtype, strict, as_json):
     from mtgpt.evaluate import score_text, total
     from mtgpt.sample import load_for_inference
 
+    width = min(60, max(len("total"), *(len(s.name) for s in sources)))  # (a longer name: ... and its end)
+
     def row(r) -> None:  # (the table: each file's line as soon as it is scored, the header before the first)
         if len(scores) == 1 and r is scores[0]:
-            click.echo(f"{'text':30s} {'tokens':>9} {'loss':>8} {'ppl':>10} {'bits/byte':>10}")
-        click.echo(f"{r.name[-30:]:30s} {r.tokens:>9,} {r.loss:>8.4f} {r.ppl:>10.2f} {r.bpb:>10.4f}")
+            click.echo(f"{'text':{width}s} {'tokens':>9} {'loss':>8} {'ppl':>10} {'bits/byte':>10}")
+        name = r.name if len(r.name) <= width else "..." + r.name[3 - width:]
+        click.echo(f"{name:{width}s} {r.tokens:>9,} {r.loss:>8.4f} {r.ppl:>10.2f} {r.bpb:>10.4f}")
 
     scores, src = [], None
     try:

@@ -182,7 +182,8 @@ def test_a_file_gone_before_its_turn_is_one_line_after_the_scores_so_far(run, tm
     monkeypatch.setattr(evaluate, "score_text", score_then_remove)
     result = invoke("eval", run, tmp_path / "a.txt", tmp_path / "b.txt", tmp_path / "c.txt")
     lines = result.output.splitlines()
-    assert result.exit_code == 1 and lines[0].startswith("text ") and lines[1].startswith(str(tmp_path / "a.txt")[-30:])
+    shown = str(tmp_path / "a.txt") if len(str(tmp_path / "a.txt")) <= 60 else "..." + str(tmp_path / "a.txt")[-57:]
+    assert result.exit_code == 1 and lines[0].startswith("text ") and lines[1].startswith(shown + " ")
     assert lines[2:] == [f"Error: {tmp_path / 'b.txt'}: No such file or directory; the 1 file(s) above were scored"]
 
 
