@@ -420,6 +420,7 @@ def train(nproc, **options):
     numbers is refused before anything starts. On several nodes, or under Slurm, start
     launch/train.py with `deepspeed` or `torchrun` instead (see the README).
     """
+    _check_data(options.get("data"))
     with _imports_interruptible():
         from mtgpt import launcher, rundir
         from mtgpt.data import DataError
@@ -433,6 +434,22 @@ def train(nproc, **options):
     except (ConfigError, DataError) as e:
         _fail(e)
     sys.exit(launcher.launch_local(cfg, nproc, ds_config_given=given_ds))
+
+
+def _check_data(specs: list[str] | None) -> None:
+    """Say at once what is wrong with a --data folder given here (mistyped, text not yet prepared):
+    checked as make_plan checks it, before `mtgpt train` imports torch, which takes seconds. (URLs
+    and --config's data are left to make_plan.)"""
+    from mtgpt.config import data_sources
+    from mtgpt.data import DataError, remote
+    from mtgpt.data.manifest import load_manifest
+
+    try:
+        for source in data_sources(specs or []):
+            if not remote.is_url(source.path):
+                load_manifest(source.path)
+    except (ConfigError, DataError) as e:
+        _fail(e)
 
 
 class OneRank(click.Command):

@@ -680,6 +680,8 @@ TELLS_TORCH = ("import sys\nfrom mtgpt.cli import main\ntry:\n    main()\nfinall
     (["prepare", str(SONNETS)], 2, "--out is required"),
     (["eval", "{missing}"], 2, "Missing argument 'TEXT...'"),
     (["train", "--n-layers", "2"], 2, "No such option '--n-layers'"),
+    (["train", "--data", "{missing}", "--out", "{tmp}/run"], 1, "missing: no such folder; create it with `mtgpt prepare"),
+    (["train", "--data", str(SONNETS), "--out", "{tmp}/run"], 1, "is a file, not a prepared data folder"),
 ])
 def test_a_mistake_is_said_before_torch_is_imported(tmp_path, args, rc, match):
     """A mistyped path or option took 2 to 4 s to be said here: every command imported torch (and
