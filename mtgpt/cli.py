@@ -242,6 +242,12 @@ def _interrupted(e: KeyboardInterrupt, out) -> None:
     error = click.ClickException(f"{'terminated' if isinstance(e, Terminated) else 'interrupted'}; nothing was "
                                  f"written ({out} is as it was)")
     error.exit_code = 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)  # (Ctrl-C was exit 1)
+    tokenizer = sys.modules.get("mtgpt.tokenizer")
+    if tokenizer is not None and tokenizer.training_in_background():  # (its thread would abort Python's exit)
+        error.show()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(error.exit_code)
     raise error from None
 
 

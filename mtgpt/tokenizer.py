@@ -429,26 +429,40 @@ def _bounded_words(text: str) -> Iterable[str]:
         yield text[at:]
 
 
+_UNFINISHED: list[threading.Event] = []  # one per training whose thread may still be inside tokenizers' code
+
+
 def _interruptible(work) -> None:
     """Run `work` in a thread while this one waits: Python runs a Ctrl-C (or SIGTERM) handler only in
     the main thread, between bytecodes, so while tokenizers' Rust merge loop ran (minutes on a large
     corpus) Ctrl-C did nothing until it ended. The loop releases the GIL, so the wait here is
-    interrupted at once; the thread is a daemon, ended with the process. An error in `work` is
-    raised here."""
+    interrupted at once; the thread is a daemon, which cannot be stopped: a process that goes on to
+    exit asks training_in_background first. An error in `work` is raised here."""
     failed: list[BaseException] = []
+    done = threading.Event()
 
     def run() -> None:
         try:
             work()
         except BaseException as e:  # raised in the caller's thread below
             failed.append(e)
+        finally:
+            done.set()
 
-    thread = threading.Thread(target=run, name="bpe-train", daemon=True)
-    thread.start()
-    while thread.is_alive():
-        thread.join(0.1)
+    _UNFINISHED.append(done)
+    threading.Thread(target=run, name="bpe-train", daemon=True).start()
+    while not done.wait(0.1):  # (not Thread.join: interrupted, it can mark a running thread as ended)
+        pass
+    _UNFINISHED.remove(done)
     if failed:
         raise failed[0]
+
+
+def training_in_background() -> bool:
+    """Whether an interrupted training still runs in its thread. The process must then end with
+    os._exit, not Python's exit: the thread, inside tokenizers' Rust code when the interpreter shut
+    down, aborted the process ("FATAL: exception not rethrown", SIGABRT) where Ctrl-C ends it with 130."""
+    return any(not done.is_set() for done in _UNFINISHED)
 
 
 def check_vocab_size(vocab_size: int) -> None:
