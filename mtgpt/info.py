@@ -1,7 +1,8 @@
 """`mtgpt info`: what a data, run or tokenizer folder holds, as text.
 
-A data or tokenizer folder, or a path that is neither, is told without importing torch (seconds):
-the modules that need it are imported by the functions that describe models.
+A tokenizer folder, a data folder with GPT-2's vocabulary, or a path that is neither, is told without
+importing torch (seconds): the modules that need it are imported by the functions that describe models
+(and a data folder with its own vocabulary imports the loader, to read samples for gpt2_bytes_per_token).
 """
 
 from __future__ import annotations
